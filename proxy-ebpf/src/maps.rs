@@ -1,0 +1,33 @@
+//! The maps shared with the agent. Layouts and names come from `proxy-common`; the agent pins
+//! every one of them so they outlive it.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, SockRevNat4,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, capacity, reason,
+};
+
+#[map]
+pub static SVC4_V1: HashMap<Service4Key, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, 0);
+#[map]
+pub static SVC6_V1: HashMap<Service6Key, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, 0);
+#[map]
+pub static BACKEND4_V1: HashMap<u32, Backend4> = HashMap::with_max_entries(capacity::BACKENDS, 0);
+#[map]
+pub static BACKEND6_V1: HashMap<u32, Backend6> = HashMap::with_max_entries(capacity::BACKENDS, 0);
+#[map]
+pub static REV_NAT4_V1: HashMap<u32, RevNat4> = HashMap::with_max_entries(capacity::REV_NAT, 0);
+#[map]
+pub static REV_NAT6_V1: HashMap<u32, RevNat6> = HashMap::with_max_entries(capacity::REV_NAT, 0);
+#[map]
+pub static SOCK_NAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4> =
+    LruHashMap::with_max_entries(capacity::SOCK_REV_NAT, 0);
+#[map]
+pub static SOCK_NAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
+    LruHashMap::with_max_entries(capacity::SOCK_REV_NAT, 0);
+#[map]
+pub static METRICS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);

@@ -1,0 +1,134 @@
+//! The commands: wiring source, model, plan and writer to the kernel.
+use anyhow::{Context, Result, bail};
+use tracing::info;
+
+use crate::{
+    bpf::{loader, mounts, pins::PinLayout},
+    cli::{PinArgs, RunArgs},
+    dump,
+    model::NodeFacts,
+    source,
+    sync::{self, SyncConfig},
+    writer::KernelMaps,
+};
+
+/// The eBPF object built by `cargo xtask build` (empty when built without it).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SWITCHYARD_EBPF_OBJECT_PATH"));
+
+/// The oldest kernel with everything the socket hooks use (`bpf_set_retval` in sock_addr
+/// programs arrived in 5.19; TCX for the TC path needs 6.6).
+const MIN_KERNEL: (u32, u32) = (5, 19);
+
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = nix::sys::utsname::uname()
+        .ok()?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Clear errors for an unsuitable environment, before anything is touched.
+fn preflight() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "switchyard must run as root (it loads BPF programs, pins maps and attaches to cgroups: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+        );
+    }
+    match kernel_version() {
+        Some(version) if version < MIN_KERNEL => bail!(
+            "kernel {}.{} is too old: switchyard needs Linux {}.{} or newer",
+            version.0,
+            version.1,
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        ),
+        _ => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail in a tokio runtime");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down; the dataplane stays in place (use `switchyard cleanup` to remove it)");
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    if args.kubeconfig.is_some() {
+        bail!(
+            "--kubeconfig is not yet supported: the Kubernetes API source is not implemented in this version; use --manifests PATH"
+        );
+    }
+    let Some(manifests) = args.manifests.clone() else {
+        bail!(
+            "no source of Services given: pass --manifests PATH (a YAML/JSON file of v1 Service and discovery.k8s.io/v1 EndpointSlice objects)"
+        );
+    };
+    preflight()?;
+    let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
+    let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
+    let pins = PinLayout::new(bpffs);
+    // Read the source before touching the kernel: an unreadable file changes nothing.
+    let snapshots = source::file::start(manifests)?;
+
+    let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
+    let generation = loader::attach_all(&mut ebpf, &pins, &cgroup)?;
+    let retired = loader::retire_links(&pins, Some(&generation));
+    if retired > 0 {
+        info!(retired, "took over from a previous agent's links");
+    }
+    let writer = KernelMaps::take_from(&mut ebpf)?;
+    let node = NodeFacts {
+        name: args.node_name.clone(),
+    };
+    let config = SyncConfig {
+        min_period: args.min_sync_period,
+        max_period: args.sync_period,
+    };
+    info!(pins = %pins.root.display(), cgroup = %cgroup.display(), "switchyard running");
+    sync::run(snapshots, node, Box::new(writer), config, shutdown_signal()).await?;
+    // The programs stay attached through their pinned links; `ebpf` may be dropped.
+    drop(ebpf);
+    Ok(())
+}
+
+fn existing_pins(args: &PinArgs) -> Result<Option<PinLayout>> {
+    let bpffs = mounts::resolve_bpffs(&args.bpffs)?;
+    let pins = PinLayout::new(bpffs);
+    Ok(pins.version_dir().exists().then_some(pins))
+}
+
+pub fn cleanup(args: &PinArgs) -> Result<()> {
+    preflight()?;
+    let Some(pins) = existing_pins(args)? else {
+        println!("nothing to clean up under {}", args.bpffs.display());
+        return Ok(());
+    };
+    let report =
+        loader::cleanup(&pins).with_context(|| format!("cleaning up {}", pins.root.display()))?;
+    println!(
+        "removed {} links and {} maps under {}",
+        report.links,
+        report.maps,
+        args.bpffs.display()
+    );
+    Ok(())
+}
+
+pub fn dump(args: &PinArgs) -> Result<()> {
+    preflight()?;
+    let Some(pins) = existing_pins(args)? else {
+        bail!("no pinned Switchyard maps under {}", args.bpffs.display());
+    };
+    let maps = KernelMaps::open_pinned(&pins)?;
+    let programmed = sync::restore(&maps)?;
+    print!("{}", dump::render(&programmed));
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Loading the eBPF object, attaching its programs to the cgroup, pinning maps and links, and
+//! taking over from a previous agent without a gap.
+//!
+//! Maps are pinned by name, so a new agent opens the very maps the old one filled and traffic
+//! keeps its backends. Links are pinned per generation: a new agent attaches its programs
+//! first (cgroup links run side by side; the second program sees an already translated
+//! destination and leaves it alone) and only then retires the links of older generations.
+use std::{
+    fs::File,
+    mem::size_of,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapInfo,
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink, links::PinnedLink},
+};
+use proxy_common::{
+    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, SockRevNat4,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
+};
+use tracing::{info, warn};
+
+use super::pins::PinLayout;
+
+/// The socket-address hooks, by program name.
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "sy_connect4",
+    "sy_sendmsg4",
+    "sy_recvmsg4",
+    "sy_getpeername4",
+    "sy_connect6",
+    "sy_sendmsg6",
+    "sy_recvmsg6",
+    "sy_getpeername6",
+];
+/// The socket-lifetime hook that cleans socket reverse-NAT entries.
+const SOCK_RELEASE_PROGRAM: &str = "sy_sock_release";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this switchyard binary was built without its eBPF object; build it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {path} has key/value sizes {found:?}, this agent needs {expected:?}: it was left by an incompatible version; run `switchyard cleanup` first"
+    )]
+    IncompatibleMap {
+        path: PathBuf,
+        found: (u32, u32),
+        expected: (u32, u32),
+    },
+    #[error("cannot load the eBPF object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {action} failed: {reason}")]
+    Program {
+        name: &'static str,
+        action: &'static str,
+        reason: String,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Key and value sizes of every pinned map, as this agent's layout defines them.
+fn expected_sizes(name: &str) -> (u32, u32) {
+    fn sizes<K, V>() -> (u32, u32) {
+        (
+            u32::try_from(size_of::<K>()).expect("small type"),
+            u32::try_from(size_of::<V>()).expect("small type"),
+        )
+    }
+    match name {
+        map_names::SERVICES4 => sizes::<Service4Key, ServiceValue>(),
+        map_names::SERVICES6 => sizes::<Service6Key, ServiceValue>(),
+        map_names::BACKENDS4 => sizes::<u32, Backend4>(),
+        map_names::BACKENDS6 => sizes::<u32, Backend6>(),
+        map_names::REV_NAT4 => sizes::<u32, RevNat4>(),
+        map_names::REV_NAT6 => sizes::<u32, RevNat6>(),
+        map_names::SOCK_REV_NAT4 => sizes::<SockRevNat4Key, SockRevNat4>(),
+        map_names::SOCK_REV_NAT6 => sizes::<SockRevNat6Key, SockRevNat6>(),
+        _ => sizes::<u32, u64>(),
+    }
+}
+
+/// Refuses to adopt pinned maps whose layout differs from ours, before anything is attached.
+fn check_pinned_maps(pins: &PinLayout) -> Result<(), LoadError> {
+    for name in map_names::ALL {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .map_err(|error| LoadError::Object(aya::EbpfError::MapError(error)))?;
+        let found = (info.key_size(), info.value_size());
+        let expected = expected_sizes(name);
+        if found != expected {
+            return Err(LoadError::IncompatibleMap {
+                path,
+                found,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn create_dir(path: &Path) -> Result<(), LoadError> {
+    std::fs::create_dir_all(path).map_err(|source| LoadError::PinDir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads the object with every map pinned (adopting existing pins).
+pub fn load_object(object: &[u8], pins: &PinLayout) -> Result<Ebpf, LoadError> {
+    if object.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    create_dir(&pins.maps_dir())?;
+    create_dir(&pins.links_dir())?;
+    check_pinned_maps(pins)?;
+    let paths: Vec<(&str, PathBuf)> = map_names::ALL
+        .iter()
+        .map(|name| (*name, pins.map(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(object).map_err(LoadError::Object)
+}
+
+fn program_error(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
+    move |error| LoadError::Program {
+        name,
+        action,
+        reason: error.to_string(),
+    }
+}
+
+fn pin_link(link: FdLink, name: &'static str, path: &Path) -> Result<PinnedLink, LoadError> {
+    link.pin(path).map_err(|error| LoadError::Program {
+        name,
+        action: "pinning its link",
+        reason: error.to_string(),
+    })
+}
+
+/// A new, unique generation name for this agent's links.
+fn new_generation() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    format!("{nanos}-{}", std::process::id())
+}
+
+/// Attaches every program to the cgroup and pins the links; returns the generation.
+pub fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<String, LoadError> {
+    let cgroup_dir = File::open(cgroup).map_err(|source| LoadError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let generation = new_generation();
+    let mut pinned = Vec::new();
+    let result = (|| {
+        for name in SOCK_ADDR_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram { name })?
+                .try_into()
+                .map_err(program_error(name, "type check"))?;
+            program.load().map_err(program_error(name, "loading"))?;
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(program_error(name, "attaching"))?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(program_error(name, "taking its link"))?
+                .try_into()
+                .map_err(
+                    |error: aya::programs::links::LinkError| LoadError::Program {
+                        name,
+                        action: "converting its link",
+                        reason: error.to_string(),
+                    },
+                )?;
+            pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
+        }
+        let name = SOCK_RELEASE_PROGRAM;
+        let program: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_error(name, "type check"))?;
+        program.load().map_err(program_error(name, "loading"))?;
+        let id = program
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(program_error(name, "attaching"))?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(program_error(name, "taking its link"))?
+            .try_into()
+            .map_err(
+                |error: aya::programs::links::LinkError| LoadError::Program {
+                    name,
+                    action: "converting its link",
+                    reason: error.to_string(),
+                },
+            )?;
+        pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
+        Ok(())
+    })();
+    if let Err(error) = result {
+        // Nothing half-applied: detach what this attempt attached; older links stay in place.
+        for link in pinned {
+            if let Err(unpin) = link.unpin() {
+                warn!("cannot unpin a link of the failed attach: {unpin}");
+            }
+        }
+        return Err(error);
+    }
+    info!(cgroup = %cgroup.display(), %generation, "socket hooks attached");
+    Ok(generation)
+}
+
+/// Detaches the links of every generation but `keep` (all of them with `None`).
+pub fn retire_links(pins: &PinLayout, keep: Option<&str>) -> usize {
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return 0;
+    };
+    let mut retired = 0;
+    for path in entries.filter_map(Result::ok).map(|entry| entry.path()) {
+        if keep.is_some_and(|generation| PinLayout::is_generation(&path, generation)) {
+            continue;
+        }
+        // Removing the last pin (and dropping our fd) detaches the link.
+        let outcome = match PinnedLink::from_pin(&path) {
+            Ok(link) => link.unpin().map(drop).map_err(|error| error.to_string()),
+            Err(error) => {
+                std::fs::remove_file(&path).map_err(|remove| format!("{error}; {remove}"))
+            }
+        };
+        match outcome {
+            Ok(()) => retired += 1,
+            Err(error) => warn!(path = %path.display(), "cannot retire link: {error}"),
+        }
+    }
+    retired
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches every pinned link and removes every pinned map and the pin directories.
+pub fn cleanup(pins: &PinLayout) -> std::io::Result<CleanupReport> {
+    let mut report = CleanupReport {
+        links: retire_links(pins, None),
+        maps: 0,
+    };
+    if let Ok(entries) = std::fs::read_dir(pins.maps_dir()) {
+        for entry in entries.filter_map(Result::ok) {
+            std::fs::remove_file(entry.path())?;
+            report.maps += 1;
+        }
+    }
+    for dir in [
+        pins.links_dir(),
+        pins.maps_dir(),
+        pins.version_dir(),
+        pins.root.clone(),
+    ] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            // Another version's pins may still live under the root: leave them alone.
+            Err(error) if error.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(report)
+}

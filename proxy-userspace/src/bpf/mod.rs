@@ -1,0 +1,6 @@
+//! Everything that touches the kernel's BPF objects: finding (or mounting) bpffs and the
+//! cgroup2 hierarchy, loading and attaching the programs, pinning and adopting maps and links,
+//! and removing it all again.
+pub mod loader;
+pub mod mounts;
+pub mod pins;

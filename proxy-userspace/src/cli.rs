@@ -1,0 +1,90 @@
+//! Command-line interface. Flag names follow kube-proxy's where the meaning is the same.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Switchyard: a Kubernetes Service dataplane on eBPF, replacing kube-proxy.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. `switchyard=debug`).
+    #[arg(long, global = true, default_value = "info", env = "SWITCHYARD_LOG")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: follow Services and EndpointSlices and keep the BPF maps exact.
+    Run(RunArgs),
+    /// Detach every program and remove every pinned map Switchyard installed.
+    Cleanup(PinArgs),
+    /// Print what the pinned maps hold, readably (works with the agent stopped).
+    Dump(PinArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// bpffs directory holding Switchyard's pinned maps and links (mounted if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/switchyard")]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Read Services and EndpointSlices from this multi-document YAML (or JSON) file of real
+    /// Kubernetes objects, re-read within a second of any change.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: Option<PathBuf>,
+
+    /// Kubeconfig of the API server to follow (not yet supported: use --manifests).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Name of this node, as in endpoints' `nodeName` (from the downward API in a DaemonSet).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// cgroup v2 directory the socket hooks attach to (default: the root of the cgroup2
+    /// hierarchy; one is mounted privately if none is). Sockets of processes in this cgroup
+    /// and below are load-balanced.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
+
+    /// Shortest interval between two syncs: bursts of changes coalesce into one sync.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_sync_period: Duration,
+
+    /// Longest interval between two syncs: the maps are then re-read and any drift repaired.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub sync_period: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let cli = Cli::parse_from(["switchyard", "run", "--manifests", "m.yaml"]);
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.pins.bpffs, PathBuf::from("/sys/fs/bpf/switchyard"));
+        assert_eq!(args.min_sync_period, Duration::from_millis(100));
+        assert_eq!(args.sync_period, Duration::from_secs(30));
+        assert_eq!(cli.log_level, "info");
+    }
+}

@@ -1,0 +1,326 @@
+//! The plan: the ordered operations that turn what is programmed into what is desired.
+//!
+//! Make-before-break, so the datapath never sees a half-built service: new backends first,
+//! then reverse-NAT entries, then each frontend's slots, then its master entry (which publishes
+//! the new count), then surplus slots, then removed frontends, and last the orphans. Re-planning
+//! after the plan was applied yields nothing (idempotent).
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    model::{BackendAddr, DesiredState, FrontendKey},
+    state::{Master, Op, Programmed, RevNatTarget},
+};
+
+/// Hands out the lowest ids not used in the maps. Id 0 is never used (it means "none").
+struct IdCursor<'a> {
+    next: u32,
+    used: &'a dyn Fn(u32) -> bool,
+}
+
+impl IdCursor<'_> {
+    fn allocate(&mut self) -> u32 {
+        while (self.used)(self.next) {
+            self.next += 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+}
+
+/// Computes the operations that make the maps hold `desired`.
+pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
+    let mut ops = Vec::new();
+
+    // 1. Backends: reuse programmed ids, allocate the rest.
+    let mut backend_ids: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+    let used_backend = |id| programmed.backends.contains_key(&id);
+    let mut backend_cursor = IdCursor {
+        next: 1,
+        used: &used_backend,
+    };
+    for backend in desired.frontends.values().flat_map(|f| &f.backends) {
+        if backend_ids.contains_key(backend) {
+            continue;
+        }
+        let id = programmed.backend_id(backend).unwrap_or_else(|| {
+            let id = backend_cursor.allocate();
+            ops.push(Op::UpsertBackend {
+                id,
+                backend: *backend,
+            });
+            id
+        });
+        backend_ids.insert(*backend, id);
+    }
+
+    // 2. Reverse NAT: a frontend keeps the id its master entry carries.
+    let masters_rev_nat: BTreeSet<u32> = programmed
+        .frontends
+        .values()
+        .filter_map(|f| f.master.map(|m| m.rev_nat_id))
+        .collect();
+    let used_rev_nat = |id| programmed.rev_nats.contains_key(&id) || masters_rev_nat.contains(&id);
+    let mut rev_nat_cursor = IdCursor {
+        next: 1,
+        used: &used_rev_nat,
+    };
+    let mut rev_nat_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
+    for key in desired.frontends.keys() {
+        let existing = programmed
+            .frontends
+            .get(key)
+            .and_then(|f| f.master)
+            .map(|m| m.rev_nat_id);
+        let id = existing.unwrap_or_else(|| rev_nat_cursor.allocate());
+        let target = RevNatTarget {
+            ip: key.ip,
+            port: key.port,
+        };
+        if programmed.rev_nats.get(&id) != Some(&target) {
+            ops.push(Op::UpsertRevNat { id, target });
+        }
+        rev_nat_ids.insert(*key, id);
+    }
+
+    // 3. Frontends: slots, then the master that publishes them, then surplus slots.
+    let mut surplus = Vec::new();
+    for (key, frontend) in &desired.frontends {
+        let rev_nat_id = rev_nat_ids[key];
+        let current = programmed.frontends.get(key);
+        for (index, backend) in frontend.backends.iter().enumerate() {
+            let slot = u16::try_from(index + 1).expect("backend count checked by the model");
+            let backend_id = backend_ids[backend];
+            if current.and_then(|f| f.slots.get(&slot)) != Some(&backend_id) {
+                ops.push(Op::UpsertSlot {
+                    frontend: *key,
+                    slot,
+                    backend_id,
+                    rev_nat_id,
+                });
+            }
+        }
+        let master = Master {
+            count: u16::try_from(frontend.backends.len())
+                .expect("backend count checked by the model"),
+            rev_nat_id,
+            flags: frontend.flags,
+            affinity_timeout_secs: frontend.affinity_timeout_secs,
+        };
+        if current.and_then(|f| f.master) != Some(master) {
+            ops.push(Op::UpsertMaster {
+                frontend: *key,
+                master,
+            });
+        }
+        if let Some(current) = current {
+            surplus.extend(
+                current
+                    .slots
+                    .keys()
+                    .filter(|slot| usize::from(**slot) > frontend.backends.len())
+                    .map(|slot| Op::DeleteSlot {
+                        frontend: *key,
+                        slot: *slot,
+                    }),
+            );
+        }
+    }
+    ops.extend(surplus);
+
+    // 4. Frontends that are no longer desired: master first, so nothing picks a slot.
+    for (key, current) in &programmed.frontends {
+        if desired.frontends.contains_key(key) {
+            continue;
+        }
+        if current.master.is_some() {
+            ops.push(Op::DeleteMaster { frontend: *key });
+        }
+        ops.extend(current.slots.keys().map(|slot| Op::DeleteSlot {
+            frontend: *key,
+            slot: *slot,
+        }));
+    }
+
+    // 5. Orphans: reverse-NAT entries and backends nothing refers to any more.
+    let wanted_rev_nat: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
+    for (id, target) in &programmed.rev_nats {
+        if !wanted_rev_nat.contains(id) {
+            ops.push(Op::DeleteRevNat {
+                id: *id,
+                target: *target,
+            });
+        }
+    }
+    let wanted_backends: BTreeSet<u32> = backend_ids.values().copied().collect();
+    for (id, backend) in &programmed.backends {
+        if !wanted_backends.contains(id) {
+            ops.push(Op::DeleteBackend {
+                id: *id,
+                backend: *backend,
+            });
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Frontend, Protocol, Scope, ServicePortName};
+
+    fn key(ip: &str, port: u16) -> FrontendKey {
+        FrontendKey {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+            scope: Scope::Cluster,
+        }
+    }
+
+    fn backend(ip: &str) -> BackendAddr {
+        BackendAddr {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn desired(frontends: &[(FrontendKey, &[&str])]) -> DesiredState {
+        DesiredState {
+            frontends: frontends
+                .iter()
+                .map(|(key, backends)| {
+                    let frontend = Frontend {
+                        service: ServicePortName {
+                            namespace: "default".into(),
+                            name: "web".into(),
+                            port_name: String::new(),
+                        },
+                        backends: backends.iter().map(|ip| backend(ip)).collect(),
+                        flags: 1,
+                        affinity_timeout_secs: 0,
+                    };
+                    (*key, frontend)
+                })
+                .collect(),
+        }
+    }
+
+    fn applied(programmed: &Programmed, ops: &[Op]) -> Programmed {
+        let mut next = programmed.clone();
+        for op in ops {
+            next.apply(op);
+        }
+        next
+    }
+
+    #[test]
+    fn a_new_service_is_built_backends_first_and_published_by_its_master_last() {
+        let want = desired(&[(key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.2"])]);
+        let ops = plan(&Programmed::default(), &want);
+        let kinds: Vec<&str> = ops
+            .iter()
+            .map(|op| match op {
+                Op::UpsertBackend { .. } => "backend",
+                Op::UpsertRevNat { .. } => "rev_nat",
+                Op::UpsertSlot { .. } => "slot",
+                Op::UpsertMaster { .. } => "master",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["backend", "backend", "rev_nat", "slot", "slot", "master"]
+        );
+    }
+
+    #[test]
+    fn replanning_after_apply_is_a_no_op() {
+        let want = desired(&[
+            (key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.2"]),
+            (key("fd00::1", 80), &["fd00::5"]),
+        ]);
+        let after = applied(&Programmed::default(), &plan(&Programmed::default(), &want));
+        assert!(plan(&after, &want).is_empty());
+    }
+
+    #[test]
+    fn scaling_down_publishes_the_smaller_count_before_deleting_slots_and_backends() {
+        let big = desired(&[(key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.2", "10.0.0.3"])]);
+        let programmed = applied(&Programmed::default(), &plan(&Programmed::default(), &big));
+        let small = desired(&[(key("10.96.0.1", 80), &["10.0.0.1"])]);
+        let ops = plan(&programmed, &small);
+        let master = ops
+            .iter()
+            .position(|op| matches!(op, Op::UpsertMaster { master, .. } if master.count == 1));
+        let first_delete = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteSlot { .. } | Op::DeleteBackend { .. }));
+        assert!(master.unwrap() < first_delete.unwrap(), "{ops:#?}");
+        assert_eq!(
+            ops.iter()
+                .filter(|op| matches!(op, Op::DeleteBackend { .. }))
+                .count(),
+            2
+        );
+        assert!(plan(&applied(&programmed, &ops), &small).is_empty());
+    }
+
+    #[test]
+    fn a_removed_service_loses_its_master_before_its_slots() {
+        let want = desired(&[(key("10.96.0.1", 80), &["10.0.0.1"])]);
+        let programmed = applied(&Programmed::default(), &plan(&Programmed::default(), &want));
+        let ops = plan(&programmed, &DesiredState::default());
+        assert!(matches!(ops[0], Op::DeleteMaster { .. }), "{ops:#?}");
+        let after = applied(&programmed, &ops);
+        assert_eq!(after, Programmed::default());
+    }
+
+    #[test]
+    fn backends_shared_by_two_services_get_one_id() {
+        let want = desired(&[
+            (key("10.96.0.1", 80), &["10.0.0.1"]),
+            (key("10.96.0.2", 80), &["10.0.0.1"]),
+        ]);
+        let ops = plan(&Programmed::default(), &want);
+        assert_eq!(
+            ops.iter()
+                .filter(|op| matches!(op, Op::UpsertBackend { .. }))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn ids_fill_gaps_and_never_collide_with_programmed_ones() {
+        let want = desired(&[(key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.2", "10.0.0.3"])]);
+        let programmed = applied(&Programmed::default(), &plan(&Programmed::default(), &want));
+        // Drop the middle backend, then add two new ones: one reuses the freed id.
+        let fewer = desired(&[(key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.3"])]);
+        let programmed = applied(&programmed, &plan(&programmed, &fewer));
+        let more = desired(&[(
+            key("10.96.0.1", 80),
+            &["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"],
+        )]);
+        let ops = plan(&programmed, &more);
+        let new_ids: Vec<u32> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::UpsertBackend { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(new_ids, [2, 4]);
+    }
+
+    #[test]
+    fn a_service_with_no_backends_keeps_a_master_with_count_zero() {
+        let want = desired(&[(key("10.96.0.1", 80), &[])]);
+        let ops = plan(&Programmed::default(), &want);
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, Op::UpsertMaster { master, .. } if master.count == 0))
+        );
+    }
+}

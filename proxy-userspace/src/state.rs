@@ -1,0 +1,553 @@
+//! What is programmed: the agent's mirror of the kernel maps, the operations that change them
+//! and their encoding into map entries. Encoding lives only here, so the real writer, the fake
+//! writer and restore all agree on the layout.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use proxy_common::{
+    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, backend_state,
+    protocol, scope,
+};
+
+use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
+
+/// The master entry (slot 0) of a frontend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Master {
+    pub count: u16,
+    pub rev_nat_id: u32,
+    pub flags: u16,
+    pub affinity_timeout_secs: u32,
+}
+
+/// A frontend as programmed. `master` is `None` only after an interrupted write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgrammedFrontend {
+    pub master: Option<Master>,
+    /// Slot number (1-based) → backend id.
+    pub slots: BTreeMap<u16, u32>,
+}
+
+/// Address of a reverse-NAT entry: the service address replies must show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatTarget {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// The agent's mirror of the maps. It changes only after the kernel accepted a write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
+    pub backends: BTreeMap<u32, BackendAddr>,
+    pub rev_nats: BTreeMap<u32, RevNatTarget>,
+    backend_ids: HashMap<BackendAddr, u32>,
+}
+
+/// One change to the maps, in the vocabulary of the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpsertBackend {
+        id: u32,
+        backend: BackendAddr,
+    },
+    UpsertRevNat {
+        id: u32,
+        target: RevNatTarget,
+    },
+    UpsertSlot {
+        frontend: FrontendKey,
+        slot: u16,
+        backend_id: u32,
+        rev_nat_id: u32,
+    },
+    UpsertMaster {
+        frontend: FrontendKey,
+        master: Master,
+    },
+    DeleteSlot {
+        frontend: FrontendKey,
+        slot: u16,
+    },
+    DeleteMaster {
+        frontend: FrontendKey,
+    },
+    DeleteRevNat {
+        id: u32,
+        target: RevNatTarget,
+    },
+    DeleteBackend {
+        id: u32,
+        backend: BackendAddr,
+    },
+}
+
+/// One map entry to write (`Some`) or delete (`None`), in the kernel's layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapWrite {
+    Service4(Service4Key, Option<ServiceValue>),
+    Service6(Service6Key, Option<ServiceValue>),
+    Backend4(u32, Option<Backend4>),
+    Backend6(u32, Option<Backend6>),
+    RevNat4(u32, Option<RevNat4>),
+    RevNat6(u32, Option<RevNat6>),
+}
+
+/// The content of the maps the agent owns (not the datapath's own LRUs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapImage {
+    pub services4: BTreeMap<Service4Key, ServiceValue>,
+    pub services6: BTreeMap<Service6Key, ServiceValue>,
+    pub backends4: BTreeMap<u32, Backend4>,
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub rev_nat4: BTreeMap<u32, RevNat4>,
+    pub rev_nat6: BTreeMap<u32, RevNat6>,
+}
+
+fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(value) => map.insert(key, value),
+        None => map.remove(&key),
+    };
+}
+
+impl MapImage {
+    /// Applies one write the way the kernel would (deleting a missing key is a no-op).
+    pub fn apply(&mut self, write: MapWrite) {
+        match write {
+            MapWrite::Service4(key, value) => put(&mut self.services4, key, value),
+            MapWrite::Service6(key, value) => put(&mut self.services6, key, value),
+            MapWrite::Backend4(id, value) => put(&mut self.backends4, id, value),
+            MapWrite::Backend6(id, value) => put(&mut self.backends6, id, value),
+            MapWrite::RevNat4(id, value) => put(&mut self.rev_nat4, id, value),
+            MapWrite::RevNat6(id, value) => put(&mut self.rev_nat6, id, value),
+        }
+    }
+}
+
+// --- encoding -----------------------------------------------------------------------------
+
+fn v4_word(ip: Ipv4Addr) -> u32 {
+    // The kernel's user_ip4 is network order in memory: keep the octets' memory order.
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+fn v4_from_word(word: u32) -> Ipv4Addr {
+    Ipv4Addr::from(word.to_ne_bytes())
+}
+
+fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(octets)
+}
+
+fn protocol_byte(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => protocol::TCP,
+        Protocol::Udp => protocol::UDP,
+    }
+}
+
+fn protocol_from_byte(byte: u8) -> Option<Protocol> {
+    match byte {
+        protocol::TCP => Some(Protocol::Tcp),
+        protocol::UDP => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+fn scope_byte(value: Scope) -> u8 {
+    match value {
+        Scope::Cluster => scope::EXTERNAL,
+    }
+}
+
+fn scope_from_byte(byte: u8) -> Option<Scope> {
+    (byte == scope::EXTERNAL).then_some(Scope::Cluster)
+}
+
+/// A service-map key for one slot of a frontend.
+enum ServiceKey {
+    V4(Service4Key),
+    V6(Service6Key),
+}
+
+fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
+    let port_be = frontend.port.to_be();
+    let protocol = protocol_byte(frontend.protocol);
+    let scope = scope_byte(frontend.scope);
+    match frontend.ip {
+        IpAddr::V4(ip) => ServiceKey::V4(Service4Key {
+            address: v4_word(ip),
+            port_be,
+            backend_slot: slot,
+            protocol,
+            scope,
+            pad: [0; 2],
+        }),
+        IpAddr::V6(ip) => ServiceKey::V6(Service6Key {
+            address: v6_words(ip),
+            port_be,
+            backend_slot: slot,
+            protocol,
+            scope,
+            pad: [0; 2],
+        }),
+    }
+}
+
+fn service_write(frontend: &FrontendKey, slot: u16, value: Option<ServiceValue>) -> MapWrite {
+    match service_key(frontend, slot) {
+        ServiceKey::V4(key) => MapWrite::Service4(key, value),
+        ServiceKey::V6(key) => MapWrite::Service6(key, value),
+    }
+}
+
+fn backend_write(id: u32, backend: &BackendAddr, keep: bool) -> MapWrite {
+    let port_be = backend.port.to_be();
+    let protocol = protocol_byte(backend.protocol);
+    let state = backend_state::ACTIVE;
+    match backend.ip {
+        IpAddr::V4(ip) => MapWrite::Backend4(
+            id,
+            keep.then_some(Backend4 {
+                address: v4_word(ip),
+                port_be,
+                protocol,
+                state,
+            }),
+        ),
+        IpAddr::V6(ip) => MapWrite::Backend6(
+            id,
+            keep.then_some(Backend6 {
+                address: v6_words(ip),
+                port_be,
+                protocol,
+                state,
+            }),
+        ),
+    }
+}
+
+fn rev_nat_write(id: u32, target: &RevNatTarget, keep: bool) -> MapWrite {
+    let port_be = target.port.to_be();
+    match target.ip {
+        IpAddr::V4(ip) => MapWrite::RevNat4(
+            id,
+            keep.then_some(RevNat4 {
+                address: v4_word(ip),
+                port_be,
+                pad: 0,
+            }),
+        ),
+        IpAddr::V6(ip) => MapWrite::RevNat6(
+            id,
+            keep.then_some(RevNat6 {
+                address: v6_words(ip),
+                port_be,
+                pad: 0,
+            }),
+        ),
+    }
+}
+
+impl Op {
+    /// The map entry this operation writes.
+    pub fn encode(&self) -> MapWrite {
+        match self {
+            Self::UpsertBackend { id, backend } => backend_write(*id, backend, true),
+            Self::DeleteBackend { id, backend } => backend_write(*id, backend, false),
+            Self::UpsertRevNat { id, target } => rev_nat_write(*id, target, true),
+            Self::DeleteRevNat { id, target } => rev_nat_write(*id, target, false),
+            Self::UpsertSlot {
+                frontend,
+                slot,
+                backend_id,
+                rev_nat_id,
+            } => service_write(
+                frontend,
+                *slot,
+                Some(ServiceValue {
+                    backend_id: *backend_id,
+                    rev_nat_id: *rev_nat_id,
+                    ..Default::default()
+                }),
+            ),
+            Self::UpsertMaster { frontend, master } => service_write(
+                frontend,
+                0,
+                Some(ServiceValue {
+                    backend_id: 0,
+                    count: master.count,
+                    flags: master.flags,
+                    rev_nat_id: master.rev_nat_id,
+                    affinity_timeout_secs: master.affinity_timeout_secs,
+                }),
+            ),
+            Self::DeleteSlot { frontend, slot } => service_write(frontend, *slot, None),
+            Self::DeleteMaster { frontend } => service_write(frontend, 0, None),
+        }
+    }
+}
+
+/// Entries found in the maps that this agent version cannot interpret (left untouched).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unreadable(pub Vec<String>);
+
+impl Programmed {
+    /// The id of the backend with this address, if programmed.
+    pub fn backend_id(&self, backend: &BackendAddr) -> Option<u32> {
+        self.backend_ids.get(backend).copied()
+    }
+
+    /// Records an operation the kernel accepted.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::UpsertBackend { id, backend } => {
+                if let Some(old) = self.backends.insert(*id, *backend) {
+                    self.backend_ids.remove(&old);
+                }
+                self.backend_ids.insert(*backend, *id);
+            }
+            Op::DeleteBackend { id, .. } => {
+                if let Some(old) = self.backends.remove(id)
+                    && self.backend_ids.get(&old) == Some(id)
+                {
+                    self.backend_ids.remove(&old);
+                }
+            }
+            Op::UpsertRevNat { id, target } => {
+                self.rev_nats.insert(*id, *target);
+            }
+            Op::DeleteRevNat { id, .. } => {
+                self.rev_nats.remove(id);
+            }
+            Op::UpsertSlot {
+                frontend,
+                slot,
+                backend_id,
+                ..
+            } => {
+                self.frontends
+                    .entry(*frontend)
+                    .or_default()
+                    .slots
+                    .insert(*slot, *backend_id);
+            }
+            Op::UpsertMaster { frontend, master } => {
+                self.frontends.entry(*frontend).or_default().master = Some(*master);
+            }
+            Op::DeleteSlot { frontend, slot } => {
+                if let Some(programmed) = self.frontends.get_mut(frontend) {
+                    programmed.slots.remove(slot);
+                }
+                self.drop_if_empty(frontend);
+            }
+            Op::DeleteMaster { frontend } => {
+                if let Some(programmed) = self.frontends.get_mut(frontend) {
+                    programmed.master = None;
+                }
+                self.drop_if_empty(frontend);
+            }
+        }
+    }
+
+    fn drop_if_empty(&mut self, frontend: &FrontendKey) {
+        if self
+            .frontends
+            .get(frontend)
+            .is_some_and(|f| f.master.is_none() && f.slots.is_empty())
+        {
+            self.frontends.remove(frontend);
+        }
+    }
+
+    /// Rebuilds the mirror from the maps' content (restore after a restart).
+    pub fn from_image(image: &MapImage) -> (Self, Unreadable) {
+        let mut programmed = Self::default();
+        let mut unreadable = Unreadable::default();
+        let services = image
+            .services4
+            .iter()
+            .map(|(k, v)| {
+                (
+                    IpAddr::V4(v4_from_word(k.address)),
+                    k.port_be,
+                    k.protocol,
+                    k.scope,
+                    k.backend_slot,
+                    v,
+                )
+            })
+            .chain(image.services6.iter().map(|(k, v)| {
+                (
+                    IpAddr::V6(v6_from_words(k.address)),
+                    k.port_be,
+                    k.protocol,
+                    k.scope,
+                    k.backend_slot,
+                    v,
+                )
+            }));
+        for (ip, port_be, protocol, scope, slot, value) in services {
+            let (Some(protocol), Some(scope)) =
+                (protocol_from_byte(protocol), scope_from_byte(scope))
+            else {
+                unreadable.0.push(format!(
+                    "service entry {ip} port {} protocol {protocol} scope {scope}",
+                    u16::from_be(port_be)
+                ));
+                continue;
+            };
+            let frontend = FrontendKey {
+                ip,
+                port: u16::from_be(port_be),
+                protocol,
+                scope,
+            };
+            let entry = programmed.frontends.entry(frontend).or_default();
+            if slot == 0 {
+                entry.master = Some(Master {
+                    count: value.count,
+                    rev_nat_id: value.rev_nat_id,
+                    flags: value.flags,
+                    affinity_timeout_secs: value.affinity_timeout_secs,
+                });
+            } else {
+                entry.slots.insert(slot, value.backend_id);
+            }
+        }
+        let backends = image
+            .backends4
+            .iter()
+            .map(|(id, b)| {
+                (
+                    *id,
+                    IpAddr::V4(v4_from_word(b.address)),
+                    b.port_be,
+                    b.protocol,
+                )
+            })
+            .chain(image.backends6.iter().map(|(id, b)| {
+                (
+                    *id,
+                    IpAddr::V6(v6_from_words(b.address)),
+                    b.port_be,
+                    b.protocol,
+                )
+            }));
+        for (id, ip, port_be, protocol) in backends {
+            match protocol_from_byte(protocol) {
+                Some(protocol) => programmed.apply(&Op::UpsertBackend {
+                    id,
+                    backend: BackendAddr {
+                        ip,
+                        port: u16::from_be(port_be),
+                        protocol,
+                    },
+                }),
+                None => unreadable
+                    .0
+                    .push(format!("backend #{id} {ip} protocol {protocol}")),
+            }
+        }
+        for (id, rev) in &image.rev_nat4 {
+            let target = RevNatTarget {
+                ip: IpAddr::V4(v4_from_word(rev.address)),
+                port: u16::from_be(rev.port_be),
+            };
+            programmed.rev_nats.insert(*id, target);
+        }
+        for (id, rev) in &image.rev_nat6 {
+            let target = RevNatTarget {
+                ip: IpAddr::V6(v6_from_words(rev.address)),
+                port: u16::from_be(rev.port_be),
+            };
+            programmed.rev_nats.insert(*id, target);
+        }
+        (programmed, unreadable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frontend(ip: &str) -> FrontendKey {
+        FrontendKey {
+            ip: ip.parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scope: Scope::Cluster,
+        }
+    }
+
+    #[test]
+    fn encoding_keeps_network_byte_order_in_memory() {
+        let write = Op::UpsertMaster {
+            frontend: frontend("10.96.0.1"),
+            master: Master::default(),
+        }
+        .encode();
+        let MapWrite::Service4(key, _) = write else {
+            panic!("expected an IPv4 service write")
+        };
+        // Memory order is the wire order: 10, 96, 0, 1 and port 80 as 0x00 0x50.
+        assert_eq!(key.address.to_ne_bytes(), [10, 96, 0, 1]);
+        assert_eq!(key.port_be.to_ne_bytes(), [0, 80]);
+    }
+
+    #[test]
+    fn image_round_trips_through_the_mirror() {
+        let backend = BackendAddr {
+            ip: "fd00::2".parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Udp,
+        };
+        let ops = [
+            Op::UpsertBackend { id: 7, backend },
+            Op::UpsertRevNat {
+                id: 3,
+                target: RevNatTarget {
+                    ip: "fd00::96".parse().unwrap(),
+                    port: 80,
+                },
+            },
+            Op::UpsertSlot {
+                frontend: frontend("fd00::96"),
+                slot: 1,
+                backend_id: 7,
+                rev_nat_id: 3,
+            },
+            Op::UpsertMaster {
+                frontend: frontend("fd00::96"),
+                master: Master {
+                    count: 1,
+                    rev_nat_id: 3,
+                    flags: 1,
+                    affinity_timeout_secs: 0,
+                },
+            },
+        ];
+        let mut image = MapImage::default();
+        let mut mirror = Programmed::default();
+        for op in &ops {
+            image.apply(op.encode());
+            mirror.apply(op);
+        }
+        let (restored, unreadable) = Programmed::from_image(&image);
+        assert!(unreadable.0.is_empty());
+        assert_eq!(restored, mirror);
+        assert_eq!(restored.backend_id(&backend), Some(7));
+    }
+}

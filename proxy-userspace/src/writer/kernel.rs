@@ -1,0 +1,226 @@
+//! The real writer: the pinned BPF maps, through aya.
+use std::{fmt::Debug, io};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError},
+};
+use proxy_common::{
+    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, capacity,
+    map_names,
+};
+
+use super::{MapWriter, WriteError};
+use crate::{
+    bpf::pins::PinLayout,
+    state::{MapImage, MapWrite},
+};
+
+/// The agent-owned maps of a loaded (or adopted) dataplane.
+pub struct KernelMaps {
+    services4: HashMap<MapData, Service4Key, ServiceValue>,
+    services6: HashMap<MapData, Service6Key, ServiceValue>,
+    backends4: HashMap<MapData, u32, Backend4>,
+    backends6: HashMap<MapData, u32, Backend6>,
+    rev_nat4: HashMap<MapData, u32, RevNat4>,
+    rev_nat6: HashMap<MapData, u32, RevNat6>,
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, WriteError> {
+    let map = ebpf.take_map(name).ok_or(WriteError::Read {
+        map: name,
+        reason: "not in the eBPF object".into(),
+    })?;
+    HashMap::try_from(map).map_err(|error| WriteError::Read {
+        map: name,
+        reason: error.to_string(),
+    })
+}
+
+fn open<K: aya::Pod, V: aya::Pod>(
+    pins: &PinLayout,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, WriteError> {
+    let data = MapData::from_pin(pins.map(name)).map_err(|error| WriteError::Read {
+        map: name,
+        reason: error.to_string(),
+    })?;
+    HashMap::try_from(Map::HashMap(data)).map_err(|error| WriteError::Read {
+        map: name,
+        reason: error.to_string(),
+    })
+}
+
+fn io_error(error: MapError) -> io::Error {
+    match error {
+        MapError::SyscallError(syscall) => syscall.io_error,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn upsert<K: aya::Pod + Debug, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    capacity: u32,
+    key: &K,
+    value: &V,
+) -> Result<(), WriteError> {
+    map.insert(key, value, 0).map_err(|error| {
+        let source = io_error(error);
+        // A full hash map answers E2BIG to a new key (kernel/bpf/hashtab.c).
+        if source.raw_os_error() == Some(libc::E2BIG) {
+            WriteError::MapFull {
+                map: name,
+                capacity,
+                entry: format!("{key:?}"),
+            }
+        } else {
+            WriteError::Kernel {
+                map: name,
+                action: "update",
+                entry: format!("{key:?}"),
+                source,
+            }
+        }
+    })
+}
+
+fn delete<K: aya::Pod + Debug, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), WriteError> {
+    match map.remove(key) {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            let source = io_error(error);
+            if source.raw_os_error() == Some(libc::ENOENT) {
+                Ok(())
+            } else {
+                Err(WriteError::Kernel {
+                    map: name,
+                    action: "delete",
+                    entry: format!("{key:?}"),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn write_entry<K: aya::Pod + Debug, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    capacity: u32,
+    key: &K,
+    value: Option<&V>,
+) -> Result<(), WriteError> {
+    match value {
+        Some(value) => upsert(map, name, capacity, key, value),
+        None => delete(map, name, key),
+    }
+}
+
+fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<K, V>, WriteError> {
+    map.iter()
+        .map(|entry| {
+            entry.map_err(|error| WriteError::Read {
+                map: name,
+                reason: error.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl KernelMaps {
+    /// Takes the agent-owned maps out of a loaded object (they are pinned, so this adopts any
+    /// content a previous agent left).
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, WriteError> {
+        Ok(Self {
+            services4: take(ebpf, map_names::SERVICES4)?,
+            services6: take(ebpf, map_names::SERVICES6)?,
+            backends4: take(ebpf, map_names::BACKENDS4)?,
+            backends6: take(ebpf, map_names::BACKENDS6)?,
+            rev_nat4: take(ebpf, map_names::REV_NAT4)?,
+            rev_nat6: take(ebpf, map_names::REV_NAT6)?,
+        })
+    }
+
+    /// Opens the pinned maps without loading any program (for `dump`).
+    pub fn open_pinned(pins: &PinLayout) -> Result<Self, WriteError> {
+        Ok(Self {
+            services4: open(pins, map_names::SERVICES4)?,
+            services6: open(pins, map_names::SERVICES6)?,
+            backends4: open(pins, map_names::BACKENDS4)?,
+            backends6: open(pins, map_names::BACKENDS6)?,
+            rev_nat4: open(pins, map_names::REV_NAT4)?,
+            rev_nat6: open(pins, map_names::REV_NAT6)?,
+        })
+    }
+}
+
+impl MapWriter for KernelMaps {
+    fn write(&mut self, write: &MapWrite) -> Result<(), WriteError> {
+        match write {
+            MapWrite::Service4(key, value) => write_entry(
+                &mut self.services4,
+                map_names::SERVICES4,
+                capacity::SERVICES,
+                key,
+                value.as_ref(),
+            ),
+            MapWrite::Service6(key, value) => write_entry(
+                &mut self.services6,
+                map_names::SERVICES6,
+                capacity::SERVICES,
+                key,
+                value.as_ref(),
+            ),
+            MapWrite::Backend4(id, value) => write_entry(
+                &mut self.backends4,
+                map_names::BACKENDS4,
+                capacity::BACKENDS,
+                id,
+                value.as_ref(),
+            ),
+            MapWrite::Backend6(id, value) => write_entry(
+                &mut self.backends6,
+                map_names::BACKENDS6,
+                capacity::BACKENDS,
+                id,
+                value.as_ref(),
+            ),
+            MapWrite::RevNat4(id, value) => write_entry(
+                &mut self.rev_nat4,
+                map_names::REV_NAT4,
+                capacity::REV_NAT,
+                id,
+                value.as_ref(),
+            ),
+            MapWrite::RevNat6(id, value) => write_entry(
+                &mut self.rev_nat6,
+                map_names::REV_NAT6,
+                capacity::REV_NAT,
+                id,
+                value.as_ref(),
+            ),
+        }
+    }
+
+    fn read_image(&self) -> Result<MapImage, WriteError> {
+        Ok(MapImage {
+            services4: read_all(&self.services4, map_names::SERVICES4)?,
+            services6: read_all(&self.services6, map_names::SERVICES6)?,
+            backends4: read_all(&self.backends4, map_names::BACKENDS4)?,
+            backends6: read_all(&self.backends6, map_names::BACKENDS6)?,
+            rev_nat4: read_all(&self.rev_nat4, map_names::REV_NAT4)?,
+            rev_nat6: read_all(&self.rev_nat6, map_names::REV_NAT6)?,
+        })
+    }
+}

@@ -1,0 +1,76 @@
+//! Map writers: where planned operations meet the maps. The real one writes the kernel's
+//! pinned maps; the fake one keeps an in-memory image for tests; the faulty one wraps either
+//! and fails on demand. `apply` keeps the mirror true: it changes only after a write succeeded.
+mod fake;
+mod faulty;
+mod kernel;
+
+pub use fake::FakeMaps;
+pub use faulty::FaultyWriter;
+pub use kernel::KernelMaps;
+
+use crate::state::{MapImage, MapWrite, Op, Programmed};
+
+/// Why a map write or read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("map {map} is full ({capacity} entries): cannot add {entry}")]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        entry: String,
+    },
+    #[error("{action} {entry} in map {map} failed: {source}")]
+    Kernel {
+        map: &'static str,
+        action: &'static str,
+        entry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading map {map} failed: {reason}")]
+    Read { map: &'static str, reason: String },
+    #[error("injected fault on write #{index}")]
+    Injected { index: usize },
+}
+
+/// Something that can write map entries and read the maps back.
+pub trait MapWriter: Send {
+    /// Writes (or deletes) one entry. Deleting a missing key is success.
+    fn write(&mut self, write: &MapWrite) -> Result<(), WriteError>;
+    /// Reads the content of the maps the agent owns.
+    fn read_image(&self) -> Result<MapImage, WriteError>;
+}
+
+/// A plan that stopped part-way: how many operations were applied and why it stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("applied {applied} of {total} map operations; operation {op:?} failed: {source}")]
+pub struct ApplyError {
+    pub applied: usize,
+    pub total: usize,
+    pub op: Box<Op>,
+    #[source]
+    pub source: WriteError,
+}
+
+/// Applies operations in order, recording each one in `mirror` once the writer accepted it.
+/// Stops at the first failure; the plan's order keeps the datapath consistent at that point
+/// and the next sync resumes from the mirror.
+pub fn apply(
+    writer: &mut dyn MapWriter,
+    mirror: &mut Programmed,
+    ops: &[Op],
+) -> Result<(), ApplyError> {
+    for (index, op) in ops.iter().enumerate() {
+        if let Err(source) = writer.write(&op.encode()) {
+            return Err(ApplyError {
+                applied: index,
+                total: ops.len(),
+                op: Box::new(op.clone()),
+                source,
+            });
+        }
+        mirror.apply(op);
+    }
+    Ok(())
+}
