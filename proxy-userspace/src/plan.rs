@@ -31,20 +31,32 @@ impl IdCursor<'_> {
 /// Computes the operations that make the maps hold `desired`.
 pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
     let mut ops = Vec::new();
+    let backend_ids = assign_backend_ids(programmed, desired, &mut ops);
+    let rev_nat_ids = assign_rev_nat_ids(programmed, desired, &mut ops);
+    publish_frontends(programmed, desired, &backend_ids, &rev_nat_ids, &mut ops);
+    remove_frontends(programmed, desired, &mut ops);
+    remove_orphans(programmed, &backend_ids, &rev_nat_ids, &mut ops);
+    ops
+}
 
-    // 1. Backends: reuse programmed ids, allocate the rest.
-    let mut backend_ids: BTreeMap<BackendAddr, u32> = BTreeMap::new();
-    let used_backend = |id| programmed.backends.contains_key(&id);
-    let mut backend_cursor = IdCursor {
+/// Backends: reuse programmed ids, allocate (and write) the rest.
+fn assign_backend_ids(
+    programmed: &Programmed,
+    desired: &DesiredState,
+    ops: &mut Vec<Op>,
+) -> BTreeMap<BackendAddr, u32> {
+    let mut backend_ids = BTreeMap::new();
+    let used = |id| programmed.backends.contains_key(&id);
+    let mut cursor = IdCursor {
         next: 1,
-        used: &used_backend,
+        used: &used,
     };
     for backend in desired.frontends.values().flat_map(|f| &f.backends) {
         if backend_ids.contains_key(backend) {
             continue;
         }
         let id = programmed.backend_id(backend).unwrap_or_else(|| {
-            let id = backend_cursor.allocate();
+            let id = cursor.allocate();
             ops.push(Op::UpsertBackend {
                 id,
                 backend: *backend,
@@ -53,26 +65,33 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
         });
         backend_ids.insert(*backend, id);
     }
+    backend_ids
+}
 
-    // 2. Reverse NAT: a frontend keeps the id its master entry carries.
-    let masters_rev_nat: BTreeSet<u32> = programmed
+/// Reverse NAT: a frontend keeps the id its master entry carries; new ones get fresh ids.
+fn assign_rev_nat_ids(
+    programmed: &Programmed,
+    desired: &DesiredState,
+    ops: &mut Vec<Op>,
+) -> BTreeMap<FrontendKey, u32> {
+    let masters: BTreeSet<u32> = programmed
         .frontends
         .values()
         .filter_map(|f| f.master.map(|m| m.rev_nat_id))
         .collect();
-    let used_rev_nat = |id| programmed.rev_nats.contains_key(&id) || masters_rev_nat.contains(&id);
-    let mut rev_nat_cursor = IdCursor {
+    let used = |id| programmed.rev_nats.contains_key(&id) || masters.contains(&id);
+    let mut cursor = IdCursor {
         next: 1,
-        used: &used_rev_nat,
+        used: &used,
     };
-    let mut rev_nat_ids: BTreeMap<FrontendKey, u32> = BTreeMap::new();
+    let mut rev_nat_ids = BTreeMap::new();
     for key in desired.frontends.keys() {
         let existing = programmed
             .frontends
             .get(key)
             .and_then(|f| f.master)
             .map(|m| m.rev_nat_id);
-        let id = existing.unwrap_or_else(|| rev_nat_cursor.allocate());
+        let id = existing.unwrap_or_else(|| cursor.allocate());
         let target = RevNatTarget {
             ip: key.ip,
             port: key.port,
@@ -82,8 +101,18 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
         }
         rev_nat_ids.insert(*key, id);
     }
+    rev_nat_ids
+}
 
-    // 3. Frontends: slots, then the master that publishes them, then surplus slots.
+/// Slots first, then the master that publishes them, then (after every frontend) the slots
+/// beyond the new counts.
+fn publish_frontends(
+    programmed: &Programmed,
+    desired: &DesiredState,
+    backend_ids: &BTreeMap<BackendAddr, u32>,
+    rev_nat_ids: &BTreeMap<FrontendKey, u32>,
+    ops: &mut Vec<Op>,
+) {
     let mut surplus = Vec::new();
     for (key, frontend) in &desired.frontends {
         let rev_nat_id = rev_nat_ids[key];
@@ -127,8 +156,10 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
         }
     }
     ops.extend(surplus);
+}
 
-    // 4. Frontends that are no longer desired: master first, so nothing picks a slot.
+/// Frontends that are no longer desired: master first, so nothing picks a slot any more.
+fn remove_frontends(programmed: &Programmed, desired: &DesiredState, ops: &mut Vec<Op>) {
     for (key, current) in &programmed.frontends {
         if desired.frontends.contains_key(key) {
             continue;
@@ -141,8 +172,15 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
             slot: *slot,
         }));
     }
+}
 
-    // 5. Orphans: reverse-NAT entries and backends nothing refers to any more.
+/// Reverse-NAT entries and backends nothing refers to any more.
+fn remove_orphans(
+    programmed: &Programmed,
+    backend_ids: &BTreeMap<BackendAddr, u32>,
+    rev_nat_ids: &BTreeMap<FrontendKey, u32>,
+    ops: &mut Vec<Op>,
+) {
     let wanted_rev_nat: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
     for (id, target) in &programmed.rev_nats {
         if !wanted_rev_nat.contains(id) {
@@ -161,7 +199,6 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
             });
         }
     }
-    ops
 }
 
 #[cfg(test)]

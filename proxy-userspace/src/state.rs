@@ -376,46 +376,59 @@ impl Programmed {
     pub fn from_image(image: &MapImage) -> (Self, Unreadable) {
         let mut programmed = Self::default();
         let mut unreadable = Unreadable::default();
-        let services = image
-            .services4
-            .iter()
-            .map(|(k, v)| {
-                (
-                    IpAddr::V4(v4_from_word(k.address)),
-                    k.port_be,
-                    k.protocol,
-                    k.scope,
-                    k.backend_slot,
-                    v,
-                )
-            })
-            .chain(image.services6.iter().map(|(k, v)| {
-                (
-                    IpAddr::V6(v6_from_words(k.address)),
-                    k.port_be,
-                    k.protocol,
-                    k.scope,
-                    k.backend_slot,
-                    v,
-                )
-            }));
-        for (ip, port_be, protocol, scope, slot, value) in services {
+        programmed.restore_services(image, &mut unreadable);
+        programmed.restore_backends(image, &mut unreadable);
+        for (id, rev) in &image.rev_nat4 {
+            let ip = IpAddr::V4(v4_from_word(rev.address));
+            programmed.rev_nats.insert(
+                *id,
+                RevNatTarget {
+                    ip,
+                    port: u16::from_be(rev.port_be),
+                },
+            );
+        }
+        for (id, rev) in &image.rev_nat6 {
+            let ip = IpAddr::V6(v6_from_words(rev.address));
+            programmed.rev_nats.insert(
+                *id,
+                RevNatTarget {
+                    ip,
+                    port: u16::from_be(rev.port_be),
+                },
+            );
+        }
+        (programmed, unreadable)
+    }
+
+    fn restore_services(&mut self, image: &MapImage, unreadable: &mut Unreadable) {
+        let v4 = image.services4.iter().map(|(k, v)| {
+            let ip = IpAddr::V4(v4_from_word(k.address));
+            (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
+        });
+        let v6 = image.services6.iter().map(|(k, v)| {
+            let ip = IpAddr::V6(v6_from_words(k.address));
+            (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
+        });
+        for (ip, port_be, protocol, scope, slot, value) in v4.chain(v6) {
+            let port = u16::from_be(port_be);
             let (Some(protocol), Some(scope)) =
                 (protocol_from_byte(protocol), scope_from_byte(scope))
             else {
                 unreadable.0.push(format!(
-                    "service entry {ip} port {} protocol {protocol} scope {scope}",
-                    u16::from_be(port_be)
+                    "service entry {ip} port {port} protocol {protocol} scope {scope}"
                 ));
                 continue;
             };
-            let frontend = FrontendKey {
-                ip,
-                port: u16::from_be(port_be),
-                protocol,
-                scope,
-            };
-            let entry = programmed.frontends.entry(frontend).or_default();
+            let entry = self
+                .frontends
+                .entry(FrontendKey {
+                    ip,
+                    port,
+                    protocol,
+                    scope,
+                })
+                .or_default();
             if slot == 0 {
                 entry.master = Some(Master {
                     count: value.count,
@@ -427,55 +440,40 @@ impl Programmed {
                 entry.slots.insert(slot, value.backend_id);
             }
         }
-        let backends = image
-            .backends4
-            .iter()
-            .map(|(id, b)| {
-                (
-                    *id,
-                    IpAddr::V4(v4_from_word(b.address)),
-                    b.port_be,
-                    b.protocol,
-                )
-            })
-            .chain(image.backends6.iter().map(|(id, b)| {
-                (
-                    *id,
-                    IpAddr::V6(v6_from_words(b.address)),
-                    b.port_be,
-                    b.protocol,
-                )
-            }));
-        for (id, ip, port_be, protocol) in backends {
+    }
+
+    fn restore_backends(&mut self, image: &MapImage, unreadable: &mut Unreadable) {
+        let v4 = image.backends4.iter().map(|(id, b)| {
+            (
+                *id,
+                IpAddr::V4(v4_from_word(b.address)),
+                b.port_be,
+                b.protocol,
+            )
+        });
+        let v6 = image.backends6.iter().map(|(id, b)| {
+            (
+                *id,
+                IpAddr::V6(v6_from_words(b.address)),
+                b.port_be,
+                b.protocol,
+            )
+        });
+        for (id, ip, port_be, protocol) in v4.chain(v6) {
             match protocol_from_byte(protocol) {
-                Some(protocol) => programmed.apply(&Op::UpsertBackend {
-                    id,
-                    backend: BackendAddr {
+                Some(protocol) => {
+                    let backend = BackendAddr {
                         ip,
                         port: u16::from_be(port_be),
                         protocol,
-                    },
-                }),
+                    };
+                    self.apply(&Op::UpsertBackend { id, backend });
+                }
                 None => unreadable
                     .0
                     .push(format!("backend #{id} {ip} protocol {protocol}")),
             }
         }
-        for (id, rev) in &image.rev_nat4 {
-            let target = RevNatTarget {
-                ip: IpAddr::V4(v4_from_word(rev.address)),
-                port: u16::from_be(rev.port_be),
-            };
-            programmed.rev_nats.insert(*id, target);
-        }
-        for (id, rev) in &image.rev_nat6 {
-            let target = RevNatTarget {
-                ip: IpAddr::V6(v6_from_words(rev.address)),
-                port: u16::from_be(rev.port_be),
-            };
-            programmed.rev_nats.insert(*id, target);
-        }
-        (programmed, unreadable)
     }
 }
 

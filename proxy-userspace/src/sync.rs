@@ -144,3 +144,223 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        source::manifest,
+        state::{MapImage, MapWrite},
+        writer::{FakeMaps, FaultyWriter},
+    };
+
+    fn snapshot(yaml: &str) -> ClusterSnapshot {
+        let parsed = manifest::parse(yaml);
+        assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+        parsed.snapshot
+    }
+
+    fn service(backends: &[&str]) -> ClusterSnapshot {
+        let endpoints: Vec<String> = backends
+            .iter()
+            .map(|ip| format!("{{addresses: [{ip}]}}"))
+            .collect();
+        snapshot(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        ))
+    }
+
+    /// What the datapath relies on at every instant: a master's count never exceeds the slots
+    /// present, and every slot points at an existing backend.
+    fn assert_datapath_consistent(image: &MapImage, context: &str) {
+        for (key, master) in image
+            .services4
+            .iter()
+            .filter(|(key, _)| key.backend_slot == 0)
+        {
+            for slot in 1..=master.count {
+                let slot_key = proxy_common::Service4Key {
+                    backend_slot: slot,
+                    ..*key
+                };
+                let entry = image
+                    .services4
+                    .get(&slot_key)
+                    .unwrap_or_else(|| panic!("{context}: slot {slot} missing"));
+                assert!(
+                    image.backends4.contains_key(&entry.backend_id),
+                    "{context}: backend {} missing",
+                    entry.backend_id
+                );
+            }
+        }
+    }
+
+    /// Replays a journal write by write, checking consistency after each one.
+    fn replay_checking(start: &MapImage, journal: &[MapWrite], context: &str) {
+        let mut image = start.clone();
+        for (index, write) in journal.iter().enumerate() {
+            image.apply(*write);
+            assert_datapath_consistent(&image, &format!("{context}, after write {index}"));
+        }
+    }
+
+    fn sync_to(fake: &mut FakeMaps, mirror: &mut Programmed, target: &ClusterSnapshot) {
+        sync_once(target, &NodeFacts::default(), fake, mirror, &mut Vec::new())
+            .expect("fake writes succeed");
+    }
+
+    #[test]
+    fn every_intermediate_state_of_a_transition_is_consistent() {
+        let steps = [
+            service(&["10.0.0.1"]),
+            service(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+            service(&["10.0.0.3"]),
+            service(&[]),
+            ClusterSnapshot::default(),
+        ];
+        let mut fake = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        for (index, step) in steps.iter().enumerate() {
+            let before = fake.image.clone();
+            fake.journal.clear();
+            sync_to(&mut fake, &mut mirror, step);
+            replay_checking(&before, &fake.journal, &format!("step {index}"));
+            assert_eq!(
+                Programmed::from_image(&fake.image).0,
+                mirror,
+                "mirror matches the maps after step {index}"
+            );
+        }
+        assert_eq!(
+            fake.image,
+            MapImage::default(),
+            "deleting everything leaves empty maps"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_at_any_point_leaves_a_consistent_datapath_and_a_true_mirror() {
+        let from = service(&["10.0.0.1", "10.0.0.2"]);
+        let to = service(&["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        let mut clean = FakeMaps::default();
+        let mut clean_mirror = Programmed::default();
+        sync_to(&mut clean, &mut clean_mirror, &from);
+        let start = clean.clone();
+        sync_to(&mut clean, &mut clean_mirror, &to);
+        let total_writes = clean.journal.len() - start.journal.len();
+        for fail_at in 0..total_writes {
+            let mut faulty = FaultyWriter::new(start.clone(), [fail_at]);
+            let mut mirror = Programmed::from_image(&start.image).0;
+            let error = sync_once(
+                &to,
+                &NodeFacts::default(),
+                &mut faulty,
+                &mut mirror,
+                &mut Vec::new(),
+            )
+            .expect_err("the injected fault surfaces");
+            assert_eq!(error.applied, fail_at);
+            assert_datapath_consistent(&faulty.inner.image, &format!("failure at write {fail_at}"));
+            assert_eq!(
+                Programmed::from_image(&faulty.inner.image).0,
+                mirror,
+                "mirror is exactly what was written"
+            );
+            // The retry converges to the same maps as an uninterrupted sync.
+            sync_once(
+                &to,
+                &NodeFacts::default(),
+                &mut faulty,
+                &mut mirror,
+                &mut Vec::new(),
+            )
+            .expect("retry succeeds");
+            assert_eq!(
+                faulty.inner.image, clean.image,
+                "retry after failure at write {fail_at}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_the_maps_without_writing_anything() {
+        let state = service(&["10.0.0.1", "10.0.0.2"]);
+        let mut fake = FakeMaps::default();
+        sync_to(&mut fake, &mut Programmed::default(), &state);
+        let mut adopted = restore(&fake).expect("fake maps read");
+        fake.journal.clear();
+        sync_to(&mut fake, &mut adopted, &state);
+        assert!(
+            fake.journal.is_empty(),
+            "no write on adoption: {:?}",
+            fake.journal
+        );
+    }
+
+    /// A fake shared with the test while the runner owns its writer.
+    #[derive(Clone, Default)]
+    struct SharedFake(Arc<Mutex<FakeMaps>>);
+
+    impl MapWriter for SharedFake {
+        fn write(&mut self, write: &MapWrite) -> Result<(), WriteError> {
+            self.0.lock().expect("not poisoned").write(write)
+        }
+
+        fn read_image(&self) -> Result<MapImage, WriteError> {
+            self.0.lock().expect("not poisoned").read_image()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_runner_waits_for_the_first_snapshot_then_follows_changes() {
+        let (sender, receiver) = tokio::sync::watch::channel(None);
+        let fake = SharedFake::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = SyncConfig {
+            min_period: Duration::from_millis(10),
+            max_period: Duration::from_mins(1),
+        };
+        let runner = tokio::spawn(run(
+            receiver,
+            NodeFacts::default(),
+            Box::new(fake.clone()),
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            fake.0.lock().unwrap().journal.is_empty(),
+            "nothing is written before the first snapshot"
+        );
+        sender.send_replace(Some(Arc::new(service(&["10.0.0.1"]))));
+        let backends = |fake: &SharedFake| fake.0.lock().unwrap().image.backends4.len();
+        for _ in 0..100 {
+            if backends(&fake) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(backends(&fake), 1);
+        // A burst of changes coalesces; the last one wins.
+        for count in 1..=20 {
+            let ips: Vec<String> = (1..=count).map(|i| format!("10.0.1.{i}")).collect();
+            let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+            sender.send_replace(Some(Arc::new(service(&refs))));
+        }
+        for _ in 0..100 {
+            if backends(&fake) == 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(backends(&fake), 20);
+        stop.send(()).unwrap();
+        runner.await.unwrap().unwrap();
+    }
+}

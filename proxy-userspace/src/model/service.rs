@@ -18,6 +18,9 @@ use super::{
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// A frontend's backend count lives in a u16 (the master entry's `count`).
+const MAX_BACKENDS: usize = u16::MAX as usize;
+
 /// Collects problems once each, in a stable order.
 #[derive(Default)]
 struct Problems(BTreeSet<(ObjectKind, String, String, String)>);
@@ -317,13 +320,26 @@ pub fn build(snapshot: &ClusterSnapshot, _node: &NodeFacts) -> ModelOutput {
                     );
                     continue;
                 }
+                let mut backends = backends_for(service_slices, *ip, port, &mut problems);
+                if backends.len() > MAX_BACKENDS {
+                    problems.report(
+                        ObjectKind::Service,
+                        &ns,
+                        &name,
+                        format!(
+                            "{key} has {} endpoints; only the first {MAX_BACKENDS} are used",
+                            backends.len()
+                        ),
+                    );
+                    backends.truncate(MAX_BACKENDS);
+                }
                 let frontend = Frontend {
                     service: ServicePortName {
                         namespace: ns.clone(),
                         name: name.clone(),
                         port_name: port.name.clone(),
                     },
-                    backends: backends_for(service_slices, *ip, port, &mut problems),
+                    backends,
                     flags: service_flags::CLUSTER_IP,
                     affinity_timeout_secs: 0,
                 };
@@ -334,5 +350,249 @@ pub fn build(snapshot: &ClusterSnapshot, _node: &NodeFacts) -> ModelOutput {
     ModelOutput {
         desired: DesiredState { frontends },
         problems: problems.into_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest;
+
+    fn build_yaml(yaml: &str) -> ModelOutput {
+        let parsed = manifest::parse(yaml);
+        assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+        build(&parsed.snapshot, &NodeFacts::default())
+    }
+
+    fn backends_of(output: &ModelOutput, frontend: &str) -> Vec<String> {
+        let (_, found) = output
+            .desired
+            .frontends
+            .iter()
+            .find(|(key, _)| key.to_string() == frontend)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no frontend {frontend} in {:#?}",
+                    output.desired.frontends.keys()
+                )
+            });
+        found.backends.iter().map(ToString::to_string).collect()
+    }
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: web}\n  - {name: dns, port: 53, protocol: UDP}\n";
+
+    fn slice(name: &str, family: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports: {ports}\nendpoints: {endpoints}\n"
+        )
+    }
+
+    #[test]
+    fn backend_port_comes_from_the_slice_port_with_the_same_name_and_protocol() {
+        let yaml = format!(
+            "{WEB}{}",
+            slice(
+                "web-1",
+                "IPv4",
+                "[{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]",
+                "[{addresses: [10.0.0.1]}]"
+            )
+        );
+        let output = build_yaml(&yaml);
+        assert_eq!(
+            backends_of(&output, "10.96.0.10:80/TCP"),
+            ["10.0.0.1:8080/TCP"]
+        );
+        assert_eq!(
+            backends_of(&output, "10.96.0.10:53/UDP"),
+            ["10.0.0.1:5353/UDP"]
+        );
+        // Port 53 exists only for UDP: it must not capture TCP.
+        assert!(
+            !output
+                .desired
+                .frontends
+                .keys()
+                .any(|key| key.to_string() == "10.96.0.10:53/TCP")
+        );
+    }
+
+    #[test]
+    fn several_slices_merge_and_not_ready_endpoints_are_left_out() {
+        let yaml = format!(
+            "{WEB}{}{}",
+            slice(
+                "web-1",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.0.0.1]}, {addresses: [10.0.0.2], conditions: {ready: false}}]"
+            ),
+            slice(
+                "web-2",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.0.0.3], conditions: {ready: true}}]"
+            ),
+        );
+        assert_eq!(
+            backends_of(&build_yaml(&yaml), "10.96.0.10:80/TCP"),
+            ["10.0.0.1:8080/TCP", "10.0.0.3:8080/TCP"]
+        );
+    }
+
+    #[test]
+    fn only_the_first_address_of_an_endpoint_counts_and_duplicates_collapse() {
+        let yaml = format!(
+            "{WEB}{}{}",
+            slice(
+                "web-1",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.0.0.1, 10.0.0.9]}]"
+            ),
+            slice(
+                "web-2",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.0.0.1]}]"
+            ),
+        );
+        assert_eq!(
+            backends_of(&build_yaml(&yaml), "10.96.0.10:80/TCP"),
+            ["10.0.0.1:8080/TCP"]
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_still_a_frontend_so_connects_are_refused() {
+        let output = build_yaml(WEB);
+        assert!(backends_of(&output, "10.96.0.10:80/TCP").is_empty());
+    }
+
+    #[test]
+    fn dual_stack_services_program_both_families_from_their_own_slices() {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']\n  ports: [{{name: http, port: 80}}]\n{}{}",
+            slice(
+                "web-v4",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.0.0.1]}]"
+            ),
+            slice(
+                "web-v6",
+                "IPv6",
+                "[{name: http, port: 8080}]",
+                "[{addresses: ['fd00::1']}]"
+            ),
+        );
+        let output = build_yaml(&yaml);
+        assert_eq!(
+            backends_of(&output, "10.96.0.10:80/TCP"),
+            ["10.0.0.1:8080/TCP"]
+        );
+        assert_eq!(
+            backends_of(&output, "[fd00::10]:80/TCP"),
+            ["[fd00::1]:8080/TCP"]
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_services_are_ignored() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: example.com}\n";
+        let output = build_yaml(yaml);
+        assert!(output.desired.frontends.is_empty());
+        assert!(output.problems.is_empty(), "{:?}", output.problems);
+    }
+
+    #[test]
+    fn cluster_ips_with_leading_zeros_are_programmed_canonically() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: z}\nspec: {clusterIP: 010.096.000.010, ports: [{port: 80}]}\n";
+        let output = build_yaml(yaml);
+        assert_eq!(
+            output.desired.frontends.keys().next().unwrap().to_string(),
+            "10.96.0.10:80/TCP"
+        );
+    }
+
+    #[test]
+    fn bad_parts_are_reported_by_object_and_skipped_while_the_rest_applies() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: mixed, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {name: ok, port: 80}\n  - {name: big, port: 70000}\n  - {name: sctp, port: 90, protocol: SCTP}\n  - {name: odd, port: 91, protocol: QUIC}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: badip, namespace: shop}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n";
+        let output = build_yaml(yaml);
+        let keys: Vec<String> = output
+            .desired
+            .frontends
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(keys, ["10.96.0.20:80/TCP"]);
+        let reasons: Vec<String> = output.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(reasons.len(), 4, "{reasons:#?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("Service shop/mixed") && r.contains("70000"))
+        );
+        assert!(reasons.iter().any(|r| r.contains("SCTP")));
+        assert!(reasons.iter().any(|r| r.contains("\"QUIC\"")));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("Service shop/badip") && r.contains("10.96.0.300"))
+        );
+    }
+
+    #[test]
+    fn a_clusterip_port_claimed_twice_goes_to_the_first_service_by_name() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let output = build_yaml(yaml);
+        assert_eq!(
+            output
+                .desired
+                .frontends
+                .values()
+                .next()
+                .unwrap()
+                .service
+                .name,
+            "a"
+        );
+        assert_eq!(output.problems.len(), 1);
+        assert!(
+            output.problems[0]
+                .to_string()
+                .starts_with("Service default/b")
+        );
+    }
+
+    #[test]
+    fn slices_without_the_service_name_label_or_with_foreign_addresses_are_reported() {
+        let yaml = format!(
+            "{WEB}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: orphan, namespace: shop}}\naddressType: IPv4\nendpoints: []\n{}",
+            slice(
+                "web-1",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: ['fd00::1']}, {addresses: [10.0.0.1]}]"
+            ),
+        );
+        let output = build_yaml(&yaml);
+        assert_eq!(
+            backends_of(&output, "10.96.0.10:80/TCP"),
+            ["10.0.0.1:8080/TCP"]
+        );
+        let reasons: Vec<String> = output.problems.iter().map(ToString::to_string).collect();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("EndpointSlice shop/orphan") && r.contains("missing label")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("EndpointSlice shop/web-1") && r.contains("fd00::1")),
+            "{reasons:?}"
+        );
     }
 }
