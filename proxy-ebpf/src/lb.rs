@@ -29,7 +29,7 @@ fn random_slot(count: u16) -> u16 {
 pub fn select4(mut key: Service4Key) -> Selection<Backend4> {
     key.backend_slot = 0;
     // SAFETY: the map value is plain data and we copy it out at once.
-    let Some(master) = (unsafe { SVC4_V1.get(&key) }).copied() else {
+    let Some(master) = (unsafe { SVC4_V1.get(key) }).copied() else {
         return Selection::NotAService;
     };
     if master.count == 0 {
@@ -37,12 +37,12 @@ pub fn select4(mut key: Service4Key) -> Selection<Backend4> {
     }
     key.backend_slot = random_slot(master.count);
     // SAFETY: as above, copied out immediately.
-    let Some(slot) = (unsafe { SVC4_V1.get(&key) }).copied() else {
+    let Some(slot) = (unsafe { SVC4_V1.get(key) }).copied() else {
         metrics::count(reason::BACKEND_LOOKUP_FAILED);
         return Selection::NotAService;
     };
     // SAFETY: as above.
-    match unsafe { BACKEND4_V1.get(&slot.backend_id) }.copied() {
+    match unsafe { BACKEND4_V1.get(slot.backend_id) }.copied() {
         Some(backend) => Selection::Backend {
             backend,
             rev_nat_id: master.rev_nat_id,
@@ -58,7 +58,7 @@ pub fn select4(mut key: Service4Key) -> Selection<Backend4> {
 pub fn select6(mut key: Service6Key) -> Selection<Backend6> {
     key.backend_slot = 0;
     // SAFETY: the map value is plain data and we copy it out at once.
-    let Some(master) = (unsafe { SVC6_V1.get(&key) }).copied() else {
+    let Some(master) = (unsafe { SVC6_V1.get(key) }).copied() else {
         return Selection::NotAService;
     };
     if master.count == 0 {
@@ -66,12 +66,12 @@ pub fn select6(mut key: Service6Key) -> Selection<Backend6> {
     }
     key.backend_slot = random_slot(master.count);
     // SAFETY: as above.
-    let Some(slot) = (unsafe { SVC6_V1.get(&key) }).copied() else {
+    let Some(slot) = (unsafe { SVC6_V1.get(key) }).copied() else {
         metrics::count(reason::BACKEND_LOOKUP_FAILED);
         return Selection::NotAService;
     };
     // SAFETY: as above.
-    match unsafe { BACKEND6_V1.get(&slot.backend_id) }.copied() {
+    match unsafe { BACKEND6_V1.get(slot.backend_id) }.copied() {
         Some(backend) => Selection::Backend {
             backend,
             rev_nat_id: master.rev_nat_id,

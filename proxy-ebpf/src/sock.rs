@@ -91,7 +91,7 @@ pub fn translate_forward4(ctx: &SockAddrContext) -> i32 {
                 pad: 0,
                 rev_nat_id,
             };
-            if SOCK_NAT4_V1.insert(&nat_key, &nat, 0).is_err() {
+            if SOCK_NAT4_V1.insert(nat_key, nat, 0).is_err() {
                 metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
             }
             // SAFETY: as above; 4-byte stores into writable context fields.
@@ -117,13 +117,81 @@ pub fn translate_reverse4(ctx: &SockAddrContext) {
         pad: 0,
     };
     // SAFETY: plain data, copied out at once.
-    if let Some(nat) = unsafe { SOCK_NAT4_V1.get(&key) }.copied() {
+    if let Some(nat) = unsafe { SOCK_NAT4_V1.get(key) }.copied() {
         // SAFETY: 4-byte stores into writable context fields.
         unsafe {
             (*addr).user_ip4 = nat.address;
             (*addr).user_port = u32::from(nat.port_be);
         }
         metrics::count(reason::REV_NAT_APPLIED);
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), if it is one.
+fn v4_mapped(ip: &[u32; 4]) -> Option<u32> {
+    (ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX_WORD).then_some(ip[3])
+}
+
+/// Word 2 of an IPv4-mapped address (`0000:ffff`) as it sits in memory (network order).
+const V4_MAPPED_PREFIX_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// A chosen backend, as an IPv6 socket addresses it.
+struct Backend6Choice {
+    address: [u32; 4],
+    port_be: u16,
+    rev_nat_id: u32,
+}
+
+/// Selects a backend for an IPv6 destination. Dual-stack sockets reach IPv4 services through
+/// IPv4-mapped addresses, so those are looked up in the IPv4 map and answered mapped.
+fn select_for_ipv6_socket(ip: [u32; 4], port_be: u16, protocol: u8) -> Selection<Backend6Choice> {
+    if let Some(ip4) = v4_mapped(&ip) {
+        let key = Service4Key {
+            address: ip4,
+            port_be,
+            backend_slot: 0,
+            protocol,
+            scope: scope::EXTERNAL,
+            pad: [0; 2],
+        };
+        return match lb::select4(key) {
+            Selection::NotAService => Selection::NotAService,
+            Selection::NoBackend => Selection::NoBackend,
+            Selection::Backend {
+                backend,
+                rev_nat_id,
+            } => Selection::Backend {
+                backend: Backend6Choice {
+                    address: [0, 0, V4_MAPPED_PREFIX_WORD, backend.address],
+                    port_be: backend.port_be,
+                    rev_nat_id,
+                },
+                rev_nat_id,
+            },
+        };
+    }
+    let key = Service6Key {
+        address: ip,
+        port_be,
+        backend_slot: 0,
+        protocol,
+        scope: scope::EXTERNAL,
+        pad: [0; 2],
+    };
+    match lb::select6(key) {
+        Selection::NotAService => Selection::NotAService,
+        Selection::NoBackend => Selection::NoBackend,
+        Selection::Backend {
+            backend,
+            rev_nat_id,
+        } => Selection::Backend {
+            backend: Backend6Choice {
+                address: backend.address,
+                port_be: backend.port_be,
+                rev_nat_id,
+            },
+            rev_nat_id,
+        },
     }
 }
 
@@ -147,24 +215,14 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
     let Some(protocol) = socket_protocol(proto_raw) else {
         return PROCEED;
     };
-    let key = Service6Key {
-        address: ip,
-        port_be: port_raw as u16,
-        backend_slot: 0,
-        protocol,
-        scope: scope::EXTERNAL,
-        pad: [0; 2],
-    };
-    match lb::select6(key) {
+    let port_be = port_raw as u16;
+    match select_for_ipv6_socket(ip, port_be, protocol) {
         Selection::NotAService => {
             metrics::count(reason::NOT_A_SERVICE);
             PROCEED
         }
         Selection::NoBackend => refuse(),
-        Selection::Backend {
-            backend,
-            rev_nat_id,
-        } => {
+        Selection::Backend { backend, .. } => {
             let nat_key = SockRevNat6Key {
                 cookie: socket_cookie(ctx),
                 address: backend.address,
@@ -173,11 +231,11 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
             };
             let nat = SockRevNat6 {
                 address: ip,
-                port_be: key.port_be,
+                port_be,
                 pad: 0,
-                rev_nat_id,
+                rev_nat_id: backend.rev_nat_id,
             };
-            if SOCK_NAT6_V1.insert(&nat_key, &nat, 0).is_err() {
+            if SOCK_NAT6_V1.insert(nat_key, nat, 0).is_err() {
                 metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
             }
             // SAFETY: 4-byte stores into writable context fields.
@@ -216,7 +274,7 @@ pub fn translate_reverse6(ctx: &SockAddrContext) {
         pad: [0; 3],
     };
     // SAFETY: plain data, copied out at once.
-    if let Some(nat) = unsafe { SOCK_NAT6_V1.get(&key) }.copied() {
+    if let Some(nat) = unsafe { SOCK_NAT6_V1.get(key) }.copied() {
         // SAFETY: 4-byte stores into writable context fields.
         unsafe {
             (*addr).user_ip6[0] = nat.address[0];
@@ -245,7 +303,7 @@ pub fn forget_released_socket(ctx: &SockContext) {
         // SAFETY: as above.
         let address = unsafe { (*sk).dst_ip4 };
         SOCK_NAT4_V1
-            .remove(&SockRevNat4Key {
+            .remove(SockRevNat4Key {
                 cookie,
                 address,
                 port_be,
@@ -263,7 +321,7 @@ pub fn forget_released_socket(ctx: &SockContext) {
             ]
         };
         SOCK_NAT6_V1
-            .remove(&SockRevNat6Key {
+            .remove(SockRevNat6Key {
                 cookie,
                 address,
                 port_be,
