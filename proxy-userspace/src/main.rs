@@ -1,4 +1,6 @@
 //! The `switchyard` binary.
+use std::io::IsTerminal as _;
+
 use anyhow::Result;
 use clap::Parser;
 use proxy_userspace::{

@@ -1,0 +1,397 @@
+//! Test helper: backend servers and clients for the Switchyard end-to-end tests.
+//!
+//! It joins network namespaces with setns(2) rather than being started by `ip netns exec`,
+//! because the latter remounts /sys and would hide the cgroup2 hierarchy a client must join.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::Signal;
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+    sockopt,
+};
+use switchyard_tests::report::Attempt;
+use switchyard_tests::testkit::{ClientProto, READY_LINE};
+
+const REQUEST: &[u8] = b"hi\n";
+/// A server connection idle this long is dropped, so forgotten connections cannot pile up.
+const SERVER_IDLE_TIMEOUT: Duration = Duration::from_mins(1);
+
+#[derive(Parser)]
+#[command(about = "Servers and clients for Switchyard end-to-end tests")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer every TCP line and every UDP datagram with NAME.
+    Serve(ServeArgs),
+    /// Make COUNT bounded attempts against TARGET, one JSON line each.
+    Client(ClientArgs),
+    /// Keep one TCP connection open and send a request on it every `--every-ms`.
+    Hold(HoldArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long = "port", required = true)]
+    ports: Vec<u16>,
+    #[arg(long)]
+    netns: Option<String>,
+    /// Exit after this long even if nobody stops the server.
+    #[arg(long, default_value_t = 600_000)]
+    max_lifetime_ms: u64,
+}
+
+#[derive(Args)]
+struct Placement {
+    /// Network namespace (a name under /run/netns) to join.
+    #[arg(long)]
+    netns: String,
+    /// Cgroup directory to join before anything else, so the agent's hooks see our sockets.
+    #[arg(long)]
+    cgroup: PathBuf,
+    #[arg(long)]
+    target: SocketAddr,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    placement: Placement,
+    #[arg(long, value_enum)]
+    proto: ClientProto,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    count: u32,
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct HoldArgs {
+    #[command(flatten)]
+    placement: Placement,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    duration_ms: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    every_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+fn main() -> Result<()> {
+    // Die with the test that started us, even if it is killed before its guards run.
+    set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    match Cli::parse().command {
+        Command::Serve(args) => serve(&args),
+        Command::Client(args) => client(&args),
+        Command::Hold(args) => hold(&args),
+    }
+}
+
+fn join_netns(name: &str) -> Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let handle = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    setns(&handle, CloneFlags::CLONE_NEWNET).with_context(|| format!("joining netns {name}"))
+}
+
+/// Joins the cgroup first (its path is only visible from the root mount namespace we start in),
+/// then the network namespace.
+fn place(placement: &Placement) -> Result<()> {
+    let procs = placement.cgroup.join("cgroup.procs");
+    std::fs::write(&procs, format!("{}\n", std::process::id()))
+        .with_context(|| format!("joining cgroup {}", procs.display()))?;
+    join_netns(&placement.netns)
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    if let Some(netns) = &args.netns {
+        join_netns(netns)?;
+    }
+    // Bind everything before announcing readiness, and before spawning threads: threads
+    // inherit the namespace the process joined above.
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for &port in &args.ports {
+        tcp.push(TcpListener::from(dual_stack_socket(
+            SockType::Stream,
+            port,
+        )?));
+        udp.push(UdpSocket::from(dual_stack_socket(
+            SockType::Datagram,
+            port,
+        )?));
+    }
+    for listener in tcp {
+        let name = args.name.clone();
+        std::thread::spawn(move || accept_loop(&listener, &name));
+    }
+    for socket in udp {
+        let name = args.name.clone();
+        std::thread::spawn(move || answer_datagrams(&socket, &name));
+    }
+    println!("{READY_LINE}");
+    std::thread::sleep(Duration::from_millis(args.max_lifetime_ms));
+    Ok(())
+}
+
+/// An `[::]:port` socket that also accepts IPv4 (as mapped addresses), whatever the
+/// `net.ipv6.bindv6only` default of the namespace.
+fn dual_stack_socket(kind: SockType, port: u16) -> Result<OwnedFd> {
+    let fd = socket(AddressFamily::Inet6, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let address = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+    bind(fd.as_raw_fd(), &address).with_context(|| format!("binding [::]:{port} ({kind:?})"))?;
+    if kind == SockType::Stream {
+        listen(&fd, Backlog::new(256)?)?;
+    }
+    Ok(fd)
+}
+
+fn accept_loop(listener: &TcpListener, name: &str) {
+    for stream in listener.incoming().flatten() {
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let _ = answer_lines(stream, &name);
+        });
+    }
+}
+
+fn answer_lines(stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(SERVER_IDLE_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 {
+        writer.write_all(format!("{name}\n").as_bytes())?;
+        line.clear();
+    }
+    Ok(())
+}
+
+fn answer_datagrams(socket: &UdpSocket, name: &str) {
+    let mut buffer = [0_u8; 2048];
+    loop {
+        if let Ok((_, sender)) = socket.recv_from(&mut buffer) {
+            let _ = socket.send_to(name.as_bytes(), sender);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// client
+
+fn client(args: &ClientArgs) -> Result<()> {
+    place(&args.placement)?;
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    for i in 0..args.count {
+        if i > 0 && args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
+        let started = Instant::now();
+        let target = args.placement.target;
+        let result = match args.proto {
+            ClientProto::Tcp => tcp_exchange(target, timeout),
+            ClientProto::UdpConnected => udp_connected_exchange(target, timeout),
+            ClientProto::UdpUnconnected => udp_unconnected_exchange(target, timeout),
+        };
+        println!("{}", to_attempt(result, started).to_json_line());
+    }
+    Ok(())
+}
+
+/// What one successful exchange observed.
+struct Exchange {
+    backend: String,
+    peer: Option<SocketAddr>,
+    source: Option<SocketAddr>,
+}
+
+/// The failing step and its error.
+struct Failure {
+    step: &'static str,
+    error: std::io::Error,
+}
+
+trait Step<T> {
+    fn step(self, step: &'static str) -> Result<T, Failure>;
+}
+
+impl<T> Step<T> for std::io::Result<T> {
+    fn step(self, step: &'static str) -> Result<T, Failure> {
+        self.map_err(|error| Failure { step, error })
+    }
+}
+
+fn to_attempt(result: Result<Exchange, Failure>, started: Instant) -> Attempt {
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match result {
+        Ok(exchange) => Attempt {
+            ok: true,
+            backend: Some(exchange.backend),
+            peer: exchange.peer,
+            source: exchange.source,
+            errno: None,
+            error: None,
+            elapsed_ms,
+        },
+        Err(failure) => Attempt {
+            ok: false,
+            errno: Some(errno_of(&failure.error)),
+            error: Some(format!("{}: {}", failure.step, failure.error)),
+            elapsed_ms,
+            ..Attempt::default()
+        },
+    }
+}
+
+/// The errno of a failure; timeouts (which std reports as EAGAIN or without an errno) become
+/// ETIMEDOUT so callers need only one code for "no answer in time".
+fn errno_of(error: &std::io::Error) -> i32 {
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) | None if is_timeout(error) => libc::ETIMEDOUT,
+        Some(errno) => errno,
+        None => libc::EIO,
+    }
+}
+
+fn is_timeout(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    )
+}
+
+fn tcp_exchange(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
+    let stream = TcpStream::connect_timeout(&target, timeout).step("connect")?;
+    let peer = stream.peer_addr().step("getpeername")?;
+    let backend = request_on(&stream, timeout)?;
+    // Dropping the stream here makes the client close first.
+    Ok(Exchange {
+        backend,
+        peer: Some(peer),
+        source: None,
+    })
+}
+
+/// Sends one request on an established connection and reads the one-line answer.
+fn request_on(stream: &TcpStream, timeout: Duration) -> Result<String, Failure> {
+    stream.set_read_timeout(Some(timeout)).step("setsockopt")?;
+    stream.set_write_timeout(Some(timeout)).step("setsockopt")?;
+    let mut writer = stream;
+    writer.write_all(REQUEST).step("send")?;
+    // One byte at a time so nothing past the answer's newline is consumed and lost.
+    let mut answer = Vec::new();
+    let mut reader = stream;
+    let mut byte = [0_u8; 1];
+    loop {
+        let n = std::io::Read::read(&mut reader, &mut byte).step("recv")?;
+        if n == 0 {
+            return Err(Failure {
+                step: "recv",
+                error: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before a full answer",
+                ),
+            });
+        }
+        if byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&answer).into_owned());
+        }
+        answer.push(byte[0]);
+    }
+}
+
+fn unspecified_for(target: SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+fn udp_socket(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
+    let socket = UdpSocket::bind(unspecified_for(target)).step("bind")?;
+    socket.set_read_timeout(Some(timeout)).step("setsockopt")?;
+    Ok(socket)
+}
+
+fn receive_answer(socket: &UdpSocket) -> Result<(String, SocketAddr), Failure> {
+    let mut buffer = [0_u8; 2048];
+    let (n, source) = socket.recv_from(&mut buffer).step("recvfrom")?;
+    Ok((String::from_utf8_lossy(&buffer[..n]).into_owned(), source))
+}
+
+fn udp_connected_exchange(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
+    let socket = udp_socket(target, timeout)?;
+    socket.connect(target).step("connect")?;
+    let peer = socket.peer_addr().step("getpeername")?;
+    socket.send(REQUEST).step("send")?;
+    let (backend, source) = receive_answer(&socket)?;
+    Ok(Exchange {
+        backend,
+        peer: Some(peer),
+        source: Some(source),
+    })
+}
+
+fn udp_unconnected_exchange(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
+    let socket = udp_socket(target, timeout)?;
+    socket.send_to(REQUEST, target).step("sendto")?;
+    let (backend, source) = receive_answer(&socket)?;
+    Ok(Exchange {
+        backend,
+        peer: Some(source),
+        source: Some(source),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// hold
+
+fn hold(args: &HoldArgs) -> Result<()> {
+    place(&args.placement)?;
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let every = Duration::from_millis(args.every_ms);
+    let started = Instant::now();
+    let end = started + Duration::from_millis(args.duration_ms);
+    let stream = match TcpStream::connect_timeout(&args.placement.target, timeout).step("connect") {
+        Ok(stream) => stream,
+        Err(failure) => {
+            println!("{}", to_attempt(Err(failure), started).to_json_line());
+            return Ok(());
+        }
+    };
+    let peer = stream.peer_addr().ok();
+    let mut next = started;
+    while next < end {
+        let attempt_started = Instant::now();
+        let result = request_on(&stream, timeout).map(|backend| Exchange {
+            backend,
+            peer,
+            source: None,
+        });
+        println!("{}", to_attempt(result, attempt_started).to_json_line());
+        next += every;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    Ok(())
+}

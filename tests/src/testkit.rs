@@ -1,0 +1,274 @@
+//! Typed front end to the `sy-testkit` helper binary: backend servers and clients that run in
+//! test namespaces (and, for clients, in the hooked test cgroup).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+
+use crate::process::{ChildGuard, LineCollector};
+use crate::report::{Attempt, parse_attempts};
+
+/// The line `serve` prints once all its sockets are bound.
+pub const READY_LINE: &str = "ready";
+
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Slack on top of a client's own worst case before it is considered hung.
+const CLIENT_SLACK: Duration = Duration::from_secs(5);
+
+/// Builds a [`Testkit`] for the `sy-testkit` binary of this package. Only integration tests and
+/// binaries of this package see `CARGO_BIN_EXE_*`, hence a macro expanded in their crate.
+#[macro_export]
+macro_rules! testkit {
+    () => {
+        $crate::testkit::Testkit::new(env!("CARGO_BIN_EXE_sy-testkit"))
+    };
+}
+
+/// How a client exchanges one message with its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientProto {
+    /// A new TCP connection per attempt.
+    Tcp,
+    /// A new UDP socket per attempt, connect()ed to the target.
+    UdpConnected,
+    /// A new UDP socket per attempt, `sendto()`/`recvfrom()` without `connect()`.
+    UdpUnconnected,
+}
+
+impl ClientProto {
+    pub const ALL: [Self; 3] = [Self::Tcp, Self::UdpConnected, Self::UdpUnconnected];
+
+    pub fn as_arg(self) -> String {
+        self.to_possible_value()
+            .expect("no variant is skipped")
+            .get_name()
+            .to_owned()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientRequest {
+    pub proto: ClientProto,
+    pub target: SocketAddr,
+    pub count: u32,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl ClientRequest {
+    pub fn new(proto: ClientProto, target: SocketAddr) -> Self {
+        Self {
+            proto,
+            target,
+            count: 1,
+            interval: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[must_use]
+    pub fn count(mut self, count: u32) -> Self {
+        self.count = count;
+        self
+    }
+
+    #[must_use]
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The longest a well-behaved client can take: every attempt hitting every timeout.
+    fn worst_case(&self) -> Duration {
+        (self.interval + self.timeout * 3) * self.count + CLIENT_SLACK
+    }
+}
+
+/// Runs the helper binary.
+#[derive(Debug, Clone)]
+pub struct Testkit {
+    bin: PathBuf,
+}
+
+impl Testkit {
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self { bin: bin.into() }
+    }
+
+    /// Starts a server answering `name` on TCP and UDP, IPv4 and IPv6, on each port, inside
+    /// `netns`; returns once it is listening.
+    pub fn serve(&self, netns: &str, name: &str, ports: &[u16]) -> Result<Server> {
+        let mut command = Command::new(&self.bin);
+        command.args(["serve", "--name", name, "--netns", netns]);
+        for port in ports {
+            command.args(["--port", &port.to_string()]);
+        }
+        let mut guard = ChildGuard::spawn(
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+            format!("server {name}"),
+        )?;
+        let stdout = LineCollector::start(guard.child_mut().stdout.take().expect("piped"));
+        if stdout
+            .wait_for_line(SERVER_START_TIMEOUT, |line| line == READY_LINE)
+            .is_none()
+        {
+            bail!("server {name} in {netns} did not become ready");
+        }
+        Ok(Server {
+            name: name.to_owned(),
+            _guard: guard,
+            _stdout: stdout,
+        })
+    }
+
+    /// Runs a client to completion and returns its attempts.
+    pub fn client(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        request: &ClientRequest,
+    ) -> Result<Vec<Attempt>> {
+        self.spawn_client(netns, cgroup, request)?.finish()
+    }
+
+    /// Starts a client in the background, e.g. to do something to the agent meanwhile.
+    pub fn spawn_client(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        request: &ClientRequest,
+    ) -> Result<RunningClient> {
+        let mut command = self.in_cgroup("client", netns, cgroup, request.target);
+        command.args([
+            "--proto",
+            &request.proto.as_arg(),
+            "--count",
+            &request.count.to_string(),
+            "--interval-ms",
+            &millis(request.interval),
+            "--timeout-ms",
+            &millis(request.timeout),
+        ]);
+        RunningClient::spawn(&mut command, request.worst_case())
+    }
+
+    /// Opens one TCP connection and sends a request on it every `every` for `duration`.
+    pub fn hold(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        target: SocketAddr,
+        duration: Duration,
+        every: Duration,
+    ) -> Result<RunningClient> {
+        let mut command = self.in_cgroup("hold", netns, cgroup, target);
+        command.args([
+            "--duration-ms",
+            &millis(duration),
+            "--every-ms",
+            &millis(every),
+        ]);
+        RunningClient::spawn(&mut command, duration + CLIENT_SLACK)
+    }
+
+    fn in_cgroup(
+        &self,
+        subcommand: &str,
+        netns: &str,
+        cgroup: &Path,
+        target: SocketAddr,
+    ) -> Command {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg(subcommand)
+            .args(["--netns", netns, "--target", &target.to_string()])
+            .arg("--cgroup")
+            .arg(cgroup);
+        command
+    }
+}
+
+/// A running backend server, killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    pub name: String,
+    _guard: ChildGuard,
+    _stdout: LineCollector,
+}
+
+/// A client running in the background; killed on drop if never finished.
+#[derive(Debug)]
+pub struct RunningClient {
+    guard: ChildGuard,
+    stdout: LineCollector,
+    stderr: LineCollector,
+    worst_case: Duration,
+}
+
+impl RunningClient {
+    fn spawn(command: &mut Command, worst_case: Duration) -> Result<Self> {
+        let mut guard = ChildGuard::spawn(
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            "testkit client",
+        )?;
+        let stdout = LineCollector::start(guard.child_mut().stdout.take().expect("piped"));
+        let stderr = LineCollector::start(guard.child_mut().stderr.take().expect("piped"));
+        Ok(Self {
+            guard,
+            stdout,
+            stderr,
+            worst_case,
+        })
+    }
+
+    /// Attempts reported so far (lines that fail to parse are skipped here, not in `finish`).
+    pub fn attempts_so_far(&self) -> Vec<Attempt> {
+        parse_attempts(&self.stdout.snapshot()).unwrap_or_default()
+    }
+
+    /// Waits until at least `n` attempts were reported, at most `timeout`.
+    pub fn wait_for_attempts(&self, n: usize, timeout: Duration) -> Result<Vec<Attempt>> {
+        crate::process::wait_until(timeout, Duration::from_millis(5), || {
+            let attempts = self.attempts_so_far();
+            (attempts.len() >= n).then_some(attempts)
+        })
+        .with_context(|| format!("client reported fewer than {n} attempts within {timeout:?}"))
+    }
+
+    /// Waits for the client to exit (bounded by its worst case) and returns every attempt.
+    pub fn finish(mut self) -> Result<Vec<Attempt>> {
+        let status = self.guard.wait_timeout(self.worst_case)?;
+        let stderr = || self.stderr.snapshot().join("\n");
+        let Some(status) = status else {
+            bail!(
+                "client hung past {:?}; stderr: {}",
+                self.worst_case,
+                stderr()
+            );
+        };
+        if !status.success() {
+            bail!("client failed with {status}; stderr: {}", stderr());
+        }
+        parse_attempts(&self.stdout.finish())
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
