@@ -1,5 +1,7 @@
 //! The commands: wiring source, model, plan and writer to the kernel.
 use anyhow::{Context, Result, bail};
+use aya::maps::{Map, MapData, PerCpuArray};
+use proxy_common::{map_names, reason};
 use tracing::info;
 
 use crate::{
@@ -122,6 +124,21 @@ pub fn cleanup(args: &PinArgs) -> Result<()> {
     Ok(())
 }
 
+/// The datapath's reason counters, summed over CPUs.
+fn read_counters(pins: &PinLayout) -> Result<Vec<(&'static str, u64)>> {
+    let path = pins.map(map_names::METRICS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    reason::NAMES
+        .iter()
+        .zip(0u32..)
+        .map(|(name, index)| {
+            let per_cpu = counters.get(&index, 0).with_context(|| format!("reading counter {name}"))?;
+            Ok((*name, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
 pub fn dump(args: &PinArgs) -> Result<()> {
     preflight()?;
     let Some(pins) = existing_pins(args)? else {
@@ -130,5 +147,6 @@ pub fn dump(args: &PinArgs) -> Result<()> {
     let maps = KernelMaps::open_pinned(&pins)?;
     let programmed = sync::restore(&maps)?;
     print!("{}", dump::render(&programmed));
+    print!("{}", dump::render_counters(&read_counters(&pins)?));
     Ok(())
 }

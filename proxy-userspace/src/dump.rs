@@ -96,3 +96,13 @@ pub fn render(programmed: &Programmed) -> String {
     }
     out
 }
+
+/// Renders the datapath's reason counters.
+pub fn render_counters(counters: &[(&str, u64)]) -> String {
+    let mut out = String::from("counters:");
+    for (name, value) in counters {
+        let _ = write!(out, " {name}={value}");
+    }
+    out.push('\n');
+    out
+}

@@ -560,3 +560,48 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_removes_the_dataplane() {
         }
     }
 }
+
+/// Reads one counter from the `counters:` line of `switchyard dump`.
+fn counter(dump: &str, name: &str) -> u64 {
+    let line = dump
+        .lines()
+        .find(|line| line.starts_with("counters:"))
+        .expect("dump prints counters");
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in {line:?}"))
+}
+
+#[test]
+fn dump_shows_the_programmed_service_and_the_datapath_counters() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 3);
+    let vip = ip("10.96.0.13");
+    let manifests = ipv4_service("counted", "10.96.0.13", &harness.backend_ipv4s());
+    start_and_wait(&mut harness, &manifests, vip);
+    assert_all_ok(&harness.client(&tcp(at(vip), 50)), "TCP to the VIP");
+
+    let output = std::process::Command::new(switchyard_tests::agent::switchyard_bin())
+        .arg("dump")
+        .arg("--bpffs")
+        .arg(harness.agent().bpffs_dir())
+        .output()
+        .expect("run switchyard dump");
+    let dump = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        dump.contains(
+            "frontend 10.96.0.13:80/TCP scope=cluster flags=cluster-ip affinity=0s count=3"
+        ),
+        "{dump}"
+    );
+    assert!(counter(&dump, "translated") >= 50, "{dump}");
+    // Every getpeername of the 50 connections showed the VIP.
+    assert!(counter(&dump, "rev_nat_applied") >= 50, "{dump}");
+    // Closed sockets take their reverse-NAT entries with them (the sock_release hook).
+    assert!(counter(&dump, "sock_rev_nat_released") >= 50, "{dump}");
+}
