@@ -22,9 +22,10 @@ pub mod map_names {
     pub const SOCK_REV_NAT4: &str = "SOCK_NAT4_V1";
     pub const SOCK_REV_NAT6: &str = "SOCK_NAT6_V1";
     pub const METRICS: &str = "METRICS_V1";
+    pub const AFFINITY: &str = "AFFINITY_V1";
 
     /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES4,
         SERVICES6,
         BACKENDS4,
@@ -34,6 +35,7 @@ pub mod map_names {
         SOCK_REV_NAT4,
         SOCK_REV_NAT6,
         METRICS,
+        AFFINITY,
     ];
 }
 
@@ -46,6 +48,8 @@ pub mod capacity {
     /// Socket reverse-NAT entries are an LRU: connected sockets are removed at sock_release,
     /// unconnected UDP entries age out under pressure.
     pub const SOCK_REV_NAT: u32 = 262_144;
+    /// ClientIP session-affinity entries (one per client and service); an LRU.
+    pub const AFFINITY: u32 = 131_072;
 }
 
 /// Protocol numbers as stored in keys (IANA numbers, as in `bpf_sock_addr.protocol`).
@@ -73,6 +77,9 @@ pub mod backend_state {
 pub mod service_flags {
     /// A ClusterIP frontend.
     pub const CLUSTER_IP: u16 = 1 << 0;
+    /// With count 0: the service has usable endpoints, but the traffic policy leaves none for
+    /// this node's traffic, so the datapath drops (kube-proxy's DROP) instead of refusing.
+    pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 1;
 }
 
 /// Indexes into the per-CPU `METRICS` array: why a hook did (or did not) translate.
@@ -91,11 +98,17 @@ pub mod reason {
     pub const SOCK_REV_NAT_RELEASED: u32 = 5;
     /// A connect/sendmsg whose destination is not a service (left untouched).
     pub const NOT_A_SERVICE: u32 = 6;
+    /// A connect/sendmsg dropped: endpoints exist, none for this node (EHOSTUNREACH).
+    pub const NO_LOCAL_ENDPOINT: u32 = 7;
+    /// A connect/sendmsg went to the backend its client's affinity entry named.
+    pub const AFFINITY_HIT: u32 = 8;
+    /// The session-affinity entry could not be stored.
+    pub const AFFINITY_STORE_FAILED: u32 = 9;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 16;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 7] = [
+    pub const NAMES: [&str; 10] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -103,6 +116,9 @@ pub mod reason {
         "sock_rev_nat_store_failed",
         "sock_rev_nat_released",
         "not_a_service",
+        "no_local_endpoint",
+        "affinity_hit",
+        "affinity_store_failed",
     ];
 }
 
@@ -244,3 +260,26 @@ pub struct SockRevNat6 {
     pub rev_nat_id: u32,
 }
 assert_layout!(SockRevNat6, size = 24, align = 4);
+
+/// Key of the session-affinity LRU: which client, which service. Clients are identified by
+/// their network namespace cookie: each pod has its own network namespace, so this stands for
+/// the pod's IP; every process in the host network namespace shares one identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub client_cookie: u64,
+    pub rev_nat_id: u32,
+    pub pad: u32,
+}
+assert_layout!(AffinityKey, size = 16, align = 8);
+
+/// Value of the session-affinity LRU: the backend and when the client last used it
+/// (`bpf_ktime_get_ns`, monotonic).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+assert_layout!(AffinityValue, size = 16, align = 8);

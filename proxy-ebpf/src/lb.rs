@@ -1,9 +1,13 @@
-//! Backend selection: the slot layout of the services map gives an O(1) random choice.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{Backend4, Backend6, Service4Key, Service6Key, reason};
+//! Backend selection: the slot layout of the services map gives an O(1) random choice; an
+//! affinity LRU keeps ClientIP-affine clients on their backend until the timeout.
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend4, Backend6, Service4Key, Service6Key, ServiceValue, reason,
+    service_flags,
+};
 
 use crate::{
-    maps::{BACKEND4_V1, BACKEND6_V1, SVC4_V1, SVC6_V1},
+    maps::{AFFINITY_V1, BACKEND4_V1, BACKEND6_V1, SVC4_V1, SVC6_V1},
     metrics,
 };
 
@@ -11,10 +15,74 @@ use crate::{
 pub enum Selection<B> {
     /// The destination is not a service: leave it alone.
     NotAService,
-    /// The destination is a service without backends: refuse.
-    NoBackend,
+    /// The service has no usable endpoint anywhere: refuse (kube-proxy's REJECT).
+    Refuse,
+    /// The service has endpoints, but its traffic policy leaves none for this node (DROP).
+    Drop,
     /// Translate to this backend.
     Backend { backend: B, rev_nat_id: u32 },
+}
+
+/// One address family's services and backends maps.
+pub trait Family {
+    type Key: Copy;
+    type Backend: Copy;
+    fn with_slot(key: Self::Key, slot: u16) -> Self::Key;
+    fn service(key: &Self::Key) -> Option<ServiceValue>;
+    fn backend(id: u32) -> Option<Self::Backend>;
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Key = Service4Key;
+    type Backend = Backend4;
+
+    #[inline(always)]
+    fn with_slot(key: Service4Key, slot: u16) -> Service4Key {
+        Service4Key {
+            backend_slot: slot,
+            ..key
+        }
+    }
+
+    #[inline(always)]
+    fn service(key: &Service4Key) -> Option<ServiceValue> {
+        // SAFETY: the map value is plain data and is copied out at once.
+        unsafe { SVC4_V1.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend4> {
+        // SAFETY: as above.
+        unsafe { BACKEND4_V1.get(id) }.copied()
+    }
+}
+
+impl Family for V6 {
+    type Key = Service6Key;
+    type Backend = Backend6;
+
+    #[inline(always)]
+    fn with_slot(key: Service6Key, slot: u16) -> Service6Key {
+        Service6Key {
+            backend_slot: slot,
+            ..key
+        }
+    }
+
+    #[inline(always)]
+    fn service(key: &Service6Key) -> Option<ServiceValue> {
+        // SAFETY: the map value is plain data and is copied out at once.
+        unsafe { SVC6_V1.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend6> {
+        // SAFETY: as above.
+        unsafe { BACKEND6_V1.get(id) }.copied()
+    }
 }
 
 #[inline(always)]
@@ -26,59 +94,93 @@ fn random_slot(count: u16) -> u16 {
 }
 
 #[inline(always)]
-pub fn select4(mut key: Service4Key) -> Selection<Backend4> {
-    key.backend_slot = 0;
-    // SAFETY: the map value is plain data and we copy it out at once.
-    let Some(master) = (unsafe { SVC4_V1.get(key) }).copied() else {
-        return Selection::NotAService;
-    };
-    if master.count == 0 {
-        return Selection::NoBackend;
-    }
-    key.backend_slot = random_slot(master.count);
-    // SAFETY: as above, copied out immediately.
-    let Some(slot) = (unsafe { SVC4_V1.get(key) }).copied() else {
-        metrics::count(reason::BACKEND_LOOKUP_FAILED);
-        return Selection::NotAService;
-    };
-    // SAFETY: as above.
-    match unsafe { BACKEND4_V1.get(slot.backend_id) }.copied() {
-        Some(backend) => Selection::Backend {
-            backend,
-            rev_nat_id: master.rev_nat_id,
-        },
-        None => {
-            metrics::count(reason::BACKEND_LOOKUP_FAILED);
-            Selection::NotAService
-        }
-    }
+fn now_ns() -> u64 {
+    // SAFETY: a helper call without arguments or memory access.
+    unsafe { bpf_ktime_get_ns() }
 }
 
+/// A random backend of the frontend: its id and address.
 #[inline(always)]
-pub fn select6(mut key: Service6Key) -> Selection<Backend6> {
-    key.backend_slot = 0;
-    // SAFETY: the map value is plain data and we copy it out at once.
-    let Some(master) = (unsafe { SVC6_V1.get(key) }).copied() else {
+fn pick_random<F: Family>(key: F::Key, count: u16) -> Option<(u32, F::Backend)> {
+    let slot = F::service(&F::with_slot(key, random_slot(count)))?;
+    Some((slot.backend_id, F::backend(slot.backend_id)?))
+}
+
+/// The backend this client's affinity entry names, if it is still fresh and still exists (the
+/// agent deletes entries whose backend left the service).
+#[inline(always)]
+fn affine_backend<F: Family>(
+    affinity: &AffinityKey,
+    timeout_secs: u32,
+    now: u64,
+) -> Option<(u32, F::Backend)> {
+    // SAFETY: plain data, copied out at once.
+    let entry = unsafe { AFFINITY_V1.get(affinity) }.copied()?;
+    if now.saturating_sub(entry.last_used_ns) >= u64::from(timeout_secs) * 1_000_000_000 {
+        return None;
+    }
+    Some((entry.backend_id, F::backend(entry.backend_id)?))
+}
+
+/// Chooses the backend for a connection to `key`. `client_cookie` identifies the client for
+/// session affinity; it is only asked for when the service has affinity.
+#[inline(always)]
+pub fn select<F: Family>(
+    key: F::Key,
+    client_cookie: impl FnOnce() -> u64,
+) -> Selection<F::Backend> {
+    let Some(master) = F::service(&F::with_slot(key, 0)) else {
         return Selection::NotAService;
     };
     if master.count == 0 {
-        return Selection::NoBackend;
+        return if master.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+            Selection::Drop
+        } else {
+            Selection::Refuse
+        };
     }
-    key.backend_slot = random_slot(master.count);
-    // SAFETY: as above.
-    let Some(slot) = (unsafe { SVC6_V1.get(key) }).copied() else {
+    let rev_nat_id = master.rev_nat_id;
+    if master.affinity_timeout_secs == 0 {
+        return match pick_random::<F>(key, master.count) {
+            Some((_, backend)) => Selection::Backend {
+                backend,
+                rev_nat_id,
+            },
+            None => {
+                metrics::count(reason::BACKEND_LOOKUP_FAILED);
+                Selection::NotAService
+            }
+        };
+    }
+    let affinity = AffinityKey {
+        client_cookie: client_cookie(),
+        rev_nat_id,
+        pad: 0,
+    };
+    let now = now_ns();
+    let chosen = match affine_backend::<F>(&affinity, master.affinity_timeout_secs, now) {
+        Some(found) => {
+            metrics::count(reason::AFFINITY_HIT);
+            Some(found)
+        }
+        None => pick_random::<F>(key, master.count),
+    };
+    let Some((backend_id, backend)) = chosen else {
         metrics::count(reason::BACKEND_LOOKUP_FAILED);
         return Selection::NotAService;
     };
-    // SAFETY: as above.
-    match unsafe { BACKEND6_V1.get(slot.backend_id) }.copied() {
-        Some(backend) => Selection::Backend {
-            backend,
-            rev_nat_id: master.rev_nat_id,
-        },
-        None => {
-            metrics::count(reason::BACKEND_LOOKUP_FAILED);
-            Selection::NotAService
-        }
+    // Each use renews the entry: the timeout counts from the client's last connection, like
+    // kube-proxy's `recent` match.
+    let renewed = AffinityValue {
+        last_used_ns: now,
+        backend_id,
+        pad: 0,
+    };
+    if AFFINITY_V1.insert(affinity, renewed, 0).is_err() {
+        metrics::count(reason::AFFINITY_STORE_FAILED);
+    }
+    Selection::Backend {
+        backend,
+        rev_nat_id,
     }
 }

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, SockRevNat4,
-    SockRevNat4Key, SockRevNat6, SockRevNat6Key, capacity, reason,
+    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, capacity, reason,
 };
 
 #[map]
@@ -31,3 +31,6 @@ pub static SOCK_NAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
     LruHashMap::with_max_entries(capacity::SOCK_REV_NAT, 0);
 #[map]
 pub static METRICS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+#[map]
+pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);

@@ -6,7 +6,7 @@
 //! must be accessed with 4-byte loads and stores.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
@@ -15,7 +15,7 @@ use proxy_common::{
 };
 
 use crate::{
-    lb::{self, Selection},
+    lb::{self, Selection, V4, V6},
     maps::{SOCK_NAT4_V1, SOCK_NAT6_V1},
     metrics,
 };
@@ -23,6 +23,7 @@ use crate::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 /// Let the syscall continue.
 const PROCEED: i32 = 1;
 /// Fail the syscall; the errno is what `bpf_set_retval` stored.
@@ -33,14 +34,32 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// The client's identity for session affinity: its network namespace.
+fn client_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the context pointer is the program's own ctx, which the helper accepts.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// Fails the syscall with `errno` (no packet leaves the socket).
+fn fail_with(errno: i32, reason: u32) -> i32 {
+    metrics::count(reason);
+    // SAFETY: a helper call with a plain integer argument; valid in cgroup sock_addr programs
+    // since Linux 5.19.
+    unsafe { bpf_set_retval(-errno) };
+    REJECT
+}
+
 /// Makes the syscall fail with ECONNREFUSED, as kube-proxy's REJECT does for services without
 /// endpoints (instead of a silent black hole).
 fn refuse() -> i32 {
-    metrics::count(reason::NO_BACKEND);
-    // SAFETY: a helper call with a plain integer argument; valid in cgroup sock_addr programs
-    // since Linux 5.19.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
-    REJECT
+    fail_with(ECONNREFUSED, reason::NO_BACKEND)
+}
+
+/// kube-proxy DROPs traffic whose policy leaves no endpoint for this node while the service
+/// has endpoints elsewhere. Nothing is sent and no endpoint is reached; the caller learns it at
+/// once with EHOSTUNREACH (a packet-level DROP would make it wait for a timeout instead).
+fn drop_no_local_endpoint() -> i32 {
+    fail_with(EHOSTUNREACH, reason::NO_LOCAL_ENDPOINT)
 }
 
 /// Which L4 protocol the socket speaks, or `None` for anything that is not TCP or UDP.
@@ -69,12 +88,13 @@ pub fn translate_forward4(ctx: &SockAddrContext) -> i32 {
         scope: scope::EXTERNAL,
         pad: [0; 2],
     };
-    match lb::select4(key) {
+    match lb::select::<V4>(key, || client_cookie(ctx)) {
         Selection::NotAService => {
             metrics::count(reason::NOT_A_SERVICE);
             PROCEED
         }
-        Selection::NoBackend => refuse(),
+        Selection::Refuse => refuse(),
+        Selection::Drop => drop_no_local_endpoint(),
         Selection::Backend {
             backend,
             rev_nat_id,
@@ -144,7 +164,12 @@ struct Backend6Choice {
 
 /// Selects a backend for an IPv6 destination. Dual-stack sockets reach IPv4 services through
 /// IPv4-mapped addresses, so those are looked up in the IPv4 map and answered mapped.
-fn select_for_ipv6_socket(ip: [u32; 4], port_be: u16, protocol: u8) -> Selection<Backend6Choice> {
+fn select_for_ipv6_socket(
+    ctx: &SockAddrContext,
+    ip: [u32; 4],
+    port_be: u16,
+    protocol: u8,
+) -> Selection<Backend6Choice> {
     if let Some(ip4) = v4_mapped(&ip) {
         let key = Service4Key {
             address: ip4,
@@ -154,9 +179,10 @@ fn select_for_ipv6_socket(ip: [u32; 4], port_be: u16, protocol: u8) -> Selection
             scope: scope::EXTERNAL,
             pad: [0; 2],
         };
-        return match lb::select4(key) {
+        return match lb::select::<V4>(key, || client_cookie(ctx)) {
             Selection::NotAService => Selection::NotAService,
-            Selection::NoBackend => Selection::NoBackend,
+            Selection::Refuse => Selection::Refuse,
+            Selection::Drop => Selection::Drop,
             Selection::Backend {
                 backend,
                 rev_nat_id,
@@ -178,9 +204,10 @@ fn select_for_ipv6_socket(ip: [u32; 4], port_be: u16, protocol: u8) -> Selection
         scope: scope::EXTERNAL,
         pad: [0; 2],
     };
-    match lb::select6(key) {
+    match lb::select::<V6>(key, || client_cookie(ctx)) {
         Selection::NotAService => Selection::NotAService,
-        Selection::NoBackend => Selection::NoBackend,
+        Selection::Refuse => Selection::Refuse,
+        Selection::Drop => Selection::Drop,
         Selection::Backend {
             backend,
             rev_nat_id,
@@ -216,12 +243,13 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
         return PROCEED;
     };
     let port_be = port_raw as u16;
-    match select_for_ipv6_socket(ip, port_be, protocol) {
+    match select_for_ipv6_socket(ctx, ip, port_be, protocol) {
         Selection::NotAService => {
             metrics::count(reason::NOT_A_SERVICE);
             PROCEED
         }
-        Selection::NoBackend => refuse(),
+        Selection::Refuse => refuse(),
+        Selection::Drop => drop_no_local_endpoint(),
         Selection::Backend { backend, .. } => {
             let nat_key = SockRevNat6Key {
                 cookie: socket_cookie(ctx),

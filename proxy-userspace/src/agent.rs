@@ -8,7 +8,7 @@ use crate::{
     bpf::{loader, mounts, pins::PinLayout},
     cli::{PinArgs, RunArgs},
     dump,
-    model::NodeFacts,
+    model::ModelConfig,
     source,
     sync::{self, SyncConfig},
     writer::KernelMaps,
@@ -87,8 +87,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!(retired, "took over from a previous agent's links");
     }
     let writer = KernelMaps::take_from(&mut ebpf)?;
-    let node = NodeFacts {
-        name: args.node_name.clone(),
+    let node = ModelConfig {
+        node_name: args.node_name.clone(),
+        service_proxy_name: args.service_proxy_name.clone(),
     };
     let config = SyncConfig {
         min_period: args.min_sync_period,
@@ -133,7 +134,9 @@ fn read_counters(pins: &PinLayout) -> Result<Vec<(&'static str, u64)>> {
         .iter()
         .zip(0u32..)
         .map(|(name, index)| {
-            let per_cpu = counters.get(&index, 0).with_context(|| format!("reading counter {name}"))?;
+            let per_cpu = counters
+                .get(&index, 0)
+                .with_context(|| format!("reading counter {name}"))?;
             Ok((*name, per_cpu.iter().sum()))
         })
         .collect()

@@ -47,6 +47,12 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
+    /// Also handle Services labelled `service.kubernetes.io/service-proxy-name` with this value
+    /// (Services labelled with any other value belong to another proxy and are skipped;
+    /// unlabelled Services are always handled).
+    #[arg(long, value_name = "NAME")]
+    pub service_proxy_name: Option<String>,
+
     /// cgroup v2 directory the socket hooks attach to (default: the root of the cgroup2
     /// hierarchy; one is mounted privately if none is). Sockets of processes in this cgroup
     /// and below are load-balanced.

@@ -13,7 +13,10 @@ fn flag_names(flags: u16) -> String {
     if flags & service_flags::CLUSTER_IP != 0 {
         names.push("cluster-ip".to_owned());
     }
-    let unknown = flags & !service_flags::CLUSTER_IP;
+    if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+        names.push("no-local-endpoints".to_owned());
+    }
+    let unknown = flags & !(service_flags::CLUSTER_IP | service_flags::NO_LOCAL_ENDPOINTS);
     if unknown != 0 {
         names.push(format!("{unknown:#x}"));
     }

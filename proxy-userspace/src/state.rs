@@ -7,8 +7,8 @@ use std::{
 };
 
 use proxy_common::{
-    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, backend_state,
-    protocol, scope,
+    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceValue, backend_state, protocol, scope,
 };
 
 use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
@@ -93,6 +93,8 @@ pub enum MapWrite {
     Backend6(u32, Option<Backend6>),
     RevNat4(u32, Option<RevNat4>),
     RevNat6(u32, Option<RevNat6>),
+    /// Session-affinity entries are written by the datapath; the agent only deletes them.
+    AffinityDelete(AffinityKey),
 }
 
 /// The content of the maps the agent owns (not the datapath's own LRUs).
@@ -104,6 +106,8 @@ pub struct MapImage {
     pub backends6: BTreeMap<u32, Backend6>,
     pub rev_nat4: BTreeMap<u32, RevNat4>,
     pub rev_nat6: BTreeMap<u32, RevNat6>,
+    /// The datapath's session-affinity entries (read to prune stale ones).
+    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
 }
 
 fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
@@ -123,6 +127,7 @@ impl MapImage {
             MapWrite::Backend6(id, value) => put(&mut self.backends6, id, value),
             MapWrite::RevNat4(id, value) => put(&mut self.rev_nat4, id, value),
             MapWrite::RevNat6(id, value) => put(&mut self.rev_nat6, id, value),
+            MapWrite::AffinityDelete(key) => put(&mut self.affinity, key, None),
         }
     }
 }
@@ -305,6 +310,35 @@ impl Op {
 pub struct Unreadable(pub Vec<String>);
 
 impl Programmed {
+    /// Affinity entries that name a backend their service no longer has (or a service that is
+    /// gone): a client must not stick to a backend that left.
+    pub fn stale_affinity(
+        &self,
+        affinity: &BTreeMap<AffinityKey, AffinityValue>,
+    ) -> Vec<AffinityKey> {
+        let mut members: std::collections::HashMap<u32, Vec<u32>> =
+            std::collections::HashMap::new();
+        for frontend in self.frontends.values() {
+            if let Some(master) = frontend.master {
+                let live = frontend
+                    .slots
+                    .iter()
+                    .filter(|(slot, _)| **slot <= master.count)
+                    .map(|(_, id)| *id);
+                members.entry(master.rev_nat_id).or_default().extend(live);
+            }
+        }
+        affinity
+            .iter()
+            .filter(|(key, value)| {
+                !members
+                    .get(&key.rev_nat_id)
+                    .is_some_and(|ids| ids.contains(&value.backend_id))
+            })
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
     /// The id of the backend with this address, if programmed.
     pub fn backend_id(&self, backend: &BackendAddr) -> Option<u32> {
         self.backend_ids.get(backend).copied()

@@ -13,7 +13,7 @@ use std::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    model::{self, ClusterSnapshot, NodeFacts, Problem},
+    model::{self, ClusterSnapshot, ModelConfig, Problem},
     plan::plan,
     source::SnapshotReceiver,
     state::Programmed,
@@ -43,7 +43,7 @@ pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
 /// One sync: model, plan and apply. Returns how many operations were applied.
 pub fn sync_once(
     snapshot: &ClusterSnapshot,
-    node: &NodeFacts,
+    node: &ModelConfig,
     writer: &mut dyn MapWriter,
     mirror: &mut Programmed,
     last_problems: &mut Vec<Problem>,
@@ -57,13 +57,34 @@ pub fn sync_once(
     }
     let ops = plan(mirror, &output.desired);
     writer::apply(writer, mirror, &ops)?;
+    if !ops.is_empty() {
+        forget_stale_affinity(writer, mirror);
+    }
     Ok(ops.len())
+}
+
+/// Deletes session-affinity entries whose backend left its service. Best effort: a failure
+/// only delays the cleanup to the next sync (the datapath also checks the backend exists).
+fn forget_stale_affinity(writer: &mut dyn MapWriter, mirror: &Programmed) {
+    let affinity = match writer.read_image() {
+        Ok(image) => image.affinity,
+        Err(failure) => {
+            warn!("cannot read the affinity map: {failure}");
+            return;
+        }
+    };
+    for key in mirror.stale_affinity(&affinity) {
+        if let Err(failure) = writer.write(&crate::state::MapWrite::AffinityDelete(key)) {
+            warn!("cannot forget a stale affinity entry: {failure}");
+            return;
+        }
+    }
 }
 
 /// Runs until `shutdown` completes or the source goes away.
 pub async fn run(
     mut source: SnapshotReceiver,
-    node: NodeFacts,
+    node: ModelConfig,
     mut writer: Box<dyn MapWriter>,
     config: SyncConfig,
     shutdown: impl Future<Output = ()>,
@@ -209,8 +230,14 @@ mod tests {
     }
 
     fn sync_to(fake: &mut FakeMaps, mirror: &mut Programmed, target: &ClusterSnapshot) {
-        sync_once(target, &NodeFacts::default(), fake, mirror, &mut Vec::new())
-            .expect("fake writes succeed");
+        sync_once(
+            target,
+            &ModelConfig::default(),
+            fake,
+            mirror,
+            &mut Vec::new(),
+        )
+        .expect("fake writes succeed");
     }
 
     #[test]
@@ -257,7 +284,7 @@ mod tests {
             let mut mirror = Programmed::from_image(&start.image).0;
             let error = sync_once(
                 &to,
-                &NodeFacts::default(),
+                &ModelConfig::default(),
                 &mut faulty,
                 &mut mirror,
                 &mut Vec::new(),
@@ -273,7 +300,7 @@ mod tests {
             // The retry converges to the same maps as an uninterrupted sync.
             sync_once(
                 &to,
-                &NodeFacts::default(),
+                &ModelConfig::default(),
                 &mut faulty,
                 &mut mirror,
                 &mut Vec::new(),
@@ -298,6 +325,57 @@ mod tests {
             fake.journal.is_empty(),
             "no write on adoption: {:?}",
             fake.journal
+        );
+    }
+
+    #[test]
+    fn affinity_entries_are_forgotten_when_their_backend_leaves_the_service() {
+        let mut fake = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        sync_to(&mut fake, &mut mirror, &service(&["10.0.0.1", "10.0.0.2"]));
+        let rev_nat_id = mirror
+            .frontends
+            .values()
+            .find_map(|f| f.master)
+            .unwrap()
+            .rev_nat_id;
+        let id_of = |mirror: &Programmed, ip: &str| {
+            let backend = crate::model::BackendAddr {
+                ip: ip.parse().unwrap(),
+                port: 8080,
+                protocol: crate::model::Protocol::Tcp,
+            };
+            mirror.backend_id(&backend).unwrap()
+        };
+        for (client, ip) in [(1u64, "10.0.0.1"), (2, "10.0.0.2")] {
+            let key = proxy_common::AffinityKey {
+                client_cookie: client,
+                rev_nat_id,
+                pad: 0,
+            };
+            let value = proxy_common::AffinityValue {
+                last_used_ns: 1,
+                backend_id: id_of(&mirror, ip),
+                pad: 0,
+            };
+            fake.image.affinity.insert(key, value);
+        }
+        sync_to(&mut fake, &mut mirror, &service(&["10.0.0.1"]));
+        let clients: Vec<u64> = fake
+            .image
+            .affinity
+            .keys()
+            .map(|key| key.client_cookie)
+            .collect();
+        assert_eq!(
+            clients,
+            [1],
+            "the client stuck to the removed backend is forgotten"
+        );
+        sync_to(&mut fake, &mut mirror, &ClusterSnapshot::default());
+        assert!(
+            fake.image.affinity.is_empty(),
+            "a deleted service takes its affinity entries along"
         );
     }
 
@@ -326,7 +404,7 @@ mod tests {
         };
         let runner = tokio::spawn(run(
             receiver,
-            NodeFacts::default(),
+            ModelConfig::default(),
             Box::new(fake.clone()),
             config,
             async {

@@ -8,7 +8,7 @@ use std::{fmt::Write as _, path::Path};
 
 use proxy_userspace::{
     dump,
-    model::{self, NodeFacts},
+    model::{self, ModelConfig},
     plan::plan,
     source::manifest,
     sync,
@@ -19,8 +19,9 @@ fn render(yaml: &str) -> String {
     let parsed = manifest::parse(yaml);
     let output = model::build(
         &parsed.snapshot,
-        &NodeFacts {
-            name: Some("node-a".into()),
+        &ModelConfig {
+            node_name: Some("node-a".into()),
+            service_proxy_name: None,
         },
     );
     let mut fake = FakeMaps::default();
@@ -66,6 +67,11 @@ fn check(name: &str) {
 #[test]
 fn multi_port_service_with_named_ports_and_several_slices() {
     check("multi-port");
+}
+
+#[test]
+fn traffic_policies_conditions_topology_and_affinity() {
+    check("policies");
 }
 
 #[test]

@@ -18,8 +18,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
 use proxy_common::{
-    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, SockRevNat4,
-    SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
+    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
 };
 use tracing::{info, warn};
 
@@ -94,6 +94,7 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         map_names::REV_NAT6 => sizes::<u32, RevNat6>(),
         map_names::SOCK_REV_NAT4 => sizes::<SockRevNat4Key, SockRevNat4>(),
         map_names::SOCK_REV_NAT6 => sizes::<SockRevNat6Key, SockRevNat6>(),
+        map_names::AFFINITY => sizes::<AffinityKey, AffinityValue>(),
         _ => sizes::<u32, u64>(),
     }
 }

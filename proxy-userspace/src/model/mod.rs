@@ -1,26 +1,39 @@
 //! The model: a pure function from Kubernetes objects (and node facts) to the desired dataplane
 //! state. All Service semantics live here; nothing from aya or k8s-openapi leaks out of it.
+mod endpoints;
 mod ip;
 mod service;
 
 pub use ip::parse_ip_lenient;
-pub use service::build;
+pub use service::{SERVICE_PROXY_NAME_LABEL, ZONE_LABEL, build};
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use std::sync::Arc;
 
-/// Everything the model reads: the cluster objects as the source last saw them.
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+/// Everything the model reads: the cluster objects as the source last saw them (shared, so a
+/// snapshot of a large cluster is cheap to take).
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Nodes the source knows of; the model reads this node's zone from its own.
+    pub nodes: Vec<Arc<Node>>,
 }
 
-/// Facts about the node the agent runs on.
+/// The agent's settings that the model depends on.
 #[derive(Clone, Debug, Default)]
-pub struct NodeFacts {
-    pub name: Option<String>,
+pub struct ModelConfig {
+    /// This node's name, as endpoints' `nodeName` spells it.
+    pub node_name: Option<String>,
+    /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are ours;
+    /// Services labelled with any other value belong to another proxy.
+    pub service_proxy_name: Option<String>,
 }
 
 /// L4 protocols the dataplane translates.

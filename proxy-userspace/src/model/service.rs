@@ -2,17 +2,20 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::{EndpointPort, EndpointSlice},
+    discovery::v1::EndpointSlice,
 };
 use proxy_common::service_flags;
 
 use super::{
-    BackendAddr, ClusterSnapshot, DesiredState, Frontend, FrontendKey, ModelOutput, NodeFacts,
-    ObjectKind, Problem, Protocol, Scope, ServicePortName, parse_ip_lenient,
+    BackendAddr, ClusterSnapshot, DesiredState, Frontend, FrontendKey, ModelConfig, ModelOutput,
+    ObjectKind, Problem, Protocol, Scope, ServicePortName,
+    endpoints::{self, PortRef, categorize},
+    parse_ip_lenient,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -23,10 +26,16 @@ const MAX_BACKENDS: usize = u16::MAX as usize;
 
 /// Collects problems once each, in a stable order.
 #[derive(Default)]
-struct Problems(BTreeSet<(ObjectKind, String, String, String)>);
+pub(super) struct Problems(BTreeSet<(ObjectKind, String, String, String)>);
 
 impl Problems {
-    fn report(&mut self, kind: ObjectKind, namespace: &str, name: &str, reason: impl Into<String>) {
+    pub(super) fn report(
+        &mut self,
+        kind: ObjectKind,
+        namespace: &str,
+        name: &str,
+        reason: impl Into<String>,
+    ) {
         self.0
             .insert((kind, namespace.to_owned(), name.to_owned(), reason.into()));
     }
@@ -55,7 +64,7 @@ fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
 }
 
 /// Parses a Kubernetes protocol name; `None` (unset) means TCP.
-fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
+pub(super) fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
@@ -161,101 +170,13 @@ fn cluster_ips(
     Some(ips)
 }
 
-fn address_type_matches(slice: &EndpointSlice, ip: IpAddr) -> bool {
-    match slice.address_type.as_str() {
-        "IPv4" => ip.is_ipv4(),
-        "IPv6" => ip.is_ipv6(),
-        _ => false,
-    }
-}
-
-/// The slice port serving `port`: same name (unset = "") and same protocol.
-fn matching_slice_port<'a>(
-    slice_ports: &'a [EndpointPort],
-    port: &UsablePort,
-) -> Option<&'a EndpointPort> {
-    slice_ports.iter().find(|candidate| {
-        candidate.name.as_deref().unwrap_or_default() == port.name
-            && parse_protocol(candidate.protocol.as_deref()).ok() == Some(port.protocol)
-    })
-}
-
-/// Ready backends of one service port in one address family, merged over all slices.
-fn backends_for(
-    slices: &[&EndpointSlice],
-    vip: IpAddr,
-    port: &UsablePort,
-    problems: &mut Problems,
-) -> Vec<BackendAddr> {
-    let mut backends = BTreeSet::new();
-    for slice in slices
-        .iter()
-        .filter(|slice| address_type_matches(slice, vip))
-    {
-        let ns = namespace_of(&slice.metadata);
-        let slice_name = name_of(&slice.metadata);
-        let Some(slice_port) = slice
-            .ports
-            .as_deref()
-            .and_then(|ports| matching_slice_port(ports, port))
-        else {
-            continue;
-        };
-        let Some(backend_port) = slice_port.port.and_then(parse_port) else {
-            problems.report(
-                ObjectKind::EndpointSlice,
-                &ns,
-                &slice_name,
-                format!(
-                    "port {:?} has no valid port number; port ignored",
-                    port.name
-                ),
-            );
-            continue;
-        };
-        for endpoint in &slice.endpoints {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if !ready {
-                continue;
-            }
-            // Only the first address counts (the EndpointSlice API's contract).
-            let Some(text) = endpoint.addresses.first() else {
-                continue;
-            };
-            match parse_ip_lenient(text) {
-                Some(ip) if ip.is_ipv4() == vip.is_ipv4() => {
-                    backends.insert(BackendAddr {
-                        ip,
-                        port: backend_port,
-                        protocol: port.protocol,
-                    });
-                }
-                _ => problems.report(
-                    ObjectKind::EndpointSlice,
-                    &ns,
-                    &slice_name,
-                    format!(
-                        "endpoint address {text:?} is not an {} address; endpoint ignored",
-                        slice.address_type
-                    ),
-                ),
-            }
-        }
-    }
-    backends.into_iter().collect()
-}
-
 /// Groups slices by the (namespace, service name) they belong to.
 fn index_slices<'a>(
-    slices: &'a [EndpointSlice],
+    slices: &'a [Arc<EndpointSlice>],
     problems: &mut Problems,
 ) -> HashMap<(String, String), Vec<&'a EndpointSlice>> {
     let mut index: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in slices {
+    for slice in slices.iter().map(AsRef::as_ref) {
         let ns = namespace_of(&slice.metadata);
         match slice
             .metadata
@@ -275,20 +196,152 @@ fn index_slices<'a>(
     index
 }
 
+/// Label that hands a Service to another proxy (kube-proxy skips such Services too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Whether this proxy handles the Service: unlabelled ones always, labelled ones only when
+/// `--service-proxy-name` claims that name.
+fn handled_by_us(service: &Service, config: &ModelConfig) -> bool {
+    match service
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        None => true,
+        Some(name) => config.service_proxy_name.as_deref() == Some(name.as_str()),
+    }
+}
+
+/// The node's zone label, from the Node object named like this node (if the source has it).
+fn node_zone<'a>(snapshot: &'a ClusterSnapshot, config: &ModelConfig) -> Option<&'a str> {
+    let name = config.node_name.as_deref()?;
+    snapshot
+        .nodes
+        .iter()
+        .find(|node| node.metadata.name.as_deref() == Some(name))?
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .map(String::as_str)
+}
+
+/// The node label carrying its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+
+/// Per-Service settings that shape its frontends.
+struct Policies {
+    internal_local: bool,
+    affinity_timeout_secs: u32,
+}
+
+fn policies(service: &Service) -> Policies {
+    let spec = service.spec.as_ref();
+    let affinity_timeout_secs =
+        if spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP") {
+            spec.and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        } else {
+            0
+        };
+    Policies {
+        internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
+        affinity_timeout_secs,
+    }
+}
+
+/// What building a frontend needs to know about its Service and this node.
+struct FrontendContext<'a> {
+    ns: &'a str,
+    name: &'a str,
+    node: Option<&'a str>,
+    zone: Option<&'a str>,
+    policies: &'a Policies,
+}
+
+/// One frontend: the endpoints this node may use for traffic to `key`.
+fn frontend_for(
+    context: &FrontendContext<'_>,
+    key: FrontendKey,
+    port: &UsablePort,
+    service_slices: &[&EndpointSlice],
+    problems: &mut Problems,
+) -> Frontend {
+    let FrontendContext {
+        ns,
+        name,
+        node,
+        zone,
+        policies,
+    } = *context;
+    let port_ref = PortRef {
+        name: &port.name,
+        protocol: port.protocol,
+    };
+    let endpoints = endpoints::collect(service_slices, key.ip.is_ipv4(), &port_ref, node, problems);
+    let local = policies.internal_local;
+    let sets = categorize(&endpoints, node, zone, !local, local);
+    let chosen = if local { &sets.local } else { &sets.cluster };
+    let mut backends: Vec<BackendAddr> = chosen
+        .iter()
+        .map(|e| BackendAddr {
+            ip: e.ip,
+            port: e.port,
+            protocol: port.protocol,
+        })
+        .collect();
+    if backends.len() > MAX_BACKENDS {
+        let reason = format!(
+            "{key} has {} endpoints; only the first {MAX_BACKENDS} are used",
+            backends.len()
+        );
+        problems.report(ObjectKind::Service, ns, name, reason);
+        backends.truncate(MAX_BACKENDS);
+    }
+    let mut flags = service_flags::CLUSTER_IP;
+    if backends.is_empty() && sets.any_usable {
+        // Endpoints exist, but not for this node's traffic: DROP, not REJECT.
+        flags |= service_flags::NO_LOCAL_ENDPOINTS;
+    }
+    Frontend {
+        service: ServicePortName {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            port_name: port.name.clone(),
+        },
+        backends,
+        flags,
+        affinity_timeout_secs: policies.affinity_timeout_secs,
+    }
+}
+
 /// Computes the desired dataplane state from the cluster objects.
-pub fn build(snapshot: &ClusterSnapshot, _node: &NodeFacts) -> ModelOutput {
+pub fn build(snapshot: &ClusterSnapshot, config: &ModelConfig) -> ModelOutput {
     let mut problems = Problems::default();
     let slices = index_slices(&snapshot.endpoint_slices, &mut problems);
-    let mut services: Vec<&Service> = snapshot.services.iter().collect();
+    let node = config.node_name.as_deref();
+    let zone = node_zone(snapshot, config);
+    let mut services: Vec<&Service> = snapshot.services.iter().map(AsRef::as_ref).collect();
     services.sort_by_key(|service| (namespace_of(&service.metadata), name_of(&service.metadata)));
 
     let mut frontends = BTreeMap::new();
-    for service in services {
+    for service in services
+        .into_iter()
+        .filter(|service| handled_by_us(service, config))
+    {
         let ns = namespace_of(&service.metadata);
         let name = name_of(&service.metadata);
         let Some(ips) = cluster_ips(service, &ns, &name, &mut problems) else {
             continue;
         };
+        let policies = policies(service);
         let ports = service
             .spec
             .as_ref()
@@ -320,29 +373,14 @@ pub fn build(snapshot: &ClusterSnapshot, _node: &NodeFacts) -> ModelOutput {
                     );
                     continue;
                 }
-                let mut backends = backends_for(service_slices, *ip, port, &mut problems);
-                if backends.len() > MAX_BACKENDS {
-                    problems.report(
-                        ObjectKind::Service,
-                        &ns,
-                        &name,
-                        format!(
-                            "{key} has {} endpoints; only the first {MAX_BACKENDS} are used",
-                            backends.len()
-                        ),
-                    );
-                    backends.truncate(MAX_BACKENDS);
-                }
-                let frontend = Frontend {
-                    service: ServicePortName {
-                        namespace: ns.clone(),
-                        name: name.clone(),
-                        port_name: port.name.clone(),
-                    },
-                    backends,
-                    flags: service_flags::CLUSTER_IP,
-                    affinity_timeout_secs: 0,
+                let context = FrontendContext {
+                    ns: &ns,
+                    name: &name,
+                    node,
+                    zone,
+                    policies: &policies,
                 };
+                let frontend = frontend_for(&context, key, port, service_slices, &mut problems);
                 frontends.insert(key, frontend);
             }
         }
@@ -361,7 +399,7 @@ mod tests {
     fn build_yaml(yaml: &str) -> ModelOutput {
         let parsed = manifest::parse(yaml);
         assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
-        build(&parsed.snapshot, &NodeFacts::default())
+        build(&parsed.snapshot, &ModelConfig::default())
     }
 
     fn backends_of(output: &ModelOutput, frontend: &str) -> Vec<String> {

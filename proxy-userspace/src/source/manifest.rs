@@ -1,9 +1,13 @@
-//! Parsing a manifests file: multi-document YAML (or JSON) holding `v1 Service` and
-//! `discovery.k8s.io/v1 EndpointSlice` objects, and `v1 List`s of them. A document that cannot
+//! Parsing a manifests file: multi-document YAML (or JSON) holding `v1 Service`,
+//! `discovery.k8s.io/v1 EndpointSlice` and `v1 Node` objects (a Node named like this node gives
+//! its zone), and `v1 List`s of them. A document that cannot
 //! be used is reported (with kind, namespace/name and reason) and skipped; the rest still apply.
-use std::fmt;
+use std::{fmt, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde_yaml::Value;
 
 use crate::model::ClusterSnapshot;
@@ -90,12 +94,16 @@ fn add_object(value: Value, document: usize, parsed: &mut ParsedManifests) {
         .to_owned();
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
-            Ok(service) => parsed.snapshot.services.push(service),
+            Ok(service) => parsed.snapshot.services.push(Arc::new(service)),
             Err(error) => parsed.skipped.push(skip(format!("not a valid v1 Service: {error}"))),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => match serde_yaml::from_value::<EndpointSlice>(value) {
-            Ok(slice) => parsed.snapshot.endpoint_slices.push(slice),
+            Ok(slice) => parsed.snapshot.endpoint_slices.push(Arc::new(slice)),
             Err(error) => parsed.skipped.push(skip(format!("not a valid discovery.k8s.io/v1 EndpointSlice: {error}"))),
+        },
+        ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
+            Ok(node) => parsed.snapshot.nodes.push(Arc::new(node)),
+            Err(error) => parsed.skipped.push(skip(format!("not a valid v1 Node: {error}"))),
         },
         ("v1", "List") => match value.get("items").and_then(Value::as_sequence) {
             Some(items) => {
@@ -106,7 +114,7 @@ fn add_object(value: Value, document: usize, parsed: &mut ParsedManifests) {
             None => parsed.skipped.push(skip("a List without items".into())),
         },
         _ => parsed.skipped.push(skip(format!(
-            "unsupported object (apiVersion {api_version:?}, kind {kind:?}); only v1 Service and discovery.k8s.io/v1 EndpointSlice are read"
+            "unsupported object (apiVersion {api_version:?}, kind {kind:?}); only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node are read"
         ))),
     }
 }

@@ -6,8 +6,8 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError},
 };
 use proxy_common::{
-    Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, capacity,
-    map_names,
+    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceValue, capacity, map_names,
 };
 
 use super::{MapWriter, WriteError};
@@ -24,6 +24,7 @@ pub struct KernelMaps {
     backends6: HashMap<MapData, u32, Backend6>,
     rev_nat4: HashMap<MapData, u32, RevNat4>,
     rev_nat6: HashMap<MapData, u32, RevNat6>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn take<K: aya::Pod, V: aya::Pod>(
@@ -149,6 +150,7 @@ impl KernelMaps {
             backends6: take(ebpf, map_names::BACKENDS6)?,
             rev_nat4: take(ebpf, map_names::REV_NAT4)?,
             rev_nat6: take(ebpf, map_names::REV_NAT6)?,
+            affinity: take(ebpf, map_names::AFFINITY)?,
         })
     }
 
@@ -161,6 +163,7 @@ impl KernelMaps {
             backends6: open(pins, map_names::BACKENDS6)?,
             rev_nat4: open(pins, map_names::REV_NAT4)?,
             rev_nat6: open(pins, map_names::REV_NAT6)?,
+            affinity: open(pins, map_names::AFFINITY)?,
         })
     }
 }
@@ -210,6 +213,7 @@ impl MapWriter for KernelMaps {
                 id,
                 value.as_ref(),
             ),
+            MapWrite::AffinityDelete(key) => delete(&mut self.affinity, map_names::AFFINITY, key),
         }
     }
 
@@ -221,6 +225,7 @@ impl MapWriter for KernelMaps {
             backends6: read_all(&self.backends6, map_names::BACKENDS6)?,
             rev_nat4: read_all(&self.rev_nat4, map_names::REV_NAT4)?,
             rev_nat6: read_all(&self.rev_nat6, map_names::REV_NAT6)?,
+            affinity: read_all(&self.affinity, map_names::AFFINITY)?,
         })
     }
 }
