@@ -34,12 +34,14 @@ pub struct PinArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Read Services and EndpointSlices from this multi-document YAML (or JSON) file of real
-    /// Kubernetes objects, re-read within a second of any change.
+    /// Read Services and EndpointSlices (and this node's Node) from this multi-document YAML
+    /// (or JSON) file of real Kubernetes objects instead of an API server; re-read within a
+    /// second of any change.
     #[arg(long, value_name = "PATH")]
     pub manifests: Option<PathBuf>,
 
-    /// Kubeconfig of the API server to follow (not yet supported: use --manifests).
+    /// Kubeconfig of the API server to follow. Without this and without --manifests, the
+    /// in-cluster service account (or $KUBECONFIG) is used, as kube-proxy does.
     #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
 

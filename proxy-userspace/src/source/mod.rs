@@ -1,6 +1,7 @@
 //! Sources of cluster objects. Each publishes complete snapshots on a watch channel; the sync
 //! runner only ever sees the latest one. Only one source is active at a time.
 pub mod file;
+pub mod kube;
 pub mod manifest;
 
 use std::sync::Arc;
