@@ -63,22 +63,16 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    if args.kubeconfig.is_some() {
-        bail!(
-            "--kubeconfig is not yet supported: the Kubernetes API source is not implemented in this version; use --manifests PATH"
-        );
-    }
-    let Some(manifests) = args.manifests.clone() else {
-        bail!(
-            "no source of Services given: pass --manifests PATH (a YAML/JSON file of v1 Service and discovery.k8s.io/v1 EndpointSlice objects)"
-        );
-    };
     preflight()?;
     let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
     let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
     let pins = PinLayout::new(bpffs);
-    // Read the source before touching the kernel: an unreadable file changes nothing.
-    let snapshots = source::file::start(manifests)?;
+    // Start the source before touching the kernel: an unreadable file or an unusable
+    // kubeconfig changes nothing.
+    let snapshots = match &args.manifests {
+        Some(manifests) => source::file::start(manifests.clone())?,
+        None => source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?,
+    };
 
     let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
     let generation = loader::attach_all(&mut ebpf, &pins, &cgroup)?;

@@ -75,12 +75,32 @@ impl Agent {
         manifests: &Path,
         extra_args: &[&str],
     ) -> Result<Self> {
+        Self::start_with_source(
+            topology,
+            cgroup,
+            bpffs,
+            "--manifests",
+            manifests,
+            extra_args,
+        )
+    }
+
+    /// Like `start`, with the Services coming from `--manifests PATH` or `--kubeconfig PATH`
+    /// (`source_flag`).
+    pub fn start_with_source(
+        topology: &Topology,
+        cgroup: &TestCgroup,
+        bpffs: &PrivateBpffs,
+        source_flag: &str,
+        source: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let log_dir = TempDir::new()?;
         let bpffs_dir = bpffs.agent_dir();
         let mut run_args: Vec<OsString> = vec![
             "run".into(),
-            "--manifests".into(),
-            manifests.into(),
+            source_flag.into(),
+            source.into(),
             "--cgroup-path".into(),
             cgroup.path().into(),
             "--bpffs".into(),
@@ -186,6 +206,11 @@ impl Agent {
             String::from_utf8_lossy(&output.stderr)
         ))?;
         Ok(output)
+    }
+
+    /// The agent's pid while it runs (`ip netns exec` execs the agent, so it is the agent's own).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
     }
 
     /// The directory the agent pins under.

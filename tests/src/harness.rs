@@ -3,7 +3,7 @@
 //! unwinds through the agent's Drop, which prints the agent log.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::Agent;
@@ -107,6 +107,20 @@ impl Harness {
             &self.cgroup,
             &self.bpffs,
             &self.manifests_path(),
+            extra_args,
+        )
+        .expect("starting the agent");
+        self.agent = Some(agent);
+    }
+
+    /// Starts the agent following the API server described by `kubeconfig`.
+    pub fn start_agent_with_kubeconfig(&mut self, kubeconfig: &Path, extra_args: &[&str]) {
+        let agent = Agent::start_with_source(
+            &self.topology,
+            &self.cgroup,
+            &self.bpffs,
+            "--kubeconfig",
+            kubeconfig,
             extra_args,
         )
         .expect("starting the agent");

@@ -3,6 +3,7 @@
 //! helper. Every resource is released by a guard's Drop, also when a test panics.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bpffs;
 pub mod cgroup;
 pub mod harness;

@@ -71,6 +71,20 @@ impl Topology {
         &self.backends
     }
 
+    /// Adds a namespace linked to the node like a backend but not listed among the backends
+    /// (e.g. a client whose traffic the node forwards); it is deleted with the topology.
+    /// `index` numbers its addresses as a backend's would and must come after the backends.
+    pub fn add_peer(&mut self, index: usize) -> Result<Backend> {
+        ensure!(
+            (self.backends.len()..MAX_BACKENDS).contains(&index),
+            "peer index {index} collides with a backend or exceeds {MAX_BACKENDS}"
+        );
+        let peer = backend_addresses(index, format!("{}p{index}", self.node));
+        self.add_namespace(&peer.namespace)?;
+        wire(&self.node, &peer)?;
+        Ok(peer)
+    }
+
     fn add_namespace(&mut self, name: &str) -> Result<()> {
         run_checked(Command::new("ip").args(["netns", "add", name]), IP_TIMEOUT)?;
         self.created.push(name.to_owned());

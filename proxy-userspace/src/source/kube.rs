@@ -5,8 +5,8 @@
 //! first complete list, so a restart against a slow API server never prunes the dataplane. A
 //! dropped watch, a 410 Gone or an outage leaves the stores (and so the dataplane) as they
 //! were: kube-runtime swaps a relist into a store only once the list is complete, which is also
-//! how deletions missed while disconnected are noticed. Retries back off quickly (at most 1 s
-//! apart) so the state converges soon after the API server returns.
+//! how deletions missed while disconnected are noticed. Retries back off quickly (at most about 1 s
+//! apart, jittered) so the state converges soon after the API server returns.
 use std::{fmt::Debug, path::Path, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
@@ -63,13 +63,19 @@ async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
             .await
             .map_err(|error| KubeSourceError::Infer(error.to_string()))?,
     };
+    // The client's own retry of 429/503/504 would hide an outage from the watchers for a
+    // long while; their own quick backoff is what should pace recovery.
+    let mut config = config;
+    config.default_retry = false;
     Client::try_from(config).map_err(|error| KubeSourceError::Client(error.to_string()))
 }
 
+/// 100 ms doubling to 500 ms; the jitter (up to the delay again) keeps thousands of nodes
+/// from hitting a recovering API server in step.
 fn backoff() -> ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_millis(500))
         .with_jitter()
         .without_max_times()
         .into()

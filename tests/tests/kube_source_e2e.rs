@@ -1,0 +1,290 @@
+//! End-to-end tests of the `kube` source: the real agent follows the test API server (which
+//! speaks the Kubernetes list/watch protocol on the loopback of the test's node namespace)
+//! through kube-rs, and the datapath follows it. Faults: outage, dropped watches, compaction
+//! (410 Gone) with changes missed while disconnected, a slow first list after a restart, and a
+//! flood of endpoint updates.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use switchyard_tests::apiserver::{ApiServer, Kind};
+use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
+use switchyard_tests::report::{Attempt, backend_counts};
+use switchyard_tests::tempdir::TempDir;
+use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::{require_root, testkit};
+
+const NAMESPACE: &str = "shop";
+/// How soon the dataplane must follow the API server once it is reachable.
+const CONVERGE: Duration = Duration::from_secs(2);
+const ENETUNREACH: i32 = 101;
+
+fn vip(text: &str) -> SocketAddr {
+    SocketAddr::new(text.parse().expect("valid VIP"), 80)
+}
+
+fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(NAMESPACE.to_owned()),
+        labels: (!labels.is_empty()).then(|| {
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        }),
+        ..ObjectMeta::default()
+    }
+}
+
+fn service(name: &str, cluster_ip: SocketAddr) -> Service {
+    Service {
+        metadata: meta(name, &[]),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(cluster_ip.ip().to_string()),
+            cluster_ips: Some(vec![cluster_ip.ip().to_string()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: i32::from(cluster_ip.port()),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn slice(service: &str, backends: &[IpAddr]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(
+            &format!("{service}-abc"),
+            &[("kubernetes.io/service-name", service)],
+        ),
+        address_type: "IPv4".into(),
+        endpoints: backends
+            .iter()
+            .map(|ip| Endpoint {
+                addresses: vec![ip.to_string()],
+                ..Endpoint::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(i32::from(BACKEND_PORT)),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
+    ClientRequest::new(ClientProto::Tcp, target)
+        .count(count)
+        .timeout(Duration::from_secs(1))
+}
+
+fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
+    backend_counts(attempts).into_keys().collect()
+}
+
+fn names(indexes: &[usize]) -> BTreeSet<String> {
+    indexes.iter().map(|i| backend_name(*i)).collect()
+}
+
+/// An API server in the harness's node namespace and the agent following it.
+struct Cluster {
+    harness: Harness,
+    api: ApiServer,
+    _kubeconfig_dir: TempDir,
+}
+
+impl Cluster {
+    fn start(backends: usize, objects: impl FnOnce(&ApiServer, &[IpAddr])) -> Self {
+        let mut harness = Harness::new(testkit!(), backends);
+        let api = ApiServer::start_in_netns(harness.topology().node_namespace())
+            .expect("test API server");
+        objects(&api, &harness.backend_ipv4s());
+        let kubeconfig_dir = TempDir::new().expect("temp dir");
+        let kubeconfig = api.write_kubeconfig(kubeconfig_dir.path());
+        harness.start_agent_with_kubeconfig(&kubeconfig, &["--node-name", "node-a"]);
+        Self {
+            harness,
+            api,
+            _kubeconfig_dir: kubeconfig_dir,
+        }
+    }
+
+    fn ips(&self) -> Vec<IpAddr> {
+        self.harness.backend_ipv4s()
+    }
+
+    /// Polls (bounded by `within`) until `check` accepts a burst of connections to `target`.
+    fn converges(
+        &self,
+        target: SocketAddr,
+        within: Duration,
+        what: &str,
+        check: impl Fn(&[Attempt]) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        let mut last;
+        loop {
+            last = self.harness.client(&tcp(target, 12));
+            if check(&last) || Instant::now() >= deadline {
+                break;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        assert!(
+            check(&last),
+            "{what}: not within {within:?}; last burst {last:?}"
+        );
+    }
+
+    fn serves_exactly(&self, target: SocketAddr, backends: &[usize], within: Duration) {
+        let expected = names(backends);
+        self.converges(
+            target,
+            within,
+            &format!("{target} served by {expected:?}"),
+            |attempts| attempts.iter().all(|a| a.ok) && reached(attempts) == expected,
+        );
+    }
+
+    fn untranslated(&self, target: SocketAddr, within: Duration) {
+        self.converges(
+            target,
+            within,
+            &format!("{target} no longer a service"),
+            |attempts| attempts.iter().all(|a| a.errno == Some(ENETUNREACH)),
+        );
+    }
+}
+
+#[test]
+fn the_dataplane_follows_services_and_endpoint_slices_from_the_api_server() {
+    require_root!();
+    let web = vip("10.96.2.10");
+    let cluster = Cluster::start(3, |api, ips| {
+        api.apply(&service("web", web));
+        api.apply(&slice("web", ips));
+    });
+    cluster.harness.client(&tcp(web, 1));
+    cluster.serves_exactly(web, &[0, 1, 2], Duration::from_secs(10));
+
+    cluster.api.apply(&slice("web", &cluster.ips()[..1]));
+    cluster.serves_exactly(web, &[0], CONVERGE);
+
+    let late = vip("10.96.2.11");
+    cluster.api.apply(&service("late", late));
+    cluster.api.apply(&slice("late", &cluster.ips()[2..]));
+    cluster.serves_exactly(late, &[2], CONVERGE);
+
+    assert!(cluster.api.delete(Kind::Service, NAMESPACE, "web"));
+    cluster.untranslated(web, CONVERGE);
+}
+
+#[test]
+fn api_faults_leave_the_dataplane_as_it_was_and_it_converges_after() {
+    require_root!();
+    let (a, b, c) = (vip("10.96.3.10"), vip("10.96.3.11"), vip("10.96.3.12"));
+    let cluster = Cluster::start(3, |api, ips| {
+        api.apply(&service("a", a));
+        api.apply(&slice("a", ips));
+        api.apply(&service("b", b));
+        api.apply(&slice("b", &ips[1..2]));
+    });
+    cluster.serves_exactly(a, &[0, 1, 2], Duration::from_secs(10));
+    cluster.serves_exactly(b, &[1], CONVERGE);
+
+    // Outage: every request fails and open watches are cut. The dataplane stays as it was.
+    cluster.api.set_outage(true);
+    let outage_ends = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < outage_ends {
+        let burst = cluster.harness.client(&tcp(a, 12));
+        assert!(
+            burst.iter().all(|x| x.ok),
+            "traffic failed during the outage: {burst:?}"
+        );
+        assert_eq!(reached(&cluster.harness.client(&tcp(b, 4))), names(&[1]));
+        sleep(Duration::from_millis(200));
+    }
+
+    // Changes the agent cannot see, including a deletion, then the history is compacted so
+    // the agent's resourceVersion is gone (410): it must relist to notice them.
+    cluster.api.apply(&slice("a", &cluster.ips()[2..]));
+    assert!(cluster.api.delete(Kind::Service, NAMESPACE, "b"));
+    cluster.api.apply(&service("c", c));
+    cluster.api.apply(&slice("c", &cluster.ips()[..1]));
+    cluster.api.compact();
+    cluster.api.set_outage(false);
+    cluster.serves_exactly(a, &[2], CONVERGE);
+    cluster.untranslated(b, CONVERGE);
+    cluster.serves_exactly(c, &[0], CONVERGE);
+
+    // A watch reset mid-stream: the agent re-watches and keeps following.
+    cluster.api.drop_watches();
+    cluster.api.apply(&slice("a", &cluster.ips()[..2]));
+    cluster.serves_exactly(a, &[0, 1], CONVERGE);
+}
+
+#[test]
+fn a_restart_against_a_slow_api_server_never_empties_the_dataplane() {
+    require_root!();
+    let web = vip("10.96.4.10");
+    let mut cluster = Cluster::start(3, |api, ips| {
+        api.apply(&service("web", web));
+        api.apply(&slice("web", ips));
+    });
+    cluster.serves_exactly(web, &[0, 1, 2], Duration::from_secs(10));
+
+    cluster.harness.agent().kill().expect("SIGKILL the agent");
+    cluster.api.set_list_delay(Duration::from_secs(3));
+    cluster
+        .harness
+        .agent()
+        .restart()
+        .expect("restart the agent");
+    // While the first lists are slow, the restarted agent must not prune anything.
+    let loop_ends = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < loop_ends {
+        let burst = cluster.harness.client(&tcp(web, 6));
+        assert!(
+            burst.iter().all(|x| x.ok),
+            "traffic failed during the slow relist: {burst:?}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    cluster.api.set_list_delay(Duration::ZERO);
+    cluster.api.apply(&slice("web", &cluster.ips()[1..2]));
+    cluster.serves_exactly(web, &[1], Duration::from_secs(5));
+}
+
+#[test]
+fn a_flood_of_endpoint_updates_converges_to_the_last_one() {
+    require_root!();
+    let web = vip("10.96.5.10");
+    let cluster = Cluster::start(3, |api, ips| {
+        api.apply(&service("web", web));
+        api.apply(&slice("web", ips));
+    });
+    cluster.serves_exactly(web, &[0, 1, 2], Duration::from_secs(10));
+    let ips = cluster.ips();
+    for round in 0..1_000 {
+        let set = match round % 3 {
+            0 => &ips[..1],
+            1 => &ips[..2],
+            _ => &ips[1..],
+        };
+        cluster.api.apply(&slice("web", set));
+    }
+    cluster.api.apply(&slice("web", &ips[2..]));
+    cluster.serves_exactly(web, &[2], CONVERGE);
+}
