@@ -10,6 +10,7 @@ use crate::{
     dump,
     model::ModelConfig,
     source,
+    stats::StatsHandle,
     sync::{self, SyncConfig},
     writer::KernelMaps,
 };
@@ -64,13 +65,14 @@ async fn shutdown_signal() {
 
 pub async fn run(args: RunArgs) -> Result<()> {
     preflight()?;
+    let stats = StatsHandle::default();
     let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
     let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
     let pins = PinLayout::new(bpffs);
     // Start the source before touching the kernel: an unreadable file or an unusable
     // kubeconfig changes nothing.
     let snapshots = match &args.manifests {
-        Some(manifests) => source::file::start(manifests.clone())?,
+        Some(manifests) => source::file::start(manifests.clone(), stats.clone())?,
         None => source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?,
     };
 
@@ -90,7 +92,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_period: args.sync_period,
     };
     info!(pins = %pins.root.display(), cgroup = %cgroup.display(), "switchyard running");
-    sync::run(snapshots, node, Box::new(writer), config, shutdown_signal()).await?;
+    sync::run(
+        snapshots,
+        node,
+        Box::new(writer),
+        config,
+        stats,
+        shutdown_signal(),
+    )
+    .await?;
     // The programs stay attached through their pinned links; `ebpf` may be dropped.
     drop(ebpf);
     Ok(())

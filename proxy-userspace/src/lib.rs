@@ -14,5 +14,6 @@ pub mod model;
 pub mod plan;
 pub mod source;
 pub mod state;
+pub mod stats;
 pub mod sync;
 pub mod writer;

@@ -7,7 +7,7 @@
 use std::{
     future::Future,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tracing::{debug, error, info, warn};
@@ -17,6 +17,7 @@ use crate::{
     plan::plan,
     source::SnapshotReceiver,
     state::Programmed,
+    stats::StatsHandle,
     writer::{self, MapWriter, WriteError},
 };
 
@@ -40,18 +41,33 @@ pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
     Ok(programmed)
 }
 
-/// One sync: model, plan and apply. Returns how many operations were applied.
+/// What one successful sync did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Map operations applied.
+    pub operations: usize,
+    /// Problems reported that the previous sync had not reported.
+    pub new_problems: usize,
+}
+
+/// One sync: model, plan and apply.
 pub fn sync_once(
     snapshot: &ClusterSnapshot,
-    node: &ModelConfig,
+    config: &ModelConfig,
     writer: &mut dyn MapWriter,
     mirror: &mut Programmed,
     last_problems: &mut Vec<Problem>,
-) -> Result<usize, writer::ApplyError> {
-    let output = model::build(snapshot, node);
+) -> Result<SyncOutcome, writer::ApplyError> {
+    let output = model::build(snapshot, config);
+    let mut new_problems = 0;
     if output.problems != *last_problems {
-        for problem in &output.problems {
+        for problem in output
+            .problems
+            .iter()
+            .filter(|problem| !last_problems.contains(problem))
+        {
             warn!("skipping part of {problem}");
+            new_problems += 1;
         }
         *last_problems = output.problems;
     }
@@ -60,7 +76,10 @@ pub fn sync_once(
     if !ops.is_empty() {
         forget_stale_affinity(writer, mirror);
     }
-    Ok(ops.len())
+    Ok(SyncOutcome {
+        operations: ops.len(),
+        new_problems,
+    })
 }
 
 /// Deletes session-affinity entries whose backend left its service. Best effort: a failure
@@ -84,9 +103,10 @@ fn forget_stale_affinity(writer: &mut dyn MapWriter, mirror: &Programmed) {
 /// Runs until `shutdown` completes or the source goes away.
 pub async fn run(
     mut source: SnapshotReceiver,
-    node: ModelConfig,
+    config: ModelConfig,
     mut writer: Box<dyn MapWriter>,
-    config: SyncConfig,
+    timing: SyncConfig,
+    stats: StatsHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WriteError> {
     tokio::pin!(shutdown);
@@ -96,14 +116,15 @@ pub async fn run(
         backends = mirror.backends.len(),
         "adopted the pinned maps"
     );
-    let snapshot: Arc<ClusterSnapshot> = tokio::select! {
+    let mut snapshot: Arc<ClusterSnapshot> = tokio::select! {
         () = &mut shutdown => return Ok(()),
         first = source.wait_for(Option::is_some) => match first {
             Ok(snapshot) => snapshot.clone().expect("waited for Some"),
             Err(_) => return Ok(()),
         },
     };
-    let mut snapshot = snapshot;
+    // When the earliest change not yet in the maps arrived (network programming latency).
+    let mut pending_since = Some(Instant::now());
     let mut last_problems = Vec::new();
     let mut retry: Option<Duration> = None;
     let mut first_sync = true;
@@ -111,17 +132,31 @@ pub async fn run(
         let started = Instant::now();
         match sync_once(
             &snapshot,
-            &node,
+            &config,
             writer.as_mut(),
             &mut mirror,
             &mut last_problems,
         ) {
-            Ok(applied) => {
+            Ok(outcome) => {
                 retry = None;
-                if applied > 0 || first_sync {
+                let elapsed = started.elapsed();
+                let latency = pending_since
+                    .take()
+                    .filter(|_| outcome.operations > 0)
+                    .map(|since| since.elapsed());
+                stats.update(|stats| {
+                    stats.syncs_total += 1;
+                    stats.last_sync_duration = Some(elapsed);
+                    stats.last_sync_at = Some(SystemTime::now());
+                    stats.invalid_object_parts_total += outcome.new_problems as u64;
+                    if latency.is_some() {
+                        stats.last_programming_latency = latency;
+                    }
+                });
+                if outcome.operations > 0 || first_sync {
                     info!(
-                        operations = applied,
-                        elapsed_ms = started.elapsed().as_millis(),
+                        operations = outcome.operations,
+                        elapsed_ms = elapsed.as_millis(),
                         "dataplane synced"
                     );
                 } else {
@@ -132,10 +167,16 @@ pub async fn run(
             Err(failure) => {
                 let delay = retry.map_or(FIRST_RETRY, |previous| (previous * 2).min(MAX_RETRY));
                 error!(retry_in_ms = delay.as_millis(), "sync failed: {failure}");
+                stats.update(|stats| {
+                    *stats
+                        .sync_errors_total
+                        .entry(failure.source.reason())
+                        .or_default() += 1;
+                });
                 retry = Some(delay);
             }
         }
-        let wait = retry.unwrap_or(config.max_period);
+        let wait = retry.unwrap_or(timing.max_period);
         let mut periodic = false;
         tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -143,6 +184,7 @@ pub async fn run(
                 if changed.is_err() {
                     return Ok(());
                 }
+                pending_since.get_or_insert_with(Instant::now);
             }
             () = tokio::time::sleep(wait) => periodic = retry.is_none(),
         }
@@ -154,7 +196,7 @@ pub async fn run(
             }
         }
         // Coalesce bursts: at most one sync per min_period.
-        if let Some(remaining) = config.min_period.checked_sub(started.elapsed()) {
+        if let Some(remaining) = timing.min_period.checked_sub(started.elapsed()) {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 () = tokio::time::sleep(remaining) => {}
@@ -402,11 +444,13 @@ mod tests {
             min_period: Duration::from_millis(10),
             max_period: Duration::from_mins(1),
         };
+        let stats = StatsHandle::default();
         let runner = tokio::spawn(run(
             receiver,
             ModelConfig::default(),
             Box::new(fake.clone()),
             config,
+            stats.clone(),
             async {
                 let _ = stopped.await;
             },
@@ -440,5 +484,12 @@ mod tests {
         assert_eq!(backends(&fake), 20);
         stop.send(()).unwrap();
         runner.await.unwrap().unwrap();
+        let recorded = stats.snapshot();
+        assert!(recorded.syncs_total >= 2, "{recorded:?}");
+        assert!(
+            recorded.last_programming_latency.is_some() && recorded.last_sync_duration.is_some(),
+            "{recorded:?}"
+        );
+        assert!(recorded.sync_errors_total.is_empty(), "{recorded:?}");
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{SnapshotReceiver, manifest};
-use crate::model::ClusterSnapshot;
+use crate::{model::ClusterSnapshot, stats::StatsHandle};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -43,12 +43,16 @@ fn stamp(path: &Path) -> std::io::Result<Stamp> {
 }
 
 /// Reads and parses the file, logging every skipped document.
-fn load(path: &Path) -> Result<(String, Arc<ClusterSnapshot>), FileSourceError> {
+fn load(
+    path: &Path,
+    stats: &StatsHandle,
+) -> Result<(String, Arc<ClusterSnapshot>), FileSourceError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileSourceError {
         path: path.to_owned(),
         source,
     })?;
     let parsed = manifest::parse(&text);
+    stats.update(|stats| stats.skipped_documents_total += parsed.skipped.len() as u64);
     for skipped in &parsed.skipped {
         warn!(file = %path.display(), "skipping {skipped}");
     }
@@ -64,9 +68,9 @@ fn load(path: &Path) -> Result<(String, Arc<ClusterSnapshot>), FileSourceError> 
 
 /// Reads the file once (failing if it cannot be read at all) and then follows its changes in a
 /// background task. A file that becomes unreadable later keeps the last good snapshot.
-pub fn start(path: PathBuf) -> Result<SnapshotReceiver, FileSourceError> {
+pub fn start(path: PathBuf, stats: StatsHandle) -> Result<SnapshotReceiver, FileSourceError> {
     let mut last_stamp = stamp(&path).ok();
-    let (mut last_text, snapshot) = load(&path)?;
+    let (mut last_text, snapshot) = load(&path, &stats)?;
     let (sender, receiver) = watch::channel(Some(snapshot));
     tokio::spawn(async move {
         let mut unreadable_reported = false;
@@ -82,7 +86,7 @@ pub fn start(path: PathBuf) -> Result<SnapshotReceiver, FileSourceError> {
             last_stamp = current;
             match std::fs::read_to_string(&path) {
                 Ok(text) if text == last_text => {}
-                Ok(_) => match load(&path) {
+                Ok(_) => match load(&path, &stats) {
                     Ok((text, snapshot)) => {
                         unreadable_reported = false;
                         last_text = text;

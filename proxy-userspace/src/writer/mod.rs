@@ -34,6 +34,18 @@ pub enum WriteError {
     Injected { index: usize },
 }
 
+impl WriteError {
+    /// A short, stable name of the failure's kind (a metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MapFull { .. } => "map_full",
+            Self::Kernel { .. } => "kernel",
+            Self::Read { .. } => "read",
+            Self::Injected { .. } => "injected",
+        }
+    }
+}
+
 /// Something that can write map entries and read the maps back.
 pub trait MapWriter: Send {
     /// Writes (or deletes) one entry. Deleting a missing key is success.
