@@ -12,6 +12,7 @@ use crate::{
     source,
     stats::StatsHandle,
     sync::{self, SyncConfig},
+    udp_reaper::NetlinkReaper,
     writer::KernelMaps,
 };
 
@@ -83,6 +84,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!(retired, "took over from a previous agent's links");
     }
     let writer = KernelMaps::take_from(&mut ebpf)?;
+    let reaper = NetlinkReaper::take_from(&mut ebpf)?;
     let node = ModelConfig {
         node_name: args.node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
@@ -96,6 +98,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         snapshots,
         node,
         Box::new(writer),
+        Box::new(reaper),
         config,
         stats,
         shutdown_signal(),

@@ -16,4 +16,5 @@ pub mod source;
 pub mod state;
 pub mod stats;
 pub mod sync;
+pub mod udp_reaper;
 pub mod writer;

@@ -23,6 +23,24 @@ pub struct SyncStats {
     pub skipped_documents_total: u64,
 }
 
+impl SyncStats {
+    /// Records a successful sync; `latency` is set when it wrote something.
+    pub fn record_sync(
+        &mut self,
+        new_problems: usize,
+        duration: Duration,
+        latency: Option<Duration>,
+    ) {
+        self.syncs_total += 1;
+        self.last_sync_duration = Some(duration);
+        self.last_sync_at = Some(SystemTime::now());
+        self.invalid_object_parts_total += new_problems as u64;
+        if latency.is_some() {
+            self.last_programming_latency = latency;
+        }
+    }
+}
+
 /// A shared handle on the stats.
 #[derive(Clone, Debug, Default)]
 pub struct StatsHandle(Arc<Mutex<SyncStats>>);

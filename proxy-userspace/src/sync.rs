@@ -5,9 +5,10 @@
 //! `max_period` (then the maps are re-read, repairing any drift); a failed sync is retried with
 //! exponential backoff. Nothing is synced before the source's first complete snapshot.
 use std::{
+    collections::BTreeSet,
     future::Future,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tracing::{debug, error, info, warn};
@@ -18,6 +19,7 @@ use crate::{
     source::SnapshotReceiver,
     state::Programmed,
     stats::StatsHandle,
+    udp_reaper::{SocketReaper, UdpPair, udp_pairs},
     writer::{self, MapWriter, WriteError},
 };
 
@@ -105,6 +107,7 @@ pub async fn run(
     mut source: SnapshotReceiver,
     config: ModelConfig,
     mut writer: Box<dyn MapWriter>,
+    mut reaper: Box<dyn SocketReaper>,
     timing: SyncConfig,
     stats: StatsHandle,
     shutdown: impl Future<Output = ()>,
@@ -130,6 +133,7 @@ pub async fn run(
     let mut first_sync = true;
     loop {
         let started = Instant::now();
+        let udp_before = udp_pairs(&mirror);
         match sync_once(
             &snapshot,
             &config,
@@ -139,20 +143,19 @@ pub async fn run(
         ) {
             Ok(outcome) => {
                 retry = None;
+                let removed: BTreeSet<UdpPair> = udp_before
+                    .difference(&udp_pairs(&mirror))
+                    .copied()
+                    .collect();
+                if !removed.is_empty() {
+                    reaper.reap(&removed);
+                }
                 let elapsed = started.elapsed();
                 let latency = pending_since
                     .take()
                     .filter(|_| outcome.operations > 0)
                     .map(|since| since.elapsed());
-                stats.update(|stats| {
-                    stats.syncs_total += 1;
-                    stats.last_sync_duration = Some(elapsed);
-                    stats.last_sync_at = Some(SystemTime::now());
-                    stats.invalid_object_parts_total += outcome.new_problems as u64;
-                    if latency.is_some() {
-                        stats.last_programming_latency = latency;
-                    }
-                });
+                stats.update(|stats| stats.record_sync(outcome.new_problems, elapsed, latency));
                 if outcome.operations > 0 || first_sync {
                     info!(
                         operations = outcome.operations,
@@ -449,6 +452,7 @@ mod tests {
             receiver,
             ModelConfig::default(),
             Box::new(fake.clone()),
+            Box::new(crate::udp_reaper::NoReaper),
             config,
             stats.clone(),
             async {

@@ -160,6 +160,24 @@ impl Harness {
             .unwrap_or_else(|e| panic!("starting hold to {target}: {e:#}"))
     }
 
+    /// Holds one connected UDP socket to `target` (replaced only when it fails).
+    pub fn hold_udp(
+        &self,
+        target: SocketAddr,
+        duration: Duration,
+        every: Duration,
+    ) -> RunningClient {
+        self.testkit
+            .hold_udp(
+                self.topology.node_namespace(),
+                self.cgroup.path(),
+                target,
+                duration,
+                every,
+            )
+            .unwrap_or_else(|e| panic!("starting a UDP hold to {target}: {e:#}"))
+    }
+
     /// Polls until an exchange with `target` succeeds (the agent is up and translating).
     pub fn wait_until_translated(&mut self, proto: ClientProto, target: SocketAddr) -> Attempt {
         self.wait_for(proto, target, "a successful exchange", |a| a.ok)

@@ -174,6 +174,30 @@ impl Testkit {
         duration: Duration,
         every: Duration,
     ) -> Result<RunningClient> {
+        self.hold_with(netns, cgroup, target, duration, every, &[])
+    }
+
+    /// Like `hold`, over one connected UDP socket (replaced only when it fails).
+    pub fn hold_udp(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        target: SocketAddr,
+        duration: Duration,
+        every: Duration,
+    ) -> Result<RunningClient> {
+        self.hold_with(netns, cgroup, target, duration, every, &["--udp"])
+    }
+
+    fn hold_with(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        target: SocketAddr,
+        duration: Duration,
+        every: Duration,
+        extra: &[&str],
+    ) -> Result<RunningClient> {
         let mut command = self.in_cgroup("hold", netns, cgroup, target);
         command.args([
             "--duration-ms",
@@ -181,6 +205,7 @@ impl Testkit {
             "--every-ms",
             &millis(every),
         ]);
+        command.args(extra);
         RunningClient::spawn(&mut command, duration + CLIENT_SLACK)
     }
 

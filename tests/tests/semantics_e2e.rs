@@ -16,6 +16,12 @@ use switchyard_tests::{require_root, testkit};
 const NODE: &str = "node-a";
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
+/// What a destroyed, disconnected UDP socket reports next, depending on the call.
+const SOCKET_DESTROYED: [i32; 3] = [
+    103, /* ECONNABORTED */
+    107, /* ENOTCONN */
+    89,  /* EDESTADDRREQ */
+];
 
 fn vip(text: &str) -> SocketAddr {
     SocketAddr::new(text.parse().expect("valid VIP"), 80)
@@ -201,5 +207,59 @@ fn client_ip_affinity_sticks_expires_and_forgets_a_backend_that_left() {
     assert!(
         !now.contains(&departed),
         "went back to the departed backend: {after:?}"
+    );
+}
+
+#[test]
+fn a_connected_udp_socket_aimed_at_a_departed_backend_is_destroyed() {
+    require_root!();
+
+    let mut harness = Harness::new(testkit!(), 2);
+    let ips = harness.backend_ipv4s();
+    let target = vip("10.96.1.13");
+    let both = [endpoint(ips[0], NODE, ""), endpoint(ips[1], NODE, "")];
+    start(&mut harness, &service("udp", "10.96.1.13", "", &both));
+    harness.wait_until_translated(ClientProto::UdpConnected, target);
+
+    // One long-lived connected UDP socket, as a DNS client or a metrics agent keeps.
+    let hold = harness.hold_udp(target, Duration::from_secs(5), Duration::from_millis(100));
+    let early = hold
+        .wait_for_attempts(5, Duration::from_secs(3))
+        .expect("first answers");
+    let departed = early[0].backend.clone().expect("an answer");
+    assert!(
+        early.iter().all(|a| a.backend.as_ref() == Some(&departed)),
+        "one socket, one backend: {early:?}"
+    );
+    let index = (0..2)
+        .find(|i| backend_name(*i) == departed)
+        .expect("a known backend");
+
+    // The backend leaves the Service but keeps running and answering: without the cure the
+    // socket would keep talking to it for as long as it lives.
+    harness.write_manifests(&service(
+        "udp",
+        "10.96.1.13",
+        "",
+        &[endpoint(ips[1 - index], NODE, "")],
+    ));
+    let attempts = hold.finish().expect("the hold client ends by itself");
+    let destroyed = attempts
+        .iter()
+        .position(|a| {
+            a.errno
+                .is_some_and(|errno| SOCKET_DESTROYED.contains(&errno))
+        })
+        .unwrap_or_else(|| panic!("the socket was never destroyed: {attempts:?}"));
+    let after: Vec<&Attempt> = attempts[destroyed + 1..].iter().filter(|a| a.ok).collect();
+    assert!(
+        after.len() >= 10,
+        "the client reconnected and kept going: {attempts:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .all(|a| a.backend.as_deref() == Some(backend_name(1 - index).as_str())),
+        "after the destroy only the remaining backend answers: {attempts:?}"
     );
 }

@@ -92,6 +92,11 @@ struct HoldArgs {
     every_ms: u64,
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+    /// Hold a connected UDP socket instead of a TCP connection. When the socket fails (e.g. the
+    /// agent destroyed it because its backend left), report that and connect a new one, as a
+    /// resilient client would.
+    #[arg(long)]
+    udp: bool,
 }
 
 fn main() -> Result<()> {
@@ -369,6 +374,10 @@ fn udp_unconnected_exchange(target: SocketAddr, timeout: Duration) -> Result<Exc
 
 fn hold(args: &HoldArgs) -> Result<()> {
     place(&args.placement)?;
+    if args.udp {
+        hold_udp(args);
+        return Ok(());
+    }
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let every = Duration::from_millis(args.every_ms);
     let started = Instant::now();
@@ -394,4 +403,49 @@ fn hold(args: &HoldArgs) -> Result<()> {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     Ok(())
+}
+
+fn connected_udp(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
+    let socket = udp_socket(target, timeout)?;
+    socket.connect(target).step("connect")?;
+    Ok(socket)
+}
+
+fn exchange_on(socket: &UdpSocket) -> Result<Exchange, Failure> {
+    let peer = socket.peer_addr().step("getpeername")?;
+    socket.send(REQUEST).step("send")?;
+    let (backend, source) = receive_answer(socket)?;
+    Ok(Exchange {
+        backend,
+        peer: Some(peer),
+        source: Some(source),
+    })
+}
+
+/// One connected UDP socket kept for the whole duration, replaced only after it failed.
+fn hold_udp(args: &HoldArgs) {
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let every = Duration::from_millis(args.every_ms);
+    let started = Instant::now();
+    let end = started + Duration::from_millis(args.duration_ms);
+    let mut socket = None;
+    let mut next = started;
+    while next < end {
+        let attempt_started = Instant::now();
+        let result = match socket.take() {
+            Some(open) => Ok(open),
+            None => connected_udp(args.placement.target, timeout),
+        }
+        .and_then(|open| {
+            let exchange = exchange_on(&open);
+            // A timeout is not a broken socket; any other failure is.
+            if exchange.as_ref().is_ok() || exchange.as_ref().is_err_and(|f| is_timeout(&f.error)) {
+                socket = Some(open);
+            }
+            exchange
+        });
+        println!("{}", to_attempt(result, attempt_started).to_json_line());
+        next += every;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
 }
