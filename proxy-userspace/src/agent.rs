@@ -1,13 +1,14 @@
 //! The commands: wiring source, model, plan and writer to the kernel.
 use anyhow::{Context, Result, bail};
-use aya::maps::{Map, MapData, PerCpuArray};
-use proxy_common::{map_names, reason};
-use tracing::info;
+use std::{sync::Arc, time::SystemTime};
+
+use proxy_common::map_names;
+use tracing::{error, info};
 
 use crate::{
-    bpf::{loader, mounts, pins::PinLayout},
+    bpf::{counters::DatapathCounters, loader, mounts, pins::PinLayout},
     cli::{PinArgs, RunArgs},
-    dump,
+    dump, health, http, metrics,
     model::ModelConfig,
     source,
     stats::StatsHandle,
@@ -85,6 +86,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let writer = KernelMaps::take_from(&mut ebpf)?;
     let reaper = NetlinkReaper::take_from(&mut ebpf)?;
+    let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
+    start_endpoints(&args, &stats, counters).await;
     let node = ModelConfig {
         node_name: args.node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
@@ -107,6 +110,37 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The programs stay attached through their pinned links; `ebpf` may be dropped.
     drop(ebpf);
     Ok(())
+}
+
+/// Starts the metrics and health endpoints. A port that cannot be bound is reported, never
+/// fatal: the dataplane matters more than its observability.
+async fn start_endpoints(args: &RunArgs, stats: &StatsHandle, counters: Arc<DatapathCounters>) {
+    if let Some(address) = args.metrics_bind_address.0 {
+        let stats = stats.clone();
+        let handler: http::Handler = Arc::new(move |path| match path {
+            "/metrics" => http::Response::new(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&stats.snapshot(), &counters.read()),
+            ),
+            _ => http::Response::not_found(),
+        });
+        if let Err(failure) = http::serve(address, "metrics", handler).await {
+            error!(%address, "cannot serve metrics: {failure}");
+        }
+    }
+    if let Some(address) = args.healthz_bind_address.0 {
+        let stats = stats.clone();
+        let stale = health::stale_after(args.sync_period);
+        let handler: http::Handler = Arc::new(move |path| match path {
+            "/healthz" | "/livez" => health::healthz(&stats.snapshot(), SystemTime::now(), stale),
+            "/readyz" => health::readyz(&stats.snapshot()),
+            _ => http::Response::not_found(),
+        });
+        if let Err(failure) = http::serve(address, "health", handler).await {
+            error!(%address, "cannot serve health checks: {failure}");
+        }
+    }
 }
 
 fn existing_pins(args: &PinArgs) -> Result<Option<PinLayout>> {
@@ -132,23 +166,6 @@ pub fn cleanup(args: &PinArgs) -> Result<()> {
     Ok(())
 }
 
-/// The datapath's reason counters, summed over CPUs.
-fn read_counters(pins: &PinLayout) -> Result<Vec<(&'static str, u64)>> {
-    let path = pins.map(map_names::METRICS);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
-    reason::NAMES
-        .iter()
-        .zip(0u32..)
-        .map(|(name, index)| {
-            let per_cpu = counters
-                .get(&index, 0)
-                .with_context(|| format!("reading counter {name}"))?;
-            Ok((*name, per_cpu.iter().sum()))
-        })
-        .collect()
-}
-
 pub fn dump(args: &PinArgs) -> Result<()> {
     preflight()?;
     let Some(pins) = existing_pins(args)? else {
@@ -157,6 +174,7 @@ pub fn dump(args: &PinArgs) -> Result<()> {
     let maps = KernelMaps::open_pinned(&pins)?;
     let programmed = sync::restore(&maps)?;
     print!("{}", dump::render(&programmed));
-    print!("{}", dump::render_counters(&read_counters(&pins)?));
+    let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?;
+    print!("{}", dump::render_counters(&counters.read()));
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Command-line interface. Flag names follow kube-proxy's where the meaning is the same.
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -11,14 +11,37 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", env = "SWITCHYARD_LOG")]
     pub log_level: String,
 
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A listen address; empty (`None`) disables the endpoint, as in kube-proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddress(pub Option<SocketAddr>);
+
+fn listen_address(text: &str) -> Result<ListenAddress, String> {
+    if text.is_empty() {
+        return Ok(ListenAddress(None));
+    }
+    text.parse()
+        .map(|address| ListenAddress(Some(address)))
+        .map_err(|error| format!("{text:?} is not an address:port: {error}"))
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: follow Services and EndpointSlices and keep the BPF maps exact.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach every program and remove every pinned map Switchyard installed.
     Cleanup(PinArgs),
     /// Print what the pinned maps hold, readably (works with the agent stopped).
@@ -68,6 +91,14 @@ pub struct RunArgs {
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub min_sync_period: Duration,
 
+    /// Address of the Prometheus `/metrics` endpoint (empty: disabled).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = listen_address, value_name = "ADDRESS")]
+    pub metrics_bind_address: ListenAddress,
+
+    /// Address of the health endpoints `/healthz`, `/livez` and `/readyz` (empty: disabled).
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = listen_address, value_name = "ADDRESS")]
+    pub healthz_bind_address: ListenAddress,
+
     /// Longest interval between two syncs: the maps are then re-read and any drift repaired.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub sync_period: Duration,
@@ -94,5 +125,26 @@ mod tests {
         assert_eq!(args.min_sync_period, Duration::from_millis(100));
         assert_eq!(args.sync_period, Duration::from_secs(30));
         assert_eq!(cli.log_level, "info");
+        assert_eq!(cli.log_format, LogFormat::Text);
+        assert_eq!(
+            args.metrics_bind_address.0,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert_eq!(
+            args.healthz_bind_address.0,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        let disabled = Cli::parse_from([
+            "switchyard",
+            "run",
+            "--manifests",
+            "m",
+            "--metrics-bind-address",
+            "",
+        ]);
+        let Command::Run(disabled) = disabled.command else {
+            panic!("expected run")
+        };
+        assert_eq!(disabled.metrics_bind_address.0, None);
     }
 }

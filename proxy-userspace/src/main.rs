@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Parser;
 use proxy_userspace::{
     agent,
-    cli::{Cli, Command},
+    cli::{Cli, Command, LogFormat},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -22,17 +22,19 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(log_filter(&cli.log_level))
         .map_err(|error| anyhow::anyhow!("invalid --log-level {:?}: {error}", cli.log_level))?;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(agent::run(args)),
+            .block_on(agent::run(*args)),
         Command::Cleanup(args) => agent::cleanup(&args),
         Command::Dump(args) => agent::dump(&args),
     }

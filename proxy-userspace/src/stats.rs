@@ -1,26 +1,102 @@
-//! What the agent records about its own work, for the metrics endpoint: sync durations,
-//! network programming latency (kube-proxy's: from the earliest change not yet applied to the
-//! moment its map writes completed), failures by reason and bad input skipped.
+//! What the agent records about its own work, for the metrics and health endpoints: sync
+//! durations, network programming latency (kube-proxy's: from the earliest change not yet
+//! applied to the moment its map writes completed), changes seen, failures by reason, bad
+//! input skipped and how full the maps are.
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
-/// Counters and last values; shared between the runner, the sources and readers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A Prometheus histogram: cumulative counts per upper bound, sum and count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: Vec<f64>) -> Self {
+        let counts = vec![0; bounds.len()];
+        Self {
+            bounds,
+            counts,
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// kube-proxy's sync duration buckets: 1 ms doubling, 15 buckets.
+    pub fn sync_duration() -> Self {
+        Self::new((0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect())
+    }
+
+    /// kube-proxy's network programming buckets (0.25 s steps to 1 s, then coarser).
+    pub fn programming_latency() -> Self {
+        Self::new(vec![
+            0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        ])
+    }
+
+    pub fn observe(&mut self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        for (bound, count) in self.bounds.iter().zip(&mut self.counts) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// Entry counts of the maps the agent owns, per map name.
+pub type MapEntries = BTreeMap<&'static str, u64>;
+
+/// Counters and last values; shared between the runner, the sources and the endpoints.
+#[derive(Clone, Debug, PartialEq)]
 pub struct SyncStats {
     pub syncs_total: u64,
     /// Failed syncs by reason (`map_full`, `kernel`, `read`, `injected`).
     pub sync_errors_total: BTreeMap<&'static str, u64>,
+    pub sync_duration: Histogram,
+    pub programming_latency: Histogram,
     pub last_sync_duration: Option<Duration>,
     pub last_sync_at: Option<SystemTime>,
     /// Earliest unapplied change → its map writes completed, for the last sync that wrote.
     pub last_programming_latency: Option<Duration>,
+    /// EndpointSlices and Services added, changed or removed, as the runner saw them.
+    pub endpoint_changes_total: u64,
+    pub service_changes_total: u64,
+    /// Services whose traffic policy leaves no endpoint on this node (kube-proxy's gauge).
+    pub no_local_endpoints: u64,
     /// Parts of objects the model skipped (each newly reported problem once).
     pub invalid_object_parts_total: u64,
     /// Documents of a manifests file that could not be used.
     pub skipped_documents_total: u64,
+    pub map_entries: MapEntries,
+}
+
+impl Default for SyncStats {
+    fn default() -> Self {
+        Self {
+            syncs_total: 0,
+            sync_errors_total: BTreeMap::new(),
+            sync_duration: Histogram::sync_duration(),
+            programming_latency: Histogram::programming_latency(),
+            last_sync_duration: None,
+            last_sync_at: None,
+            last_programming_latency: None,
+            endpoint_changes_total: 0,
+            service_changes_total: 0,
+            no_local_endpoints: 0,
+            invalid_object_parts_total: 0,
+            skipped_documents_total: 0,
+            map_entries: MapEntries::new(),
+        }
+    }
 }
 
 impl SyncStats {
@@ -32,11 +108,13 @@ impl SyncStats {
         latency: Option<Duration>,
     ) {
         self.syncs_total += 1;
+        self.sync_duration.observe(duration);
         self.last_sync_duration = Some(duration);
         self.last_sync_at = Some(SystemTime::now());
         self.invalid_object_parts_total += new_problems as u64;
-        if latency.is_some() {
-            self.last_programming_latency = latency;
+        if let Some(latency) = latency {
+            self.programming_latency.observe(latency);
+            self.last_programming_latency = Some(latency);
         }
     }
 }
@@ -55,5 +133,21 @@ impl StatsHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let mut histogram = Histogram::new(vec![0.1, 1.0]);
+        histogram.observe(Duration::from_millis(50));
+        histogram.observe(Duration::from_millis(500));
+        histogram.observe(Duration::from_secs(5));
+        assert_eq!(histogram.counts, [1, 2]);
+        assert_eq!(histogram.count, 3);
+        assert!((histogram.sum - 5.55).abs() < 1e-9);
     }
 }

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use proxy_common::{map_names, service_flags};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -18,7 +19,7 @@ use crate::{
     plan::plan,
     source::SnapshotReceiver,
     state::Programmed,
-    stats::StatsHandle,
+    stats::{MapEntries, StatsHandle},
     udp_reaper::{SocketReaper, UdpPair, udp_pairs},
     writer::{self, MapWriter, WriteError},
 };
@@ -50,6 +51,8 @@ pub struct SyncOutcome {
     pub operations: usize,
     /// Problems reported that the previous sync had not reported.
     pub new_problems: usize,
+    /// Services whose traffic policy leaves no endpoint on this node.
+    pub no_local_endpoints: usize,
 }
 
 /// One sync: model, plan and apply.
@@ -78,10 +81,102 @@ pub fn sync_once(
     if !ops.is_empty() {
         forget_stale_affinity(writer, mirror);
     }
+    let no_local_endpoints = output
+        .desired
+        .frontends
+        .values()
+        .filter(|frontend| frontend.flags & service_flags::NO_LOCAL_ENDPOINTS != 0)
+        .map(|frontend| (&frontend.service.namespace, &frontend.service.name))
+        .collect::<BTreeSet<_>>()
+        .len();
     Ok(SyncOutcome {
         operations: ops.len(),
         new_problems,
+        no_local_endpoints,
     })
+}
+
+/// How many entries each agent-owned map holds, from the mirror.
+fn map_entries(mirror: &Programmed) -> MapEntries {
+    let mut entries = MapEntries::new();
+    for (key, frontend) in &mirror.frontends {
+        let map = if key.ip.is_ipv4() {
+            map_names::SERVICES4
+        } else {
+            map_names::SERVICES6
+        };
+        *entries.entry(map).or_default() +=
+            u64::from(frontend.master.is_some()) + frontend.slots.len() as u64;
+    }
+    for backend in mirror.backends.values() {
+        let map = if backend.ip.is_ipv4() {
+            map_names::BACKENDS4
+        } else {
+            map_names::BACKENDS6
+        };
+        *entries.entry(map).or_default() += 1;
+    }
+    for target in mirror.rev_nats.values() {
+        let map = if target.ip.is_ipv4() {
+            map_names::REV_NAT4
+        } else {
+            map_names::REV_NAT6
+        };
+        *entries.entry(map).or_default() += 1;
+    }
+    entries
+}
+
+/// How many objects were added, changed or removed between two snapshots (by namespace/name).
+fn changed<
+    K: PartialEq
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+>(
+    before: &[Arc<K>],
+    after: &[Arc<K>],
+) -> u64 {
+    let key = |object: &Arc<K>| {
+        (
+            object.metadata().namespace.clone(),
+            object.metadata().name.clone(),
+        )
+    };
+    let old: std::collections::HashMap<_, _> =
+        before.iter().map(|object| (key(object), object)).collect();
+    let new: std::collections::HashMap<_, _> =
+        after.iter().map(|object| (key(object), object)).collect();
+    let added_or_changed = new
+        .iter()
+        .filter(|(name, object)| old.get(*name) != Some(*object))
+        .count();
+    let removed = old.keys().filter(|name| !new.contains_key(*name)).count();
+    (added_or_changed + removed) as u64
+}
+
+/// Records a successful sync and the maps' fill after it.
+fn record_success(
+    stats: &StatsHandle,
+    mirror: &Programmed,
+    outcome: SyncOutcome,
+    elapsed: Duration,
+    latency: Option<Duration>,
+) {
+    let entries = map_entries(mirror);
+    stats.update(|stats| {
+        stats.record_sync(outcome.new_problems, elapsed, latency);
+        stats.no_local_endpoints = outcome.no_local_endpoints as u64;
+        stats.map_entries = entries;
+    });
+}
+
+/// Counts the Services and EndpointSlices that changed between two snapshots.
+fn record_changes(stats: &StatsHandle, before: &ClusterSnapshot, after: &ClusterSnapshot) {
+    let services = changed(&before.services, &after.services);
+    let slices = changed(&before.endpoint_slices, &after.endpoint_slices);
+    stats.update(|stats| {
+        stats.service_changes_total += services;
+        stats.endpoint_changes_total += slices;
+    });
 }
 
 /// Deletes session-affinity entries whose backend left its service. Best effort: a failure
@@ -155,7 +250,7 @@ pub async fn run(
                     .take()
                     .filter(|_| outcome.operations > 0)
                     .map(|since| since.elapsed());
-                stats.update(|stats| stats.record_sync(outcome.new_problems, elapsed, latency));
+                record_success(&stats, &mirror, outcome, elapsed, latency);
                 if outcome.operations > 0 || first_sync {
                     info!(
                         operations = outcome.operations,
@@ -206,6 +301,7 @@ pub async fn run(
             }
         }
         if let Some(latest) = source.borrow_and_update().clone() {
+            record_changes(&stats, &snapshot, &latest);
             snapshot = latest;
         }
     }

@@ -1,0 +1,194 @@
+//! Prometheus text exposition of the agent's work (kube-proxy's metric names where the meaning
+//! matches) and of the datapath's reason counters.
+use std::{fmt::Write as _, time::UNIX_EPOCH};
+
+use proxy_common::{capacity, map_names};
+
+use crate::stats::{Histogram, SyncStats};
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, histogram: &Histogram) {
+    header(out, name, "histogram", help);
+    for (bound, count) in histogram.bounds.iter().zip(&histogram.counts) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", histogram.count);
+    let _ = writeln!(out, "{name}_sum {}", histogram.sum);
+    let _ = writeln!(out, "{name}_count {}", histogram.count);
+}
+
+fn simple(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Capacity of each agent-owned map.
+const CAPACITIES: [(&str, u32); 6] = [
+    (map_names::SERVICES4, capacity::SERVICES),
+    (map_names::SERVICES6, capacity::SERVICES),
+    (map_names::BACKENDS4, capacity::BACKENDS),
+    (map_names::BACKENDS6, capacity::BACKENDS),
+    (map_names::REV_NAT4, capacity::REV_NAT),
+    (map_names::REV_NAT6, capacity::REV_NAT),
+];
+
+/// Renders every metric. `datapath` holds the reason counters summed over CPUs.
+pub fn render(stats: &SyncStats, datapath: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    histogram(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds",
+        &stats.sync_duration,
+    );
+    histogram(
+        &mut out,
+        "kubeproxy_network_programming_duration_seconds",
+        "In Cluster Network Programming Latency in seconds",
+        &stats.programming_latency,
+    );
+    let last = stats
+        .last_sync_at
+        .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+        .map_or(0.0, |since| since.as_secs_f64());
+    simple(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "gauge",
+        "The last time proxy rules were successfully synced",
+        last,
+    );
+    simple(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "counter",
+        "Cumulative proxy rules EndpointSlice changes",
+        stats.endpoint_changes_total,
+    );
+    simple(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "counter",
+        "Cumulative proxy rules Service changes",
+        stats.service_changes_total,
+    );
+    header(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "gauge",
+        "Number of services with a Local traffic policy and no endpoints",
+    );
+    let _ = writeln!(
+        out,
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"internal\"}} {}",
+        stats.no_local_endpoints
+    );
+
+    render_own(&mut out, stats, datapath);
+    out
+}
+
+/// Switchyard's own metrics: syncs, failures, bad input, map fill and datapath reasons.
+fn render_own(out: &mut String, stats: &SyncStats, datapath: &[(&str, u64)]) {
+    simple(
+        out,
+        "switchyard_syncs_total",
+        "counter",
+        "Successful syncs of the BPF maps",
+        stats.syncs_total,
+    );
+    header(
+        out,
+        "switchyard_sync_errors_total",
+        "counter",
+        "Failed syncs by reason",
+    );
+    for reason in ["map_full", "kernel", "read", "injected"] {
+        let count = stats.sync_errors_total.get(reason).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "switchyard_sync_errors_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
+    simple(
+        out,
+        "switchyard_invalid_object_parts_total",
+        "counter",
+        "Parts of Services or EndpointSlices skipped as invalid",
+        stats.invalid_object_parts_total,
+    );
+    simple(
+        out,
+        "switchyard_skipped_documents_total",
+        "counter",
+        "Documents of the manifests file that could not be used",
+        stats.skipped_documents_total,
+    );
+    header(
+        out,
+        "switchyard_bpf_map_entries",
+        "gauge",
+        "Entries in each agent-owned BPF map",
+    );
+    for (map, _) in CAPACITIES {
+        let entries = stats.map_entries.get(map).copied().unwrap_or(0);
+        let _ = writeln!(out, "switchyard_bpf_map_entries{{map=\"{map}\"}} {entries}");
+    }
+    header(
+        out,
+        "switchyard_bpf_map_capacity",
+        "gauge",
+        "Capacity of each agent-owned BPF map",
+    );
+    for (map, capacity) in CAPACITIES {
+        let _ = writeln!(
+            out,
+            "switchyard_bpf_map_capacity{{map=\"{map}\"}} {capacity}"
+        );
+    }
+    header(
+        out,
+        "switchyard_datapath_events_total",
+        "counter",
+        "Socket-hook outcomes by reason, from the datapath",
+    );
+    for (reason, count) in datapath {
+        let _ = writeln!(
+            out,
+            "switchyard_datapath_events_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn renders_kube_proxy_names_and_datapath_reasons() {
+        let mut stats = SyncStats::default();
+        stats.record_sync(2, Duration::from_millis(3), Some(Duration::from_millis(40)));
+        stats.endpoint_changes_total = 5;
+        stats.map_entries.insert(map_names::BACKENDS4, 7);
+        let text = render(&stats, &[("translated", 11)]);
+        for line in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.05\"} 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 5",
+            "switchyard_invalid_object_parts_total 2",
+            "switchyard_bpf_map_entries{map=\"BACKEND4_V1\"} 7",
+            "switchyard_datapath_events_total{reason=\"translated\"} 11",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
