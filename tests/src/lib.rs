@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod bpffs;
 pub mod cgroup;
 pub mod harness;
+pub mod http;
 pub mod manifests;
 pub mod mounts;
 pub mod names;

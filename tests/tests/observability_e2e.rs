@@ -1,0 +1,164 @@
+//! End-to-end tests of what an operator sees: the metrics endpoint (names and values after
+//! known changes) and the health endpoints across the agent's lifecycle.
+
+use std::net::SocketAddr;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use switchyard_tests::apiserver::ApiServer;
+use switchyard_tests::harness::{BACKEND_PORT, Harness};
+use switchyard_tests::http::get_in_netns;
+use switchyard_tests::manifests::Manifests;
+use switchyard_tests::tempdir::TempDir;
+use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::{require_root, testkit};
+
+const METRICS: &str = "127.0.0.1:10249";
+const HEALTH: &str = "127.0.0.1:10256";
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("valid address")
+}
+
+fn get(harness: &Harness, address: &str, path: &str) -> (u16, String) {
+    get_in_netns(harness.topology().node_namespace(), addr(address), path)
+        .unwrap_or_else(|e| panic!("GET {path} on {address}: {e:#}"))
+}
+
+/// The value of the metric line that starts with `series` (name plus labels).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+/// An integer-valued series (counters and gauges of counts).
+fn count(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no integer series {series} in:\n{text}"))
+}
+
+fn web(backends: &[std::net::IpAddr]) -> Manifests {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|ip| format!("{{addresses: ['{ip}']}}"))
+        .collect();
+    Manifests::new().raw(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: obs}}\nspec: {{clusterIP: 10.96.6.10, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: obs, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints: [{}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: broken, namespace: obs}}\nspec: {{clusterIP: 10.96.6.11, ports: [{{name: big, port: 70000}}]}}\n",
+        endpoints.join(", ")
+    ))
+}
+
+#[test]
+fn metrics_report_syncs_map_fill_changes_and_datapath_reasons() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 3);
+    let target = addr("10.96.6.10:80");
+    harness.write_manifests(&web(&harness.backend_ipv4s()));
+    harness.start_agent(&[]);
+    harness.wait_until_translated(ClientProto::Tcp, target);
+    let attempts = harness.client(&ClientRequest::new(ClientProto::Tcp, target).count(40));
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+
+    let (status, text) = get(&harness, METRICS, "/metrics");
+    assert_eq!(status, 200);
+    assert!(metric(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(
+        metric(
+            &text,
+            "kubeproxy_network_programming_duration_seconds_count"
+        ) >= 1.0
+    );
+    assert!(metric(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.0e9);
+    assert!(
+        metric(
+            &text,
+            "switchyard_datapath_events_total{reason=\"translated\"}"
+        ) >= 40.0
+    );
+    assert_eq!(
+        count(&text, "switchyard_bpf_map_entries{map=\"BACKEND4_V1\"}"),
+        3
+    );
+    // Master entry plus three slots for web; the broken Service's only port is skipped.
+    assert_eq!(
+        count(&text, "switchyard_bpf_map_entries{map=\"SVC4_V1\"}"),
+        4
+    );
+    assert_eq!(
+        count(&text, "switchyard_bpf_map_capacity{map=\"SVC4_V1\"}"),
+        262_144
+    );
+    assert_eq!(count(&text, "switchyard_invalid_object_parts_total"), 1);
+    let endpoint_changes = count(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+
+    // Scale down: one more EndpointSlice change, fewer backends in the maps.
+    harness.write_manifests(&web(&harness.backend_ipv4s()[..1]));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, text) = get(&harness, METRICS, "/metrics");
+        let backends = count(&text, "switchyard_bpf_map_entries{map=\"BACKEND4_V1\"}");
+        if backends == 1 {
+            assert_eq!(
+                count(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+                endpoint_changes + 1
+            );
+            assert!(metric(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scale-down never showed in the metrics:\n{text}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(&harness, METRICS, "/nope").0, 404);
+}
+
+#[test]
+fn health_endpoints_follow_the_agent_lifecycle() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 1);
+    // An API server whose lists are slow: the agent runs but has not synced yet.
+    let api =
+        ApiServer::start_in_netns(harness.topology().node_namespace()).expect("test API server");
+    api.set_list_delay(Duration::from_secs(3));
+    let kubeconfig_dir = TempDir::new().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(kubeconfig_dir.path());
+    harness.start_agent_with_kubeconfig(&kubeconfig, &[]);
+
+    let before = Instant::now() + Duration::from_secs(2);
+    let mut saw_not_ready = false;
+    while Instant::now() < before {
+        if let Ok((status, body)) =
+            get_in_netns(harness.topology().node_namespace(), addr(HEALTH), "/readyz")
+        {
+            assert_eq!(status, 503, "ready before the first sync: {body}");
+            let (health, body) = get(&harness, HEALTH, "/healthz");
+            assert_eq!(health, 503, "healthy before any sync: {body}");
+            saw_not_ready = true;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    assert!(
+        saw_not_ready,
+        "the health endpoint never answered while the first list was slow"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&harness, HEALTH, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready after the first list"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let (status, body) = get(&harness, HEALTH, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"lastUpdated\"") && body.contains("\"nodeEligible\": true"),
+        "{body}"
+    );
+    assert_eq!(get(&harness, HEALTH, "/livez").0, 200);
+}
