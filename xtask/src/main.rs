@@ -1,7 +1,8 @@
-//! Developer tasks for Switchyard: `cargo xtask build | test | run | lint`.
+//! Developer tasks for Switchyard: `cargo xtask build | test | run | lint | bench`.
 //!
 //! `build` installs what a fresh machine lacks (rust-src for nightly, bpf-linker built against
 //! rustc's own LLVM), builds the eBPF object with nightly and the rest with stable.
+mod bench;
 mod demo;
 mod toolchain;
 
@@ -36,6 +37,17 @@ enum Task {
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         agent_args: Vec<String>,
+    },
+    /// Benchmark against kube-proxy's iptables and nftables modes (root); writes
+    /// target/bench/report.{json,md}. Without flags: the full run (40 to 90 minutes).
+    Bench {
+        /// N up to 10 000, under 10 minutes on 2 cores.
+        #[arg(long, conflicts_with = "smoke")]
+        quick: bool,
+        /// N = 10, a few connections per mode: checks that every mode measures (as in
+        /// `cargo xtask test`); writes target/bench-smoke/.
+        #[arg(long)]
+        smoke: bool,
     },
 }
 
@@ -140,7 +152,14 @@ fn test(cargo_args: &[String]) -> Result<()> {
     }
     let mut args = vec!["test", "--release", "--workspace"];
     args.extend(cargo_args.iter().map(String::as_str));
-    run(cargo(&args).env("SWITCHYARD_BIN", switchyard_binary()))
+    run(cargo(&args).env("SWITCHYARD_BIN", switchyard_binary()))?;
+    // A tiny run of the benchmark so that it never rots; it judges completeness, not timings.
+    if nix_is_root() {
+        bench::run(bench::Profile::Smoke)
+    } else {
+        println!("xtask: not running as root: skipping the bench smoke");
+        Ok(())
+    }
 }
 
 fn nix_is_root() -> bool {
@@ -163,6 +182,14 @@ fn main() -> Result<()> {
             lint()
         }
         Task::Test { cargo_args } => test(&cargo_args),
+        Task::Bench { quick, smoke } => {
+            build()?;
+            bench::run(match (quick, smoke) {
+                (_, true) => bench::Profile::Smoke,
+                (true, false) => bench::Profile::Quick,
+                (false, false) => bench::Profile::Full,
+            })
+        }
         Task::Run { agent_args } => {
             build()?;
             if agent_args.is_empty() {

@@ -1,0 +1,726 @@
+//! `cargo xtask bench`: Switchyard side by side with kube-proxy's iptables (nft and legacy
+//! backends) and nftables modes, on this machine, in one run, written to
+//! `target/bench/report.{json,md}` with SVG plots. This module runs the scale points and turns
+//! the measurements into records; the other modules build the lanes, rules, load and report.
+
+mod kube_iptables;
+mod kube_nftables;
+mod lanes;
+mod loadgen;
+mod machine;
+mod modes;
+mod plot;
+mod profile;
+mod report;
+mod services;
+mod stats;
+mod tools;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use lanes::Lane;
+use loadgen::{Load, Summary};
+use modes::{Dataplane, Mode};
+use profile::Plan;
+pub use profile::Profile;
+use report::{Metric, Record, Report};
+use services::ServiceSet;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Progress lines with the time since the start.
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, message: &str) {
+        let secs = self.0.elapsed().as_secs();
+        println!("[{:>2}:{:02}] {message}", secs / 60, secs % 60);
+        let _ = std::io::stdout().flush();
+    }
+}
+
+pub fn run(profile: Profile) -> Result<()> {
+    if !switchyard_tests::is_root() {
+        bail!("the benchmark creates network namespaces and loads BPF programs: run it as root");
+    }
+    tools::ensure()?;
+    // Ctrl-C also reaches the children (same process group); this process then unwinds
+    // through its guards, which remove namespaces, cgroup, pins and mounts.
+    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+    let plan = Plan::new(profile);
+    let progress = Progress(Instant::now());
+    progress.say(&format!(
+        "bench {}: N = {:?}, up to {} endpoints per service; expected duration: {}",
+        format!("{profile:?}").to_lowercase(),
+        plan.scale,
+        plan.max_endpoints,
+        plan.expected
+    ));
+    let mut bench = Bench::new(&plan, &progress)?;
+    let mut records = Vec::new();
+    for &n in &plan.scale {
+        check_stop()?;
+        records.extend(bench.scale_point(n)?);
+    }
+    drop(bench);
+    let report = Report {
+        machine: machine::facts(profile, progress.0.elapsed()),
+        records,
+    };
+    report.write(&plan.out_dir, &method(&plan))?;
+    print_headline(&report);
+    progress.say(&format!(
+        "wrote {} and report.md",
+        plan.out_dir.join("report.json").display()
+    ));
+    if profile == Profile::Smoke {
+        check_complete(&report)?;
+    }
+    Ok(())
+}
+
+/// The smoke's only verdict: every available mode produced every measurement it should.
+/// Timings are never judged.
+fn check_complete(report: &Report) -> Result<()> {
+    let missing: Vec<String> = report
+        .records
+        .iter()
+        .filter(|r| r.value.is_none() && expected(r))
+        .map(|r| {
+            format!(
+                "{} {} at N = {}: {}",
+                r.mode,
+                r.metric,
+                r.services,
+                r.note.as_deref().unwrap_or("no value")
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the bench smoke produced no measurement for:\n  {}",
+            missing.join("\n  ")
+        );
+    }
+    println!("bench smoke: every available mode produced every measurement");
+    Ok(())
+}
+
+/// Whether `record` must have a value when its mode is available.
+fn expected(record: &Record) -> bool {
+    let Some(mode) = Mode::ALL.into_iter().find(|m| m.name() == record.mode) else {
+        return false;
+    };
+    if mode.unavailable().is_some() {
+        return false;
+    }
+    let control = [Metric::ProgramAll.name(), Metric::UpdateOne.name()];
+    let agent = [Metric::AgentRss.name(), Metric::MapMemory.name()];
+    if mode == Mode::Direct && control.contains(&record.metric) {
+        return false;
+    }
+    !agent.contains(&record.metric) || mode.is_switchyard()
+}
+
+/// A mode's lane and data plane, and what the run learnt about it so far.
+struct Entry {
+    mode: Mode,
+    // Declared before the lane: the data plane (agent, rules) goes before its namespaces.
+    plane: Box<dyn Dataplane>,
+    lane: Lane,
+    /// Set once the mode cannot go on to larger scale points.
+    stopped: Option<String>,
+    /// (N, seconds) of each successful program-everything.
+    program_history: Vec<(usize, f64)>,
+}
+
+impl Entry {
+    /// Why this mode is not measured at `n`, if it is not.
+    fn skip_reason(&self, n: usize, plan: &Plan) -> Option<String> {
+        if let Some(reason) = &self.stopped {
+            return Some(reason.clone());
+        }
+        let predicted = predict(&self.program_history, n)?;
+        (predicted > plan.program_budget.as_secs_f64()).then(|| {
+            format!(
+                "skipped: programming predicted to take ~{predicted:.0} s (extrapolated), over \
+                 the {} s budget",
+                plan.program_budget.as_secs()
+            )
+        })
+    }
+}
+
+/// Programming time at `n` extrapolated from the last two points (exponent clamped to 1..2.5).
+fn predict(history: &[(usize, f64)], n: usize) -> Option<f64> {
+    let &(n2, t2) = history.last()?;
+    #[allow(clippy::cast_precision_loss)] // service counts are small
+    let growth = n as f64 / n2 as f64;
+    let exponent = match history.len() {
+        0 | 1 => 1.0,
+        len => {
+            let (n1, t1) = history[len - 2];
+            #[allow(clippy::cast_precision_loss)]
+            let span = (n2 as f64 / n1 as f64).ln();
+            if t1 > 0.0 && span > 0.0 {
+                ((t2 / t1).ln() / span).clamp(1.0, 2.5)
+            } else {
+                1.0
+            }
+        }
+    };
+    Some(t2 * growth.powf(exponent))
+}
+
+struct Bench<'a> {
+    plan: &'a Plan,
+    progress: &'a Progress,
+    entries: Vec<Entry>,
+    backend_ips: Vec<std::net::Ipv4Addr>,
+}
+
+/// Per-mode results of one repeated measurement, repetition by repetition.
+type Reps = BTreeMap<Mode, Vec<Option<Summary>>>;
+
+impl<'a> Bench<'a> {
+    fn new(plan: &'a Plan, progress: &'a Progress) -> Result<Self> {
+        let mut entries = Vec::new();
+        for mode in Mode::ALL {
+            if mode.unavailable().is_some() {
+                continue;
+            }
+            check_stop()?;
+            progress.say(&format!(
+                "creating the {mode} lane (client, node, {} backends)",
+                plan.max_endpoints
+            ));
+            let lane = Lane::new(plan.max_endpoints)
+                .with_context(|| format!("creating the {mode} lane"))?;
+            entries.push(Entry {
+                mode,
+                plane: mode.dataplane()?,
+                lane,
+                stopped: None,
+                program_history: Vec::new(),
+            });
+        }
+        let backend_ips = entries[0].lane.backend_ips();
+        Ok(Self {
+            plan,
+            progress,
+            entries,
+            backend_ips,
+        })
+    }
+
+    fn scale_point(&mut self, n: usize) -> Result<Vec<Record>> {
+        let m = self.plan.endpoints_at(n);
+        let set = ServiceSet::new(n, self.backend_ips[..m].to_vec());
+        let mut notes: BTreeMap<Mode, String> = BTreeMap::new();
+        let mut control: BTreeMap<(Mode, Metric), f64> = BTreeMap::new();
+        let mut active = self.program_all(&set, &mut control, &mut notes)?;
+        self.warm_up(&set, &mut active, &mut notes)?;
+        let latency = self.repeat(
+            &set,
+            &active,
+            "latency",
+            self.plan.latency_reps,
+            Load::Latency {
+                connections: self.plan.latency_connections,
+                max: Duration::from_mins(1),
+            },
+        )?;
+        let cps = self.repeat(
+            &set,
+            &active,
+            "connections/s",
+            self.plan.cps_reps,
+            Load::Cps {
+                concurrency: self.plan.cps_concurrency,
+                duration: self.plan.cps_duration,
+            },
+        )?;
+        let throughput = self.repeat(
+            &set,
+            &active,
+            "throughput",
+            self.plan.throughput_reps,
+            Load::Throughput {
+                bytes: self.plan.throughput_bytes,
+                duration: self.plan.throughput_duration,
+            },
+        )?;
+        let mut memory = BTreeMap::new();
+        for &index in &active {
+            check_stop()?;
+            let entry = &mut self.entries[index];
+            match entry.plane.update_one(entry.lane.topology(), &set) {
+                Ok(Some(elapsed)) => {
+                    control.insert((entry.mode, Metric::UpdateOne), elapsed.as_secs_f64());
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    notes.insert(entry.mode, format!("endpoint update failed: {error:#}"));
+                }
+            }
+            if let Some(usage) = entry.plane.agent_memory() {
+                memory.insert((entry.mode, Metric::AgentRss), usage.peak_rss_mib);
+                if let Some(maps) = usage.maps_mib {
+                    memory.insert((entry.mode, Metric::MapMemory), maps);
+                }
+            }
+        }
+        let results = Results {
+            n,
+            m,
+            latency,
+            cps,
+            throughput,
+            control,
+            memory,
+            notes,
+        };
+        let records = results.records();
+        self.say_point(&records);
+        Ok(records)
+    }
+
+    /// Programs every mode that is still in the run from empty; returns the indices of the
+    /// entries that are ready to measure.
+    fn program_all(
+        &mut self,
+        set: &ServiceSet,
+        control: &mut BTreeMap<(Mode, Metric), f64>,
+        notes: &mut BTreeMap<Mode, String>,
+    ) -> Result<Vec<usize>> {
+        let (n, m) = (set.count, set.endpoints.len());
+        let mut active = Vec::new();
+        for (index, entry) in self.entries.iter_mut().enumerate() {
+            check_stop()?;
+            if let Some(reason) = entry.skip_reason(n, self.plan) {
+                self.progress
+                    .say(&format!("N={n}: {}: {reason}", entry.mode));
+                notes.insert(entry.mode, reason);
+                continue;
+            }
+            self.progress
+                .say(&format!("N={n} M={m}: programming {}", entry.mode));
+            let topology = entry.lane.topology();
+            let programmed = entry.plane.clear(topology).and_then(|()| {
+                entry
+                    .plane
+                    .program_all(topology, set, self.plan.program_timeout)
+            });
+            match programmed {
+                Ok(elapsed) => {
+                    if let Some(elapsed) = elapsed {
+                        let secs = elapsed.as_secs_f64();
+                        self.progress
+                            .say(&format!("N={n}: {} programmed in {secs:.3} s", entry.mode));
+                        control.insert((entry.mode, Metric::ProgramAll), secs);
+                        entry.program_history.push((n, secs));
+                    }
+                    active.push(index);
+                }
+                Err(error) => {
+                    let reason = format!("programming failed at N = {n}: {error:#}");
+                    self.progress
+                        .say(&format!("N={n}: {}: {reason}", entry.mode));
+                    entry.stopped = Some(format!("skipped: {reason}"));
+                    notes.insert(entry.mode, reason);
+                }
+            }
+        }
+        Ok(active)
+    }
+
+    /// A few untimed connections per mode (neighbour entries, caches); a mode that cannot
+    /// complete one is dropped from this scale point with a note.
+    fn warm_up(
+        &self,
+        set: &ServiceSet,
+        active: &mut Vec<usize>,
+        notes: &mut BTreeMap<Mode, String>,
+    ) -> Result<()> {
+        let load = Load::Latency {
+            connections: self.plan.warmup_connections,
+            max: Duration::from_secs(30),
+        };
+        let mut working = Vec::new();
+        for &index in active.iter() {
+            check_stop()?;
+            let entry = &self.entries[index];
+            match Self::measure(entry, set, &load) {
+                Ok(summary) if summary.ok > 0 => working.push(index),
+                Ok(summary) => {
+                    notes.insert(
+                        entry.mode,
+                        format!(
+                            "no connection succeeded ({} failed; first error: {})",
+                            summary.errors,
+                            summary.first_error.unwrap_or_default()
+                        ),
+                    );
+                }
+                Err(error) => {
+                    notes.insert(entry.mode, format!("load generator failed: {error:#}"));
+                }
+            }
+        }
+        // The backends' UDP echo answers too (checked once, on the floor's lane).
+        if let Some(entry) = self.entries.iter().find(|e| e.mode == Mode::Direct) {
+            let udp = Load::Udp {
+                datagrams: 2 * set.endpoints.len() as u64,
+                max: Duration::from_secs(10),
+            };
+            let summary = Self::measure(entry, set, &udp)?;
+            if summary.ok == 0 {
+                bail!(
+                    "no backend answered the UDP echo: {}",
+                    summary.first_error.unwrap_or_default()
+                );
+            }
+        }
+        *active = working;
+        Ok(())
+    }
+
+    fn measure(entry: &Entry, set: &ServiceSet, load: &Load) -> Result<Summary> {
+        entry.plane.reset_connection_state(entry.lane.topology())?;
+        loadgen::run(
+            entry.lane.client_namespace(),
+            entry.plane.cgroup(),
+            &entry.plane.targets(set),
+            load,
+        )
+    }
+
+    /// `reps` repetitions of `load` on every active mode, interleaved (A B C, B C A, ...) so
+    /// that the machine's drift hits every mode alike.
+    fn repeat(
+        &self,
+        set: &ServiceSet,
+        active: &[usize],
+        what: &str,
+        reps: usize,
+        load: Load,
+    ) -> Result<Reps> {
+        let mut results: Reps = BTreeMap::new();
+        for rep in 0..reps {
+            let mut order = active.to_vec();
+            let len = order.len();
+            if len > 0 {
+                order.rotate_left(rep % len);
+            }
+            for index in order {
+                check_stop()?;
+                let entry = &self.entries[index];
+                let summary = match Self::measure(entry, set, &load) {
+                    Ok(summary) => Some(summary),
+                    Err(error) => {
+                        self.progress.say(&format!(
+                            "N={}: {} {what}: {error:#}",
+                            set.count, entry.mode
+                        ));
+                        None
+                    }
+                };
+                results.entry(entry.mode).or_default().push(summary);
+            }
+            self.progress.say(&format!(
+                "N={}: {what} repetition {}/{reps} done",
+                set.count,
+                rep + 1
+            ));
+        }
+        Ok(results)
+    }
+
+    fn say_point(&self, records: &[Record]) {
+        for record in records
+            .iter()
+            .filter(|r| r.metric == Metric::ConnectLatency.name() && r.value.is_some())
+        {
+            self.progress.say(&format!(
+                "N={}: {:<18} latency mean {:>7.1} µs  p99 {:>7.1} µs  ×direct {}",
+                record.services,
+                record.mode,
+                record.value.unwrap_or_default(),
+                record.p99.unwrap_or_default(),
+                record
+                    .ratio_to_direct
+                    .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"))
+            ));
+        }
+    }
+}
+
+/// Everything measured at one scale point.
+struct Results {
+    n: usize,
+    m: usize,
+    latency: Reps,
+    cps: Reps,
+    throughput: Reps,
+    control: BTreeMap<(Mode, Metric), f64>,
+    memory: BTreeMap<(Mode, Metric), f64>,
+    notes: BTreeMap<Mode, String>,
+}
+
+impl Results {
+    fn records(&self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for mode in Mode::ALL {
+            for metric in Metric::ALL {
+                let mut record = Record::new(mode, self.n, self.m, metric);
+                if let Some(reason) = mode.unavailable() {
+                    record.note = Some(reason.to_owned());
+                    records.push(record);
+                    continue;
+                }
+                match metric {
+                    Metric::ConnectLatency => self.latency_record(mode, &mut record),
+                    Metric::ConnPerS => {
+                        Self::rate_record(mode, &self.cps, |s| s.conn_per_s, &mut record);
+                    }
+                    Metric::Throughput => {
+                        Self::rate_record(mode, &self.throughput, |s| s.gbps, &mut record);
+                    }
+                    Metric::ProgramAll | Metric::UpdateOne => {
+                        record.value = self.control.get(&(mode, metric)).copied();
+                        record.reps = usize::from(record.value.is_some());
+                    }
+                    Metric::AgentRss | Metric::MapMemory => {
+                        record.value = self.memory.get(&(mode, metric)).copied();
+                        record.reps = usize::from(record.value.is_some());
+                    }
+                }
+                if record.value.is_none() && record.note.is_none() {
+                    record.note = self.notes.get(&mode).cloned();
+                }
+                records.push(record);
+            }
+        }
+        records
+    }
+
+    fn latency_record(&self, mode: Mode, record: &mut Record) {
+        let Some(reps) = self.latency.get(&mode) else {
+            return;
+        };
+        let per_rep = |reps: &[Option<Summary>]| -> Vec<Option<f64>> {
+            reps.iter()
+                .map(|s| {
+                    let samples: Vec<f64> = s
+                        .as_ref()?
+                        .samples_us
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .collect();
+                    stats::mean(&samples)
+                })
+                .collect()
+        };
+        let pooled: Vec<f64> = reps
+            .iter()
+            .flatten()
+            .flat_map(|s| s.samples_us.iter().map(|&v| f64::from(v)))
+            .collect();
+        record.value = stats::mean(&pooled);
+        record.p50 = stats::percentile(&pooled, 50.0);
+        record.p99 = stats::percentile(&pooled, 99.0);
+        let means = per_rep(reps);
+        record.reps = means.iter().flatten().count();
+        if let Some(direct) = self.latency.get(&Mode::Direct)
+            && mode != Mode::Direct
+        {
+            set_ratio(record, &stats::paired_ratios(&means, &per_rep(direct)));
+        }
+        let errors: u64 = reps.iter().flatten().map(|s| s.errors).sum();
+        if errors > 0 {
+            let first = reps
+                .iter()
+                .flatten()
+                .find_map(|s| s.first_error.clone())
+                .unwrap_or_default();
+            record.note = Some(format!(
+                "{errors} of {} connections failed (first error: {first})",
+                errors + u64::try_from(pooled.len()).unwrap_or(u64::MAX)
+            ));
+        }
+    }
+
+    fn rate_record(
+        mode: Mode,
+        measured: &Reps,
+        value: impl Fn(&Summary) -> Option<f64>,
+        record: &mut Record,
+    ) {
+        let Some(reps) = measured.get(&mode) else {
+            return;
+        };
+        let values: Vec<Option<f64>> = reps
+            .iter()
+            .map(|s| s.as_ref().filter(|s| s.ok > 0).and_then(&value))
+            .collect();
+        let present: Vec<f64> = values.iter().flatten().copied().collect();
+        record.value = stats::median(&present);
+        record.reps = present.len();
+        if let Some(direct) = measured.get(&Mode::Direct)
+            && mode != Mode::Direct
+        {
+            let base: Vec<Option<f64>> = direct
+                .iter()
+                .map(|s| s.as_ref().filter(|s| s.ok > 0).and_then(&value))
+                .collect();
+            set_ratio(record, &stats::paired_ratios(&values, &base));
+        }
+        let errors: u64 = reps.iter().flatten().map(|s| s.errors).sum();
+        if errors > 0 {
+            record.note = Some(format!(
+                "{errors} connections failed during the measurement"
+            ));
+        }
+    }
+}
+
+fn set_ratio(record: &mut Record, ratios: &[f64]) {
+    if let Some(summary) = stats::summarize_ratios(ratios) {
+        record.ratio_to_direct = Some(summary.median);
+        record.ratio_min = Some(summary.min);
+        record.ratio_max = Some(summary.max);
+    }
+}
+
+/// How the numbers were obtained, for report.md.
+fn method(plan: &Plan) -> Vec<String> {
+    let mut lines = vec![
+        "Topology: per mode a lane of network namespaces on this machine: client → node → M \
+         backends, joined by veth pairs, no link or route out of the machine. All lanes have \
+         the same addresses; the node forwards (ip_forward=1 inside the node namespace only)."
+            .to_owned(),
+        "Backends answer a tiny HTTP/1.1 response (and a UDP echo); the client always closes \
+         first, so backends never hold TIME_WAIT for a reused 4-tuple."
+            .to_owned(),
+        "Modes: direct = client to a backend's own IP (no service: the physical floor); \
+         iptables-nft / iptables-legacy / nftables = kube-proxy's rule layout for N ClusterIP \
+         services × M endpoints loaded in the node namespace (PREROUTING DNAT); \
+         switchyard-socket = the agent's socket hooks on a cgroup the client process runs in."
+            .to_owned(),
+        "The measured service is always the last one: the worst-placed in KUBE-SERVICES for the \
+         iptables modes (nftables and Switchyard look services up in hash maps, where the \
+         position does not matter)."
+            .to_owned(),
+        "The client lives inside the cluster CIDR (like a pod), so service traffic is not \
+         masqueraded, but every masquerade rule is still evaluated."
+            .to_owned(),
+        format!(
+            "Latency: {} sequential new connections per repetition (connect, request, full \
+             response, close), {} repetitions per mode, modes interleaved with the order rotated \
+             each repetition. Value = mean over all connections, p50/p99 over all connections; \
+             ×direct = median over repetitions of (mode's mean / direct's mean in the same \
+             repetition), [min–max] over repetitions.",
+            plan.latency_connections, plan.latency_reps
+        ),
+        format!(
+            "Connections per second: {} concurrent connection loops for {:.1} s, {} repetitions, \
+             interleaved; throughput: one download for {:.1} s, {} repetitions, interleaved. \
+             Ratios are paired the same way.",
+            plan.cps_concurrency,
+            plan.cps_duration.as_secs_f64(),
+            plan.cps_reps,
+            plan.throughput_duration.as_secs_f64(),
+            plan.throughput_reps
+        ),
+        "Before each repetition of a netfilter mode its conntrack table is flushed, so every \
+         repetition starts alike."
+            .to_owned(),
+        "Endpoints per service: the profile's M where the BPF maps allow N × (M + 1) ≤ 262 144 \
+         service slots, fewer above (the same M for every mode at a scale point)."
+            .to_owned(),
+        "Agent memory: peak RSS (VmHWM) of the agent process after programming and the update; \
+         BPF map memory: sum of `memlock` over the maps the agent holds (fdinfo). kube-proxy \
+         itself is not run (its rules are generated by the bench), so neither applies to the \
+         netfilter modes."
+            .to_owned(),
+        "switchyard-tc (NodePort from an external client through TC) is not built yet: reported \
+         as not available."
+            .to_owned(),
+    ];
+    for mode in [Mode::IptablesNft, Mode::Nftables, Mode::SwitchyardSocket] {
+        if let Some(note) = mode.control_plane_note() {
+            lines.push(format!("Control plane, {mode}: {note}."));
+        }
+    }
+    lines
+}
+
+fn print_headline(report: &Report) {
+    let Some(largest) = report.records.iter().map(|r| r.services).max() else {
+        return;
+    };
+    println!("\nheadline at N = {largest}:");
+    for mode in Mode::ALL {
+        let get = |metric: Metric| {
+            report.records.iter().find(|r| {
+                r.mode == mode.name() && r.services == largest && r.metric == metric.name()
+            })
+        };
+        let latency = get(Metric::ConnectLatency);
+        let program = get(Metric::ProgramAll).and_then(|r| r.value);
+        println!(
+            "  {:<18} latency {:>9}  ×direct {:>5}  program {:>9}",
+            mode.name(),
+            latency
+                .and_then(|r| r.value)
+                .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1} µs")),
+            latency
+                .and_then(|r| r.ratio_to_direct)
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
+            program.map_or_else(|| "n/a".to_owned(), |s| format!("{s:.3} s")),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extrapolates_programming_time() {
+        assert_eq!(predict(&[], 10), None);
+        assert_eq!(predict(&[(100, 1.0)], 1_000), Some(10.0));
+        // Quadratic growth between the last two points is carried on.
+        let quadratic = predict(&[(1_000, 1.0), (10_000, 100.0)], 30_000).unwrap();
+        assert!((quadratic - 900.0).abs() < 1e-6);
+        // Flat (process start-up dominated) history is taken as at least linear.
+        let flat = predict(&[(1, 0.01), (100, 0.01)], 1_000).unwrap();
+        assert!((flat - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn only_applicable_records_are_required_in_the_smoke() {
+        let record = |mode, metric| Record::new(mode, 10, 2, metric);
+        assert!(expected(&record(Mode::Direct, Metric::ConnectLatency)));
+        assert!(!expected(&record(Mode::Direct, Metric::ProgramAll)));
+        assert!(expected(&record(Mode::Nftables, Metric::UpdateOne)));
+        assert!(!expected(&record(Mode::Nftables, Metric::AgentRss)));
+        assert!(expected(&record(Mode::SwitchyardSocket, Metric::MapMemory)));
+        assert!(!expected(&record(
+            Mode::SwitchyardTc,
+            Metric::ConnectLatency
+        )));
+    }
+}

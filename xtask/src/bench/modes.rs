@@ -1,0 +1,513 @@
+//! The modes compared and their data planes: what each programs, how a client reaches the
+//! measured service through it, and its control-plane costs. A new mode (e.g. Switchyard's TC
+//! path for NodePort) is a [`Mode`] variant plus a [`Dataplane`] implementation.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use switchyard_tests::agent::Agent;
+use switchyard_tests::bpffs::PrivateBpffs;
+use switchyard_tests::cgroup::TestCgroup;
+use switchyard_tests::manifests::{
+    AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
+};
+use switchyard_tests::netns::Topology;
+use switchyard_tests::process::{run_bounded, run_checked, wait_until};
+use switchyard_tests::tempdir::TempDir;
+
+use super::services::{BACKEND_PORT, PORT_NAME, SERVICE_PORT, ServiceSet};
+use super::{kube_iptables, kube_nftables};
+
+const COMMAND_TIMEOUT: Duration = Duration::from_mins(1);
+const UPDATE_TIMEOUT: Duration = Duration::from_mins(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Client to a backend's own IP, no service at all: the physical floor.
+    Direct,
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+    /// ClusterIP from a process in the hooked cgroup.
+    SwitchyardSocket,
+    /// NodePort from the external client, through Switchyard's TC programs.
+    SwitchyardTc,
+}
+
+impl Mode {
+    pub const ALL: [Self; 6] = [
+        Self::Direct,
+        Self::IptablesNft,
+        Self::IptablesLegacy,
+        Self::Nftables,
+        Self::SwitchyardSocket,
+        Self::SwitchyardTc,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::IptablesNft => "iptables-nft",
+            Self::IptablesLegacy => "iptables-legacy",
+            Self::Nftables => "nftables",
+            Self::SwitchyardSocket => "switchyard-socket",
+            Self::SwitchyardTc => "switchyard-tc",
+        }
+    }
+
+    /// Why the mode cannot be measured in this version, if it cannot.
+    pub fn unavailable(self) -> Option<&'static str> {
+        (self == Self::SwitchyardTc)
+            .then_some("not available: Switchyard's TC path (NodePort) is not built yet")
+    }
+
+    /// What the mode's control-plane numbers include, for the report.
+    pub fn control_plane_note(self) -> Option<&'static str> {
+        match self {
+            Self::IptablesNft | Self::IptablesLegacy => Some(
+                "wall time of `iptables-nft-restore` / `iptables-legacy-restore` in the node \
+                 namespace on a file generated beforehand (kube-proxy's own computation is not \
+                 included). Programming from empty is a full restore: kube-proxy passes \
+                 `--noflush`, which gives the same tables but made iptables-nft 1.8.9 take over \
+                 two minutes instead of 14 s at 10 000 services × 10 endpoints on this machine, \
+                 so these figures favour iptables-nft. The update is kube-proxy's partial sync \
+                 with `--noflush`, which rewrites KUBE-SERVICES in full",
+            ),
+            Self::Nftables => Some(
+                "wall time of `nft -f` in the node namespace on a file generated beforehand; the \
+                 update is one transaction (new endpoint chain, service chain rewritten, stale \
+                 endpoint chain deleted)",
+            ),
+            Self::SwitchyardSocket => Some(
+                "program: from starting the agent on the manifests file (load and attach the \
+                 programs, parse, plan, write the maps) to its `dataplane synced` log line; \
+                 update: from rewriting the file to the next `dataplane synced` line (includes \
+                 the file source's poll of up to 200 ms and re-parsing the whole file)",
+            ),
+            Self::Direct | Self::SwitchyardTc => None,
+        }
+    }
+
+    pub fn is_switchyard(self) -> bool {
+        matches!(self, Self::SwitchyardSocket | Self::SwitchyardTc)
+    }
+
+    /// Builds the data plane of an available mode.
+    pub fn dataplane(self) -> Result<Box<dyn Dataplane>> {
+        Ok(match self {
+            Self::Direct => Box::new(Direct),
+            Self::IptablesNft | Self::IptablesLegacy | Self::Nftables => {
+                Box::new(Netfilter::new(self)?)
+            }
+            Self::SwitchyardSocket => Box::new(SwitchyardSocket::new()?),
+            Self::SwitchyardTc => bail!("{}", self.unavailable().unwrap_or("unavailable")),
+        })
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Memory the agent uses at a scale point.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentMemory {
+    /// Peak resident set size (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    /// Sum of the `memlock` of every BPF map the agent holds, MiB (None if none was found).
+    pub maps_mib: Option<f64>,
+}
+
+pub trait Dataplane {
+    /// Removes everything programmed, leaving the mode as on a fresh node (not timed).
+    fn clear(&mut self, topology: &Topology) -> Result<()>;
+    /// Programs every service of `set` from empty; the time it took, `None` if the mode
+    /// programs nothing.
+    fn program_all(
+        &mut self,
+        topology: &Topology,
+        set: &ServiceSet,
+        timeout: Duration,
+    ) -> Result<Option<Duration>>;
+    /// Applies [`ServiceSet::updated_endpoints`] on top of `program_all(set)`.
+    fn update_one(&mut self, topology: &Topology, set: &ServiceSet) -> Result<Option<Duration>>;
+    /// Where a client connects to reach the measured service.
+    fn targets(&self, set: &ServiceSet) -> Vec<SocketAddr> {
+        vec![set.measured_target()]
+    }
+    /// The cgroup the client must run in, if the mode acts on sockets.
+    fn cgroup(&self) -> Option<&Path> {
+        None
+    }
+    /// Resets per-connection state between repetitions (conntrack), so every repetition
+    /// starts alike.
+    fn reset_connection_state(&self, _topology: &Topology) -> Result<()> {
+        Ok(())
+    }
+    fn agent_memory(&self) -> Option<AgentMemory> {
+        None
+    }
+}
+
+/// No service: the client spreads its connections over the backends' own addresses.
+struct Direct;
+
+impl Dataplane for Direct {
+    fn clear(&mut self, _: &Topology) -> Result<()> {
+        Ok(())
+    }
+
+    fn program_all(
+        &mut self,
+        _: &Topology,
+        _: &ServiceSet,
+        _: Duration,
+    ) -> Result<Option<Duration>> {
+        Ok(None)
+    }
+
+    fn update_one(&mut self, _: &Topology, _: &ServiceSet) -> Result<Option<Duration>> {
+        Ok(None)
+    }
+
+    fn targets(&self, set: &ServiceSet) -> Vec<SocketAddr> {
+        set.endpoints
+            .iter()
+            .map(|&ip| SocketAddr::from((ip, BACKEND_PORT)))
+            .collect()
+    }
+}
+
+/// kube-proxy's rules, generated and loaded into the node namespace with the mode's tool.
+struct Netfilter {
+    mode: Mode,
+    files: TempDir,
+}
+
+impl Netfilter {
+    fn new(mode: Mode) -> Result<Self> {
+        Ok(Self {
+            mode,
+            files: TempDir::new()?,
+        })
+    }
+
+    /// The loader command for a rules file: (program, arguments before the file).
+    fn loader(&self, incremental: bool) -> (&'static str, &'static [&'static str]) {
+        match (self.mode, incremental) {
+            (Mode::IptablesNft, true) => ("iptables-nft-restore", &["--noflush"]),
+            (Mode::IptablesNft, false) => ("iptables-nft-restore", &[]),
+            (Mode::IptablesLegacy, true) => ("iptables-legacy-restore", &["--noflush"]),
+            (Mode::IptablesLegacy, false) => ("iptables-legacy-restore", &[]),
+            _ => ("nft", &["-f"]),
+        }
+    }
+
+    /// Writes `rules` to a file (not timed) and loads it in the node namespace (timed).
+    fn load(
+        &self,
+        topology: &Topology,
+        rules: &str,
+        incremental: bool,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let path = self.files.path().join("rules");
+        std::fs::write(&path, rules).with_context(|| format!("writing {}", path.display()))?;
+        let (program, args) = self.loader(incremental);
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", topology.node_namespace(), program])
+            .args(args)
+            .arg(&path);
+        let started = Instant::now();
+        let output = run_bounded(&mut command, timeout)?;
+        let elapsed = started.elapsed();
+        if !output.status.success() {
+            bail!(
+                "{program} failed with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(elapsed)
+    }
+}
+
+impl Dataplane for Netfilter {
+    fn clear(&mut self, topology: &Topology) -> Result<()> {
+        let rules = if self.mode == Mode::Nftables {
+            kube_nftables::empty()
+        } else {
+            kube_iptables::empty()
+        };
+        self.load(topology, &rules, false, COMMAND_TIMEOUT * 10)
+            .map(drop)
+    }
+
+    fn program_all(
+        &mut self,
+        topology: &Topology,
+        set: &ServiceSet,
+        timeout: Duration,
+    ) -> Result<Option<Duration>> {
+        // A full restore, not kube-proxy's `--noflush`: the tables are empty, so the result is
+        // the same, and iptables-nft 1.8.9 is far slower with `--noflush` at this size (over
+        // two minutes instead of 14 s at 10 000 × 10), which would measure a tool quirk.
+        let (rules, incremental) = if self.mode == Mode::Nftables {
+            (kube_nftables::program_all(set), true)
+        } else {
+            (kube_iptables::program_all(set), false)
+        };
+        self.load(topology, &rules, incremental, timeout).map(Some)
+    }
+
+    fn update_one(&mut self, topology: &Topology, set: &ServiceSet) -> Result<Option<Duration>> {
+        let rules = if self.mode == Mode::Nftables {
+            kube_nftables::update_one(set)
+        } else {
+            kube_iptables::update_one(set)
+        };
+        self.load(topology, &rules, true, UPDATE_TIMEOUT).map(Some)
+    }
+
+    fn reset_connection_state(&self, topology: &Topology) -> Result<()> {
+        run_checked(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                topology.node_namespace(),
+                "conntrack",
+                "-F",
+            ]),
+            COMMAND_TIMEOUT,
+        )
+        .map(drop)
+    }
+}
+
+/// The Switchyard agent in the node namespace, its socket hooks on a bench-owned cgroup that
+/// the client joins. Fields drop in order: the agent stops before its cgroup and bpffs go.
+struct SwitchyardSocket {
+    agent: Option<Agent>,
+    manifests: TempDir,
+    cgroup: TestCgroup,
+    bpffs: PrivateBpffs,
+    last_sync_ms: Option<u64>,
+}
+
+impl SwitchyardSocket {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            agent: None,
+            manifests: TempDir::new()?,
+            cgroup: TestCgroup::new()?,
+            bpffs: PrivateBpffs::new()?,
+            last_sync_ms: None,
+        })
+    }
+
+    fn manifests_path(&self) -> std::path::PathBuf {
+        self.manifests.path().join("services.yaml")
+    }
+
+    fn write_manifests(&self, set: &ServiceSet, updated: bool) -> Result<()> {
+        let mut manifests = Manifests::new();
+        for index in 0..set.count {
+            let name = ServiceSet::name(index);
+            let endpoints = if updated {
+                set.updated_endpoints(index)
+            } else {
+                set.endpoints.clone()
+            };
+            manifests = manifests
+                .with(
+                    Service::cluster_ip(&name, &[ServiceSet::vip(index).into()]).port(
+                        ServicePort::new(PORT_NAME, Protocol::Tcp, SERVICE_PORT, PORT_NAME),
+                    ),
+                )
+                .with(
+                    EndpointSlice::new(&format!("{name}-1"), &name, AddressType::IPv4)
+                        .ready_endpoints(endpoints.into_iter().map(Into::into))
+                        .port(EndpointPort::new(PORT_NAME, Protocol::Tcp, BACKEND_PORT)),
+                );
+        }
+        manifests.write_atomic(&self.manifests_path())
+    }
+
+    /// Waits until the agent logged more than `seen` "dataplane synced" lines; returns the
+    /// agent's own `elapsed_ms` of the newest one.
+    fn wait_for_sync(&mut self, seen: usize, timeout: Duration) -> Result<u64> {
+        let agent = self.agent.as_mut().context("the agent is not running")?;
+        let found = wait_until(timeout, Duration::from_millis(2), || {
+            if agent.ensure_running().is_err() {
+                return Some(None);
+            }
+            let log = agent.log();
+            let syncs: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("dataplane synced"))
+                .collect();
+            (syncs.len() > seen).then(|| Some(field(syncs[syncs.len() - 1], "elapsed_ms=")))
+        });
+        match found {
+            Some(Some(elapsed_ms)) => Ok(elapsed_ms.unwrap_or(0)),
+            Some(None) => bail!("the agent exited; its log:\n{}", agent.log()),
+            None => bail!(
+                "the agent did not sync within {timeout:?}; its log:\n{}",
+                agent.log()
+            ),
+        }
+    }
+
+    fn synced_lines(&self) -> usize {
+        self.agent.as_ref().map_or(0, |agent| {
+            agent
+                .log()
+                .lines()
+                .filter(|l| l.contains("dataplane synced"))
+                .count()
+        })
+    }
+}
+
+/// The number after `key` in a log line (`operations=12 elapsed_ms=3`).
+fn field(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+impl Dataplane for SwitchyardSocket {
+    fn clear(&mut self, _: &Topology) -> Result<()> {
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop()?;
+            let output = agent.cleanup()?;
+            if !output.status.success() {
+                bail!(
+                    "switchyard cleanup failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn program_all(
+        &mut self,
+        topology: &Topology,
+        set: &ServiceSet,
+        timeout: Duration,
+    ) -> Result<Option<Duration>> {
+        self.clear(topology)?;
+        self.write_manifests(set, false)?;
+        let started = Instant::now();
+        self.agent = Some(Agent::start(
+            topology,
+            &self.cgroup,
+            &self.bpffs,
+            &self.manifests_path(),
+            &[],
+        )?);
+        let sync_ms = self.wait_for_sync(0, timeout)?;
+        let elapsed = started.elapsed();
+        self.last_sync_ms = Some(sync_ms);
+        Ok(Some(elapsed))
+    }
+
+    fn update_one(&mut self, _: &Topology, set: &ServiceSet) -> Result<Option<Duration>> {
+        let seen = self.synced_lines();
+        self.write_manifests(set, true)?;
+        let started = Instant::now();
+        let sync_ms = self.wait_for_sync(seen, UPDATE_TIMEOUT)?;
+        self.last_sync_ms = Some(sync_ms);
+        Ok(Some(started.elapsed()))
+    }
+
+    fn cgroup(&self) -> Option<&Path> {
+        Some(self.cgroup.path())
+    }
+
+    fn agent_memory(&self) -> Option<AgentMemory> {
+        let pid = self.agent.as_ref()?.pid()?;
+        Some(AgentMemory {
+            peak_rss_mib: peak_rss_mib(pid)?,
+            maps_mib: bpf_map_mib(pid),
+        })
+    }
+}
+
+impl Drop for SwitchyardSocket {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.stop();
+            let _ = agent.cleanup();
+        }
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// VmHWM (peak resident set) of `pid`.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(mib(kib * 1024))
+}
+
+/// Sum of `memlock` over the distinct BPF maps `pid` holds a descriptor of.
+fn bpf_map_mib(pid: u32) -> Option<f64> {
+    let mut seen = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let value = |key: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (value("map_id:"), value("memlock:")) {
+            seen.insert(id, memlock);
+        }
+    }
+    (!seen.is_empty()).then(|| mib(seen.values().sum()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fields_of_the_sync_log_line() {
+        let line = "2026-01-01T00:00:00Z  INFO switchyard::sync: dataplane synced operations=120 elapsed_ms=37";
+        assert_eq!(field(line, "operations="), Some(120));
+        assert_eq!(field(line, "elapsed_ms="), Some(37));
+        assert_eq!(field(line, "missing="), None);
+    }
+
+    #[test]
+    fn only_the_tc_path_is_unavailable() {
+        for mode in Mode::ALL {
+            assert_eq!(mode.unavailable().is_some(), mode == Mode::SwitchyardTc);
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! How much a run measures: the scale points, repetitions and bounds of each profile.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Service-slot capacity of the BPF maps: N services with M endpoints need N × (M + 1).
+const MAP_SLOTS: usize = 262_144;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// N = 10, a few connections, every mode: checks the harness (run by `cargo xtask test`).
+    Smoke,
+    /// N up to 10 000, under 10 minutes on 2 cores.
+    Quick,
+    /// N up to 100 000 where time allows.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub scale: Vec<usize>,
+    /// Endpoints per service where the maps allow it (and backend namespaces created).
+    pub max_endpoints: usize,
+    pub latency_connections: u64,
+    pub latency_reps: usize,
+    pub cps_reps: usize,
+    pub cps_concurrency: usize,
+    pub cps_duration: Duration,
+    pub throughput_reps: usize,
+    pub throughput_duration: Duration,
+    pub throughput_bytes: u64,
+    pub warmup_connections: u64,
+    /// Longest a single program-everything step may take before the mode is reported as
+    /// timed out at that scale (and skipped at larger ones).
+    pub program_timeout: Duration,
+    /// A mode whose next programming is predicted (from the last two points) to exceed this
+    /// is skipped at that scale, with a note.
+    pub program_budget: Duration,
+    pub out_dir: PathBuf,
+    /// What the run is expected to take, printed at the start.
+    pub expected: &'static str,
+}
+
+impl Plan {
+    pub fn new(profile: Profile) -> Self {
+        let root = crate::workspace_root().join("target");
+        match profile {
+            Profile::Smoke => Self {
+                scale: vec![10],
+                max_endpoints: 2,
+                latency_connections: 40,
+                latency_reps: 2,
+                cps_reps: 1,
+                cps_concurrency: 2,
+                cps_duration: Duration::from_millis(300),
+                throughput_reps: 1,
+                throughput_duration: Duration::from_millis(300),
+                throughput_bytes: 1 << 30,
+                warmup_connections: 10,
+                program_timeout: Duration::from_mins(1),
+                program_budget: Duration::from_mins(1),
+                out_dir: root.join("bench-smoke"),
+                expected: "about 10 seconds",
+            },
+            Profile::Quick => Self {
+                scale: vec![1, 100, 1_000, 10_000],
+                max_endpoints: 10,
+                latency_connections: 3_000,
+                latency_reps: 10,
+                cps_reps: 3,
+                cps_concurrency: 8,
+                cps_duration: Duration::from_secs(1),
+                throughput_reps: 3,
+                throughput_duration: Duration::from_secs(1),
+                throughput_bytes: 1 << 40,
+                warmup_connections: 300,
+                program_timeout: Duration::from_mins(4),
+                program_budget: Duration::from_mins(4),
+                out_dir: root.join("bench"),
+                expected: "about 6 to 9 minutes on 2 cores",
+            },
+            Profile::Full => Self {
+                scale: vec![1, 100, 1_000, 10_000, 30_000, 100_000],
+                max_endpoints: 10,
+                latency_connections: 5_000,
+                latency_reps: 10,
+                cps_reps: 6,
+                cps_concurrency: 8,
+                cps_duration: Duration::from_secs(2),
+                throughput_reps: 6,
+                throughput_duration: Duration::from_secs(2),
+                throughput_bytes: 1 << 40,
+                warmup_connections: 500,
+                program_timeout: Duration::from_mins(30),
+                program_budget: Duration::from_mins(20),
+                out_dir: root.join("bench"),
+                expected: "40 to 90 minutes on 2 cores (nftables programming grows super-linearly \
+                           and is skipped at a scale where it is predicted to exceed 20 minutes)",
+            },
+        }
+    }
+
+    /// Endpoints per service at `services`: the profile's number, fewer where the BPF maps
+    /// could not hold N × (M + 1) slots (every mode uses the same M, so they stay comparable).
+    pub fn endpoints_at(&self, services: usize) -> usize {
+        (MAP_SLOTS / services - 1).clamp(1, self.max_endpoints)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_shrink_where_the_maps_would_overflow() {
+        let plan = Plan::new(Profile::Full);
+        assert_eq!(plan.endpoints_at(1), 10);
+        assert_eq!(plan.endpoints_at(10_000), 10);
+        assert_eq!(plan.endpoints_at(30_000), 7);
+        assert_eq!(plan.endpoints_at(100_000), 1);
+        for &n in &plan.scale {
+            assert!(n * (plan.endpoints_at(n) + 1) <= MAP_SLOTS);
+        }
+    }
+}
