@@ -23,9 +23,10 @@ pub mod map_names {
     pub const SOCK_REV_NAT6: &str = "SOCK_NAT6_V1";
     pub const METRICS: &str = "METRICS_V1";
     pub const AFFINITY: &str = "AFFINITY_V1";
+    pub const SERVICE_NAMES: &str = "SVC_NAMES_V1";
 
     /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES4,
         SERVICES6,
         BACKENDS4,
@@ -36,6 +37,7 @@ pub mod map_names {
         SOCK_REV_NAT6,
         METRICS,
         AFFINITY,
+        SERVICE_NAMES,
     ];
 }
 
@@ -283,3 +285,21 @@ pub struct AffinityValue {
     pub pad: u32,
 }
 assert_layout!(AffinityValue, size = 16, align = 8);
+
+/// Value of the service-names map (key: `u32` rev-NAT id): `namespace/name:port`, NUL-padded,
+/// so that `inspect` can name frontends with the agent stopped. Only userspace reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub bytes: [u8; 144],
+}
+assert_layout!(ServiceName, size = 144, align = 1);
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { bytes: [0; 144] }
+    }
+}
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated on insert (for maps that are rarely written).
+pub const BPF_F_NO_PREALLOC: u32 = 1;

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, capacity, reason,
+    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, RevNat4, RevNat6,
+    Service4Key, Service6Key, ServiceName, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6,
+    SockRevNat6Key, capacity, reason,
 };
 
 #[map]
@@ -34,3 +35,7 @@ pub static METRICS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::
 #[map]
 pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+/// Written and read by the agent only (names for `inspect`); no program touches it.
+#[map]
+pub static SVC_NAMES_V1: HashMap<u32, ServiceName> =
+    HashMap::with_max_entries(capacity::REV_NAT, BPF_F_NO_PREALLOC);

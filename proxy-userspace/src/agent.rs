@@ -7,14 +7,14 @@ use tracing::{error, info};
 
 use crate::{
     bpf::{counters::DatapathCounters, loader, mounts, pins::PinLayout},
-    cli::{PinArgs, RunArgs},
-    dump, health, http, metrics,
+    cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
+    dump, health, http, inspect, metrics,
     model::ModelConfig,
     source,
     stats::StatsHandle,
     sync::{self, SyncConfig},
     udp_reaper::NetlinkReaper,
-    writer::KernelMaps,
+    writer::{KernelMaps, MapWriter},
 };
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).
@@ -176,5 +176,30 @@ pub fn dump(args: &PinArgs) -> Result<()> {
     print!("{}", dump::render(&programmed));
     let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?;
     print!("{}", dump::render_counters(&counters.read()));
+    Ok(())
+}
+
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    preflight()?;
+    let Some(pins) = existing_pins(&args.pins)? else {
+        bail!(
+            "no pinned Switchyard maps under {}",
+            args.pins.bpffs.display()
+        );
+    };
+    let maps = KernelMaps::open_pinned(&pins)?;
+    let image = maps.read_image()?;
+    let (programmed, _) = crate::state::Programmed::from_image(&image);
+    let inspection = inspect::read(&pins, image, programmed)?;
+    let target = match args.target {
+        InspectTarget::Services => "services",
+        InspectTarget::Backends => "backends",
+        InspectTarget::Conntrack => "conntrack",
+        InspectTarget::Stats => "stats",
+    };
+    match args.output {
+        OutputFormat::Table => print!("{}", inspect::render_table(target, &inspection)),
+        OutputFormat::Json => println!("{}", inspect::render_json(target, &inspection)),
+    }
     Ok(())
 }

@@ -46,6 +46,41 @@ pub enum Command {
     Cleanup(PinArgs),
     /// Print what the pinned maps hold, readably (works with the agent stopped).
     Dump(PinArgs),
+    /// Inspect the pinned dataplane by Service: frontends, backends, socket translations or
+    /// counters (works with the agent stopped).
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InspectTarget {
+    /// Each frontend (VIP:port/protocol) with its Service, flags and backends.
+    Services,
+    /// Each backend with the Services that use it.
+    Backends,
+    /// Socket translations: which socket was sent to which backend of which Service.
+    Conntrack,
+    /// Datapath reason counters and map fill.
+    Stats,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    pub target: InspectTarget,
+
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
 }
 
 #[derive(Debug, Args)]

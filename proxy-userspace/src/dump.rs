@@ -60,10 +60,14 @@ pub fn render(programmed: &Programmed) -> String {
                 let rev = rev_nats.get(master.rev_nat_id);
                 let _ = writeln!(
                     out,
-                    "frontend {key} scope={scope} flags={} affinity={}s count={} rev_nat=r{rev}",
+                    "frontend {key} scope={scope} flags={} affinity={}s count={} rev_nat=r{rev}{}",
                     flag_names(master.flags),
                     master.affinity_timeout_secs,
                     master.count,
+                    programmed
+                        .names
+                        .get(&master.rev_nat_id)
+                        .map_or_else(String::new, |name| format!(" service={name}")),
                 );
             }
             None => {

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod dump;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -37,5 +37,6 @@ fn main() -> Result<()> {
             .block_on(agent::run(*args)),
         Command::Cleanup(args) => agent::cleanup(&args),
         Command::Dump(args) => agent::dump(&args),
+        Command::Inspect(args) => agent::inspect(&args),
     }
 }

@@ -99,6 +99,10 @@ fn assign_rev_nat_ids(
         if programmed.rev_nats.get(&id) != Some(&target) {
             ops.push(Op::UpsertRevNat { id, target });
         }
+        let name = desired.frontends[key].service.to_string();
+        if programmed.names.get(&id) != Some(&name) {
+            ops.push(Op::UpsertName { id, name });
+        }
         rev_nat_ids.insert(*key, id);
     }
     rev_nat_ids
@@ -190,6 +194,11 @@ fn remove_orphans(
             });
         }
     }
+    for id in programmed.names.keys() {
+        if !wanted_rev_nat.contains(id) {
+            ops.push(Op::DeleteName { id: *id });
+        }
+    }
     let wanted_backends: BTreeSet<u32> = backend_ids.values().copied().collect();
     for (id, backend) in &programmed.backends {
         if !wanted_backends.contains(id) {
@@ -263,12 +272,15 @@ mod tests {
                 Op::UpsertRevNat { .. } => "rev_nat",
                 Op::UpsertSlot { .. } => "slot",
                 Op::UpsertMaster { .. } => "master",
+                Op::UpsertName { .. } => "name",
                 _ => "other",
             })
             .collect();
         assert_eq!(
             kinds,
-            ["backend", "backend", "rev_nat", "slot", "slot", "master"]
+            [
+                "backend", "backend", "rev_nat", "name", "slot", "slot", "master"
+            ]
         );
     }
 

@@ -8,7 +8,7 @@ use std::{
 
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceValue, backend_state, protocol, scope,
+    ServiceName, ServiceValue, backend_state, protocol, scope,
 };
 
 use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
@@ -43,6 +43,8 @@ pub struct Programmed {
     pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     pub backends: BTreeMap<u32, BackendAddr>,
     pub rev_nats: BTreeMap<u32, RevNatTarget>,
+    /// Rev-NAT id → `namespace/name:port` of the Service port it stands for.
+    pub names: BTreeMap<u32, String>,
     backend_ids: HashMap<BackendAddr, u32>,
 }
 
@@ -82,6 +84,14 @@ pub enum Op {
         id: u32,
         backend: BackendAddr,
     },
+    /// Records which Service port a rev-NAT id stands for (for `inspect`).
+    UpsertName {
+        id: u32,
+        name: String,
+    },
+    DeleteName {
+        id: u32,
+    },
 }
 
 /// One map entry to write (`Some`) or delete (`None`), in the kernel's layout.
@@ -95,6 +105,7 @@ pub enum MapWrite {
     RevNat6(u32, Option<RevNat6>),
     /// Session-affinity entries are written by the datapath; the agent only deletes them.
     AffinityDelete(AffinityKey),
+    ServiceName(u32, Option<ServiceName>),
 }
 
 /// The content of the maps the agent owns (not the datapath's own LRUs).
@@ -108,6 +119,7 @@ pub struct MapImage {
     pub rev_nat6: BTreeMap<u32, RevNat6>,
     /// The datapath's session-affinity entries (read to prune stale ones).
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
+    pub service_names: BTreeMap<u32, ServiceName>,
 }
 
 fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
@@ -128,6 +140,7 @@ impl MapImage {
             MapWrite::RevNat4(id, value) => put(&mut self.rev_nat4, id, value),
             MapWrite::RevNat6(id, value) => put(&mut self.rev_nat6, id, value),
             MapWrite::AffinityDelete(key) => put(&mut self.affinity, key, None),
+            MapWrite::ServiceName(id, name) => put(&mut self.service_names, id, name),
         }
     }
 }
@@ -266,10 +279,32 @@ fn rev_nat_write(id: u32, target: &RevNatTarget, keep: bool) -> MapWrite {
     }
 }
 
+/// `namespace/name:port`, truncated to fit and NUL-padded.
+fn encode_name(name: &str) -> ServiceName {
+    let mut encoded = ServiceName::default();
+    let mut length = name.len().min(encoded.bytes.len() - 1);
+    while !name.is_char_boundary(length) {
+        length -= 1;
+    }
+    encoded.bytes[..length].copy_from_slice(&name.as_bytes()[..length]);
+    encoded
+}
+
+fn decode_name(name: &ServiceName) -> String {
+    let end = name
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(name.bytes.len());
+    String::from_utf8_lossy(&name.bytes[..end]).into_owned()
+}
+
 impl Op {
     /// The map entry this operation writes.
     pub fn encode(&self) -> MapWrite {
         match self {
+            Self::UpsertName { id, name } => MapWrite::ServiceName(*id, Some(encode_name(name))),
+            Self::DeleteName { id } => MapWrite::ServiceName(*id, None),
             Self::UpsertBackend { id, backend } => backend_write(*id, backend, true),
             Self::DeleteBackend { id, backend } => backend_write(*id, backend, false),
             Self::UpsertRevNat { id, target } => rev_nat_write(*id, target, true),
@@ -366,6 +401,12 @@ impl Programmed {
             Op::DeleteRevNat { id, .. } => {
                 self.rev_nats.remove(id);
             }
+            Op::UpsertName { id, name } => {
+                self.names.insert(*id, name.clone());
+            }
+            Op::DeleteName { id } => {
+                self.names.remove(id);
+            }
             Op::UpsertSlot {
                 frontend,
                 slot,
@@ -411,6 +452,11 @@ impl Programmed {
         let mut programmed = Self::default();
         let mut unreadable = Unreadable::default();
         programmed.restore_services(image, &mut unreadable);
+        programmed.names = image
+            .service_names
+            .iter()
+            .map(|(id, name)| (*id, decode_name(name)))
+            .collect();
         programmed.restore_backends(image, &mut unreadable);
         for (id, rev) in &image.rev_nat4 {
             let ip = IpAddr::V4(v4_from_word(rev.address));

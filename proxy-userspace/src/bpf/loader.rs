@@ -19,7 +19,7 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
+    ServiceName, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
 };
 use tracing::{info, warn};
 
@@ -95,6 +95,7 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         map_names::SOCK_REV_NAT4 => sizes::<SockRevNat4Key, SockRevNat4>(),
         map_names::SOCK_REV_NAT6 => sizes::<SockRevNat6Key, SockRevNat6>(),
         map_names::AFFINITY => sizes::<AffinityKey, AffinityValue>(),
+        map_names::SERVICE_NAMES => sizes::<u32, ServiceName>(),
         _ => sizes::<u32, u64>(),
     }
 }

@@ -7,7 +7,7 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceValue, capacity, map_names,
+    ServiceName, ServiceValue, capacity, map_names,
 };
 
 use super::{MapWriter, WriteError};
@@ -25,6 +25,7 @@ pub struct KernelMaps {
     rev_nat4: HashMap<MapData, u32, RevNat4>,
     rev_nat6: HashMap<MapData, u32, RevNat6>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    names: HashMap<MapData, u32, ServiceName>,
 }
 
 fn take<K: aya::Pod, V: aya::Pod>(
@@ -151,6 +152,7 @@ impl KernelMaps {
             rev_nat4: take(ebpf, map_names::REV_NAT4)?,
             rev_nat6: take(ebpf, map_names::REV_NAT6)?,
             affinity: take(ebpf, map_names::AFFINITY)?,
+            names: take(ebpf, map_names::SERVICE_NAMES)?,
         })
     }
 
@@ -164,6 +166,7 @@ impl KernelMaps {
             rev_nat4: open(pins, map_names::REV_NAT4)?,
             rev_nat6: open(pins, map_names::REV_NAT6)?,
             affinity: open(pins, map_names::AFFINITY)?,
+            names: open(pins, map_names::SERVICE_NAMES)?,
         })
     }
 }
@@ -214,6 +217,13 @@ impl MapWriter for KernelMaps {
                 value.as_ref(),
             ),
             MapWrite::AffinityDelete(key) => delete(&mut self.affinity, map_names::AFFINITY, key),
+            MapWrite::ServiceName(id, name) => write_entry(
+                &mut self.names,
+                map_names::SERVICE_NAMES,
+                capacity::REV_NAT,
+                id,
+                name.as_ref(),
+            ),
         }
     }
 
@@ -226,6 +236,7 @@ impl MapWriter for KernelMaps {
             rev_nat4: read_all(&self.rev_nat4, map_names::REV_NAT4)?,
             rev_nat6: read_all(&self.rev_nat6, map_names::REV_NAT6)?,
             affinity: read_all(&self.affinity, map_names::AFFINITY)?,
+            service_names: read_all(&self.names, map_names::SERVICE_NAMES)?,
         })
     }
 }

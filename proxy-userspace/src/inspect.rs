@@ -1,0 +1,352 @@
+//! `switchyard inspect`: what the pinned maps hold, named by Service, for an operator whose
+//! traffic vanished. It reads the pins only, so it works with the agent stopped.
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, capacity, map_names, service_flags,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    bpf::{counters::DatapathCounters, pins::PinLayout},
+    state::{MapImage, Programmed, RevNatTarget},
+};
+
+/// A socket translation the hooks recorded (the socket load balancer's connection tracking).
+pub struct SocketTranslation {
+    pub cookie: u64,
+    pub backend: String,
+    pub rev_nat_id: u32,
+}
+
+/// Everything `inspect` shows, read from the pins.
+pub struct Inspection {
+    pub programmed: Programmed,
+    pub image: MapImage,
+    pub counters: Vec<(&'static str, u64)>,
+    pub sockets: Vec<SocketTranslation>,
+}
+
+fn open_lru<K: aya::Pod, V: aya::Pod>(
+    pins: &PinLayout,
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let data = MapData::from_pin(pins.map(name))?;
+    Ok(HashMap::try_from(Map::LruHashMap(data))?)
+}
+
+fn v4(word: u32) -> IpAddr {
+    IpAddr::from(word.to_ne_bytes())
+}
+
+fn v6(words: [u32; 4]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    IpAddr::from(octets)
+}
+
+/// Reads the socket translations (both families).
+fn socket_translations(pins: &PinLayout) -> anyhow::Result<Vec<SocketTranslation>> {
+    let mut sockets = Vec::new();
+    let nat4: HashMap<MapData, SockRevNat4Key, SockRevNat4> =
+        open_lru(pins, map_names::SOCK_REV_NAT4)?;
+    for entry in &nat4 {
+        let (key, value) = entry?;
+        let backend = format!("{}:{}", v4(key.address), u16::from_be(key.port_be));
+        sockets.push(SocketTranslation {
+            cookie: key.cookie,
+            backend,
+            rev_nat_id: value.rev_nat_id,
+        });
+    }
+    let nat6: HashMap<MapData, SockRevNat6Key, SockRevNat6> =
+        open_lru(pins, map_names::SOCK_REV_NAT6)?;
+    for entry in &nat6 {
+        let (key, value) = entry?;
+        let backend = format!("[{}]:{}", v6(key.address), u16::from_be(key.port_be));
+        sockets.push(SocketTranslation {
+            cookie: key.cookie,
+            backend,
+            rev_nat_id: value.rev_nat_id,
+        });
+    }
+    Ok(sockets)
+}
+
+/// Reads every pinned map `inspect` shows.
+pub fn read(
+    pins: &PinLayout,
+    image: MapImage,
+    programmed: Programmed,
+) -> anyhow::Result<Inspection> {
+    let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?.read();
+    Ok(Inspection {
+        programmed,
+        image,
+        counters,
+        sockets: socket_translations(pins)?,
+    })
+}
+
+fn service_of(programmed: &Programmed, rev_nat_id: u32) -> String {
+    programmed
+        .names
+        .get(&rev_nat_id)
+        .cloned()
+        .unwrap_or_else(|| "<unnamed>".to_owned())
+}
+
+fn target_text(target: &RevNatTarget) -> String {
+    if target.ip.is_ipv6() {
+        format!("[{}]:{}", target.ip, target.port)
+    } else {
+        format!("{}:{}", target.ip, target.port)
+    }
+}
+
+fn flags_text(flags: u16) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    if flags & service_flags::CLUSTER_IP != 0 {
+        names.push("cluster-ip");
+    }
+    if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+        names.push("no-local-endpoints");
+    }
+    names
+}
+
+/// The frontends with their backends, as JSON values.
+pub fn services(inspection: &Inspection) -> Vec<Value> {
+    let programmed = &inspection.programmed;
+    programmed
+        .frontends
+        .iter()
+        .map(|(key, frontend)| {
+            let master = frontend.master.unwrap_or_default();
+            let backends: Vec<Value> = frontend
+                .slots
+                .iter()
+                .filter(|(slot, _)| **slot <= master.count)
+                .map(|(slot, id)| {
+                    let address = programmed.backends.get(id).map_or_else(|| "<missing>".to_owned(), ToString::to_string);
+                    json!({"slot": slot, "backend_id": id, "address": address, "state": "active"})
+                })
+                .collect();
+            json!({
+                "frontend": key.to_string(),
+                "service": service_of(programmed, master.rev_nat_id),
+                "type": "ClusterIP",
+                "flags": flags_text(master.flags),
+                "affinity_timeout_seconds": master.affinity_timeout_secs,
+                "backend_count": master.count,
+                "outcome_when_empty": if master.count > 0 { "balanced" } else if master.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 { "drop (EHOSTUNREACH)" } else { "reject (ECONNREFUSED)" },
+                "backends": backends,
+            })
+        })
+        .collect()
+}
+
+/// Every backend with the Services that use it.
+pub fn backends(inspection: &Inspection) -> Vec<Value> {
+    let programmed = &inspection.programmed;
+    let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for frontend in programmed.frontends.values() {
+        if let Some(master) = frontend.master {
+            for id in frontend
+                .slots
+                .iter()
+                .filter(|(slot, _)| **slot <= master.count)
+                .map(|(_, id)| id)
+            {
+                users
+                    .entry(*id)
+                    .or_default()
+                    .push(service_of(programmed, master.rev_nat_id));
+            }
+        }
+    }
+    programmed
+        .backends
+        .iter()
+        .map(|(id, backend)| {
+            json!({"backend_id": id, "address": backend.to_string(), "state": "active", "services": users.remove(id).unwrap_or_default()})
+        })
+        .collect()
+}
+
+/// The socket translations, named by Service.
+pub fn conntrack(inspection: &Inspection) -> Vec<Value> {
+    inspection
+        .sockets
+        .iter()
+        .map(|socket| {
+            let frontend = inspection
+                .programmed
+                .rev_nats
+                .get(&socket.rev_nat_id)
+                .map(target_text);
+            json!({
+                "socket_cookie": socket.cookie,
+                "service": service_of(&inspection.programmed, socket.rev_nat_id),
+                "frontend": frontend,
+                "backend": socket.backend,
+            })
+        })
+        .collect()
+}
+
+/// Reason counters and map fill.
+pub fn stats(inspection: &Inspection) -> Value {
+    let image = &inspection.image;
+    let fill = |name: &str, entries: usize, capacity: u32| json!({"map": name, "entries": entries, "capacity": capacity});
+    json!({
+        "datapath": inspection.counters.iter().map(|(name, value)| (name.to_string(), json!(value))).collect::<serde_json::Map<_, _>>(),
+        "maps": [
+            fill(map_names::SERVICES4, image.services4.len(), capacity::SERVICES),
+            fill(map_names::SERVICES6, image.services6.len(), capacity::SERVICES),
+            fill(map_names::BACKENDS4, image.backends4.len(), capacity::BACKENDS),
+            fill(map_names::BACKENDS6, image.backends6.len(), capacity::BACKENDS),
+            fill(map_names::REV_NAT4, image.rev_nat4.len(), capacity::REV_NAT),
+            fill(map_names::REV_NAT6, image.rev_nat6.len(), capacity::REV_NAT),
+            fill(map_names::AFFINITY, image.affinity.len(), capacity::AFFINITY),
+            fill(map_names::SOCK_REV_NAT4, inspection.sockets.iter().filter(|s| !s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
+            fill(map_names::SOCK_REV_NAT6, inspection.sockets.iter().filter(|s| s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
+        ],
+    })
+}
+
+/// Renders rows as an aligned table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".to_owned(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn rows(items: &[Value], fields: &[&str]) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .map(|item| fields.iter().map(|field| text(&item[*field])).collect())
+        .collect()
+}
+
+/// The table form of one inspection target.
+pub fn render_table(target: &str, inspection: &Inspection) -> String {
+    match target {
+        "services" => {
+            let items: Vec<Value> = services(inspection)
+                .into_iter()
+                .map(|mut item| {
+                    let addresses: Vec<Value> = item["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|b| b["address"].clone())
+                        .collect();
+                    item["backends"] = Value::Array(addresses);
+                    item
+                })
+                .collect();
+            let fields = [
+                "frontend",
+                "service",
+                "type",
+                "flags",
+                "affinity_timeout_seconds",
+                "backend_count",
+                "outcome_when_empty",
+                "backends",
+            ];
+            table(
+                &[
+                    "FRONTEND",
+                    "SERVICE",
+                    "TYPE",
+                    "FLAGS",
+                    "AFFINITY(S)",
+                    "COUNT",
+                    "OUTCOME",
+                    "BACKENDS",
+                ],
+                &rows(&items, &fields),
+            )
+        }
+        "backends" => table(
+            &["ID", "ADDRESS", "STATE", "SERVICES"],
+            &rows(
+                &backends(inspection),
+                &["backend_id", "address", "state", "services"],
+            ),
+        ),
+        "conntrack" => {
+            let mut out = String::from(
+                "# socket translations (the socket load balancer tracks connections per socket; TC conntrack comes with the TC path)\n",
+            );
+            out.push_str(&table(
+                &["SOCKET", "SERVICE", "FRONTEND", "BACKEND"],
+                &rows(
+                    &conntrack(inspection),
+                    &["socket_cookie", "service", "frontend", "backend"],
+                ),
+            ));
+            out
+        }
+        _ => {
+            let value = stats(inspection);
+            let reasons: Vec<Vec<String>> = value["datapath"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(name, count)| vec![name.clone(), text(count)])
+                .collect();
+            let maps = rows(
+                value["maps"].as_array().map_or(&[][..], Vec::as_slice),
+                &["map", "entries", "capacity"],
+            );
+            format!(
+                "{}\n{}",
+                table(&["REASON", "COUNT"], &reasons),
+                table(&["MAP", "ENTRIES", "CAPACITY"], &maps)
+            )
+        }
+    }
+}
+
+/// The JSON form of one inspection target.
+pub fn render_json(target: &str, inspection: &Inspection) -> String {
+    let value = match target {
+        "services" => Value::Array(services(inspection)),
+        "backends" => Value::Array(backends(inspection)),
+        "conntrack" => Value::Array(conntrack(inspection)),
+        _ => stats(inspection),
+    };
+    serde_json::to_string_pretty(&value).expect("JSON values serialize")
+}
