@@ -162,3 +162,113 @@ fn health_endpoints_follow_the_agent_lifecycle() {
     );
     assert_eq!(get(&harness, HEALTH, "/livez").0, 200);
 }
+
+fn inspect(harness: &mut Harness, args: &[&str]) -> String {
+    let output = std::process::Command::new(switchyard_tests::agent::switchyard_bin())
+        .arg("inspect")
+        .args(args)
+        .arg("--bpffs")
+        .arg(harness.agent().bpffs_dir())
+        .output()
+        .expect("run switchyard inspect");
+    assert!(
+        output.status.success(),
+        "inspect {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+#[test]
+fn inspect_names_services_and_shows_backends_sockets_and_counters_with_the_agent_stopped() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 3);
+    let target = addr("10.96.6.10:80");
+    let ips = harness.backend_ipv4s();
+    harness.write_manifests(&web(&ips));
+    harness.start_agent(&[]);
+    harness.wait_until_translated(ClientProto::Tcp, target);
+    assert!(
+        harness
+            .client(&ClientRequest::new(ClientProto::Tcp, target).count(20))
+            .iter()
+            .all(|a| a.ok)
+    );
+    // A connection held open is visible as a socket translation.
+    let hold = harness.hold(target, Duration::from_secs(4), Duration::from_millis(200));
+    hold.wait_for_attempts(1, Duration::from_secs(3))
+        .expect("the held connection answers");
+    harness.agent().kill().expect("SIGKILL the agent");
+
+    let services: serde_json::Value =
+        serde_json::from_str(&inspect(&mut harness, &["services", "-o", "json"])).expect("JSON");
+    let web = services
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["frontend"] == "10.96.6.10:80/TCP"))
+        .unwrap_or_else(|| panic!("no web frontend in {services}"));
+    assert_eq!(web["service"], "obs/web:http");
+    assert_eq!(web["backend_count"], 3);
+    let mut addresses: Vec<String> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_owned())
+        .collect();
+    addresses.sort();
+    let mut expected: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("{ip}:{BACKEND_PORT}/TCP"))
+        .collect();
+    expected.sort();
+    assert_eq!(addresses, expected);
+
+    let table = inspect(&mut harness, &["services"]);
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|header| header.starts_with("FRONTEND")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|line| line.starts_with("10.96.6.10:80/TCP") && line.contains("obs/web:http")),
+        "{table}"
+    );
+
+    let backends = inspect(&mut harness, &["backends"]);
+    assert_eq!(
+        backends
+            .lines()
+            .filter(|line| line.contains("obs/web:http"))
+            .count(),
+        3,
+        "{backends}"
+    );
+
+    let sockets: serde_json::Value =
+        serde_json::from_str(&inspect(&mut harness, &["conntrack", "-o", "json"])).expect("JSON");
+    assert!(
+        sockets.as_array().is_some_and(|all| all
+            .iter()
+            .any(|s| s["service"] == "obs/web:http" && s["frontend"] == "10.96.6.10:80")),
+        "the held connection is not listed: {sockets}"
+    );
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&inspect(&mut harness, &["stats", "-o", "json"])).expect("JSON");
+    assert!(
+        stats["datapath"]["translated"]
+            .as_u64()
+            .is_some_and(|n| n >= 21),
+        "{stats}"
+    );
+    assert!(
+        stats["maps"].as_array().is_some_and(|maps| maps
+            .iter()
+            .any(|m| m["map"] == "BACKEND4_V1" && m["entries"] == 3)),
+        "{stats}"
+    );
+    drop(hold);
+}
