@@ -68,15 +68,15 @@ async fn shutdown_signal() {
 pub async fn run(args: RunArgs) -> Result<()> {
     preflight()?;
     let stats = StatsHandle::default();
-    let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
-    let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
-    let pins = PinLayout::new(bpffs);
-    // Start the source before touching the kernel: an unreadable file or an unusable
-    // kubeconfig changes nothing.
+    // Start the source before touching the kernel or the mounts: an unreadable file or an
+    // unusable kubeconfig changes nothing.
     let snapshots = match &args.manifests {
         Some(manifests) => source::file::start(manifests.clone(), stats.clone())?,
         None => source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?,
     };
+    let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
+    let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
+    let pins = PinLayout::new(bpffs);
 
     let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
     let generation = loader::attach_all(&mut ebpf, &pins, &cgroup)?;
@@ -143,15 +143,15 @@ async fn start_endpoints(args: &RunArgs, stats: &StatsHandle, counters: Arc<Data
     }
 }
 
-fn existing_pins(args: &PinArgs) -> Result<Option<PinLayout>> {
-    let bpffs = mounts::resolve_bpffs(&args.bpffs)?;
-    let pins = PinLayout::new(bpffs);
-    Ok(pins.version_dir().exists().then_some(pins))
+/// The pins under `--bpffs`, if any; never mounts anything.
+fn existing_pins(args: &PinArgs) -> Option<PinLayout> {
+    let pins = mounts::find_bpffs(&args.bpffs).map(PinLayout::new);
+    pins.filter(|pins| pins.version_dir().exists())
 }
 
 pub fn cleanup(args: &PinArgs) -> Result<()> {
     preflight()?;
-    let Some(pins) = existing_pins(args)? else {
+    let Some(pins) = existing_pins(args) else {
         println!("nothing to clean up under {}", args.bpffs.display());
         return Ok(());
     };
@@ -168,7 +168,7 @@ pub fn cleanup(args: &PinArgs) -> Result<()> {
 
 pub fn dump(args: &PinArgs) -> Result<()> {
     preflight()?;
-    let Some(pins) = existing_pins(args)? else {
+    let Some(pins) = existing_pins(args) else {
         bail!("no pinned Switchyard maps under {}", args.bpffs.display());
     };
     let maps = KernelMaps::open_pinned(&pins)?;
@@ -181,7 +181,7 @@ pub fn dump(args: &PinArgs) -> Result<()> {
 
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     preflight()?;
-    let Some(pins) = existing_pins(&args.pins)? else {
+    let Some(pins) = existing_pins(&args.pins) else {
         bail!(
             "no pinned Switchyard maps under {}",
             args.pins.bpffs.display()

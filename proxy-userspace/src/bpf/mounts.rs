@@ -113,6 +113,16 @@ fn create_dir(path: &Path) -> Result<(), MountError> {
     })
 }
 
+/// Where `requested` already lies on a bpffs (here or, under `ip netns exec`, in the outer
+/// mount namespace), without mounting anything: for commands that only read or remove pins.
+pub fn find_bpffs(requested: &Path) -> Option<PathBuf> {
+    if on_bpffs(requested) {
+        return Some(requested.to_owned());
+    }
+    let pid = outer_namespace_pid()?;
+    on_bpffs(&outer_view(&pid, requested)).then(|| outer_view(&pid, requested))
+}
+
 /// Returns a directory on bpffs where pins outlive this process, mounting bpffs if needed.
 pub fn resolve_bpffs(requested: &Path) -> Result<PathBuf, MountError> {
     if on_bpffs(requested) {

@@ -25,7 +25,11 @@ use nix::sched::{CloneFlags, setns};
 use proxy_common::{SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names};
 use tracing::{debug, info, warn};
 
-use crate::{model::Protocol, state::Programmed, writer::WriteError};
+use crate::{
+    model::Protocol,
+    state::Programmed,
+    writer::{WriteError, take},
+};
 use sock_diag::UdpSocketId;
 
 /// A backend of a UDP frontend: (rev-NAT id of the frontend, backend address).
@@ -70,20 +74,6 @@ impl SocketReaper for NoReaper {
 pub struct NetlinkReaper {
     sock_nat4: HashMap<MapData, SockRevNat4Key, SockRevNat4>,
     sock_nat6: HashMap<MapData, SockRevNat6Key, SockRevNat6>,
-}
-
-fn take<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<HashMap<MapData, K, V>, WriteError> {
-    let map = ebpf.take_map(name).ok_or(WriteError::Read {
-        map: name,
-        reason: "not in the eBPF object".into(),
-    })?;
-    HashMap::try_from(map).map_err(|error| WriteError::Read {
-        map: name,
-        reason: error.to_string(),
-    })
 }
 
 /// One path per network namespace on the machine: those of all processes, and the named ones

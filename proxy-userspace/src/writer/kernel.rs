@@ -28,7 +28,8 @@ pub struct KernelMaps {
     names: HashMap<MapData, u32, ServiceName>,
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(
+/// Takes a hash (or LRU hash) map out of a loaded object.
+pub(crate) fn take<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, WriteError> {

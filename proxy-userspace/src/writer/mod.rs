@@ -8,6 +8,7 @@ mod kernel;
 pub use fake::FakeMaps;
 pub use faulty::FaultyWriter;
 pub use kernel::KernelMaps;
+pub(crate) use kernel::take;
 
 use crate::state::{MapImage, MapWrite, Op, Programmed};
 
