@@ -605,3 +605,20 @@ fn dump_shows_the_programmed_service_and_the_datapath_counters() {
     // Closed sockets take their reverse-NAT entries with them (the sock_release hook).
     assert!(counter(&dump, "sock_rev_nat_released") >= 50, "{dump}");
 }
+
+#[test]
+fn dual_stack_sockets_reach_an_ipv4_service_through_its_mapped_address() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 3);
+    let vip = ip("10.96.0.14");
+    let manifests = ipv4_service("mapped", "10.96.0.14", &harness.backend_ipv4s());
+    start_and_wait(&mut harness, &manifests, vip);
+    // An AF_INET6 socket (as Java and other dual-stack runtimes use) to ::ffff:10.96.0.14.
+    let mapped = ip("::ffff:10.96.0.14");
+    for proto in [ClientProto::Tcp, ClientProto::UdpConnected] {
+        let attempts = harness.client(&ClientRequest::new(proto, at(mapped)).count(60));
+        assert_all_ok(&attempts, &format!("{proto:?} to the mapped VIP"));
+        assert_peers_are(&attempts, at(mapped), "getpeername shows the mapped VIP");
+        assert_eq!(reached(&attempts), all_backends(&harness), "{proto:?}");
+    }
+}
