@@ -150,7 +150,7 @@ fn test(cargo_args: &[String]) -> Result<()> {
     if !nix_is_root() {
         println!("xtask: not running as root: the end-to-end tests will skip themselves");
     }
-    let mut args = vec!["test", "--release", "--workspace"];
+    let mut args = vec!["test", "--release", "--workspace", "--no-fail-fast"];
     args.extend(cargo_args.iter().map(String::as_str));
     run(cargo(&args).env("SWITCHYARD_BIN", switchyard_binary()))?;
     // A tiny run of the benchmark so that it never rots; it judges completeness, not timings.
