@@ -275,6 +275,13 @@ fn print_probes(cgroup: &Path) -> Result<()> {
         "\nEdit {} to see changes; Ctrl-C to stop and clean up.",
         manifests().display()
     );
+    println!(
+        "Look inside: {} inspect services --bpffs {}",
+        switchyard_binary().display(),
+        workspace_root()
+            .join("target/demo-bpffs/switchyard")
+            .display()
+    );
     Ok(())
 }
 
