@@ -1,6 +1,6 @@
 //! `switchyard inspect`: what the pinned maps hold, named by Service, for an operator whose
 //! traffic vanished. It reads the pins only, so it works with the agent stopped.
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::{
     bpf::{counters::DatapathCounters, pins::PinLayout},
-    state::{MapImage, Programmed, RevNatTarget},
+    state::{MapImage, Programmed, RevNatTarget, v4_from_word, v6_from_words},
 };
 
 /// A socket translation the hooks recorded (the socket load balancer's connection tracking).
@@ -36,18 +36,6 @@ fn open_lru<K: aya::Pod, V: aya::Pod>(
     Ok(HashMap::try_from(Map::LruHashMap(data))?)
 }
 
-fn v4(word: u32) -> IpAddr {
-    IpAddr::from(word.to_ne_bytes())
-}
-
-fn v6(words: [u32; 4]) -> IpAddr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    IpAddr::from(octets)
-}
-
 /// Reads the socket translations (both families).
 fn socket_translations(pins: &PinLayout) -> anyhow::Result<Vec<SocketTranslation>> {
     let mut sockets = Vec::new();
@@ -55,7 +43,11 @@ fn socket_translations(pins: &PinLayout) -> anyhow::Result<Vec<SocketTranslation
         open_lru(pins, map_names::SOCK_REV_NAT4)?;
     for entry in &nat4 {
         let (key, value) = entry?;
-        let backend = format!("{}:{}", v4(key.address), u16::from_be(key.port_be));
+        let backend = format!(
+            "{}:{}",
+            v4_from_word(key.address),
+            u16::from_be(key.port_be)
+        );
         sockets.push(SocketTranslation {
             cookie: key.cookie,
             backend,
@@ -66,7 +58,11 @@ fn socket_translations(pins: &PinLayout) -> anyhow::Result<Vec<SocketTranslation
         open_lru(pins, map_names::SOCK_REV_NAT6)?;
     for entry in &nat6 {
         let (key, value) = entry?;
-        let backend = format!("[{}]:{}", v6(key.address), u16::from_be(key.port_be));
+        let backend = format!(
+            "[{}]:{}",
+            v6_from_words(key.address),
+            u16::from_be(key.port_be)
+        );
         sockets.push(SocketTranslation {
             cookie: key.cookie,
             backend,

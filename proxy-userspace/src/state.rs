@@ -147,21 +147,21 @@ impl MapImage {
 
 // --- encoding -----------------------------------------------------------------------------
 
-fn v4_word(ip: Ipv4Addr) -> u32 {
+pub(crate) fn v4_word(ip: Ipv4Addr) -> u32 {
     // The kernel's user_ip4 is network order in memory: keep the octets' memory order.
     u32::from_ne_bytes(ip.octets())
 }
 
-fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
+pub(crate) fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
     [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
 }
 
-fn v4_from_word(word: u32) -> Ipv4Addr {
+pub(crate) fn v4_from_word(word: u32) -> Ipv4Addr {
     Ipv4Addr::from(word.to_ne_bytes())
 }
 
-fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
+pub(crate) fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
     let mut octets = [0u8; 16];
     for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
         chunk.copy_from_slice(&word.to_ne_bytes());

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     model::Protocol,
-    state::Programmed,
+    state::{Programmed, v4_word, v6_words},
     writer::{WriteError, take},
 };
 use sock_diag::UdpSocketId;
@@ -125,15 +125,6 @@ fn in_namespace<T: Send>(path: &PathBuf, work: impl FnOnce() -> T + Send) -> Opt
             .ok()
             .flatten()
     })
-}
-
-fn v4_word(ip: std::net::Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-fn v6_words(ip: std::net::Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
 }
 
 impl NetlinkReaper {
