@@ -6,7 +6,11 @@ use proxy_common::map_names;
 use tracing::{error, info};
 
 use crate::{
-    bpf::{counters::DatapathCounters, loader, mounts, pins::PinLayout},
+    bpf::{
+        counters::{DatapathCounters, SocketTranslations},
+        loader, mounts,
+        pins::PinLayout,
+    },
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
     dump, health, http, inspect, metrics,
     model::ModelConfig,
@@ -87,7 +91,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let writer = KernelMaps::take_from(&mut ebpf)?;
     let reaper = NetlinkReaper::take_from(&mut ebpf)?;
     let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
-    start_endpoints(&args, &stats, counters).await;
+    let sockets = Arc::new(SocketTranslations::open_pinned(
+        &pins.map(map_names::SOCK_REV_NAT4),
+        &pins.map(map_names::SOCK_REV_NAT6),
+    )?);
+    start_endpoints(&args, &stats, counters, sockets).await;
     let node = ModelConfig {
         node_name: args.node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
@@ -114,14 +122,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// Starts the metrics and health endpoints. A port that cannot be bound is reported, never
 /// fatal: the dataplane matters more than its observability.
-async fn start_endpoints(args: &RunArgs, stats: &StatsHandle, counters: Arc<DatapathCounters>) {
+async fn start_endpoints(
+    args: &RunArgs,
+    stats: &StatsHandle,
+    counters: Arc<DatapathCounters>,
+    sockets: Arc<SocketTranslations>,
+) {
     if let Some(address) = args.metrics_bind_address.0 {
         let stats = stats.clone();
         let handler: http::Handler = Arc::new(move |path| match path {
             "/metrics" => http::Response::new(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(&stats.snapshot(), &counters.read()),
+                metrics::render(
+                    &stats.snapshot(),
+                    &metrics::DatapathView {
+                        reasons: &counters.read(),
+                        socket_translations: sockets.count(),
+                    },
+                ),
             ),
             _ => http::Response::not_found(),
         });

@@ -36,8 +36,17 @@ const CAPACITIES: [(&str, u32); 6] = [
     (map_names::REV_NAT6, capacity::REV_NAT),
 ];
 
-/// Renders every metric. `datapath` holds the reason counters summed over CPUs.
-pub fn render(stats: &SyncStats, datapath: &[(&str, u64)]) -> String {
+/// What the datapath reports at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct DatapathView<'a> {
+    /// Reason counters summed over CPUs.
+    pub reasons: &'a [(&'a str, u64)],
+    /// Socket translations per family (IPv4, IPv6).
+    pub socket_translations: (u64, u64),
+}
+
+/// Renders every metric.
+pub fn render(stats: &SyncStats, datapath: &DatapathView<'_>) -> String {
     let mut out = String::new();
     histogram(
         &mut out,
@@ -89,11 +98,31 @@ pub fn render(stats: &SyncStats, datapath: &[(&str, u64)]) -> String {
     );
 
     render_own(&mut out, stats, datapath);
+    render_sockets(&mut out, datapath);
     out
 }
 
+/// The socket load balancer's per-connection state (TC conntrack comes with the TC path).
+fn render_sockets(out: &mut String, datapath: &DatapathView<'_>) {
+    header(
+        out,
+        "switchyard_socket_translations",
+        "gauge",
+        "Socket translations held for getpeername/recvmsg (the socket load balancer's connection tracking)",
+    );
+    let (v4, v6) = datapath.socket_translations;
+    let _ = writeln!(
+        out,
+        "switchyard_socket_translations{{family=\"ipv4\"}} {v4}"
+    );
+    let _ = writeln!(
+        out,
+        "switchyard_socket_translations{{family=\"ipv6\"}} {v6}"
+    );
+}
+
 /// Switchyard's own metrics: syncs, failures, bad input, map fill and datapath reasons.
-fn render_own(out: &mut String, stats: &SyncStats, datapath: &[(&str, u64)]) {
+fn render_own(out: &mut String, stats: &SyncStats, datapath: &DatapathView<'_>) {
     simple(
         out,
         "switchyard_syncs_total",
@@ -156,7 +185,7 @@ fn render_own(out: &mut String, stats: &SyncStats, datapath: &[(&str, u64)]) {
         "counter",
         "Socket-hook outcomes by reason, from the datapath",
     );
-    for (reason, count) in datapath {
+    for (reason, count) in datapath.reasons {
         let _ = writeln!(
             out,
             "switchyard_datapath_events_total{{reason=\"{reason}\"}} {count}"
@@ -176,7 +205,13 @@ mod tests {
         stats.record_sync(2, Duration::from_millis(3), Some(Duration::from_millis(40)));
         stats.endpoint_changes_total = 5;
         stats.map_entries.insert(map_names::BACKENDS4, 7);
-        let text = render(&stats, &[("translated", 11)]);
+        let text = render(
+            &stats,
+            &DatapathView {
+                reasons: &[("translated", 11)],
+                socket_translations: (2, 0),
+            },
+        );
         for line in [
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.05\"} 1",
@@ -184,6 +219,7 @@ mod tests {
             "switchyard_invalid_object_parts_total 2",
             "switchyard_bpf_map_entries{map=\"BACKEND4_V1\"} 7",
             "switchyard_datapath_events_total{reason=\"translated\"} 11",
+            "switchyard_socket_translations{family=\"ipv4\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -91,6 +91,11 @@ fn metrics_report_syncs_map_fill_changes_and_datapath_reasons() {
         262_144
     );
     assert_eq!(count(&text, "switchyard_invalid_object_parts_total"), 1);
+    // Every client socket is closed by now: sock_release took their translations along.
+    assert_eq!(
+        count(&text, "switchyard_socket_translations{family=\"ipv4\"}"),
+        0
+    );
     let endpoint_changes = count(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
 
     // Scale down: one more EndpointSlice change, fewer backends in the maps.
