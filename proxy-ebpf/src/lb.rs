@@ -23,6 +23,26 @@ pub enum Selection<B> {
     Backend { backend: B, rev_nat_id: u32 },
 }
 
+impl<B> Selection<B> {
+    /// The same decision with the backend converted (e.g. an IPv4 backend as an IPv4-mapped
+    /// address for a dual-stack socket).
+    #[inline(always)]
+    pub fn map<C>(self, convert: impl FnOnce(B) -> C) -> Selection<C> {
+        match self {
+            Self::NotAService => Selection::NotAService,
+            Self::Refuse => Selection::Refuse,
+            Self::Drop => Selection::Drop,
+            Self::Backend {
+                backend,
+                rev_nat_id,
+            } => Selection::Backend {
+                backend: convert(backend),
+                rev_nat_id,
+            },
+        }
+    }
+}
+
 /// One address family's services and backends maps.
 pub trait Family {
     type Key: Copy;

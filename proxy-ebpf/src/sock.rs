@@ -159,7 +159,6 @@ const V4_MAPPED_PREFIX_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 struct Backend6Choice {
     address: [u32; 4],
     port_be: u16,
-    rev_nat_id: u32,
 }
 
 /// Selects a backend for an IPv6 destination. Dual-stack sockets reach IPv4 services through
@@ -179,22 +178,10 @@ fn select_for_ipv6_socket(
             scope: scope::EXTERNAL,
             pad: [0; 2],
         };
-        return match lb::select::<V4>(key, || client_cookie(ctx)) {
-            Selection::NotAService => Selection::NotAService,
-            Selection::Refuse => Selection::Refuse,
-            Selection::Drop => Selection::Drop,
-            Selection::Backend {
-                backend,
-                rev_nat_id,
-            } => Selection::Backend {
-                backend: Backend6Choice {
-                    address: [0, 0, V4_MAPPED_PREFIX_WORD, backend.address],
-                    port_be: backend.port_be,
-                    rev_nat_id,
-                },
-                rev_nat_id,
-            },
-        };
+        return lb::select::<V4>(key, || client_cookie(ctx)).map(|backend| Backend6Choice {
+            address: [0, 0, V4_MAPPED_PREFIX_WORD, backend.address],
+            port_be: backend.port_be,
+        });
     }
     let key = Service6Key {
         address: ip,
@@ -204,22 +191,10 @@ fn select_for_ipv6_socket(
         scope: scope::EXTERNAL,
         pad: [0; 2],
     };
-    match lb::select::<V6>(key, || client_cookie(ctx)) {
-        Selection::NotAService => Selection::NotAService,
-        Selection::Refuse => Selection::Refuse,
-        Selection::Drop => Selection::Drop,
-        Selection::Backend {
-            backend,
-            rev_nat_id,
-        } => Selection::Backend {
-            backend: Backend6Choice {
-                address: backend.address,
-                port_be: backend.port_be,
-                rev_nat_id,
-            },
-            rev_nat_id,
-        },
-    }
+    lb::select::<V6>(key, || client_cookie(ctx)).map(|backend| Backend6Choice {
+        address: backend.address,
+        port_be: backend.port_be,
+    })
 }
 
 /// connect6/sendmsg6: translate [VIP]:port to a backend chosen at random.
@@ -250,7 +225,10 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
         }
         Selection::Refuse => refuse(),
         Selection::Drop => drop_no_local_endpoint(),
-        Selection::Backend { backend, .. } => {
+        Selection::Backend {
+            backend,
+            rev_nat_id,
+        } => {
             let nat_key = SockRevNat6Key {
                 cookie: socket_cookie(ctx),
                 address: backend.address,
@@ -261,7 +239,7 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
                 address: ip,
                 port_be,
                 pad: 0,
-                rev_nat_id: backend.rev_nat_id,
+                rev_nat_id,
             };
             if SOCK_NAT6_V1.insert(nat_key, nat, 0).is_err() {
                 metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
