@@ -16,10 +16,7 @@ use std::time::Duration;
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Node, PodSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec,
-};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, PodSpec, Probe, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -34,6 +31,7 @@ use switchyard_tests::bpffs::PrivateBpffs;
 use switchyard_tests::cgroup::TestCgroup;
 use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::netns::Topology;
+use switchyard_tests::objects;
 use switchyard_tests::process::{ChildGuard, wait_until};
 use switchyard_tests::tempdir::TempDir;
 use switchyard_tests::testkit::{ClientProto, ClientRequest};
@@ -804,55 +802,11 @@ fn vip() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 40, 10)), 80)
 }
 
-fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: Some("shop".to_owned()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-        ..ObjectMeta::default()
-    }
-}
-
 /// A Service at [`vip`] served by `backends`, and this node.
 fn apply_objects(api: &ApiServer, backends: &[IpAddr]) {
     let vip = vip();
-    api.apply(&Service {
-        metadata: meta("web", &[]),
-        spec: Some(ServiceSpec {
-            cluster_ip: Some(vip.ip().to_string()),
-            cluster_ips: Some(vec![vip.ip().to_string()]),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: i32::from(vip.port()),
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    });
-    api.apply(&EndpointSlice {
-        metadata: meta("web-abc", &[("kubernetes.io/service-name", "web")]),
-        address_type: "IPv4".into(),
-        endpoints: backends
-            .iter()
-            .map(|ip| Endpoint {
-                addresses: vec![ip.to_string()],
-                ..Endpoint::default()
-            })
-            .collect(),
-        ports: Some(vec![EndpointPort {
-            name: Some("http".into()),
-            port: Some(i32::from(BACKEND_PORT)),
-            protocol: Some("TCP".into()),
-            ..EndpointPort::default()
-        }]),
-    });
+    api.apply(&objects::cluster_ip_service("shop", "web", vip));
+    api.apply(&objects::endpoint_slice("shop", "web", backends));
     api.apply(&Node {
         metadata: ObjectMeta {
             name: Some(NODE.to_owned()),

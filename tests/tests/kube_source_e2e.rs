@@ -4,16 +4,16 @@
 //! (410 Gone) with changes missed while disconnected, a slow first list after a restart, and a
 //! flood of endpoint updates.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use switchyard_tests::apiserver::{ApiServer, Kind};
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
+use switchyard_tests::harness::{Harness, backend_name};
+use switchyard_tests::objects;
 use switchyard_tests::report::{Attempt, backend_counts};
 use switchyard_tests::tempdir::TempDir;
 use switchyard_tests::testkit::{ClientProto, ClientRequest};
@@ -28,60 +28,12 @@ fn vip(text: &str) -> SocketAddr {
     SocketAddr::new(text.parse().expect("valid VIP"), 80)
 }
 
-fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: Some(NAMESPACE.to_owned()),
-        labels: (!labels.is_empty()).then(|| {
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>()
-        }),
-        ..ObjectMeta::default()
-    }
-}
-
 fn service(name: &str, cluster_ip: SocketAddr) -> Service {
-    Service {
-        metadata: meta(name, &[]),
-        spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".into()),
-            cluster_ip: Some(cluster_ip.ip().to_string()),
-            cluster_ips: Some(vec![cluster_ip.ip().to_string()]),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: i32::from(cluster_ip.port()),
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
+    objects::cluster_ip_service(NAMESPACE, name, cluster_ip)
 }
 
 fn slice(service: &str, backends: &[IpAddr]) -> EndpointSlice {
-    EndpointSlice {
-        metadata: meta(
-            &format!("{service}-abc"),
-            &[("kubernetes.io/service-name", service)],
-        ),
-        address_type: "IPv4".into(),
-        endpoints: backends
-            .iter()
-            .map(|ip| Endpoint {
-                addresses: vec![ip.to_string()],
-                ..Endpoint::default()
-            })
-            .collect(),
-        ports: Some(vec![EndpointPort {
-            name: Some("http".into()),
-            port: Some(i32::from(BACKEND_PORT)),
-            protocol: Some("TCP".into()),
-            ..EndpointPort::default()
-        }]),
-    }
+    objects::endpoint_slice(NAMESPACE, service, backends)
 }
 
 fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
