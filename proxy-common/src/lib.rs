@@ -24,9 +24,14 @@ pub mod map_names {
     pub const METRICS: &str = "METRICS_V1";
     pub const AFFINITY: &str = "AFFINITY_V1";
     pub const SERVICE_NAMES: &str = "SVC_NAMES_V1";
+    pub const CT4: &str = "CT4_V1";
+    pub const CT6: &str = "CT6_V1";
+    pub const SOURCE_RANGES4: &str = "SRC_RANGE4_V1";
+    pub const SOURCE_RANGES6: &str = "SRC_RANGE6_V1";
+    pub const DATAPATH_CONFIG: &str = "CONFIG_V1";
 
     /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         SERVICES4,
         SERVICES6,
         BACKENDS4,
@@ -38,6 +43,11 @@ pub mod map_names {
         METRICS,
         AFFINITY,
         SERVICE_NAMES,
+        CT4,
+        CT6,
+        SOURCE_RANGES4,
+        SOURCE_RANGES6,
+        DATAPATH_CONFIG,
     ];
 }
 
@@ -52,6 +62,11 @@ pub mod capacity {
     pub const SOCK_REV_NAT: u32 = 262_144;
     /// ClientIP session-affinity entries (one per client and service); an LRU.
     pub const AFFINITY: u32 = 131_072;
+    /// Connection-tracking entries of the TC path (an LRU): two per flow (forward and reply).
+    pub const CT4: u32 = 524_288;
+    pub const CT6: u32 = 262_144;
+    /// loadBalancerSourceRanges prefixes, all services together.
+    pub const SOURCE_RANGES: u32 = 65_536;
 }
 
 /// Protocol numbers as stored in keys (IANA numbers, as in `bpf_sock_addr.protocol`).
@@ -82,6 +97,22 @@ pub mod service_flags {
     /// With count 0: the service has usable endpoints, but the traffic policy leaves none for
     /// this node's traffic, so the datapath drops (kube-proxy's DROP) instead of refusing.
     pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 1;
+    /// A NodePort frontend (a node address selected by `--nodeport-addresses`).
+    pub const NODE_PORT: u16 = 1 << 2;
+    /// A `spec.externalIPs` frontend.
+    pub const EXTERNAL_IP: u16 = 1 << 3;
+    /// A `status.loadBalancer.ingress[].ip` frontend (ipMode VIP or unset).
+    pub const LOAD_BALANCER: u16 = 1 << 4;
+    /// On the cluster-scope entry of an external frontend: externalTrafficPolicy is Local, so
+    /// traffic from outside the cluster uses the frontend's `scope::LOCAL` entry (local
+    /// endpoints, client address kept) while pods short-circuit to this entry unmasqueraded.
+    pub const EXTERNAL_LOCAL: u16 = 1 << 5;
+    /// A LoadBalancer frontend with loadBalancerSourceRanges: new flows from sources outside
+    /// the service's prefixes in the source-ranges trie are dropped.
+    pub const SOURCE_RANGES: u16 = 1 << 6;
+
+    /// Any externally reachable frontend kind.
+    pub const EXTERNAL: u16 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
 }
 
 /// Indexes into the per-CPU `METRICS` array: why a hook did (or did not) translate.
@@ -106,11 +137,40 @@ pub mod reason {
     pub const AFFINITY_HIT: u32 = 8;
     /// The session-affinity entry could not be stored.
     pub const AFFINITY_STORE_FAILED: u32 = 9;
+    /// TC: a new flow to a service was translated (conntrack entries created).
+    pub const TC_NEW_FLOW: u32 = 10;
+    /// TC: a packet of a tracked flow was translated towards its backend.
+    pub const TC_CT_FORWARD: u32 = 11;
+    /// TC: a backend's reply was translated back to the service address.
+    pub const TC_CT_REPLY: u32 = 12;
+    /// TC: a flow to a service without any usable endpoint was refused (TCP RST or ICMP
+    /// port unreachable sent back).
+    pub const TC_REJECTED: u32 = 13;
+    /// TC: dropped, the traffic policy leaves no endpoint on this node.
+    pub const TC_DROPPED_NO_LOCAL: u32 = 14;
+    /// TC: dropped, the source is outside the service's loadBalancerSourceRanges.
+    pub const TC_DROPPED_SOURCE_RANGE: u32 = 15;
+    /// TC: an IP fragment was passed on untranslated (ports are not in every fragment).
+    pub const TC_FRAGMENT_PASSED: u32 = 16;
+    /// TC: no route to the translated destination (packet dropped).
+    pub const TC_FIB_FAILED: u32 = 17;
+    /// TC: no free SNAT port was found for a new flow (packet dropped).
+    pub const TC_SNAT_EXHAUSTED: u32 = 18;
+    /// TC: a conntrack entry could not be stored (packet dropped).
+    pub const TC_CT_STORE_FAILED: u32 = 19;
+    /// TC: a non-service SYN removed a stale reply entry that claimed its 4-tuple.
+    pub const TC_STALE_CT_PURGED: u32 = 20;
+    /// TC: an ICMP error about a tracked flow was translated.
+    pub const TC_ICMP_ERROR_TRANSLATED: u32 = 21;
+    /// TC: a SYN for a closed or established flow started a new flow (new backend choice).
+    pub const TC_SYN_RESTARTED: u32 = 22;
+    /// TC: a packet the TC path could not rewrite (malformed, or a helper failed): dropped.
+    pub const TC_REWRITE_FAILED: u32 = 23;
     /// Number of reason slots (size of the metrics array).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 10] = [
+    pub const NAMES: [&str; 24] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -121,6 +181,20 @@ pub mod reason {
         "no_local_endpoint",
         "affinity_hit",
         "affinity_store_failed",
+        "tc_new_flow",
+        "tc_ct_forward",
+        "tc_ct_reply",
+        "tc_rejected",
+        "tc_dropped_no_local_endpoint",
+        "tc_dropped_source_range",
+        "tc_fragment_passed",
+        "tc_fib_failed",
+        "tc_snat_exhausted",
+        "tc_ct_store_failed",
+        "tc_stale_ct_purged",
+        "tc_icmp_error_translated",
+        "tc_syn_restarted",
+        "tc_rewrite_failed",
     ];
 }
 
@@ -300,6 +374,151 @@ impl Default for ServiceName {
         Self { bytes: [0; 144] }
     }
 }
+
+/// Conntrack entry flags (the `flags` field of [`Ct4Entry`]/[`Ct6Entry`]).
+pub mod ct_flags {
+    /// The entry translates the reply direction (backend → client); otherwise it is the
+    /// forward entry (client → service), which alone carries the flow's state and lifetime.
+    pub const REPLY: u16 = 1 << 0;
+    /// The flow's source was translated to a node address (masquerade).
+    pub const SNAT: u16 = 1 << 1;
+    /// A reply was seen: the flow is established.
+    pub const SEEN_REPLY: u16 = 1 << 2;
+    /// The client sent a FIN.
+    pub const FIN_FORWARD: u16 = 1 << 3;
+    /// The backend sent a FIN.
+    pub const FIN_REPLY: u16 = 1 << 4;
+    /// Either side sent a RST.
+    pub const RST: u16 = 1 << 5;
+}
+
+/// Conntrack lifetimes, refreshed by every packet of the flow (either direction).
+pub mod ct_lifetime {
+    /// A TCP flow whose SYN has not been answered yet.
+    pub const TCP_SYN_SECS: u64 = 60;
+    /// An established TCP flow (kube-proxy sets nf_conntrack_tcp_timeout_established to 24 h).
+    pub const TCP_ESTABLISHED_SECS: u64 = 86_400;
+    /// A TCP flow after one side's FIN (half-closed connections may still carry data).
+    pub const TCP_HALF_CLOSED_SECS: u64 = 300;
+    /// A TCP flow after both FINs or a RST: kept briefly for the last ACKs and retransmits.
+    pub const TCP_CLOSED_SECS: u64 = 10;
+    /// A UDP flow without a reply yet.
+    pub const UDP_UNREPLIED_SECS: u64 = 30;
+    /// A UDP flow that has seen replies.
+    pub const UDP_SECS: u64 = 120;
+}
+
+/// Key of the IPv4 conntrack LRU: the packet's 5-tuple as it arrives (addresses and ports in
+/// network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+assert_layout!(Ct4Key, size = 16, align = 4);
+
+/// Value of the IPv4 conntrack LRU: the tuple a matching packet is rewritten to. A forward
+/// entry (client → frontend) rewrites to (client or node address → backend); its reply entry,
+/// keyed by the tuple the backend answers with, rewrites back to (frontend → client).
+/// `expires_ns` (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) is kept on the forward entry only; a
+/// reply entry lives as long as its forward entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Entry {
+    pub expires_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+    pub flags: u16,
+    pub pad: u16,
+}
+assert_layout!(Ct4Entry, size = 32, align = 8);
+
+/// Key of the IPv6 conntrack LRU (see [`Ct4Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct6Key {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+assert_layout!(Ct6Key, size = 40, align = 4);
+
+/// Value of the IPv6 conntrack LRU (see [`Ct4Entry`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Entry {
+    pub expires_ns: u64,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+    pub flags: u16,
+    pub pad: u16,
+}
+assert_layout!(Ct6Entry, size = 56, align = 8);
+
+/// Data of an IPv4 source-ranges LPM key; the trie's prefix length is `32 + prefix`, so the
+/// service id always matches exactly and the address by the range's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange4 {
+    /// The frontend's rev-NAT id, big-endian (the trie matches bytes from the first).
+    pub rev_nat_id_be: u32,
+    pub address: u32,
+}
+assert_layout!(SourceRange4, size = 8, align = 4);
+
+/// Data of an IPv6 source-ranges LPM key (prefix length `32 + prefix`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange6 {
+    pub rev_nat_id_be: u32,
+    pub address: [u32; 4],
+}
+assert_layout!(SourceRange6, size = 20, align = 4);
+
+/// Flags of [`DatapathConfig`].
+pub mod config_flags {
+    /// `cluster_cidr4` is set: IPv4 sources inside it are pods.
+    pub const CLUSTER_CIDR4: u8 = 1 << 0;
+    /// `cluster_cidr6` is set.
+    pub const CLUSTER_CIDR6: u8 = 1 << 1;
+    /// `--masquerade-all`: every ClusterIP flow through TC is masqueraded.
+    pub const MASQUERADE_ALL: u8 = 1 << 2;
+}
+
+/// The agent's settings for the TC path (index 0 of the config array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// `--cluster-cidr` (IPv4 part), network byte order.
+    pub cluster_cidr4: u32,
+    /// `--cluster-cidr` (IPv6 part), network byte order.
+    pub cluster_cidr6: [u32; 4],
+    pub cluster_prefix4: u8,
+    pub cluster_prefix6: u8,
+    pub flags: u8,
+    pub pad: u8,
+    /// Source ports for masqueraded flows, host byte order, inclusive; chosen outside the
+    /// node's ephemeral range so they never collide with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+assert_layout!(DatapathConfig, size = 28, align = 4);
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert (for maps that are rarely written).
 pub const BPF_F_NO_PREALLOC: u32 = 1;

@@ -121,10 +121,22 @@ pub struct Frontend {
     pub affinity_timeout_secs: u32,
 }
 
+/// A Service's healthCheckNodePort (type LoadBalancer with externalTrafficPolicy Local): what
+/// the node's health-check listener on that port reports to the load balancer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Local endpoints that are ready (serving-but-terminating ones do not count).
+    pub local_endpoints: usize,
+}
+
 /// What the dataplane should look like.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Health-check listeners by healthCheckNodePort.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// Kind of object a problem refers to.
