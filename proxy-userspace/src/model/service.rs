@@ -386,7 +386,10 @@ pub fn build(snapshot: &ClusterSnapshot, config: &ModelConfig) -> ModelOutput {
         }
     }
     ModelOutput {
-        desired: DesiredState { frontends },
+        desired: DesiredState {
+            frontends,
+            health_checks: BTreeMap::new(),
+        },
         problems: problems.into_vec(),
     }
 }
