@@ -250,6 +250,7 @@ mod tests {
                     (*key, frontend)
                 })
                 .collect(),
+            health_checks: std::collections::BTreeMap::new(),
         }
     }
 
