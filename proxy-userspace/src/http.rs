@@ -1,10 +1,12 @@
-//! A minimal HTTP/1.1 responder for the metrics and health endpoints: GET only, one response
-//! per connection. Enough for Prometheus scrapes and kubelet probes without a web framework.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+//! A minimal HTTP/1.1 responder for the metrics, health and health-check node port endpoints:
+//! one response per connection. Enough for Prometheus scrapes, kubelet probes and load-balancer
+//! health checks without a web framework.
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    task::JoinHandle,
 };
 use tracing::{debug, info};
 
@@ -13,6 +15,8 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    /// Headers beyond the standard ones, as (name, value).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Response {
@@ -21,7 +25,15 @@ impl Response {
             status,
             content_type,
             body: body.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a header to the standard ones.
+    #[must_use]
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
     }
 
     pub fn not_found() -> Self {
@@ -42,7 +54,17 @@ fn reason(status: u16) -> &'static str {
 /// Routes a request path (query string removed) to a response.
 pub type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
 
-async fn answer(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> {
+/// Which request methods reach the handler; the others are answered 405.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Methods {
+    /// GET and HEAD: the metrics and health endpoints.
+    GetAndHead,
+    /// Any method, as kube-proxy's health-check node ports answer (their handler never looks
+    /// at the method); HEAD still gets no body.
+    Any,
+}
+
+async fn answer(mut stream: TcpStream, handler: Handler, methods: Methods) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // Read the request head (bounded), ignore any body.
@@ -60,7 +82,7 @@ async fn answer(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> 
         words.next().unwrap_or("/"),
     );
     let path = target.split('?').next().unwrap_or("/");
-    let response = if method == "GET" || method == "HEAD" {
+    let response = if methods == Methods::Any || method == "GET" || method == "HEAD" {
         handler(path)
     } else {
         Response::new(405, "text/plain; charset=utf-8", "method not allowed\n")
@@ -70,33 +92,37 @@ async fn answer(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> 
     } else {
         response.body.as_str()
     };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n",
         response.status,
         reason(response.status),
         response.content_type,
         response.body.len()
     );
+    for (name, value) in &response.headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }
 
-/// Binds `address` (failing at once if it cannot) and serves `handler` in the background.
-pub async fn serve(
-    address: SocketAddr,
+/// Accepts connections on `listener` in a task that owns it: the socket closes when the task
+/// ends or is aborted.
+fn accept_loop(
+    listener: TcpListener,
     what: &'static str,
     handler: Handler,
-) -> std::io::Result<()> {
-    let listener = TcpListener::bind(address).await?;
-    info!(%address, "serving {what}");
+    methods: Methods,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let handler = handler.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = answer(stream, handler).await {
+                        if let Err(error) = answer(stream, handler, methods).await {
                             debug!("{what} request failed: {error}");
                         }
                     });
@@ -104,6 +130,60 @@ pub async fn serve(
                 Err(error) => debug!("{what} accept failed: {error}"),
             }
         }
-    });
+    })
+}
+
+/// A server started by [`spawn`]. Closing or dropping it closes its listening socket; requests
+/// already accepted are still answered.
+#[derive(Debug)]
+pub struct Server {
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Stops accepting and returns once the listening socket is closed, so that the port
+    /// refuses connections and can be bound again.
+    pub async fn close(mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+            // An aborted task's JoinHandle resolves only after its future (which owns the
+            // listener) has been dropped.
+            let _ = accept.await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
+    }
+}
+
+/// Serves `handler` on an already bound `listener` until the returned [`Server`] is closed or
+/// dropped.
+pub fn spawn(
+    listener: TcpListener,
+    what: &'static str,
+    handler: Handler,
+    methods: Methods,
+) -> Server {
+    Server {
+        accept: Some(accept_loop(listener, what, handler, methods)),
+    }
+}
+
+/// Binds `address` (failing at once if it cannot) and serves `handler` (GET and HEAD) in the
+/// background for the life of the process.
+pub async fn serve(
+    address: SocketAddr,
+    what: &'static str,
+    handler: Handler,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(address).await?;
+    info!(%address, "serving {what}");
+    // Detached on purpose: these endpoints live as long as the agent.
+    drop(accept_loop(listener, what, handler, Methods::GetAndHead));
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod cli;
 pub mod dump;
 pub mod health;
+pub mod healthcheck;
 pub mod http;
 pub mod inspect;
 pub mod metrics;

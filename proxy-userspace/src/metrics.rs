@@ -4,7 +4,10 @@ use std::{fmt::Write as _, time::UNIX_EPOCH};
 
 use proxy_common::{capacity, map_names};
 
-use crate::stats::{Histogram, SyncStats};
+use crate::{
+    healthcheck::HealthCheckCounters,
+    stats::{Histogram, SyncStats},
+};
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -100,6 +103,25 @@ pub fn render(stats: &SyncStats, datapath: &DatapathView<'_>) -> String {
     render_own(&mut out, stats, datapath);
     render_sockets(&mut out, datapath);
     out
+}
+
+/// The healthCheckNodePort listeners; the agent appends this to [`render`]'s output (the
+/// listener set keeps its own counters, read at scrape time).
+pub fn render_health_checks(out: &mut String, counters: &HealthCheckCounters) {
+    simple(
+        out,
+        "switchyard_health_check_node_ports",
+        "gauge",
+        "healthCheckNodePort listeners open",
+        counters.listeners(),
+    );
+    simple(
+        out,
+        "switchyard_health_check_node_port_bind_failures_total",
+        "counter",
+        "Attempts to open a healthCheckNodePort that failed (port in use, no permission); retried at each sync",
+        counters.bind_failures_total(),
+    );
 }
 
 /// The socket load balancer's per-connection state (TC conntrack comes with the TC path).
@@ -220,6 +242,22 @@ mod tests {
             "switchyard_bpf_map_entries{map=\"BACKEND4_V1\"} 7",
             "switchyard_datapath_events_total{reason=\"translated\"} 11",
             "switchyard_socket_translations{family=\"ipv4\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn renders_health_check_listeners() {
+        let mut text = String::new();
+        render_health_checks(&mut text, &HealthCheckCounters::default());
+        for line in [
+            "# TYPE switchyard_health_check_node_ports gauge",
+            "switchyard_health_check_node_ports 0",
+            "switchyard_health_check_node_port_bind_failures_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
