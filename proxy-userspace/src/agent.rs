@@ -1,6 +1,9 @@
 //! The commands: wiring source, model, plan and writer to the kernel.
 use anyhow::{Context, Result, bail};
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use proxy_common::map_names;
 use tracing::{error, info};
@@ -12,7 +15,7 @@ use crate::{
         pins::PinLayout,
     },
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
-    dump, health, http, inspect, metrics,
+    dump, health, healthcheck, http, inspect, metrics,
     model::ModelConfig,
     source,
     stats::StatsHandle,
@@ -95,7 +98,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &pins.map(map_names::SOCK_REV_NAT4),
         &pins.map(map_names::SOCK_REV_NAT6),
     )?);
-    start_endpoints(&args, &stats, counters, sockets).await;
+    let health_checks = healthcheck::HealthCheckServer::new(
+        healthcheck::BindTo::AllAddresses,
+        proxy_health(&stats, health::stale_after(args.sync_period)),
+    );
+    start_endpoints(&args, &stats, counters, sockets, &health_checks).await;
     let node = ModelConfig {
         node_name: args.node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
@@ -105,19 +112,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_period: args.sync_period,
     };
     info!(pins = %pins.root.display(), cgroup = %cgroup.display(), "switchyard running");
-    sync::run(
+    let synced = sync::run(
         snapshots,
         node,
         Box::new(writer),
         Box::new(reaper),
+        health_checks.clone(),
         config,
         stats,
         shutdown_signal(),
     )
-    .await?;
+    .await;
+    // Unlike the pinned dataplane, the health-check node ports go with the agent (as
+    // kube-proxy's do): close them before exiting, whatever ended the runner.
+    health_checks.close_all().await;
+    synced?;
     // The programs stay attached through their pinned links; `ebpf` may be dropped.
     drop(ebpf);
     Ok(())
+}
+
+/// kube-proxy's `serviceProxyHealthy` for the health-check node ports: the same verdict as
+/// `/healthz`, so a node whose syncs stopped is taken out of its load balancers.
+fn proxy_health(stats: &StatsHandle, stale: Duration) -> healthcheck::ProxyHealth {
+    let stats = stats.clone();
+    Arc::new(move || health::healthz(&stats.snapshot(), SystemTime::now(), stale).status == 200)
 }
 
 /// Starts the metrics and health endpoints. A port that cannot be bound is reported, never
@@ -127,21 +146,23 @@ async fn start_endpoints(
     stats: &StatsHandle,
     counters: Arc<DatapathCounters>,
     sockets: Arc<SocketTranslations>,
+    health_checks: &healthcheck::HealthCheckServer,
 ) {
     if let Some(address) = args.metrics_bind_address.0 {
         let stats = stats.clone();
+        let health_checks = health_checks.counters();
         let handler: http::Handler = Arc::new(move |path| match path {
-            "/metrics" => http::Response::new(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(
+            "/metrics" => {
+                let mut text = metrics::render(
                     &stats.snapshot(),
                     &metrics::DatapathView {
                         reasons: &counters.read(),
                         socket_translations: sockets.count(),
                     },
-                ),
-            ),
+                );
+                metrics::render_health_checks(&mut text, &health_checks);
+                http::Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text)
+            }
             _ => http::Response::not_found(),
         });
         if let Err(failure) = http::serve(address, "metrics", handler).await {

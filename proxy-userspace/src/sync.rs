@@ -5,7 +5,7 @@
 //! `max_period` (then the maps are re-read, repairing any drift); a failed sync is retried with
 //! exponential backoff. Nothing is synced before the source's first complete snapshot.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -15,7 +15,8 @@ use proxy_common::{map_names, service_flags};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    model::{self, ClusterSnapshot, ModelConfig, Problem},
+    healthcheck::HealthCheckServer,
+    model::{self, ClusterSnapshot, HealthCheck, ModelConfig, Problem},
     plan::plan,
     source::SnapshotReceiver,
     state::Programmed,
@@ -45,7 +46,7 @@ pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
 }
 
 /// What one successful sync did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncOutcome {
     /// Map operations applied.
     pub operations: usize,
@@ -53,6 +54,8 @@ pub struct SyncOutcome {
     pub new_problems: usize,
     /// Services whose traffic policy leaves no endpoint on this node.
     pub no_local_endpoints: usize,
+    /// The desired healthCheckNodePort listeners, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// One sync: model, plan and apply.
@@ -93,6 +96,7 @@ pub fn sync_once(
         operations: ops.len(),
         new_problems,
         no_local_endpoints,
+        health_checks: output.desired.health_checks,
     })
 }
 
@@ -157,7 +161,7 @@ fn changed<
 fn record_success(
     stats: &StatsHandle,
     mirror: &Programmed,
-    outcome: SyncOutcome,
+    outcome: &SyncOutcome,
     elapsed: Duration,
     latency: Option<Duration>,
 ) {
@@ -198,11 +202,16 @@ fn forget_stale_affinity(writer: &mut dyn MapWriter, mirror: &Programmed) {
 }
 
 /// Runs until `shutdown` completes or the source goes away.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each collaborator is injected on its own so tests can fake it"
+)]
 pub async fn run(
     mut source: SnapshotReceiver,
     config: ModelConfig,
     mut writer: Box<dyn MapWriter>,
     mut reaper: Box<dyn SocketReaper>,
+    health_checks: HealthCheckServer,
     timing: SyncConfig,
     stats: StatsHandle,
     shutdown: impl Future<Output = ()>,
@@ -245,12 +254,13 @@ pub async fn run(
                 if !removed.is_empty() {
                     reaper.reap(&removed);
                 }
+                health_checks.reconcile(&outcome.health_checks).await;
                 let elapsed = started.elapsed();
                 let latency = pending_since
                     .take()
                     .filter(|_| outcome.operations > 0)
                     .map(|since| since.elapsed());
-                record_success(&stats, &mirror, outcome, elapsed, latency);
+                record_success(&stats, &mirror, &outcome, elapsed, latency);
                 if outcome.operations > 0 || first_sync {
                     info!(
                         operations = outcome.operations,
@@ -549,6 +559,10 @@ mod tests {
             ModelConfig::default(),
             Box::new(fake.clone()),
             Box::new(crate::udp_reaper::NoReaper),
+            HealthCheckServer::new(
+                crate::healthcheck::BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
+                Arc::new(|| true),
+            ),
             config,
             stats.clone(),
             async {
