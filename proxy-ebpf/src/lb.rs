@@ -20,7 +20,11 @@ pub enum Selection<B> {
     /// The service has endpoints, but its traffic policy leaves none for this node (DROP).
     Drop,
     /// Translate to this backend.
-    Backend { backend: B, rev_nat_id: u32 },
+    Backend {
+        backend: B,
+        backend_id: u32,
+        rev_nat_id: u32,
+    },
 }
 
 impl<B> Selection<B> {
@@ -34,9 +38,11 @@ impl<B> Selection<B> {
             Self::Drop => Selection::Drop,
             Self::Backend {
                 backend,
+                backend_id,
                 rev_nat_id,
             } => Selection::Backend {
                 backend: convert(backend),
+                backend_id,
                 rev_nat_id,
             },
         }
@@ -142,6 +148,12 @@ fn affine_backend<F: Family>(
     Some((entry.backend_id, F::backend(entry.backend_id)?))
 }
 
+/// The master entry (slot 0) of the frontend `key`, if it is a service.
+#[inline(always)]
+pub fn master<F: Family>(key: F::Key) -> Option<ServiceValue> {
+    F::service(&F::with_slot(key, 0))
+}
+
 /// Chooses the backend for a connection to `key`. `client_cookie` identifies the client for
 /// session affinity; it is only asked for when the service has affinity.
 #[inline(always)]
@@ -149,9 +161,19 @@ pub fn select<F: Family>(
     key: F::Key,
     client_cookie: impl FnOnce() -> u64,
 ) -> Selection<F::Backend> {
-    let Some(master) = F::service(&F::with_slot(key, 0)) else {
-        return Selection::NotAService;
-    };
+    match master::<F>(key) {
+        Some(master) => select_from::<F>(key, &master, client_cookie),
+        None => Selection::NotAService,
+    }
+}
+
+/// Chooses the backend of the frontend `key` whose master entry the caller already read.
+#[inline(always)]
+pub fn select_from<F: Family>(
+    key: F::Key,
+    master: &ServiceValue,
+    client_cookie: impl FnOnce() -> u64,
+) -> Selection<F::Backend> {
     if master.count == 0 {
         return if master.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
             Selection::Drop
@@ -162,8 +184,9 @@ pub fn select<F: Family>(
     let rev_nat_id = master.rev_nat_id;
     if master.affinity_timeout_secs == 0 {
         return match pick_random::<F>(key, master.count) {
-            Some((_, backend)) => Selection::Backend {
+            Some((backend_id, backend)) => Selection::Backend {
                 backend,
+                backend_id,
                 rev_nat_id,
             },
             None => {
@@ -201,6 +224,7 @@ pub fn select<F: Family>(
     }
     Selection::Backend {
         backend,
+        backend_id,
         rev_nat_id,
     }
 }

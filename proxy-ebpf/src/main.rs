@@ -1,4 +1,5 @@
-//! Switchyard's eBPF programs: the east-west socket load balancer.
+//! Switchyard's eBPF programs: the east-west socket load balancer and the north-south TC
+//! load balancer (`tc`).
 //!
 //! cgroup sock_addr hooks translate a service address (VIP:port) to a backend once per
 //! connection (connect4/6) or per datagram (sendmsg4/6), and translate the backend back to the
@@ -12,10 +13,11 @@ mod lb;
 mod maps;
 mod metrics;
 mod sock;
+mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 
 /// Return value that lets the syscall proceed (for recvmsg/getpeername the only valid one).
@@ -69,6 +71,12 @@ pub fn sy_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn sy_sock_release(ctx: SockContext) -> i32 {
     sock::forget_released_socket(&ctx);
     PROCEED
+}
+
+/// TC ingress on the node's interfaces: the north-south load balancer.
+#[classifier]
+pub fn sy_tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,12 +2,13 @@
 //! every one of them so they outlive it.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, RevNat4, RevNat6,
-    Service4Key, Service6Key, ServiceName, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6,
-    SockRevNat6Key, capacity, reason,
+    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
+    Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceValue,
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, capacity,
+    reason,
 };
 
 #[map]
@@ -39,3 +40,18 @@ pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static SVC_NAMES_V1: HashMap<u32, ServiceName> =
     HashMap::with_max_entries(capacity::REV_NAT, BPF_F_NO_PREALLOC);
+/// The TC path's connection tracking: forward and reply entries of every translated flow.
+#[map]
+pub static CT4_V1: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(capacity::CT4, 0);
+#[map]
+pub static CT6_V1: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::with_max_entries(capacity::CT6, 0);
+/// loadBalancerSourceRanges per frontend (LPM tries must be created without preallocation).
+#[map]
+pub static SRC_RANGE4_V1: LpmTrie<SourceRange4, u32> =
+    LpmTrie::with_max_entries(capacity::SOURCE_RANGES, BPF_F_NO_PREALLOC);
+#[map]
+pub static SRC_RANGE6_V1: LpmTrie<SourceRange6, u32> =
+    LpmTrie::with_max_entries(capacity::SOURCE_RANGES, BPF_F_NO_PREALLOC);
+/// The agent's settings for the TC path (one entry).
+#[map]
+pub static CONFIG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);

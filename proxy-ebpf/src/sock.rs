@@ -98,6 +98,7 @@ pub fn translate_forward4(ctx: &SockAddrContext) -> i32 {
         Selection::Backend {
             backend,
             rev_nat_id,
+            ..
         } => {
             let nat_key = SockRevNat4Key {
                 cookie: socket_cookie(ctx),
@@ -228,6 +229,7 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
         Selection::Backend {
             backend,
             rev_nat_id,
+            ..
         } => {
             let nat_key = SockRevNat6Key {
                 cookie: socket_cookie(ctx),

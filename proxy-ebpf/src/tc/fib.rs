@@ -1,0 +1,122 @@
+//! Forwarding of translated packets past the IP stack: a translated packet may carry a node
+//! address as its source, which the stack would drop as a martian, so it is routed here
+//! (bpf_fib_lookup) and redirected to the egress interface.
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use proxy_common::reason;
+
+use super::inet::Inet;
+use crate::metrics;
+
+/// Where a translated packet goes next.
+pub struct Route<A> {
+    neighbour_known: bool,
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    /// The source address the kernel would use on that route (asked for masquerading).
+    pub src: A,
+    nexthop: A,
+}
+
+/// The interface the packet arrived on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the verifier-checked context of this TC program.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Routes `src → dst` as the stack would forward it. With `want_src` the kernel also picks the
+/// source address for the route (the masquerade address). `Err` is the verdict to return.
+#[inline(always)]
+pub fn lookup<I: Inet>(
+    ctx: &TcContext,
+    src: &I::Addr,
+    dst: &I::Addr,
+    want_src: bool,
+) -> Result<Route<I::Addr>, i32> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = I::AF;
+    params.ifindex = ingress_ifindex(ctx);
+    I::fib_params(&mut params, src, dst);
+    let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
+    // SAFETY: `params` is a live stack struct of the size passed; ctx is this program's.
+    let result = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &raw mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    match result as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if result >= 0 => Ok(Route {
+            neighbour_known: result as u32 == BPF_FIB_LKUP_RET_SUCCESS,
+            ifindex: params.ifindex,
+            smac: params.smac,
+            dmac: params.dmac,
+            src: I::fib_src(&params),
+            nexthop: I::fib_dst(&params),
+        }),
+        // The destination is this node itself (e.g. a host-network endpoint): the stack
+        // delivers it.
+        BPF_FIB_LKUP_RET_NOT_FWDED if result >= 0 => Err(TC_ACT_OK as i32),
+        _ => {
+            metrics::count(reason::TC_FIB_FAILED);
+            Err(TC_ACT_SHOT as i32)
+        }
+    }
+}
+
+/// Sends the (already rewritten) packet out of the route's interface.
+#[inline(always)]
+pub fn redirect<I: Inet>(ctx: &TcContext, route: &Route<I::Addr>) -> i32 {
+    if route.neighbour_known {
+        if ctx.store(0, &route.dmac, 0).is_err() || ctx.store(6, &route.smac, 0).is_err() {
+            metrics::count(reason::TC_REWRITE_FAILED);
+            return TC_ACT_SHOT as i32;
+        }
+        // SAFETY: a helper call with plain integer arguments.
+        return unsafe { bpf_redirect(route.ifindex, 0) } as i32;
+    }
+    // SAFETY: an all-zero union is valid; the address is copied in below.
+    let mut nexthop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nexthop.nh_family = u32::from(I::AF);
+    let size = core::mem::size_of::<I::Addr>();
+    // SAFETY: both unions members start at offset 0 and the address is at most 16 bytes, the
+    // size of the union.
+    unsafe {
+        let union_ptr: *mut bpf_redir_neigh__bindgen_ty_1 = &raw mut nexthop.__bindgen_anon_1;
+        core::ptr::copy_nonoverlapping(
+            (&raw const route.nexthop).cast::<u8>(),
+            union_ptr.cast::<u8>(),
+            size,
+        );
+    }
+    // SAFETY: `nexthop` is a live stack struct of the size passed.
+    let verdict = unsafe {
+        bpf_redirect_neigh(
+            route.ifindex,
+            &raw mut nexthop,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    verdict as i32
+}
+
+/// Bounces a reply the program built back out of the interface the packet came in on.
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> i32 {
+    // SAFETY: a helper call with plain integer arguments.
+    unsafe { bpf_redirect(ingress_ifindex(ctx), 0) as i32 }
+}

@@ -1,0 +1,96 @@
+//! kube-proxy's REJECT for a service without any usable endpoint: the client is answered at
+//! once (TCP RST, ICMP port unreachable) instead of waiting for a timeout.
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_skb_change_tail, programs::TcContext};
+use proxy_common::{protocol, reason};
+
+use super::{
+    csum::Words,
+    fib,
+    inet::{Inet, Packet},
+};
+use crate::metrics;
+
+/// Turns the packet into the refusal and sends it back where it came from.
+#[inline(never)]
+pub fn refuse<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> i32 {
+    let written = match packet.tuple.proto {
+        protocol::TCP => I::write_tcp_reset(ctx, packet),
+        protocol::UDP => I::write_port_unreachable(ctx, packet),
+        _ => Err(0),
+    };
+    if written.is_err() {
+        metrics::count(reason::TC_REWRITE_FAILED);
+        return TC_ACT_SHOT as i32;
+    }
+    metrics::count(reason::TC_REJECTED);
+    fib::bounce(ctx)
+}
+
+/// Swaps the Ethernet addresses so the frame goes back to the previous hop.
+#[inline(always)]
+pub fn swap_macs(ctx: &TcContext) -> Result<(), i64> {
+    let macs: [u8; 12] = ctx.load(0)?;
+    let mut swapped = [0u8; 12];
+    let mut i = 0;
+    while i < 6 {
+        swapped[i] = macs[i + 6];
+        swapped[i + 6] = macs[i];
+        i += 1;
+    }
+    ctx.store(0, &swapped, 0)
+}
+
+/// The sequence numbers of a RST answering a TCP segment (RFC 9293 §3.10.7.1): with an ACK
+/// the RST takes its sequence number from it; otherwise it acknowledges the segment.
+/// Returns (seq, ack, flags) in host order.
+#[inline(always)]
+pub fn reset_numbers(seq: u32, ack: u32, flags: u8, payload_len: u32) -> (u32, u32, u8) {
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const SYN: u8 = 0x02;
+    const FIN: u8 = 0x01;
+    if flags & ACK != 0 {
+        return (ack, 0, RST);
+    }
+    let consumed = payload_len + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+    (0, seq.wrapping_add(consumed), RST | ACK)
+}
+
+/// The TCP header of a RST answering `packet` (checksum still zero): ports swapped, numbers
+/// per [`reset_numbers`], no options, window 0.
+#[inline(always)]
+pub fn reset_header<A>(
+    ctx: &TcContext,
+    packet: &Packet<A>,
+    payload_len: u32,
+) -> Result<Words<20>, i64> {
+    let seq = u32::from_be(ctx.load::<u32>(packet.l4 + 4)?);
+    let ack = u32::from_be(ctx.load::<u32>(packet.l4 + 8)?);
+    let (seq, ack, flags) = reset_numbers(seq, ack, packet.tcp_flags, payload_len);
+    let mut header = Words::<20>::zeroed();
+    header.put(0, &packet.tuple.dport.to_ne_bytes());
+    header.put(2, &packet.tuple.sport.to_ne_bytes());
+    header.put(4, &seq.to_be_bytes());
+    header.put(8, &ack.to_be_bytes());
+    header.put(12, &[0x50, flags]);
+    Ok(header)
+}
+
+/// The length of the TCP payload given the IP payload length (transport header included).
+#[inline(always)]
+pub fn tcp_payload_len<A>(
+    ctx: &TcContext,
+    packet: &Packet<A>,
+    ip_payload: u32,
+) -> Result<u32, i64> {
+    let data_offset = u32::from(ctx.load::<u8>(packet.l4 + 12)? >> 4) * 4;
+    Ok(ip_payload.saturating_sub(data_offset))
+}
+
+/// Grows or shrinks the frame to `len` bytes (new bytes are zero).
+#[inline(always)]
+pub fn resize(ctx: &TcContext, len: u32) -> Result<(), i64> {
+    // SAFETY: `skb` is this program's context; the helper is valid for TC programs.
+    let result = unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) };
+    if result < 0 { Err(result) } else { Ok(()) }
+}

@@ -1,0 +1,351 @@
+//! IPv4 for the TC path.
+use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key, programs::TcContext};
+use proxy_common::{
+    Backend4, Ct4Entry, Ct4Key, DatapathConfig, Service4Key, SourceRange4, config_flags, protocol,
+};
+
+use super::{
+    csum::{Words, fold},
+    inet::{ETH_HLEN, Flow, IcmpError, Inet, Packet, Parsed, Tuple},
+    reject::{reset_header, resize, swap_macs, tcp_payload_len},
+};
+use crate::{
+    lb::V4,
+    maps::{CT4_V1, SRC_RANGE4_V1},
+};
+
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_PORT_UNREACH: u8 = 3;
+const IP_HLEN: usize = 20;
+const DEFAULT_TTL: u8 = 64;
+
+/// Version/IHL check: the header length, or `None` if this is not a usable IPv4 header.
+#[inline(always)]
+fn header_len(ctx: &TcContext, l3: usize) -> Result<Option<usize>, i64> {
+    let version_ihl: u8 = ctx.load(l3)?;
+    let len = usize::from(version_ihl & 0x0f) * 4;
+    Ok((version_ihl >> 4 == 4 && len >= IP_HLEN).then_some(len))
+}
+
+/// Whether the header at `l3` is a fragment (MF set or a non-zero offset).
+#[inline(always)]
+fn is_fragment(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
+    let frag: u16 = ctx.load(l3 + 6)?;
+    Ok(u16::from_be(frag) & 0x3fff != 0)
+}
+
+#[inline(always)]
+fn ports(ctx: &TcContext, l4: usize) -> Result<(u16, u16), i64> {
+    Ok((ctx.load(l4)?, ctx.load(l4 + 2)?))
+}
+
+/// A 20-byte IPv4 header (no options) from `src` to `dst` with its checksum.
+#[inline(always)]
+fn ip_header(src: u32, dst: u32, proto: u8, total_len: u16) -> Result<Words<20>, i64> {
+    let mut header = Words::<20>::zeroed();
+    header.put(0, &[0x45, 0]);
+    header.put(2, &total_len.to_be_bytes());
+    header.put(6, &[0x40, 0]);
+    header.put(8, &[DEFAULT_TTL, proto]);
+    header.put(12, &src.to_ne_bytes());
+    header.put(16, &dst.to_ne_bytes());
+    let csum = fold(header.sum(0)?);
+    header.put(10, &csum.to_ne_bytes());
+    Ok(header)
+}
+
+impl Inet for V4 {
+    type Addr = u32;
+    const AF: u8 = 2;
+    const SADDR: usize = 12;
+    const DADDR: usize = 16;
+    const ICMP_PSEUDO: bool = false;
+
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Result<Parsed<u32>, i64> {
+        let l3 = ETH_HLEN;
+        let Some(ihl) = header_len(ctx, l3)? else {
+            return Ok(Parsed::Pass);
+        };
+        if is_fragment(ctx, l3)? {
+            return Ok(Parsed::Fragment);
+        }
+        let proto: u8 = ctx.load(l3 + 9)?;
+        let saddr: u32 = ctx.load(l3 + Self::SADDR)?;
+        let daddr: u32 = ctx.load(l3 + Self::DADDR)?;
+        let l4 = l3 + ihl;
+        match proto {
+            protocol::TCP | protocol::UDP => {
+                let (sport, dport) = ports(ctx, l4)?;
+                let tcp_flags = if proto == protocol::TCP {
+                    ctx.load(l4 + 13)?
+                } else {
+                    0
+                };
+                Ok(Parsed::Flow(Packet {
+                    l3,
+                    l4,
+                    tuple: Tuple {
+                        saddr,
+                        daddr,
+                        sport,
+                        dport,
+                        proto,
+                    },
+                    tcp_flags,
+                }))
+            }
+            IPPROTO_ICMP => {
+                let kind: u8 = ctx.load(l4)?;
+                if !matches!(
+                    kind,
+                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+                ) {
+                    return Ok(Parsed::Pass);
+                }
+                let inner_l3 = l4 + 8;
+                let Some(inner_ihl) = header_len(ctx, inner_l3)? else {
+                    return Ok(Parsed::Pass);
+                };
+                let inner_proto: u8 = ctx.load(inner_l3 + 9)?;
+                if !matches!(inner_proto, protocol::TCP | protocol::UDP)
+                    || is_fragment(ctx, inner_l3)?
+                {
+                    return Ok(Parsed::Pass);
+                }
+                let inner_l4 = inner_l3 + inner_ihl;
+                let (sport, dport) = ports(ctx, inner_l4)?;
+                Ok(Parsed::IcmpError(IcmpError {
+                    outer: Packet {
+                        l3,
+                        l4,
+                        tuple: Tuple {
+                            saddr,
+                            daddr,
+                            sport: 0,
+                            dport: 0,
+                            proto,
+                        },
+                        tcp_flags: 0,
+                    },
+                    inner_l3,
+                    inner_l4,
+                    inner: Tuple {
+                        saddr: ctx.load(inner_l3 + Self::SADDR)?,
+                        daddr: ctx.load(inner_l3 + Self::DADDR)?,
+                        sport,
+                        dport,
+                        proto: inner_proto,
+                    },
+                }))
+            }
+            _ => Ok(Parsed::Pass),
+        }
+    }
+
+    #[inline(always)]
+    fn store_addr(ctx: &TcContext, offset: usize, addr: &u32) -> Result<(), i64> {
+        ctx.store(offset, addr, 0)
+    }
+
+    #[inline(always)]
+    fn ip_csum(l3: usize) -> Option<usize> {
+        Some(l3 + 10)
+    }
+
+    #[inline(always)]
+    fn decrement_ttl(ctx: &TcContext, l3: usize) -> Result<(), i64> {
+        let [ttl, proto]: [u8; 2] = ctx.load(l3 + 8)?;
+        if ttl <= 1 {
+            return Err(-1);
+        }
+        let old = u16::from_ne_bytes([ttl, proto]);
+        let new = u16::from_ne_bytes([ttl - 1, proto]);
+        ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), 2)?;
+        ctx.store(l3 + 8, &(ttl - 1), 0)
+    }
+
+    #[inline(always)]
+    fn service_key(addr: u32, port: u16, proto: u8, scope: u8) -> Service4Key {
+        Service4Key {
+            address: addr,
+            port_be: port,
+            backend_slot: 0,
+            protocol: proto,
+            scope,
+            pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    fn backend_target(backend: &Backend4) -> (u32, u16) {
+        (backend.address, backend.port_be)
+    }
+
+    #[inline(always)]
+    fn ct_get(key: &Tuple<u32>) -> Option<Flow<u32>> {
+        // SAFETY: plain data, copied out at once.
+        let entry = unsafe { CT4_V1.get(&ct_key(key)) }.copied()?;
+        Some(Flow {
+            to: Tuple {
+                saddr: entry.saddr,
+                daddr: entry.daddr,
+                sport: entry.sport_be,
+                dport: entry.dport_be,
+                proto: key.proto,
+            },
+            expires_ns: entry.expires_ns,
+            rev_nat_id: entry.rev_nat_id,
+            backend_id: entry.backend_id,
+            flags: entry.flags,
+        })
+    }
+
+    #[inline(always)]
+    fn ct_put(key: &Tuple<u32>, flow: &Flow<u32>, flags: u64) -> Result<(), i64> {
+        let entry = Ct4Entry {
+            expires_ns: flow.expires_ns,
+            saddr: flow.to.saddr,
+            daddr: flow.to.daddr,
+            sport_be: flow.to.sport,
+            dport_be: flow.to.dport,
+            rev_nat_id: flow.rev_nat_id,
+            backend_id: flow.backend_id,
+            flags: flow.flags,
+            pad: 0,
+        };
+        CT4_V1
+            .insert(&ct_key(key), &entry, flags)
+            .map_err(i64::from)
+    }
+
+    #[inline(always)]
+    fn ct_delete(key: &Tuple<u32>) {
+        // A missing entry is fine: someone else removed it first.
+        let _ = CT4_V1.remove(&ct_key(key));
+    }
+
+    #[inline(always)]
+    fn ct_touch(key: &Tuple<u32>, expires_ns: u64, flags: u16) {
+        if let Some(entry) = CT4_V1.get_ptr_mut(&ct_key(key)) {
+            // SAFETY: the pointer comes from a successful lookup and points at a map value;
+            // racing writers only ever store whole, valid field values.
+            unsafe {
+                (*entry).expires_ns = expires_ns;
+                (*entry).flags = flags;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn in_cluster_cidr(addr: &u32, config: &DatapathConfig) -> bool {
+        if config.flags & config_flags::CLUSTER_CIDR4 == 0 {
+            return false;
+        }
+        let prefix = u32::from(config.cluster_prefix4.min(32));
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        (u32::from_be(*addr) ^ u32::from_be(config.cluster_cidr4)) & mask == 0
+    }
+
+    #[inline(always)]
+    fn has_cluster_cidr(config: &DatapathConfig) -> bool {
+        config.flags & config_flags::CLUSTER_CIDR4 != 0
+    }
+
+    #[inline(always)]
+    fn source_allowed(rev_nat_id: u32, addr: &u32) -> bool {
+        let key = Key::new(
+            64,
+            SourceRange4 {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                address: *addr,
+            },
+        );
+        SRC_RANGE4_V1.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn client_cookie(addr: &u32) -> u64 {
+        (1 << 63) | u64::from(u32::from_be(*addr))
+    }
+
+    #[inline(always)]
+    fn fib_params(params: &mut bpf_fib_lookup, src: &u32, dst: &u32) {
+        params.__bindgen_anon_3.ipv4_src = *src;
+        params.__bindgen_anon_4.ipv4_dst = *dst;
+    }
+
+    #[inline(always)]
+    fn fib_src(params: &bpf_fib_lookup) -> u32 {
+        // SAFETY: the IPv4 member of the union is the one an AF_INET lookup fills.
+        unsafe { params.__bindgen_anon_3.ipv4_src }
+    }
+
+    #[inline(always)]
+    fn fib_dst(params: &bpf_fib_lookup) -> u32 {
+        // SAFETY: as above.
+        unsafe { params.__bindgen_anon_4.ipv4_dst }
+    }
+
+    #[inline(always)]
+    fn write_tcp_reset(ctx: &TcContext, packet: &Packet<u32>) -> Result<(), i64> {
+        let total: u16 = ctx.load(packet.l3 + 2)?;
+        let ip_payload =
+            u32::from(u16::from_be(total)).saturating_sub((packet.l4 - packet.l3) as u32);
+        let payload_len = tcp_payload_len(ctx, packet, ip_payload)?;
+        let mut tcp = reset_header(ctx, packet, payload_len)?;
+        let (client, frontend) = (packet.tuple.saddr, packet.tuple.daddr);
+        let ip = ip_header(frontend, client, protocol::TCP, (IP_HLEN + 20) as u16)?;
+        let mut pseudo = Words::<12>::zeroed();
+        pseudo.put(0, &frontend.to_ne_bytes());
+        pseudo.put(4, &client.to_ne_bytes());
+        pseudo.put(8, &[0, protocol::TCP, 0, 20]);
+        let csum = fold(tcp.sum(pseudo.sum(0)?)?);
+        tcp.put(16, &csum.to_ne_bytes());
+        swap_macs(ctx)?;
+        resize(ctx, (ETH_HLEN + IP_HLEN + 20) as u32)?;
+        ctx.store(ETH_HLEN, &ip.0, 0)?;
+        ctx.store(ETH_HLEN + IP_HLEN, &tcp.0, 0)
+    }
+
+    #[inline(always)]
+    fn write_port_unreachable(ctx: &TcContext, packet: &Packet<u32>) -> Result<(), i64> {
+        if packet.l4 - packet.l3 != IP_HLEN {
+            // Quoting a header with options would need a variable-length copy.
+            return Err(-1);
+        }
+        let quoted_ip: [u8; 20] = ctx.load(packet.l3)?;
+        let quoted_l4: [u8; 8] = ctx.load(packet.l4)?;
+        let mut icmp = Words::<36>::zeroed();
+        icmp.put(0, &[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]);
+        icmp.put(8, &quoted_ip);
+        icmp.put(28, &quoted_l4);
+        let csum = fold(icmp.sum(0)?);
+        icmp.put(2, &csum.to_ne_bytes());
+        let (client, frontend) = (packet.tuple.saddr, packet.tuple.daddr);
+        let ip = ip_header(frontend, client, IPPROTO_ICMP, (IP_HLEN + 36) as u16)?;
+        swap_macs(ctx)?;
+        resize(ctx, (ETH_HLEN + IP_HLEN + 36) as u32)?;
+        ctx.store(ETH_HLEN, &ip.0, 0)?;
+        ctx.store(ETH_HLEN + IP_HLEN, &icmp.0, 0)
+    }
+}
+
+#[inline(always)]
+fn ct_key(tuple: &Tuple<u32>) -> Ct4Key {
+    Ct4Key {
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        sport_be: tuple.sport,
+        dport_be: tuple.dport,
+        protocol: tuple.proto,
+        pad: [0; 3],
+    }
+}
