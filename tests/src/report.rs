@@ -19,6 +19,9 @@ pub struct Attempt {
     /// The recvfrom source address (UDP only).
     #[serde(default)]
     pub source: Option<SocketAddr>,
+    /// The client address the backend saw (only when the client asked for it, `--ask-peer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_as: Option<SocketAddr>,
     pub errno: Option<i32>,
     pub error: Option<String>,
     /// How long the attempt took, to tell an immediate refusal from a timeout.

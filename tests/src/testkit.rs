@@ -57,6 +57,10 @@ pub struct ClientRequest {
     pub count: u32,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Bind to this local port before connecting (TCP with SO_REUSEADDR).
+    pub source_port: Option<u16>,
+    /// Ask the backend for the client address it saw ([`Attempt::seen_as`]).
+    pub ask_peer: bool,
 }
 
 impl ClientRequest {
@@ -67,7 +71,21 @@ impl ClientRequest {
             count: 1,
             interval: Duration::ZERO,
             timeout: Duration::from_secs(1),
+            source_port: None,
+            ask_peer: false,
         }
+    }
+
+    #[must_use]
+    pub fn source_port(mut self, port: u16) -> Self {
+        self.source_port = Some(port);
+        self
+    }
+
+    #[must_use]
+    pub fn ask_peer(mut self) -> Self {
+        self.ask_peer = true;
+        self
     }
 
     #[must_use]
@@ -151,7 +169,61 @@ impl Testkit {
         cgroup: &Path,
         request: &ClientRequest,
     ) -> Result<RunningClient> {
-        let mut command = self.in_cgroup("client", netns, cgroup, request.target);
+        self.spawn_client_placed(netns, Some(cgroup), request)
+    }
+
+    /// Runs a client outside the hooked cgroup (a machine outside the cluster, whose traffic
+    /// only the node's TC programs see) to completion.
+    pub fn outside_client(&self, netns: &str, request: &ClientRequest) -> Result<Vec<Attempt>> {
+        self.spawn_client_placed(netns, None, request)?.finish()
+    }
+
+    /// Like [`Self::outside_client`], in the background.
+    pub fn spawn_outside_client(
+        &self,
+        netns: &str,
+        request: &ClientRequest,
+    ) -> Result<RunningClient> {
+        self.spawn_client_placed(netns, None, request)
+    }
+
+    /// Like [`Self::hold`] (or [`Self::hold_udp`] with `udp`), outside the hooked cgroup; the
+    /// backend reports the client address it saw on every request.
+    pub fn outside_hold(
+        &self,
+        netns: &str,
+        target: SocketAddr,
+        duration: Duration,
+        every: Duration,
+        udp: bool,
+    ) -> Result<RunningClient> {
+        let mut command = self.placed("hold", netns, None, target);
+        command.args([
+            "--duration-ms",
+            &millis(duration),
+            "--every-ms",
+            &millis(every),
+            "--ask-peer",
+        ]);
+        if udp {
+            command.arg("--udp");
+        }
+        RunningClient::spawn(&mut command, duration + CLIENT_SLACK)
+    }
+
+    fn spawn_client_placed(
+        &self,
+        netns: &str,
+        cgroup: Option<&Path>,
+        request: &ClientRequest,
+    ) -> Result<RunningClient> {
+        let mut command = self.placed("client", netns, cgroup, request.target);
+        if let Some(port) = request.source_port {
+            command.args(["--source-port", &port.to_string()]);
+        }
+        if request.ask_peer {
+            command.arg("--ask-peer");
+        }
         command.args([
             "--proto",
             &request.proto.as_arg(),
@@ -216,12 +288,23 @@ impl Testkit {
         cgroup: &Path,
         target: SocketAddr,
     ) -> Command {
+        self.placed(subcommand, netns, Some(cgroup), target)
+    }
+
+    fn placed(
+        &self,
+        subcommand: &str,
+        netns: &str,
+        cgroup: Option<&Path>,
+        target: SocketAddr,
+    ) -> Command {
         let mut command = Command::new(&self.bin);
         command
             .arg(subcommand)
-            .args(["--netns", netns, "--target", &target.to_string()])
-            .arg("--cgroup")
-            .arg(cgroup);
+            .args(["--netns", netns, "--target", &target.to_string()]);
+        if let Some(cgroup) = cgroup {
+            command.arg("--cgroup").arg(cgroup);
+        }
         command
     }
 }

@@ -12,17 +12,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use nix::errno::Errno;
 use nix::sched::{CloneFlags, setns};
 use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::Signal;
 use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
-    sockopt,
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, SockaddrStorage, bind, connect,
+    listen, setsockopt, socket, sockopt,
 };
 use switchyard_tests::report::Attempt;
 use switchyard_tests::testkit::{ClientProto, READY_LINE};
 
 const REQUEST: &[u8] = b"hi\n";
+/// A request asking the server to add the client address it saw to its answer.
+const PEER_REQUEST: &[u8] = b"peer\n";
 /// A server connection idle this long is dropped, so forgotten connections cannot pile up.
 const SERVER_IDLE_TIMEOUT: Duration = Duration::from_mins(1);
 
@@ -35,7 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Answer every TCP line and every UDP datagram with NAME.
+    /// Answer every TCP line and every UDP datagram with NAME (with `NAME ADDRESS:PORT`, the
+    /// client address the server saw, when the line or datagram is `peer`).
     Serve(ServeArgs),
     /// Make COUNT bounded attempts against TARGET, one JSON line each.
     Client(ClientArgs),
@@ -62,8 +66,9 @@ struct Placement {
     #[arg(long)]
     netns: String,
     /// Cgroup directory to join before anything else, so the agent's hooks see our sockets.
+    /// Without it the process stays where it was started: an outside client the hooks ignore.
     #[arg(long)]
-    cgroup: PathBuf,
+    cgroup: Option<PathBuf>,
     #[arg(long)]
     target: SocketAddr,
 }
@@ -80,6 +85,12 @@ struct ClientArgs {
     interval_ms: u64,
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+    /// Bind every socket to this local port (TCP with SO_REUSEADDR) before connecting.
+    #[arg(long)]
+    source_port: Option<u16>,
+    /// Ask the server for the client address it saw (reported as `seen_as`).
+    #[arg(long)]
+    ask_peer: bool,
 }
 
 #[derive(Args)]
@@ -97,6 +108,9 @@ struct HoldArgs {
     /// resilient client would.
     #[arg(long)]
     udp: bool,
+    /// Ask the server for the client address it saw (reported as `seen_as`).
+    #[arg(long)]
+    ask_peer: bool,
 }
 
 fn main() -> Result<()> {
@@ -118,9 +132,11 @@ fn join_netns(name: &str) -> Result<()> {
 /// Joins the cgroup first (its path is only visible from the root mount namespace we start in),
 /// then the network namespace.
 fn place(placement: &Placement) -> Result<()> {
-    let procs = placement.cgroup.join("cgroup.procs");
-    std::fs::write(&procs, format!("{}\n", std::process::id()))
-        .with_context(|| format!("joining cgroup {}", procs.display()))?;
+    if let Some(cgroup) = &placement.cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        std::fs::write(&procs, format!("{}\n", std::process::id()))
+            .with_context(|| format!("joining cgroup {}", procs.display()))?;
+    }
     join_netns(&placement.netns)
 }
 
@@ -183,11 +199,13 @@ fn accept_loop(listener: &TcpListener, name: &str) {
 
 fn answer_lines(stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(SERVER_IDLE_TIMEOUT))?;
+    let peer = stream.peer_addr()?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     while reader.read_line(&mut line)? > 0 {
-        writer.write_all(format!("{name}\n").as_bytes())?;
+        let answer = answer_for(line.as_bytes(), name, peer);
+        writer.write_all(format!("{answer}\n").as_bytes())?;
         line.clear();
     }
     Ok(())
@@ -196,18 +214,63 @@ fn answer_lines(stream: TcpStream, name: &str) -> std::io::Result<()> {
 fn answer_datagrams(socket: &UdpSocket, name: &str) {
     let mut buffer = [0_u8; 2048];
     loop {
-        if let Ok((_, sender)) = socket.recv_from(&mut buffer) {
-            let _ = socket.send_to(name.as_bytes(), sender);
+        if let Ok((n, sender)) = socket.recv_from(&mut buffer) {
+            let answer = answer_for(&buffer[..n], name, sender);
+            let _ = socket.send_to(answer.as_bytes(), sender);
         }
     }
+}
+
+/// `name`, or `name address:port` (IPv4 peers of the dual-stack sockets shown as IPv4) when
+/// the request asks for the peer.
+fn answer_for(request: &[u8], name: &str, peer: SocketAddr) -> String {
+    if request.trim_ascii() == PEER_REQUEST.trim_ascii() {
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        format!("{name} {peer}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The request to send, and how to read its answer into (backend name, address seen).
+fn request_bytes(ask_peer: bool) -> &'static [u8] {
+    if ask_peer { PEER_REQUEST } else { REQUEST }
+}
+
+fn parse_answer(answer: &str, ask_peer: bool) -> Result<(String, Option<SocketAddr>), Failure> {
+    if !ask_peer {
+        return Ok((answer.to_owned(), None));
+    }
+    let bad = || Failure {
+        step: "parse answer",
+        error: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("expected `NAME ADDRESS:PORT`, got {answer:?}"),
+        ),
+    };
+    let (name, seen) = answer.split_once(' ').ok_or_else(bad)?;
+    let seen = seen.trim().parse().map_err(|_| bad())?;
+    Ok((name.to_owned(), Some(seen)))
 }
 
 // ---------------------------------------------------------------------------------------------
 // client
 
+/// How a client's sockets are set up and what it asks.
+#[derive(Clone, Copy)]
+struct Options {
+    timeout: Duration,
+    source_port: Option<u16>,
+    ask_peer: bool,
+}
+
 fn client(args: &ClientArgs) -> Result<()> {
     place(&args.placement)?;
-    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let options = Options {
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        source_port: args.source_port,
+        ask_peer: args.ask_peer,
+    };
     for i in 0..args.count {
         if i > 0 && args.interval_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
@@ -215,9 +278,9 @@ fn client(args: &ClientArgs) -> Result<()> {
         let started = Instant::now();
         let target = args.placement.target;
         let result = match args.proto {
-            ClientProto::Tcp => tcp_exchange(target, timeout),
-            ClientProto::UdpConnected => udp_connected_exchange(target, timeout),
-            ClientProto::UdpUnconnected => udp_unconnected_exchange(target, timeout),
+            ClientProto::Tcp => tcp_exchange(target, options),
+            ClientProto::UdpConnected => udp_connected_exchange(target, options),
+            ClientProto::UdpUnconnected => udp_unconnected_exchange(target, options),
         };
         println!("{}", to_attempt(result, started).to_json_line());
     }
@@ -229,6 +292,7 @@ struct Exchange {
     backend: String,
     peer: Option<SocketAddr>,
     source: Option<SocketAddr>,
+    seen_as: Option<SocketAddr>,
 }
 
 /// The failing step and its error.
@@ -255,6 +319,7 @@ fn to_attempt(result: Result<Exchange, Failure>, started: Instant) -> Attempt {
             backend: Some(exchange.backend),
             peer: exchange.peer,
             source: exchange.source,
+            seen_as: exchange.seen_as,
             errno: None,
             error: None,
             elapsed_ms,
@@ -286,24 +351,80 @@ fn is_timeout(error: &std::io::Error) -> bool {
     )
 }
 
-fn tcp_exchange(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
-    let stream = TcpStream::connect_timeout(&target, timeout).step("connect")?;
+fn tcp_exchange(target: SocketAddr, options: Options) -> Result<Exchange, Failure> {
+    let stream = match options.source_port {
+        None => TcpStream::connect_timeout(&target, options.timeout).step("connect")?,
+        Some(port) => tcp_connect_from(target, port, options.timeout)?,
+    };
     let peer = stream.peer_addr().step("getpeername")?;
-    let backend = request_on(&stream, timeout)?;
+    let answer = request_on(&stream, options.timeout, request_bytes(options.ask_peer))?;
+    let (backend, seen_as) = parse_answer(&answer, options.ask_peer)?;
     // Dropping the stream here makes the client close first.
     Ok(Exchange {
         backend,
         peer: Some(peer),
         source: None,
+        seen_as,
     })
 }
 
+/// A TCP connection from local port `port` (SO_REUSEADDR, so a TIME_WAIT of an earlier
+/// connection from that port to another destination does not stop the bind).
+fn tcp_connect_from(
+    target: SocketAddr,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, Failure> {
+    let family = match target {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(std::io::Error::from)
+        .step("socket")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)
+        .map_err(std::io::Error::from)
+        .step("setsockopt")?;
+    // A blocking connect() gives up after SO_SNDTIMEO (with EINPROGRESS).
+    let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
+    setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(micros / 1_000_000, micros % 1_000_000),
+    )
+    .map_err(std::io::Error::from)
+    .step("setsockopt")?;
+    let mut local = unspecified_for(target);
+    local.set_port(port);
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
+        .map_err(std::io::Error::from)
+        .step("bind")?;
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
+        Ok(()) => {}
+        Err(Errno::EINPROGRESS) => {
+            return Err(Failure {
+                step: "connect",
+                error: std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            });
+        }
+        Err(errno) => {
+            return Err(Failure {
+                step: "connect",
+                error: errno.into(),
+            });
+        }
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_write_timeout(None).step("setsockopt")?;
+    Ok(stream)
+}
+
 /// Sends one request on an established connection and reads the one-line answer.
-fn request_on(stream: &TcpStream, timeout: Duration) -> Result<String, Failure> {
+fn request_on(stream: &TcpStream, timeout: Duration, request: &[u8]) -> Result<String, Failure> {
     stream.set_read_timeout(Some(timeout)).step("setsockopt")?;
     stream.set_write_timeout(Some(timeout)).step("setsockopt")?;
     let mut writer = stream;
-    writer.write_all(REQUEST).step("send")?;
+    writer.write_all(request).step("send")?;
     // One byte at a time so nothing past the answer's newline is consumed and lost.
     let mut answer = Vec::new();
     let mut reader = stream;
@@ -333,39 +454,43 @@ fn unspecified_for(target: SocketAddr) -> SocketAddr {
     }
 }
 
-fn udp_socket(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
-    let socket = UdpSocket::bind(unspecified_for(target)).step("bind")?;
-    socket.set_read_timeout(Some(timeout)).step("setsockopt")?;
+fn udp_socket(target: SocketAddr, options: Options) -> Result<UdpSocket, Failure> {
+    let mut local = unspecified_for(target);
+    local.set_port(options.source_port.unwrap_or(0));
+    let socket = UdpSocket::bind(local).step("bind")?;
+    socket
+        .set_read_timeout(Some(options.timeout))
+        .step("setsockopt")?;
     Ok(socket)
 }
 
-fn receive_answer(socket: &UdpSocket) -> Result<(String, SocketAddr), Failure> {
+fn receive_answer(
+    socket: &UdpSocket,
+    ask_peer: bool,
+) -> Result<(String, Option<SocketAddr>, SocketAddr), Failure> {
     let mut buffer = [0_u8; 2048];
     let (n, source) = socket.recv_from(&mut buffer).step("recvfrom")?;
-    Ok((String::from_utf8_lossy(&buffer[..n]).into_owned(), source))
+    let (backend, seen_as) = parse_answer(&String::from_utf8_lossy(&buffer[..n]), ask_peer)?;
+    Ok((backend, seen_as, source))
 }
 
-fn udp_connected_exchange(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
-    let socket = udp_socket(target, timeout)?;
+fn udp_connected_exchange(target: SocketAddr, options: Options) -> Result<Exchange, Failure> {
+    let socket = udp_socket(target, options)?;
     socket.connect(target).step("connect")?;
-    let peer = socket.peer_addr().step("getpeername")?;
-    socket.send(REQUEST).step("send")?;
-    let (backend, source) = receive_answer(&socket)?;
-    Ok(Exchange {
-        backend,
-        peer: Some(peer),
-        source: Some(source),
-    })
+    exchange_on(&socket, options.ask_peer)
 }
 
-fn udp_unconnected_exchange(target: SocketAddr, timeout: Duration) -> Result<Exchange, Failure> {
-    let socket = udp_socket(target, timeout)?;
-    socket.send_to(REQUEST, target).step("sendto")?;
-    let (backend, source) = receive_answer(&socket)?;
+fn udp_unconnected_exchange(target: SocketAddr, options: Options) -> Result<Exchange, Failure> {
+    let socket = udp_socket(target, options)?;
+    socket
+        .send_to(request_bytes(options.ask_peer), target)
+        .step("sendto")?;
+    let (backend, seen_as, source) = receive_answer(&socket, options.ask_peer)?;
     Ok(Exchange {
         backend,
         peer: Some(source),
         source: Some(source),
+        seen_as,
     })
 }
 
@@ -393,11 +518,16 @@ fn hold(args: &HoldArgs) -> Result<()> {
     let mut next = started;
     while next < end {
         let attempt_started = Instant::now();
-        let result = request_on(&stream, timeout).map(|backend| Exchange {
-            backend,
-            peer,
-            source: None,
-        });
+        let result =
+            request_on(&stream, timeout, request_bytes(args.ask_peer)).and_then(|answer| {
+                let (backend, seen_as) = parse_answer(&answer, args.ask_peer)?;
+                Ok(Exchange {
+                    backend,
+                    peer,
+                    source: None,
+                    seen_as,
+                })
+            });
         println!("{}", to_attempt(result, attempt_started).to_json_line());
         next += every;
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
@@ -405,26 +535,31 @@ fn hold(args: &HoldArgs) -> Result<()> {
     Ok(())
 }
 
-fn connected_udp(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
-    let socket = udp_socket(target, timeout)?;
+fn connected_udp(target: SocketAddr, options: Options) -> Result<UdpSocket, Failure> {
+    let socket = udp_socket(target, options)?;
     socket.connect(target).step("connect")?;
     Ok(socket)
 }
 
-fn exchange_on(socket: &UdpSocket) -> Result<Exchange, Failure> {
+fn exchange_on(socket: &UdpSocket, ask_peer: bool) -> Result<Exchange, Failure> {
     let peer = socket.peer_addr().step("getpeername")?;
-    socket.send(REQUEST).step("send")?;
-    let (backend, source) = receive_answer(socket)?;
+    socket.send(request_bytes(ask_peer)).step("send")?;
+    let (backend, seen_as, source) = receive_answer(socket, ask_peer)?;
     Ok(Exchange {
         backend,
         peer: Some(peer),
         source: Some(source),
+        seen_as,
     })
 }
 
 /// One connected UDP socket kept for the whole duration, replaced only after it failed.
 fn hold_udp(args: &HoldArgs) {
-    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let options = Options {
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        source_port: None,
+        ask_peer: args.ask_peer,
+    };
     let every = Duration::from_millis(args.every_ms);
     let started = Instant::now();
     let end = started + Duration::from_millis(args.duration_ms);
@@ -434,10 +569,10 @@ fn hold_udp(args: &HoldArgs) {
         let attempt_started = Instant::now();
         let result = match socket.take() {
             Some(open) => Ok(open),
-            None => connected_udp(args.placement.target, timeout),
+            None => connected_udp(args.placement.target, options),
         }
         .and_then(|open| {
-            let exchange = exchange_on(&open);
+            let exchange = exchange_on(&open, options.ask_peer);
             // A timeout is not a broken socket; any other failure is.
             if exchange.as_ref().is_ok() || exchange.as_ref().is_err_and(|f| is_timeout(&f.error)) {
                 socket = Some(open);
