@@ -12,6 +12,7 @@ pub mod manifests;
 pub mod mounts;
 pub mod names;
 pub mod netns;
+pub mod north_south;
 pub mod objects;
 pub mod process;
 pub mod report;
