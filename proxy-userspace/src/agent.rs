@@ -106,6 +106,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let node = ModelConfig {
         node_name: args.node_name.clone(),
         service_proxy_name: args.service_proxy_name.clone(),
+        ..ModelConfig::default()
     };
     let config = SyncConfig {
         min_period: args.min_sync_period,

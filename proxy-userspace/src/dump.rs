@@ -1,30 +1,74 @@
 //! A readable dump of what is programmed, with ids renumbered in order of appearance so that
 //! two equal dataplanes dump identically whatever ids they were given (golden tests, `dump`).
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use crate::{
-    model::Scope,
+    model::Cidr,
     state::{Programmed, RevNatTarget},
 };
 use proxy_common::service_flags;
 
-fn flag_names(flags: u16) -> String {
-    let mut names = Vec::new();
-    if flags & service_flags::CLUSTER_IP != 0 {
-        names.push("cluster-ip".to_owned());
-    }
-    if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
-        names.push("no-local-endpoints".to_owned());
-    }
-    let unknown = flags & !(service_flags::CLUSTER_IP | service_flags::NO_LOCAL_ENDPOINTS);
+/// The service flags by name, in bit order.
+const FLAG_NAMES: [(u16, &str); 7] = [
+    (service_flags::CLUSTER_IP, "cluster-ip"),
+    (service_flags::NO_LOCAL_ENDPOINTS, "no-local-endpoints"),
+    (service_flags::NODE_PORT, "node-port"),
+    (service_flags::EXTERNAL_IP, "external-ip"),
+    (service_flags::LOAD_BALANCER, "load-balancer"),
+    (service_flags::EXTERNAL_LOCAL, "external-local"),
+    (service_flags::SOURCE_RANGES, "source-ranges"),
+];
+
+/// The names of the flags set, unknown bits in hex.
+pub fn flag_list(flags: u16) -> Vec<String> {
+    let mut names: Vec<String> = FLAG_NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect();
+    let known = FLAG_NAMES.iter().fold(0, |all, (bit, _)| all | bit);
+    let unknown = flags & !known;
     if unknown != 0 {
         names.push(format!("{unknown:#x}"));
     }
+    names
+}
+
+fn flag_names(flags: u16) -> String {
+    let names = flag_list(flags);
     if names.is_empty() {
         "none".to_owned()
     } else {
         names.join(",")
     }
+}
+
+/// The Kubernetes name of the frontend kind a master's flags carry.
+pub fn kind_name(flags: u16) -> &'static str {
+    if flags & service_flags::NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & service_flags::LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else if flags & service_flags::EXTERNAL_IP != 0 {
+        "ExternalIP"
+    } else if flags & service_flags::CLUSTER_IP != 0 {
+        "ClusterIP"
+    } else {
+        "unknown"
+    }
+}
+
+/// The source ranges programmed for a rev-NAT id.
+pub fn ranges_of(programmed: &Programmed, rev_nat_id: u32) -> Vec<Cidr> {
+    programmed
+        .source_ranges
+        .range((rev_nat_id, Cidr::FIRST)..)
+        .take_while(|(id, _)| *id == rev_nat_id)
+        .map(|(_, range)| *range)
+        .collect()
 }
 
 fn target(rev: &RevNatTarget) -> String {
@@ -51,10 +95,9 @@ pub fn render(programmed: &Programmed) -> String {
     let mut out = String::new();
     let mut backends = Renumber::default();
     let mut rev_nats = Renumber::default();
+    let mut with_master = BTreeSet::new();
     for (key, frontend) in &programmed.frontends {
-        let scope = match key.scope {
-            Scope::Cluster => "cluster",
-        };
+        let scope = key.scope;
         match frontend.master {
             Some(master) => {
                 let rev = rev_nats.get(master.rev_nat_id);
@@ -69,6 +112,18 @@ pub fn render(programmed: &Programmed) -> String {
                         .get(&master.rev_nat_id)
                         .map_or_else(String::new, |name| format!(" service={name}")),
                 );
+                with_master.insert(master.rev_nat_id);
+                if master.flags & service_flags::SOURCE_RANGES != 0 {
+                    let ranges: Vec<String> = ranges_of(programmed, master.rev_nat_id)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    let _ = if ranges.is_empty() {
+                        writeln!(out, "  source-ranges: none (new flows dropped)")
+                    } else {
+                        writeln!(out, "  source-ranges: {}", ranges.join(" "))
+                    };
+                }
             }
             None => {
                 let _ = writeln!(out, "frontend {key} scope={scope} (no master entry)");
@@ -91,6 +146,18 @@ pub fn render(programmed: &Programmed) -> String {
     listed.sort();
     for (number, rev) in listed {
         let _ = writeln!(out, "rev_nat r{number}: {rev}");
+    }
+    // Ranges no master refers to: leftovers an interrupted sync will remove.
+    for (id, range) in programmed
+        .source_ranges
+        .iter()
+        .filter(|(id, _)| !with_master.contains(id))
+    {
+        let _ = writeln!(
+            out,
+            "source_range r{} (no frontend): {range}",
+            rev_nats.get(*id)
+        );
     }
     let mut listed: Vec<(usize, String)> = programmed
         .backends

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::{
     bpf::{counters::DatapathCounters, pins::PinLayout},
+    dump::{flag_list, kind_name, ranges_of},
     state::{MapImage, Programmed, RevNatTarget, v4_from_word, v6_from_words},
 };
 
@@ -103,15 +104,18 @@ fn target_text(target: &RevNatTarget) -> String {
     }
 }
 
-fn flags_text(flags: u16) -> Vec<&'static str> {
-    let mut names = Vec::new();
-    if flags & service_flags::CLUSTER_IP != 0 {
-        names.push("cluster-ip");
+/// What happens to a new connection or flow the frontend has no backend for.
+fn outcome_when_empty(count: u16, flags: u16) -> &'static str {
+    let socket_only = flags & service_flags::EXTERNAL == 0;
+    match (count, flags & service_flags::NO_LOCAL_ENDPOINTS != 0) {
+        (1.., _) => "balanced",
+        // The socket hooks fail connect() at once; TC drops the packet or answers with a TCP
+        // reset or ICMP port unreachable.
+        (0, true) if socket_only => "drop (EHOSTUNREACH)",
+        (0, false) if socket_only => "reject (ECONNREFUSED)",
+        (0, true) => "drop",
+        (0, false) => "reject",
     }
-    if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
-        names.push("no-local-endpoints");
-    }
-    names
 }
 
 /// The frontends with their backends, as JSON values.
@@ -127,18 +131,32 @@ pub fn services(inspection: &Inspection) -> Vec<Value> {
                 .iter()
                 .filter(|(slot, _)| **slot <= master.count)
                 .map(|(slot, id)| {
-                    let address = programmed.backends.get(id).map_or_else(|| "<missing>".to_owned(), ToString::to_string);
+                    let address = programmed
+                        .backends
+                        .get(id)
+                        .map_or_else(|| "<missing>".to_owned(), ToString::to_string);
                     json!({"slot": slot, "backend_id": id, "address": address, "state": "active"})
                 })
                 .collect();
+            // Scope Local is the node-local backend set of an externalTrafficPolicy Local
+            // frontend: what traffic from outside the cluster gets.
+            let source_ranges: Option<Vec<String>> =
+                (master.flags & service_flags::SOURCE_RANGES != 0).then(|| {
+                    ranges_of(programmed, master.rev_nat_id)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
+                });
             json!({
                 "frontend": key.to_string(),
+                "scope": key.scope.to_string(),
                 "service": service_of(programmed, master.rev_nat_id),
-                "type": "ClusterIP",
-                "flags": flags_text(master.flags),
+                "type": kind_name(master.flags),
+                "flags": flag_list(master.flags),
                 "affinity_timeout_seconds": master.affinity_timeout_secs,
                 "backend_count": master.count,
-                "outcome_when_empty": if master.count > 0 { "balanced" } else if master.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 { "drop (EHOSTUNREACH)" } else { "reject (ECONNREFUSED)" },
+                "outcome_when_empty": outcome_when_empty(master.count, master.flags),
+                "source_ranges": source_ranges,
                 "backends": backends,
             })
         })
@@ -208,6 +226,8 @@ pub fn stats(inspection: &Inspection) -> Value {
             fill(map_names::REV_NAT4, image.rev_nat4.len(), capacity::REV_NAT),
             fill(map_names::REV_NAT6, image.rev_nat6.len(), capacity::REV_NAT),
             fill(map_names::AFFINITY, image.affinity.len(), capacity::AFFINITY),
+            fill(map_names::SOURCE_RANGES4, image.source_ranges4.len(), capacity::SOURCE_RANGES),
+            fill(map_names::SOURCE_RANGES6, image.source_ranges6.len(), capacity::SOURCE_RANGES),
             fill(map_names::SOCK_REV_NAT4, inspection.sockets.iter().filter(|s| !s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
             fill(map_names::SOCK_REV_NAT6, inspection.sockets.iter().filter(|s| s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
         ],
@@ -273,23 +293,27 @@ pub fn render_table(target: &str, inspection: &Inspection) -> String {
                 .collect();
             let fields = [
                 "frontend",
+                "scope",
                 "service",
                 "type",
                 "flags",
                 "affinity_timeout_seconds",
                 "backend_count",
                 "outcome_when_empty",
+                "source_ranges",
                 "backends",
             ];
             table(
                 &[
                     "FRONTEND",
+                    "SCOPE",
                     "SERVICE",
                     "TYPE",
                     "FLAGS",
                     "AFFINITY(S)",
                     "COUNT",
                     "OUTCOME",
+                    "SOURCE RANGES",
                     "BACKENDS",
                 ],
                 &rows(&items, &fields),

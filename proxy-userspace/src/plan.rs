@@ -1,15 +1,27 @@
 //! The plan: the ordered operations that turn what is programmed into what is desired.
 //!
 //! Make-before-break, so the datapath never sees a half-built service: new backends first,
-//! then reverse-NAT entries, then each frontend's slots, then its master entry (which publishes
-//! the new count), then surplus slots, then removed frontends, and last the orphans. Re-planning
-//! after the plan was applied yields nothing (idempotent).
+//! then reverse-NAT entries and new source ranges, then each frontend's slots, then its master
+//! entry (which publishes the new count and flags), then surplus slots, then removed frontends,
+//! and last the orphans (source ranges no master needs any more among them). Re-planning after
+//! the plan was applied yields nothing (idempotent).
+//!
+//! A frontend's rev-NAT id is its identity (VIP, port, protocol): the two entries of an
+//! externalTrafficPolicy Local frontend (scopes Cluster and Local) share it, so replies,
+//! session affinity and source ranges are the same whichever entry a flow went through.
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    model::{BackendAddr, DesiredState, FrontendKey},
+    model::{BackendAddr, Cidr, DesiredState, FrontendKey, Protocol, Scope},
     state::{Master, Op, Programmed, RevNatTarget},
 };
+
+/// What a rev-NAT id stands for: a frontend address whatever its scope.
+type Identity = (std::net::IpAddr, u16, Protocol);
+
+fn identity(key: &FrontendKey) -> Identity {
+    (key.ip, key.port, key.protocol)
+}
 
 /// Hands out the lowest ids not used in the maps. Id 0 is never used (it means "none").
 struct IdCursor<'a> {
@@ -33,9 +45,16 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
     let mut ops = Vec::new();
     let backend_ids = assign_backend_ids(programmed, desired, &mut ops);
     let rev_nat_ids = assign_rev_nat_ids(programmed, desired, &mut ops);
+    let source_ranges = add_source_ranges(programmed, desired, &rev_nat_ids, &mut ops);
     publish_frontends(programmed, desired, &backend_ids, &rev_nat_ids, &mut ops);
     remove_frontends(programmed, desired, &mut ops);
-    remove_orphans(programmed, &backend_ids, &rev_nat_ids, &mut ops);
+    remove_orphans(
+        programmed,
+        &backend_ids,
+        &rev_nat_ids,
+        &source_ranges,
+        &mut ops,
+    );
     ops
 }
 
@@ -68,7 +87,9 @@ fn assign_backend_ids(
     backend_ids
 }
 
-/// Reverse NAT: a frontend keeps the id its master entry carries; new ones get fresh ids.
+/// Reverse NAT: a frontend keeps the id its master entry carries (the first scope's, in key
+/// order, should its entries disagree); new ones get fresh ids. An id that still has source
+/// ranges is not handed out again before they are gone.
 fn assign_rev_nat_ids(
     programmed: &Programmed,
     desired: &DesiredState,
@@ -79,19 +100,31 @@ fn assign_rev_nat_ids(
         .values()
         .filter_map(|f| f.master.map(|m| m.rev_nat_id))
         .collect();
-    let used = |id| programmed.rev_nats.contains_key(&id) || masters.contains(&id);
+    let ranged: BTreeSet<u32> = programmed.source_ranges.iter().map(|(id, _)| *id).collect();
+    let used =
+        |id| programmed.rev_nats.contains_key(&id) || masters.contains(&id) || ranged.contains(&id);
     let mut cursor = IdCursor {
         next: 1,
         used: &used,
     };
-    let mut rev_nat_ids = BTreeMap::new();
+    let mut by_identity: BTreeMap<Identity, u32> = BTreeMap::new();
     for key in desired.frontends.keys() {
-        let existing = programmed
-            .frontends
-            .get(key)
-            .and_then(|f| f.master)
-            .map(|m| m.rev_nat_id);
-        let id = existing.unwrap_or_else(|| cursor.allocate());
+        if let Some(master) = programmed.frontends.get(key).and_then(|f| f.master) {
+            by_identity
+                .entry(identity(key))
+                .or_insert(master.rev_nat_id);
+        }
+    }
+    let mut rev_nat_ids = BTreeMap::new();
+    let mut written = BTreeSet::new();
+    for (key, frontend) in &desired.frontends {
+        let id = *by_identity
+            .entry(identity(key))
+            .or_insert_with(|| cursor.allocate());
+        rev_nat_ids.insert(*key, id);
+        if !written.insert(id) {
+            continue;
+        }
         let target = RevNatTarget {
             ip: key.ip,
             port: key.port,
@@ -99,17 +132,46 @@ fn assign_rev_nat_ids(
         if programmed.rev_nats.get(&id) != Some(&target) {
             ops.push(Op::UpsertRevNat { id, target });
         }
-        let name = desired.frontends[key].service.to_string();
+        let name = frontend.service.to_string();
         if programmed.names.get(&id) != Some(&name) {
             ops.push(Op::UpsertName { id, name });
         }
-        rev_nat_ids.insert(*key, id);
     }
     rev_nat_ids
 }
 
+/// Source ranges the desired masters rely on, written before any master that sets
+/// `SOURCE_RANGES` (so a frontend never drops a source it should admit). Returns every
+/// (rev-NAT id, range) wanted.
+fn add_source_ranges(
+    programmed: &Programmed,
+    desired: &DesiredState,
+    rev_nat_ids: &BTreeMap<FrontendKey, u32>,
+    ops: &mut Vec<Op>,
+) -> BTreeSet<(u32, Cidr)> {
+    let wanted: BTreeSet<(u32, Cidr)> = desired
+        .frontends
+        .iter()
+        .flat_map(|(key, frontend)| {
+            let id = rev_nat_ids[key];
+            frontend.source_ranges.iter().map(move |range| (id, *range))
+        })
+        .collect();
+    ops.extend(
+        wanted
+            .difference(&programmed.source_ranges)
+            .map(|(rev_nat_id, range)| Op::UpsertSourceRange {
+                rev_nat_id: *rev_nat_id,
+                range: *range,
+            }),
+    );
+    wanted
+}
+
 /// Slots first, then the master that publishes them, then (after every frontend) the slots
-/// beyond the new counts.
+/// beyond the new counts. Node-local (scope Local) entries go before every cluster-scope one:
+/// a cluster entry's `EXTERNAL_LOCAL` flag sends outside traffic to its Local twin, which must
+/// exist by then.
 fn publish_frontends(
     programmed: &Programmed,
     desired: &DesiredState,
@@ -118,7 +180,11 @@ fn publish_frontends(
     ops: &mut Vec<Op>,
 ) {
     let mut surplus = Vec::new();
-    for (key, frontend) in &desired.frontends {
+    let (local, cluster): (Vec<_>, Vec<_>) = desired
+        .frontends
+        .iter()
+        .partition(|(key, _)| key.scope == Scope::Local);
+    for (key, frontend) in local.into_iter().chain(cluster) {
         let rev_nat_id = rev_nat_ids[key];
         let current = programmed.frontends.get(key);
         for (index, backend) in frontend.backends.iter().enumerate() {
@@ -178,13 +244,24 @@ fn remove_frontends(programmed: &Programmed, desired: &DesiredState, ops: &mut V
     }
 }
 
-/// Reverse-NAT entries and backends nothing refers to any more.
+/// Source ranges, reverse-NAT entries and backends nothing refers to any more. Ranges go
+/// before their rev-NAT entry, so an id is free again only once its ranges are gone.
 fn remove_orphans(
     programmed: &Programmed,
     backend_ids: &BTreeMap<BackendAddr, u32>,
     rev_nat_ids: &BTreeMap<FrontendKey, u32>,
+    source_ranges: &BTreeSet<(u32, Cidr)>,
     ops: &mut Vec<Op>,
 ) {
+    ops.extend(
+        programmed
+            .source_ranges
+            .difference(source_ranges)
+            .map(|(rev_nat_id, range)| Op::DeleteSourceRange {
+                rev_nat_id: *rev_nat_id,
+                range: *range,
+            }),
+    );
     let wanted_rev_nat: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
     for (id, target) in &programmed.rev_nats {
         if !wanted_rev_nat.contains(id) {
@@ -213,7 +290,7 @@ fn remove_orphans(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Frontend, Protocol, Scope, ServicePortName};
+    use crate::model::{Frontend, ServicePortName};
 
     fn key(ip: &str, port: u16) -> FrontendKey {
         FrontendKey {
@@ -246,6 +323,7 @@ mod tests {
                         backends: backends.iter().map(|ip| backend(ip)).collect(),
                         flags: 1,
                         affinity_timeout_secs: 0,
+                        source_ranges: std::collections::BTreeSet::new(),
                     };
                     (*key, frontend)
                 })
@@ -371,6 +449,150 @@ mod tests {
         assert!(
             ops.iter()
                 .any(|op| matches!(op, Op::UpsertMaster { master, .. } if master.count == 0))
+        );
+    }
+
+    fn with(
+        mut state: DesiredState,
+        key: FrontendKey,
+        flags: u16,
+        ranges: &[&str],
+    ) -> DesiredState {
+        let frontend = state
+            .frontends
+            .get_mut(&key)
+            .expect("frontend in the state");
+        frontend.flags = flags;
+        frontend.source_ranges = ranges
+            .iter()
+            .map(|text| crate::model::parse_cidr_lenient(text).unwrap())
+            .collect();
+        state
+    }
+
+    #[test]
+    fn the_two_scopes_of_a_frontend_share_its_rev_nat_id() {
+        let cluster = key("1.2.3.4", 80);
+        let local = FrontendKey {
+            scope: Scope::Local,
+            ..cluster
+        };
+        let want = desired(&[(cluster, &["10.0.0.1", "10.0.0.2"]), (local, &["10.0.0.1"])]);
+        let after = applied(&Programmed::default(), &plan(&Programmed::default(), &want));
+        let ids: Vec<u32> = after
+            .frontends
+            .values()
+            .map(|f| f.master.unwrap().rev_nat_id)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[0], ids[1]);
+        assert_eq!(after.rev_nats.len(), 1);
+        // The Local twin is published before the cluster entry that points outside traffic
+        // to it.
+        let masters: Vec<Scope> = plan(&Programmed::default(), &want)
+            .iter()
+            .filter_map(|op| match op {
+                Op::UpsertMaster { frontend, .. } => Some(frontend.scope),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(masters, [Scope::Local, Scope::Cluster]);
+        // Switching the policy back to Cluster removes the twin and keeps the shared entry.
+        let cluster_only = desired(&[(cluster, &["10.0.0.1", "10.0.0.2"])]);
+        let ops = plan(&after, &cluster_only);
+        assert!(
+            !ops.iter().any(|op| matches!(op, Op::DeleteRevNat { .. })),
+            "{ops:#?}"
+        );
+        assert!(plan(&applied(&after, &ops), &cluster_only).is_empty());
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_master_enforcing_them_and_removed_after_it_stops() {
+        use proxy_common::service_flags::{LOAD_BALANCER, SOURCE_RANGES};
+        let lb = key("1.2.3.4", 80);
+        let guarded = with(
+            desired(&[(lb, &["10.0.0.1"])]),
+            lb,
+            LOAD_BALANCER | SOURCE_RANGES,
+            &["203.0.113.0/25", "198.51.100.0/24"],
+        );
+        let ops = plan(&Programmed::default(), &guarded);
+        let master = ops
+            .iter()
+            .position(|op| matches!(op, Op::UpsertMaster { .. }))
+            .unwrap();
+        let ranges: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| matches!(op, Op::UpsertSourceRange { .. }))
+            .map(|(index, _)| index)
+            .collect();
+        assert_eq!(ranges.len(), 2);
+        assert!(ranges.iter().all(|index| *index < master), "{ops:#?}");
+        let programmed = applied(&Programmed::default(), &ops);
+        assert!(plan(&programmed, &guarded).is_empty(), "idempotent");
+
+        // Narrowing: the new range set is complete before the old range goes.
+        let narrower = with(
+            desired(&[(lb, &["10.0.0.1"])]),
+            lb,
+            LOAD_BALANCER | SOURCE_RANGES,
+            &["203.0.113.0/25"],
+        );
+        let ops = plan(&programmed, &narrower);
+        assert!(
+            matches!(ops.as_slice(), [Op::DeleteSourceRange { .. }]),
+            "{ops:#?}"
+        );
+
+        // Opening up: the master stops enforcing before any range is deleted.
+        let open = with(desired(&[(lb, &["10.0.0.1"])]), lb, LOAD_BALANCER, &[]);
+        let ops = plan(&programmed, &open);
+        let master = ops
+            .iter()
+            .position(|op| matches!(op, Op::UpsertMaster { .. }))
+            .unwrap();
+        let first_delete = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteSourceRange { .. }))
+            .unwrap();
+        assert!(master < first_delete, "{ops:#?}");
+        let after = applied(&programmed, &ops);
+        assert!(after.source_ranges.is_empty());
+
+        // Removing the frontend: ranges go before the rev-NAT id is freed.
+        let ops = plan(&programmed, &DesiredState::default());
+        let ranges_gone = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::DeleteSourceRange { .. }))
+            .unwrap();
+        let rev_nat_gone = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteRevNat { .. }))
+            .unwrap();
+        assert!(ranges_gone < rev_nat_gone, "{ops:#?}");
+        assert_eq!(applied(&programmed, &ops), Programmed::default());
+    }
+
+    #[test]
+    fn a_rev_nat_id_with_leftover_source_ranges_is_not_handed_out_again() {
+        let mut programmed = Programmed::default();
+        programmed.apply(&Op::UpsertSourceRange {
+            rev_nat_id: 1,
+            range: crate::model::parse_cidr_lenient("10.0.0.0/8").unwrap(),
+        });
+        let want = desired(&[(key("10.96.0.1", 80), &[])]);
+        let ops = plan(&programmed, &want);
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, Op::UpsertRevNat { id: 2, .. })),
+            "{ops:#?}"
+        );
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, Op::DeleteSourceRange { rev_nat_id: 1, .. })),
+            "{ops:#?}"
         );
     }
 }

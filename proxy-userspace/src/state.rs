@@ -2,16 +2,16 @@
 //! and their encoding into map entries. Encoding lives only here, so the real writer, the fake
 //! writer and restore all agree on the layout.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceValue, backend_state, protocol, scope,
+    ServiceName, ServiceValue, SourceRange4, SourceRange6, backend_state, protocol, scope,
 };
 
-use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
+use crate::model::{BackendAddr, Cidr, FrontendKey, Protocol, Scope};
 
 /// The master entry (slot 0) of a frontend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub struct Programmed {
     pub rev_nats: BTreeMap<u32, RevNatTarget>,
     /// Rev-NAT id → `namespace/name:port` of the Service port it stands for.
     pub names: BTreeMap<u32, String>,
+    /// (rev-NAT id, range): the loadBalancerSourceRanges of the frontends with that id.
+    pub source_ranges: BTreeSet<(u32, Cidr)>,
     backend_ids: HashMap<BackendAddr, u32>,
 }
 
@@ -92,6 +94,24 @@ pub enum Op {
     DeleteName {
         id: u32,
     },
+    /// Admits sources in `range` to the frontends whose rev-NAT id is `rev_nat_id`.
+    UpsertSourceRange {
+        rev_nat_id: u32,
+        range: Cidr,
+    },
+    DeleteSourceRange {
+        rev_nat_id: u32,
+        range: Cidr,
+    },
+}
+
+/// A key of an LPM trie in the kernel's layout (`struct bpf_lpm_trie_key`): the number of
+/// leading bits of `data` that count, then the data. Kept apart from aya's `Key` so that it
+/// can be ordered and compared in images and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmKey<D> {
+    pub prefix_len: u32,
+    pub data: D,
 }
 
 /// One map entry to write (`Some`) or delete (`None`), in the kernel's layout.
@@ -106,6 +126,10 @@ pub enum MapWrite {
     /// Session-affinity entries are written by the datapath; the agent only deletes them.
     AffinityDelete(AffinityKey),
     ServiceName(u32, Option<ServiceName>),
+    /// A source range; the value is always 1 (the datapath only asks whether a prefix
+    /// matches).
+    SourceRange4(LpmKey<SourceRange4>, Option<u32>),
+    SourceRange6(LpmKey<SourceRange6>, Option<u32>),
 }
 
 /// The content of the maps the agent owns (not the datapath's own LRUs).
@@ -120,6 +144,8 @@ pub struct MapImage {
     /// The datapath's session-affinity entries (read to prune stale ones).
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     pub service_names: BTreeMap<u32, ServiceName>,
+    pub source_ranges4: BTreeMap<LpmKey<SourceRange4>, u32>,
+    pub source_ranges6: BTreeMap<LpmKey<SourceRange6>, u32>,
 }
 
 fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
@@ -141,6 +167,8 @@ impl MapImage {
             MapWrite::RevNat6(id, value) => put(&mut self.rev_nat6, id, value),
             MapWrite::AffinityDelete(key) => put(&mut self.affinity, key, None),
             MapWrite::ServiceName(id, name) => put(&mut self.service_names, id, name),
+            MapWrite::SourceRange4(key, value) => put(&mut self.source_ranges4, key, value),
+            MapWrite::SourceRange6(key, value) => put(&mut self.source_ranges6, key, value),
         }
     }
 }
@@ -187,11 +215,58 @@ fn protocol_from_byte(byte: u8) -> Option<Protocol> {
 fn scope_byte(value: Scope) -> u8 {
     match value {
         Scope::Cluster => scope::EXTERNAL,
+        Scope::Local => scope::LOCAL,
     }
 }
 
 fn scope_from_byte(byte: u8) -> Option<Scope> {
-    (byte == scope::EXTERNAL).then_some(Scope::Cluster)
+    match byte {
+        scope::EXTERNAL => Some(Scope::Cluster),
+        scope::LOCAL => Some(Scope::Local),
+        _ => None,
+    }
+}
+
+/// The bits of a source-range key before the address: the rev-NAT id, matched exactly.
+const RANGE_ID_BITS: u32 = 32;
+
+fn source_range_write(rev_nat_id: u32, range: &Cidr, keep: bool) -> MapWrite {
+    let value = keep.then_some(1);
+    // The trie compares bytes from the first: the id goes big-endian so its bits come in
+    // order, the address in network order like every address in the maps.
+    let rev_nat_id_be = rev_nat_id.to_be();
+    let prefix_len = RANGE_ID_BITS + u32::from(range.prefix());
+    match range.ip() {
+        IpAddr::V4(ip) => MapWrite::SourceRange4(
+            LpmKey {
+                prefix_len,
+                data: SourceRange4 {
+                    rev_nat_id_be,
+                    address: v4_word(ip),
+                },
+            },
+            value,
+        ),
+        IpAddr::V6(ip) => MapWrite::SourceRange6(
+            LpmKey {
+                prefix_len,
+                data: SourceRange6 {
+                    rev_nat_id_be,
+                    address: v6_words(ip),
+                },
+            },
+            value,
+        ),
+    }
+}
+
+/// The (rev-NAT id, range) a source-range key stands for; `None` for a key whose prefix does
+/// not cover the id or is longer than the address.
+fn source_range_from_key(prefix_len: u32, rev_nat_id_be: u32, ip: IpAddr) -> Option<(u32, Cidr)> {
+    let prefix = u8::try_from(prefix_len.checked_sub(RANGE_ID_BITS)?).ok()?;
+    let range = Cidr::new(ip, prefix)?;
+    // A key with host bits set is not one this agent writes.
+    (range.ip() == ip).then_some((u32::from_be(rev_nat_id_be), range))
 }
 
 /// A service-map key for one slot of a frontend.
@@ -336,6 +411,12 @@ impl Op {
             ),
             Self::DeleteSlot { frontend, slot } => service_write(frontend, *slot, None),
             Self::DeleteMaster { frontend } => service_write(frontend, 0, None),
+            Self::UpsertSourceRange { rev_nat_id, range } => {
+                source_range_write(*rev_nat_id, range, true)
+            }
+            Self::DeleteSourceRange { rev_nat_id, range } => {
+                source_range_write(*rev_nat_id, range, false)
+            }
         }
     }
 }
@@ -407,6 +488,12 @@ impl Programmed {
             Op::DeleteName { id } => {
                 self.names.remove(id);
             }
+            Op::UpsertSourceRange { rev_nat_id, range } => {
+                self.source_ranges.insert((*rev_nat_id, *range));
+            }
+            Op::DeleteSourceRange { rev_nat_id, range } => {
+                self.source_ranges.remove(&(*rev_nat_id, *range));
+            }
             Op::UpsertSlot {
                 frontend,
                 slot,
@@ -458,6 +545,7 @@ impl Programmed {
             .map(|(id, name)| (*id, decode_name(name)))
             .collect();
         programmed.restore_backends(image, &mut unreadable);
+        programmed.restore_source_ranges(image, &mut unreadable);
         for (id, rev) in &image.rev_nat4 {
             let ip = IpAddr::V4(v4_from_word(rev.address));
             programmed.rev_nats.insert(
@@ -518,6 +606,28 @@ impl Programmed {
                 });
             } else {
                 entry.slots.insert(slot, value.backend_id);
+            }
+        }
+    }
+
+    fn restore_source_ranges(&mut self, image: &MapImage, unreadable: &mut Unreadable) {
+        let v4 = image.source_ranges4.keys().map(|key| {
+            let ip = IpAddr::V4(v4_from_word(key.data.address));
+            (key.prefix_len, key.data.rev_nat_id_be, ip)
+        });
+        let v6 = image.source_ranges6.keys().map(|key| {
+            let ip = IpAddr::V6(v6_from_words(key.data.address));
+            (key.prefix_len, key.data.rev_nat_id_be, ip)
+        });
+        for (prefix_len, rev_nat_id_be, ip) in v4.chain(v6) {
+            match source_range_from_key(prefix_len, rev_nat_id_be, ip) {
+                Some(entry) => {
+                    self.source_ranges.insert(entry);
+                }
+                None => unreadable.0.push(format!(
+                    "source range {ip} prefix length {prefix_len} of rev-NAT id {}",
+                    u32::from_be(rev_nat_id_be)
+                )),
             }
         }
     }
@@ -627,5 +737,109 @@ mod tests {
         assert!(unreadable.0.is_empty());
         assert_eq!(restored, mirror);
         assert_eq!(restored.backend_id(&backend), Some(7));
+    }
+
+    #[test]
+    fn the_local_scope_is_the_scope_local_byte_and_reads_back() {
+        let local = FrontendKey {
+            scope: Scope::Local,
+            ..frontend("10.96.0.1")
+        };
+        let MapWrite::Service4(key, _) = Op::DeleteMaster { frontend: local }.encode() else {
+            panic!("expected an IPv4 service write")
+        };
+        assert_eq!(key.scope, scope::LOCAL);
+        let MapWrite::Service4(key, _) = Op::DeleteMaster {
+            frontend: frontend("10.96.0.1"),
+        }
+        .encode() else {
+            panic!("expected an IPv4 service write")
+        };
+        assert_eq!(key.scope, scope::EXTERNAL);
+        assert_eq!(scope_from_byte(scope::LOCAL), Some(Scope::Local));
+        assert_eq!(scope_from_byte(7), None);
+    }
+
+    #[test]
+    fn a_source_range_key_matches_the_id_exactly_then_the_address_by_its_prefix() {
+        let range = crate::model::parse_cidr_lenient("203.0.113.0/25").unwrap();
+        let write = Op::UpsertSourceRange {
+            rev_nat_id: 0x0102_0304,
+            range,
+        }
+        .encode();
+        let MapWrite::SourceRange4(key, value) = write else {
+            panic!("expected an IPv4 source-range write")
+        };
+        assert_eq!(key.prefix_len, 32 + 25);
+        // Memory order is what the trie compares: the id's bytes most significant first,
+        // then the address in network order.
+        assert_eq!(key.data.rev_nat_id_be.to_ne_bytes(), [1, 2, 3, 4]);
+        assert_eq!(key.data.address.to_ne_bytes(), [203, 0, 113, 0]);
+        assert_eq!(value, Some(1));
+        let range6 = crate::model::parse_cidr_lenient("2001:db8::/32").unwrap();
+        let MapWrite::SourceRange6(key, None) = (Op::DeleteSourceRange {
+            rev_nat_id: 9,
+            range: range6,
+        })
+        .encode() else {
+            panic!("expected an IPv6 source-range delete")
+        };
+        assert_eq!(key.prefix_len, 32 + 32);
+        assert_eq!(key.data.address[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+    }
+
+    #[test]
+    fn source_ranges_and_local_scopes_round_trip_through_the_maps() {
+        let local = FrontendKey {
+            scope: Scope::Local,
+            ..frontend("1.2.3.4")
+        };
+        let ops = [
+            Op::UpsertSourceRange {
+                rev_nat_id: 3,
+                range: crate::model::parse_cidr_lenient("203.0.113.0/25").unwrap(),
+            },
+            Op::UpsertSourceRange {
+                rev_nat_id: 3,
+                range: Cidr::host("1.2.3.4".parse().unwrap()),
+            },
+            Op::UpsertSourceRange {
+                rev_nat_id: 4,
+                range: crate::model::parse_cidr_lenient("::/0").unwrap(),
+            },
+            Op::UpsertMaster {
+                frontend: local,
+                master: Master {
+                    count: 0,
+                    rev_nat_id: 3,
+                    flags: proxy_common::service_flags::LOAD_BALANCER,
+                    affinity_timeout_secs: 0,
+                },
+            },
+        ];
+        let mut image = MapImage::default();
+        let mut mirror = Programmed::default();
+        for op in &ops {
+            image.apply(op.encode());
+            mirror.apply(op);
+        }
+        let (restored, unreadable) = Programmed::from_image(&image);
+        assert!(unreadable.0.is_empty(), "{unreadable:?}");
+        assert_eq!(restored, mirror);
+        assert_eq!(restored.source_ranges.len(), 3);
+    }
+
+    #[test]
+    fn a_source_range_key_this_agent_would_not_write_is_left_alone() {
+        let mut image = MapImage::default();
+        let bogus = LpmKey {
+            prefix_len: 16,
+            data: SourceRange4::default(),
+        };
+        image.source_ranges4.insert(bogus, 1);
+        let (restored, unreadable) = Programmed::from_image(&image);
+        assert!(restored.source_ranges.is_empty());
+        assert_eq!(unreadable.0.len(), 1);
     }
 }

@@ -166,7 +166,7 @@ proptest! {
         slices in prop::collection::vec(slice(), 0..6),
         later in prop::collection::vec(slice(), 0..6),
     ) {
-        let config = ModelConfig { node_name: Some("node-a".into()), service_proxy_name: None };
+        let config = ModelConfig { node_name: Some("node-a".into()), ..ModelConfig::default() };
         let mut fake = FakeMaps::default();
         let mut mirror = sync::restore(&fake).unwrap();
         for slices in [slices, later] {

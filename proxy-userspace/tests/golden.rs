@@ -21,7 +21,7 @@ fn render(yaml: &str) -> String {
         &parsed.snapshot,
         &ModelConfig {
             node_name: Some("node-a".into()),
-            service_proxy_name: None,
+            ..ModelConfig::default()
         },
     );
     let mut fake = FakeMaps::default();

@@ -2,6 +2,8 @@
 //! with leading zeros are read as decimal (`010.001.002.003` is 10.1.2.3), never as octal.
 use std::net::{IpAddr, Ipv4Addr};
 
+use super::Cidr;
+
 /// Parses an IP address, accepting IPv4 octets with leading zeros (read as decimal).
 pub fn parse_ip_lenient(text: &str) -> Option<IpAddr> {
     let text = text.trim();
@@ -21,6 +23,22 @@ pub fn parse_ip_lenient(text: &str) -> Option<IpAddr> {
         return None;
     }
     Some(IpAddr::V4(Ipv4Addr::from(octets)))
+}
+
+/// Parses a CIDR the way kube-proxy does (`ParseCIDRSloppy`): surrounding whitespace is
+/// ignored, IPv4 octets and the prefix may carry leading zeros (`203.0.113.000/025` is
+/// 203.0.113.0/25), and host bits are masked off (`10.0.0.1/8` is 10.0.0.0/8).
+pub fn parse_cidr_lenient(text: &str) -> Option<Cidr> {
+    let (address, prefix) = text.trim().split_once('/')?;
+    // The address must end where the slash is: `10.0.0.0 /8` is not a CIDR.
+    if address.ends_with(char::is_whitespace) || prefix.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let ip = parse_ip_lenient(address)?;
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Cidr::new(ip, prefix.parse().ok()?)
 }
 
 #[cfg(test)]
@@ -59,6 +77,42 @@ mod tests {
             "0100.1.1.1",
         ] {
             assert_eq!(parse_ip_lenient(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs_are_read_leniently_and_masked() {
+        let cases = [
+            ("203.0.113.000/025", "203.0.113.0/25"),
+            (" 203.0.113.0/25 ", "203.0.113.0/25"),
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("fd00::1/064", "fd00::/64"),
+            ("2001:db8::5/128", "2001:db8::5/128"),
+        ];
+        for (text, canonical) in cases {
+            assert_eq!(
+                parse_cidr_lenient(text).map(|cidr| cidr.to_string()),
+                Some(canonical.to_owned()),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_cidrs_are_rejected() {
+        for bad in [
+            "",
+            "10.0.0.0",
+            "10.0.0.0/",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0/-1",
+            "10.0.0.0 /8",
+            "10.0.0.256/8",
+            "a.b.c.d/8",
+        ] {
+            assert_eq!(parse_cidr_lenient(bad), None, "{bad}");
         }
     }
 }

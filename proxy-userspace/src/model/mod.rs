@@ -1,13 +1,20 @@
 //! The model: a pure function from Kubernetes objects (and node facts) to the desired dataplane
 //! state. All Service semantics live here; nothing from aya or k8s-openapi leaks out of it.
 mod endpoints;
+mod external;
+#[cfg(test)]
+mod external_tests;
 mod ip;
 mod service;
 
-pub use ip::parse_ip_lenient;
+pub use ip::{parse_cidr_lenient, parse_ip_lenient};
 pub use service::{SERVICE_PROXY_NAME_LABEL, ZONE_LABEL, build};
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use std::sync::Arc;
 
@@ -34,6 +41,12 @@ pub struct ModelConfig {
     /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are ours;
     /// Services labelled with any other value belong to another proxy.
     pub service_proxy_name: Option<String>,
+    /// Every address of this node (loopback and IPv6 link-local excluded). A
+    /// loadBalancerSourceRange that covers one of them also admits the LB IPs themselves as
+    /// sources (traffic from the node to its own LB IP that comes back with that source).
+    pub node_addresses: Vec<IpAddr>,
+    /// The node addresses NodePorts open on (`--nodeport-addresses` already applied).
+    pub nodeport_addresses: Vec<IpAddr>,
 }
 
 /// L4 protocols the dataplane translates.
@@ -55,8 +68,80 @@ impl fmt::Display for Protocol {
 /// Which backend set of a service a frontend serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
-    /// All usable endpoints of the cluster.
+    /// The frontend's main entry: for ClusterIPs the set the internal traffic policy picks,
+    /// for external frontends all usable endpoints of the cluster.
     Cluster,
+    /// The second entry of an external frontend with externalTrafficPolicy Local: this node's
+    /// endpoints, for traffic from outside the cluster.
+    Local,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cluster => "cluster",
+            Self::Local => "local",
+        })
+    }
+}
+
+/// An address range, its address masked to the prefix (`203.0.113.0/25`, `fd00::/64`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    ip: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// The first range in `Cidr`'s order (0.0.0.0/0), a lower bound for range queries.
+    pub const FIRST: Self = Self {
+        ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        prefix: 0,
+    };
+
+    /// The range of `prefix` bits around `ip`; `None` when the prefix is longer than the
+    /// address.
+    pub fn new(ip: IpAddr, prefix: u8) -> Option<Self> {
+        let ip = match ip {
+            IpAddr::V4(v4) if prefix <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) if prefix <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            _ => return None,
+        };
+        Some(Self { ip, prefix })
+    }
+
+    /// The range holding exactly `ip` (/32 or /128).
+    pub fn host(ip: IpAddr) -> Self {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        Self { ip, prefix }
+    }
+
+    /// The range's first address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// The number of leading bits that must match.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` (of the same family) lies in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Self::new(ip, self.prefix).is_some_and(|masked| masked.ip == self.ip)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix)
+    }
 }
 
 /// A service address as the datapath matches it: (IP, port, protocol, scope).
@@ -117,8 +202,13 @@ impl fmt::Display for ServicePortName {
 pub struct Frontend {
     pub service: ServicePortName,
     pub backends: Vec<BackendAddr>,
+    /// `proxy_common::service_flags`: the frontend's kind (ClusterIP, NodePort, external IP,
+    /// LoadBalancer) and how the datapath treats it.
     pub flags: u16,
     pub affinity_timeout_secs: u32,
+    /// With flag `SOURCE_RANGES`: the only sources allowed to open new flows (same family as
+    /// the frontend).
+    pub source_ranges: BTreeSet<Cidr>,
 }
 
 /// A Service's healthCheckNodePort (type LoadBalancer with externalTrafficPolicy Local): what

@@ -1,4 +1,5 @@
-//! ClusterIP Services and their EndpointSlices → frontends with ordered backend sets.
+//! Services and their EndpointSlices → frontends (ClusterIPs, NodePorts, load-balancer IPs,
+//! externalIPs) with ordered backend sets, and health-check node ports.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -12,9 +13,10 @@ use k8s_openapi::api::{
 use proxy_common::service_flags;
 
 use super::{
-    BackendAddr, ClusterSnapshot, DesiredState, Frontend, FrontendKey, ModelConfig, ModelOutput,
-    ObjectKind, Problem, Protocol, Scope, ServicePortName,
-    endpoints::{self, PortRef, categorize},
+    BackendAddr, Cidr, ClusterSnapshot, DesiredState, Frontend, FrontendKey, HealthCheck,
+    ModelConfig, ModelOutput, ObjectKind, Problem, Protocol, Scope, ServicePortName,
+    endpoints::{self, Categorized, Endpoint, PortRef, categorize},
+    external::{self, Exposure},
     parse_ip_lenient,
 };
 
@@ -82,12 +84,43 @@ struct UsablePort {
     name: String,
     port: u16,
     protocol: Protocol,
+    /// The port's nodePort, on NodePort and LoadBalancer Services.
+    node_port: Option<u16>,
+}
+
+/// The port's nodePort: only NodePort and LoadBalancer Services open one (the API server
+/// clears it on other types, so one there comes from a hand-written object).
+fn node_port_of(
+    port: &ServicePort,
+    port_name: &str,
+    node_ports: bool,
+    id: &ServiceId<'_>,
+    problems: &mut Problems,
+) -> Option<u16> {
+    let number = port.node_port.filter(|number| *number != 0)?;
+    if !node_ports {
+        id.report(
+            problems,
+            format!("port {port_name:?}: nodePort {number} on a Service that is neither NodePort nor LoadBalancer; nodePort ignored"),
+        );
+        return None;
+    }
+    let parsed = parse_port(number);
+    if parsed.is_none() {
+        id.report(
+            problems,
+            format!(
+                "port {port_name:?}: nodePort {number} is out of range 1-65535; nodePort ignored"
+            ),
+        );
+    }
+    parsed
 }
 
 fn usable_ports(
     ports: &[ServicePort],
-    ns: &str,
-    name: &str,
+    node_ports: bool,
+    id: &ServiceId<'_>,
     problems: &mut Problems,
 ) -> Vec<UsablePort> {
     let mut usable = Vec::new();
@@ -96,20 +129,13 @@ fn usable_ports(
         let protocol = match parse_protocol(port.protocol.as_deref()) {
             Ok(protocol) => protocol,
             Err(reason) => {
-                problems.report(
-                    ObjectKind::Service,
-                    ns,
-                    name,
-                    format!("port {port_name:?}: {reason}"),
-                );
+                id.report(problems, format!("port {port_name:?}: {reason}"));
                 continue;
             }
         };
         let Some(number) = parse_port(port.port) else {
-            problems.report(
-                ObjectKind::Service,
-                ns,
-                name,
+            id.report(
+                problems,
                 format!(
                     "port {port_name:?}: port {} is out of range 1-65535; port ignored",
                     port.port
@@ -117,10 +143,12 @@ fn usable_ports(
             );
             continue;
         };
+        let node_port = node_port_of(port, &port_name, node_ports, id, problems);
         usable.push(UsablePort {
             name: port_name,
             port: number,
             protocol,
+            node_port,
         });
     }
     usable
@@ -257,138 +285,396 @@ fn policies(service: &Service) -> Policies {
     }
 }
 
-/// What building a frontend needs to know about its Service and this node.
-struct FrontendContext<'a> {
-    ns: &'a str,
-    name: &'a str,
-    node: Option<&'a str>,
-    zone: Option<&'a str>,
-    policies: &'a Policies,
+/// Which Service a problem or a frontend belongs to.
+pub(super) struct ServiceId<'a> {
+    pub ns: &'a str,
+    pub name: &'a str,
 }
 
-/// One frontend: the endpoints this node may use for traffic to `key`.
-fn frontend_for(
-    context: &FrontendContext<'_>,
+impl ServiceId<'_> {
+    pub(super) fn report(&self, problems: &mut Problems, reason: impl Into<String>) {
+        problems.report(ObjectKind::Service, self.ns, self.name, reason);
+    }
+}
+
+/// Frontend kinds, in the order they claim addresses when two Services want the same one: a
+/// ClusterIP is never displaced by another Service's external frontend (externalIPs are set
+/// by whoever may edit a Service, CVE-2020-8554), and externalIPs come last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl Kind {
+    fn flag(self) -> u16 {
+        match self {
+            Self::ClusterIp => service_flags::CLUSTER_IP,
+            Self::NodePort => service_flags::NODE_PORT,
+            Self::LoadBalancer => service_flags::LOAD_BALANCER,
+            Self::ExternalIp => service_flags::EXTERNAL_IP,
+        }
+    }
+
+    /// What a clash makes the model skip.
+    fn part(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "port",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "load-balancer IP",
+            Self::ExternalIp => "externalIP",
+        }
+    }
+}
+
+/// A frontend claiming `key` and, with externalTrafficPolicy Local, its node-local twin at the
+/// same address (scope Local). The two stand or fall together.
+struct Candidate {
+    kind: Kind,
     key: FrontendKey,
-    port: &UsablePort,
-    service_slices: &[&EndpointSlice],
-    problems: &mut Problems,
-) -> Frontend {
-    let FrontendContext {
-        ns,
-        name,
-        node,
-        zone,
-        policies,
-    } = *context;
-    let port_ref = PortRef {
-        name: &port.name,
-        protocol: port.protocol,
-    };
-    let endpoints = endpoints::collect(service_slices, key.ip.is_ipv4(), &port_ref, node, problems);
-    let local = policies.internal_local;
-    let sets = categorize(&endpoints, node, zone, !local, local);
-    let chosen = if local { &sets.local } else { &sets.cluster };
-    let mut backends: Vec<BackendAddr> = chosen
-        .iter()
-        .map(|e| BackendAddr {
-            ip: e.ip,
-            port: e.port,
-            protocol: port.protocol,
-        })
-        .collect();
-    if backends.len() > MAX_BACKENDS {
-        let reason = format!(
-            "{key} has {} endpoints; only the first {MAX_BACKENDS} are used",
-            backends.len()
-        );
-        problems.report(ObjectKind::Service, ns, name, reason);
-        backends.truncate(MAX_BACKENDS);
-    }
-    let mut flags = service_flags::CLUSTER_IP;
+    cluster: Frontend,
+    local: Option<Frontend>,
+}
+
+/// What building a Service's frontends needs to know about it and this node.
+struct ServiceContext<'a> {
+    id: ServiceId<'a>,
+    config: &'a ModelConfig,
+    policies: Policies,
+    exposure: Exposure,
+}
+
+/// `flag` when a frontend has no backend although endpoints exist elsewhere: DROP (the traffic
+/// policy leaves none for this node), not REJECT.
+fn no_local_flag(backends: &[BackendAddr], sets: &Categorized) -> u16 {
     if backends.is_empty() && sets.any_usable {
-        // Endpoints exist, but not for this node's traffic: DROP, not REJECT.
-        flags |= service_flags::NO_LOCAL_ENDPOINTS;
+        service_flags::NO_LOCAL_ENDPOINTS
+    } else {
+        0
     }
-    Frontend {
-        service: ServicePortName {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            port_name: port.name.clone(),
+}
+
+impl ServiceContext<'_> {
+    fn backends(
+        &self,
+        key: FrontendKey,
+        endpoints: &[Endpoint],
+        problems: &mut Problems,
+    ) -> Vec<BackendAddr> {
+        let mut backends: Vec<BackendAddr> = endpoints
+            .iter()
+            .map(|e| BackendAddr {
+                ip: e.ip,
+                port: e.port,
+                protocol: key.protocol,
+            })
+            .collect();
+        if backends.len() > MAX_BACKENDS {
+            let reason = format!(
+                "{key} has {} endpoints; only the first {MAX_BACKENDS} are used",
+                backends.len()
+            );
+            self.id.report(problems, reason);
+            backends.truncate(MAX_BACKENDS);
+        }
+        backends
+    }
+
+    fn frontend(
+        &self,
+        port: &UsablePort,
+        backends: Vec<BackendAddr>,
+        flags: u16,
+        source_ranges: &BTreeSet<Cidr>,
+    ) -> Frontend {
+        Frontend {
+            service: ServicePortName {
+                namespace: self.id.ns.to_owned(),
+                name: self.id.name.to_owned(),
+                port_name: port.name.clone(),
+            },
+            backends,
+            flags,
+            affinity_timeout_secs: self.policies.affinity_timeout_secs,
+            source_ranges: source_ranges.clone(),
+        }
+    }
+
+    /// The frontends of one service port in one family: its ClusterIPs, then its NodePorts,
+    /// load-balancer IPs and externalIPs.
+    fn port_frontends(
+        &self,
+        cluster_ips: &[IpAddr],
+        ipv4: bool,
+        port: &UsablePort,
+        sets: &Categorized,
+        problems: &mut Problems,
+    ) -> Vec<Candidate> {
+        let mut candidates = Vec::new();
+        let key_for = |ip: IpAddr, number: u16| FrontendKey {
+            ip,
+            port: number,
+            protocol: port.protocol,
+            scope: Scope::Cluster,
+        };
+        // ClusterIP: internalTrafficPolicy picks the set.
+        let internal = if self.policies.internal_local {
+            &sets.local
+        } else {
+            &sets.cluster
+        };
+        for ip in cluster_ips {
+            let key = key_for(*ip, port.port);
+            let backends = self.backends(key, internal, problems);
+            let flags = service_flags::CLUSTER_IP | no_local_flag(&backends, sets);
+            candidates.push(Candidate {
+                kind: Kind::ClusterIp,
+                key,
+                cluster: self.frontend(port, backends, flags, &BTreeSet::new()),
+                local: None,
+            });
+        }
+        // Exposure frontends: internalTrafficPolicy does not apply to them.
+        let family = |ip: &&IpAddr| ip.is_ipv4() == ipv4;
+        let node_ports = port.node_port.into_iter().flat_map(|number| {
+            self.config
+                .nodeport_addresses
+                .iter()
+                .filter(family)
+                .map(move |ip| (Kind::NodePort, *ip, number))
+        });
+        let load_balancers = self
+            .exposure
+            .load_balancer_ips
+            .iter()
+            .filter(family)
+            .map(|ip| (Kind::LoadBalancer, *ip, port.port));
+        let external_ips = self
+            .exposure
+            .external_ips
+            .iter()
+            .filter(family)
+            .map(|ip| (Kind::ExternalIp, *ip, port.port));
+        let lb_ranges = self
+            .exposure
+            .source_ranges_for(ipv4, &self.config.node_addresses);
+        let external_local = self.exposure.external_local;
+        for (kind, ip, number) in node_ports.chain(load_balancers).chain(external_ips) {
+            let key = key_for(ip, number);
+            // loadBalancerSourceRanges guard load-balancer IPs only, never NodePorts.
+            let ranges = lb_ranges.as_ref().filter(|_| kind == Kind::LoadBalancer);
+            let mut flags = kind.flag();
+            if ranges.is_some() {
+                flags |= service_flags::SOURCE_RANGES;
+            }
+            let ranges: BTreeSet<Cidr> = ranges.into_iter().flatten().copied().collect();
+            let cluster_backends = self.backends(key, &sets.cluster, problems);
+            let cluster_flags = if external_local {
+                flags | service_flags::EXTERNAL_LOCAL
+            } else {
+                flags
+            };
+            let local = external_local.then(|| {
+                let local_key = FrontendKey {
+                    scope: Scope::Local,
+                    ..key
+                };
+                let backends = self.backends(local_key, &sets.local, problems);
+                let flags = flags | no_local_flag(&backends, sets);
+                self.frontend(port, backends, flags, &ranges)
+            });
+            candidates.push(Candidate {
+                kind,
+                key,
+                cluster: self.frontend(port, cluster_backends, cluster_flags, &ranges),
+                local,
+            });
+        }
+        candidates
+    }
+
+    /// Exposure addresses of a family the Service has no ClusterIP of are not served: each
+    /// of kube-proxy's single-family proxiers skips a Service without a ClusterIP of its own.
+    fn report_foreign_families(&self, cluster_ips: &[IpAddr], problems: &mut Problems) {
+        let lists = [
+            ("externalIP", &self.exposure.external_ips),
+            ("load-balancer ingress IP", &self.exposure.load_balancer_ips),
+        ];
+        for (what, ips) in lists {
+            for ip in ips
+                .iter()
+                .filter(|ip| !cluster_ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4()))
+            {
+                let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+                self.id.report(
+                    problems,
+                    format!("{what} {ip} is {family} but the Service has no {family} clusterIP; address ignored"),
+                );
+            }
+        }
+    }
+}
+
+/// What the model knows about this node.
+struct NodeFacts<'a> {
+    name: Option<&'a str>,
+    zone: Option<&'a str>,
+}
+
+/// One Service's frontend candidates (appended to `candidates`) and its health check.
+fn service_frontends(
+    service: &Service,
+    slices: &HashMap<(String, String), Vec<&EndpointSlice>>,
+    node: &NodeFacts<'_>,
+    config: &ModelConfig,
+    candidates: &mut Vec<Candidate>,
+    problems: &mut Problems,
+) -> Option<(u16, HealthCheck)> {
+    let ns = namespace_of(&service.metadata);
+    let name = name_of(&service.metadata);
+    let ips = cluster_ips(service, &ns, &name, problems)?;
+    let id = ServiceId {
+        ns: &ns,
+        name: &name,
+    };
+    let exposure = external::read(service, &id, problems);
+    let ports = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.ports.as_deref())
+        .unwrap_or_default();
+    let ports = usable_ports(ports, exposure.node_ports, &id, problems);
+    let context = ServiceContext {
+        id,
+        config,
+        policies: policies(service),
+        exposure,
+    };
+    context.report_foreign_families(&ips, problems);
+    let service_slices = slices
+        .get(&(ns.clone(), name.clone()))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    // Distinct addresses of this node's ready endpoints, all ports and families together
+    // (kube-proxy's `LocalReadyEndpoints`): what the health check reports.
+    let mut local_ready = BTreeSet::new();
+    for ipv4 in [true, false] {
+        let family_ips: Vec<IpAddr> = ips
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv4() == ipv4)
+            .collect();
+        if family_ips.is_empty() {
+            continue;
+        }
+        for port in &ports {
+            let port_ref = PortRef {
+                name: &port.name,
+                protocol: port.protocol,
+            };
+            let endpoints =
+                endpoints::collect(service_slices, ipv4, &port_ref, node.name, problems);
+            local_ready.extend(
+                endpoints
+                    .iter()
+                    .filter(|e| e.local && e.ready)
+                    .map(|e| e.ip),
+            );
+            let sets = categorize(&endpoints, node.name, node.zone, true, true);
+            candidates.extend(context.port_frontends(&family_ips, ipv4, port, &sets, problems));
+        }
+    }
+    let port = context.exposure.health_check_node_port?;
+    Some((
+        port,
+        HealthCheck {
+            namespace: ns.clone(),
+            name: name.clone(),
+            local_endpoints: local_ready.len(),
         },
-        backends,
-        flags,
-        affinity_timeout_secs: policies.affinity_timeout_secs,
+    ))
+}
+
+/// Gives each address to the first candidate that claims it, reporting the others.
+fn claim(
+    mut candidates: Vec<Candidate>,
+    problems: &mut Problems,
+) -> BTreeMap<FrontendKey, Frontend> {
+    // A stable sort: within a kind, Services keep their name order.
+    candidates.sort_by_key(|candidate| candidate.kind);
+    let mut frontends = BTreeMap::new();
+    for candidate in candidates {
+        if let Some(existing) = frontends.get(&candidate.key) {
+            let existing: &Frontend = existing;
+            let service = &candidate.cluster.service;
+            problems.report(
+                ObjectKind::Service,
+                &service.namespace,
+                &service.name,
+                format!(
+                    "{} is already served by {}; {} ignored",
+                    candidate.key,
+                    existing.service,
+                    candidate.kind.part()
+                ),
+            );
+            continue;
+        }
+        if let Some(local) = candidate.local {
+            let local_key = FrontendKey {
+                scope: Scope::Local,
+                ..candidate.key
+            };
+            frontends.insert(local_key, local);
+        }
+        frontends.insert(candidate.key, candidate.cluster);
     }
+    frontends
 }
 
 /// Computes the desired dataplane state from the cluster objects.
 pub fn build(snapshot: &ClusterSnapshot, config: &ModelConfig) -> ModelOutput {
     let mut problems = Problems::default();
     let slices = index_slices(&snapshot.endpoint_slices, &mut problems);
-    let node = config.node_name.as_deref();
-    let zone = node_zone(snapshot, config);
+    let node = NodeFacts {
+        name: config.node_name.as_deref(),
+        zone: node_zone(snapshot, config),
+    };
     let mut services: Vec<&Service> = snapshot.services.iter().map(AsRef::as_ref).collect();
     services.sort_by_key(|service| (namespace_of(&service.metadata), name_of(&service.metadata)));
 
-    let mut frontends = BTreeMap::new();
+    let mut candidates = Vec::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     for service in services
         .into_iter()
         .filter(|service| handled_by_us(service, config))
     {
-        let ns = namespace_of(&service.metadata);
-        let name = name_of(&service.metadata);
-        let Some(ips) = cluster_ips(service, &ns, &name, &mut problems) else {
+        let Some((port, check)) = service_frontends(
+            service,
+            &slices,
+            &node,
+            config,
+            &mut candidates,
+            &mut problems,
+        ) else {
             continue;
         };
-        let policies = policies(service);
-        let ports = service
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.ports.as_deref())
-            .unwrap_or_default();
-        let ports = usable_ports(ports, &ns, &name, &mut problems);
-        let service_slices = slices
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for ip in &ips {
-            for port in &ports {
-                let key = FrontendKey {
-                    ip: *ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                    scope: Scope::Cluster,
-                };
-                if let Some(existing) = frontends.get(&key) {
-                    let existing: &Frontend = existing;
-                    problems.report(
-                        ObjectKind::Service,
-                        &ns,
-                        &name,
-                        format!(
-                            "{key} is already served by {}; port ignored",
-                            existing.service
-                        ),
-                    );
-                    continue;
-                }
-                let context = FrontendContext {
-                    ns: &ns,
-                    name: &name,
-                    node,
-                    zone,
-                    policies: &policies,
-                };
-                let frontend = frontend_for(&context, key, port, service_slices, &mut problems);
-                frontends.insert(key, frontend);
-            }
+        if let Some(existing) = health_checks.get(&port) {
+            let reason = format!(
+                "healthCheckNodePort {port} is already used by {}/{}; no health check served",
+                existing.namespace, existing.name
+            );
+            problems.report(ObjectKind::Service, &check.namespace, &check.name, reason);
+        } else {
+            health_checks.insert(port, check);
         }
     }
     ModelOutput {
         desired: DesiredState {
-            frontends,
-            health_checks: BTreeMap::new(),
+            frontends: claim(candidates, &mut problems),
+            health_checks,
         },
         problems: problems.into_vec(),
     }

@@ -3,18 +3,23 @@ use std::{fmt::Debug, io};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{
+        HashMap, LpmTrie, Map, MapData, MapError,
+        lpm_trie::{self, Key},
+    },
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceValue, capacity, map_names,
+    ServiceName, ServiceValue, SourceRange4, SourceRange6, capacity, map_names,
 };
 
 use super::{MapWriter, WriteError};
 use crate::{
     bpf::pins::PinLayout,
-    state::{MapImage, MapWrite},
+    state::{LpmKey, MapImage, MapWrite},
 };
+
+type SourceRanges<D> = LpmTrie<MapData, D, u32>;
 
 /// The agent-owned maps of a loaded (or adopted) dataplane.
 pub struct KernelMaps {
@@ -26,6 +31,10 @@ pub struct KernelMaps {
     rev_nat6: HashMap<MapData, u32, RevNat6>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     names: HashMap<MapData, u32, ServiceName>,
+    /// `None` when the object or the pins predate the TC path: nothing can enforce source
+    /// ranges then, and `dump`/`inspect` of such pins still work.
+    source_ranges4: Option<SourceRanges<SourceRange4>>,
+    source_ranges6: Option<SourceRanges<SourceRange6>>,
 }
 
 /// Takes a hash (or LRU hash) map out of a loaded object.
@@ -55,6 +64,41 @@ fn open<K: aya::Pod, V: aya::Pod>(
         map: name,
         reason: error.to_string(),
     })
+}
+
+fn read_error(name: &'static str) -> impl Fn(MapError) -> WriteError {
+    move |error| WriteError::Read {
+        map: name,
+        reason: error.to_string(),
+    }
+}
+
+/// Takes a source-ranges trie out of a loaded object, if it declares one.
+fn take_trie<D: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<Option<SourceRanges<D>>, WriteError> {
+    ebpf.take_map(name)
+        .map(|map| LpmTrie::try_from(map).map_err(read_error(name)))
+        .transpose()
+}
+
+/// Opens a pinned source-ranges trie, if it was pinned.
+fn open_trie<D: aya::Pod>(
+    pins: &PinLayout,
+    name: &'static str,
+) -> Result<Option<SourceRanges<D>>, WriteError> {
+    let path = pins.map(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(path).map_err(|error| WriteError::Read {
+        map: name,
+        reason: error.to_string(),
+    })?;
+    LpmTrie::try_from(Map::LpmTrie(data))
+        .map(Some)
+        .map_err(read_error(name))
 }
 
 fn io_error(error: MapError) -> io::Error {
@@ -127,6 +171,68 @@ fn write_entry<K: aya::Pod + Debug, V: aya::Pod>(
     }
 }
 
+/// Writes or deletes one source range. A full trie answers ENOSPC (kernel/bpf/lpm_trie.c).
+fn write_range<D: aya::Pod + Debug>(
+    trie: Option<&mut SourceRanges<D>>,
+    name: &'static str,
+    key: &LpmKey<D>,
+    value: Option<u32>,
+) -> Result<(), WriteError> {
+    let entry = || format!("prefix length {} {:?}", key.prefix_len, key.data);
+    let Some(trie) = trie else {
+        // Deleting from a map that does not exist is deleting a missing key.
+        return match value {
+            Some(_) => Err(WriteError::MissingMap {
+                map: name,
+                entry: entry(),
+            }),
+            None => Ok(()),
+        };
+    };
+    let aya_key = Key::new(key.prefix_len, key.data);
+    let result = match value {
+        Some(value) => trie.insert(&aya_key, value, 0),
+        None => trie.remove(&aya_key),
+    };
+    let Err(error) = result else {
+        return Ok(());
+    };
+    let source = io_error(error);
+    match (source.raw_os_error(), value) {
+        (Some(libc::ENOENT), None) => Ok(()),
+        (Some(libc::ENOSPC | libc::E2BIG), Some(_)) => Err(WriteError::MapFull {
+            map: name,
+            capacity: capacity::SOURCE_RANGES,
+            entry: entry(),
+        }),
+        _ => Err(WriteError::Kernel {
+            map: name,
+            action: if value.is_some() { "update" } else { "delete" },
+            entry: entry(),
+            source,
+        }),
+    }
+}
+
+fn read_trie<D: aya::Pod + Ord>(
+    trie: Option<&SourceRanges<D>>,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<LpmKey<D>, u32>, WriteError> {
+    let Some(trie) = trie else {
+        return Ok(std::collections::BTreeMap::new());
+    };
+    trie.iter()
+        .map(|entry| {
+            let (key, value): (lpm_trie::Key<D>, u32) = entry.map_err(read_error(name))?;
+            let key = LpmKey {
+                prefix_len: key.prefix_len(),
+                data: key.data(),
+            };
+            Ok((key, value))
+        })
+        .collect()
+}
+
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
@@ -154,6 +260,8 @@ impl KernelMaps {
             rev_nat6: take(ebpf, map_names::REV_NAT6)?,
             affinity: take(ebpf, map_names::AFFINITY)?,
             names: take(ebpf, map_names::SERVICE_NAMES)?,
+            source_ranges4: take_trie(ebpf, map_names::SOURCE_RANGES4)?,
+            source_ranges6: take_trie(ebpf, map_names::SOURCE_RANGES6)?,
         })
     }
 
@@ -168,6 +276,8 @@ impl KernelMaps {
             rev_nat6: open(pins, map_names::REV_NAT6)?,
             affinity: open(pins, map_names::AFFINITY)?,
             names: open(pins, map_names::SERVICE_NAMES)?,
+            source_ranges4: open_trie(pins, map_names::SOURCE_RANGES4)?,
+            source_ranges6: open_trie(pins, map_names::SOURCE_RANGES6)?,
         })
     }
 }
@@ -225,6 +335,18 @@ impl MapWriter for KernelMaps {
                 id,
                 name.as_ref(),
             ),
+            MapWrite::SourceRange4(key, value) => write_range(
+                self.source_ranges4.as_mut(),
+                map_names::SOURCE_RANGES4,
+                key,
+                *value,
+            ),
+            MapWrite::SourceRange6(key, value) => write_range(
+                self.source_ranges6.as_mut(),
+                map_names::SOURCE_RANGES6,
+                key,
+                *value,
+            ),
         }
     }
 
@@ -238,6 +360,8 @@ impl MapWriter for KernelMaps {
             rev_nat6: read_all(&self.rev_nat6, map_names::REV_NAT6)?,
             affinity: read_all(&self.affinity, map_names::AFFINITY)?,
             service_names: read_all(&self.names, map_names::SERVICE_NAMES)?,
+            source_ranges4: read_trie(self.source_ranges4.as_ref(), map_names::SOURCE_RANGES4)?,
+            source_ranges6: read_trie(self.source_ranges6.as_ref(), map_names::SOURCE_RANGES6)?,
         })
     }
 }

@@ -31,6 +31,10 @@ pub enum WriteError {
     },
     #[error("reading map {map} failed: {reason}")]
     Read { map: &'static str, reason: String },
+    #[error(
+        "cannot add {entry}: map {map} is not in the loaded eBPF object (built before the TC path?)"
+    )]
+    MissingMap { map: &'static str, entry: String },
     #[error("injected fault on write #{index}")]
     Injected { index: usize },
 }
@@ -42,6 +46,7 @@ impl WriteError {
             Self::MapFull { .. } => "map_full",
             Self::Kernel { .. } => "kernel",
             Self::Read { .. } => "read",
+            Self::MissingMap { .. } => "missing_map",
             Self::Injected { .. } => "injected",
         }
     }
