@@ -14,9 +14,11 @@ pub mod names;
 pub mod netns;
 pub mod north_south;
 pub mod objects;
+pub mod packet;
 pub mod process;
 pub mod report;
 pub mod stale;
+pub mod tc_fixture;
 pub mod tempdir;
 pub mod testkit;
 
