@@ -17,6 +17,7 @@ use crate::{
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
     dump, health, healthcheck, http, inspect, metrics,
     model::ModelConfig,
+    node_addresses::NodeConfig,
     source,
     stats::StatsHandle,
     sync::{self, SyncConfig},
@@ -103,11 +104,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         proxy_health(&stats, health::stale_after(args.sync_period)),
     );
     start_endpoints(&args, &stats, counters, sockets, &health_checks).await;
-    let node = ModelConfig {
-        node_name: args.node_name.clone(),
-        service_proxy_name: args.service_proxy_name.clone(),
-        ..ModelConfig::default()
-    };
+    let node = NodeConfig::new(
+        ModelConfig {
+            node_name: args.node_name.clone(),
+            service_proxy_name: args.service_proxy_name.clone(),
+            ..ModelConfig::default()
+        },
+        args.nodeport_addresses.clone(),
+    );
     let config = SyncConfig {
         min_period: args.min_sync_period,
         max_period: args.sync_period,

@@ -113,6 +113,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
 
+    /// Node addresses NodePorts open on (kube-proxy's flag): comma-separated CIDRs (a family
+    /// without any CIDR listed opens on all its addresses), or `primary` for the node's
+    /// primary address of each family from its Node object; empty: every address of the
+    /// node (loopback and IPv6 link-local excluded). Re-read at every sync.
+    #[arg(long, default_value = "", value_parser = crate::node_addresses::parse_nodeport_addresses, value_name = "CIDRS|primary")]
+    pub nodeport_addresses: crate::node_addresses::NodePortAddresses,
+
     /// cgroup v2 directory the socket hooks attach to (default: the root of the cgroup2
     /// hierarchy; one is mounted privately if none is). Sockets of processes in this cgroup
     /// and below are load-balanced.
@@ -181,5 +188,9 @@ mod tests {
             panic!("expected run")
         };
         assert_eq!(disabled.metrics_bind_address.0, None);
+        assert_eq!(
+            args.nodeport_addresses,
+            crate::node_addresses::NodePortAddresses::All
+        );
     }
 }

@@ -16,6 +16,7 @@ pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod node_addresses;
 pub mod plan;
 pub mod source;
 pub mod state;

@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     healthcheck::HealthCheckServer,
     model::{self, ClusterSnapshot, HealthCheck, ModelConfig, Problem},
+    node_addresses::ModelConfigSource,
     plan::plan,
     source::SnapshotReceiver,
     state::Programmed,
@@ -208,7 +209,7 @@ fn forget_stale_affinity(writer: &mut dyn MapWriter, mirror: &Programmed) {
 )]
 pub async fn run(
     mut source: SnapshotReceiver,
-    config: ModelConfig,
+    mut config: impl ModelConfigSource,
     mut writer: Box<dyn MapWriter>,
     mut reaper: Box<dyn SocketReaper>,
     health_checks: HealthCheckServer,
@@ -238,9 +239,10 @@ pub async fn run(
     loop {
         let started = Instant::now();
         let udp_before = udp_pairs(&mirror);
+        // Node addresses are read afresh for every sync: an address change reprograms NodePorts.
         match sync_once(
             &snapshot,
-            &config,
+            &config.model_config(&snapshot),
             writer.as_mut(),
             &mut mirror,
             &mut last_problems,
