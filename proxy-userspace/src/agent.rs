@@ -6,12 +6,14 @@ use std::{
 };
 
 use proxy_common::map_names;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::{
     bpf::{
+        conntrack::{Conntrack, monotonic_now_ns},
         counters::{DatapathCounters, SocketTranslations},
         loader, mounts,
+        north_south::{self, NorthSouth},
         pins::PinLayout,
     },
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
@@ -21,7 +23,7 @@ use crate::{
     source,
     stats::StatsHandle,
     sync::{self, SyncConfig},
-    udp_reaper::NetlinkReaper,
+    udp_reaper::{NetlinkReaper, SocketsAndFlows},
     writer::{KernelMaps, MapWriter},
 };
 
@@ -87,13 +89,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let pins = PinLayout::new(bpffs);
 
     let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
-    let generation = loader::attach_all(&mut ebpf, &pins, &cgroup)?;
+    let north_south = north_south_settings(&args);
+    north_south::check_node_settings(&north_south);
+    let generation = loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
     let retired = loader::retire_links(&pins, Some(&generation));
     if retired > 0 {
         info!(retired, "took over from a previous agent's links");
     }
     let writer = KernelMaps::take_from(&mut ebpf)?;
-    let reaper = NetlinkReaper::take_from(&mut ebpf)?;
+    let reaper = SocketsAndFlows {
+        sockets: NetlinkReaper::take_from(&mut ebpf)?,
+        flows: Conntrack::open_pinned(&pins).context("opening the conntrack maps")?,
+    };
+    spawn_conntrack_gc(Conntrack::open_pinned(&pins).context("opening the conntrack maps")?);
     let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
     let sockets = Arc::new(SocketTranslations::open_pinned(
         &pins.map(map_names::SOCK_REV_NAT4),
@@ -135,6 +143,50 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The programs stay attached through their pinned links; `ebpf` may be dropped.
     drop(ebpf);
     Ok(())
+}
+
+/// How often expired north-south flows are removed from the conntrack maps.
+const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
+
+/// Removes expired flows in the background (the datapath only refreshes lifetimes).
+fn spawn_conntrack_gc(mut conntrack: Conntrack) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONNTRACK_GC_PERIOD);
+        loop {
+            tick.tick().await;
+            let collected = tokio::task::spawn_blocking(move || {
+                let report = conntrack.collect_garbage(monotonic_now_ns());
+                (conntrack, report)
+            })
+            .await;
+            match collected {
+                Ok((back, report)) => {
+                    conntrack = back;
+                    if report.removed > 0 {
+                        debug!(
+                            removed = report.removed,
+                            live = report.live_flows,
+                            "conntrack garbage collected"
+                        );
+                    }
+                }
+                Err(failure) => {
+                    error!("conntrack garbage collection stopped: {failure}");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn north_south_settings(args: &RunArgs) -> NorthSouth {
+    let flags = &args.north_south;
+    NorthSouth {
+        interfaces: flags.interfaces.clone(),
+        cluster_cidrs: flags.cluster_cidr.clone(),
+        masquerade_all: flags.masquerade_all,
+        snat_ports: flags.snat_port_range,
+    }
 }
 
 /// kube-proxy's `serviceProxyHealthy` for the health-check node ports: the same verdict as

@@ -144,6 +144,68 @@ pub struct RunArgs {
     /// Longest interval between two syncs: the maps are then re-read and any drift repaired.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub sync_period: Duration,
+
+    #[command(flatten)]
+    pub north_south: NorthSouthArgs,
+}
+
+/// Settings of the north-south (TC) datapath: traffic reaching the node from outside.
+#[derive(Debug, Args)]
+pub struct NorthSouthArgs {
+    /// Interfaces whose incoming traffic to NodePorts, externalIPs and LoadBalancer IPs is
+    /// load-balanced by the TC program (default: every interface of the agent's network
+    /// namespace that carries a node address, loopback excluded). Interfaces that replies of
+    /// local endpoints arrive on must be among them.
+    #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
+    pub interfaces: Vec<String>,
+
+    /// The pod CIDR(s), at most one per family (kube-proxy's flag): sources inside are pods,
+    /// which reach externalTrafficPolicy=Local services unmasqueraded and ClusterIPs
+    /// unmasqueraded; other sources reaching a ClusterIP through the node are masqueraded.
+    #[arg(long, value_delimiter = ',', value_parser = cidr, value_name = "CIDR[,CIDR]")]
+    pub cluster_cidr: Vec<crate::model::Cidr>,
+
+    /// Masquerade every ClusterIP flow that reaches the node from outside, pods included
+    /// (kube-proxy's flag).
+    #[arg(long)]
+    pub masquerade_all: bool,
+
+    /// Source ports of masqueraded north-south flows. Keep it outside the node's ephemeral
+    /// range (net.ipv4.ip_local_port_range) so they never collide with the node's own
+    /// connections; the agent warns on overlap.
+    #[arg(long, default_value = "61000-65535", value_parser = port_range, value_name = "MIN-MAX")]
+    pub snat_port_range: PortRange,
+}
+
+fn cidr(text: &str) -> Result<crate::model::Cidr, String> {
+    crate::model::parse_cidr_lenient(text)
+        .ok_or_else(|| format!("{text:?} is not a CIDR like 10.0.0.0/8 or fd00::/48"))
+}
+
+/// An inclusive range of ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+fn port_range(text: &str) -> Result<PortRange, String> {
+    let invalid = || format!("{text:?} is not a port range like 61000-65535");
+    let (min, max) = text.split_once('-').ok_or_else(invalid)?;
+    let min: u16 = min.trim().parse().map_err(|_| invalid())?;
+    let max: u16 = max.trim().parse().map_err(|_| invalid())?;
+    if min == 0 || min > max {
+        return Err(format!(
+            "{text:?}: the range must be non-empty and start above 0"
+        ));
+    }
+    Ok(PortRange { min, max })
 }
 
 #[cfg(test)]
@@ -192,5 +254,61 @@ mod tests {
             args.nodeport_addresses,
             crate::node_addresses::NodePortAddresses::All
         );
+        assert!(args.north_south.interfaces.is_empty());
+        assert!(args.north_south.cluster_cidr.is_empty());
+        assert!(!args.north_south.masquerade_all);
+        assert_eq!(
+            args.north_south.snat_port_range,
+            PortRange {
+                min: 61_000,
+                max: 65_535
+            }
+        );
+    }
+
+    #[test]
+    fn north_south_flags_parse_and_reject_nonsense() {
+        let cli = Cli::parse_from([
+            "switchyard",
+            "run",
+            "--manifests",
+            "m",
+            "--interfaces",
+            "eth0,eth1",
+            "--cluster-cidr",
+            "10.0.0.0/8,fd00::/48",
+            "--masquerade-all",
+            "--snat-port-range",
+            "40000-40100",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.north_south.interfaces, ["eth0", "eth1"]);
+        let cidrs: Vec<String> = args
+            .north_south
+            .cluster_cidr
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cidrs, ["10.0.0.0/8", "fd00::/48"]);
+        assert!(args.north_south.masquerade_all);
+        assert_eq!(
+            args.north_south.snat_port_range,
+            PortRange {
+                min: 40_000,
+                max: 40_100
+            }
+        );
+        for bad in [
+            ["--snat-port-range", "5-1"],
+            ["--snat-port-range", "0-10"],
+            ["--snat-port-range", "x"],
+            ["--cluster-cidr", "10.0.0.0"],
+        ] {
+            let parsed =
+                Cli::try_parse_from(["switchyard", "run", "--manifests", "m", bad[0], bad[1]]);
+            assert!(parsed.is_err(), "{bad:?} must be refused");
+        }
     }
 }

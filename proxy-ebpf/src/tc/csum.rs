@@ -1,6 +1,9 @@
 //! Full checksums for packets the TC path builds itself (RST, ICMP unreachable); translated
 //! packets are fixed up incrementally with `l3/l4_csum_replace` instead.
-use aya_ebpf::helpers::bpf_csum_diff;
+use aya_ebpf::{
+    helpers::{bpf_csum_diff, bpf_skb_load_bytes},
+    programs::TcContext,
+};
 
 /// A stack buffer the checksum helper can read (4-byte aligned, length a multiple of 4).
 #[repr(C, align(4))]
@@ -28,6 +31,28 @@ impl<const N: usize> Words<N> {
             )
         };
         if sum < 0 { Err(sum) } else { Ok(sum as u32) }
+    }
+
+    /// Copies `LEN` packet bytes from `offset` into the buffer at `at` (a constant length,
+    /// as the verifier wants for a stack destination).
+    #[inline(always)]
+    pub fn load<const AT: usize, const LEN: usize>(
+        &mut self,
+        ctx: &TcContext,
+        offset: usize,
+    ) -> Result<(), i64> {
+        const { assert!(AT + LEN <= N) };
+        // SAFETY: the destination is `LEN` bytes inside this buffer (checked above); the
+        // helper bounds-checks the packet side itself.
+        let result = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                offset as u32,
+                self.0.as_mut_ptr().add(AT).cast(),
+                LEN as u32,
+            )
+        };
+        if result < 0 { Err(result) } else { Ok(()) }
     }
 
     #[inline(always)]

@@ -9,13 +9,17 @@ use proxy_common::{ct_flags, reason};
 
 use super::{
     ct, fib,
-    inet::{IcmpError, Inet, Tuple},
+    inet::{IcmpError, Inet, Parsed, Tuple},
     rewrite::{L4Csum, replace_addr, replace_port},
 };
 use crate::metrics;
 
 #[inline(never)]
-pub fn translate_error<I: Inet>(ctx: &TcContext, error: &IcmpError<I::Addr>) -> i32 {
+pub fn translate_error<I: Inet>(ctx: &TcContext) -> i32 {
+    let Ok(Parsed::IcmpError(error)) = I::parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let error = &error;
     // The quoted packet went out with `inner`; the flow's entry for it is keyed by the tuple
     // of the packets that would answer it.
     let key = error.inner.reversed();

@@ -21,7 +21,9 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
-use proxy_common::{DatapathConfig, config_flags, ct_flags, reason, scope, service_flags};
+use proxy_common::{
+    DatapathConfig, config_flags, ct_flags, protocol, reason, scope, service_flags,
+};
 
 use crate::{
     lb::{self, Selection, V4, V6},
@@ -48,23 +50,61 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         return PASS;
     };
     match u16::from_be(ethertype) {
-        ETH_P_IP => handle::<V4>(ctx),
-        ETH_P_IPV6 => handle::<V6>(ctx),
+        ETH_P_IP => run::<V4>(ctx),
+        ETH_P_IPV6 => run::<V6>(ctx),
         _ => PASS,
     }
 }
 
-// Separate BPF functions (not inlined) keep each stack frame within the 512-byte limit.
+/// What a stage decided: a verdict, or which stage runs next.
+#[derive(Clone, Copy)]
+pub enum Step {
+    Verdict(i32),
+    NewFlow,
+    RefuseTcp,
+    RefuseUdp,
+    IcmpError,
+}
+
+/// The stages are separate BPF functions called one after the other from here, never from
+/// each other: the verifier limits the stack of a whole call chain to 512 bytes, and each
+/// stage (IPv6 especially) needs most of that. Each stage parses the headers again (a few
+/// loads) rather than receive them on the stack.
+#[inline(always)]
+fn run<I: Inet>(ctx: &TcContext) -> i32 {
+    let step = match tracked::<I>(ctx) {
+        Step::NewFlow => new_flow::<I>(ctx),
+        other => other,
+    };
+    match step {
+        Step::Verdict(verdict) => verdict,
+        Step::RefuseTcp => reject::refuse_tcp::<I>(ctx),
+        Step::RefuseUdp => reject::refuse_udp::<I>(ctx),
+        Step::IcmpError => icmp::translate_error::<I>(ctx),
+        Step::NewFlow => PASS,
+    }
+}
+
+/// The packet's flow, parsed again by a later stage (`None` if it is not a TCP/UDP flow).
+#[inline(always)]
+fn parse_flow<I: Inet>(ctx: &TcContext) -> Option<Packet<I::Addr>> {
+    match I::parse(ctx) {
+        Ok(Parsed::Flow(packet)) => Some(packet),
+        _ => None,
+    }
+}
+
+/// First stage: parsing and the packets of tracked flows.
 #[inline(never)]
-fn handle<I: Inet>(ctx: &TcContext) -> i32 {
+fn tracked<I: Inet>(ctx: &TcContext) -> Step {
     match I::parse(ctx) {
         Ok(Parsed::Flow(packet)) => flow::<I>(ctx, &packet),
-        Ok(Parsed::IcmpError(error)) => icmp::translate_error::<I>(ctx, &error),
+        Ok(Parsed::IcmpError(_)) => Step::IcmpError,
         Ok(Parsed::Fragment) => {
             metrics::count(reason::TC_FRAGMENT_PASSED);
-            PASS
+            Step::Verdict(PASS)
         }
-        Ok(Parsed::Pass) | Err(_) => PASS,
+        Ok(Parsed::Pass) | Err(_) => Step::Verdict(PASS),
     }
 }
 
@@ -79,22 +119,22 @@ fn config() -> DatapathConfig {
 }
 
 #[inline(always)]
-fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> i32 {
+fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
     let now = ct::now_ns();
     if let Some(entry) = I::ct_get(&packet.tuple) {
         if entry.flags & ct_flags::REPLY != 0 {
-            return reply::<I>(ctx, packet, &entry, now);
+            return Step::Verdict(reply::<I>(ctx, packet, &entry, now));
         }
         let restart = ct::syn_restarts(packet, &entry);
         if entry.expires_ns > now && !restart {
-            return forward::<I>(ctx, packet, &entry, now);
+            return Step::Verdict(forward::<I>(ctx, packet, &entry, now));
         }
         if restart {
             metrics::count(reason::TC_SYN_RESTARTED);
         }
         ct::forget::<I>(&packet.tuple, &entry);
     }
-    new_flow::<I>(ctx, packet, now)
+    Step::NewFlow
 }
 
 /// A packet of a tracked flow, client → frontend.
@@ -242,28 +282,38 @@ fn frontend<I: Inet>(
     })
 }
 
+/// Second stage: a packet that starts a flow (or is not for a service at all).
 #[inline(never)]
-fn new_flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> i32 {
+fn new_flow<I: Inet>(ctx: &TcContext) -> Step {
+    match parse_flow::<I>(ctx) {
+        Some(packet) => establish::<I>(ctx, &packet, ct::now_ns()),
+        None => Step::Verdict(PASS),
+    }
+}
+
+#[inline(always)]
+fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> Step {
     let tuple = &packet.tuple;
     let key = I::service_key(tuple.daddr, tuple.dport, tuple.proto, scope::EXTERNAL);
     let Some(master) = lb::master::<I>(key) else {
         purge_stale_reply::<I>(packet);
-        return PASS;
+        return Step::Verdict(PASS);
     };
     let config = config();
     let Some(frontend) = frontend::<I>(key, master, tuple, &config) else {
         metrics::count(reason::TC_DROPPED_SOURCE_RANGE);
-        return DROP;
+        return Step::Verdict(DROP);
     };
     let selection = lb::select_from::<I>(frontend.key, &frontend.master, || {
         I::client_cookie(&tuple.saddr)
     });
     let (backend, backend_id, rev_nat_id) = match selection {
-        Selection::NotAService => return PASS,
-        Selection::Refuse => return reject::refuse::<I>(ctx, packet),
+        Selection::NotAService => return Step::Verdict(PASS),
+        Selection::Refuse if tuple.proto == protocol::TCP => return Step::RefuseTcp,
+        Selection::Refuse => return Step::RefuseUdp,
         Selection::Drop => {
             metrics::count(reason::TC_DROPPED_NO_LOCAL);
-            return DROP;
+            return Step::Verdict(DROP);
         }
         Selection::Backend {
             backend,
@@ -276,7 +326,7 @@ fn new_flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> i32
     let snat = frontend.snat || backend_addr == tuple.saddr;
     let route = match fib::lookup::<I>(ctx, &tuple.saddr, &backend_addr, snat) {
         Ok(route) => route,
-        Err(verdict) => return verdict,
+        Err(verdict) => return Step::Verdict(verdict),
     };
     let snat_flag = if snat { ct_flags::SNAT } else { 0 };
     let reply = Flow {
@@ -297,12 +347,12 @@ fn new_flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> i32
         to.saddr = route.src;
         let Some(port) = reserve_snat_port::<I>(&mut to, &reply, &config) else {
             metrics::count(reason::TC_SNAT_EXHAUSTED);
-            return DROP;
+            return Step::Verdict(DROP);
         };
         to.sport = port;
     } else if I::ct_put(&to.reversed(), &reply, u64::from(BPF_ANY)).is_err() {
         metrics::count(reason::TC_CT_STORE_FAILED);
-        return DROP;
+        return Step::Verdict(DROP);
     }
     let flags = snat_flag | ct::tcp_bits(packet, ct_flags::FIN_FORWARD);
     let forward = Flow {
@@ -315,14 +365,14 @@ fn new_flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> i32
     if I::ct_put(tuple, &forward, u64::from(BPF_ANY)).is_err() {
         I::ct_delete(&to.reversed());
         metrics::count(reason::TC_CT_STORE_FAILED);
-        return DROP;
+        return Step::Verdict(DROP);
     }
     metrics::count(reason::TC_NEW_FLOW);
     if rewrite::rewrite::<I>(ctx, packet, &to).is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);
-        return DROP;
+        return Step::Verdict(DROP);
     }
-    fib::redirect::<I>(ctx, &route)
+    Step::Verdict(fib::redirect::<I>(ctx, &route))
 }
 
 /// Picks a masquerade port whose reply tuple (backend → node address:port) is free and

@@ -1,23 +1,38 @@
 //! kube-proxy's REJECT for a service without any usable endpoint: the client is answered at
 //! once (TCP RST, ICMP port unreachable) instead of waiting for a timeout.
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_skb_change_tail, programs::TcContext};
-use proxy_common::{protocol, reason};
+use proxy_common::reason;
 
 use super::{
     csum::Words,
     fib,
-    inet::{Inet, Packet},
+    inet::{Inet, Packet, Parsed},
 };
 use crate::metrics;
 
-/// Turns the packet into the refusal and sends it back where it came from.
+/// Answers a TCP segment to a service without endpoints with a RST, sent back where it came
+/// from. (TCP and UDP refusals are separate BPF functions: each needs much of the stack.)
 #[inline(never)]
-pub fn refuse<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> i32 {
-    let written = match packet.tuple.proto {
-        protocol::TCP => I::write_tcp_reset(ctx, packet),
-        protocol::UDP => I::write_port_unreachable(ctx, packet),
+pub fn refuse_tcp<I: Inet>(ctx: &TcContext) -> i32 {
+    let written = match I::parse(ctx) {
+        Ok(Parsed::Flow(packet)) => I::write_tcp_reset(ctx, &packet),
         _ => Err(0),
     };
+    bounce_or_drop(ctx, written)
+}
+
+/// Answers a UDP datagram to a service without endpoints with an ICMP port unreachable.
+#[inline(never)]
+pub fn refuse_udp<I: Inet>(ctx: &TcContext) -> i32 {
+    let written = match I::parse(ctx) {
+        Ok(Parsed::Flow(packet)) => I::write_port_unreachable(ctx, &packet),
+        _ => Err(0),
+    };
+    bounce_or_drop(ctx, written)
+}
+
+#[inline(always)]
+fn bounce_or_drop(ctx: &TcContext, written: Result<(), i64>) -> i32 {
     if written.is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);
         return TC_ACT_SHOT as i32;

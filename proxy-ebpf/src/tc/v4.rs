@@ -321,12 +321,10 @@ impl Inet for V4 {
             // Quoting a header with options would need a variable-length copy.
             return Err(-1);
         }
-        let quoted_ip: [u8; 20] = ctx.load(packet.l3)?;
-        let quoted_l4: [u8; 8] = ctx.load(packet.l4)?;
         let mut icmp = Words::<36>::zeroed();
         icmp.put(0, &[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]);
-        icmp.put(8, &quoted_ip);
-        icmp.put(28, &quoted_l4);
+        // The quote: the original IP header and the first 8 bytes of its payload.
+        icmp.load::<8, 28>(ctx, packet.l3)?;
         let csum = fold(icmp.sum(0)?);
         icmp.put(2, &csum.to_ne_bytes());
         let (client, frontend) = (packet.tuple.saddr, packet.tuple.daddr);

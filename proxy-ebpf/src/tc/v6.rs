@@ -334,12 +334,10 @@ impl Inet for V6 {
 
     #[inline(always)]
     fn write_port_unreachable(ctx: &TcContext, packet: &Packet<Addr>) -> Result<(), i64> {
-        let quoted_ip: [u8; 40] = ctx.load(packet.l3)?;
-        let quoted_l4: [u8; 8] = ctx.load(packet.l4)?;
         let mut icmp = Words::<56>::zeroed();
         icmp.put(0, &[ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH]);
-        icmp.put(8, &quoted_ip);
-        icmp.put(48, &quoted_l4);
+        // The quote: the original IPv6 header and the first 8 bytes of its payload.
+        icmp.load::<8, 48>(ctx, packet.l3)?;
         let (client, frontend) = (&packet.tuple.saddr, &packet.tuple.daddr);
         let mut pseudo = pseudo_header(frontend, client, IPPROTO_ICMPV6, 56);
         let csum = fold(icmp.sum(pseudo.sum(0)?)?);

@@ -12,18 +12,24 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use aya::maps::lpm_trie::Key as LpmKey;
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
+    AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
+    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceValue,
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
+    map_names, reason,
 };
 use tracing::{info, warn};
 
-use super::pins::PinLayout;
+use super::{
+    north_south::{self, NorthSouth},
+    pins::PinLayout,
+};
 
 /// The socket-address hooks, by program name.
 const SOCK_ADDR_PROGRAMS: [&str; 8] = [
@@ -96,6 +102,11 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         map_names::SOCK_REV_NAT6 => sizes::<SockRevNat6Key, SockRevNat6>(),
         map_names::AFFINITY => sizes::<AffinityKey, AffinityValue>(),
         map_names::SERVICE_NAMES => sizes::<u32, ServiceName>(),
+        map_names::CT4 => sizes::<Ct4Key, Ct4Entry>(),
+        map_names::CT6 => sizes::<Ct6Key, Ct6Entry>(),
+        map_names::SOURCE_RANGES4 => sizes::<LpmKey<SourceRange4>, u32>(),
+        map_names::SOURCE_RANGES6 => sizes::<LpmKey<SourceRange6>, u32>(),
+        map_names::DATAPATH_CONFIG => sizes::<u32, DatapathConfig>(),
         _ => sizes::<u32, u64>(),
     }
 }
@@ -111,7 +122,9 @@ fn check_pinned_maps(pins: &PinLayout) -> Result<(), LoadError> {
             .map_err(|error| LoadError::Object(aya::EbpfError::MapError(error)))?;
         let found = (info.key_size(), info.value_size());
         let expected = expected_sizes(name);
-        if found != expected {
+        // The metrics array grows with new reason codes; an older, shorter one would lose them.
+        let short_metrics = name == map_names::METRICS && info.max_entries() != reason::COUNT;
+        if found != expected || short_metrics {
             return Err(LoadError::IncompatibleMap {
                 path,
                 found,
@@ -175,8 +188,14 @@ fn new_generation() -> String {
     format!("{nanos}-{}", std::process::id())
 }
 
-/// Attaches every program to the cgroup and pins the links; returns the generation.
-pub fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<String, LoadError> {
+/// Attaches every program (socket hooks to the cgroup, TC ingress to the node's interfaces)
+/// and pins the links; returns the generation.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    cgroup: &Path,
+    north_south: &NorthSouth,
+) -> Result<String, LoadError> {
     let cgroup_dir = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -229,6 +248,8 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<St
                 },
             )?;
         pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
+        north_south::write_config(ebpf, north_south)?;
+        north_south::attach(ebpf, pins, &generation, north_south, &mut pinned)?;
         Ok(())
     })();
     if let Err(error) = result {

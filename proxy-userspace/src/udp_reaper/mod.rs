@@ -61,6 +61,26 @@ pub trait SocketReaper: Send {
     fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize;
 }
 
+/// Both cures together: connected UDP sockets of the socket hooks (east-west) and tracked UDP
+/// flows of the TC path (north-south) aimed at backends that left their service.
+pub struct SocketsAndFlows {
+    pub sockets: NetlinkReaper,
+    pub flows: crate::bpf::conntrack::Conntrack,
+}
+
+impl SocketReaper for SocketsAndFlows {
+    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
+        let flows = self.flows.forget_udp_flows(removed);
+        if flows > 0 {
+            info!(
+                flows,
+                "forgot tracked UDP flows to backends that left their service"
+            );
+        }
+        self.sockets.reap(removed) + flows
+    }
+}
+
 /// A reaper that does nothing (tests of the runner).
 pub struct NoReaper;
 

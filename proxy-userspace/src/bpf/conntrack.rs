@@ -1,0 +1,322 @@
+//! The TC path's connection tracking, from userspace: garbage collection of expired flows (the
+//! datapath only refreshes lifetimes; an LRU alone would keep dead flows until pressure) and
+//! removal of UDP flows whose backend left their service (service-semantics §3.13).
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
+use proxy_common::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, ct_flags, map_names, protocol};
+
+use super::pins::PinLayout;
+use crate::udp_reaper::UdpPair;
+
+/// One family's conntrack layout.
+trait CtFamily {
+    type Key: Pod + Hash + Eq;
+    type Entry: Pod;
+    fn protocol(key: &Self::Key) -> u8;
+    fn flags(entry: &Self::Entry) -> u16;
+    fn expires_ns(entry: &Self::Entry) -> u64;
+    fn rev_nat_id(entry: &Self::Entry) -> u32;
+    /// The key of the packets that answer those rewritten by `entry` (its rewrite tuple,
+    /// reversed): for a forward entry its reply entry, for a reply entry its forward entry.
+    fn partner_key(key: &Self::Key, entry: &Self::Entry) -> Self::Key;
+    /// Where a forward entry sends the flow.
+    fn destination(entry: &Self::Entry) -> SocketAddr;
+}
+
+struct V4;
+struct V6;
+
+impl CtFamily for V4 {
+    type Key = Ct4Key;
+    type Entry = Ct4Entry;
+    fn protocol(key: &Ct4Key) -> u8 {
+        key.protocol
+    }
+    fn flags(entry: &Ct4Entry) -> u16 {
+        entry.flags
+    }
+    fn expires_ns(entry: &Ct4Entry) -> u64 {
+        entry.expires_ns
+    }
+    fn rev_nat_id(entry: &Ct4Entry) -> u32 {
+        entry.rev_nat_id
+    }
+    fn partner_key(key: &Ct4Key, entry: &Ct4Entry) -> Ct4Key {
+        Ct4Key {
+            saddr: entry.daddr,
+            daddr: entry.saddr,
+            sport_be: entry.dport_be,
+            dport_be: entry.sport_be,
+            protocol: key.protocol,
+            pad: [0; 3],
+        }
+    }
+    fn destination(entry: &Ct4Entry) -> SocketAddr {
+        let ip = Ipv4Addr::from(entry.daddr.to_ne_bytes());
+        SocketAddr::new(IpAddr::V4(ip), u16::from_be(entry.dport_be))
+    }
+}
+
+impl CtFamily for V6 {
+    type Key = Ct6Key;
+    type Entry = Ct6Entry;
+    fn protocol(key: &Ct6Key) -> u8 {
+        key.protocol
+    }
+    fn flags(entry: &Ct6Entry) -> u16 {
+        entry.flags
+    }
+    fn expires_ns(entry: &Ct6Entry) -> u64 {
+        entry.expires_ns
+    }
+    fn rev_nat_id(entry: &Ct6Entry) -> u32 {
+        entry.rev_nat_id
+    }
+    fn partner_key(key: &Ct6Key, entry: &Ct6Entry) -> Ct6Key {
+        Ct6Key {
+            saddr: entry.daddr,
+            daddr: entry.saddr,
+            sport_be: entry.dport_be,
+            dport_be: entry.sport_be,
+            protocol: key.protocol,
+            pad: [0; 3],
+        }
+    }
+    fn destination(entry: &Ct6Entry) -> SocketAddr {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_mut(4).zip(entry.daddr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(octets)),
+            u16::from_be(entry.dport_be),
+        )
+    }
+}
+
+/// What one garbage collection did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Flows still alive (forward entries).
+    pub live_flows: usize,
+    /// Entries removed (expired forward entries and the reply entries left without one).
+    pub removed: usize,
+}
+
+/// Both families' conntrack maps, opened from their pins.
+pub struct Conntrack {
+    v4: HashMap<MapData, Ct4Key, Ct4Entry>,
+    v6: HashMap<MapData, Ct6Key, Ct6Entry>,
+}
+
+fn open<K: Pod, V: Pod>(path: &Path) -> Result<HashMap<MapData, K, V>, MapError> {
+    HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(path)?))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).unwrap_or(0)
+}
+
+impl Conntrack {
+    pub fn open_pinned(pins: &PinLayout) -> Result<Self, MapError> {
+        Ok(Self {
+            v4: open(&pins.map(map_names::CT4))?,
+            v6: open(&pins.map(map_names::CT6))?,
+        })
+    }
+
+    /// Removes expired flows and reply entries whose forward entry is gone or has moved on.
+    pub fn collect_garbage(&mut self, now_ns: u64) -> GcReport {
+        let v4 = collect::<V4>(&mut self.v4, now_ns);
+        let v6 = collect::<V6>(&mut self.v6, now_ns);
+        GcReport {
+            live_flows: v4.live_flows + v6.live_flows,
+            removed: v4.removed + v6.removed,
+        }
+    }
+
+    /// Removes the UDP flows of these (frontend, backend) pairs; returns how many.
+    pub fn forget_udp_flows(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
+        forget_udp::<V4>(&mut self.v4, removed) + forget_udp::<V6>(&mut self.v6, removed)
+    }
+
+    /// Live flows per family (for `inspect` and metrics).
+    pub fn count_live(&self, now_ns: u64) -> (usize, usize) {
+        let live = |flags: u16, expires: u64| flags & ct_flags::REPLY == 0 && expires > now_ns;
+        let v4 = self
+            .v4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| live(entry.flags, entry.expires_ns))
+            .count();
+        let v6 = self
+            .v6
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| live(entry.flags, entry.expires_ns))
+            .count();
+        (v4, v6)
+    }
+}
+
+fn entries<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> StdHashMap<F::Key, F::Entry> {
+    map.iter().filter_map(Result::ok).collect()
+}
+
+/// Which entries of a conntrack snapshot are garbage at `now_ns`.
+fn garbage<F: CtFamily>(entries: &StdHashMap<F::Key, F::Entry>, now_ns: u64) -> Vec<F::Key> {
+    let alive = |key: &F::Key| {
+        entries.get(key).is_some_and(|entry| {
+            F::flags(entry) & ct_flags::REPLY == 0 && F::expires_ns(entry) > now_ns
+        })
+    };
+    entries
+        .iter()
+        .filter(|(key, entry)| {
+            if F::flags(entry) & ct_flags::REPLY == 0 {
+                return F::expires_ns(entry) <= now_ns;
+            }
+            let forward = F::partner_key(key, entry);
+            let points_back = entries
+                .get(&forward)
+                .is_some_and(|forward_entry| F::partner_key(&forward, forward_entry) == **key);
+            !(alive(&forward) && points_back)
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+fn collect<F: CtFamily>(map: &mut HashMap<MapData, F::Key, F::Entry>, now_ns: u64) -> GcReport {
+    let snapshot = entries::<F>(map);
+    let doomed = garbage::<F>(&snapshot, now_ns);
+    let forward_total = snapshot
+        .values()
+        .filter(|entry| F::flags(entry) & ct_flags::REPLY == 0)
+        .count();
+    let doomed_forward = doomed
+        .iter()
+        .filter(|key| {
+            snapshot
+                .get(key)
+                .is_some_and(|e| F::flags(e) & ct_flags::REPLY == 0)
+        })
+        .count();
+    // A key that vanished meanwhile (LRU eviction, the datapath) is not an error.
+    let removed = doomed.iter().filter(|key| map.remove(key).is_ok()).count();
+    GcReport {
+        live_flows: forward_total - doomed_forward,
+        removed,
+    }
+}
+
+fn forget_udp<F: CtFamily>(
+    map: &mut HashMap<MapData, F::Key, F::Entry>,
+    removed: &BTreeSet<UdpPair>,
+) -> usize {
+    let snapshot = entries::<F>(map);
+    let mut forgotten = 0;
+    for (key, entry) in &snapshot {
+        let udp_forward =
+            F::protocol(key) == protocol::UDP && F::flags(entry) & ct_flags::REPLY == 0;
+        if udp_forward && removed.contains(&(F::rev_nat_id(entry), F::destination(entry))) {
+            let _ = map.remove(&F::partner_key(key, entry));
+            if map.remove(key).is_ok() {
+                forgotten += 1;
+            }
+        }
+    }
+    forgotten
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(client_port: u16, backend_port: u16, expires_ns: u64) -> (Ct4Key, Ct4Entry) {
+        let key = Ct4Key {
+            saddr: 1,
+            daddr: 2,
+            sport_be: client_port,
+            dport_be: 80,
+            protocol: protocol::TCP,
+            pad: [0; 3],
+        };
+        let entry = Ct4Entry {
+            expires_ns,
+            saddr: 3,
+            daddr: 4,
+            sport_be: client_port,
+            dport_be: backend_port,
+            ..Ct4Entry::default()
+        };
+        (key, entry)
+    }
+
+    fn reply_of(key: &Ct4Key, entry: &Ct4Entry) -> (Ct4Key, Ct4Entry) {
+        let reply_key = V4::partner_key(key, entry);
+        let reply = Ct4Entry {
+            saddr: key.daddr,
+            daddr: key.saddr,
+            sport_be: key.dport_be,
+            dport_be: key.sport_be,
+            flags: ct_flags::REPLY,
+            ..Ct4Entry::default()
+        };
+        (reply_key, reply)
+    }
+
+    #[test]
+    fn expired_flows_and_their_replies_are_garbage_live_ones_stay() {
+        let (live_key, live) = forward(1000, 8080, 500);
+        let (dead_key, dead) = forward(1001, 8080, 50);
+        let (live_reply_key, live_reply) = reply_of(&live_key, &live);
+        let (dead_reply_key, dead_reply) = reply_of(&dead_key, &dead);
+        let entries: StdHashMap<_, _> = [
+            (live_key, live),
+            (dead_key, dead),
+            (live_reply_key, live_reply),
+            (dead_reply_key, dead_reply),
+        ]
+        .into_iter()
+        .collect();
+        let mut doomed = garbage::<V4>(&entries, 100);
+        doomed.sort();
+        let mut expected = vec![dead_key, dead_reply_key];
+        expected.sort();
+        assert_eq!(doomed, expected);
+    }
+
+    #[test]
+    fn a_reply_entry_whose_forward_entry_moved_on_is_garbage() {
+        let (key, entry) = forward(1000, 8080, 500);
+        let (reply_key, reply) = reply_of(&key, &entry);
+        // The client's tuple now belongs to a new flow to another backend port.
+        let moved = Ct4Entry {
+            dport_be: 9090,
+            ..entry
+        };
+        let entries: StdHashMap<_, _> = [(key, moved), (reply_key, reply)].into_iter().collect();
+        assert_eq!(garbage::<V4>(&entries, 100), vec![reply_key]);
+    }
+
+    #[test]
+    fn an_orphan_reply_entry_is_garbage() {
+        let (key, entry) = forward(1000, 8080, 500);
+        let (reply_key, reply) = reply_of(&key, &entry);
+        let entries: StdHashMap<_, _> = [(reply_key, reply)].into_iter().collect();
+        assert_eq!(garbage::<V4>(&entries, 100), vec![reply_key]);
+    }
+}
