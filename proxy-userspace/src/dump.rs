@@ -11,15 +11,15 @@ use crate::{
 };
 use proxy_common::service_flags;
 
-/// The service flags by name, in bit order.
+/// The service flags by name: the frontend's kind first, then how it behaves.
 const FLAG_NAMES: [(u16, &str); 7] = [
     (service_flags::CLUSTER_IP, "cluster-ip"),
-    (service_flags::NO_LOCAL_ENDPOINTS, "no-local-endpoints"),
     (service_flags::NODE_PORT, "node-port"),
     (service_flags::EXTERNAL_IP, "external-ip"),
     (service_flags::LOAD_BALANCER, "load-balancer"),
     (service_flags::EXTERNAL_LOCAL, "external-local"),
     (service_flags::SOURCE_RANGES, "source-ranges"),
+    (service_flags::NO_LOCAL_ENDPOINTS, "no-local-endpoints"),
 ];
 
 /// The names of the flags set, unknown bits in hex.
@@ -179,4 +179,67 @@ pub fn render_counters(counters: &[(&str, u64)]) -> String {
     }
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{FrontendKey, Protocol, Scope, parse_cidr_lenient},
+        state::{Master, Op},
+    };
+
+    #[test]
+    fn flags_read_kind_first_and_unknown_bits_in_hex() {
+        let flags = service_flags::NO_LOCAL_ENDPOINTS | service_flags::NODE_PORT | 0x8000;
+        assert_eq!(
+            flag_list(flags),
+            ["node-port", "no-local-endpoints", "0x8000"]
+        );
+        assert_eq!(kind_name(flags), "NodePort");
+        assert_eq!(kind_name(service_flags::CLUSTER_IP), "ClusterIP");
+    }
+
+    #[test]
+    fn source_ranges_show_under_their_frontend_and_leftovers_on_their_own() {
+        let frontend = FrontendKey {
+            ip: "1.2.3.4".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scope: Scope::Local,
+        };
+        let mut programmed = Programmed::default();
+        for op in [
+            Op::UpsertSourceRange {
+                rev_nat_id: 7,
+                range: parse_cidr_lenient("203.0.113.0/25").unwrap(),
+            },
+            Op::UpsertSourceRange {
+                rev_nat_id: 9,
+                range: parse_cidr_lenient("10.0.0.0/8").unwrap(),
+            },
+            Op::UpsertMaster {
+                frontend,
+                master: Master {
+                    count: 0,
+                    rev_nat_id: 7,
+                    flags: service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES,
+                    affinity_timeout_secs: 0,
+                },
+            },
+        ] {
+            programmed.apply(&op);
+        }
+        let text = render(&programmed);
+        assert!(
+            text.starts_with(
+                "frontend 1.2.3.4:80/TCP scope=local flags=load-balancer,source-ranges affinity=0s count=0 rev_nat=r1\n  source-ranges: 203.0.113.0/25\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("source_range r2 (no frontend): 10.0.0.0/8"),
+            "{text}"
+        );
+    }
 }

@@ -5,14 +5,18 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
+        core::v1::{
+            LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort, ServiceSpec,
+            ServiceStatus,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use proptest::prelude::*;
+use proxy_common::service_flags;
 use proxy_userspace::{
-    model::{self, ClusterSnapshot, ModelConfig},
+    model::{self, ClusterSnapshot, ModelConfig, Scope},
     plan::plan,
     sync,
     writer::{self, FakeMaps},
@@ -47,16 +51,106 @@ fn port_name() -> impl Strategy<Value = Option<String>> {
     ]
 }
 
+fn external_ip_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (0u8..3).prop_map(|a| format!("203.0.113.{a}")),
+        (0u8..3).prop_map(|a| format!("203.0.113.00{a}")),
+        (0u8..3).prop_map(|a| format!("2001:db8::{a}")),
+        // Another Service's ClusterIP, or this node's address.
+        (0u8..2).prop_map(|a| format!("10.96.0.{a}")),
+        Just("192.168.0.2".to_owned()),
+        "[a-z0-9.:]{0,8}",
+    ]
+}
+
+fn range_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (0u8..33).prop_map(|p| format!("203.0.113.0/{p}")),
+        (0u8..40).prop_map(|p| format!(" 192.168.000.0/0{p}")),
+        (0u8..130).prop_map(|p| format!("2001:db8::/{p}")),
+        "[a-z0-9./:]{0,10}",
+    ]
+}
+
+fn service_type() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        Just(None),
+        Just(Some("ClusterIP".into())),
+        Just(Some("NodePort".into())),
+        Just(Some("LoadBalancer".into())),
+        Just(Some("ExternalName".into())),
+    ]
+}
+
+fn ingress() -> impl Strategy<Value = LoadBalancerIngress> {
+    (
+        prop::option::of(external_ip_text()),
+        prop::option::of(prop_oneof![
+            Just("VIP".to_owned()),
+            Just("Proxy".to_owned()),
+            "[A-Za-z]{0,4}"
+        ]),
+    )
+        .prop_map(|(ip, ip_mode)| LoadBalancerIngress {
+            ip,
+            ip_mode,
+            ..Default::default()
+        })
+}
+
+/// The parts of a Service that make it reachable from outside.
+#[derive(Clone, Debug)]
+struct Exposure {
+    type_: Option<String>,
+    external_ips: Vec<String>,
+    ingress: Vec<LoadBalancerIngress>,
+    ranges: Option<Vec<String>>,
+    external_local: bool,
+    health_check_node_port: Option<i32>,
+}
+
+fn exposure() -> impl Strategy<Value = Exposure> {
+    (
+        service_type(),
+        prop::collection::vec(external_ip_text(), 0..3),
+        prop::collection::vec(ingress(), 0..3),
+        prop::option::of(prop::collection::vec(range_text(), 0..3)),
+        any::<bool>(),
+        prop::option::of(prop_oneof![Just(32_000i32), Just(32_001), -1i32..70_000]),
+    )
+        .prop_map(
+            |(type_, external_ips, ingress, ranges, external_local, health_check_node_port)| {
+                Exposure {
+                    type_,
+                    external_ips,
+                    ingress,
+                    ranges,
+                    external_local,
+                    health_check_node_port,
+                }
+            },
+        )
+}
+
 fn service() -> impl Strategy<Value = Service> {
-    let ports = prop::collection::vec((port_name(), protocol(), -5i32..70_000), 0..4);
+    let ports = prop::collection::vec(
+        (
+            port_name(),
+            protocol(),
+            -5i32..70_000,
+            prop::option::of(prop_oneof![30_000i32..30_003, -1i32..70_000]),
+        ),
+        0..4,
+    );
     (
         0u8..3,
         prop::collection::vec(ip_text(), 0..3),
         ports,
         any::<bool>(),
         prop::option::of(0i32..5),
+        exposure(),
     )
-        .prop_map(|(name, ips, ports, local, affinity)| Service {
+        .prop_map(|(name, ips, ports, local, affinity, exposure)| Service {
             metadata: ObjectMeta {
                 name: Some(format!("svc{name}")),
                 namespace: Some("p".into()),
@@ -67,13 +161,19 @@ fn service() -> impl Strategy<Value = Service> {
                 cluster_ips: Some(ips),
                 internal_traffic_policy: local.then(|| "Local".into()),
                 session_affinity: affinity.map(|_| "ClientIP".into()),
+                type_: exposure.type_,
+                external_ips: Some(exposure.external_ips),
+                load_balancer_source_ranges: exposure.ranges,
+                external_traffic_policy: exposure.external_local.then(|| "Local".into()),
+                health_check_node_port: exposure.health_check_node_port,
                 ports: Some(
                     ports
                         .into_iter()
-                        .map(|(name, protocol, port)| ServicePort {
+                        .map(|(name, protocol, port, node_port)| ServicePort {
                             name,
                             protocol,
                             port,
+                            node_port,
                             target_port: Some(IntOrString::Int(8080)),
                             ..Default::default()
                         })
@@ -81,7 +181,12 @@ fn service() -> impl Strategy<Value = Service> {
                 ),
                 ..Default::default()
             }),
-            ..Default::default()
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(exposure.ingress),
+                }),
+                ..Default::default()
+            }),
         })
 }
 
@@ -166,7 +271,13 @@ proptest! {
         slices in prop::collection::vec(slice(), 0..6),
         later in prop::collection::vec(slice(), 0..6),
     ) {
-        let config = ModelConfig { node_name: Some("node-a".into()), ..ModelConfig::default() };
+        let node: Vec<std::net::IpAddr> = ["192.168.0.2", "2001:db8::2"].iter().map(|ip| ip.parse().unwrap()).collect();
+        let config = ModelConfig {
+            node_name: Some("node-a".into()),
+            nodeport_addresses: node.clone(),
+            node_addresses: node,
+            ..ModelConfig::default()
+        };
         let mut fake = FakeMaps::default();
         let mut mirror = sync::restore(&fake).unwrap();
         for slices in [slices, later] {
@@ -179,6 +290,18 @@ proptest! {
             for (key, frontend) in &output.desired.frontends {
                 prop_assert!(key.port != 0);
                 prop_assert!(frontend.backends.iter().all(|b| b.ip.is_ipv4() == key.ip.is_ipv4() && b.port != 0 && b.protocol == key.protocol));
+                prop_assert!(frontend.source_ranges.iter().all(|r| r.ip().is_ipv4() == key.ip.is_ipv4()));
+                if frontend.flags & service_flags::SOURCE_RANGES != 0 {
+                    prop_assert!(frontend.flags & service_flags::LOAD_BALANCER != 0);
+                } else {
+                    prop_assert!(frontend.source_ranges.is_empty());
+                }
+                if key.scope == Scope::Local {
+                    // A node-local twin always stands beside its cluster entry, which sends
+                    // outside traffic to it, and belongs to the same Service port.
+                    let cluster = output.desired.frontends.get(&model::FrontendKey { scope: Scope::Cluster, ..*key });
+                    prop_assert!(cluster.is_some_and(|c| c.flags & service_flags::EXTERNAL_LOCAL != 0 && c.service == frontend.service));
+                }
             }
             let ops = plan(&mirror, &output.desired);
             writer::apply(&mut fake, &mut mirror, &ops).unwrap();

@@ -2,28 +2,59 @@
 //!
 //! Each `golden/NAME.yaml` goes through the whole agent pipeline (manifest parsing, model,
 //! plan, writes into in-memory maps, restore from those maps) and the dump must equal
-//! `golden/NAME.dump`. Set `UPDATE_GOLDEN=1` to rewrite the expected files after a deliberate
-//! change, then review the diff.
-use std::{fmt::Write as _, path::Path};
+//! `golden/NAME.dump`, followed by the health checks the model asked for. Set
+//! `UPDATE_GOLDEN=1` to rewrite the expected files after a deliberate change, then review the
+//! diff.
+//!
+//! The harness runs as node `node-a`. A YAML file may give the node's addresses and the
+//! `--nodeport-addresses` flag in header comments (through the agent's own selection code):
+//!
+//! ```yaml
+//! # golden: node-addresses=192.168.0.2,fd00:192::2
+//! # golden: nodeport-addresses=192.168.0.0/24
+//! ```
+use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use proxy_userspace::{
     dump,
     model::{self, ModelConfig},
+    node_addresses::{self, NodePortAddresses},
     plan::plan,
     source::manifest,
     sync,
     writer::{self, FakeMaps},
 };
 
+/// The value of a `# golden: NAME=VALUE` header line.
+fn header<'a>(yaml: &'a str, name: &str) -> Option<&'a str> {
+    yaml.lines()
+        .filter_map(|line| line.strip_prefix("# golden: "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn config(yaml: &str, snapshot: &model::ClusterSnapshot) -> ModelConfig {
+    let node_addresses: Vec<IpAddr> = header(yaml, "node-addresses")
+        .map(|list| {
+            list.split(',')
+                .map(|ip| ip.trim().parse().expect("node address"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let nodeport = header(yaml, "nodeport-addresses").map_or(NodePortAddresses::All, |flag| {
+        node_addresses::parse_nodeport_addresses(flag).expect("--nodeport-addresses")
+    });
+    let primary = node_addresses::primary_addresses(snapshot, Some("node-a"));
+    ModelConfig {
+        node_name: Some("node-a".into()),
+        nodeport_addresses: nodeport.select(&node_addresses, &primary),
+        node_addresses,
+        ..ModelConfig::default()
+    }
+}
+
 fn render(yaml: &str) -> String {
     let parsed = manifest::parse(yaml);
-    let output = model::build(
-        &parsed.snapshot,
-        &ModelConfig {
-            node_name: Some("node-a".into()),
-            ..ModelConfig::default()
-        },
-    );
+    let output = model::build(&parsed.snapshot, &config(yaml, &parsed.snapshot));
     let mut fake = FakeMaps::default();
     let mut mirror = sync::restore(&fake).expect("empty fake maps");
     let ops = plan(&mirror, &output.desired);
@@ -34,6 +65,13 @@ fn render(yaml: &str) -> String {
         "the maps read back equal what the agent believes it wrote"
     );
     let mut text = dump::render(&restored);
+    for (port, check) in &output.desired.health_checks {
+        let _ = writeln!(
+            text,
+            "health_check {port}: {}/{} local_endpoints={}",
+            check.namespace, check.name, check.local_endpoints
+        );
+    }
     for skipped in &parsed.skipped {
         let _ = writeln!(text, "skipped {skipped}");
     }
@@ -87,6 +125,26 @@ fn services_the_dataplane_ignores_or_refuses() {
 #[test]
 fn bad_documents_and_bad_fields_are_reported_and_skipped() {
     check("bad-input");
+}
+
+#[test]
+fn nodeports_on_the_selected_node_addresses_of_both_families() {
+    check("nodeport");
+}
+
+#[test]
+fn external_ips() {
+    check("external-ips");
+}
+
+#[test]
+fn load_balancer_ips_local_traffic_policy_and_health_checks() {
+    check("load-balancer");
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    check("source-ranges");
 }
 
 #[test]
