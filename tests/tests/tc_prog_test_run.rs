@@ -489,6 +489,12 @@ fn reply(
         "{what}: reverse-translated (source, destination)"
     );
     assert_same_content(&sent, &got, what);
+    // Replies are forwarded too.
+    assert_eq!(
+        got.ttl,
+        sent.ttl - 1,
+        "{what}: TTL/hop limit not decremented"
+    );
     let macs = macs_to(client.ip()).expect("a neighbour");
     assert_eq!((got.src_mac, got.dst_mac), macs, "{what}: MACs (src, dst)");
     fx.counters()
@@ -937,15 +943,17 @@ fn nodeport_udp_with_default_config() {
 /// (name, flags, seq, ack, payload, expected seq, expected ack)
 type RstCase = (&'static str, u8, u32, u32, &'static [u8], u32, u32);
 
-/// A TCP frontend without endpoints answers with a RST|ACK from the frontend.
+/// A TCP frontend without endpoints answers with a RST from the frontend (RFC 9293 §3.10.7.1,
+/// as Linux does): a segment with ACK gets a bare RST whose sequence number is that ACK; any
+/// other gets RST|ACK with sequence 0 acknowledging the segment.
 #[test]
 fn no_endpoints_tcp_is_reset() {
     require_root!();
     let cases: [RstCase; 5] = [
         ("SYN", SYN, 7000, 0, b"", 0, 7001),
         ("SYN with data", SYN, 7000, 0, b"abcd", 0, 7005),
-        ("ACK with data", ACK | PSH, 100, 555, b"hello", 555, 105),
-        ("bare ACK", ACK, 4_000_000_000, 9, b"", 9, 4_000_000_000),
+        ("ACK with data", ACK | PSH, 100, 555, b"hello", 555, 0),
+        ("bare ACK", ACK, 4_000_000_000, 9, b"", 9, 0),
         ("SYN at the sequence wrap", SYN, u32::MAX, 0, b"", 0, 0),
     ];
     for family in Family::ALL {
@@ -981,7 +989,8 @@ fn no_endpoints_tcp_is_reset() {
                 (fe, client),
                 "{what}: RST (source, destination)"
             );
-            assert_eq!(tcp.flags, RST | ACK, "{what}: flags {:#04x}", tcp.flags);
+            let want_flags = if flags & ACK != 0 { RST } else { RST | ACK };
+            assert_eq!(tcp.flags, want_flags, "{what}: flags {:#04x}", tcp.flags);
             assert_eq!(
                 (tcp.seq, tcp.ack),
                 (want_seq, want_ack),
@@ -1810,10 +1819,12 @@ fn snat_ports_are_unique_per_backend() {
         );
         assert!(fx.ct(&Tuple::new(c, fe, TCP)).unwrap().is_none());
 
+        // Flow A ends; its port comes back once its entries are gone (the agent's conntrack GC
+        // removes expired flows with their reply entries).
         let flow_a = Tuple::new(a, fe, TCP);
-        let mut entry = forward_entry(&fx, flow_a);
-        entry.expires_ns = monotonic_ns() - SEC;
-        fx.ct_put(&flow_a, &entry).unwrap();
+        let entry = forward_entry(&fx, flow_a);
+        fx.ct_delete(&flow_a).unwrap();
+        fx.ct_delete(&Tuple::new(entry.dst, entry.src, TCP)).unwrap();
         let (_, to_c) = new_flow(
             &fx,
             Packet::tcp(c, fe, SYN, 1, 0),
@@ -1837,78 +1848,55 @@ fn snat_ports_are_unique_per_backend() {
     }
 }
 
-/// FIB outcomes: an unresolved neighbour is left to bpf_redirect_neigh (MACs untouched); no
-/// route drops the packet.
+/// A backend whose neighbour the FIB does not know is left to bpf_redirect_neigh: the packet
+/// is translated and redirected with its MACs untouched.
 #[test]
-fn fib_lookup_outcomes() {
+fn fib_unresolved_neighbour_uses_redirect_neigh() {
     require_root!();
     for family in Family::ALL {
-        let what = |step: &str| format!("{family:?} FIB: {step}");
         let mut fx = fixture();
         fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
-        let unresolved_fe = sa(family.node(), 30084);
+        let fe = sa(family.node(), 30084);
         let unresolved = backends(family, &[net::UNRESOLVED_HOST], 8080, 1401);
-        fx.add_frontend(&frontend(
-            unresolved_fe,
-            TCP,
-            scope::EXTERNAL,
-            150,
-            service_flags::NODE_PORT,
-            &unresolved,
-        ))
-        .unwrap();
+        let np = service_flags::NODE_PORT;
+        fx.add_frontend(&frontend(fe, TCP, scope::EXTERNAL, 150, np, &unresolved))
+            .unwrap();
         let expect = NewFlow {
             backends: &unresolved,
             snat: Some(SNAT_PORTS),
             rev_nat_id: 150,
             counters: NEW_FLOW,
         };
-        let syn = Packet::tcp(sa(family.client(), 40500), unresolved_fe, SYN, 1, 0);
-        new_flow(
-            &fx,
-            syn,
-            &expect,
-            &what("backend without a neighbour entry"),
-        );
+        let syn = Packet::tcp(sa(family.client(), 40500), fe, SYN, 1, 0);
+        let what = format!("{family:?} backend without a neighbour entry");
+        new_flow(&fx, syn, &expect, &what);
+    }
+}
 
+/// No route to the backend: the new flow is dropped (TC_FIB_FAILED), masqueraded or not.
+#[test]
+fn fib_no_route_drops() {
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} no route to the backend: {step}");
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
         let unrouted = [Backend {
             id: 1402,
             addr: sa(family.unrouted(), 8080),
         }];
-        let unrouted_fe = sa(family.node(), 30085);
-        fx.add_frontend(&frontend(
-            unrouted_fe,
-            TCP,
-            scope::EXTERNAL,
-            151,
-            service_flags::NODE_PORT,
-            &unrouted,
-        ))
-        .unwrap();
-        let syn = Packet::tcp(sa(family.client(), 40501), unrouted_fe, SYN, 1, 0);
-        drop_with(
-            &fx,
-            syn,
-            reason::TC_FIB_FAILED,
-            &what("masqueraded, no route to the backend"),
-        );
+        let fe = sa(family.node(), 30085);
+        let np = service_flags::NODE_PORT;
+        fx.add_frontend(&frontend(fe, TCP, scope::EXTERNAL, 151, np, &unrouted))
+            .unwrap();
+        let syn = Packet::tcp(sa(family.client(), 40501), fe, SYN, 1, 0);
+        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what("masqueraded"));
 
         let vip = sa(family.cluster_ip(), 80);
-        fx.add_frontend(&frontend(
-            vip,
-            TCP,
-            scope::EXTERNAL,
-            152,
-            service_flags::CLUSTER_IP,
-            &unrouted,
-        ))
-        .unwrap();
+        let cip = service_flags::CLUSTER_IP;
+        fx.add_frontend(&frontend(vip, TCP, scope::EXTERNAL, 152, cip, &unrouted))
+            .unwrap();
         let syn = Packet::tcp(sa(family.pod(), 40502), vip, SYN, 1, 0);
-        drop_with(
-            &fx,
-            syn,
-            reason::TC_FIB_FAILED,
-            &what("unmasqueraded, no route to the backend"),
-        );
+        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what("unmasqueraded"));
     }
 }
