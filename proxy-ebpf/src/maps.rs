@@ -55,3 +55,9 @@ pub static SRC_RANGE6_V1: LpmTrie<SourceRange6, u32> =
 /// The agent's settings for the TC path (one entry).
 #[map]
 pub static CONFIG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+/// Per-CPU scratch space for bpf_fib_lookup's parameters: the stack of the TC stages is too
+/// small to hold them next to an IPv6 flow's state. Not pinned (it holds nothing between
+/// packets).
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);

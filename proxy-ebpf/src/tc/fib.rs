@@ -14,11 +14,23 @@ use aya_ebpf::{
 use proxy_common::reason;
 
 use super::inet::Inet;
-use crate::metrics;
+use crate::{maps::FIB_SCRATCH, metrics};
+
+/// How a translated packet leaves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Redirected to the egress interface with the neighbour's MAC written here.
+    Direct,
+    /// Redirected through the kernel's neighbour resolution.
+    ResolveNeighbour,
+    /// Handed to the stack: the destination is this node (a host-network endpoint), or the
+    /// stack must decide (and drop) it.
+    Stack,
+}
 
 /// Where a translated packet goes next.
 pub struct Route<A> {
-    neighbour_known: bool,
+    exit: Exit,
     ifindex: u32,
     smac: [u8; 6],
     dmac: [u8; 6],
@@ -43,44 +55,57 @@ pub fn lookup<I: Inet>(
     dst: &I::Addr,
     want_src: bool,
 ) -> Result<Route<I::Addr>, i32> {
+    let Some(params) = FIB_SCRATCH.get_ptr_mut(0) else {
+        metrics::count(reason::TC_FIB_FAILED);
+        return Err(TC_ACT_SHOT as i32);
+    };
+    // SAFETY: the pointer comes from a successful per-CPU array lookup; only this CPU uses it
+    // and no BPF program is preempted, so nothing else touches it until we return.
+    let params = unsafe { &mut *params };
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *params = unsafe { core::mem::zeroed() };
     params.family = I::AF;
     params.ifindex = ingress_ifindex(ctx);
-    I::fib_params(&mut params, src, dst);
+    I::fib_params(params, src, dst);
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
-    // SAFETY: `params` is a live stack struct of the size passed; ctx is this program's.
+    // SAFETY: `params` is a map value of the size passed; ctx is this program's.
     let result = unsafe {
         fib_lookup_helper(
             ctx.as_ptr(),
-            &raw mut params,
+            core::ptr::from_mut(params),
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             flags,
         )
     };
-    match result as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if result >= 0 => Ok(Route {
-            neighbour_known: result as u32 == BPF_FIB_LKUP_RET_SUCCESS,
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-            src: I::fib_src(&params),
-            nexthop: I::fib_dst(&params),
-        }),
-        // The destination is this node itself (e.g. a host-network endpoint): the stack
-        // delivers it.
-        BPF_FIB_LKUP_RET_NOT_FWDED if result >= 0 => Err(TC_ACT_OK as i32),
+    let exit = match result as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS if result >= 0 => Exit::Direct,
+        BPF_FIB_LKUP_RET_NO_NEIGH if result >= 0 => Exit::ResolveNeighbour,
+        // Not forwarded (the destination is local, or there is no route): the stack delivers
+        // or drops it. Not for masqueraded flows: their source would be missing, and a local
+        // source arriving from outside is a martian to the stack anyway.
+        BPF_FIB_LKUP_RET_NOT_FWDED if result >= 0 && !want_src => Exit::Stack,
         _ => {
             metrics::count(reason::TC_FIB_FAILED);
-            Err(TC_ACT_SHOT as i32)
+            return Err(TC_ACT_SHOT as i32);
         }
-    }
+    };
+    Ok(Route {
+        exit,
+        ifindex: params.ifindex,
+        smac: params.smac,
+        dmac: params.dmac,
+        src: I::fib_src(params),
+        nexthop: I::fib_dst(params),
+    })
 }
 
 /// Sends the (already rewritten) packet out of the route's interface.
 #[inline(always)]
 pub fn redirect<I: Inet>(ctx: &TcContext, route: &Route<I::Addr>) -> i32 {
-    if route.neighbour_known {
+    if route.exit == Exit::Stack {
+        return TC_ACT_OK as i32;
+    }
+    if route.exit == Exit::Direct {
         if ctx.store(0, &route.dmac, 0).is_err() || ctx.store(6, &route.smac, 0).is_err() {
             metrics::count(reason::TC_REWRITE_FAILED);
             return TC_ACT_SHOT as i32;

@@ -376,7 +376,8 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
 }
 
 /// Picks a masquerade port whose reply tuple (backend → node address:port) is free and
-/// claims it by storing the reply entry (BPF_NOEXIST, so two CPUs never share a port).
+/// claims it by storing the reply entry (BPF_NOEXIST, so two CPUs never share a port). Ports
+/// of ended flows come back when the agent's conntrack GC removes their reply entries.
 #[inline(always)]
 fn reserve_snat_port<I: Inet>(
     to: &mut Tuple<I::Addr>,
@@ -389,7 +390,8 @@ fn reserve_snat_port<I: Inet>(
         let random = unsafe { bpf_get_prandom_u32() };
         let port = (config.snat_port_min + (random % span) as u16).to_be();
         to.sport = port;
-        if I::ct_put(&to.reversed(), reply, u64::from(BPF_NOEXIST)).is_ok() {
+        let reply_key = to.reversed();
+        if I::ct_put(&reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(port);
         }
     }
