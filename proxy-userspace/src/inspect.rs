@@ -370,3 +370,96 @@ pub fn render_json(target: &str, inspection: &Inspection) -> String {
     };
     serde_json::to_string_pretty(&value).expect("JSON values serialize")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{FrontendKey, Protocol, Scope, parse_cidr_lenient},
+        state::{Master, Op},
+    };
+
+    fn inspection(ops: &[Op]) -> Inspection {
+        let mut programmed = Programmed::default();
+        for op in ops {
+            programmed.apply(op);
+        }
+        Inspection {
+            programmed,
+            image: MapImage::default(),
+            counters: Vec::new(),
+            sockets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn services_show_the_scope_kind_outcome_and_source_ranges_of_external_frontends() {
+        let cluster = FrontendKey {
+            ip: "1.2.3.4".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scope: Scope::Cluster,
+        };
+        let local = FrontendKey {
+            scope: Scope::Local,
+            ..cluster
+        };
+        let master = |flags| Master {
+            count: 0,
+            rev_nat_id: 1,
+            flags,
+            affinity_timeout_secs: 0,
+        };
+        let lb = service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES;
+        let inspection = inspection(&[
+            Op::UpsertName {
+                id: 1,
+                name: "p/lb:http".into(),
+            },
+            Op::UpsertSourceRange {
+                rev_nat_id: 1,
+                range: parse_cidr_lenient("203.0.113.0/25").unwrap(),
+            },
+            Op::UpsertMaster {
+                frontend: cluster,
+                master: master(lb | service_flags::EXTERNAL_LOCAL),
+            },
+            Op::UpsertMaster {
+                frontend: local,
+                master: master(lb | service_flags::NO_LOCAL_ENDPOINTS),
+            },
+        ]);
+        let items = services(&inspection);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0]["scope"], "cluster");
+        assert_eq!(items[0]["type"], "LoadBalancer");
+        assert_eq!(items[0]["outcome_when_empty"], "reject");
+        assert_eq!(items[1]["scope"], "local");
+        assert_eq!(items[1]["service"], "p/lb:http");
+        assert_eq!(items[1]["outcome_when_empty"], "drop");
+        assert_eq!(items[1]["source_ranges"], json!(["203.0.113.0/25"]));
+        let table = render_table("services", &inspection);
+        assert!(
+            table.lines().any(|line| line.starts_with("1.2.3.4:80/TCP")
+                && line.contains("local")
+                && line.contains("LoadBalancer")),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_clusterip_keeps_its_socket_outcomes() {
+        assert_eq!(
+            outcome_when_empty(0, service_flags::CLUSTER_IP),
+            "reject (ECONNREFUSED)"
+        );
+        assert_eq!(
+            outcome_when_empty(
+                0,
+                service_flags::CLUSTER_IP | service_flags::NO_LOCAL_ENDPOINTS
+            ),
+            "drop (EHOSTUNREACH)"
+        );
+        assert_eq!(outcome_when_empty(2, service_flags::NODE_PORT), "balanced");
+    }
+}

@@ -53,7 +53,7 @@ pub struct SyncOutcome {
     pub operations: usize,
     /// Problems reported that the previous sync had not reported.
     pub new_problems: usize,
-    /// Services whose traffic policy leaves no endpoint on this node.
+    /// Services whose internal traffic policy leaves no endpoint on this node.
     pub no_local_endpoints: usize,
     /// The desired healthCheckNodePort listeners, by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -89,7 +89,12 @@ pub fn sync_once(
         .desired
         .frontends
         .values()
-        .filter(|frontend| frontend.flags & service_flags::NO_LOCAL_ENDPOINTS != 0)
+        // ClusterIPs only: the metric is kube-proxy's traffic_policy="internal" one, and the
+        // node-local entries of externalTrafficPolicy Local frontends carry the flag too.
+        .filter(|frontend| {
+            frontend.flags & service_flags::NO_LOCAL_ENDPOINTS != 0
+                && frontend.flags & service_flags::CLUSTER_IP != 0
+        })
         .map(|frontend| (&frontend.service.namespace, &frontend.service.name))
         .collect::<BTreeSet<_>>()
         .len();
