@@ -122,6 +122,23 @@ pub mod net {
     }
 }
 
+/// How much of a verifier rejection to show.
+const VERIFIER_LOG_LINES: usize = 30;
+
+/// The first line of `text` and its last `count` lines.
+fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= count + 1 {
+        return text.to_owned();
+    }
+    let skipped = lines.len() - count - 1;
+    format!(
+        "{}\n[... {skipped} lines of the verifier log ...]\n{}",
+        lines[0],
+        lines[lines.len() - count..].join("\n")
+    )
+}
+
 /// Where the eBPF object is: `$SWITCHYARD_EBPF_OBJECT`, else the workspace's build output.
 pub fn object_path() -> PathBuf {
     std::env::var_os(OBJECT_ENV).map_or_else(
@@ -428,9 +445,13 @@ impl TcFixture {
             })?
             .try_into()
             .with_context(|| format!("{PROGRAM} is not a TC classifier"))?;
-        program
-            .load()
-            .with_context(|| format!("loading {PROGRAM} into the kernel"))?;
+        // The verifier's log runs to thousands of lines; its end says what it rejected.
+        program.load().map_err(|e| {
+            anyhow!(
+                "loading {PROGRAM} into the kernel: {}",
+                last_lines(&e.to_string(), VERIFIER_LOG_LINES)
+            )
+        })?;
         Ok(Self {
             ebpf,
             client_ifindex,
@@ -988,4 +1009,36 @@ fn build_namespace(ns: &NetnsGuard) -> Result<()> {
         IP_TIMEOUT,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_verifier_logs_keep_their_first_and_last_lines() {
+        assert_eq!(last_lines("a\nb\nc", 2), "a\nb\nc");
+        let log: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        assert_eq!(
+            last_lines(&log.join("\n"), 3),
+            "0\n[... 6 lines of the verifier log ...]\n7\n8\n9"
+        );
+    }
+
+    #[test]
+    fn map_encodings_round_trip() {
+        let v4 = Ipv4Addr::new(10, 240, 1, 2);
+        assert_eq!(v4_word(v4).to_ne_bytes(), [10, 240, 1, 2]);
+        assert_eq!(v4_from_word(v4_word(v4)), v4);
+        let v6 = net::backend_v6(2);
+        assert_eq!(v6_from_words(v6_words(v6)), v6);
+        let tuple = Tuple::new(
+            SocketAddr::new(v4.into(), 40000),
+            SocketAddr::new(net::NODE_V4.into(), 30080),
+            6,
+        );
+        let key = ct4_key(&tuple);
+        assert_eq!(key.sport_be, 40000_u16.to_be());
+        assert_eq!(tuple4(&key), tuple);
+    }
 }
