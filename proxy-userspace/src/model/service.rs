@@ -154,7 +154,9 @@ fn usable_ports(
     usable
 }
 
-/// The service's cluster IPs, or `None` when the Service is not a ClusterIP frontend at all.
+/// The service's cluster IPs, or `None` when the Service gets no frontend at all: headless,
+/// ExternalName and ClusterIP-less Services are skipped whole by kube-proxy
+/// (`ShouldSkipService`), NodePorts and external addresses included.
 fn cluster_ips(
     service: &Service,
     ns: &str,
