@@ -1824,7 +1824,8 @@ fn snat_ports_are_unique_per_backend() {
         let flow_a = Tuple::new(a, fe, TCP);
         let entry = forward_entry(&fx, flow_a);
         fx.ct_delete(&flow_a).unwrap();
-        fx.ct_delete(&Tuple::new(entry.dst, entry.src, TCP)).unwrap();
+        fx.ct_delete(&Tuple::new(entry.dst, entry.src, TCP))
+            .unwrap();
         let (_, to_c) = new_flow(
             &fx,
             Packet::tcp(c, fe, SYN, 1, 0),
@@ -1873,30 +1874,47 @@ fn fib_unresolved_neighbour_uses_redirect_neigh() {
     }
 }
 
-/// No route to the backend: the new flow is dropped (TC_FIB_FAILED), masqueraded or not.
+/// A frontend whose only backend no route reaches.
+fn unrouted_backend(family: Family) -> [Backend; 1] {
+    [Backend {
+        id: 1402,
+        addr: sa(family.unrouted(), 8080),
+    }]
+}
+
+/// No route to the backend of a masqueraded flow: the packet is dropped (TC_FIB_FAILED).
 #[test]
-fn fib_no_route_drops() {
+fn fib_no_route_drops_masqueraded_flows() {
     require_root!();
     for family in Family::ALL {
-        let what = |step: &str| format!("{family:?} no route to the backend: {step}");
         let mut fx = fixture();
         fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
-        let unrouted = [Backend {
-            id: 1402,
-            addr: sa(family.unrouted(), 8080),
-        }];
         let fe = sa(family.node(), 30085);
         let np = service_flags::NODE_PORT;
+        let unrouted = unrouted_backend(family);
         fx.add_frontend(&frontend(fe, TCP, scope::EXTERNAL, 151, np, &unrouted))
             .unwrap();
         let syn = Packet::tcp(sa(family.client(), 40501), fe, SYN, 1, 0);
-        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what("masqueraded"));
+        let what = format!("{family:?} no route to the backend, masqueraded");
+        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what);
+        assert_no_ct(&fx, family, &what);
+    }
+}
 
+/// No route to the backend of an unmasqueraded flow: dropped (TC_FIB_FAILED) as well.
+#[test]
+fn fib_no_route_drops_unmasqueraded_flows() {
+    require_root!();
+    for family in Family::ALL {
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
         let vip = sa(family.cluster_ip(), 80);
         let cip = service_flags::CLUSTER_IP;
+        let unrouted = unrouted_backend(family);
         fx.add_frontend(&frontend(vip, TCP, scope::EXTERNAL, 152, cip, &unrouted))
             .unwrap();
         let syn = Packet::tcp(sa(family.pod(), 40502), vip, SYN, 1, 0);
-        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what("unmasqueraded"));
+        let what = format!("{family:?} no route to the backend, unmasqueraded");
+        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what);
     }
 }
