@@ -144,7 +144,7 @@ pub fn attach(
             }
             Err(error) if explicit => return Err(error),
             Err(error) => {
-                warn!(%interface, "north-south traffic on this interface is not load-balanced: {error}")
+                warn!(%interface, "north-south traffic on this interface is not load-balanced: {error}");
             }
         }
     }
@@ -175,7 +175,9 @@ fn attach_one(
         .map_err(|error: aya::programs::links::LinkError| {
             action_error("converting its link")(error.to_string())
         })?;
-    let path = pins.link(&format!("{TC_INGRESS_PROGRAM}.{interface}"), generation);
+    // bpffs refuses names with dots (and interface names may have them, e.g. VLANs).
+    let pin_name = format!("{TC_INGRESS_PROGRAM}-{}", interface.replace('.', "_"));
+    let path = pins.link(&pin_name, generation);
     link.pin(&path)
         .map_err(|error| action_error("pinning its link")(error.to_string()))
 }
