@@ -1901,9 +1901,11 @@ fn fib_no_route_drops_masqueraded_flows() {
     }
 }
 
-/// No route to the backend of an unmasqueraded flow: dropped (TC_FIB_FAILED) as well.
+/// The FIB does not forward the translated packet of an unmasqueraded flow (no route, or the
+/// destination is this node: a host-network endpoint): it is translated and handed to the stack
+/// (TC_ACT_OK), which delivers or drops it; its source is the client's, never a martian.
 #[test]
-fn fib_no_route_drops_unmasqueraded_flows() {
+fn fib_not_forwarded_unmasqueraded_flows_go_to_the_stack_translated() {
     require_root!();
     for family in Family::ALL {
         let mut fx = fixture();
@@ -1913,8 +1915,19 @@ fn fib_no_route_drops_unmasqueraded_flows() {
         let unrouted = unrouted_backend(family);
         fx.add_frontend(&frontend(vip, TCP, scope::EXTERNAL, 152, cip, &unrouted))
             .unwrap();
-        let syn = Packet::tcp(sa(family.pod(), 40502), vip, SYN, 1, 0);
+        let client = sa(family.pod(), 40502);
+        let syn = Packet::tcp(client, vip, SYN, 1, 0);
         let what = format!("{family:?} no route to the backend, unmasqueraded");
-        drop_with(&fx, syn, reason::TC_FIB_FAILED, &what);
+        let (_, _, out) = inject(&fx, syn);
+        assert_eq!(out.code, 0, "{what}: return code");
+        if let Err(e) = verify_checksums(&out.data) {
+            panic!("{what}: {e:#}");
+        }
+        let got = out.packet();
+        assert_eq!(
+            (got.src_socket(), got.dst_socket()),
+            (client, unrouted[0].addr),
+            "{what}: translated (source kept)"
+        );
     }
 }
