@@ -766,13 +766,16 @@ impl ServiceType {
 }
 
 /// A Service with a TCP and a UDP port (same port, same nodePort) targeting
-/// [`BACKEND_PORT`], its external frontends and one EndpointSlice per address family.
+/// [`BACKEND_PORT`] (or [`ExternalService::backend_port`]), its external frontends and one
+/// EndpointSlice per address family.
 #[derive(Debug, Clone)]
 pub struct ExternalService {
     pub name: String,
     pub kind: ServiceType,
     pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
+    /// The endpoints' port (targetPort and the EndpointSlice ports).
+    pub backend_port: u16,
     pub node_port: Option<u16>,
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`.
@@ -795,6 +798,7 @@ impl ExternalService {
             kind,
             cluster_ips: cluster_ips.to_vec(),
             port,
+            backend_port: BACKEND_PORT,
             node_port: None,
             external_ips: Vec::new(),
             ingress_ips: Vec::new(),
@@ -803,6 +807,13 @@ impl ExternalService {
             health_check_node_port: None,
             endpoints: Vec::new(),
         }
+    }
+
+    /// Endpoints listening on `port` instead of [`BACKEND_PORT`] (e.g. one nothing serves).
+    #[must_use]
+    pub fn backend_port(mut self, port: u16) -> Self {
+        self.backend_port = port;
+        self
     }
 
     #[must_use]
@@ -893,7 +904,7 @@ impl ExternalService {
                 "name": name,
                 "protocol": protocol,
                 "port": self.port,
-                "targetPort": BACKEND_PORT,
+                "targetPort": self.backend_port,
             });
             if let Some(node_port) = self.node_port {
                 port["nodePort"] = json!(node_port);
@@ -967,8 +978,8 @@ impl ExternalService {
             },
             "addressType": family,
             "ports": [
-                {"name": "tcp", "protocol": "TCP", "port": BACKEND_PORT},
-                {"name": "udp", "protocol": "UDP", "port": BACKEND_PORT},
+                {"name": "tcp", "protocol": "TCP", "port": self.backend_port},
+                {"name": "udp", "protocol": "UDP", "port": self.backend_port},
             ],
             "endpoints": endpoints,
         })

@@ -1,0 +1,854 @@
+//! End-to-end tests of the north-south (TC) datapath with real packets: a client outside the
+//! cluster (its own namespace, not in the hooked cgroup) reaches NodePorts, externalIPs and
+//! LoadBalancer IPs of the node running the agent, whose backends are a local pod and a pod
+//! behind a second node. See `switchyard_tests::north_south` for the topology; no namespace
+//! has a route off the machine.
+//!
+//! Every wait is bounded; the slowest checks are the DROP ones, which need a client timeout.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use switchyard_tests::north_south::{
+    BACKEND_PORT, CLIENT4, CLIENT6, ExternalService, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6,
+    NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_POD4,
+    REMOTE_POD6, ServiceType, manifests,
+};
+use switchyard_tests::report::{Attempt, backend_counts};
+use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::{require_root, testkit};
+
+const ETIMEDOUT: i32 = libc::ETIMEDOUT;
+const ECONNREFUSED: i32 = libc::ECONNREFUSED;
+const EHOSTUNREACH: i32 = libc::EHOSTUNREACH;
+const ENETUNREACH: i32 = libc::ENETUNREACH;
+/// The agent's default `--snat-port-range`.
+const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61_000..=65_535;
+/// Client timeout for checks that expect a DROP (the client must wait this long).
+const DROP_TIMEOUT: Duration = Duration::from_secs(1);
+/// A REJECT (RST or ICMP) arrives in well under this.
+const IMMEDIATE_MS: u64 = 500;
+const SERVICE_PORT: u16 = 80;
+/// A port nothing listens on in the backends.
+const CLOSED_PORT: u16 = 8081;
+/// Exchanges per protocol and frontend where both backends must answer: with a random
+/// choice between two, one backend is missed with probability 2^-19.
+const BALANCE_COUNT: u32 = 20;
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("valid IP literal")
+}
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// eTP Cluster: LoadBalancer with NodePort 30080, externalIP .20 and LB IP .10, both backends.
+fn web() -> ExternalService {
+    ExternalService::new(
+        "web",
+        ServiceType::LoadBalancer,
+        &[ip("10.96.50.10")],
+        SERVICE_PORT,
+    )
+    .node_port(30080)
+    .external_ip(ip("198.51.100.20"))
+    .ingress_ip(ip("198.51.100.10"))
+    .local_endpoints()
+    .remote_endpoints()
+}
+
+/// eTP Local: NodePort 30081, externalIP .21, LB IP .11, both backends (one local).
+fn web_local() -> ExternalService {
+    ExternalService::new(
+        "web-local",
+        ServiceType::LoadBalancer,
+        &[ip("10.96.50.11")],
+        SERVICE_PORT,
+    )
+    .node_port(30081)
+    .external_ip(ip("198.51.100.21"))
+    .ingress_ip(ip("198.51.100.11"))
+    .local(32081)
+    .local_endpoints()
+    .remote_endpoints()
+}
+
+/// Dual-stack eTP Cluster: NodePort 30082, externalIPs .22 / ::22, LB IPs .12 / ::12.
+fn web_dual() -> ExternalService {
+    ExternalService::new(
+        "web-dual",
+        ServiceType::LoadBalancer,
+        &[ip("10.96.50.12"), ip("fd00:96::50:12")],
+        SERVICE_PORT,
+    )
+    .node_port(30082)
+    .external_ip(ip("198.51.100.22"))
+    .external_ip(ip("2001:db8:5e::22"))
+    .ingress_ip(ip("198.51.100.12"))
+    .ingress_ip(ip("2001:db8:5e::12"))
+    .local_endpoints()
+    .remote_endpoints()
+}
+
+/// (label, address) of each external frontend of `service` in one family, as the outside
+/// client reaches them: NodePort on the node's client-facing address, externalIPs, LB IPs.
+fn frontends(service: &ExternalService, v6: bool) -> Vec<(String, SocketAddr)> {
+    let mut all = Vec::new();
+    if let Some(node_port) = service.node_port {
+        let node = if v6 {
+            IpAddr::from(NODE_EXT6)
+        } else {
+            IpAddr::from(NODE_EXT4)
+        };
+        all.push((format!("{} NodePort", service.name), sa(node, node_port)));
+    }
+    for external in service.external_ips.iter().filter(|a| a.is_ipv6() == v6) {
+        all.push((
+            format!("{} externalIP", service.name),
+            sa(*external, service.port),
+        ));
+    }
+    for ingress in service.ingress_ips.iter().filter(|a| a.is_ipv6() == v6) {
+        all.push((
+            format!("{} LB IP", service.name),
+            sa(*ingress, service.port),
+        ));
+    }
+    all
+}
+
+fn request(proto: ClientProto, target: SocketAddr, count: u32) -> ClientRequest {
+    ClientRequest::new(proto, target)
+        .count(count)
+        .timeout(Duration::from_millis(1500))
+        .ask_peer()
+}
+
+/// Runs every request from the outside client at the same time; results in request order.
+fn outside_all(ns: &NorthSouth, requests: &[ClientRequest]) -> Vec<Vec<Attempt>> {
+    let running: Vec<RunningClient> = requests.iter().map(|r| ns.spawn_outside(r)).collect();
+    running
+        .into_iter()
+        .zip(requests)
+        .map(|(client, request)| {
+            client
+                .finish()
+                .unwrap_or_else(|e| panic!("outside client {request:?}: {e:#}"))
+        })
+        .collect()
+}
+
+fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
+    backend_counts(attempts).into_keys().collect()
+}
+
+fn both_backends() -> BTreeSet<String> {
+    BTreeSet::from([LOCAL_BACKEND.to_owned(), REMOTE_BACKEND.to_owned()])
+}
+
+fn only_local() -> BTreeSet<String> {
+    BTreeSet::from([LOCAL_BACKEND.to_owned()])
+}
+
+fn assert_all_ok(attempts: &[Attempt], what: &str) {
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(
+        failed.is_empty() && !attempts.is_empty(),
+        "{what}: {} of {} attempts failed, e.g. {:?}",
+        failed.len(),
+        attempts.len(),
+        failed.first()
+    );
+}
+
+/// What the client sees must be the frontend it used: getpeername for connected sockets, and
+/// the reply's source address for every UDP exchange (the reverse translation).
+fn assert_answers_come_from(attempts: &[Attempt], target: SocketAddr, what: &str) {
+    for attempt in attempts {
+        assert_eq!(attempt.peer, Some(target), "{what}: peer of {attempt:?}");
+        if let Some(source) = attempt.source {
+            assert_eq!(source, target, "{what}: reply source of {attempt:?}");
+        }
+    }
+}
+
+/// eTP Cluster over every protocol to each frontend: every exchange works, both backends
+/// answer, answers come from the frontend, and each backend saw a node address with a source
+/// port from `snat_ports`.
+fn check_masqueraded_balance(
+    ns: &NorthSouth,
+    targets: &[(String, SocketAddr)],
+    count: u32,
+    snat_ports: &RangeInclusive<u16>,
+) {
+    let mut requests = Vec::new();
+    let mut labels = Vec::new();
+    for (label, target) in targets {
+        for proto in ClientProto::ALL {
+            requests.push(request(proto, *target, count));
+            labels.push((format!("{proto:?} to {label} {target}"), *target));
+        }
+    }
+    let node_addresses = ns.node_addresses();
+    for (attempts, (what, target)) in outside_all(ns, &requests).iter().zip(&labels) {
+        assert_all_ok(attempts, what);
+        assert_answers_come_from(attempts, *target, what);
+        assert_eq!(reached(attempts), both_backends(), "{what}: {attempts:?}");
+        for attempt in attempts {
+            let seen = attempt.seen_as.expect("the backend reports what it saw");
+            assert!(
+                node_addresses.contains(&seen.ip()),
+                "{what}: eTP Cluster must masquerade to a node address, the backend saw {seen} \
+                 ({attempt:?})"
+            );
+            assert!(
+                snat_ports.contains(&seen.port()),
+                "{what}: masqueraded source port {} outside {snat_ports:?} ({attempt:?})",
+                seen.port()
+            );
+        }
+    }
+}
+
+/// eTP Local from outside: every exchange reaches the local backend only, which sees the
+/// client's own address.
+fn check_local_preserves_client(ns: &NorthSouth, targets: &[(String, SocketAddr)], count: u32) {
+    let mut requests = Vec::new();
+    let mut labels = Vec::new();
+    for (label, target) in targets {
+        for proto in ClientProto::ALL {
+            requests.push(request(proto, *target, count));
+            labels.push((format!("{proto:?} to {label} {target}"), *target));
+        }
+    }
+    for (attempts, (what, target)) in outside_all(ns, &requests).iter().zip(&labels) {
+        assert_all_ok(attempts, what);
+        assert_answers_come_from(attempts, *target, what);
+        assert_eq!(reached(attempts), only_local(), "{what}: {attempts:?}");
+        let client = if target.is_ipv6() {
+            IpAddr::from(CLIENT6)
+        } else {
+            IpAddr::from(CLIENT4)
+        };
+        for attempt in attempts {
+            assert_eq!(
+                attempt.seen_as.map(|s| s.ip()),
+                Some(client),
+                "{what}: eTP Local must keep the client address ({attempt:?})"
+            );
+        }
+    }
+}
+
+/// TCP and connected UDP to each target, `count` each, all at once; every attempt must fail
+/// with `errno` (ETIMEDOUT for a DROP, after the full timeout; ECONNREFUSED for a REJECT, at
+/// once).
+fn check_all_fail_with(ns: &NorthSouth, targets: &[(String, SocketAddr)], count: u32, errno: i32) {
+    let mut requests = Vec::new();
+    let mut labels = Vec::new();
+    for (label, target) in targets {
+        for proto in [ClientProto::Tcp, ClientProto::UdpConnected] {
+            requests.push(request(proto, *target, count).timeout(DROP_TIMEOUT));
+            labels.push(format!("{proto:?} to {label} {target}"));
+        }
+    }
+    for (attempts, what) in outside_all(ns, &requests).iter().zip(&labels) {
+        for attempt in attempts {
+            assert_eq!(attempt.errno, Some(errno), "{what}: {attempt:?}");
+            assert!(
+                !attempt.ok && attempt.backend.is_none(),
+                "{what}: {attempt:?}"
+            );
+            if errno == ETIMEDOUT {
+                assert!(
+                    attempt.elapsed_ms + 50 >= u64::try_from(DROP_TIMEOUT.as_millis()).unwrap(),
+                    "{what}: a DROP makes the client wait its whole timeout: {attempt:?}"
+                );
+            } else {
+                assert!(
+                    attempt.elapsed_ms < IMMEDIATE_MS,
+                    "{what}: a REJECT answers at once: {attempt:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Starts the agent on `services` and waits until the outside client gets an answer from a
+/// backend through the first service's first frontend.
+fn start(ns: &mut NorthSouth, services: &[&ExternalService], extra_args: &[&str]) {
+    ns.write_manifests(&manifests(services));
+    ns.start_agent(extra_args);
+    let (label, target) = frontends(services[0], false)
+        .into_iter()
+        .next()
+        .expect("an external frontend");
+    ns.wait_outside(
+        &request(ClientProto::Tcp, target, 1),
+        &format!("answer from a backend through {label}"),
+        |a| a.ok && [LOCAL_BACKEND, REMOTE_BACKEND].contains(&a.backend.as_deref().unwrap_or("")),
+    );
+}
+
+fn counter(ns: &NorthSouth, name: &str) -> u64 {
+    ns.datapath_counters().get(name).copied().unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn topology_self_test_routes_plainly_and_nothing_leaves() {
+    require_root!();
+    let ns = NorthSouth::new(testkit!(), Offloads::On);
+
+    // Plain routing, no agent: the client reaches both pods through the node (and node2), and
+    // the pods see the client's own address.
+    for (pod, name, client) in [
+        (
+            IpAddr::from(LOCAL_POD4),
+            LOCAL_BACKEND,
+            IpAddr::from(CLIENT4),
+        ),
+        (
+            IpAddr::from(REMOTE_POD4),
+            REMOTE_BACKEND,
+            IpAddr::from(CLIENT4),
+        ),
+        (
+            IpAddr::from(LOCAL_POD6),
+            LOCAL_BACKEND,
+            IpAddr::from(CLIENT6),
+        ),
+        (
+            IpAddr::from(REMOTE_POD6),
+            REMOTE_BACKEND,
+            IpAddr::from(CLIENT6),
+        ),
+    ] {
+        for proto in ClientProto::ALL {
+            let target = sa(pod, BACKEND_PORT);
+            let attempts = ns.outside(&request(proto, target, 3));
+            let what = format!("{proto:?} from the client to pod {target}");
+            assert_all_ok(&attempts, &what);
+            assert_answers_come_from(&attempts, target, &what);
+            for attempt in &attempts {
+                assert_eq!(attempt.backend.as_deref(), Some(name), "{what}");
+                assert_eq!(attempt.seen_as.map(|s| s.ip()), Some(client), "{what}");
+            }
+        }
+    }
+
+    // No default route anywhere but in the pods (whose default is their node).
+    for netns in [
+        ns.client_namespace(),
+        ns.node_namespace(),
+        ns.node2_namespace(),
+    ] {
+        for family in ["-4", "-6"] {
+            let output = std::process::Command::new("ip")
+                .args(["-n", netns, family, "route", "show", "default"])
+                .output()
+                .expect("ip route");
+            assert!(
+                output.status.success() && output.stdout.is_empty(),
+                "{netns} has a default route ({family}): {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                ns.describe()
+            );
+        }
+    }
+
+    // Addresses nobody routes fail at once; addresses routed to the node but owned by nobody
+    // fail at the node (ICMP unreachable) or time out: nothing is forwarded further.
+    let fast = ClientRequest::new(ClientProto::Tcp, sa(ip("192.0.2.1"), 80))
+        .timeout(Duration::from_millis(800));
+    for netns in [
+        ns.client_namespace(),
+        ns.node_namespace(),
+        ns.node2_namespace(),
+    ] {
+        let attempts = ns.unhooked_in(netns, &fast);
+        assert_eq!(
+            attempts[0].errno,
+            Some(ENETUNREACH),
+            "TCP from {netns} to an unrouted address: {attempts:?}"
+        );
+    }
+    for target in [sa(ip("198.51.100.254"), 80), sa(ip("2001:db8:5e::fe"), 80)] {
+        for proto in [ClientProto::Tcp, ClientProto::UdpConnected] {
+            let attempts =
+                ns.outside(&ClientRequest::new(proto, target).timeout(Duration::from_millis(800)));
+            assert!(
+                attempts
+                    .iter()
+                    .all(|a| !a.ok
+                        && matches!(a.errno, Some(EHOSTUNREACH | ENETUNREACH | ETIMEDOUT))),
+                "{proto:?} to {target}, routed to the node but owned by nobody: {attempts:?}"
+            );
+        }
+    }
+    for pod_netns in [ns.local_backend_namespace(), ns.remote_backend_namespace()] {
+        let attempts = ns.unhooked_in(pod_netns, &fast);
+        assert!(
+            attempts
+                .iter()
+                .all(|a| !a.ok && matches!(a.errno, Some(EHOSTUNREACH | ENETUNREACH | ETIMEDOUT))),
+            "TCP from pod {pod_netns} to an address beyond its node: {attempts:?}"
+        );
+    }
+
+    // Without the agent a NodePort is just a closed port of the node.
+    let attempts = ns.outside(&ClientRequest::new(ClientProto::Tcp, sa(NODE_EXT4, 30080)));
+    assert_eq!(attempts[0].errno, Some(ECONNREFUSED), "{attempts:?}");
+}
+
+#[test]
+fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let web = web();
+    start(&mut ns, &[&web], &[]);
+
+    let mut targets = frontends(&web, false);
+    // The NodePort is open on every node address, not only the client-facing one.
+    targets.push((
+        "web NodePort (pod-link address)".into(),
+        sa(NODE_POD_GW4, 30080),
+    ));
+    check_masqueraded_balance(&ns, &targets, BALANCE_COUNT, &DEFAULT_SNAT_PORTS);
+    let counters = ns.datapath_counters();
+    assert!(
+        counters.get("tc_new_flow").copied().unwrap_or(0) > 0,
+        "new flows through TC are counted: {counters:?}"
+    );
+}
+
+#[test]
+fn ipv6_frontends_balance_and_masquerade() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let dual = web_dual();
+    start(&mut ns, &[&dual], &[]);
+
+    check_masqueraded_balance(
+        &ns,
+        &frontends(&dual, true),
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+    // The IPv4 frontends of the same dual-stack Service work as well.
+    check_masqueraded_balance(
+        &ns,
+        &frontends(&dual, false),
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+}
+
+#[test]
+fn etp_local_keeps_the_client_address_then_drops_then_rejects() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let service = web_local();
+    start(&mut ns, &[&service], &[]);
+    let targets = frontends(&service, false);
+
+    // Endpoints here and on node-b: only the local one answers, and it sees the client.
+    check_local_preserves_client(&ns, &targets, 12);
+
+    // Only a remote endpoint: DROP, the client times out.
+    ns.write_manifests(&manifests(&[&service
+        .clone()
+        .without_endpoints()
+        .remote_endpoints()]));
+    let (label, nodeport) = targets[0].clone();
+    ns.wait_outside(
+        &request(ClientProto::Tcp, nodeport, 1).timeout(DROP_TIMEOUT),
+        &format!("DROP (timeout) at {label} with only a remote endpoint"),
+        |a| a.errno == Some(ETIMEDOUT),
+    );
+    let dropped_before = counter(&ns, "tc_dropped_no_local_endpoint");
+    check_all_fail_with(&ns, &targets, 2, ETIMEDOUT);
+    assert!(
+        counter(&ns, "tc_dropped_no_local_endpoint") > dropped_before,
+        "drops for lack of a local endpoint are counted"
+    );
+
+    // No endpoint at all: REJECT, TCP RST and ICMP port unreachable give ECONNREFUSED at once.
+    ns.write_manifests(&manifests(&[&service.clone().without_endpoints()]));
+    ns.wait_outside(
+        &request(ClientProto::Tcp, nodeport, 1).timeout(DROP_TIMEOUT),
+        &format!("REJECT at {label} without endpoints"),
+        |a| a.errno == Some(ECONNREFUSED),
+    );
+    let rejected_before = counter(&ns, "tc_rejected");
+    check_all_fail_with(&ns, &targets, 3, ECONNREFUSED);
+    assert!(
+        counter(&ns, "tc_rejected") > rejected_before,
+        "rejections are counted"
+    );
+
+    // And back: the local endpoint serves again.
+    ns.write_manifests(&manifests(&[&service]));
+    ns.wait_outside(
+        &request(ClientProto::Tcp, nodeport, 1),
+        &format!("answer at {label} once the local endpoint is back"),
+        |a| a.ok,
+    );
+    check_local_preserves_client(&ns, &targets, 4);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let lb = |name: &str, last: u8, node_port: u16| {
+        ExternalService::new(
+            name,
+            ServiceType::LoadBalancer,
+            &[IpAddr::from([10, 96, 51, last])],
+            SERVICE_PORT,
+        )
+        .node_port(node_port)
+        .ingress_ip(IpAddr::from([198, 51, 100, last]))
+        .local_endpoints()
+        .remote_endpoints()
+    };
+    // The client (203.0.113.2) is inside 203.0.113.0/28 and outside 192.0.2.0/24.
+    let allowed = lb("lb-allowed", 30, 30030)
+        .source_range("192.0.2.0/24")
+        .source_range("203.0.113.0/28");
+    let denied = lb("lb-denied", 31, 30031)
+        .source_range("192.0.2.0/24")
+        .external_ip(ip("198.51.100.33"));
+    // Ranges are whitespace-trimmed (kube-proxy).
+    let trimmed = lb("lb-trimmed", 32, 30032).source_range(" 203.0.113.0/28");
+    start(&mut ns, &[&allowed, &denied, &trimmed], &[]);
+
+    let lb_ip = |service: &ExternalService| {
+        (
+            format!("{} LB IP", service.name),
+            sa(service.ingress_ips[0], SERVICE_PORT),
+        )
+    };
+    check_masqueraded_balance(
+        &ns,
+        &[lb_ip(&allowed), lb_ip(&trimmed)],
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+
+    let before = counter(&ns, "tc_dropped_source_range");
+    check_all_fail_with(&ns, &[lb_ip(&denied)], 2, ETIMEDOUT);
+    assert!(
+        counter(&ns, "tc_dropped_source_range") > before,
+        "source-range drops are counted"
+    );
+
+    // Source ranges apply to LB IPs only: the same Service's NodePort and externalIP serve.
+    check_masqueraded_balance(
+        &ns,
+        &[
+            ("lb-denied NodePort".into(), sa(NODE_EXT4, 30031)),
+            ("lb-denied externalIP".into(), sa(ip("198.51.100.33"), 80)),
+        ],
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+}
+
+#[test]
+fn stale_conntrack_of_an_etp_local_node_port_never_rewrites_a_direct_connection() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    // Local endpoint only: the backend sees the client's own address and port, so the reply
+    // tuple of the NodePort flow is exactly the tuple of a direct connection from that port.
+    let service = web_local().without_endpoints().local_endpoints();
+    start(&mut ns, &[&service], &[]);
+    let nodeport = sa(NODE_EXT4, 30081);
+    let pod = sa(LOCAL_POD4, BACKEND_PORT);
+
+    for port in 40_001..=40_008_u16 {
+        let client = sa(CLIENT4, port);
+        let via_nodeport = ns.outside(
+            &ClientRequest::new(ClientProto::Tcp, nodeport)
+                .source_port(port)
+                .ask_peer(),
+        );
+        let what = format!("TCP from {client} to NodePort {nodeport}");
+        assert_all_ok(&via_nodeport, &what);
+        assert_eq!(via_nodeport[0].seen_as, Some(client), "{what}");
+        assert_eq!(via_nodeport[0].backend.as_deref(), Some(LOCAL_BACKEND));
+
+        // Same client port, straight to the pod (routed through the node, not a service): the
+        // backend's SYN-ACK matches the old flow's reply tuple and must not be rewritten.
+        let direct = ns.outside(
+            &ClientRequest::new(ClientProto::Tcp, pod)
+                .source_port(port)
+                .ask_peer(),
+        );
+        let what = format!("TCP from {client} directly to pod {pod} after the NodePort flow");
+        assert_all_ok(&direct, &what);
+        assert_eq!(direct[0].seen_as, Some(client), "{what}");
+        assert_eq!(direct[0].peer, Some(pod), "{what}");
+    }
+    let counters = ns.datapath_counters();
+    eprintln!(
+        "stale-conntrack trap: tc_stale_ct_purged={:?} tc_syn_restarted={:?}",
+        counters.get("tc_stale_ct_purged"),
+        counters.get("tc_syn_restarted")
+    );
+}
+
+#[test]
+fn checksums_stay_correct_with_veth_offloads_off() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::Off);
+    let (cluster, local, dual) = (web(), web_local(), web_dual());
+    // Answers the datapath makes up (REJECT: TCP RST, ICMP port unreachable) and errors from
+    // a backend (its RST, its ICMP port unreachable, translated back) must carry correct
+    // checksums too, or the client drops them and times out instead of being refused.
+    let empty = ExternalService::new(
+        "web-empty",
+        ServiceType::NodePort,
+        &[ip("10.96.50.13"), ip("fd00:96::50:13")],
+        SERVICE_PORT,
+    )
+    .node_port(30083);
+    let closed = ExternalService::new(
+        "web-closed",
+        ServiceType::NodePort,
+        &[ip("10.96.50.14"), ip("fd00:96::50:14")],
+        SERVICE_PORT,
+    )
+    .node_port(30084)
+    .backend_port(CLOSED_PORT)
+    .local_endpoints()
+    .remote_endpoints();
+    start(&mut ns, &[&cluster, &local, &dual, &empty, &closed], &[]);
+    let watched = [
+        ns.client_namespace().to_owned(),
+        ns.local_backend_namespace().to_owned(),
+        ns.remote_backend_namespace().to_owned(),
+        ns.node_namespace().to_owned(),
+        ns.node2_namespace().to_owned(),
+    ];
+
+    check_masqueraded_balance(
+        &ns,
+        &frontends(&cluster, false),
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+    check_masqueraded_balance(
+        &ns,
+        &frontends(&dual, true),
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+    check_local_preserves_client(&ns, &frontends(&local, false), 6);
+    for v6 in [false, true] {
+        let before = counter(&ns, "tc_rejected");
+        check_all_fail_with(&ns, &frontends(&empty, v6), 3, ECONNREFUSED);
+        assert!(counter(&ns, "tc_rejected") > before, "REJECTs are counted");
+        check_all_fail_with(&ns, &frontends(&closed, v6), 3, ECONNREFUSED);
+    }
+    // Plain forwarded traffic as a control.
+    for target in [sa(REMOTE_POD4, BACKEND_PORT), sa(REMOTE_POD6, BACKEND_PORT)] {
+        for proto in ClientProto::ALL {
+            assert_all_ok(
+                &ns.outside(&request(proto, target, 3)),
+                &format!("{proto:?} directly to {target}"),
+            );
+        }
+    }
+
+    for netns in &watched {
+        let errors = ns.checksum_errors(netns);
+        eprintln!("checksum error counters in {netns}: {errors:?}");
+        assert!(
+            errors.values().all(|&n| n == 0),
+            "checksum errors in {netns}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let (cluster, local) = (web(), web_local());
+    start(&mut ns, &[&cluster, &local], &[]);
+    let nodeport = sa(NODE_EXT4, 30080);
+    let lb_ip = sa(ip("198.51.100.10"), SERVICE_PORT);
+    let local_lb_ip = sa(ip("198.51.100.11"), SERVICE_PORT);
+
+    let hold_for = Duration::from_secs(12);
+    let every = Duration::from_millis(100);
+    let holds = [
+        ("TCP hold to the NodePort (masqueraded)", nodeport, false),
+        ("UDP hold to the LB IP (masqueraded)", lb_ip, true),
+        ("TCP hold to the eTP Local LB IP", local_lb_ip, false),
+    ]
+    .map(|(what, target, udp)| (what, ns.outside_hold(target, hold_for, every, udp)));
+    for (what, hold) in &holds {
+        hold.wait_for_attempts(1, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    }
+    // New connections all along: at most 160 per loop, about 8 s.
+    let loops = [
+        request(ClientProto::Tcp, nodeport, 160)
+            .interval(Duration::from_millis(50))
+            .timeout(Duration::from_secs(2)),
+        request(ClientProto::UdpConnected, lb_ip, 160)
+            .interval(Duration::from_millis(50))
+            .timeout(Duration::from_secs(2)),
+        request(ClientProto::Tcp, local_lb_ip, 160)
+            .interval(Duration::from_millis(50))
+            .timeout(Duration::from_secs(2)),
+    ];
+    let running: Vec<RunningClient> = loops.iter().map(|r| ns.spawn_outside(r)).collect();
+
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = Instant::now();
+    ns.agent().kill().expect("SIGKILL the agent");
+    std::thread::sleep(Duration::from_millis(1500));
+    ns.agent().restart().expect("restarting the agent");
+    eprintln!("agent down for {:?}", killed.elapsed());
+
+    for (client, request) in running.into_iter().zip(&loops) {
+        let attempts = client.finish().expect("connection loop");
+        let what = format!(
+            "{:?} loop to {} across the restart",
+            request.proto, request.target
+        );
+        assert_eq!(attempts.len(), 160, "{what}");
+        assert_all_ok(&attempts, &what);
+        assert_answers_come_from(&attempts, request.target, &what);
+    }
+    for (what, hold) in holds {
+        let attempts = hold.finish().expect("hold");
+        assert!(
+            attempts.len() >= 100,
+            "{what}: only {} requests",
+            attempts.len()
+        );
+        assert_all_ok(&attempts, what);
+        // The same flow all along: same backend, same translated source.
+        let backends: BTreeSet<_> = attempts.iter().map(|a| a.backend.clone()).collect();
+        let seen: BTreeSet<_> = attempts.iter().map(|a| a.seen_as).collect();
+        assert_eq!(backends.len(), 1, "{what}: backend changed: {backends:?}");
+        assert_eq!(seen.len(), 1, "{what}: translated source changed: {seen:?}");
+    }
+    ns.agent()
+        .ensure_running()
+        .expect("the restarted agent keeps running");
+    check_masqueraded_balance(
+        &ns,
+        &[("web NodePort".into(), nodeport)],
+        BALANCE_COUNT,
+        &DEFAULT_SNAT_PORTS,
+    );
+}
+
+#[test]
+fn hooked_host_and_pod_clients_reach_node_ports_and_lb_ips_through_the_socket_hooks() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let (cluster, local) = (web(), web_local());
+    start(&mut ns, &[&cluster, &local], &[]);
+    let before = ns.datapath_counters();
+
+    let targets = [
+        ("web NodePort", sa(NODE_EXT4, 30080)),
+        ("web NodePort (pod-link address)", sa(NODE_POD_GW4, 30080)),
+        ("web LB IP", sa(ip("198.51.100.10"), SERVICE_PORT)),
+        ("web externalIP", sa(ip("198.51.100.20"), SERVICE_PORT)),
+        // eTP Local short-circuit: in-cluster sources use every endpoint.
+        ("web-local NodePort", sa(NODE_EXT4, 30081)),
+        ("web-local LB IP", sa(ip("198.51.100.11"), SERVICE_PORT)),
+    ];
+    for (who, pod) in [("host", false), ("pod", true)] {
+        for (label, target) in targets {
+            for proto in ClientProto::ALL {
+                let request = request(proto, target, BALANCE_COUNT);
+                let attempts = if pod {
+                    ns.hooked_pod_client(&request)
+                } else {
+                    ns.hooked_node_client(&request)
+                };
+                let what = format!("{proto:?} from a hooked {who} to {label} {target}");
+                assert_all_ok(&attempts, &what);
+                assert_answers_come_from(&attempts, target, &what);
+                assert_eq!(reached(&attempts), both_backends(), "{what}");
+            }
+        }
+    }
+
+    let after = ns.datapath_counters();
+    let delta = |name: &str| {
+        after
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(before.get(name).copied().unwrap_or(0))
+    };
+    assert!(
+        delta("translated") >= u64::from(2 * 6 * 3 * BALANCE_COUNT),
+        "the socket hooks translated the in-cluster connections: before {before:?}, after {after:?}"
+    );
+    assert_eq!(
+        delta("tc_new_flow"),
+        0,
+        "in-cluster clients must not take the TC path: before {before:?}, after {after:?}"
+    );
+}
+
+#[test]
+fn node_port_addresses_and_snat_port_range_flags() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    // Something of the node's own listens on the NodePort number: addresses outside
+    // --nodeport-addresses are not NodePorts and reach it.
+    let _node_server = ns
+        .testkit()
+        .serve(ns.node_namespace(), "node-itself", &[30080])
+        .expect("a server of the node's own");
+    let cluster = web();
+    start(
+        &mut ns,
+        &[&cluster],
+        &[
+            "--nodeport-addresses",
+            "203.0.113.0/24",
+            "--snat-port-range",
+            "62000-62099",
+        ],
+    );
+
+    check_masqueraded_balance(
+        &ns,
+        &[("web NodePort".into(), sa(NODE_EXT4, 30080))],
+        BALANCE_COUNT,
+        &(62_000..=62_099),
+    );
+    // TCP only: the node's own UDP server (unconnected, bound to the wildcard address) would
+    // answer from the address of its route to the client, not from the address asked.
+    for proto in [ClientProto::Tcp] {
+        let target = sa(NODE_POD_GW4, 30080);
+        let attempts = ns.outside(&request(proto, target, 4));
+        let what = format!("{proto:?} to {target}, a node address outside --nodeport-addresses");
+        assert_all_ok(&attempts, &what);
+        for attempt in &attempts {
+            assert_eq!(attempt.backend.as_deref(), Some("node-itself"), "{what}");
+            assert_eq!(
+                attempt.seen_as.map(|s| s.ip()),
+                Some(IpAddr::from(CLIENT4)),
+                "{what}"
+            );
+        }
+    }
+}
