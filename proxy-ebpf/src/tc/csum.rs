@@ -18,7 +18,7 @@ impl<const N: usize> Words<N> {
     /// Adds the buffer's 16-bit words to `seed` (an unfolded one's-complement sum).
     #[inline(always)]
     pub fn sum(&mut self, seed: u32) -> Result<u32, i64> {
-        const { assert!(N % 4 == 0 && N <= 512) };
+        const { assert!(N.is_multiple_of(4) && N <= 512) };
         // SAFETY: the helper reads `N` bytes of this initialised, aligned stack buffer; a
         // null `from` with size 0 is its documented "sum only" form.
         let sum = unsafe {

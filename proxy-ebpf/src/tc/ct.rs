@@ -78,6 +78,10 @@ pub fn syn_restarts<A>(packet: &Packet<A>, forward: &Flow<A>) -> bool {
 
 /// The live forward entry of a reply entry: it must exist, be unexpired and still rewrite to
 /// exactly the tuple the reply entry is keyed by (else the reply entry is stale).
+#[expect(
+    clippy::type_complexity,
+    reason = "a key and its entry, both generic over the family"
+)]
 #[inline(always)]
 pub fn forward_of<I: Inet>(
     reply_key: &Tuple<I::Addr>,

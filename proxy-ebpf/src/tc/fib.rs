@@ -57,7 +57,7 @@ pub fn lookup<I: Inet>(
 ) -> Result<Route<I::Addr>, i32> {
     let Some(params) = FIB_SCRATCH.get_ptr_mut(0) else {
         metrics::count(reason::TC_FIB_FAILED);
-        return Err(TC_ACT_SHOT as i32);
+        return Err(TC_ACT_SHOT);
     };
     // SAFETY: the pointer comes from a successful per-CPU array lookup; only this CPU uses it
     // and no BPF program is preempted, so nothing else touches it until we return.
@@ -86,7 +86,7 @@ pub fn lookup<I: Inet>(
         BPF_FIB_LKUP_RET_NOT_FWDED if result >= 0 && !want_src => Exit::Stack,
         _ => {
             metrics::count(reason::TC_FIB_FAILED);
-            return Err(TC_ACT_SHOT as i32);
+            return Err(TC_ACT_SHOT);
         }
     };
     Ok(Route {
@@ -103,12 +103,12 @@ pub fn lookup<I: Inet>(
 #[inline(always)]
 pub fn redirect<I: Inet>(ctx: &TcContext, route: &Route<I::Addr>) -> i32 {
     if route.exit == Exit::Stack {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     if route.exit == Exit::Direct {
         if ctx.store(0, &route.dmac, 0).is_err() || ctx.store(6, &route.smac, 0).is_err() {
             metrics::count(reason::TC_REWRITE_FAILED);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         // SAFETY: a helper call with plain integer arguments.
         return unsafe { bpf_redirect(route.ifindex, 0) } as i32;

@@ -17,14 +17,14 @@ use crate::metrics;
 #[inline(never)]
 pub fn translate_error<I: Inet>(ctx: &TcContext) -> i32 {
     let Ok(Parsed::IcmpError(error)) = I::parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let error = &error;
     // The quoted packet went out with `inner`; the flow's entry for it is keyed by the tuple
     // of the packets that would answer it.
     let key = error.inner.reversed();
     let Some(entry) = I::ct_get(&key) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let now = ct::now_ns();
     let alive = if entry.flags & ct_flags::REPLY != 0 {
@@ -33,7 +33,7 @@ pub fn translate_error<I: Inet>(ctx: &TcContext) -> i32 {
         entry.expires_ns > now
     };
     if !alive {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // Packets with tuple `key` are rewritten to `entry.to`; the quoted packet is the reverse.
     let to = entry.to;
@@ -56,7 +56,7 @@ pub fn translate_error<I: Inet>(ctx: &TcContext) -> i32 {
     };
     if rewrite_error::<I>(ctx, error, &to.reversed(), &new_outer).is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     metrics::count(reason::TC_ICMP_ERROR_TRANSLATED);
     fib::redirect::<I>(ctx, &route)

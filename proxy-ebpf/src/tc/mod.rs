@@ -40,8 +40,8 @@ const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
 /// Random probes for a free masquerade port before a new flow is dropped.
 const SNAT_PROBES: u32 = 32;
 
-const PASS: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const PASS: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
 
 /// TC ingress entry: IPv4 and IPv6 frames; anything else passes untouched.
 #[inline(always)]

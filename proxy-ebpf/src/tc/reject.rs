@@ -35,7 +35,7 @@ pub fn refuse_udp<I: Inet>(ctx: &TcContext) -> i32 {
 fn bounce_or_drop(ctx: &TcContext, written: Result<(), i64>) -> i32 {
     if written.is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     metrics::count(reason::TC_REJECTED);
     fib::bounce(ctx)

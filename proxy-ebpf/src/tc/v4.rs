@@ -188,7 +188,7 @@ impl Inet for V4 {
     #[inline(always)]
     fn ct_get(key: &Tuple<u32>) -> Option<Flow<u32>> {
         // SAFETY: plain data, copied out at once.
-        let entry = unsafe { CT4_V1.get(&ct_key(key)) }.copied()?;
+        let entry = unsafe { CT4_V1.get(ct_key(key)) }.copied()?;
         Some(Flow {
             to: Tuple {
                 saddr: entry.saddr,
@@ -217,20 +217,18 @@ impl Inet for V4 {
             flags: flow.flags,
             pad: 0,
         };
-        CT4_V1
-            .insert(&ct_key(key), &entry, flags)
-            .map_err(i64::from)
+        CT4_V1.insert(ct_key(key), entry, flags).map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_delete(key: &Tuple<u32>) {
         // A missing entry is fine: someone else removed it first.
-        let _ = CT4_V1.remove(&ct_key(key));
+        let _ = CT4_V1.remove(ct_key(key));
     }
 
     #[inline(always)]
     fn ct_touch(key: &Tuple<u32>, expires_ns: u64, flags: u16) {
-        if let Some(entry) = CT4_V1.get_ptr_mut(&ct_key(key)) {
+        if let Some(entry) = CT4_V1.get_ptr_mut(ct_key(key)) {
             // SAFETY: the pointer comes from a successful lookup and points at a map value;
             // racing writers only ever store whole, valid field values.
             unsafe {

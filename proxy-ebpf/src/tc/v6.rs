@@ -200,7 +200,7 @@ impl Inet for V6 {
     #[inline(always)]
     fn ct_get(key: &Tuple<Addr>) -> Option<Flow<Addr>> {
         // SAFETY: plain data, copied out at once.
-        let entry = unsafe { CT6_V1.get(&ct_key(key)) }.copied()?;
+        let entry = unsafe { CT6_V1.get(ct_key(key)) }.copied()?;
         Some(Flow {
             to: Tuple {
                 saddr: entry.saddr,
@@ -229,20 +229,18 @@ impl Inet for V6 {
             flags: flow.flags,
             pad: 0,
         };
-        CT6_V1
-            .insert(&ct_key(key), &entry, flags)
-            .map_err(i64::from)
+        CT6_V1.insert(ct_key(key), entry, flags).map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_delete(key: &Tuple<Addr>) {
         // A missing entry is fine: someone else removed it first.
-        let _ = CT6_V1.remove(&ct_key(key));
+        let _ = CT6_V1.remove(ct_key(key));
     }
 
     #[inline(always)]
     fn ct_touch(key: &Tuple<Addr>, expires_ns: u64, flags: u16) {
-        if let Some(entry) = CT6_V1.get_ptr_mut(&ct_key(key)) {
+        if let Some(entry) = CT6_V1.get_ptr_mut(ct_key(key)) {
             // SAFETY: the pointer comes from a successful lookup and points at a map value;
             // racing writers only ever store whole, valid field values.
             unsafe {
