@@ -85,7 +85,19 @@ fn is_node_address(ip: IpAddr) -> bool {
 /// The addresses of this network namespace's interfaces, sorted, loopback and IPv6
 /// link-local ones excluded.
 pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut addresses = Vec::new();
+    let mut addresses: Vec<IpAddr> = node_addresses_by_interface()?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    Ok(addresses)
+}
+
+/// Every node address of this network namespace with the interface that carries it (the one
+/// place that decides what a node address is, for NodePorts and for the TC attachment).
+pub fn node_addresses_by_interface() -> io::Result<Vec<(String, IpAddr)>> {
+    let mut found = Vec::new();
     for interface in getifaddrs().map_err(io::Error::from)? {
         if interface.flags.contains(InterfaceFlags::IFF_LOOPBACK) {
             continue;
@@ -101,12 +113,10 @@ pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
             continue;
         };
         if is_node_address(ip) {
-            addresses.push(ip);
+            found.push((interface.interface_name, ip));
         }
     }
-    addresses.sort_unstable();
-    addresses.dedup();
-    Ok(addresses)
+    Ok(found)
 }
 
 /// The node's primary address of each family, as kube-proxy reads them from its Node object

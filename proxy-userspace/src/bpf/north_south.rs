@@ -8,12 +8,11 @@ use aya::{
     maps::Array,
     programs::{SchedClassifier, TcAttachType, links::FdLink, links::PinnedLink},
 };
-use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
 use proxy_common::{DatapathConfig, config_flags, map_names};
 use tracing::{info, warn};
 
 use super::{loader::LoadError, pins::PinLayout};
-use crate::{cli::PortRange, model::Cidr};
+use crate::{cli::PortRange, model::Cidr, node_addresses::node_addresses_by_interface};
 
 /// The TC ingress program, by name.
 pub const TC_INGRESS_PROGRAM: &str = "sy_tc_ingress";
@@ -28,30 +27,13 @@ pub struct NorthSouth {
     pub snat_ports: PortRange,
 }
 
-/// Interfaces of this network namespace that carry a node address: an IPv4 address or an
-/// IPv6 address that is not link-local. Loopback is never one (NodePorts on 127.0.0.1 are an
-/// iptables-only feature, service-semantics §3.2).
+/// Interfaces of this network namespace that carry a node address (as `node_addresses`
+/// defines them: loopback and IPv6 link-local excluded).
 pub fn node_interfaces() -> std::io::Result<Vec<String>> {
-    let mut names = BTreeSet::new();
-    for interface in getifaddrs().map_err(std::io::Error::from)? {
-        if interface.flags.contains(InterfaceFlags::IFF_LOOPBACK) {
-            continue;
-        }
-        let Some(address) = interface.address else {
-            continue;
-        };
-        let ip = if let Some(v4) = address.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = address.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
-        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
-        if !link_local {
-            names.insert(interface.interface_name);
-        }
-    }
+    let names: BTreeSet<String> = node_addresses_by_interface()?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     Ok(names.into_iter().collect())
 }
 
