@@ -52,6 +52,8 @@ pub struct ServicePort {
     pub protocol: Protocol,
     pub port: u16,
     pub target_port: TargetPort,
+    /// Set, the Service is rendered as type NodePort (externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -66,7 +68,14 @@ impl ServicePort {
             protocol,
             port,
             target_port: target_port.into(),
+            node_port: None,
         }
+    }
+
+    #[must_use]
+    pub fn node_port(mut self, node_port: u16) -> Self {
+        self.node_port = Some(node_port);
+        self
     }
 
     fn to_yaml(&self) -> Value {
@@ -74,16 +83,21 @@ impl ServicePort {
             TargetPort::Number(n) => Value::from(*n),
             TargetPort::Name(name) => Value::from(name.as_str()),
         };
-        map([
+        let mut yaml = map([
             ("name", self.name.as_str().into()),
             ("protocol", self.protocol.as_k8s().into()),
             ("port", self.port.into()),
             ("targetPort", target),
-        ])
+        ]);
+        if let (Some(node_port), Value::Mapping(fields)) = (self.node_port, &mut yaml) {
+            fields.insert("nodePort".into(), node_port.into());
+        }
+        yaml
     }
 }
 
-/// A `v1 Service` of type `ClusterIP`; the IP families follow from the cluster IPs given.
+/// A `v1 Service` of type `ClusterIP`, or `NodePort` when a port has a nodePort; the IP
+/// families follow from the cluster IPs given.
 #[derive(Debug, Clone)]
 pub struct Service {
     pub namespace: String,
@@ -124,25 +138,30 @@ impl Service {
         } else {
             "SingleStack"
         };
+        let node_ports = self.ports.iter().any(|port| port.node_port.is_some());
+        let mut spec = map([
+            (
+                "type",
+                if node_ports { "NodePort" } else { "ClusterIP" }.into(),
+            ),
+            ("clusterIP", ips.first().cloned().unwrap_or(Value::Null)),
+            ("clusterIPs", Value::Sequence(ips)),
+            ("ipFamilies", Value::Sequence(families)),
+            ("ipFamilyPolicy", policy.into()),
+            (
+                "ports",
+                Value::Sequence(self.ports.iter().map(ServicePort::to_yaml).collect()),
+            ),
+            ("selector", map([("app", self.name.as_str().into())])),
+        ]);
+        if let (true, Value::Mapping(fields)) = (node_ports, &mut spec) {
+            fields.insert("externalTrafficPolicy".into(), "Cluster".into());
+        }
         map([
             ("apiVersion", "v1".into()),
             ("kind", "Service".into()),
             ("metadata", metadata(&self.namespace, &self.name, None)),
-            (
-                "spec",
-                map([
-                    ("type", "ClusterIP".into()),
-                    ("clusterIP", ips.first().cloned().unwrap_or(Value::Null)),
-                    ("clusterIPs", Value::Sequence(ips)),
-                    ("ipFamilies", Value::Sequence(families)),
-                    ("ipFamilyPolicy", policy.into()),
-                    (
-                        "ports",
-                        Value::Sequence(self.ports.iter().map(ServicePort::to_yaml).collect()),
-                    ),
-                    ("selector", map([("app", self.name.as_str().into())])),
-                ]),
-            ),
+            ("spec", spec),
         ])
     }
 }
@@ -484,6 +503,30 @@ mod tests {
         assert_eq!(docs[0]["spec"]["ipFamilies"][1], "IPv6");
         assert_eq!(docs[0]["spec"]["ipFamilyPolicy"], "RequireDualStack");
         assert_eq!(docs[0]["spec"]["ports"][0]["targetPort"], 8080);
+    }
+
+    #[test]
+    fn a_port_with_a_node_port_makes_a_node_port_service() {
+        let vip: IpAddr = "10.96.0.30".parse().unwrap();
+        let text = Manifests::new()
+            .with(Service::cluster_ip("plain", &[vip]).port(ServicePort::new(
+                "http",
+                Protocol::Tcp,
+                80,
+                8080,
+            )))
+            .with(
+                Service::cluster_ip("exposed", &[vip])
+                    .port(ServicePort::new("http", Protocol::Tcp, 80, 8080).node_port(30080)),
+            )
+            .render();
+        let docs = documents(&text);
+        assert_eq!(docs[0]["spec"]["type"], "ClusterIP");
+        assert!(docs[0]["spec"].get("externalTrafficPolicy").is_none());
+        assert!(docs[0]["spec"]["ports"][0].get("nodePort").is_none());
+        assert_eq!(docs[1]["spec"]["type"], "NodePort");
+        assert_eq!(docs[1]["spec"]["externalTrafficPolicy"], "Cluster");
+        assert_eq!(docs[1]["spec"]["ports"][0]["nodePort"], 30080);
     }
 
     #[test]

@@ -76,6 +76,11 @@ impl Lane {
         &self.client.namespace
     }
 
+    /// The node's address on the client's link: where the client reaches NodePorts.
+    pub fn node_address_for_client(&self) -> Ipv4Addr {
+        self.client.node_ipv4
+    }
+
     pub fn backend_ips(&self) -> Vec<Ipv4Addr> {
         self.topology.backends().iter().map(|b| b.ipv4).collect()
     }

@@ -1,9 +1,9 @@
 //! The modes compared and their data planes: what each programs, how a client reaches the
-//! measured service through it, and its control-plane costs. A new mode (e.g. Switchyard's TC
-//! path for NodePort) is a [`Mode`] variant plus a [`Dataplane`] implementation.
+//! measured service through it, and its control-plane costs. A new mode is a [`Mode`] variant
+//! plus a [`Dataplane`] implementation.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use switchyard_tests::netns::Topology;
 use switchyard_tests::process::{run_bounded, run_checked, wait_until};
 use switchyard_tests::tempdir::TempDir;
 
+use super::lanes::Lane;
 use super::services::{BACKEND_PORT, PORT_NAME, SERVICE_PORT, ServiceSet};
 use super::{kube_iptables, kube_nftables};
 
@@ -34,7 +35,8 @@ pub enum Mode {
     Nftables,
     /// ClusterIP from a process in the hooked cgroup.
     SwitchyardSocket,
-    /// NodePort from the external client, through Switchyard's TC programs.
+    /// NodePort (externalTrafficPolicy Cluster) from a client outside the node, through
+    /// Switchyard's TC program on the node's interfaces: conntrack, DNAT and masquerade.
     SwitchyardTc,
 }
 
@@ -59,12 +61,6 @@ impl Mode {
         }
     }
 
-    /// Why the mode cannot be measured in this version, if it cannot.
-    pub fn unavailable(self) -> Option<&'static str> {
-        (self == Self::SwitchyardTc)
-            .then_some("not available: Switchyard's TC path (NodePort) is not built yet")
-    }
-
     /// What the mode's control-plane numbers include, for the report.
     pub fn control_plane_note(self) -> Option<&'static str> {
         match self {
@@ -82,13 +78,13 @@ impl Mode {
                  update is one transaction (new endpoint chain, service chain rewritten, stale \
                  endpoint chain deleted)",
             ),
-            Self::SwitchyardSocket => Some(
+            Self::SwitchyardSocket | Self::SwitchyardTc => Some(
                 "program: from starting the agent on the manifests file (load and attach the \
                  programs, parse, plan, write the maps) to its `dataplane synced` log line; \
                  update: from rewriting the file to the next `dataplane synced` line (includes \
                  the file source's poll of up to 200 ms and re-parsing the whole file)",
             ),
-            Self::Direct | Self::SwitchyardTc => None,
+            Self::Direct => None,
         }
     }
 
@@ -96,15 +92,17 @@ impl Mode {
         matches!(self, Self::SwitchyardSocket | Self::SwitchyardTc)
     }
 
-    /// Builds the data plane of an available mode.
-    pub fn dataplane(self) -> Result<Box<dyn Dataplane>> {
+    /// Builds the mode's data plane for `lane`.
+    pub fn dataplane(self, lane: &Lane) -> Result<Box<dyn Dataplane>> {
         Ok(match self {
             Self::Direct => Box::new(Direct),
             Self::IptablesNft | Self::IptablesLegacy | Self::Nftables => {
                 Box::new(Netfilter::new(self)?)
             }
-            Self::SwitchyardSocket => Box::new(SwitchyardSocket::new()?),
-            Self::SwitchyardTc => bail!("{}", self.unavailable().unwrap_or("unavailable")),
+            Self::SwitchyardSocket => Box::new(Switchyard::new(Frontend::HookedClusterIp)?),
+            Self::SwitchyardTc => Box::new(Switchyard::new(Frontend::NodePort(
+                lane.node_address_for_client(),
+            ))?),
         })
     }
 }
@@ -291,9 +289,23 @@ impl Dataplane for Netfilter {
     }
 }
 
-/// The Switchyard agent in the node namespace, its socket hooks on a bench-owned cgroup that
-/// the client joins. Fields drop in order: the agent stops before its cgroup and bpffs go.
-struct SwitchyardSocket {
+/// How the client reaches the measured service through Switchyard.
+#[derive(Debug, Clone, Copy)]
+enum Frontend {
+    /// Its ClusterIP, from a process in the cgroup the socket hooks are attached to.
+    HookedClusterIp,
+    /// Its NodePort on this node address, from outside the node: the client is not in the
+    /// hooked cgroup, so its packets meet the TC program on the node's interface. The agent
+    /// runs without `--cluster-cidr`, so the client counts as external and the flow is
+    /// masqueraded to the node address (externalTrafficPolicy Cluster).
+    NodePort(Ipv4Addr),
+}
+
+/// The Switchyard agent in the node namespace, its socket hooks on a bench-owned cgroup and
+/// its TC program on the node's interfaces (its defaults). Fields drop in order: the agent
+/// stops before its cgroup and bpffs go.
+struct Switchyard {
+    frontend: Frontend,
     agent: Option<Agent>,
     manifests: TempDir,
     cgroup: TestCgroup,
@@ -301,9 +313,10 @@ struct SwitchyardSocket {
     last_sync_ms: Option<u64>,
 }
 
-impl SwitchyardSocket {
-    fn new() -> Result<Self> {
+impl Switchyard {
+    fn new(frontend: Frontend) -> Result<Self> {
         Ok(Self {
+            frontend,
             agent: None,
             manifests: TempDir::new()?,
             cgroup: TestCgroup::new()?,
@@ -325,12 +338,13 @@ impl SwitchyardSocket {
             } else {
                 set.endpoints.clone()
             };
+            let mut port = ServicePort::new(PORT_NAME, Protocol::Tcp, SERVICE_PORT, PORT_NAME);
+            if let (Frontend::NodePort(_), Some(node_port)) = (self.frontend, set.node_port(index))
+            {
+                port = port.node_port(node_port);
+            }
             manifests = manifests
-                .with(
-                    Service::cluster_ip(&name, &[ServiceSet::vip(index).into()]).port(
-                        ServicePort::new(PORT_NAME, Protocol::Tcp, SERVICE_PORT, PORT_NAME),
-                    ),
-                )
+                .with(Service::cluster_ip(&name, &[ServiceSet::vip(index).into()]).port(port))
                 .with(
                     EndpointSlice::new(&format!("{name}-1"), &name, AddressType::IPv4)
                         .ready_endpoints(endpoints.into_iter().map(Into::into))
@@ -374,6 +388,18 @@ impl SwitchyardSocket {
                 .count()
         })
     }
+
+    /// Flags beyond the bench's common ones (manifests, cgroup, bpffs).
+    fn agent_args(&self) -> Vec<String> {
+        match self.frontend {
+            Frontend::HookedClusterIp => Vec::new(),
+            // NodePorts on the client-facing address only, as an operator restricts them to
+            // the node's primary address; the backends' links carry no NodePort frontend.
+            Frontend::NodePort(address) => {
+                vec!["--nodeport-addresses".to_owned(), format!("{address}/32")]
+            }
+        }
+    }
 }
 
 /// The number after `key` in a log line (`operations=12 elapsed_ms=3`).
@@ -383,7 +409,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-impl Dataplane for SwitchyardSocket {
+impl Dataplane for Switchyard {
     fn clear(&mut self, _: &Topology) -> Result<()> {
         if let Some(mut agent) = self.agent.take() {
             agent.stop()?;
@@ -407,12 +433,14 @@ impl Dataplane for SwitchyardSocket {
         self.clear(topology)?;
         self.write_manifests(set, false)?;
         let started = Instant::now();
+        let args = self.agent_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.agent = Some(Agent::start(
             topology,
             &self.cgroup,
             &self.bpffs,
             &self.manifests_path(),
-            &[],
+            &args,
         )?);
         let sync_ms = self.wait_for_sync(0, timeout)?;
         let elapsed = started.elapsed();
@@ -429,8 +457,23 @@ impl Dataplane for SwitchyardSocket {
         Ok(Some(started.elapsed()))
     }
 
+    fn targets(&self, set: &ServiceSet) -> Vec<SocketAddr> {
+        match self.frontend {
+            Frontend::HookedClusterIp => vec![set.measured_target()],
+            Frontend::NodePort(address) => {
+                let node_port = set
+                    .node_port(set.measured())
+                    .expect("the measured service always has a nodePort");
+                vec![SocketAddr::from((address, node_port))]
+            }
+        }
+    }
+
     fn cgroup(&self) -> Option<&Path> {
-        Some(self.cgroup.path())
+        match self.frontend {
+            Frontend::HookedClusterIp => Some(self.cgroup.path()),
+            Frontend::NodePort(_) => None,
+        }
     }
 
     fn agent_memory(&self) -> Option<AgentMemory> {
@@ -442,7 +485,7 @@ impl Dataplane for SwitchyardSocket {
     }
 }
 
-impl Drop for SwitchyardSocket {
+impl Drop for Switchyard {
     fn drop(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             let _ = agent.stop();
@@ -502,12 +545,5 @@ mod tests {
         assert_eq!(field(line, "operations="), Some(120));
         assert_eq!(field(line, "elapsed_ms="), Some(37));
         assert_eq!(field(line, "missing="), None);
-    }
-
-    #[test]
-    fn only_the_tc_path_is_unavailable() {
-        for mode in Mode::ALL {
-            assert_eq!(mode.unavailable().is_some(), mode == Mode::SwitchyardTc);
-        }
     }
 }

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Service-slot capacity of the BPF maps: N services with M endpoints need N × (M + 1).
+/// Service-slot capacity of the BPF maps: a frontend with M endpoints needs M + 1 slots. N
+/// services have N ClusterIP frontends plus one NodePort frontend per service with a
+/// nodePort (the NodePort mode opens them on one node address).
 const MAP_SLOTS: usize = 262_144;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,10 +103,15 @@ impl Plan {
     }
 
     /// Endpoints per service at `services`: the profile's number, fewer where the BPF maps
-    /// could not hold N × (M + 1) slots (every mode uses the same M, so they stay comparable).
+    /// could not hold every frontend's M + 1 slots (every mode uses the same M, so they stay
+    /// comparable).
     pub fn endpoints_at(&self, services: usize) -> usize {
-        (MAP_SLOTS / services - 1).clamp(1, self.max_endpoints)
+        (MAP_SLOTS / frontends(services) - 1).clamp(1, self.max_endpoints)
     }
+}
+
+fn frontends(services: usize) -> usize {
+    services + super::services::node_port_count(services)
 }
 
 #[cfg(test)]
@@ -119,7 +126,7 @@ mod tests {
         assert_eq!(plan.endpoints_at(30_000), 7);
         assert_eq!(plan.endpoints_at(100_000), 1);
         for &n in &plan.scale {
-            assert!(n * (plan.endpoints_at(n) + 1) <= MAP_SLOTS);
+            assert!(frontends(n) * (plan.endpoints_at(n) + 1) <= MAP_SLOTS);
         }
     }
 }

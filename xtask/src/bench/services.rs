@@ -1,5 +1,7 @@
 //! The Services a scale point programs: N ClusterIP services of one TCP port, each backed by
 //! the same M endpoints (the backend namespaces), in the order kube-proxy's chains list them.
+//! Where a mode measures NodePorts, the last services (as many as kube-apiserver's default
+//! NodePort range holds) are type NodePort too.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -16,6 +18,9 @@ const SERVICE_BASE: u32 = u32::from_be_bytes([10, 96, 0, 0]);
 /// The pod network: backends and the client all live in it, so service traffic is not
 /// masqueraded (kube-proxy's `--cluster-cidr`).
 pub const CLUSTER_CIDR: &str = "10.240.0.0/16";
+/// kube-apiserver's default `--service-node-port-range`.
+const NODE_PORT_FIRST: u16 = 30_000;
+const NODE_PORT_LAST: u16 = 32_767;
 /// A pod IP no backend has: the endpoint that replaces another in the one-endpoint update.
 pub const REPLACEMENT_ENDPOINT: Ipv4Addr = Ipv4Addr::new(10, 240, 251, 2);
 
@@ -51,6 +56,16 @@ impl ServiceSet {
         SocketAddr::from((Self::vip(self.measured()), SERVICE_PORT))
     }
 
+    /// The nodePort of service `index`, if it has one: counting back from the measured
+    /// service (which gets the first port of the range) until the range is used up, as
+    /// kube-apiserver could allocate no more.
+    pub fn node_port(&self, index: usize) -> Option<u16> {
+        let from_last = u16::try_from(self.measured().checked_sub(index)?).ok()?;
+        NODE_PORT_FIRST
+            .checked_add(from_last)
+            .filter(|&port| port <= NODE_PORT_LAST)
+    }
+
     /// Endpoints of `index` once the one-endpoint update applied: the measured service's first
     /// endpoint is replaced (a pod replaced by a new one with another IP).
     pub fn updated_endpoints(&self, index: usize) -> Vec<Ipv4Addr> {
@@ -65,6 +80,11 @@ impl ServiceSet {
     pub fn port_name(index: usize) -> String {
         format!("{NAMESPACE}/{}:{PORT_NAME}", Self::name(index))
     }
+}
+
+/// How many of `services` services have a nodePort.
+pub fn node_port_count(services: usize) -> usize {
+    services.min(usize::from(NODE_PORT_LAST - NODE_PORT_FIRST) + 1)
 }
 
 /// A short, stable, base32 hash like the ones kube-proxy puts in chain names (it uses SHA-256;
@@ -109,6 +129,25 @@ mod tests {
             a.bytes()
                 .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
         );
+    }
+
+    #[test]
+    fn node_ports_go_to_the_last_services_while_the_range_lasts() {
+        let endpoints = vec![Ipv4Addr::new(10, 240, 1, 2)];
+        let small = ServiceSet::new(3, endpoints.clone());
+        assert_eq!(
+            (0..3).map(|i| small.node_port(i)).collect::<Vec<_>>(),
+            [Some(30_002), Some(30_001), Some(30_000)]
+        );
+        assert_eq!(small.node_port(3), None);
+        assert_eq!(node_port_count(3), 3);
+        let large = ServiceSet::new(10_000, endpoints);
+        assert_eq!(large.node_port(9_999), Some(30_000));
+        let with_ports: Vec<u16> = (0..10_000).filter_map(|i| large.node_port(i)).collect();
+        assert_eq!(with_ports.len(), node_port_count(10_000));
+        assert_eq!(with_ports.len(), 2_768);
+        assert_eq!(with_ports.first(), Some(&32_767));
+        assert_eq!(large.node_port(10_000 - 2_769), None);
     }
 
     #[test]
