@@ -46,8 +46,8 @@ pub enum Command {
     Cleanup(PinArgs),
     /// Print what the pinned maps hold, readably (works with the agent stopped).
     Dump(PinArgs),
-    /// Inspect the pinned dataplane by Service: frontends, backends, socket translations or
-    /// counters (works with the agent stopped).
+    /// Inspect the pinned dataplane by Service: frontends, backends, socket translations and
+    /// TC flows, or counters (works with the agent stopped).
     Inspect(InspectArgs),
 }
 
@@ -57,7 +57,8 @@ pub enum InspectTarget {
     Services,
     /// Each backend with the Services that use it.
     Backends,
-    /// Socket translations: which socket was sent to which backend of which Service.
+    /// Socket translations (which socket was sent to which backend of which Service) and the
+    /// TC path's live flows.
     Conntrack,
     /// Datapath reason counters and map fill.
     Stats,

@@ -9,7 +9,11 @@ use proxy_common::{
 use serde_json::{Value, json};
 
 use crate::{
-    bpf::{counters::DatapathCounters, pins::PinLayout},
+    bpf::{
+        conntrack::{Conntrack, TrackedFlow, monotonic_now_ns},
+        counters::DatapathCounters,
+        pins::PinLayout,
+    },
     dump::{flag_list, kind_name, ranges_of},
     state::{MapImage, Programmed, RevNatTarget, v4_from_word, v6_from_words},
 };
@@ -27,6 +31,10 @@ pub struct Inspection {
     pub image: MapImage,
     pub counters: Vec<(&'static str, u64)>,
     pub sockets: Vec<SocketTranslation>,
+    /// The TC path's live flows.
+    pub flows: Vec<TrackedFlow>,
+    /// Entries in the IPv4 and IPv6 conntrack maps (live or awaiting collection).
+    pub conntrack_entries: (usize, usize),
 }
 
 fn open_lru<K: aya::Pod, V: aya::Pod>(
@@ -80,11 +88,20 @@ pub fn read(
     programmed: Programmed,
 ) -> anyhow::Result<Inspection> {
     let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?.read();
+    let conntrack = Conntrack::open_pinned(pins).map_err(|error| {
+        anyhow::anyhow!(
+            "opening the pinned conntrack maps {} and {}: {error}",
+            map_names::CT4,
+            map_names::CT6
+        )
+    })?;
     Ok(Inspection {
         programmed,
         image,
         counters,
         sockets: socket_translations(pins)?,
+        flows: conntrack.flows(monotonic_now_ns()),
+        conntrack_entries: conntrack.entry_counts(),
     })
 }
 
@@ -191,25 +208,46 @@ pub fn backends(inspection: &Inspection) -> Vec<Value> {
         .collect()
 }
 
-/// The socket translations, named by Service.
+/// The socket translations (`"kind": "socket"`) and the TC path's live flows
+/// (`"kind": "tc"`), named by Service.
 pub fn conntrack(inspection: &Inspection) -> Vec<Value> {
-    inspection
-        .sockets
-        .iter()
-        .map(|socket| {
-            let frontend = inspection
-                .programmed
-                .rev_nats
-                .get(&socket.rev_nat_id)
-                .map(target_text);
-            json!({
-                "socket_cookie": socket.cookie,
-                "service": service_of(&inspection.programmed, socket.rev_nat_id),
-                "frontend": frontend,
-                "backend": socket.backend,
-            })
+    let sockets = inspection.sockets.iter().map(|socket| {
+        let frontend = inspection
+            .programmed
+            .rev_nats
+            .get(&socket.rev_nat_id)
+            .map(target_text);
+        json!({
+            "kind": "socket",
+            "socket_cookie": socket.cookie,
+            "service": service_of(&inspection.programmed, socket.rev_nat_id),
+            "frontend": frontend,
+            "backend": socket.backend,
         })
-        .collect()
+    });
+    let flows = inspection.flows.iter().map(|flow| {
+        json!({
+            "kind": "tc",
+            "protocol": protocol_name(flow.protocol),
+            "service": service_of(&inspection.programmed, flow.rev_nat_id),
+            "client": flow.client.to_string(),
+            "frontend": flow.frontend.to_string(),
+            "translated_source": flow.translated_source.to_string(),
+            "backend": flow.backend.to_string(),
+            "masqueraded": flow.masqueraded(),
+            "state": flow.state(),
+            "expires_in_seconds": flow.expires_in_ns / 1_000_000_000,
+        })
+    });
+    sockets.chain(flows).collect()
+}
+
+fn protocol_name(number: u8) -> String {
+    match number {
+        proxy_common::protocol::TCP => "tcp".to_owned(),
+        proxy_common::protocol::UDP => "udp".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// Reason counters and map fill.
@@ -230,6 +268,8 @@ pub fn stats(inspection: &Inspection) -> Value {
             fill(map_names::SOURCE_RANGES6, image.source_ranges6.len(), capacity::SOURCE_RANGES),
             fill(map_names::SOCK_REV_NAT4, inspection.sockets.iter().filter(|s| !s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
             fill(map_names::SOCK_REV_NAT6, inspection.sockets.iter().filter(|s| s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
+            fill(map_names::CT4, inspection.conntrack_entries.0, capacity::CT4),
+            fill(map_names::CT6, inspection.conntrack_entries.1, capacity::CT6),
         ],
     })
 }
@@ -272,6 +312,52 @@ fn rows(items: &[Value], fields: &[&str]) -> Vec<Vec<String>> {
         .iter()
         .map(|item| fields.iter().map(|field| text(&item[*field])).collect())
         .collect()
+}
+
+/// Socket translations, then TC flows, as two tables.
+fn conntrack_table(inspection: &Inspection) -> String {
+    let (sockets, flows): (Vec<Value>, Vec<Value>) = conntrack(inspection)
+        .into_iter()
+        .partition(|item| item["kind"] == "socket");
+    let mut out = String::from(
+        "# socket translations (the socket load balancer: one per connected socket)\n",
+    );
+    out.push_str(&table(
+        &["SOCKET", "SERVICE", "FRONTEND", "BACKEND"],
+        &rows(
+            &sockets,
+            &["socket_cookie", "service", "frontend", "backend"],
+        ),
+    ));
+    out.push_str(
+        "\n# TC flows (NodePort, externalIP and load-balancer IP traffic from outside the node)\n",
+    );
+    out.push_str(&table(
+        &[
+            "PROTO",
+            "SERVICE",
+            "CLIENT",
+            "FRONTEND",
+            "SOURCE SEEN BY BACKEND",
+            "BACKEND",
+            "STATE",
+            "EXPIRES(S)",
+        ],
+        &rows(
+            &flows,
+            &[
+                "protocol",
+                "service",
+                "client",
+                "frontend",
+                "translated_source",
+                "backend",
+                "state",
+                "expires_in_seconds",
+            ],
+        ),
+    ));
+    out
 }
 
 /// The table form of one inspection target.
@@ -326,19 +412,7 @@ pub fn render_table(target: &str, inspection: &Inspection) -> String {
                 &["backend_id", "address", "state", "services"],
             ),
         ),
-        "conntrack" => {
-            let mut out = String::from(
-                "# socket translations (the socket load balancer tracks connections per socket; TC conntrack comes with the TC path)\n",
-            );
-            out.push_str(&table(
-                &["SOCKET", "SERVICE", "FRONTEND", "BACKEND"],
-                &rows(
-                    &conntrack(inspection),
-                    &["socket_cookie", "service", "frontend", "backend"],
-                ),
-            ));
-            out
-        }
+        "conntrack" => conntrack_table(inspection),
         _ => {
             let value = stats(inspection);
             let reasons: Vec<Vec<String>> = value["datapath"]
@@ -389,6 +463,8 @@ mod tests {
             image: MapImage::default(),
             counters: Vec::new(),
             sockets: Vec::new(),
+            flows: Vec::new(),
+            conntrack_entries: (0, 0),
         }
     }
 
@@ -461,5 +537,57 @@ mod tests {
             "drop (EHOSTUNREACH)"
         );
         assert_eq!(outcome_when_empty(2, service_flags::NODE_PORT), "balanced");
+    }
+
+    #[test]
+    fn conntrack_lists_socket_translations_and_tc_flows_by_service() {
+        let mut inspection = inspection(&[Op::UpsertName {
+            id: 7,
+            name: "web/front:http".into(),
+        }]);
+        inspection.sockets.push(SocketTranslation {
+            cookie: 42,
+            backend: "10.240.1.2:8080".into(),
+            rev_nat_id: 7,
+        });
+        inspection.flows.push(TrackedFlow {
+            protocol: proxy_common::protocol::TCP,
+            client: "192.0.2.9:40000".parse().unwrap(),
+            frontend: "192.0.2.1:30080".parse().unwrap(),
+            translated_source: "10.240.1.1:61001".parse().unwrap(),
+            backend: "10.240.1.2:8080".parse().unwrap(),
+            rev_nat_id: 7,
+            flags: proxy_common::ct_flags::SNAT | proxy_common::ct_flags::SEEN_REPLY,
+            expires_in_ns: 86_399_500_000_000,
+        });
+        let items = conntrack(&inspection);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0]["kind"], "socket");
+        assert_eq!(items[0]["socket_cookie"], 42);
+        assert_eq!(items[0]["service"], "web/front:http");
+        let flow = &items[1];
+        assert_eq!(flow["kind"], "tc");
+        assert_eq!(flow["protocol"], "tcp");
+        assert_eq!(flow["service"], "web/front:http");
+        assert_eq!(flow["client"], "192.0.2.9:40000");
+        assert_eq!(flow["frontend"], "192.0.2.1:30080");
+        assert_eq!(flow["translated_source"], "10.240.1.1:61001");
+        assert_eq!(flow["backend"], "10.240.1.2:8080");
+        assert_eq!(flow["masqueraded"], true);
+        assert_eq!(flow["state"], "established");
+        assert_eq!(flow["expires_in_seconds"], 86_399);
+        let table = render_table("conntrack", &inspection);
+        let flow_line = table
+            .lines()
+            .find(|line| line.starts_with("tcp"))
+            .unwrap_or_else(|| panic!("no TC flow row in\n{table}"));
+        for cell in [
+            "web/front:http",
+            "192.0.2.9:40000",
+            "10.240.1.1:61001",
+            "established",
+        ] {
+            assert!(flow_line.contains(cell), "{cell} missing from {flow_line}");
+        }
     }
 }

@@ -124,7 +124,7 @@ pub fn render_health_checks(out: &mut String, counters: &HealthCheckCounters) {
     );
 }
 
-/// The socket load balancer's per-connection state (TC conntrack comes with the TC path).
+/// The socket load balancer's per-connection state (the TC path's flows: `inspect conntrack`).
 fn render_sockets(out: &mut String, datapath: &DatapathView<'_>) {
     header(
         out,

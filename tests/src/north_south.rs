@@ -392,18 +392,23 @@ impl NorthSouth {
         })
     }
 
-    /// The agent's datapath reason counters (`switchyard inspect stats`), by name.
-    pub fn datapath_counters(&self) -> BTreeMap<String, u64> {
+    /// `switchyard inspect TARGET --output json` on the agent's pins.
+    pub fn inspect_json(&self, target: &str) -> Value {
         let dir = self.bpffs.agent_dir();
         let output = run_checked(
             Command::new(switchyard_bin())
-                .args(["inspect", "stats", "--output", "json", "--bpffs"])
+                .args(["inspect", target, "--output", "json", "--bpffs"])
                 .arg(&dir),
             Duration::from_secs(30),
         )
-        .unwrap_or_else(|e| panic!("switchyard inspect stats: {e:#}"));
-        let value: Value = serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|e| panic!("inspect stats output is not JSON: {e}"));
+        .unwrap_or_else(|e| panic!("switchyard inspect {target}: {e:#}"));
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("inspect {target} output is not JSON: {e}"))
+    }
+
+    /// The agent's datapath reason counters (`switchyard inspect stats`), by name.
+    pub fn datapath_counters(&self) -> BTreeMap<String, u64> {
+        let value = self.inspect_json("stats");
         value["datapath"]
             .as_object()
             .map(|counters| {

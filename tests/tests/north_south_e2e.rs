@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use switchyard_tests::north_south::{
     BACKEND_PORT, CLIENT4, CLIENT6, ExternalService, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6,
     NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_POD4,
-    REMOTE_POD6, ServiceType, manifests,
+    REMOTE_POD6, SERVICE_NAMESPACE, ServiceType, manifests,
 };
 use switchyard_tests::report::{Attempt, backend_counts};
 use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
@@ -424,6 +424,47 @@ fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades() {
         counters.get("tc_new_flow").copied().unwrap_or(0) > 0,
         "new flows through TC are counted: {counters:?}"
     );
+    check_inspect_lists_masqueraded_flows(&ns, &targets);
+}
+
+/// `inspect conntrack` lists the flows just made (still within their closing lifetime): the
+/// outside client to each frontend, masqueraded to a node address, to a backend of `ns/web`.
+fn check_inspect_lists_masqueraded_flows(ns: &NorthSouth, targets: &[(String, SocketAddr)]) {
+    let listed = ns.inspect_json("conntrack");
+    let flows: Vec<&serde_json::Value> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|item| item["kind"] == "tc")
+        .collect();
+    let node_addresses = ns.node_addresses();
+    let backends = [
+        sa(LOCAL_POD4, BACKEND_PORT).to_string(),
+        sa(REMOTE_POD4, BACKEND_PORT).to_string(),
+    ];
+    for (label, target) in targets {
+        for protocol in ["tcp", "udp"] {
+            let flow = flows
+                .iter()
+                .find(|f| f["frontend"] == target.to_string() && f["protocol"] == protocol)
+                .unwrap_or_else(|| panic!("no {protocol} flow to {label} {target} in {listed:#}"));
+            let text = |field: &str| flow[field].as_str().unwrap_or_default().to_owned();
+            assert_eq!(
+                flow["service"],
+                format!("{SERVICE_NAMESPACE}/web:{protocol}")
+            );
+            assert_eq!(
+                text("client").parse::<SocketAddr>().map(|c| c.ip()),
+                Ok(IpAddr::from(CLIENT4))
+            );
+            assert_eq!(flow["masqueraded"], true, "{flow}");
+            let source: SocketAddr = text("translated_source").parse().expect("an address");
+            assert!(node_addresses.contains(&source.ip()), "{flow}");
+            assert!(DEFAULT_SNAT_PORTS.contains(&source.port()), "{flow}");
+            assert!(backends.contains(&text("backend")), "{flow}");
+            assert!(flow["expires_in_seconds"].as_u64().is_some(), "{flow}");
+        }
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The TC path's connection tracking, from userspace: garbage collection of expired flows (the
-//! datapath only refreshes lifetimes; an LRU alone would keep dead flows until pressure) and
-//! removal of UDP flows whose backend left their service (service-semantics §3.13).
+//! datapath only refreshes lifetimes; an LRU alone would keep dead flows until pressure),
+//! removal of UDP flows whose backend left their service (service-semantics §3.13), and the
+//! live flows for `inspect conntrack`.
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
     hash::Hash,
@@ -30,6 +31,25 @@ trait CtFamily {
     fn partner_key(key: &Self::Key, entry: &Self::Entry) -> Self::Key;
     /// Where a forward entry sends the flow.
     fn destination(entry: &Self::Entry) -> SocketAddr;
+    /// The source a forward entry gives the flow (a node address when masqueraded).
+    fn source(entry: &Self::Entry) -> SocketAddr;
+    /// (source, destination) of the packets a key matches.
+    fn ends(key: &Self::Key) -> (SocketAddr, SocketAddr);
+}
+
+fn v4_socket(word: u32, port_be: u16) -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::from(word.to_ne_bytes())),
+        u16::from_be(port_be),
+    )
+}
+
+fn v6_socket(words: [u32; 4], port_be: u16) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), u16::from_be(port_be))
 }
 
 struct V4;
@@ -61,8 +81,16 @@ impl CtFamily for V4 {
         }
     }
     fn destination(entry: &Ct4Entry) -> SocketAddr {
-        let ip = Ipv4Addr::from(entry.daddr.to_ne_bytes());
-        SocketAddr::new(IpAddr::V4(ip), u16::from_be(entry.dport_be))
+        v4_socket(entry.daddr, entry.dport_be)
+    }
+    fn source(entry: &Ct4Entry) -> SocketAddr {
+        v4_socket(entry.saddr, entry.sport_be)
+    }
+    fn ends(key: &Ct4Key) -> (SocketAddr, SocketAddr) {
+        (
+            v4_socket(key.saddr, key.sport_be),
+            v4_socket(key.daddr, key.dport_be),
+        )
     }
 }
 
@@ -92,13 +120,15 @@ impl CtFamily for V6 {
         }
     }
     fn destination(entry: &Ct6Entry) -> SocketAddr {
-        let mut octets = [0u8; 16];
-        for (chunk, word) in octets.chunks_mut(4).zip(entry.daddr) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        SocketAddr::new(
-            IpAddr::V6(Ipv6Addr::from(octets)),
-            u16::from_be(entry.dport_be),
+        v6_socket(entry.daddr, entry.dport_be)
+    }
+    fn source(entry: &Ct6Entry) -> SocketAddr {
+        v6_socket(entry.saddr, entry.sport_be)
+    }
+    fn ends(key: &Ct6Key) -> (SocketAddr, SocketAddr) {
+        (
+            v6_socket(key.saddr, key.sport_be),
+            v6_socket(key.daddr, key.dport_be),
         )
     }
 }
@@ -110,6 +140,49 @@ pub struct GcReport {
     pub live_flows: usize,
     /// Entries removed (expired forward entries and the reply entries left without one).
     pub removed: usize,
+}
+
+/// One flow the TC path tracks (its forward entry), for `inspect conntrack`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TrackedFlow {
+    pub protocol: u8,
+    /// The client, as the packets arrive.
+    pub client: SocketAddr,
+    /// The Service frontend the client addressed.
+    pub frontend: SocketAddr,
+    /// The source the backend sees: a node address and port when masqueraded, else the
+    /// client.
+    pub translated_source: SocketAddr,
+    pub backend: SocketAddr,
+    pub rev_nat_id: u32,
+    pub flags: u16,
+    /// Nanoseconds until the flow expires unless a packet refreshes it.
+    pub expires_in_ns: u64,
+}
+
+impl TrackedFlow {
+    /// The flow's state as conntrack(8) users know it.
+    pub fn state(&self) -> &'static str {
+        let flags = self.flags;
+        let seen_reply = flags & ct_flags::SEEN_REPLY != 0;
+        if self.protocol != protocol::TCP {
+            return if seen_reply { "replied" } else { "unreplied" };
+        }
+        let fins = flags & (ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY);
+        if flags & ct_flags::RST != 0 || fins == ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY {
+            "closed"
+        } else if fins != 0 {
+            "closing"
+        } else if seen_reply {
+            "established"
+        } else {
+            "syn-sent"
+        }
+    }
+
+    pub fn masqueraded(&self) -> bool {
+        self.flags & ct_flags::SNAT != 0
+    }
 }
 
 /// Both families' conntrack maps, opened from their pins.
@@ -153,6 +226,19 @@ impl Conntrack {
         forget_udp::<V4>(&mut self.v4, removed) + forget_udp::<V6>(&mut self.v6, removed)
     }
 
+    /// Every live flow of both families, ordered by protocol and client.
+    pub fn flows(&self, now_ns: u64) -> Vec<TrackedFlow> {
+        let mut flows = live_flows::<V4>(&self.v4, now_ns);
+        flows.extend(live_flows::<V6>(&self.v6, now_ns));
+        flows.sort();
+        flows
+    }
+
+    /// Entries (forward and reply, live or not yet collected) per family: the maps' fill.
+    pub fn entry_counts(&self) -> (usize, usize) {
+        (self.v4.keys().count(), self.v6.keys().count())
+    }
+
     /// Live flows per family (for `inspect` and metrics).
     pub fn count_live(&self, now_ns: u64) -> (usize, usize) {
         let live = |flags: u16, expires: u64| flags & ct_flags::REPLY == 0 && expires > now_ns;
@@ -170,6 +256,38 @@ impl Conntrack {
             .count();
         (v4, v6)
     }
+}
+
+fn live_flows<F: CtFamily>(
+    map: &HashMap<MapData, F::Key, F::Entry>,
+    now_ns: u64,
+) -> Vec<TrackedFlow> {
+    flows_of::<F>(map.iter().filter_map(Result::ok), now_ns)
+}
+
+/// The live forward entries among `entries`, as flows.
+fn flows_of<F: CtFamily>(
+    entries: impl Iterator<Item = (F::Key, F::Entry)>,
+    now_ns: u64,
+) -> Vec<TrackedFlow> {
+    entries
+        .filter(|(_, entry)| {
+            F::flags(entry) & ct_flags::REPLY == 0 && F::expires_ns(entry) > now_ns
+        })
+        .map(|(key, entry)| {
+            let (client, frontend) = F::ends(&key);
+            TrackedFlow {
+                protocol: F::protocol(&key),
+                client,
+                frontend,
+                translated_source: F::source(&entry),
+                backend: F::destination(&entry),
+                rev_nat_id: F::rev_nat_id(&entry),
+                flags: F::flags(&entry),
+                expires_in_ns: F::expires_ns(&entry) - now_ns,
+            }
+        })
+        .collect()
 }
 
 fn entries<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> StdHashMap<F::Key, F::Entry> {
@@ -310,6 +428,55 @@ mod tests {
         };
         let entries: StdHashMap<_, _> = [(key, moved), (reply_key, reply)].into_iter().collect();
         assert_eq!(garbage::<V4>(&entries, 100), vec![reply_key]);
+    }
+
+    #[test]
+    fn flows_are_the_live_forward_entries_with_their_translation_and_state() {
+        let (live_key, mut live) = forward(1000, 8080, 500);
+        live.flags = ct_flags::SNAT | ct_flags::SEEN_REPLY;
+        let (dead_key, dead) = forward(1001, 8080, 50);
+        let (reply_key, reply) = reply_of(&live_key, &live);
+        let entries = [(live_key, live), (dead_key, dead), (reply_key, reply)];
+        let flows = flows_of::<V4>(entries.into_iter(), 100);
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        let flow = &flows[0];
+        let word = |n: u32| IpAddr::V4(Ipv4Addr::from(n.to_ne_bytes()));
+        assert_eq!(flow.client, SocketAddr::new(word(1), u16::from_be(1000)));
+        assert_eq!(flow.frontend, SocketAddr::new(word(2), u16::from_be(80)));
+        assert_eq!(
+            flow.translated_source,
+            SocketAddr::new(word(3), u16::from_be(1000))
+        );
+        assert_eq!(flow.backend, SocketAddr::new(word(4), u16::from_be(8080)));
+        assert_eq!(flow.expires_in_ns, 400);
+        assert!(flow.masqueraded());
+        assert_eq!(flow.state(), "established");
+    }
+
+    #[test]
+    fn flow_states_follow_the_tcp_flags_and_udp_replies() {
+        let flow = |protocol, flags| TrackedFlow {
+            protocol,
+            client: "10.0.0.1:1000".parse().unwrap(),
+            frontend: "10.0.0.2:80".parse().unwrap(),
+            translated_source: "10.0.0.1:1000".parse().unwrap(),
+            backend: "10.0.0.3:8080".parse().unwrap(),
+            rev_nat_id: 1,
+            flags,
+            expires_in_ns: 1,
+        };
+        let tcp = |flags| flow(protocol::TCP, flags).state();
+        assert_eq!(tcp(0), "syn-sent");
+        assert_eq!(tcp(ct_flags::SEEN_REPLY), "established");
+        assert_eq!(tcp(ct_flags::SEEN_REPLY | ct_flags::FIN_REPLY), "closing");
+        assert_eq!(
+            tcp(ct_flags::SEEN_REPLY | ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY),
+            "closed"
+        );
+        assert_eq!(tcp(ct_flags::RST), "closed");
+        assert_eq!(flow(protocol::UDP, 0).state(), "unreplied");
+        assert_eq!(flow(protocol::UDP, ct_flags::SEEN_REPLY).state(), "replied");
+        assert!(!flow(protocol::UDP, 0).masqueraded());
     }
 
     #[test]
