@@ -13,7 +13,7 @@ use crate::{
         conntrack::{Conntrack, monotonic_now_ns},
         counters::{DatapathCounters, SocketTranslations},
         loader, mounts,
-        north_south::{self, NorthSouth},
+        north_south::{self, InterfaceFollower, NorthSouth},
         pins::PinLayout,
     },
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
@@ -91,7 +91,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
     let north_south = north_south_settings(&args);
     north_south::check_node_settings(&north_south);
-    let generation = loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
+    let (generation, tc_attachments) = loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
     let retired = loader::retire_links(&pins, Some(&generation));
     if retired > 0 {
         info!(retired, "took over from a previous agent's links");
@@ -103,6 +103,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     spawn_conntrack_gc(Conntrack::open_pinned(&pins).context("opening the conntrack maps")?);
     let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
+    // The loaded programs now only serve to attach to interfaces that appear later; the
+    // attached ones live on through their pinned links.
+    spawn_interface_follower(InterfaceFollower::new(
+        ebpf,
+        pins.clone(),
+        generation,
+        north_south,
+        tc_attachments,
+    ));
     let sockets = Arc::new(SocketTranslations::open_pinned(
         &pins.map(map_names::SOCK_REV_NAT4),
         &pins.map(map_names::SOCK_REV_NAT6),
@@ -140,9 +149,32 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // kube-proxy's do): close them before exiting, whatever ended the runner.
     health_checks.close_all().await;
     synced?;
-    // The programs stay attached through their pinned links; `ebpf` may be dropped.
-    drop(ebpf);
     Ok(())
+}
+
+/// How often the node's interfaces are checked for new or re-created ones.
+const INTERFACE_FOLLOW_PERIOD: Duration = Duration::from_secs(2);
+
+fn spawn_interface_follower(mut follower: InterfaceFollower) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERFACE_FOLLOW_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pass = tokio::task::spawn_blocking(move || {
+                follower.follow();
+                follower
+            })
+            .await;
+            match pass {
+                Ok(back) => follower = back,
+                Err(failure) => {
+                    error!("following the node's interfaces stopped: {failure}");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// How often expired north-south flows are removed from the conntrack maps.

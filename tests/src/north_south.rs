@@ -392,6 +392,18 @@ impl NorthSouth {
         })
     }
 
+    /// Deletes the node ↔ client link and creates it again (same names and addresses, new
+    /// interface indexes), as when a NIC or a CNI bridge is re-created under a running agent.
+    pub fn recreate_client_link(&self) {
+        let recreate = || -> Result<()> {
+            ip_in(self.node_namespace(), &["link", "del", NODE_CLIENT_LINK])?;
+            let (node_end, client_end) = client_link_ends(self.node_namespace(), &self.client);
+            WorldBuilder { links: Vec::new() }.link(&node_end, &client_end)?;
+            route_client(&self.client)
+        };
+        recreate().expect("re-creating the node ↔ client link");
+    }
+
     /// `switchyard inspect TARGET --output json` on the agent's pins.
     pub fn inspect_json(&self, target: &str) -> Value {
         let dir = self.bpffs.agent_dir();
@@ -489,24 +501,8 @@ impl Spaces {
     /// The four veth links; returns every (namespace, device) end.
     fn wire(&self) -> Result<Vec<(String, String)>> {
         let mut world = WorldBuilder { links: Vec::new() };
-        world.link(
-            &End {
-                netns: &self.node,
-                device: NODE_CLIENT_LINK,
-                v4: NODE_EXT4,
-                prefix4: 24,
-                v6: NODE_EXT6,
-                prefix6: 64,
-            },
-            &End {
-                netns: &self.client,
-                device: "eth0",
-                v4: CLIENT4,
-                prefix4: 24,
-                v6: CLIENT6,
-                prefix6: 64,
-            },
-        )?;
+        let (node_end, client_end) = client_link_ends(&self.node, &self.client);
+        world.link(&node_end, &client_end)?;
         world.link(
             &End {
                 netns: &self.node,
@@ -566,14 +562,7 @@ impl Spaces {
 
     /// Specific routes only (see the module documentation).
     fn route(&self) -> Result<()> {
-        // The client: pods and external addresses via the node, nothing else.
-        let (ext4, ext6) = (NODE_EXT4.to_string(), NODE_EXT6.to_string());
-        for prefix in ["10.240.0.0/15", EXTERNAL_NET4] {
-            ip_in(&self.client, &["route", "add", prefix, "via", &ext4])?;
-        }
-        for prefix in ["fd00:240::/31", EXTERNAL_NET6] {
-            ip_in(&self.client, &["-6", "route", "add", prefix, "via", &ext6])?;
-        }
+        route_client(&self.client)?;
         // The node: the remote pod network via node2; no default route.
         ip_in(
             &self.node,
@@ -617,6 +606,40 @@ impl Spaces {
         }
         Ok(())
     }
+}
+
+/// The client's routes: pods and external addresses via the node, nothing else.
+fn route_client(client: &str) -> Result<()> {
+    let (ext4, ext6) = (NODE_EXT4.to_string(), NODE_EXT6.to_string());
+    for prefix in ["10.240.0.0/15", EXTERNAL_NET4] {
+        ip_in(client, &["route", "add", prefix, "via", &ext4])?;
+    }
+    for prefix in ["fd00:240::/31", EXTERNAL_NET6] {
+        ip_in(client, &["-6", "route", "add", prefix, "via", &ext6])?;
+    }
+    Ok(())
+}
+
+/// The node ↔ client link's two ends.
+fn client_link_ends<'a>(node: &'a str, client: &'a str) -> (End<'a>, End<'a>) {
+    (
+        End {
+            netns: node,
+            device: NODE_CLIENT_LINK,
+            v4: NODE_EXT4,
+            prefix4: 24,
+            v6: NODE_EXT6,
+            prefix6: 64,
+        },
+        End {
+            netns: client,
+            device: "eth0",
+            v4: CLIENT4,
+            prefix4: 24,
+            v6: CLIENT6,
+            prefix6: 64,
+        },
+    )
 }
 
 struct WorldBuilder {

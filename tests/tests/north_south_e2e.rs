@@ -893,3 +893,55 @@ fn node_port_addresses_and_snat_port_range_flags() {
         }
     }
 }
+
+/// Link pins of the TC program on `device`, anywhere under the agent's bpffs directory.
+fn tc_link_pins(ns: &NorthSouth, device: &str) -> Vec<String> {
+    let prefix = format!("sy_tc_ingress-{device}@");
+    let mut found = Vec::new();
+    let mut pending = vec![ns.bpffs().agent_dir()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                pending.push(path);
+            } else if name.starts_with(&prefix) {
+                found.push(name);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn an_interface_recreated_under_the_running_agent_gets_the_tc_program_again() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let web = web();
+    start(&mut ns, &[&web], &[]);
+    assert_eq!(tc_link_pins(&ns, "ext0").len(), 1, "attached at start");
+
+    // Same name and addresses, new index: without a new attachment the node's own stack
+    // would answer the NodePort with a reset.
+    ns.recreate_client_link();
+    let node_port = sa(NODE_EXT4, 30080);
+    ns.wait_outside(
+        &request(ClientProto::Tcp, node_port, 1),
+        "answer from a backend through the re-created link",
+        |a| a.ok && a.backend.is_some(),
+    );
+    let targets = [("web NodePort (re-created link)".to_owned(), node_port)];
+    check_masqueraded_balance(&ns, &targets, BALANCE_COUNT, &DEFAULT_SNAT_PORTS);
+    let pins = tc_link_pins(&ns, "ext0");
+    assert_eq!(
+        pins.len(),
+        1,
+        "the defunct link's pin is replaced, not kept beside the new one: {pins:?}"
+    );
+    assert!(
+        ns.agent()
+            .log()
+            .contains("TC ingress attached to a new interface"),
+        "the agent says so"
+    );
+}

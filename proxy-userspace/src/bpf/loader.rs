@@ -27,7 +27,7 @@ use proxy_common::{
 use tracing::{info, warn};
 
 use super::{
-    north_south::{self, NorthSouth},
+    north_south::{self, NorthSouth, TcAttachments},
     pins::PinLayout,
 };
 
@@ -189,13 +189,13 @@ fn new_generation() -> String {
 }
 
 /// Attaches every program (socket hooks to the cgroup, TC ingress to the node's interfaces)
-/// and pins the links; returns the generation.
+/// and pins the links; returns the generation and the interfaces TC is attached to.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
     cgroup: &Path,
     north_south: &NorthSouth,
-) -> Result<String, LoadError> {
+) -> Result<(String, TcAttachments), LoadError> {
     let cgroup_dir = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -249,20 +249,22 @@ pub fn attach_all(
             )?;
         pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
         north_south::write_config(ebpf, north_south)?;
-        north_south::attach(ebpf, pins, &generation, north_south, &mut pinned)?;
-        Ok(())
+        north_south::attach(ebpf, pins, &generation, north_south, &mut pinned)
     })();
-    if let Err(error) = result {
-        // Nothing half-applied: detach what this attempt attached; older links stay in place.
-        for link in pinned {
-            if let Err(unpin) = link.unpin() {
-                warn!("cannot unpin a link of the failed attach: {unpin}");
+    let tc_attachments = match result {
+        Ok(tc_attachments) => tc_attachments,
+        Err(error) => {
+            // Nothing half-applied: detach what this attempt attached; older links stay.
+            for link in pinned {
+                if let Err(unpin) = link.unpin() {
+                    warn!("cannot unpin a link of the failed attach: {unpin}");
+                }
             }
+            return Err(error);
         }
-        return Err(error);
-    }
+    };
     info!(cgroup = %cgroup.display(), %generation, "socket hooks attached");
-    Ok(generation)
+    Ok((generation, tc_attachments))
 }
 
 /// Detaches the links of every generation but `keep` (all of them with `None`).

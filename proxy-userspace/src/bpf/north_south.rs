@@ -1,7 +1,12 @@
 //! The north-south datapath's userspace side: which interfaces get the TC ingress program,
-//! attaching it (TCX links, pinned like the socket hooks' links), and the settings it reads
-//! from the `CONFIG_V1` map (pod CIDRs, masquerade-all, masquerade ports).
-use std::{collections::BTreeSet, net::IpAddr, path::Path};
+//! attaching it (TCX links, pinned like the socket hooks' links) at start and to interfaces
+//! that appear or are re-created later, and the settings it reads from the `CONFIG_V1` map
+//! (pod CIDRs, masquerade-all, masquerade ports).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
 
 use aya::{
     Ebpf,
@@ -100,6 +105,22 @@ pub fn write_config(ebpf: &mut Ebpf, north_south: &NorthSouth) -> Result<(), Loa
         .map_err(|error| map_error(error.to_string()))
 }
 
+/// The interfaces the TC program is attached to, by name, with the index each had then (a
+/// re-created interface gets a new index and needs a new attachment).
+pub type TcAttachments = BTreeMap<String, u32>;
+
+fn interface_index(interface: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(interface).ok()
+}
+
+fn loaded_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let name = TC_INGRESS_PROGRAM;
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(program_error("type check"))
+}
+
 /// Attaches the TC ingress program to the chosen interfaces and pins each link under this
 /// generation. Links already attached are pushed onto `pinned` so a failure can roll back.
 pub fn attach(
@@ -108,21 +129,17 @@ pub fn attach(
     generation: &str,
     north_south: &NorthSouth,
     pinned: &mut Vec<PinnedLink>,
-) -> Result<Vec<String>, LoadError> {
-    let name = TC_INGRESS_PROGRAM;
+) -> Result<TcAttachments, LoadError> {
     let (targets, explicit) = north_south.targets()?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::MissingProgram { name })?
-        .try_into()
-        .map_err(program_error("type check"))?;
+    let program = loaded_program(ebpf)?;
     program.load().map_err(program_error("loading"))?;
-    let mut attached = Vec::new();
+    let mut attached = TcAttachments::new();
     for interface in targets {
+        let index = interface_index(&interface);
         match attach_one(program, pins, generation, &interface) {
             Ok(link) => {
                 pinned.push(link);
-                attached.push(interface);
+                attached.insert(interface, index.unwrap_or_default());
             }
             Err(error) if explicit => return Err(error),
             Err(error) => {
@@ -130,8 +147,141 @@ pub fn attach(
             }
         }
     }
-    info!(interfaces = ?attached, "TC ingress attached");
+    info!(interfaces = ?attached.keys().collect::<Vec<_>>(), "TC ingress attached");
     Ok(attached)
+}
+
+/// What one pass over the node's interfaces should do, given what is attached.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct InterfaceChanges {
+    /// (name, index) to attach: new interfaces and re-created ones.
+    attach: Vec<(String, u32)>,
+    /// Names whose attachment is gone with its interface (deleted, or re-created under the
+    /// same name): their pinned links are defunct and are removed.
+    forget: Vec<String>,
+}
+
+/// Compares the wanted interfaces (name → current index) with the attached ones;
+/// `current_index` tells the index an attached name has now (None: deleted).
+fn interface_changes(
+    wanted: &TcAttachments,
+    attached: &TcAttachments,
+    current_index: impl Fn(&str) -> Option<u32>,
+) -> InterfaceChanges {
+    let mut changes = InterfaceChanges::default();
+    for (name, index) in attached {
+        if current_index(name) != Some(*index) {
+            changes.forget.push(name.clone());
+        }
+    }
+    for (name, index) in wanted {
+        let same = attached.get(name) == Some(index);
+        if !same {
+            changes.attach.push((name.clone(), *index));
+        }
+    }
+    changes
+}
+
+/// Follows the node's interfaces after start: attaches the program to interfaces that appear
+/// (a bridge a CNI creates with the first pod, a hot-plugged NIC) or are re-created, and
+/// removes the defunct links of deleted ones. With `--interfaces`, only those names are
+/// followed. A failure is logged once per interface index, never fatal.
+pub struct InterfaceFollower {
+    ebpf: Ebpf,
+    pins: PinLayout,
+    generation: String,
+    north_south: NorthSouth,
+    attached: TcAttachments,
+    /// Indexes an attach failed on, so a broken interface is reported once.
+    failed: BTreeSet<u32>,
+}
+
+impl InterfaceFollower {
+    pub fn new(
+        ebpf: Ebpf,
+        pins: PinLayout,
+        generation: String,
+        north_south: NorthSouth,
+        attached: TcAttachments,
+    ) -> Self {
+        Self {
+            ebpf,
+            pins,
+            generation,
+            north_south,
+            attached,
+            failed: BTreeSet::new(),
+        }
+    }
+
+    /// The interfaces wanted now, with their current index (missing ones left out).
+    fn wanted(&self) -> TcAttachments {
+        let names = if self.north_south.interfaces.is_empty() {
+            match node_interfaces() {
+                Ok(names) => names,
+                Err(error) => {
+                    warn!("listing the node's interfaces: {error}");
+                    return self.attached.clone();
+                }
+            }
+        } else {
+            self.north_south.interfaces.clone()
+        };
+        names
+            .into_iter()
+            .filter_map(|name| interface_index(&name).map(|index| (name, index)))
+            .collect()
+    }
+
+    /// One pass; returns the interfaces newly attached.
+    pub fn follow(&mut self) -> Vec<String> {
+        let changes = interface_changes(&self.wanted(), &self.attached, interface_index);
+        for name in changes.forget {
+            self.attached.remove(&name);
+            let pin = self.pins.link(&pin_name(&name), &self.generation);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => info!(interface = %name, "interface gone: its TC link was removed"),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    warn!(pin = %pin.display(), "cannot remove a defunct TC link: {error}");
+                }
+            }
+        }
+        let mut attached_now = Vec::new();
+        if changes.attach.is_empty() {
+            return attached_now;
+        }
+        let program = match loaded_program(&mut self.ebpf) {
+            Ok(program) => program,
+            Err(error) => {
+                warn!("{error}");
+                return attached_now;
+            }
+        };
+        for (name, index) in changes.attach {
+            match attach_one(program, &self.pins, &self.generation, &name) {
+                Ok(_pinned) => {
+                    info!(interface = %name, "TC ingress attached to a new interface");
+                    self.failed.remove(&index);
+                    self.attached.insert(name.clone(), index);
+                    attached_now.push(name);
+                }
+                Err(error) => {
+                    if self.failed.insert(index) {
+                        warn!(interface = %name, "north-south traffic on this interface is not load-balanced: {error}");
+                    }
+                }
+            }
+        }
+        attached_now
+    }
+}
+
+/// The link pin of `interface` (bpffs refuses names with dots, and interface names may have
+/// them, e.g. VLANs).
+fn pin_name(interface: &str) -> String {
+    format!("{TC_INGRESS_PROGRAM}-{}", interface.replace('.', "_"))
 }
 
 fn attach_one(
@@ -157,9 +307,7 @@ fn attach_one(
         .map_err(|error: aya::programs::links::LinkError| {
             action_error("converting its link")(error.to_string())
         })?;
-    // bpffs refuses names with dots (and interface names may have them, e.g. VLANs).
-    let pin_name = format!("{TC_INGRESS_PROGRAM}-{}", interface.replace('.', "_"));
-    let path = pins.link(&pin_name, generation);
+    let path = pins.link(&pin_name(interface), generation);
     link.pin(&path)
         .map_err(|error| action_error("pinning its link")(error.to_string()))
 }
@@ -201,5 +349,69 @@ fn check_sysctl(path: &str, healthy: impl Fn(&str) -> bool, warning: &str) {
         && !healthy(&value)
     {
         warn!("{warning}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interfaces(pairs: &[(&str, u32)]) -> TcAttachments {
+        pairs
+            .iter()
+            .map(|(name, index)| ((*name).to_owned(), *index))
+            .collect()
+    }
+
+    #[test]
+    fn new_interfaces_are_attached_and_attached_ones_left_alone() {
+        let attached = interfaces(&[("eth0", 2)]);
+        let wanted = interfaces(&[("eth0", 2), ("cni0", 7)]);
+        let now = |name: &str| wanted.get(name).copied();
+        assert_eq!(
+            interface_changes(&wanted, &attached, now),
+            InterfaceChanges {
+                attach: vec![("cni0".to_owned(), 7)],
+                forget: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn a_recreated_interface_is_forgotten_then_attached_again() {
+        let attached = interfaces(&[("eth0", 2), ("cni0", 7)]);
+        let wanted = interfaces(&[("eth0", 2), ("cni0", 9)]);
+        let now = |name: &str| wanted.get(name).copied();
+        assert_eq!(
+            interface_changes(&wanted, &attached, now),
+            InterfaceChanges {
+                attach: vec![("cni0".to_owned(), 9)],
+                forget: vec!["cni0".to_owned()],
+            }
+        );
+    }
+
+    #[test]
+    fn a_deleted_interface_is_forgotten_one_without_addresses_stays_attached() {
+        let attached = interfaces(&[("eth0", 2), ("gone0", 5), ("bare0", 6)]);
+        // bare0 still exists (same index) but lost its addresses, so it is not wanted.
+        let wanted = interfaces(&[("eth0", 2)]);
+        let now = |name: &str| match name {
+            "eth0" => Some(2),
+            "bare0" => Some(6),
+            _ => None,
+        };
+        assert_eq!(
+            interface_changes(&wanted, &attached, now),
+            InterfaceChanges {
+                attach: vec![],
+                forget: vec!["gone0".to_owned()],
+            }
+        );
+    }
+
+    #[test]
+    fn dots_in_interface_names_never_reach_bpffs() {
+        assert_eq!(pin_name("eth0.100"), "sy_tc_ingress-eth0_100");
     }
 }
