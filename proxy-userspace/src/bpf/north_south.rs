@@ -217,16 +217,12 @@ impl InterfaceFollower {
 
     /// The interfaces wanted now, with their current index (missing ones left out).
     fn wanted(&self) -> TcAttachments {
-        let names = if self.north_south.interfaces.is_empty() {
-            match node_interfaces() {
-                Ok(names) => names,
-                Err(error) => {
-                    warn!("listing the node's interfaces: {error}");
-                    return self.attached.clone();
-                }
+        let names = match self.north_south.targets() {
+            Ok((names, _explicit)) => names,
+            Err(error) => {
+                warn!("{error}");
+                return self.attached.clone();
             }
-        } else {
-            self.north_south.interfaces.clone()
         };
         names
             .into_iter()
