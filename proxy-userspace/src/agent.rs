@@ -9,22 +9,24 @@ use proxy_common::map_names;
 use tracing::{debug, error, info};
 
 use crate::{
+    admin::{health, healthcheck, http, metrics, stats::StatsHandle},
     bpf::{
-        conntrack::{Conntrack, monotonic_now_ns},
-        counters::{DatapathCounters, SocketTranslations},
         loader, mounts,
         north_south::{self, InterfaceFollower, NorthSouth},
         pins::PinLayout,
     },
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
-    dump, health, healthcheck, http, inspect, metrics,
+    datapath::{
+        conntrack::{Conntrack, monotonic_now_ns},
+        counters::{DatapathCounters, SocketTranslations},
+        udp_reaper::{NetlinkReaper, SocketsAndFlows},
+    },
+    maps::{KernelMaps, MapWriter},
     model::ModelConfig,
-    node_addresses::NodeConfig,
+    node::NodeConfig,
+    render::{dump, inspect},
+    runner::{self as sync, SyncConfig},
     source,
-    stats::StatsHandle,
-    sync::{self, SyncConfig},
-    udp_reaper::{NetlinkReaper, SocketsAndFlows},
-    writer::{KernelMaps, MapWriter},
 };
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).
@@ -318,7 +320,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     };
     let maps = KernelMaps::open_pinned(&pins)?;
     let image = maps.read_image()?;
-    let (programmed, _) = crate::state::Programmed::from_image(&image);
+    let (programmed, _) = crate::maps::encode::programmed_from_image(&image);
     let inspection = inspect::read(&pins, image, programmed)?;
     let target = match args.target {
         InspectTarget::Services => "services",

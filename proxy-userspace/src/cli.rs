@@ -118,8 +118,8 @@ pub struct RunArgs {
     /// without any CIDR listed opens on all its addresses), or `primary` for the node's
     /// primary address of each family from its Node object; empty: every address of the
     /// node (loopback and IPv6 link-local excluded). Re-read at every sync.
-    #[arg(long, default_value = "", value_parser = crate::node_addresses::parse_nodeport_addresses, value_name = "CIDRS|primary")]
-    pub nodeport_addresses: crate::node_addresses::NodePortAddresses,
+    #[arg(long, default_value = "", value_parser = crate::node::parse_nodeport_addresses, value_name = "CIDRS|primary")]
+    pub nodeport_addresses: crate::node::NodePortAddresses,
 
     /// cgroup v2 directory the socket hooks attach to (default: the root of the cgroup2
     /// hierarchy; one is mounted privately if none is). Sockets of processes in this cgroup
@@ -175,7 +175,7 @@ pub struct NorthSouthArgs {
     /// range (net.ipv4.ip_local_port_range) so they never collide with the node's own
     /// connections; the agent warns on overlap.
     #[arg(long, default_value = "61000-65535", value_parser = port_range, value_name = "MIN-MAX")]
-    pub snat_port_range: PortRange,
+    pub snat_port_range: crate::bpf::north_south::PortRange,
 }
 
 fn cidr(text: &str) -> Result<crate::model::Cidr, String> {
@@ -183,20 +183,7 @@ fn cidr(text: &str) -> Result<crate::model::Cidr, String> {
         .ok_or_else(|| format!("{text:?} is not a CIDR like 10.0.0.0/8 or fd00::/48"))
 }
 
-/// An inclusive range of ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub min: u16,
-    pub max: u16,
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.min, self.max)
-    }
-}
-
-fn port_range(text: &str) -> Result<PortRange, String> {
+fn port_range(text: &str) -> Result<crate::bpf::north_south::PortRange, String> {
     let invalid = || format!("{text:?} is not a port range like 61000-65535");
     let (min, max) = text.split_once('-').ok_or_else(invalid)?;
     let min: u16 = min.trim().parse().map_err(|_| invalid())?;
@@ -206,7 +193,7 @@ fn port_range(text: &str) -> Result<PortRange, String> {
             "{text:?}: the range must be non-empty and start above 0"
         ));
     }
-    Ok(PortRange { min, max })
+    Ok(crate::bpf::north_south::PortRange { min, max })
 }
 
 #[cfg(test)]
@@ -214,6 +201,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+    use crate::bpf::north_south::PortRange;
 
     #[test]
     fn cli_is_consistent() {
@@ -251,10 +239,7 @@ mod tests {
             panic!("expected run")
         };
         assert_eq!(disabled.metrics_bind_address.0, None);
-        assert_eq!(
-            args.nodeport_addresses,
-            crate::node_addresses::NodePortAddresses::All
-        );
+        assert_eq!(args.nodeport_addresses, crate::node::NodePortAddresses::All);
         assert!(args.north_south.interfaces.is_empty());
         assert!(args.north_south.cluster_cidr.is_empty());
         assert!(!args.north_south.masquerade_all);

@@ -16,10 +16,10 @@ use k8s_openapi::{
 use proptest::prelude::*;
 use proxy_common::service_flags;
 use proxy_userspace::{
+    maps::{self as writer, FakeMaps},
     model::{self, ClusterSnapshot, ModelConfig, Scope},
     plan::plan,
-    sync,
-    writer::{self, FakeMaps},
+    runner as sync,
 };
 
 fn ip_text() -> impl Strategy<Value = String> {

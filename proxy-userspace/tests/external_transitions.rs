@@ -11,11 +11,14 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use proxy_common::service_flags;
 use proxy_userspace::{
+    maps::{
+        FakeMaps, FaultyWriter,
+        encode::{MapImage, programmed_from_image},
+    },
     model::{Cidr, ClusterSnapshot, FrontendKey, ModelConfig, Scope},
+    plan::mirror::Programmed,
+    runner::sync_once,
     source::manifest,
-    state::{MapImage, Programmed},
-    sync::sync_once,
-    writer::{FakeMaps, FaultyWriter},
 };
 
 fn config() -> ModelConfig {
@@ -80,7 +83,7 @@ fn ranges_of(programmed: &Programmed, rev_nat_id: u32) -> BTreeSet<Cidr> {
 
 /// Checks one intermediate image against the states before and after the transition.
 fn assert_safe(image: &MapImage, before: &Programmed, after: &Programmed, context: &str) {
-    let (now, unreadable) = Programmed::from_image(image);
+    let (now, unreadable) = programmed_from_image(image);
     assert!(unreadable.0.is_empty(), "{context}: {unreadable:?}");
     for (key, frontend) in &now.frontends {
         let Some(master) = frontend.master else {
@@ -145,7 +148,7 @@ fn every_intermediate_state_of_an_external_transition_is_safe() {
                 &format!("step {index}, write {write_index}"),
             );
         }
-        assert_eq!(Programmed::from_image(&fake.image).0, mirror);
+        assert_eq!(programmed_from_image(&fake.image).0, mirror);
     }
     assert_eq!(fake.image, MapImage::default(), "nothing is left behind");
 }
@@ -188,7 +191,7 @@ fn a_failure_at_any_write_of_an_external_transition_is_safe_and_the_retry_conver
                 &clean_mirror,
                 &format!("failure at write {fail_at}"),
             );
-            assert_eq!(Programmed::from_image(&faulty.inner.image).0, mirror);
+            assert_eq!(programmed_from_image(&faulty.inner.image).0, mirror);
             sync_once(to, &config(), &mut faulty, &mut mirror, &mut Vec::new())
                 .expect("retry succeeds");
             assert_eq!(

@@ -16,13 +16,13 @@
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use proxy_userspace::{
-    dump,
+    maps::{self as writer, FakeMaps},
     model::{self, ModelConfig},
-    node_addresses::{self, NodePortAddresses},
+    node::{self as node_addresses, NodePortAddresses},
     plan::plan,
+    render::dump,
+    runner as sync,
     source::manifest,
-    sync,
-    writer::{self, FakeMaps},
 };
 
 /// The value of a `# golden: NAME=VALUE` header line.

@@ -27,6 +27,7 @@ use proxy_common::{
 use tracing::{info, warn};
 
 use super::{
+    error::LoadError,
     north_south::{self, NorthSouth, TcAttachments},
     pins::PinLayout,
 };
@@ -44,44 +45,6 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 /// The socket-lifetime hook that cleans socket reverse-NAT entries.
 const SOCK_RELEASE_PROGRAM: &str = "sy_sock_release";
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(
-        "this switchyard binary was built without its eBPF object; build it with `cargo xtask build`"
-    )]
-    NoObject,
-    #[error("cannot create pin directory {path}: {source}")]
-    PinDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "pinned map {path} has key/value sizes {found:?}, this agent needs {expected:?}: it was left by an incompatible version; run `switchyard cleanup` first"
-    )]
-    IncompatibleMap {
-        path: PathBuf,
-        found: (u32, u32),
-        expected: (u32, u32),
-    },
-    #[error("cannot load the eBPF object: {0}")]
-    Object(#[source] aya::EbpfError),
-    #[error("program {name} is missing from the eBPF object")]
-    MissingProgram { name: &'static str },
-    #[error("program {name}: {action} failed: {reason}")]
-    Program {
-        name: &'static str,
-        action: &'static str,
-        reason: String,
-    },
-    #[error("cannot open cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Key and value sizes of every pinned map, as this agent's layout defines them.
 fn expected_sizes(name: &str) -> (u32, u32) {

@@ -1,8 +1,7 @@
 //! Everything that touches the kernel's BPF objects: finding (or mounting) bpffs and the
 //! cgroup2 hierarchy, loading and attaching the programs, pinning and adopting maps and links,
 //! and removing it all again.
-pub mod conntrack;
-pub mod counters;
+pub mod error;
 pub mod loader;
 pub mod mounts;
 pub mod north_south;

@@ -16,11 +16,24 @@ use aya::{
 use proxy_common::{DatapathConfig, config_flags, map_names};
 use tracing::{info, warn};
 
-use super::{loader::LoadError, pins::PinLayout};
-use crate::{cli::PortRange, model::Cidr, node_addresses::node_addresses_by_interface};
+use super::{error::LoadError, pins::PinLayout};
+use crate::{model::Cidr, node::node_addresses_by_interface};
 
 /// The TC ingress program, by name.
 pub const TC_INGRESS_PROGRAM: &str = "sy_tc_ingress";
+
+/// An inclusive range of ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
 
 /// Where the TC program goes and what it is told.
 #[derive(Clone, Debug)]

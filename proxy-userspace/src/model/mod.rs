@@ -76,6 +76,11 @@ pub enum Scope {
     Local,
 }
 
+impl Scope {
+    /// Both scopes, cluster first (the order of frontend keys).
+    pub const ALL: [Self; 2] = [Self::Cluster, Self::Local];
+}
+
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{SnapshotReceiver, manifest};
-use crate::{model::ClusterSnapshot, stats::StatsHandle};
+use crate::{admin::stats::StatsHandle, model::ClusterSnapshot};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 

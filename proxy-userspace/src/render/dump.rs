@@ -7,7 +7,7 @@ use std::{
 
 use crate::{
     model::Cidr,
-    state::{Programmed, RevNatTarget},
+    plan::{mirror::Programmed, op::RevNatTarget},
 };
 use proxy_common::service_flags;
 
@@ -186,7 +186,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{FrontendKey, Protocol, Scope, parse_cidr_lenient},
-        state::{Master, Op},
+        plan::op::{Master, Op},
     };
 
     #[test]

@@ -15,15 +15,19 @@ use proxy_common::{map_names, service_flags};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    healthcheck::HealthCheckServer,
+    admin::{
+        healthcheck::HealthCheckServer,
+        stats::{MapEntries, StatsHandle},
+    },
+    datapath::udp_reaper::SocketReaper,
+    maps::{self as writer, MapWriter, WriteError},
     model::{self, ClusterSnapshot, HealthCheck, ModelConfig, Problem},
-    node_addresses::ModelConfigSource,
-    plan::plan,
+    node::ModelConfigSource,
+    plan::{
+        mirror::{Programmed, UdpPair},
+        plan,
+    },
     source::SnapshotReceiver,
-    state::Programmed,
-    stats::{MapEntries, StatsHandle},
-    udp_reaper::{SocketReaper, UdpPair, udp_pairs},
-    writer::{self, MapWriter, WriteError},
 };
 
 /// Timing of the runner.
@@ -39,7 +43,7 @@ const MAX_RETRY: Duration = Duration::from_secs(10);
 /// Rebuilds the mirror from the maps (restore on start, drift repair later).
 pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
     let image = writer.read_image()?;
-    let (programmed, unreadable) = Programmed::from_image(&image);
+    let (programmed, unreadable) = crate::maps::encode::programmed_from_image(&image);
     for entry in &unreadable.0 {
         warn!("leaving an entry this agent cannot interpret: {entry}");
     }
@@ -199,8 +203,8 @@ fn forget_stale_affinity(writer: &mut dyn MapWriter, mirror: &Programmed) {
             return;
         }
     };
-    for key in mirror.stale_affinity(&affinity) {
-        if let Err(failure) = writer.write(&crate::state::MapWrite::AffinityDelete(key)) {
+    for key in crate::datapath::affinity::stale_affinity(mirror, &affinity) {
+        if let Err(failure) = writer.write(&crate::maps::encode::MapWrite::AffinityDelete(key)) {
             warn!("cannot forget a stale affinity entry: {failure}");
             return;
         }
@@ -243,7 +247,7 @@ pub async fn run(
     let mut first_sync = true;
     loop {
         let started = Instant::now();
-        let udp_before = udp_pairs(&mirror);
+        let udp_before = mirror.udp_pairs(mirror.frontends.keys());
         // Node addresses are read afresh for every sync: an address change reprograms NodePorts.
         match sync_once(
             &snapshot,
@@ -255,7 +259,7 @@ pub async fn run(
             Ok(outcome) => {
                 retry = None;
                 let removed: BTreeSet<UdpPair> = udp_before
-                    .difference(&udp_pairs(&mirror))
+                    .difference(&mirror.udp_pairs(mirror.frontends.keys()))
                     .copied()
                     .collect();
                 if !removed.is_empty() {
@@ -330,9 +334,11 @@ mod tests {
 
     use super::*;
     use crate::{
+        maps::{
+            FakeMaps, FaultyWriter,
+            encode::{MapImage, MapWrite},
+        },
         source::manifest,
-        state::{MapImage, MapWrite},
-        writer::{FakeMaps, FaultyWriter},
     };
 
     fn snapshot(yaml: &str) -> ClusterSnapshot {
@@ -415,7 +421,7 @@ mod tests {
             sync_to(&mut fake, &mut mirror, step);
             replay_checking(&before, &fake.journal, &format!("step {index}"));
             assert_eq!(
-                Programmed::from_image(&fake.image).0,
+                crate::maps::encode::programmed_from_image(&fake.image).0,
                 mirror,
                 "mirror matches the maps after step {index}"
             );
@@ -439,7 +445,7 @@ mod tests {
         let total_writes = clean.journal.len() - start.journal.len();
         for fail_at in 0..total_writes {
             let mut faulty = FaultyWriter::new(start.clone(), [fail_at]);
-            let mut mirror = Programmed::from_image(&start.image).0;
+            let mut mirror = crate::maps::encode::programmed_from_image(&start.image).0;
             let error = sync_once(
                 &to,
                 &ModelConfig::default(),
@@ -451,7 +457,7 @@ mod tests {
             assert_eq!(error.applied, fail_at);
             assert_datapath_consistent(&faulty.inner.image, &format!("failure at write {fail_at}"));
             assert_eq!(
-                Programmed::from_image(&faulty.inner.image).0,
+                crate::maps::encode::programmed_from_image(&faulty.inner.image).0,
                 mirror,
                 "mirror is exactly what was written"
             );
@@ -565,9 +571,9 @@ mod tests {
             receiver,
             ModelConfig::default(),
             Box::new(fake.clone()),
-            Box::new(crate::udp_reaper::NoReaper),
+            Box::new(crate::datapath::udp_reaper::NoReaper),
             HealthCheckServer::new(
-                crate::healthcheck::BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
+                crate::admin::healthcheck::BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
                 Arc::new(|| true),
             ),
             config,

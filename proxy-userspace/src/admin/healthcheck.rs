@@ -24,7 +24,8 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{http, model::HealthCheck};
+use super::http;
+use crate::model::HealthCheck;
 
 /// Where the listeners bind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@ use std::{fmt::Write as _, time::UNIX_EPOCH};
 
 use proxy_common::{capacity, map_names};
 
-use crate::{
+use super::{
     healthcheck::HealthCheckCounters,
     stats::{Histogram, SyncStats},
 };

@@ -13,11 +13,11 @@ use proxy_common::{
     ServiceName, ServiceValue, SourceRange4, SourceRange6, capacity, map_names,
 };
 
-use super::{MapWriter, WriteError};
-use crate::{
-    bpf::pins::PinLayout,
-    state::{LpmKey, MapImage, MapWrite},
+use super::{
+    MapWriter, WriteError,
+    encode::{LpmKey, MapImage, MapWrite},
 };
+use crate::bpf::pins::PinLayout;
 
 type SourceRanges<D> = LpmTrie<MapData, D, u32>;
 

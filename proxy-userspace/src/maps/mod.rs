@@ -1,6 +1,8 @@
 //! Map writers: where planned operations meet the maps. The real one writes the kernel's
 //! pinned maps; the fake one keeps an in-memory image for tests; the faulty one wraps either
 //! and fails on demand. `apply` keeps the mirror true: it changes only after a write succeeded.
+//! `encode` is the one place that knows the wire layout.
+pub mod encode;
 mod fake;
 mod faulty;
 mod kernel;
@@ -10,7 +12,8 @@ pub use faulty::FaultyWriter;
 pub use kernel::KernelMaps;
 pub(crate) use kernel::take;
 
-use crate::state::{MapImage, MapWrite, Op, Programmed};
+use crate::plan::{mirror::Programmed, op::Op};
+use encode::{MapImage, MapWrite};
 
 /// Why a map write or read failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +83,7 @@ pub fn apply(
     ops: &[Op],
 ) -> Result<(), ApplyError> {
     for (index, op) in ops.iter().enumerate() {
-        if let Err(source) = writer.write(&op.encode()) {
+        if let Err(source) = writer.write(&encode::encode(op)) {
             return Err(ApplyError {
                 applied: index,
                 total: ops.len(),

@@ -15,8 +15,7 @@ use aya::{
 };
 use proxy_common::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, ct_flags, map_names, protocol};
 
-use super::pins::PinLayout;
-use crate::udp_reaper::UdpPair;
+use crate::{bpf::pins::PinLayout, plan::mirror::UdpPair};
 
 /// One family's conntrack layout.
 trait CtFamily {

@@ -26,34 +26,14 @@ use proxy_common::{SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map
 use tracing::{debug, info, warn};
 
 use crate::{
-    model::Protocol,
-    state::{Programmed, v4_word, v6_words},
-    writer::{WriteError, take},
+    maps::{
+        WriteError,
+        encode::{v4_word, v6_words},
+        take,
+    },
+    plan::mirror::UdpPair,
 };
 use sock_diag::UdpSocketId;
-
-/// A backend of a UDP frontend: (rev-NAT id of the frontend, backend address).
-pub type UdpPair = (u32, SocketAddr);
-
-/// Every (frontend, backend) pair of the UDP frontends in the mirror.
-pub fn udp_pairs(mirror: &Programmed) -> BTreeSet<UdpPair> {
-    let mut pairs = BTreeSet::new();
-    for (key, frontend) in &mirror.frontends {
-        let Some(master) = frontend.master.filter(|_| key.protocol == Protocol::Udp) else {
-            continue;
-        };
-        for (_, id) in frontend
-            .slots
-            .iter()
-            .filter(|(slot, _)| **slot <= master.count)
-        {
-            if let Some(backend) = mirror.backends.get(id) {
-                pairs.insert((master.rev_nat_id, SocketAddr::new(backend.ip, backend.port)));
-            }
-        }
-    }
-    pairs
-}
 
 /// Destroys connected UDP sockets aimed at backends that left their service.
 pub trait SocketReaper: Send {
@@ -65,7 +45,7 @@ pub trait SocketReaper: Send {
 /// flows of the TC path (north-south) aimed at backends that left their service.
 pub struct SocketsAndFlows {
     pub sockets: NetlinkReaper,
-    pub flows: crate::bpf::conntrack::Conntrack,
+    pub flows: super::conntrack::Conntrack,
 }
 
 impl SocketReaper for SocketsAndFlows {

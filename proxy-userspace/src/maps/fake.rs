@@ -1,6 +1,6 @@
 //! In-memory maps for tests: the same image the kernel maps would hold.
+use super::encode::{MapImage, MapWrite};
 use super::{MapWriter, WriteError};
-use crate::state::{MapImage, MapWrite};
 
 /// In-memory stand-in for the kernel maps.
 #[derive(Clone, Debug, Default)]

@@ -1,8 +1,8 @@
-//! What is programmed: the agent's mirror of the kernel maps, the operations that change them
-//! and their encoding into map entries. Encoding lives only here, so the real writer, the fake
-//! writer and restore all agree on the layout.
+//! The wire encoding: plan operations into map entries in the kernel's layout, and map content
+//! back into the operations that recreate it (restore). Encoding lives only here, so the real
+//! writer, the fake writer and restore all agree on the layout.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -11,99 +11,13 @@ use proxy_common::{
     ServiceName, ServiceValue, SourceRange4, SourceRange6, backend_state, protocol, scope,
 };
 
-use crate::model::{BackendAddr, Cidr, FrontendKey, Protocol, Scope};
-
-/// The master entry (slot 0) of a frontend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Master {
-    pub count: u16,
-    pub rev_nat_id: u32,
-    pub flags: u16,
-    pub affinity_timeout_secs: u32,
-}
-
-/// A frontend as programmed. `master` is `None` only after an interrupted write.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProgrammedFrontend {
-    pub master: Option<Master>,
-    /// Slot number (1-based) → backend id.
-    pub slots: BTreeMap<u16, u32>,
-}
-
-/// Address of a reverse-NAT entry: the service address replies must show.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RevNatTarget {
-    pub ip: IpAddr,
-    pub port: u16,
-}
-
-/// The agent's mirror of the maps. It changes only after the kernel accepted a write.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Programmed {
-    pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
-    pub backends: BTreeMap<u32, BackendAddr>,
-    pub rev_nats: BTreeMap<u32, RevNatTarget>,
-    /// Rev-NAT id → `namespace/name:port` of the Service port it stands for.
-    pub names: BTreeMap<u32, String>,
-    /// (rev-NAT id, range): the loadBalancerSourceRanges of the frontends with that id.
-    pub source_ranges: BTreeSet<(u32, Cidr)>,
-    backend_ids: HashMap<BackendAddr, u32>,
-}
-
-/// One change to the maps, in the vocabulary of the plan.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Op {
-    UpsertBackend {
-        id: u32,
-        backend: BackendAddr,
+use crate::{
+    model::{BackendAddr, Cidr, FrontendKey, Protocol, Scope},
+    plan::{
+        mirror::Programmed,
+        op::{Master, Op, RevNatTarget},
     },
-    UpsertRevNat {
-        id: u32,
-        target: RevNatTarget,
-    },
-    UpsertSlot {
-        frontend: FrontendKey,
-        slot: u16,
-        backend_id: u32,
-        rev_nat_id: u32,
-    },
-    UpsertMaster {
-        frontend: FrontendKey,
-        master: Master,
-    },
-    DeleteSlot {
-        frontend: FrontendKey,
-        slot: u16,
-    },
-    DeleteMaster {
-        frontend: FrontendKey,
-    },
-    DeleteRevNat {
-        id: u32,
-        target: RevNatTarget,
-    },
-    DeleteBackend {
-        id: u32,
-        backend: BackendAddr,
-    },
-    /// Records which Service port a rev-NAT id stands for (for `inspect`).
-    UpsertName {
-        id: u32,
-        name: String,
-    },
-    DeleteName {
-        id: u32,
-    },
-    /// Admits sources in `range` to the frontends whose rev-NAT id is `rev_nat_id`.
-    UpsertSourceRange {
-        rev_nat_id: u32,
-        range: Cidr,
-    },
-    DeleteSourceRange {
-        rev_nat_id: u32,
-        range: Cidr,
-    },
-}
+};
 
 /// A key of an LPM trie in the kernel's layout (`struct bpf_lpm_trie_key`): the number of
 /// leading bits of `data` that count, then the data. Kept apart from aya's `Key` so that it
@@ -374,49 +288,45 @@ fn decode_name(name: &ServiceName) -> String {
     String::from_utf8_lossy(&name.bytes[..end]).into_owned()
 }
 
-impl Op {
-    /// The map entry this operation writes.
-    pub fn encode(&self) -> MapWrite {
-        match self {
-            Self::UpsertName { id, name } => MapWrite::ServiceName(*id, Some(encode_name(name))),
-            Self::DeleteName { id } => MapWrite::ServiceName(*id, None),
-            Self::UpsertBackend { id, backend } => backend_write(*id, backend, true),
-            Self::DeleteBackend { id, backend } => backend_write(*id, backend, false),
-            Self::UpsertRevNat { id, target } => rev_nat_write(*id, target, true),
-            Self::DeleteRevNat { id, target } => rev_nat_write(*id, target, false),
-            Self::UpsertSlot {
-                frontend,
-                slot,
-                backend_id,
-                rev_nat_id,
-            } => service_write(
-                frontend,
-                *slot,
-                Some(ServiceValue {
-                    backend_id: *backend_id,
-                    rev_nat_id: *rev_nat_id,
-                    ..Default::default()
-                }),
-            ),
-            Self::UpsertMaster { frontend, master } => service_write(
-                frontend,
-                0,
-                Some(ServiceValue {
-                    backend_id: 0,
-                    count: master.count,
-                    flags: master.flags,
-                    rev_nat_id: master.rev_nat_id,
-                    affinity_timeout_secs: master.affinity_timeout_secs,
-                }),
-            ),
-            Self::DeleteSlot { frontend, slot } => service_write(frontend, *slot, None),
-            Self::DeleteMaster { frontend } => service_write(frontend, 0, None),
-            Self::UpsertSourceRange { rev_nat_id, range } => {
-                source_range_write(*rev_nat_id, range, true)
-            }
-            Self::DeleteSourceRange { rev_nat_id, range } => {
-                source_range_write(*rev_nat_id, range, false)
-            }
+/// The map entry an operation writes.
+pub fn encode(op: &Op) -> MapWrite {
+    match op {
+        Op::UpsertName { id, name } => MapWrite::ServiceName(*id, Some(encode_name(name))),
+        Op::DeleteName { id } => MapWrite::ServiceName(*id, None),
+        Op::UpsertBackend { id, backend } => backend_write(*id, backend, true),
+        Op::DeleteBackend { id, backend } => backend_write(*id, backend, false),
+        Op::UpsertRevNat { id, target } => rev_nat_write(*id, target, true),
+        Op::DeleteRevNat { id, target } => rev_nat_write(*id, target, false),
+        Op::UpsertSlot {
+            frontend,
+            slot,
+            backend_id,
+            rev_nat_id,
+        } => service_write(
+            frontend,
+            *slot,
+            Some(ServiceValue {
+                backend_id: *backend_id,
+                rev_nat_id: *rev_nat_id,
+                ..Default::default()
+            }),
+        ),
+        Op::UpsertMaster { frontend, master } => service_write(
+            frontend,
+            0,
+            Some(ServiceValue {
+                backend_id: 0,
+                count: master.count,
+                flags: master.flags,
+                rev_nat_id: master.rev_nat_id,
+                affinity_timeout_secs: master.affinity_timeout_secs,
+            }),
+        ),
+        Op::DeleteSlot { frontend, slot } => service_write(frontend, *slot, None),
+        Op::DeleteMaster { frontend } => service_write(frontend, 0, None),
+        Op::UpsertSourceRange { rev_nat_id, range } => source_range_write(*rev_nat_id, range, true),
+        Op::DeleteSourceRange { rev_nat_id, range } => {
+            source_range_write(*rev_nat_id, range, false)
         }
     }
 }
@@ -425,244 +335,139 @@ impl Op {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Unreadable(pub Vec<String>);
 
-impl Programmed {
-    /// Affinity entries that name a backend their service no longer has (or a service that is
-    /// gone): a client must not stick to a backend that left.
-    pub fn stale_affinity(
-        &self,
-        affinity: &BTreeMap<AffinityKey, AffinityValue>,
-    ) -> Vec<AffinityKey> {
-        let mut members: std::collections::HashMap<u32, Vec<u32>> =
-            std::collections::HashMap::new();
-        for frontend in self.frontends.values() {
-            if let Some(master) = frontend.master {
-                let live = frontend
-                    .slots
-                    .iter()
-                    .filter(|(slot, _)| **slot <= master.count)
-                    .map(|(_, id)| *id);
-                members.entry(master.rev_nat_id).or_default().extend(live);
-            }
-        }
-        affinity
-            .iter()
-            .filter(|(key, value)| {
-                !members
-                    .get(&key.rev_nat_id)
-                    .is_some_and(|ids| ids.contains(&value.backend_id))
-            })
-            .map(|(key, _)| *key)
-            .collect()
+/// Decodes the maps' content into the operations that recreate it, in an order the mirror
+/// can replay (backends, reverse NAT, names, source ranges, then the services map), plus the
+/// entries this agent cannot interpret (left untouched).
+pub fn decode(image: &MapImage) -> (Vec<Op>, Unreadable) {
+    let mut ops = Vec::new();
+    let mut unreadable = Unreadable::default();
+    decode_backends(image, &mut ops, &mut unreadable);
+    for (id, rev) in &image.rev_nat4 {
+        let ip = IpAddr::V4(v4_from_word(rev.address));
+        let port = u16::from_be(rev.port_be);
+        ops.push(Op::UpsertRevNat {
+            id: *id,
+            target: RevNatTarget { ip, port },
+        });
     }
-
-    /// The id of the backend with this address, if programmed.
-    pub fn backend_id(&self, backend: &BackendAddr) -> Option<u32> {
-        self.backend_ids.get(backend).copied()
+    for (id, rev) in &image.rev_nat6 {
+        let ip = IpAddr::V6(v6_from_words(rev.address));
+        let port = u16::from_be(rev.port_be);
+        ops.push(Op::UpsertRevNat {
+            id: *id,
+            target: RevNatTarget { ip, port },
+        });
     }
+    ops.extend(image.service_names.iter().map(|(id, name)| Op::UpsertName {
+        id: *id,
+        name: decode_name(name),
+    }));
+    decode_source_ranges(image, &mut ops, &mut unreadable);
+    decode_services(image, &mut ops, &mut unreadable);
+    (ops, unreadable)
+}
 
-    /// Records an operation the kernel accepted.
-    pub fn apply(&mut self, op: &Op) {
-        match op {
-            Op::UpsertBackend { id, backend } => {
-                if let Some(old) = self.backends.insert(*id, *backend) {
-                    self.backend_ids.remove(&old);
-                }
-                self.backend_ids.insert(*backend, *id);
-            }
-            Op::DeleteBackend { id, .. } => {
-                if let Some(old) = self.backends.remove(id)
-                    && self.backend_ids.get(&old) == Some(id)
-                {
-                    self.backend_ids.remove(&old);
-                }
-            }
-            Op::UpsertRevNat { id, target } => {
-                self.rev_nats.insert(*id, *target);
-            }
-            Op::DeleteRevNat { id, .. } => {
-                self.rev_nats.remove(id);
-            }
-            Op::UpsertName { id, name } => {
-                self.names.insert(*id, name.clone());
-            }
-            Op::DeleteName { id } => {
-                self.names.remove(id);
-            }
-            Op::UpsertSourceRange { rev_nat_id, range } => {
-                self.source_ranges.insert((*rev_nat_id, *range));
-            }
-            Op::DeleteSourceRange { rev_nat_id, range } => {
-                self.source_ranges.remove(&(*rev_nat_id, *range));
-            }
-            Op::UpsertSlot {
+/// Rebuilds the mirror from the maps' content (restore after a restart, drift repair).
+pub fn programmed_from_image(image: &MapImage) -> (Programmed, Unreadable) {
+    let (ops, unreadable) = decode(image);
+    (Programmed::from_ops(&ops), unreadable)
+}
+
+fn decode_services(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreadable) {
+    let v4 = image.services4.iter().map(|(k, v)| {
+        let ip = IpAddr::V4(v4_from_word(k.address));
+        (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
+    });
+    let v6 = image.services6.iter().map(|(k, v)| {
+        let ip = IpAddr::V6(v6_from_words(k.address));
+        (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
+    });
+    for (ip, port_be, protocol, scope, slot, value) in v4.chain(v6) {
+        let port = u16::from_be(port_be);
+        let (Some(protocol), Some(scope)) = (protocol_from_byte(protocol), scope_from_byte(scope))
+        else {
+            unreadable.0.push(format!(
+                "service entry {ip} port {port} protocol {protocol} scope {scope}"
+            ));
+            continue;
+        };
+        let frontend = FrontendKey {
+            ip,
+            port,
+            protocol,
+            scope,
+        };
+        ops.push(if slot == 0 {
+            Op::UpsertMaster {
                 frontend,
-                slot,
-                backend_id,
-                ..
-            } => {
-                self.frontends
-                    .entry(*frontend)
-                    .or_default()
-                    .slots
-                    .insert(*slot, *backend_id);
-            }
-            Op::UpsertMaster { frontend, master } => {
-                self.frontends.entry(*frontend).or_default().master = Some(*master);
-            }
-            Op::DeleteSlot { frontend, slot } => {
-                if let Some(programmed) = self.frontends.get_mut(frontend) {
-                    programmed.slots.remove(slot);
-                }
-                self.drop_if_empty(frontend);
-            }
-            Op::DeleteMaster { frontend } => {
-                if let Some(programmed) = self.frontends.get_mut(frontend) {
-                    programmed.master = None;
-                }
-                self.drop_if_empty(frontend);
-            }
-        }
-    }
-
-    fn drop_if_empty(&mut self, frontend: &FrontendKey) {
-        if self
-            .frontends
-            .get(frontend)
-            .is_some_and(|f| f.master.is_none() && f.slots.is_empty())
-        {
-            self.frontends.remove(frontend);
-        }
-    }
-
-    /// Rebuilds the mirror from the maps' content (restore after a restart).
-    pub fn from_image(image: &MapImage) -> (Self, Unreadable) {
-        let mut programmed = Self::default();
-        let mut unreadable = Unreadable::default();
-        programmed.restore_services(image, &mut unreadable);
-        programmed.names = image
-            .service_names
-            .iter()
-            .map(|(id, name)| (*id, decode_name(name)))
-            .collect();
-        programmed.restore_backends(image, &mut unreadable);
-        programmed.restore_source_ranges(image, &mut unreadable);
-        for (id, rev) in &image.rev_nat4 {
-            let ip = IpAddr::V4(v4_from_word(rev.address));
-            programmed.rev_nats.insert(
-                *id,
-                RevNatTarget {
-                    ip,
-                    port: u16::from_be(rev.port_be),
-                },
-            );
-        }
-        for (id, rev) in &image.rev_nat6 {
-            let ip = IpAddr::V6(v6_from_words(rev.address));
-            programmed.rev_nats.insert(
-                *id,
-                RevNatTarget {
-                    ip,
-                    port: u16::from_be(rev.port_be),
-                },
-            );
-        }
-        (programmed, unreadable)
-    }
-
-    fn restore_services(&mut self, image: &MapImage, unreadable: &mut Unreadable) {
-        let v4 = image.services4.iter().map(|(k, v)| {
-            let ip = IpAddr::V4(v4_from_word(k.address));
-            (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
-        });
-        let v6 = image.services6.iter().map(|(k, v)| {
-            let ip = IpAddr::V6(v6_from_words(k.address));
-            (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
-        });
-        for (ip, port_be, protocol, scope, slot, value) in v4.chain(v6) {
-            let port = u16::from_be(port_be);
-            let (Some(protocol), Some(scope)) =
-                (protocol_from_byte(protocol), scope_from_byte(scope))
-            else {
-                unreadable.0.push(format!(
-                    "service entry {ip} port {port} protocol {protocol} scope {scope}"
-                ));
-                continue;
-            };
-            let entry = self
-                .frontends
-                .entry(FrontendKey {
-                    ip,
-                    port,
-                    protocol,
-                    scope,
-                })
-                .or_default();
-            if slot == 0 {
-                entry.master = Some(Master {
+                master: Master {
                     count: value.count,
                     rev_nat_id: value.rev_nat_id,
                     flags: value.flags,
                     affinity_timeout_secs: value.affinity_timeout_secs,
-                });
-            } else {
-                entry.slots.insert(slot, value.backend_id);
+                },
             }
+        } else {
+            Op::UpsertSlot {
+                frontend,
+                slot,
+                backend_id: value.backend_id,
+                rev_nat_id: value.rev_nat_id,
+            }
+        });
+    }
+}
+
+fn decode_source_ranges(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreadable) {
+    let v4 = image.source_ranges4.keys().map(|key| {
+        let ip = IpAddr::V4(v4_from_word(key.data.address));
+        (key.prefix_len, key.data.rev_nat_id_be, ip)
+    });
+    let v6 = image.source_ranges6.keys().map(|key| {
+        let ip = IpAddr::V6(v6_from_words(key.data.address));
+        (key.prefix_len, key.data.rev_nat_id_be, ip)
+    });
+    for (prefix_len, rev_nat_id_be, ip) in v4.chain(v6) {
+        match source_range_from_key(prefix_len, rev_nat_id_be, ip) {
+            Some((rev_nat_id, range)) => ops.push(Op::UpsertSourceRange { rev_nat_id, range }),
+            None => unreadable.0.push(format!(
+                "source range {ip} prefix length {prefix_len} of rev-NAT id {}",
+                u32::from_be(rev_nat_id_be)
+            )),
         }
     }
+}
 
-    fn restore_source_ranges(&mut self, image: &MapImage, unreadable: &mut Unreadable) {
-        let v4 = image.source_ranges4.keys().map(|key| {
-            let ip = IpAddr::V4(v4_from_word(key.data.address));
-            (key.prefix_len, key.data.rev_nat_id_be, ip)
-        });
-        let v6 = image.source_ranges6.keys().map(|key| {
-            let ip = IpAddr::V6(v6_from_words(key.data.address));
-            (key.prefix_len, key.data.rev_nat_id_be, ip)
-        });
-        for (prefix_len, rev_nat_id_be, ip) in v4.chain(v6) {
-            match source_range_from_key(prefix_len, rev_nat_id_be, ip) {
-                Some(entry) => {
-                    self.source_ranges.insert(entry);
-                }
-                None => unreadable.0.push(format!(
-                    "source range {ip} prefix length {prefix_len} of rev-NAT id {}",
-                    u32::from_be(rev_nat_id_be)
-                )),
+fn decode_backends(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreadable) {
+    let v4 = image.backends4.iter().map(|(id, b)| {
+        (
+            *id,
+            IpAddr::V4(v4_from_word(b.address)),
+            b.port_be,
+            b.protocol,
+        )
+    });
+    let v6 = image.backends6.iter().map(|(id, b)| {
+        (
+            *id,
+            IpAddr::V6(v6_from_words(b.address)),
+            b.port_be,
+            b.protocol,
+        )
+    });
+    for (id, ip, port_be, protocol) in v4.chain(v6) {
+        match protocol_from_byte(protocol) {
+            Some(protocol) => {
+                let backend = BackendAddr {
+                    ip,
+                    port: u16::from_be(port_be),
+                    protocol,
+                };
+                ops.push(Op::UpsertBackend { id, backend });
             }
-        }
-    }
-
-    fn restore_backends(&mut self, image: &MapImage, unreadable: &mut Unreadable) {
-        let v4 = image.backends4.iter().map(|(id, b)| {
-            (
-                *id,
-                IpAddr::V4(v4_from_word(b.address)),
-                b.port_be,
-                b.protocol,
-            )
-        });
-        let v6 = image.backends6.iter().map(|(id, b)| {
-            (
-                *id,
-                IpAddr::V6(v6_from_words(b.address)),
-                b.port_be,
-                b.protocol,
-            )
-        });
-        for (id, ip, port_be, protocol) in v4.chain(v6) {
-            match protocol_from_byte(protocol) {
-                Some(protocol) => {
-                    let backend = BackendAddr {
-                        ip,
-                        port: u16::from_be(port_be),
-                        protocol,
-                    };
-                    self.apply(&Op::UpsertBackend { id, backend });
-                }
-                None => unreadable
-                    .0
-                    .push(format!("backend #{id} {ip} protocol {protocol}")),
-            }
+            None => unreadable
+                .0
+                .push(format!("backend #{id} {ip} protocol {protocol}")),
         }
     }
 }
@@ -670,6 +475,17 @@ impl Programmed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `op.encode()` reads better in these tests than `encode(&op)`.
+    trait Encode {
+        fn encode(&self) -> MapWrite;
+    }
+
+    impl Encode for Op {
+        fn encode(&self) -> MapWrite {
+            super::encode(self)
+        }
+    }
 
     fn frontend(ip: &str) -> FrontendKey {
         FrontendKey {
@@ -730,10 +546,10 @@ mod tests {
         let mut image = MapImage::default();
         let mut mirror = Programmed::default();
         for op in &ops {
-            image.apply(op.encode());
+            image.apply(encode(op));
             mirror.apply(op);
         }
-        let (restored, unreadable) = Programmed::from_image(&image);
+        let (restored, unreadable) = programmed_from_image(&image);
         assert!(unreadable.0.is_empty());
         assert_eq!(restored, mirror);
         assert_eq!(restored.backend_id(&backend), Some(7));
@@ -821,10 +637,10 @@ mod tests {
         let mut image = MapImage::default();
         let mut mirror = Programmed::default();
         for op in &ops {
-            image.apply(op.encode());
+            image.apply(encode(op));
             mirror.apply(op);
         }
-        let (restored, unreadable) = Programmed::from_image(&image);
+        let (restored, unreadable) = programmed_from_image(&image);
         assert!(unreadable.0.is_empty(), "{unreadable:?}");
         assert_eq!(restored, mirror);
         assert_eq!(restored.source_ranges.len(), 3);
@@ -838,7 +654,7 @@ mod tests {
             data: SourceRange4::default(),
         };
         image.source_ranges4.insert(bogus, 1);
-        let (restored, unreadable) = Programmed::from_image(&image);
+        let (restored, unreadable) = programmed_from_image(&image);
         assert!(restored.source_ranges.is_empty());
         assert_eq!(unreadable.0.len(), 1);
     }

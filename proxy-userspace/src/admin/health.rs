@@ -2,7 +2,7 @@
 //! healthy while syncs are recent, `/readyz` once the first complete sync is done.
 use std::time::{Duration, SystemTime};
 
-use crate::{http::Response, stats::SyncStats};
+use super::{http::Response, stats::SyncStats};
 
 /// How stale the last successful sync may be before the agent is unhealthy: kube-proxy uses
 /// twice its sync period.

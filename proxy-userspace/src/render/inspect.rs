@@ -8,14 +8,15 @@ use proxy_common::{
 };
 use serde_json::{Value, json};
 
+use super::dump::{flag_list, kind_name, ranges_of};
 use crate::{
-    bpf::{
+    bpf::pins::PinLayout,
+    datapath::{
         conntrack::{Conntrack, TrackedFlow, monotonic_now_ns},
         counters::DatapathCounters,
-        pins::PinLayout,
     },
-    dump::{flag_list, kind_name, ranges_of},
-    state::{MapImage, Programmed, RevNatTarget, v4_from_word, v6_from_words},
+    maps::encode::{MapImage, v4_from_word, v6_from_words},
+    plan::{mirror::Programmed, op::RevNatTarget},
 };
 
 /// A socket translation the hooks recorded (the socket load balancer's connection tracking).
@@ -450,7 +451,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{FrontendKey, Protocol, Scope, parse_cidr_lenient},
-        state::{Master, Op},
+        plan::op::{Master, Op},
     };
 
     fn inspection(ops: &[Op]) -> Inspection {

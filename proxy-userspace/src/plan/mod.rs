@@ -11,10 +11,12 @@
 //! session affinity and source ranges are the same whichever entry a flow went through.
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{
-    model::{BackendAddr, Cidr, DesiredState, FrontendKey, Protocol, Scope},
-    state::{Master, Op, Programmed, RevNatTarget},
-};
+pub mod mirror;
+pub mod op;
+
+use crate::model::{BackendAddr, Cidr, DesiredState, FrontendKey, Protocol, Scope};
+use mirror::Programmed;
+use op::{Master, Op, RevNatTarget};
 
 /// What a rev-NAT id stands for: a frontend address whatever its scope.
 type Identity = (std::net::IpAddr, u16, Protocol);

@@ -1,8 +1,8 @@
 //! A writer that fails on chosen writes, to prove that failures leave nothing half-applied.
 use std::collections::BTreeSet;
 
+use super::encode::{MapImage, MapWrite};
 use super::{MapWriter, WriteError};
-use crate::state::{MapImage, MapWrite};
 
 /// Wraps a writer and fails the writes whose (0-based, counted over its lifetime) index is in
 /// `fail_at`.
