@@ -24,8 +24,9 @@ use crate::{
     maps::{KernelMaps, MapWriter},
     model::ModelConfig,
     node::NodeConfig,
+    reconcile::{self, Reconciler},
     render::{dump, inspect},
-    runner::{self as sync, SyncConfig},
+    runner::{self, SyncConfig},
     source,
 };
 
@@ -82,7 +83,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let stats = StatsHandle::default();
     // Start the source before touching the kernel or the mounts: an unreadable file or an
     // unusable kubeconfig changes nothing.
-    let snapshots = match &args.manifests {
+    let deltas = match &args.manifests {
         Some(manifests) => source::file::start(manifests.clone(), stats.clone())?,
         None => source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?,
     };
@@ -136,10 +137,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_period: args.sync_period,
     };
     info!(pins = %pins.root.display(), cgroup = %cgroup.display(), "switchyard running");
-    let synced = sync::run(
-        snapshots,
-        node,
-        Box::new(writer),
+    let reconciler = Reconciler::new(Box::new(writer))?;
+    let synced = runner::run(
+        deltas,
+        Box::new(node),
+        reconciler,
         Box::new(reaper),
         health_checks.clone(),
         config,
@@ -303,7 +305,7 @@ pub fn dump(args: &PinArgs) -> Result<()> {
         bail!("no pinned Switchyard maps under {}", args.bpffs.display());
     };
     let maps = KernelMaps::open_pinned(&pins)?;
-    let programmed = sync::restore(&maps)?;
+    let programmed = reconcile::restore(&maps)?;
     print!("{}", dump::render(&programmed));
     let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?;
     print!("{}", dump::render_counters(&counters.read()));

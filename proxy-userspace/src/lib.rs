@@ -4,7 +4,8 @@
 //! The flow, one directory per stage: `source` (API server watchers or a manifests file) →
 //! `model` (pure Kubernetes semantics → desired frontends) → `plan` (ordered, idempotent,
 //! make-before-break operations against the `plan::mirror` of what is programmed) → `maps`
-//! (the pinned BPF maps, or an in-memory fake), driven by the bounded-frequency `runner`.
+//! (the pinned BPF maps, or an in-memory fake). `reconcile` is one sync of that flow, one
+//! Service at a time; the bounded-frequency `runner` decides when syncs run.
 //! `bpf` loads, attaches, pins and adopts the kernel objects; `datapath` is the follow-up work
 //! on the datapath's own state (conntrack, counters, stale UDP sockets); `admin` serves
 //! metrics and health; `render` prints what is programmed. `agent` wires it all together.
@@ -17,6 +18,7 @@ pub mod maps;
 pub mod model;
 pub mod node;
 pub mod plan;
+pub mod reconcile;
 pub mod render;
 pub mod runner;
 pub mod source;

@@ -1,6 +1,7 @@
-//! This node's addresses, re-read before every sync: where NodePorts open
-//! (`--nodeport-addresses`, kube-proxy's flag and semantics) and what loadBalancerSourceRanges
-//! are checked against for the implicit load-balancer-IP allowance.
+//! This node's facts, read before every sync: its addresses (where NodePorts open,
+//! `--nodeport-addresses`, kube-proxy's flag and semantics, and what loadBalancerSourceRanges
+//! are checked against for the implicit load-balancer-IP allowance), and from its Node object
+//! its zone and primary addresses.
 //!
 //! Addresses are those of the agent's network namespace (the node's, in a DaemonSet with
 //! `hostNetwork`), loopback and IPv6 link-local excluded: localhost NodePorts exist only in
@@ -11,7 +12,7 @@ use std::{io, net::IpAddr};
 use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
 use tracing::{info, warn};
 
-use crate::model::{Cidr, ClusterSnapshot, ModelConfig, parse_cidr_lenient};
+use crate::model::{Cidr, ModelConfig, input::NodeInput, parse_cidr_lenient};
 
 /// `--nodeport-addresses`: which node addresses NodePorts open on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -121,22 +122,12 @@ pub fn node_addresses_by_interface() -> io::Result<Vec<(String, IpAddr)>> {
 
 /// The node's primary address of each family, as kube-proxy reads them from its Node object
 /// (`GetNodeHostIPs`): the first InternalIP of the family, else its first ExternalIP.
-pub fn primary_addresses(snapshot: &ClusterSnapshot, node_name: Option<&str>) -> Vec<IpAddr> {
-    let Some(node) = node_name.and_then(|name| {
-        snapshot
-            .nodes
-            .iter()
-            .find(|node| node.metadata.name.as_deref() == Some(name))
-    }) else {
+pub fn primary_addresses(node: Option<&NodeInput>) -> Vec<IpAddr> {
+    let Some(node) = node else {
         return Vec::new();
     };
-    let listed = node
-        .status
-        .as_ref()
-        .and_then(|status| status.addresses.as_deref())
-        .unwrap_or_default();
     let of_type = |kind: &'static str, ipv4: bool| {
-        listed
+        node.addresses
             .iter()
             .filter(move |address| address.type_ == kind)
             .filter_map(|address| crate::model::parse_ip_lenient(&address.address))
@@ -148,15 +139,27 @@ pub fn primary_addresses(snapshot: &ClusterSnapshot, node_name: Option<&str>) ->
         .collect()
 }
 
-/// The model's settings as of now, asked for before every sync.
+/// The model's settings as of now, asked for before every sync with this node's Node object
+/// (if the source has it).
 pub trait ModelConfigSource: Send {
-    fn model_config(&mut self, snapshot: &ClusterSnapshot) -> ModelConfig;
+    /// This node's name (which Node object to pass).
+    fn node_name(&self) -> Option<&str>;
+    fn model_config(&mut self, node: Option<&NodeInput>) -> ModelConfig;
 }
 
-/// Fixed settings (tests, and callers that know the node's addresses up front).
+/// Fixed settings (tests, and callers that know the node's addresses up front); the zone
+/// comes from the Node object unless set.
 impl ModelConfigSource for ModelConfig {
-    fn model_config(&mut self, _snapshot: &ClusterSnapshot) -> ModelConfig {
-        self.clone()
+    fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+
+    fn model_config(&mut self, node: Option<&NodeInput>) -> ModelConfig {
+        let mut config = self.clone();
+        if config.zone.is_none() {
+            config.zone = node.and_then(|node| node.zone.clone());
+        }
+        config
     }
 }
 
@@ -208,7 +211,11 @@ fn list(addresses: &[IpAddr]) -> String {
 }
 
 impl ModelConfigSource for NodeConfig {
-    fn model_config(&mut self, snapshot: &ClusterSnapshot) -> ModelConfig {
+    fn node_name(&self) -> Option<&str> {
+        self.base.node_name.as_deref()
+    }
+
+    fn model_config(&mut self, node: Option<&NodeInput>) -> ModelConfig {
         match (self.read)() {
             Ok(addresses) => {
                 if self.failing {
@@ -225,7 +232,7 @@ impl ModelConfigSource for NodeConfig {
                 self.failing = true;
             }
         }
-        let primary = primary_addresses(snapshot, self.base.node_name.as_deref());
+        let primary = primary_addresses(node);
         let nodeport_addresses = self.nodeport.select(&self.addresses, &primary);
         if self.logged.as_ref() != Some(&nodeport_addresses) {
             info!(
@@ -238,6 +245,7 @@ impl ModelConfigSource for NodeConfig {
         ModelConfig {
             node_addresses: self.addresses.clone(),
             nodeport_addresses,
+            zone: node.and_then(|node| node.zone.clone()),
             ..self.base.clone()
         }
     }
@@ -282,9 +290,10 @@ mod tests {
     fn primary_uses_the_node_objects_first_internal_ip_of_each_family() {
         let yaml = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses:\n  - {type: Hostname, address: node-a}\n  - {type: ExternalIP, address: 198.51.100.2}\n  - {type: InternalIP, address: 192.168.0.2}\n  - {type: InternalIP, address: 10.1.0.2}\n  - {type: ExternalIP, address: '2001:db8::2'}\n";
         let snapshot = crate::source::manifest::parse(yaml).snapshot;
-        let primary = primary_addresses(&snapshot, Some("node-a"));
+        let cluster = crate::model::cluster_of(&snapshot);
+        let primary = primary_addresses(cluster.node("node-a"));
         assert_eq!(texts(&primary), ["192.168.0.2", "2001:db8::2"]);
-        assert!(primary_addresses(&snapshot, Some("node-b")).is_empty());
+        assert!(primary_addresses(cluster.node("node-b")).is_empty());
         let flag = parse_nodeport_addresses("primary").unwrap();
         assert_eq!(flag.select(&ips(&NODE), &primary), primary);
     }
@@ -337,13 +346,12 @@ mod tests {
             ..ModelConfig::default()
         };
         let mut source = NodeConfig::with_reader(base, NodePortAddresses::All, reader);
-        let snapshot = ClusterSnapshot::default();
-        let first = source.model_config(&snapshot);
+        let first = source.model_config(None);
         assert_eq!(texts(&first.nodeport_addresses), ["192.168.0.2"]);
         assert_eq!(first.node_name.as_deref(), Some("node-a"));
-        let second = source.model_config(&snapshot);
+        let second = source.model_config(None);
         assert_eq!(texts(&second.nodeport_addresses), ["192.168.0.3"]);
-        let third = source.model_config(&snapshot);
+        let third = source.model_config(None);
         assert_eq!(texts(&third.node_addresses), ["192.168.0.3"]);
     }
 }

@@ -1,7 +1,11 @@
-//! Property test: arbitrary (often invalid) Services and EndpointSlices never make the model
-//! panic or produce an inconsistent dataplane; whatever it skips, the rest is planned and
-//! applied consistently and re-planning is a no-op.
-use std::{collections::BTreeMap, sync::Arc};
+//! Property tests over arbitrary (often invalid) Services, EndpointSlices and node facts:
+//!
+//! - they never make the model panic or produce an inconsistent dataplane; whatever it skips,
+//!   the rest is planned and applied consistently and re-planning is a no-op;
+//! - after every step of a random sequence of adds, updates and deletes, the incremental
+//!   control plane (what the agent runs) equals the full recomputation, in the model (state,
+//!   problems, health checks) and in the written maps.
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -9,17 +13,21 @@ use k8s_openapi::{
             LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort, ServiceSpec,
             ServiceStatus,
         },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+        },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use proptest::prelude::*;
 use proxy_common::service_flags;
 use proxy_userspace::{
-    maps::{self as writer, FakeMaps},
-    model::{self, ClusterSnapshot, ModelConfig, Scope},
+    maps::{self as writer, FakeMaps, Shared, encode::programmed_from_image},
+    model::{self, ClusterSnapshot, ModelConfig, Scope, cluster::Change, input::ObjectKey},
     plan::plan,
-    runner as sync,
+    reconcile::{self, Reconciler},
+    render::dump,
+    source::Delta,
 };
 
 fn ip_text() -> impl Strategy<Value = String> {
@@ -207,9 +215,10 @@ fn slice() -> impl Strategy<Value = EndpointSlice> {
             Just("node-a".to_owned()),
             Just("node-b".to_owned())
         ]),
+        prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]),
     )
         .prop_map(
-            |(addresses, ready, serving, terminating, node_name)| Endpoint {
+            |(addresses, ready, serving, terminating, node_name, zone)| Endpoint {
                 addresses,
                 conditions: Some(EndpointConditions {
                     ready,
@@ -217,6 +226,10 @@ fn slice() -> impl Strategy<Value = EndpointSlice> {
                     terminating,
                 }),
                 node_name,
+                hints: zone.map(|zone| EndpointHints {
+                    for_zones: Some(vec![ForZone { name: zone.into() }]),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         );
@@ -279,7 +292,7 @@ proptest! {
             ..ModelConfig::default()
         };
         let mut fake = FakeMaps::default();
-        let mut mirror = sync::restore(&fake).unwrap();
+        let mut mirror = reconcile::restore(&fake).unwrap();
         for slices in [slices, later] {
             let snapshot = ClusterSnapshot {
                 services: services.iter().cloned().map(Arc::new).collect(),
@@ -305,8 +318,245 @@ proptest! {
             }
             let ops = plan(&mirror, &output.desired);
             writer::apply(&mut fake, &mut mirror, &ops).unwrap();
-            prop_assert_eq!(&sync::restore(&fake).unwrap(), &mirror);
+            prop_assert_eq!(&reconcile::restore(&fake).unwrap(), &mirror);
             prop_assert!(plan(&mirror, &output.desired).is_empty());
+        }
+    }
+}
+
+/// One step of a cluster's life.
+#[derive(Clone, Debug)]
+enum Step {
+    Apply(Box<Service>),
+    DeleteService(u8),
+    ApplySlice(Box<EndpointSlice>),
+    DeleteSlice(u8, u8),
+    /// This node's zone label and which of its addresses it has.
+    Node(Option<&'static str>, u8),
+}
+
+/// A Service the API server would accept: valid addresses, ports and policies, so that most
+/// steps reach every rule (claims, topology, health checks, source ranges).
+fn valid_service() -> impl Strategy<Value = Service> {
+    (
+        0u8..3,
+        0u8..3,
+        prop_oneof![Just("ClusterIP"), Just("NodePort"), Just("LoadBalancer")],
+        prop::option::of(30_000i32..30_002),
+        prop::collection::vec((0u8..3).prop_map(|a| format!("10.96.0.{a}")), 0..2),
+        any::<bool>(),
+        prop::option::of(prop_oneof![Just("192.168.0.0/24"), Just("203.0.113.0/25")]),
+        prop::option::of(32_000i32..32_002),
+    )
+        .prop_map(
+            |(name, ip, type_, node_port, external_ips, local, range, health_check)| {
+                let load_balancer = type_ == "LoadBalancer";
+                Service {
+                    metadata: ObjectMeta {
+                        name: Some(format!("svc{name}")),
+                        namespace: Some("p".into()),
+                        ..Default::default()
+                    },
+                    spec: Some(ServiceSpec {
+                        cluster_ip: Some(format!("10.96.0.{ip}")),
+                        type_: Some(type_.into()),
+                        external_ips: Some(external_ips),
+                        external_traffic_policy: local.then(|| "Local".into()),
+                        load_balancer_source_ranges: range.map(|range| vec![range.to_owned()]),
+                        health_check_node_port: health_check.filter(|_| load_balancer && local),
+                        ports: Some(vec![ServicePort {
+                            name: Some("http".into()),
+                            port: 80,
+                            node_port: node_port.filter(|_| type_ != "ClusterIP"),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    status: Some(ServiceStatus {
+                        load_balancer: Some(LoadBalancerStatus {
+                            ingress: load_balancer.then(|| {
+                                vec![LoadBalancerIngress {
+                                    ip: Some(format!("203.0.113.{name}")),
+                                    ..Default::default()
+                                }]
+                            }),
+                        }),
+                        ..Default::default()
+                    }),
+                }
+            },
+        )
+}
+
+/// An EndpointSlice the API server would accept, hinted or not.
+fn valid_slice() -> impl Strategy<Value = EndpointSlice> {
+    let endpoint = (
+        0u8..6,
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just("node-a"), Just("node-b")],
+        prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]),
+    )
+        .prop_map(|(address, ready, terminating, node, zone)| Endpoint {
+            addresses: vec![format!("10.244.0.{address}")],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(ready || terminating),
+                terminating: Some(terminating),
+            }),
+            node_name: Some(node.into()),
+            hints: zone.map(|zone| EndpointHints {
+                for_zones: Some(vec![ForZone { name: zone.into() }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    (0u8..3, 0u8..4, prop::collection::vec(endpoint, 0..4)).prop_map(
+        |(service, index, endpoints)| EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("svc{service}-{index}")),
+                namespace: Some("p".into()),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".to_owned(),
+                    format!("svc{service}"),
+                )])),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints,
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                ..Default::default()
+            }]),
+        },
+    )
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        1 => service().prop_map(|s| Step::Apply(Box::new(s))),
+        3 => valid_service().prop_map(|s| Step::Apply(Box::new(s))),
+        1 => (0u8..3).prop_map(Step::DeleteService),
+        1 => slice().prop_map(|s| Step::ApplySlice(Box::new(s))),
+        4 => valid_slice().prop_map(|s| Step::ApplySlice(Box::new(s))),
+        1 => (0u8..3, 0u8..4).prop_map(|(s, i)| Step::DeleteSlice(s, i)),
+        1 => (prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]), 0u8..4)
+            .prop_map(|(zone, addresses)| Step::Node(zone, addresses)),
+    ]
+}
+
+fn node_object(zone: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+    k8s_openapi::api::core::v1::Node {
+        metadata: ObjectMeta {
+            name: Some("node-a".into()),
+            labels: zone.map(|zone| {
+                BTreeMap::from([("topology.kubernetes.io/zone".to_owned(), zone.to_owned())])
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// This node's settings with a subset of its addresses (bit 0: IPv4, bit 1: IPv6).
+fn node_config(addresses: u8, zone: Option<&str>) -> ModelConfig {
+    let all: [IpAddr; 2] = [
+        "192.168.0.2".parse().unwrap(),
+        "2001:db8::2".parse().unwrap(),
+    ];
+    let node: Vec<IpAddr> = all
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| addresses & (1 << bit) != 0)
+        .map(|(_, ip)| *ip)
+        .collect();
+    ModelConfig {
+        node_name: Some("node-a".into()),
+        zone: zone.map(str::to_owned),
+        nodeport_addresses: node.clone(),
+        node_addresses: node,
+        ..ModelConfig::default()
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    ObjectKey {
+        namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+        name: meta.name.as_deref().unwrap_or("<unnamed>").into(),
+    }
+}
+
+fn dump_of(maps: &Shared<FakeMaps>) -> String {
+    dump::render(&programmed_from_image(&maps.lock().image).0)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn the_incremental_control_plane_equals_the_full_recomputation(
+        steps in prop::collection::vec(step(), 1..30),
+    ) {
+        let maps = Shared::new(FakeMaps::default());
+        let mut agent = Reconciler::new(Box::new(maps.clone())).unwrap();
+        let mut services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
+        let mut slices: BTreeMap<ObjectKey, EndpointSlice> = BTreeMap::new();
+        let (mut zone, mut addresses) = (None, 3u8);
+        for step in steps {
+            let delta = match step {
+                Step::Apply(service) => {
+                    let key = key_of(&service.metadata);
+                    let input = model::input::ServiceInput::from(&*service);
+                    services.insert(key, *service);
+                    Delta::Change(Change::Service(input.id.clone(), Some(Arc::new(input))))
+                }
+                Step::DeleteService(index) => {
+                    let id = model::ServiceId::new("p", &format!("svc{index}"));
+                    services.remove(&ObjectKey { namespace: id.namespace.clone(), name: id.name.clone() });
+                    Delta::Change(Change::Service(id, None))
+                }
+                Step::ApplySlice(slice) => {
+                    let key = key_of(&slice.metadata);
+                    let input = model::input::SliceInput::from(&*slice);
+                    slices.insert(key.clone(), *slice);
+                    Delta::Change(Change::Slice(key, Some(Arc::new(input))))
+                }
+                Step::DeleteSlice(service, index) => {
+                    let key = ObjectKey { namespace: "p".into(), name: format!("svc{service}-{index}").into() };
+                    slices.remove(&key);
+                    Delta::Change(Change::Slice(key, None))
+                }
+                Step::Node(new_zone, new_addresses) => {
+                    zone = new_zone;
+                    addresses = new_addresses;
+                    let node = model::input::NodeInput::from(&node_object(zone));
+                    Delta::Change(Change::Node(node.name.clone(), Some(Arc::new(node))))
+                }
+            };
+            agent.absorb(delta);
+            let config = node_config(addresses, zone);
+            agent.sync(&config);
+
+            // The model: incremental equals a model built from scratch over the same objects.
+            let fresh = model::desired_of(agent.cluster(), &config);
+            prop_assert_eq!(agent.desired().state(), fresh.state());
+            prop_assert_eq!(agent.desired().problems(), fresh.problems());
+            prop_assert_eq!(agent.desired().health_checks(), fresh.health_checks());
+
+            // The maps: what a fresh agent writes for the whole cluster at once, nothing left
+            // to do for a full plan, and a mirror that is exactly the maps.
+            let snapshot = ClusterSnapshot {
+                services: services.values().cloned().map(Arc::new).collect(),
+                endpoint_slices: slices.values().cloned().map(Arc::new).collect(),
+                nodes: vec![Arc::new(node_object(zone))],
+            };
+            let reference = Shared::new(FakeMaps::default());
+            Reconciler::new(Box::new(reference.clone())).unwrap().sync_snapshot(&snapshot, &config);
+            prop_assert_eq!(dump_of(&maps), dump_of(&reference));
+            let (mirror, _) = programmed_from_image(&maps.lock().image);
+            prop_assert!(plan(&mirror, &fresh.state()).is_empty());
+            prop_assert_eq!(&mirror, agent.mirror());
         }
     }
 }

@@ -7,17 +7,21 @@
 //! - a master enforcing source ranges has at least the ranges of the state it belongs to (the
 //!   old master with the old ranges, the new master with the new ones), so no allowed source
 //!   is ever dropped.
+//!
+//! A failed write undoes the Service's change (its plan is applied as a unit): every write of
+//! the undo is checked the same way, and the retry converges.
 use std::{collections::BTreeSet, net::IpAddr};
 
 use proxy_common::service_flags;
 use proxy_userspace::{
     maps::{
-        FakeMaps, FaultyWriter,
+        FakeMaps, FaultyWriter, Shared,
         encode::{MapImage, programmed_from_image},
     },
     model::{Cidr, ClusterSnapshot, FrontendKey, ModelConfig, Scope},
     plan::mirror::Programmed,
-    runner::sync_once,
+    reconcile::Reconciler,
+    render::dump,
     source::manifest,
 };
 
@@ -128,75 +132,115 @@ fn assert_safe(image: &MapImage, before: &Programmed, after: &Programmed, contex
     }
 }
 
-#[test]
-fn every_intermediate_state_of_an_external_transition_is_safe() {
-    let mut fake = FakeMaps::default();
-    let mut mirror = Programmed::default();
-    for (index, step) in steps().iter().enumerate() {
-        let start = fake.image.clone();
-        let before = mirror.clone();
-        fake.journal.clear();
-        sync_once(step, &config(), &mut fake, &mut mirror, &mut Vec::new())
-            .expect("fake writes succeed");
-        let mut image = start;
-        for (write_index, write) in fake.journal.iter().enumerate() {
-            image.apply(*write);
-            assert_safe(
-                &image,
-                &before,
-                &mirror,
-                &format!("step {index}, write {write_index}"),
-            );
-        }
-        assert_eq!(programmed_from_image(&fake.image).0, mirror);
+/// Replays the writes a sync made on top of `start`, checking every intermediate image.
+fn replay_checking(
+    start: &MapImage,
+    journal: &[proxy_userspace::maps::encode::MapWrite],
+    before: &Programmed,
+    after: &Programmed,
+    context: &str,
+) {
+    let mut image = start.clone();
+    for (write_index, write) in journal.iter().enumerate() {
+        image.apply(*write);
+        assert_safe(
+            &image,
+            before,
+            after,
+            &format!("{context}, write {write_index}"),
+        );
     }
-    assert_eq!(fake.image, MapImage::default(), "nothing is left behind");
 }
 
 #[test]
-fn a_failure_at_any_write_of_an_external_transition_is_safe_and_the_retry_converges() {
+fn every_intermediate_state_of_an_external_transition_is_safe() {
+    let maps = Shared::new(FakeMaps::default());
+    let mut agent = Reconciler::new(Box::new(maps.clone())).expect("fake maps read");
+    for (index, step) in steps().iter().enumerate() {
+        let start = maps.lock().image.clone();
+        let before = agent.mirror().clone();
+        maps.lock().journal.clear();
+        agent.sync_snapshot(step, &config());
+        assert!(agent.not_programmed().is_empty());
+        let journal = maps.lock().journal.clone();
+        replay_checking(
+            &start,
+            &journal,
+            &before,
+            agent.mirror(),
+            &format!("step {index}"),
+        );
+        assert_eq!(&programmed_from_image(&maps.lock().image).0, agent.mirror());
+    }
+    assert_eq!(
+        maps.lock().image,
+        MapImage::default(),
+        "nothing is left behind"
+    );
+}
+
+#[test]
+fn a_failure_at_any_write_of_an_external_transition_is_undone_safely_and_the_retry_converges() {
     let steps = steps();
-    for pair in steps.windows(2) {
+    for (index, pair) in steps.windows(2).enumerate() {
         let (from, to) = (&pair[0], &pair[1]);
-        let mut start = FakeMaps::default();
-        let mut start_mirror = Programmed::default();
-        sync_once(
-            from,
-            &config(),
-            &mut start,
-            &mut start_mirror,
-            &mut Vec::new(),
-        )
-        .expect("fake writes succeed");
-        let mut clean = start.clone();
-        let mut clean_mirror = start_mirror.clone();
-        clean.journal.clear();
-        sync_once(
-            to,
-            &config(),
-            &mut clean,
-            &mut clean_mirror,
-            &mut Vec::new(),
-        )
-        .expect("fake writes succeed");
-        for fail_at in 0..clean.journal.len() {
-            let mut faulty = FaultyWriter::new(start.clone(), [fail_at]);
-            let mut mirror = start_mirror.clone();
-            let error = sync_once(to, &config(), &mut faulty, &mut mirror, &mut Vec::new())
-                .expect_err("the injected fault surfaces");
-            assert_eq!(error.applied, fail_at);
-            assert_safe(
-                &faulty.inner.image,
+        let clean = Shared::new(FakeMaps::default());
+        let mut agent = Reconciler::new(Box::new(clean.clone())).expect("fake maps read");
+        agent.sync_snapshot(from, &config());
+        let start = clean.lock().clone();
+        let start_mirror = agent.mirror().clone();
+        clean.lock().journal.clear();
+        agent.sync_snapshot(to, &config());
+        let clean_image = clean.lock().image.clone();
+        let clean_mirror = agent.mirror().clone();
+        let writes = clean.lock().journal.len();
+        for fail_at in 0..writes {
+            let context = format!("step {index}, failure at write {fail_at}");
+            let faulty = Shared::new(FaultyWriter::new(start.clone(), [fail_at]));
+            let mut agent = Reconciler::new(Box::new(faulty.clone())).expect("fake maps read");
+            agent.sync_snapshot(from, &config());
+            assert!(
+                agent.not_programmed().is_empty(),
+                "{context}: adopting writes nothing"
+            );
+            faulty.lock().inner.journal.clear();
+            agent.sync_snapshot(to, &config());
+            let journal = faulty.lock().inner.journal.clone();
+            replay_checking(
+                &start.image,
+                &journal,
                 &start_mirror,
                 &clean_mirror,
-                &format!("failure at write {fail_at}"),
+                &context,
             );
-            assert_eq!(programmed_from_image(&faulty.inner.image).0, mirror);
-            sync_once(to, &config(), &mut faulty, &mut mirror, &mut Vec::new())
-                .expect("retry succeeds");
             assert_eq!(
-                faulty.inner.image, clean.image,
-                "retry after write {fail_at}"
+                faulty.lock().inner.image,
+                start.image,
+                "{context}: the Service's change is undone whole"
+            );
+            assert_eq!(
+                &programmed_from_image(&faulty.lock().inner.image).0,
+                agent.mirror()
+            );
+            // A Service that is gone cannot be "not programmed"; its leftovers are retried.
+            let reported = usize::from(!to.services.is_empty());
+            assert_eq!(
+                agent.not_programmed().len(),
+                reported,
+                "{context}: reported"
+            );
+            assert!(agent.has_failures(), "{context}: a retry is due");
+            agent.sync(&config());
+            assert!(
+                agent.not_programmed().is_empty(),
+                "{context}: the retry works"
+            );
+            // Ids may differ (the undone attempt used some, and ids only move forward); the
+            // dump numbers them in order of appearance.
+            assert_eq!(
+                dump::render(&programmed_from_image(&faulty.lock().inner.image).0),
+                dump::render(&programmed_from_image(&clean_image).0),
+                "{context}: the retry converges"
             );
         }
     }

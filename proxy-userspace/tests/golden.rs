@@ -1,7 +1,8 @@
 //! Golden tests: Kubernetes YAML in, a readable dump of the maps out (ids normalised).
 //!
-//! Each `golden/NAME.yaml` goes through the whole agent pipeline (manifest parsing, model,
-//! plan, writes into in-memory maps, restore from those maps) and the dump must equal
+//! Each `golden/NAME.yaml` goes through the whole agent pipeline (manifest parsing, the
+//! sources' complete lists, the incremental model, plan and writes into in-memory maps, restore
+//! from those maps) and the dump must equal
 //! `golden/NAME.dump`, followed by the health checks the model asked for. Set
 //! `UPDATE_GOLDEN=1` to rewrite the expected files after a deliberate change, then review the
 //! diff.
@@ -16,12 +17,11 @@
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use proxy_userspace::{
-    maps::{self as writer, FakeMaps},
+    maps::{FakeMaps, Shared},
     model::{self, ModelConfig},
     node::{self as node_addresses, NodePortAddresses},
-    plan::plan,
+    reconcile::{self, Reconciler},
     render::dump,
-    runner as sync,
     source::manifest,
 };
 
@@ -43,7 +43,7 @@ fn config(yaml: &str, snapshot: &model::ClusterSnapshot) -> ModelConfig {
     let nodeport = header(yaml, "nodeport-addresses").map_or(NodePortAddresses::All, |flag| {
         node_addresses::parse_nodeport_addresses(flag).expect("--nodeport-addresses")
     });
-    let primary = node_addresses::primary_addresses(snapshot, Some("node-a"));
+    let primary = node_addresses::primary_addresses(model::cluster_of(snapshot).node("node-a"));
     ModelConfig {
         node_name: Some("node-a".into()),
         nodeport_addresses: nodeport.select(&node_addresses, &primary),
@@ -54,14 +54,16 @@ fn config(yaml: &str, snapshot: &model::ClusterSnapshot) -> ModelConfig {
 
 fn render(yaml: &str) -> String {
     let parsed = manifest::parse(yaml);
-    let output = model::build(&parsed.snapshot, &config(yaml, &parsed.snapshot));
-    let mut fake = FakeMaps::default();
-    let mut mirror = sync::restore(&fake).expect("empty fake maps");
-    let ops = plan(&mirror, &output.desired);
-    writer::apply(&mut fake, &mut mirror, &ops).expect("fake writes succeed");
-    let restored = sync::restore(&fake).expect("fake maps read back");
+    let config = config(yaml, &parsed.snapshot);
+    let output = model::build(&parsed.snapshot, &config);
+    let maps = Shared::new(FakeMaps::default());
+    let mut agent = Reconciler::new(Box::new(maps.clone())).expect("empty fake maps");
+    let report = agent.sync_snapshot(&parsed.snapshot, &config);
+    assert!(agent.not_programmed().is_empty(), "{report:?}");
+    let restored = reconcile::restore(&*maps.lock()).expect("fake maps read back");
     assert_eq!(
-        restored, mirror,
+        &restored,
+        agent.mirror(),
         "the maps read back equal what the agent believes it wrote"
     );
     let mut text = dump::render(&restored);

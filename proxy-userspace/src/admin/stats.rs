@@ -8,6 +8,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use proxy_common::map_names;
+
+use crate::plan::mirror::Fill;
+
 /// A Prometheus histogram: cumulative counts per upper bound, sum and count.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Histogram {
@@ -77,6 +81,10 @@ pub struct SyncStats {
     /// Documents of a manifests file that could not be used.
     pub skipped_documents_total: u64,
     pub map_entries: MapEntries,
+    /// Services not (completely) programmed, by reason.
+    pub not_programmed: BTreeMap<&'static str, u64>,
+    /// Full recomputations that disagreed with the incremental model (should stay 0).
+    pub model_divergences_total: u64,
 }
 
 impl Default for SyncStats {
@@ -95,11 +103,31 @@ impl Default for SyncStats {
             invalid_object_parts_total: 0,
             skipped_documents_total: 0,
             map_entries: MapEntries::new(),
+            not_programmed: BTreeMap::new(),
+            model_divergences_total: 0,
         }
     }
 }
 
 impl SyncStats {
+    /// Records the agent-owned maps' entry counts (from the mirror: no map is read).
+    pub fn record_fill(&mut self, fill: &Fill) {
+        let per_map = [
+            (map_names::SERVICES4, fill.services[0]),
+            (map_names::SERVICES6, fill.services[1]),
+            (map_names::BACKENDS4, fill.backends[0]),
+            (map_names::BACKENDS6, fill.backends[1]),
+            (map_names::REV_NAT4, fill.rev_nats[0]),
+            (map_names::REV_NAT6, fill.rev_nats[1]),
+            (map_names::SERVICE_NAMES, fill.names),
+            (map_names::SOURCE_RANGES4, fill.source_ranges[0]),
+            (map_names::SOURCE_RANGES6, fill.source_ranges[1]),
+        ];
+        for (map, entries) in per_map {
+            self.map_entries.insert(map, entries);
+        }
+    }
+
     /// Records a successful sync; `latency` is set when it wrote something.
     pub fn record_sync(
         &mut self,

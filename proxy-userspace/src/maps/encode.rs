@@ -8,7 +8,8 @@ use std::{
 
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceValue, SourceRange4, SourceRange6, backend_state, protocol, scope,
+    ServiceName, ServiceValue, SourceRange4, SourceRange6, backend_state, map_names, protocol,
+    scope,
 };
 
 use crate::{
@@ -69,7 +70,71 @@ fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
     };
 }
 
+impl MapWrite {
+    /// The map this write goes to.
+    pub fn map_name(&self) -> &'static str {
+        match self {
+            Self::Service4(..) => map_names::SERVICES4,
+            Self::Service6(..) => map_names::SERVICES6,
+            Self::Backend4(..) => map_names::BACKENDS4,
+            Self::Backend6(..) => map_names::BACKENDS6,
+            Self::RevNat4(..) => map_names::REV_NAT4,
+            Self::RevNat6(..) => map_names::REV_NAT6,
+            Self::AffinityDelete(..) => map_names::AFFINITY,
+            Self::ServiceName(..) => map_names::SERVICE_NAMES,
+            Self::SourceRange4(..) => map_names::SOURCE_RANGES4,
+            Self::SourceRange6(..) => map_names::SOURCE_RANGES6,
+        }
+    }
+
+    /// Whether the write removes an entry.
+    pub fn is_delete(&self) -> bool {
+        match self {
+            Self::Service4(_, value) | Self::Service6(_, value) => value.is_none(),
+            Self::Backend4(_, value) => value.is_none(),
+            Self::Backend6(_, value) => value.is_none(),
+            Self::RevNat4(_, value) => value.is_none(),
+            Self::RevNat6(_, value) => value.is_none(),
+            Self::AffinityDelete(_) => true,
+            Self::ServiceName(_, value) => value.is_none(),
+            Self::SourceRange4(_, value) | Self::SourceRange6(_, value) => value.is_none(),
+        }
+    }
+}
+
 impl MapImage {
+    /// Whether the entry a write names is present (an update of it needs no new room).
+    pub fn holds(&self, write: &MapWrite) -> bool {
+        match write {
+            MapWrite::Service4(key, _) => self.services4.contains_key(key),
+            MapWrite::Service6(key, _) => self.services6.contains_key(key),
+            MapWrite::Backend4(id, _) => self.backends4.contains_key(id),
+            MapWrite::Backend6(id, _) => self.backends6.contains_key(id),
+            MapWrite::RevNat4(id, _) => self.rev_nat4.contains_key(id),
+            MapWrite::RevNat6(id, _) => self.rev_nat6.contains_key(id),
+            MapWrite::AffinityDelete(key) => self.affinity.contains_key(key),
+            MapWrite::ServiceName(id, _) => self.service_names.contains_key(id),
+            MapWrite::SourceRange4(key, _) => self.source_ranges4.contains_key(key),
+            MapWrite::SourceRange6(key, _) => self.source_ranges6.contains_key(key),
+        }
+    }
+
+    /// How many entries the map a write goes to holds.
+    pub fn len_of(&self, write: &MapWrite) -> usize {
+        match write {
+            MapWrite::Service4(..) => self.services4.len(),
+            MapWrite::Service6(..) => self.services6.len(),
+            MapWrite::Backend4(..) => self.backends4.len(),
+            MapWrite::Backend6(..) => self.backends6.len(),
+            MapWrite::RevNat4(..) => self.rev_nat4.len(),
+            MapWrite::RevNat6(..) => self.rev_nat6.len(),
+            MapWrite::AffinityDelete(..) => self.affinity.len(),
+            MapWrite::ServiceName(..) => self.service_names.len(),
+            MapWrite::SourceRange4(..) => self.source_ranges4.len(),
+            MapWrite::SourceRange6(..) => self.source_ranges6.len(),
+        }
+    }
+
     /// Applies one write the way the kernel would (deleting a missing key is a no-op).
     pub fn apply(&mut self, write: MapWrite) {
         match write {

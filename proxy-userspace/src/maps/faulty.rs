@@ -35,4 +35,8 @@ impl<W: MapWriter> MapWriter for FaultyWriter<W> {
     fn read_image(&self) -> Result<MapImage, WriteError> {
         self.inner.read_image()
     }
+
+    fn capacity(&self, map: &'static str) -> Option<u32> {
+        self.inner.capacity(map)
+    }
 }

@@ -7,7 +7,7 @@ mod fake;
 mod faulty;
 mod kernel;
 
-pub use fake::FakeMaps;
+pub use fake::{FakeMaps, Shared};
 pub use faulty::FaultyWriter;
 pub use kernel::KernelMaps;
 pub(crate) use kernel::take;
@@ -61,15 +61,22 @@ pub trait MapWriter: Send {
     fn write(&mut self, write: &MapWrite) -> Result<(), WriteError>;
     /// Reads the content of the maps the agent owns.
     fn read_image(&self) -> Result<MapImage, WriteError>;
+    /// How many entries a map can hold, if known.
+    fn capacity(&self, _map: &'static str) -> Option<u32> {
+        None
+    }
 }
 
-/// A plan that stopped part-way: how many operations were applied and why it stopped.
+/// A plan that stopped part-way: how many operations were applied, why it stopped, and
+/// whether what it had applied was undone.
 #[derive(Debug, thiserror::Error)]
-#[error("applied {applied} of {total} map operations; operation {op:?} failed: {source}")]
+#[error("applied {applied} of {total} map operations{}; operation {op:?} failed: {source}", if *.rolled_back { " (undone)" } else { "" })]
 pub struct ApplyError {
     pub applied: usize,
     pub total: usize,
     pub op: Box<Op>,
+    /// The operations applied before the failure were undone.
+    pub rolled_back: bool,
     #[source]
     pub source: WriteError,
 }
@@ -88,10 +95,45 @@ pub fn apply(
                 applied: index,
                 total: ops.len(),
                 op: Box::new(op.clone()),
+                rolled_back: false,
                 source,
             });
         }
         mirror.apply(op);
+    }
+    Ok(())
+}
+
+/// Applies one Service's plan as a unit: when a write fails, what the plan already applied
+/// is undone (the inverse operations, newest first, which is make-before-break backwards), so
+/// the maps hold the whole change or none of it. Undoing only deletes entries or restores
+/// ones that existed, so it needs no room in a full map.
+pub fn apply_all_or_nothing(
+    writer: &mut dyn MapWriter,
+    mirror: &mut Programmed,
+    ops: &[Op],
+) -> Result<(), ApplyError> {
+    let mut undo = Vec::new();
+    for (index, op) in ops.iter().enumerate() {
+        let inverse = mirror.inverse(op);
+        if let Err(source) = writer.write(&encode::encode(op)) {
+            let rolled_back = undo.into_iter().rev().all(|inverse: Op| {
+                let undone = writer.write(&encode::encode(&inverse)).is_ok();
+                if undone {
+                    mirror.apply(&inverse);
+                }
+                undone
+            });
+            return Err(ApplyError {
+                applied: index,
+                total: ops.len(),
+                op: Box::new(op.clone()),
+                rolled_back,
+                source,
+            });
+        }
+        mirror.apply(op);
+        undo.extend(inverse);
     }
     Ok(())
 }

@@ -11,9 +11,12 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-use super::{ObjectKind, Protocol, parse_ip_lenient, service::Problems};
+use super::{
+    Protocol,
+    input::SliceInput,
+    parse_ip_lenient,
+    problems::{ObjectKind, Problems, parse_protocol},
+};
 
 /// One endpoint of a service port, in one address family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +42,7 @@ pub struct PortRef<'a> {
     pub protocol: Protocol,
 }
 
-fn address_type_matches(slice: &EndpointSlice, ipv4: bool) -> bool {
+fn address_type_matches(slice: &SliceInput, ipv4: bool) -> bool {
     match slice.address_type.as_str() {
         "IPv4" => ipv4,
         "IPv6" => !ipv4,
@@ -50,7 +53,7 @@ fn address_type_matches(slice: &EndpointSlice, ipv4: bool) -> bool {
 /// The endpoints of `port` in one family, merged over all slices. When the same address and
 /// port appear twice, the non-terminating copy wins.
 pub fn collect(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceInput],
     ipv4: bool,
     port: &PortRef<'_>,
     node_name: Option<&str>,
@@ -61,20 +64,12 @@ pub fn collect(
         .iter()
         .filter(|slice| address_type_matches(slice, ipv4))
     {
-        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
-        let slice_name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
-        let Some(slice_port) =
-            slice
-                .ports
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .find(|candidate| {
-                    candidate.name.as_deref().unwrap_or_default() == port.name
-                        && super::service::parse_protocol(candidate.protocol.as_deref()).ok()
-                            == Some(port.protocol)
-                })
-        else {
+        let ns = &*slice.key.namespace;
+        let slice_name = &*slice.key.name;
+        let Some(slice_port) = slice.ports.iter().find(|candidate| {
+            candidate.name.as_deref().unwrap_or_default() == port.name
+                && parse_protocol(candidate.protocol.as_deref()).ok() == Some(port.protocol)
+        }) else {
             continue;
         };
         let Some(number) = slice_port
@@ -95,7 +90,7 @@ pub fn collect(
         };
         for endpoint in &slice.endpoints {
             // Only the first address counts (the EndpointSlice API's contract).
-            let Some(text) = endpoint.addresses.first() else {
+            let Some(text) = endpoint.address.as_deref() else {
                 continue;
             };
             let ip = match parse_ip_lenient(text) {
@@ -113,24 +108,15 @@ pub fn collect(
                     continue;
                 }
             };
-            let conditions = endpoint.conditions.as_ref();
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let hints = endpoint.hints.as_ref();
             let candidate = Endpoint {
                 ip,
                 port: number,
-                ready,
-                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                ready: endpoint.ready.unwrap_or(true),
+                serving: endpoint.serving.unwrap_or(true),
+                terminating: endpoint.terminating.unwrap_or(false),
                 local: node_name.is_some() && endpoint.node_name.as_deref() == node_name,
-                zone_hints: hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                    .unwrap_or_default(),
-                node_hints: hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect())
-                    .unwrap_or_default(),
+                zone_hints: endpoint.zone_hints.iter().cloned().collect(),
+                node_hints: endpoint.node_hints.iter().cloned().collect(),
             };
             match by_address.get(&(ip, number)) {
                 Some(existing) if !existing.terminating || candidate.terminating => {}

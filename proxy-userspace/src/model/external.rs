@@ -4,11 +4,11 @@
 //! pkg/api/v1/service/util.go).
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
-
 use super::{
-    Cidr, parse_cidr_lenient, parse_ip_lenient,
-    service::{Problems, ServiceId},
+    Cidr,
+    input::ServiceInput,
+    parse_cidr_lenient, parse_ip_lenient,
+    problems::{Problems, ServiceId},
 };
 
 /// A Service's external addresses and the policies that apply to them, both families mixed
@@ -31,24 +31,12 @@ pub(super) struct Exposure {
     pub health_check_node_port: Option<u16>,
 }
 
-fn service_type(service: &Service) -> &str {
-    service
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.type_.as_deref())
-        .unwrap_or("ClusterIP")
-}
-
 /// kube-proxy's `ExternallyAccessible`: NodePort and LoadBalancer Services, and ClusterIP
 /// Services with externalIPs. Only those honour externalTrafficPolicy.
-fn externally_accessible(service: &Service) -> bool {
-    match service_type(service) {
+fn externally_accessible(service: &ServiceInput) -> bool {
+    match service.type_name() {
         "NodePort" | "LoadBalancer" => true,
-        "ClusterIP" => service
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.external_ips.as_ref())
-            .is_some_and(|ips| !ips.is_empty()),
+        "ClusterIP" => !service.external_ips.is_empty(),
         _ => false,
     }
 }
@@ -57,7 +45,7 @@ fn externally_accessible(service: &Service) -> bool {
 fn parse_addresses<'a>(
     texts: impl IntoIterator<Item = &'a str>,
     what: &str,
-    id: &ServiceId<'_>,
+    id: &ServiceId,
     problems: &mut Problems,
 ) -> Vec<IpAddr> {
     let mut ips = Vec::new();
@@ -76,19 +64,10 @@ fn parse_addresses<'a>(
 
 /// VIP-mode ingress IPs. An ingress with ipMode Proxy is not intercepted: that load balancer
 /// proxies to the nodes itself (kube-proxy's `IsVIPMode`, LoadBalancerIPMode on by default).
-fn load_balancer_ips(
-    service: &Service,
-    id: &ServiceId<'_>,
-    problems: &mut Problems,
-) -> Vec<IpAddr> {
-    let ingress = service
-        .status
-        .as_ref()
-        .and_then(|status| status.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_deref())
-        .unwrap_or_default();
+fn load_balancer_ips(service: &ServiceInput, problems: &mut Problems) -> Vec<IpAddr> {
+    let id = &service.id;
     let mut texts = Vec::new();
-    for entry in ingress {
+    for entry in &service.load_balancer_ingress {
         // Hostname-only ingress entries have no address to intercept.
         let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
             continue;
@@ -108,7 +87,7 @@ fn load_balancer_ips(
 /// The healthCheckNodePort of a Service that needs one, reporting a missing or bad one.
 fn health_check_node_port(
     port: Option<i32>,
-    id: &ServiceId<'_>,
+    id: &ServiceId,
     problems: &mut Problems,
 ) -> Option<u16> {
     let Some(port) = port else {
@@ -129,20 +108,18 @@ fn health_check_node_port(
 }
 
 /// Reads the Service's external addresses and policies, reporting unusable parts.
-pub(super) fn read(service: &Service, id: &ServiceId<'_>, problems: &mut Problems) -> Exposure {
-    let Some(spec) = service.spec.as_ref() else {
+pub(super) fn read(service: &ServiceInput, problems: &mut Problems) -> Exposure {
+    if !service.has_spec {
         return Exposure::default();
-    };
+    }
+    let id = &service.id;
     let external_ips = parse_addresses(
-        spec.external_ips.iter().flatten().map(String::as_str),
+        service.external_ips.iter().map(String::as_str),
         "externalIP",
         id,
         problems,
     );
-    let listed_ranges = spec
-        .load_balancer_source_ranges
-        .as_deref()
-        .unwrap_or_default();
+    let listed_ranges = &service.load_balancer_source_ranges;
     let mut source_ranges = Vec::new();
     for text in listed_ranges {
         // kube-proxy trims first: validation once let whitespace padding through.
@@ -162,20 +139,20 @@ pub(super) fn read(service: &Service, id: &ServiceId<'_>, problems: &mut Problem
             "no loadBalancerSourceRange is readable: new flows to its load-balancer IPs are dropped",
         );
     }
-    let external_local =
-        externally_accessible(service) && spec.external_traffic_policy.as_deref() == Some("Local");
-    let health_check_node_port = if service_type(service) == "LoadBalancer" && external_local {
-        health_check_node_port(spec.health_check_node_port, id, problems)
+    let external_local = externally_accessible(service)
+        && service.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = if service.type_name() == "LoadBalancer" && external_local {
+        health_check_node_port(service.health_check_node_port, id, problems)
     } else {
         None
     };
     Exposure {
         external_ips,
-        load_balancer_ips: load_balancer_ips(service, id, problems),
+        load_balancer_ips: load_balancer_ips(service, problems),
         source_ranges,
         source_ranges_unreadable,
         external_local,
-        node_ports: matches!(service_type(service), "NodePort" | "LoadBalancer"),
+        node_ports: matches!(service.type_name(), "NodePort" | "LoadBalancer"),
         health_check_node_port,
     }
 }

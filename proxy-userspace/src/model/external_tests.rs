@@ -409,7 +409,8 @@ fn an_external_ip_never_takes_another_services_cluster_ip() {
     assert_eq!(
         get(&output, "10.96.0.2:80/TCP", Scope::Cluster)
             .service
-            .name,
+            .name
+            .as_ref(),
         "b-victim"
     );
     assert!(

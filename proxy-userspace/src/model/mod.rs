@@ -1,14 +1,24 @@
-//! The model: a pure function from Kubernetes objects (and node facts) to the desired dataplane
-//! state. All Service semantics live here; nothing from aya or k8s-openapi leaks out of it.
+//! The model: Kubernetes objects (and node facts) to the desired dataplane state. All Service
+//! semantics live here; nothing from aya leaks in and no k8s-openapi type leaks out.
+//!
+//! `input` cuts objects down to what the semantics read; `cluster` holds them and says which
+//! Services a change touched; `service` computes one Service's frontends (a pure function);
+//! `desired` keeps every Service's output and the rules across Services, so that a change
+//! costs what it touches. [`build`] is the same function over a whole cluster at once.
+pub mod cluster;
+pub mod desired;
 mod endpoints;
 mod external;
 #[cfg(test)]
 mod external_tests;
+pub mod input;
 mod ip;
-mod service;
+pub mod problems;
+pub mod service;
 
+pub use input::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL};
 pub use ip::{parse_cidr_lenient, parse_ip_lenient};
-pub use service::{SERVICE_PROXY_NAME_LABEL, ZONE_LABEL, build};
+pub use problems::{ObjectKind, Problem, ServiceId};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,8 +33,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-/// Everything the model reads: the cluster objects as the source last saw them (shared, so a
-/// snapshot of a large cluster is cheap to take).
+/// A whole cluster as Kubernetes objects (a parsed manifests file, test fixtures).
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
     pub services: Vec<Arc<Service>>,
@@ -38,6 +47,8 @@ pub struct ClusterSnapshot {
 pub struct ModelConfig {
     /// This node's name, as endpoints' `nodeName` spells it.
     pub node_name: Option<String>,
+    /// This node's zone (its Node object's `topology.kubernetes.io/zone` label).
+    pub zone: Option<String>,
     /// Services labelled `service.kubernetes.io/service-proxy-name` with this value are ours;
     /// Services labelled with any other value belong to another proxy.
     pub service_proxy_name: Option<String>,
@@ -187,9 +198,9 @@ impl fmt::Display for BackendAddr {
 /// Which Service port a frontend belongs to (for logs and dumps).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port_name: Arc<str>,
 }
 
 impl fmt::Display for ServicePortName {
@@ -234,44 +245,90 @@ pub struct DesiredState {
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
-/// Kind of object a problem refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ObjectKind {
-    Service,
-    EndpointSlice,
-}
-
-impl fmt::Display for ObjectKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Service => "Service",
-            Self::EndpointSlice => "EndpointSlice",
-        })
-    }
-}
-
-/// A part of an object the model could not use: reported, counted and skipped.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub kind: ObjectKind,
-    pub namespace: String,
-    pub name: String,
-    pub reason: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}/{}: {}",
-            self.kind, self.namespace, self.name, self.reason
-        )
-    }
-}
-
 /// The model's answer: the desired state and what it had to skip.
 #[derive(Clone, Debug, Default)]
 pub struct ModelOutput {
     pub desired: DesiredState,
     pub problems: Vec<Problem>,
+}
+
+impl ModelConfig {
+    /// The settings with this node's zone read from its Node object in `snapshot`, unless set.
+    fn with_zone_from(&self, snapshot: &ClusterSnapshot) -> Self {
+        let mut config = self.clone();
+        if config.zone.is_none()
+            && let Some(name) = &config.node_name
+        {
+            config.zone = snapshot
+                .nodes
+                .iter()
+                .find(|node| node.metadata.name.as_deref() == Some(name))
+                .and_then(|node| node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned());
+        }
+        config
+    }
+}
+
+/// Converts a snapshot into the model's input.
+pub fn cluster_of(snapshot: &ClusterSnapshot) -> cluster::Cluster {
+    let mut cluster = cluster::Cluster::default();
+    cluster.replace_services(
+        snapshot
+            .services
+            .iter()
+            .map(|service| Arc::new(input::ServiceInput::from(service.as_ref())))
+            .collect(),
+    );
+    cluster.replace_slices(
+        snapshot
+            .endpoint_slices
+            .iter()
+            .map(|slice| Arc::new(input::SliceInput::from(slice.as_ref())))
+            .collect(),
+    );
+    cluster.replace_nodes(
+        snapshot
+            .nodes
+            .iter()
+            .map(|node| Arc::new(input::NodeInput::from(node.as_ref())))
+            .collect(),
+    );
+    cluster
+}
+
+/// Every Service of `cluster` through the model: the full recomputation.
+pub fn desired_of(cluster: &cluster::Cluster, config: &ModelConfig) -> desired::Desired {
+    let mut desired = desired::Desired::default();
+    for id in cluster.service_ids() {
+        let service = cluster.service(&id).expect("listed ids exist");
+        let output = service::service_output(service, &cluster.slices_of(&id), config);
+        desired.set(&id, Some(output));
+    }
+    desired
+}
+
+/// The problems of slices that serve no Service (no `kubernetes.io/service-name` label).
+pub fn unlabelled_slice_problems(cluster: &cluster::Cluster) -> Vec<Problem> {
+    cluster
+        .unlabelled_slices()
+        .map(|slice| Problem {
+            kind: ObjectKind::EndpointSlice,
+            namespace: slice.key.namespace.to_string(),
+            name: slice.key.name.to_string(),
+            reason: format!("missing label {SERVICE_NAME_LABEL}; slice ignored"),
+        })
+        .collect()
+}
+
+/// Computes the desired dataplane state of a whole cluster at once.
+pub fn build(snapshot: &ClusterSnapshot, config: &ModelConfig) -> ModelOutput {
+    let cluster = cluster_of(snapshot);
+    let desired = desired_of(&cluster, &config.with_zone_from(snapshot));
+    let mut problems: std::collections::BTreeSet<Problem> =
+        desired.problems().into_iter().collect();
+    problems.extend(unlabelled_slice_problems(&cluster));
+    ModelOutput {
+        desired: desired.state(),
+        problems: problems.into_iter().collect(),
+    }
 }

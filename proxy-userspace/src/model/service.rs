@@ -1,83 +1,24 @@
-//! Services and their EndpointSlices → frontends (ClusterIPs, NodePorts, load-balancer IPs,
-//! externalIPs) with ordered backend sets, and health-check node ports.
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-    sync::Arc,
-};
+//! One Service and its EndpointSlices → its frontend candidates (ClusterIPs, NodePorts,
+//! load-balancer IPs, externalIPs) with ordered backend sets, and its health-check node port.
+//! A pure function of that one Service, its slices and this node's facts: the unit of work of
+//! the incremental control plane. Which candidate gets an address two Services claim is
+//! decided across Services, in `desired`.
+use std::{collections::BTreeSet, net::IpAddr};
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::EndpointSlice,
-};
 use proxy_common::service_flags;
 
 use super::{
-    BackendAddr, Cidr, ClusterSnapshot, DesiredState, Frontend, FrontendKey, HealthCheck,
-    ModelConfig, ModelOutput, ObjectKind, Problem, Protocol, Scope, ServicePortName,
+    BackendAddr, Cidr, Frontend, FrontendKey, HealthCheck, ModelConfig, Protocol, Scope,
+    ServicePortName,
     endpoints::{self, Categorized, Endpoint, PortRef, categorize},
     external::{self, Exposure},
+    input::{ServiceInput, SliceInput},
     parse_ip_lenient,
+    problems::{Problem, Problems, ServiceId, parse_port, parse_protocol},
 };
-
-/// Label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A frontend's backend count lives in a u16 (the master entry's `count`).
 const MAX_BACKENDS: usize = u16::MAX as usize;
-
-/// Collects problems once each, in a stable order.
-#[derive(Default)]
-pub(super) struct Problems(BTreeSet<(ObjectKind, String, String, String)>);
-
-impl Problems {
-    pub(super) fn report(
-        &mut self,
-        kind: ObjectKind,
-        namespace: &str,
-        name: &str,
-        reason: impl Into<String>,
-    ) {
-        self.0
-            .insert((kind, namespace.to_owned(), name.to_owned(), reason.into()));
-    }
-
-    fn into_vec(self) -> Vec<Problem> {
-        self.0
-            .into_iter()
-            .map(|(kind, namespace, name, reason)| Problem {
-                kind,
-                namespace,
-                name,
-                reason,
-            })
-            .collect()
-    }
-}
-
-fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned())
-}
-
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.name.clone().unwrap_or_else(|| "<unnamed>".to_owned())
-}
-
-/// Parses a Kubernetes protocol name; `None` (unset) means TCP.
-pub(super) fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
-    match protocol.unwrap_or("TCP") {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err("protocol SCTP is not supported by the socket datapath; port ignored".into()),
-        other => Err(format!("unknown protocol {other:?}; port ignored")),
-    }
-}
-
-fn parse_port(port: i32) -> Option<u16> {
-    u16::try_from(port).ok().filter(|port| *port != 0)
-}
 
 /// A Service port the model will program.
 struct UsablePort {
@@ -91,13 +32,13 @@ struct UsablePort {
 /// The port's nodePort: only NodePort and LoadBalancer Services open one (the API server
 /// clears it on other types, so one there comes from a hand-written object).
 fn node_port_of(
-    port: &ServicePort,
+    node_port: Option<i32>,
     port_name: &str,
     node_ports: bool,
-    id: &ServiceId<'_>,
+    id: &ServiceId,
     problems: &mut Problems,
 ) -> Option<u16> {
-    let number = port.node_port.filter(|number| *number != 0)?;
+    let number = node_port.filter(|number| *number != 0)?;
     if !node_ports {
         id.report(
             problems,
@@ -118,13 +59,13 @@ fn node_port_of(
 }
 
 fn usable_ports(
-    ports: &[ServicePort],
+    service: &ServiceInput,
     node_ports: bool,
-    id: &ServiceId<'_>,
     problems: &mut Problems,
 ) -> Vec<UsablePort> {
+    let id = &service.id;
     let mut usable = Vec::new();
-    for port in ports {
+    for port in &service.ports {
         let port_name = port.name.clone().unwrap_or_default();
         let protocol = match parse_protocol(port.protocol.as_deref()) {
             Ok(protocol) => protocol,
@@ -143,7 +84,7 @@ fn usable_ports(
             );
             continue;
         };
-        let node_port = node_port_of(port, &port_name, node_ports, id, problems);
+        let node_port = node_port_of(port.node_port, &port_name, node_ports, id, problems);
         usable.push(UsablePort {
             name: port_name,
             port: number,
@@ -157,24 +98,16 @@ fn usable_ports(
 /// The service's cluster IPs, or `None` when the Service gets no frontend at all: headless,
 /// ExternalName and ClusterIP-less Services are skipped whole by kube-proxy
 /// (`ShouldSkipService`), NodePorts and external addresses included.
-fn cluster_ips(
-    service: &Service,
-    ns: &str,
-    name: &str,
-    problems: &mut Problems,
-) -> Option<Vec<IpAddr>> {
-    let spec = service.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+fn cluster_ips(service: &ServiceInput, problems: &mut Problems) -> Option<Vec<IpAddr>> {
+    if !service.has_spec || service.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let texts: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+    let texts: Vec<&str> = match (&service.cluster_ips, &service.cluster_ip) {
+        (ips, _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.as_str()],
         _ => {
-            problems.report(
-                ObjectKind::Service,
-                ns,
-                name,
+            service.id.report(
+                problems,
                 "no clusterIP set (only an API server allocates one); service ignored",
             );
             return None;
@@ -189,10 +122,8 @@ fn cluster_ips(
         match parse_ip_lenient(text) {
             Some(ip) if !ips.contains(&ip) => ips.push(ip),
             Some(_) => {}
-            None => problems.report(
-                ObjectKind::Service,
-                ns,
-                name,
+            None => service.id.report(
+                problems,
                 format!("clusterIP {text:?} is not an IP address; address ignored"),
             ),
         }
@@ -200,65 +131,15 @@ fn cluster_ips(
     Some(ips)
 }
 
-/// Groups slices by the (namespace, service name) they belong to.
-fn index_slices<'a>(
-    slices: &'a [Arc<EndpointSlice>],
-    problems: &mut Problems,
-) -> HashMap<(String, String), Vec<&'a EndpointSlice>> {
-    let mut index: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in slices.iter().map(AsRef::as_ref) {
-        let ns = namespace_of(&slice.metadata);
-        match slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-        {
-            Some(service) => index.entry((ns, service.clone())).or_default().push(slice),
-            None => problems.report(
-                ObjectKind::EndpointSlice,
-                &ns,
-                &name_of(&slice.metadata),
-                format!("missing label {SERVICE_NAME_LABEL}; slice ignored"),
-            ),
-        }
-    }
-    index
-}
-
-/// Label that hands a Service to another proxy (kube-proxy skips such Services too).
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-
 /// Whether this proxy handles the Service: unlabelled ones always, labelled ones only when
 /// `--service-proxy-name` claims that name.
-fn handled_by_us(service: &Service, config: &ModelConfig) -> bool {
-    match service
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
-    {
+fn handled_by_us(service: &ServiceInput, config: &ModelConfig) -> bool {
+    match &service.proxy_name {
         None => true,
         Some(name) => config.service_proxy_name.as_deref() == Some(name.as_str()),
     }
 }
 
-/// The node's zone label, from the Node object named like this node (if the source has it).
-fn node_zone<'a>(snapshot: &'a ClusterSnapshot, config: &ModelConfig) -> Option<&'a str> {
-    let name = config.node_name.as_deref()?;
-    snapshot
-        .nodes
-        .iter()
-        .find(|node| node.metadata.name.as_deref() == Some(name))?
-        .metadata
-        .labels
-        .as_ref()?
-        .get(ZONE_LABEL)
-        .map(String::as_str)
-}
-
-/// The node label carrying its zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 
@@ -268,42 +149,27 @@ struct Policies {
     affinity_timeout_secs: u32,
 }
 
-fn policies(service: &Service) -> Policies {
-    let spec = service.spec.as_ref();
-    let affinity_timeout_secs =
-        if spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP") {
-            spec.and_then(|s| s.session_affinity_config.as_ref())
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .filter(|t| *t > 0)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
-        } else {
-            0
-        };
+fn policies(service: &ServiceInput) -> Policies {
+    let affinity_timeout_secs = if service.session_affinity.as_deref() == Some("ClientIP") {
+        service
+            .affinity_timeout_seconds
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
+    } else {
+        0
+    };
     Policies {
-        internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
+        internal_local: service.internal_traffic_policy.as_deref() == Some("Local"),
         affinity_timeout_secs,
-    }
-}
-
-/// Which Service a problem or a frontend belongs to.
-pub(super) struct ServiceId<'a> {
-    pub ns: &'a str,
-    pub name: &'a str,
-}
-
-impl ServiceId<'_> {
-    pub(super) fn report(&self, problems: &mut Problems, reason: impl Into<String>) {
-        problems.report(ObjectKind::Service, self.ns, self.name, reason);
     }
 }
 
 /// Frontend kinds, in the order they claim addresses when two Services want the same one: a
 /// ClusterIP is never displaced by another Service's external frontend (externalIPs are set
 /// by whoever may edit a Service, CVE-2020-8554), and externalIPs come last.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
     ClusterIp,
     NodePort,
     LoadBalancer,
@@ -321,7 +187,7 @@ impl Kind {
     }
 
     /// What a clash makes the model skip.
-    fn part(self) -> &'static str {
+    pub fn part(self) -> &'static str {
         match self {
             Self::ClusterIp => "port",
             Self::NodePort => "NodePort",
@@ -333,16 +199,62 @@ impl Kind {
 
 /// A frontend claiming `key` and, with externalTrafficPolicy Local, its node-local twin at the
 /// same address (scope Local). The two stand or fall together.
-struct Candidate {
-    kind: Kind,
-    key: FrontendKey,
-    cluster: Frontend,
-    local: Option<Frontend>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub kind: Kind,
+    /// The cluster-scope key the candidate claims.
+    pub key: FrontendKey,
+    pub cluster: Frontend,
+    pub local: Option<Frontend>,
+}
+
+impl Candidate {
+    /// The frontend this candidate programs for a key of its address (either scope).
+    pub fn frontend(&self, scope: Scope) -> Option<&Frontend> {
+        match scope {
+            Scope::Cluster => Some(&self.cluster),
+            Scope::Local => self.local.as_ref(),
+        }
+    }
+}
+
+/// Which node facts a Service's frontends depend on, so that a change of those facts
+/// recomputes exactly the Services it can affect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one independent yes/no per node fact"
+)]
+pub struct NodeDependence {
+    /// Topology hints (this node's zone label).
+    pub zone: bool,
+    /// NodePorts (where they open: `--nodeport-addresses` over the node's addresses).
+    pub nodeport_addresses: bool,
+    /// loadBalancerSourceRanges (a range covering a node address admits the LB IPs).
+    pub node_addresses: bool,
+    /// Endpoints on some node (local or not depends on the node's name, which never changes;
+    /// kept for completeness of the dependency record).
+    pub node_name: bool,
+}
+
+/// What one Service contributes to the desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceOutput {
+    /// Frontends it claims, in its own order (ties between its candidates go to the first).
+    pub candidates: Vec<Candidate>,
+    /// Its healthCheckNodePort, if it asks for one.
+    pub health_check: Option<(u16, HealthCheck)>,
+    /// What could not be used, of the Service and of its EndpointSlices.
+    pub problems: Vec<Problem>,
+    pub depends: NodeDependence,
+    /// A ClusterIP of the Service leaves no endpoint to this node (kube-proxy's
+    /// no-local-endpoints gauge, traffic policy internal).
+    pub no_local_endpoints: bool,
 }
 
 /// What building a Service's frontends needs to know about it and this node.
 struct ServiceContext<'a> {
-    id: ServiceId<'a>,
+    service: &'a ServiceInput,
     config: &'a ModelConfig,
     policies: Policies,
     exposure: Exposure,
@@ -359,6 +271,10 @@ fn no_local_flag(backends: &[BackendAddr], sets: &Categorized) -> u16 {
 }
 
 impl ServiceContext<'_> {
+    fn id(&self) -> &ServiceId {
+        &self.service.id
+    }
+
     fn backends(
         &self,
         key: FrontendKey,
@@ -378,7 +294,7 @@ impl ServiceContext<'_> {
                 "{key} has {} endpoints; only the first {MAX_BACKENDS} are used",
                 backends.len()
             );
-            self.id.report(problems, reason);
+            self.id().report(problems, reason);
             backends.truncate(MAX_BACKENDS);
         }
         backends
@@ -393,9 +309,9 @@ impl ServiceContext<'_> {
     ) -> Frontend {
         Frontend {
             service: ServicePortName {
-                namespace: self.id.ns.to_owned(),
-                name: self.id.name.to_owned(),
-                port_name: port.name.clone(),
+                namespace: self.id().namespace.clone(),
+                name: self.id().name.clone(),
+                port_name: port.name.as_str().into(),
             },
             backends,
             flags,
@@ -510,7 +426,7 @@ impl ServiceContext<'_> {
                 .filter(|ip| !cluster_ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4()))
             {
                 let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
-                self.id.report(
+                self.id().report(
                     problems,
                     format!("{what} {ip} is {family} but the Service has no {family} clusterIP; address ignored"),
                 );
@@ -519,46 +435,41 @@ impl ServiceContext<'_> {
     }
 }
 
-/// What the model knows about this node.
-struct NodeFacts<'a> {
-    name: Option<&'a str>,
-    zone: Option<&'a str>,
-}
-
-/// One Service's frontend candidates (appended to `candidates`) and its health check.
-fn service_frontends(
-    service: &Service,
-    slices: &HashMap<(String, String), Vec<&EndpointSlice>>,
-    node: &NodeFacts<'_>,
+/// What one Service (with its EndpointSlices, in a stable order) contributes, as seen from
+/// this node.
+pub fn service_output(
+    service: &ServiceInput,
+    slices: &[&SliceInput],
     config: &ModelConfig,
-    candidates: &mut Vec<Candidate>,
-    problems: &mut Problems,
-) -> Option<(u16, HealthCheck)> {
-    let ns = namespace_of(&service.metadata);
-    let name = name_of(&service.metadata);
-    let ips = cluster_ips(service, &ns, &name, problems)?;
-    let id = ServiceId {
-        ns: &ns,
-        name: &name,
+) -> ServiceOutput {
+    let mut problems = Problems::default();
+    let mut output = ServiceOutput::default();
+    if !handled_by_us(service, config) {
+        return output;
+    }
+    output.depends = NodeDependence {
+        zone: slices
+            .iter()
+            .any(|slice| slice.endpoints.iter().any(|e| !e.zone_hints.is_empty())),
+        nodeport_addresses: service.ports.iter().any(|port| port.node_port.is_some()),
+        node_addresses: !service.load_balancer_source_ranges.is_empty(),
+        node_name: !slices.is_empty(),
     };
-    let exposure = external::read(service, &id, problems);
-    let ports = service
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.ports.as_deref())
-        .unwrap_or_default();
-    let ports = usable_ports(ports, exposure.node_ports, &id, problems);
+    let Some(ips) = cluster_ips(service, &mut problems) else {
+        output.problems = problems.into_vec();
+        return output;
+    };
+    let exposure = external::read(service, &mut problems);
+    let ports = usable_ports(service, exposure.node_ports, &mut problems);
     let context = ServiceContext {
-        id,
+        service,
         config,
         policies: policies(service),
         exposure,
     };
-    context.report_foreign_families(&ips, problems);
-    let service_slices = slices
-        .get(&(ns.clone(), name.clone()))
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    context.report_foreign_families(&ips, &mut problems);
+    let node = config.node_name.as_deref();
+    let zone = config.zone.as_deref();
     // Distinct addresses of this node's ready endpoints, all ports and families together
     // (kube-proxy's `LocalReadyEndpoints`): what the health check reports.
     let mut local_ready = BTreeSet::new();
@@ -576,116 +487,48 @@ fn service_frontends(
                 name: &port.name,
                 protocol: port.protocol,
             };
-            let endpoints =
-                endpoints::collect(service_slices, ipv4, &port_ref, node.name, problems);
+            let endpoints = endpoints::collect(slices, ipv4, &port_ref, node, &mut problems);
             local_ready.extend(
                 endpoints
                     .iter()
                     .filter(|e| e.local && e.ready)
                     .map(|e| e.ip),
             );
-            let sets = categorize(&endpoints, node.name, node.zone, true, true);
-            candidates.extend(context.port_frontends(&family_ips, ipv4, port, &sets, problems));
+            let sets = categorize(&endpoints, node, zone, true, true);
+            output.candidates.extend(context.port_frontends(
+                &family_ips,
+                ipv4,
+                port,
+                &sets,
+                &mut problems,
+            ));
         }
     }
-    let port = context.exposure.health_check_node_port?;
-    Some((
-        port,
-        HealthCheck {
-            namespace: ns.clone(),
-            name: name.clone(),
-            local_endpoints: local_ready.len(),
-        },
-    ))
-}
-
-/// Gives each address to the first candidate that claims it, reporting the others.
-fn claim(
-    mut candidates: Vec<Candidate>,
-    problems: &mut Problems,
-) -> BTreeMap<FrontendKey, Frontend> {
-    // A stable sort: within a kind, Services keep their name order.
-    candidates.sort_by_key(|candidate| candidate.kind);
-    let mut frontends = BTreeMap::new();
-    for candidate in candidates {
-        if let Some(existing) = frontends.get(&candidate.key) {
-            let existing: &Frontend = existing;
-            let service = &candidate.cluster.service;
-            problems.report(
-                ObjectKind::Service,
-                &service.namespace,
-                &service.name,
-                format!(
-                    "{} is already served by {}; {} ignored",
-                    candidate.key,
-                    existing.service,
-                    candidate.kind.part()
-                ),
-            );
-            continue;
-        }
-        if let Some(local) = candidate.local {
-            let local_key = FrontendKey {
-                scope: Scope::Local,
-                ..candidate.key
-            };
-            frontends.insert(local_key, local);
-        }
-        frontends.insert(candidate.key, candidate.cluster);
-    }
-    frontends
-}
-
-/// Computes the desired dataplane state from the cluster objects.
-pub fn build(snapshot: &ClusterSnapshot, config: &ModelConfig) -> ModelOutput {
-    let mut problems = Problems::default();
-    let slices = index_slices(&snapshot.endpoint_slices, &mut problems);
-    let node = NodeFacts {
-        name: config.node_name.as_deref(),
-        zone: node_zone(snapshot, config),
-    };
-    let mut services: Vec<&Service> = snapshot.services.iter().map(AsRef::as_ref).collect();
-    services.sort_by_key(|service| (namespace_of(&service.metadata), name_of(&service.metadata)));
-
-    let mut candidates = Vec::new();
-    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-    for service in services
-        .into_iter()
-        .filter(|service| handled_by_us(service, config))
-    {
-        let Some((port, check)) = service_frontends(
-            service,
-            &slices,
-            &node,
-            config,
-            &mut candidates,
-            &mut problems,
-        ) else {
-            continue;
-        };
-        if let Some(existing) = health_checks.get(&port) {
-            let reason = format!(
-                "healthCheckNodePort {port} is already used by {}/{}; no health check served",
-                existing.namespace, existing.name
-            );
-            problems.report(ObjectKind::Service, &check.namespace, &check.name, reason);
-        } else {
-            health_checks.insert(port, check);
-        }
-    }
-    ModelOutput {
-        desired: DesiredState {
-            frontends: claim(candidates, &mut problems),
-            health_checks,
-        },
-        problems: problems.into_vec(),
-    }
+    output.no_local_endpoints = output.candidates.iter().any(|candidate| {
+        let flags = candidate.cluster.flags;
+        flags & service_flags::NO_LOCAL_ENDPOINTS != 0 && flags & service_flags::CLUSTER_IP != 0
+    });
+    output.health_check = context.exposure.health_check_node_port.map(|port| {
+        (
+            port,
+            HealthCheck {
+                namespace: service.id.namespace.to_string(),
+                name: service.id.name.to_string(),
+                local_endpoints: local_ready.len(),
+            },
+        )
+    });
+    output.problems = problems.into_vec();
+    output
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::manifest;
+    use crate::{
+        model::{ModelOutput, build},
+        source::manifest,
+    };
 
     fn build_yaml(yaml: &str) -> ModelOutput {
         let parsed = manifest::parse(yaml);
@@ -883,7 +726,8 @@ mod tests {
                 .next()
                 .unwrap()
                 .service
-                .name,
+                .name
+                .as_ref(),
             "a"
         );
         assert_eq!(output.problems.len(), 1);

@@ -17,6 +17,8 @@ pub struct ProgrammedFrontend {
     pub master: Option<Master>,
     /// Slot number (1-based) → backend id.
     pub slots: BTreeMap<u16, u32>,
+    /// The rev-NAT id the slots carry (the datapath reads the master's; the slots repeat it).
+    pub slot_rev_nat_id: u32,
 }
 
 /// Entries the agent holds in each of its maps, per family where the maps are per family.
@@ -271,9 +273,7 @@ impl Programmed {
                         frontend: *frontend,
                         slot: *slot,
                         backend_id: *backend_id,
-                        rev_nat_id: current
-                            .and_then(|f| f.master)
-                            .map_or(0, |master| master.rev_nat_id),
+                        rev_nat_id: current.map_or(0, |f| f.slot_rev_nat_id),
                     },
                     None => Op::DeleteSlot {
                         frontend: *frontend,
@@ -378,14 +378,11 @@ impl Programmed {
                 frontend,
                 slot,
                 backend_id,
-                ..
+                rev_nat_id,
             } => {
-                let old = self
-                    .frontends
-                    .entry(*frontend)
-                    .or_default()
-                    .slots
-                    .insert(*slot, *backend_id);
+                let programmed = self.frontends.entry(*frontend).or_default();
+                programmed.slot_rev_nat_id = *rev_nat_id;
+                let old = programmed.slots.insert(*slot, *backend_id);
                 if old != Some(*backend_id) {
                     match old {
                         Some(old) => self.unref_backend(old),
@@ -403,6 +400,11 @@ impl Programmed {
                 if let Some(old) = old {
                     self.fill.services[family(frontend.ip)] -= 1;
                     self.unref_backend(old);
+                }
+                if let Some(programmed) = self.frontends.get_mut(frontend)
+                    && programmed.slots.is_empty()
+                {
+                    programmed.slot_rev_nat_id = 0;
                 }
                 self.drop_if_empty(frontend);
             }

@@ -1,57 +1,117 @@
-//! The plan: the ordered operations that turn what is programmed into what is desired.
+//! The plan: the ordered operations that turn what is programmed into what is desired, for a
+//! set of frontend addresses (one Service's, in the incremental control plane; all of them in
+//! a full recomputation).
 //!
 //! Make-before-break, so the datapath never sees a half-built service: new backends first,
 //! then reverse-NAT entries and new source ranges, then each frontend's slots, then its master
 //! entry (which publishes the new count and flags), then surplus slots, then removed frontends,
-//! and last the orphans (source ranges no master needs any more among them). Re-planning after
-//! the plan was applied yields nothing (idempotent).
+//! and last what nothing uses any more (source ranges before their rev-NAT entry, backends no
+//! slot points at). Re-planning after the plan was applied yields nothing (idempotent).
 //!
 //! A frontend's rev-NAT id is its identity (VIP, port, protocol): the two entries of an
 //! externalTrafficPolicy Local frontend (scopes Cluster and Local) share it, so replies,
 //! session affinity and source ranges are the same whichever entry a flow went through.
-use std::collections::{BTreeMap, BTreeSet};
-
 pub mod mirror;
 pub mod op;
 
-use crate::model::{BackendAddr, Cidr, DesiredState, FrontendKey, Protocol, Scope};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::model::{
+    BackendAddr, Cidr, DesiredState, Frontend, FrontendKey, Scope, desired::Desired,
+};
 use mirror::Programmed;
 use op::{Master, Op, RevNatTarget};
 
-/// What a rev-NAT id stands for: a frontend address whatever its scope.
-type Identity = (std::net::IpAddr, u16, Protocol);
-
-fn identity(key: &FrontendKey) -> Identity {
-    (key.ip, key.port, key.protocol)
+/// Where the plan asks what a frontend should look like.
+pub trait DesiredFrontends {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Frontend>;
 }
 
-/// Hands out the lowest ids not used in the maps. Id 0 is never used (it means "none").
-struct IdCursor<'a> {
+impl DesiredFrontends for DesiredState {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.frontends.get(key)
+    }
+}
+
+impl DesiredFrontends for Desired {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        Desired::frontend(self, key)
+    }
+}
+
+/// The cluster-scope key of a frontend address (its identity, whatever the scope).
+pub fn identity(key: &FrontendKey) -> FrontendKey {
+    FrontendKey {
+        scope: Scope::Cluster,
+        ..*key
+    }
+}
+
+/// Hands out ids after a cursor, skipping those in use; it only moves forward, so ids freed
+/// a moment ago are not reused while the datapath may still remember them.
+struct IdCursor {
     next: u32,
-    used: &'a dyn Fn(u32) -> bool,
 }
 
-impl IdCursor<'_> {
-    fn allocate(&mut self) -> u32 {
-        while (self.used)(self.next) {
-            self.next += 1;
+impl IdCursor {
+    fn allocate(&mut self, in_use: impl Fn(u32) -> bool) -> u32 {
+        let mut id = self.next.max(1);
+        while in_use(id) {
+            id = id.checked_add(1).unwrap_or(1);
         }
-        let id = self.next;
-        self.next += 1;
+        self.next = id.checked_add(1).unwrap_or(1);
         id
     }
 }
 
-/// Computes the operations that make the maps hold `desired`.
-pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
+/// One frontend address of the plan: the desired entries of both scopes.
+struct Address<'a> {
+    identity: FrontendKey,
+    cluster: Option<&'a Frontend>,
+    local: Option<&'a Frontend>,
+}
+
+impl<'a> Address<'a> {
+    fn wanted(&self) -> impl Iterator<Item = (FrontendKey, &'a Frontend)> {
+        let local = FrontendKey {
+            scope: Scope::Local,
+            ..self.identity
+        };
+        self.cluster
+            .map(|frontend| (self.identity, frontend))
+            .into_iter()
+            .chain(self.local.map(|frontend| (local, frontend)))
+    }
+}
+
+/// Computes the operations that make the frontend addresses `keys` (any scope; both scopes
+/// of each address are planned) hold what `desired` says.
+pub fn plan_keys<'k>(
+    programmed: &Programmed,
+    keys: impl IntoIterator<Item = &'k FrontendKey>,
+    desired: &impl DesiredFrontends,
+) -> Vec<Op> {
+    let identities: BTreeSet<FrontendKey> = keys.into_iter().map(identity).collect();
+    let addresses: Vec<Address<'_>> = identities
+        .iter()
+        .map(|identity| Address {
+            identity: *identity,
+            cluster: desired.frontend(identity),
+            local: desired.frontend(&FrontendKey {
+                scope: Scope::Local,
+                ..*identity
+            }),
+        })
+        .collect();
     let mut ops = Vec::new();
-    let backend_ids = assign_backend_ids(programmed, desired, &mut ops);
-    let rev_nat_ids = assign_rev_nat_ids(programmed, desired, &mut ops);
-    let source_ranges = add_source_ranges(programmed, desired, &rev_nat_ids, &mut ops);
-    publish_frontends(programmed, desired, &backend_ids, &rev_nat_ids, &mut ops);
-    remove_frontends(programmed, desired, &mut ops);
-    remove_orphans(
+    let backend_ids = assign_backend_ids(programmed, &addresses, &mut ops);
+    let rev_nat_ids = assign_rev_nat_ids(programmed, &addresses, &mut ops);
+    let source_ranges = add_source_ranges(programmed, &addresses, &rev_nat_ids, &mut ops);
+    publish_frontends(programmed, &addresses, &backend_ids, &rev_nat_ids, &mut ops);
+    remove_frontends(programmed, &addresses, &mut ops);
+    remove_unused(
         programmed,
+        &addresses,
         &backend_ids,
         &rev_nat_ids,
         &source_ranges,
@@ -60,76 +120,112 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
     ops
 }
 
+/// Computes the operations that make the maps hold `desired` entirely (every address either
+/// of them knows), then removes whatever nothing uses.
+pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Vec<Op> {
+    let keys: BTreeSet<FrontendKey> = programmed
+        .frontends
+        .keys()
+        .chain(desired.frontends.keys())
+        .map(identity)
+        .collect();
+    let mut ops = plan_keys(programmed, &keys, desired);
+    let mut after = programmed.clone();
+    for op in &ops {
+        after.apply(op);
+    }
+    ops.extend(sweep(&after));
+    ops
+}
+
+/// Removes entries nothing uses any more: rev-NAT ids without a master (their source ranges,
+/// reverse-NAT entry and name) and backends without a slot. These are left by interrupted
+/// writes or found after a restart; a plan never creates them.
+pub fn sweep(programmed: &Programmed) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for id in programmed.orphan_rev_nats() {
+        ops.extend(
+            programmed
+                .ranges_of(*id)
+                .map(|range| Op::DeleteSourceRange {
+                    rev_nat_id: *id,
+                    range,
+                }),
+        );
+        if let Some(target) = programmed.rev_nats.get(id) {
+            ops.push(Op::DeleteRevNat {
+                id: *id,
+                target: *target,
+            });
+        }
+        if programmed.names.contains_key(id) {
+            ops.push(Op::DeleteName { id: *id });
+        }
+    }
+    for id in programmed.orphan_backends() {
+        if let Some(backend) = programmed.backends.get(id) {
+            ops.push(Op::DeleteBackend {
+                id: *id,
+                backend: *backend,
+            });
+        }
+    }
+    ops
+}
+
 /// Backends: reuse programmed ids, allocate (and write) the rest.
 fn assign_backend_ids(
     programmed: &Programmed,
-    desired: &DesiredState,
+    addresses: &[Address<'_>],
     ops: &mut Vec<Op>,
-) -> BTreeMap<BackendAddr, u32> {
-    let mut backend_ids = BTreeMap::new();
-    let used = |id| programmed.backends.contains_key(&id);
+) -> HashMap<BackendAddr, u32> {
+    let mut backend_ids = HashMap::new();
     let mut cursor = IdCursor {
-        next: 1,
-        used: &used,
+        next: programmed.backend_cursor(),
     };
-    for backend in desired.frontends.values().flat_map(|f| &f.backends) {
-        if backend_ids.contains_key(backend) {
-            continue;
-        }
-        let id = programmed.backend_id(backend).unwrap_or_else(|| {
-            let id = cursor.allocate();
-            ops.push(Op::UpsertBackend {
-                id,
-                backend: *backend,
+    for (_, frontend) in addresses.iter().flat_map(Address::wanted) {
+        for backend in &frontend.backends {
+            if backend_ids.contains_key(backend) {
+                continue;
+            }
+            let id = programmed.backend_id(backend).unwrap_or_else(|| {
+                let id = cursor.allocate(|id| programmed.backend_in_use(id));
+                ops.push(Op::UpsertBackend {
+                    id,
+                    backend: *backend,
+                });
+                id
             });
-            id
-        });
-        backend_ids.insert(*backend, id);
+            backend_ids.insert(*backend, id);
+        }
     }
     backend_ids
 }
 
-/// Reverse NAT: a frontend keeps the id its master entry carries (the first scope's, in key
-/// order, should its entries disagree); new ones get fresh ids. An id that still has source
-/// ranges is not handed out again before they are gone.
+/// Reverse NAT: an address keeps the id its master entries carry (the cluster scope's,
+/// should they disagree); new addresses get fresh ids. The name records which Service port
+/// the id stands for.
 fn assign_rev_nat_ids(
     programmed: &Programmed,
-    desired: &DesiredState,
+    addresses: &[Address<'_>],
     ops: &mut Vec<Op>,
 ) -> BTreeMap<FrontendKey, u32> {
-    let masters: BTreeSet<u32> = programmed
-        .frontends
-        .values()
-        .filter_map(|f| f.master.map(|m| m.rev_nat_id))
-        .collect();
-    let ranged: BTreeSet<u32> = programmed.source_ranges.iter().map(|(id, _)| *id).collect();
-    let used =
-        |id| programmed.rev_nats.contains_key(&id) || masters.contains(&id) || ranged.contains(&id);
     let mut cursor = IdCursor {
-        next: 1,
-        used: &used,
+        next: programmed.rev_nat_cursor(),
     };
-    let mut by_identity: BTreeMap<Identity, u32> = BTreeMap::new();
-    for key in desired.frontends.keys() {
-        if let Some(master) = programmed.frontends.get(key).and_then(|f| f.master) {
-            by_identity
-                .entry(identity(key))
-                .or_insert(master.rev_nat_id);
-        }
-    }
     let mut rev_nat_ids = BTreeMap::new();
-    let mut written = BTreeSet::new();
-    for (key, frontend) in &desired.frontends {
-        let id = *by_identity
-            .entry(identity(key))
-            .or_insert_with(|| cursor.allocate());
-        rev_nat_ids.insert(*key, id);
-        if !written.insert(id) {
+    for address in addresses {
+        let Some(frontend) = address.cluster.or(address.local) else {
             continue;
-        }
+        };
+        let identity = address.identity;
+        let id = programmed
+            .rev_nat_of(&identity)
+            .unwrap_or_else(|| cursor.allocate(|id| programmed.rev_nat_in_use(id)));
+        rev_nat_ids.insert(identity, id);
         let target = RevNatTarget {
-            ip: key.ip,
-            port: key.port,
+            ip: identity.ip,
+            port: identity.port,
         };
         if programmed.rev_nats.get(&id) != Some(&target) {
             ops.push(Op::UpsertRevNat { id, target });
@@ -147,21 +243,23 @@ fn assign_rev_nat_ids(
 /// (rev-NAT id, range) wanted.
 fn add_source_ranges(
     programmed: &Programmed,
-    desired: &DesiredState,
+    addresses: &[Address<'_>],
     rev_nat_ids: &BTreeMap<FrontendKey, u32>,
     ops: &mut Vec<Op>,
 ) -> BTreeSet<(u32, Cidr)> {
-    let wanted: BTreeSet<(u32, Cidr)> = desired
-        .frontends
+    let wanted: BTreeSet<(u32, Cidr)> = addresses
         .iter()
-        .flat_map(|(key, frontend)| {
-            let id = rev_nat_ids[key];
-            frontend.source_ranges.iter().map(move |range| (id, *range))
+        .flat_map(|address| {
+            address.wanted().flat_map(|(key, frontend)| {
+                let id = rev_nat_ids[&identity(&key)];
+                frontend.source_ranges.iter().map(move |range| (id, *range))
+            })
         })
         .collect();
     ops.extend(
         wanted
-            .difference(&programmed.source_ranges)
+            .iter()
+            .filter(|entry| !programmed.source_ranges.contains(entry))
             .map(|(rev_nat_id, range)| Op::UpsertSourceRange {
                 rev_nat_id: *rev_nat_id,
                 range: *range,
@@ -176,25 +274,27 @@ fn add_source_ranges(
 /// exist by then.
 fn publish_frontends(
     programmed: &Programmed,
-    desired: &DesiredState,
-    backend_ids: &BTreeMap<BackendAddr, u32>,
+    addresses: &[Address<'_>],
+    backend_ids: &HashMap<BackendAddr, u32>,
     rev_nat_ids: &BTreeMap<FrontendKey, u32>,
     ops: &mut Vec<Op>,
 ) {
     let mut surplus = Vec::new();
-    let (local, cluster): (Vec<_>, Vec<_>) = desired
-        .frontends
-        .iter()
-        .partition(|(key, _)| key.scope == Scope::Local);
-    for (key, frontend) in local.into_iter().chain(cluster) {
-        let rev_nat_id = rev_nat_ids[key];
-        let current = programmed.frontends.get(key);
+    let mut wanted: Vec<(FrontendKey, &Frontend)> =
+        addresses.iter().flat_map(Address::wanted).collect();
+    wanted.sort_by_key(|(key, _)| (key.scope != Scope::Local, *key));
+    for (key, frontend) in wanted {
+        let rev_nat_id = rev_nat_ids[&identity(&key)];
+        let current = programmed.frontends.get(&key);
+        // Slots that carry another rev-NAT id (left by an interrupted write) are rewritten.
+        let stale_id =
+            current.is_some_and(|f| !f.slots.is_empty() && f.slot_rev_nat_id != rev_nat_id);
         for (index, backend) in frontend.backends.iter().enumerate() {
             let slot = u16::try_from(index + 1).expect("backend count checked by the model");
             let backend_id = backend_ids[backend];
-            if current.and_then(|f| f.slots.get(&slot)) != Some(&backend_id) {
+            if stale_id || current.and_then(|f| f.slots.get(&slot)) != Some(&backend_id) {
                 ops.push(Op::UpsertSlot {
-                    frontend: *key,
+                    frontend: key,
                     slot,
                     backend_id,
                     rev_nat_id,
@@ -210,7 +310,7 @@ fn publish_frontends(
         };
         if current.and_then(|f| f.master) != Some(master) {
             ops.push(Op::UpsertMaster {
-                frontend: *key,
+                frontend: key,
                 master,
             });
         }
@@ -221,7 +321,7 @@ fn publish_frontends(
                     .keys()
                     .filter(|slot| usize::from(**slot) > frontend.backends.len())
                     .map(|slot| Op::DeleteSlot {
-                        frontend: *key,
+                        frontend: key,
                         slot: *slot,
                     }),
             );
@@ -231,68 +331,128 @@ fn publish_frontends(
 }
 
 /// Frontends that are no longer desired: master first, so nothing picks a slot any more.
-fn remove_frontends(programmed: &Programmed, desired: &DesiredState, ops: &mut Vec<Op>) {
-    for (key, current) in &programmed.frontends {
-        if desired.frontends.contains_key(key) {
-            continue;
+fn remove_frontends(programmed: &Programmed, addresses: &[Address<'_>], ops: &mut Vec<Op>) {
+    for address in addresses {
+        let desired = [address.cluster.is_some(), address.local.is_some()];
+        for (scope, wanted) in Scope::ALL.into_iter().zip(desired) {
+            let key = FrontendKey {
+                scope,
+                ..address.identity
+            };
+            let Some(current) = programmed.frontends.get(&key).filter(|_| !wanted) else {
+                continue;
+            };
+            if current.master.is_some() {
+                ops.push(Op::DeleteMaster { frontend: key });
+            }
+            ops.extend(current.slots.keys().map(|slot| Op::DeleteSlot {
+                frontend: key,
+                slot: *slot,
+            }));
         }
-        if current.master.is_some() {
-            ops.push(Op::DeleteMaster { frontend: *key });
-        }
-        ops.extend(current.slots.keys().map(|slot| Op::DeleteSlot {
-            frontend: *key,
-            slot: *slot,
-        }));
     }
 }
 
-/// Source ranges, reverse-NAT entries and backends nothing refers to any more. Ranges go
-/// before their rev-NAT entry, so an id is free again only once its ranges are gone.
-fn remove_orphans(
+/// What the planned addresses no longer use: source ranges of their rev-NAT ids that no
+/// desired frontend lists, the rev-NAT entries (and names) of addresses no longer desired
+/// (ranges first, so an id is free again only once its ranges are gone), and backends no slot
+/// will point at once the plan is applied.
+fn remove_unused(
     programmed: &Programmed,
-    backend_ids: &BTreeMap<BackendAddr, u32>,
+    addresses: &[Address<'_>],
+    backend_ids: &HashMap<BackendAddr, u32>,
     rev_nat_ids: &BTreeMap<FrontendKey, u32>,
     source_ranges: &BTreeSet<(u32, Cidr)>,
     ops: &mut Vec<Op>,
 ) {
-    ops.extend(
-        programmed
-            .source_ranges
-            .difference(source_ranges)
-            .map(|(rev_nat_id, range)| Op::DeleteSourceRange {
-                rev_nat_id: *rev_nat_id,
-                range: *range,
-            }),
-    );
-    let wanted_rev_nat: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
-    for (id, target) in &programmed.rev_nats {
-        if !wanted_rev_nat.contains(id) {
+    let mut retired = Vec::new();
+    for address in addresses {
+        let Some(id) = programmed.rev_nat_of(&address.identity) else {
+            continue;
+        };
+        let kept = rev_nat_ids.get(&address.identity) == Some(&id);
+        ops.extend(
+            programmed
+                .ranges_of(id)
+                .filter(|range| !source_ranges.contains(&(id, *range)))
+                .map(|range| Op::DeleteSourceRange {
+                    rev_nat_id: id,
+                    range,
+                }),
+        );
+        if !kept && programmed.master_refs(id) <= planned_masters(programmed, address) {
+            retired.push(id);
+        }
+    }
+    for id in retired {
+        if let Some(target) = programmed.rev_nats.get(&id) {
             ops.push(Op::DeleteRevNat {
-                id: *id,
+                id,
                 target: *target,
             });
         }
-    }
-    for id in programmed.names.keys() {
-        if !wanted_rev_nat.contains(id) {
-            ops.push(Op::DeleteName { id: *id });
+        if programmed.names.contains_key(&id) {
+            ops.push(Op::DeleteName { id });
         }
     }
-    let wanted_backends: BTreeSet<u32> = backend_ids.values().copied().collect();
-    for (id, backend) in &programmed.backends {
-        if !wanted_backends.contains(id) {
+    // Slot references each backend loses and gains through this plan.
+    let mut delta: HashMap<u32, i64> = HashMap::new();
+    for address in addresses {
+        for scope in Scope::ALL {
+            let key = FrontendKey {
+                scope,
+                ..address.identity
+            };
+            if let Some(current) = programmed.frontends.get(&key) {
+                for id in current.slots.values() {
+                    *delta.entry(*id).or_default() -= 1;
+                }
+            }
+        }
+        for (_, frontend) in address.wanted() {
+            for backend in &frontend.backends {
+                *delta.entry(backend_ids[backend]).or_default() += 1;
+            }
+        }
+    }
+    let mut unused: Vec<u32> = delta
+        .into_iter()
+        .filter(|(id, change)| i64::from(programmed.backend_refs(*id)) + change <= 0)
+        .map(|(id, _)| id)
+        .collect();
+    unused.sort_unstable();
+    for id in unused {
+        if let Some(backend) = programmed.backends.get(&id) {
             ops.push(Op::DeleteBackend {
-                id: *id,
+                id,
                 backend: *backend,
             });
         }
     }
 }
 
+/// How many of the masters carrying this address's rev-NAT id belong to the address itself
+/// (its two scopes): if that is all of them, the id is free once the address is gone.
+fn planned_masters(programmed: &Programmed, address: &Address<'_>) -> u32 {
+    let ours = Scope::ALL
+        .into_iter()
+        .filter(|scope| {
+            programmed
+                .frontends
+                .get(&FrontendKey {
+                    scope: *scope,
+                    ..address.identity
+                })
+                .is_some_and(|frontend| frontend.master.is_some())
+        })
+        .count();
+    u32::try_from(ours).expect("two scopes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Frontend, ServicePortName};
+    use crate::model::{Frontend, Protocol, ServicePortName};
 
     fn key(ip: &str, port: u16) -> FrontendKey {
         FrontendKey {
@@ -320,7 +480,7 @@ mod tests {
                         service: ServicePortName {
                             namespace: "default".into(),
                             name: "web".into(),
-                            port_name: String::new(),
+                            port_name: "".into(),
                         },
                         backends: backends.iter().map(|ip| backend(ip)).collect(),
                         flags: 1,
@@ -423,10 +583,11 @@ mod tests {
     }
 
     #[test]
-    fn ids_fill_gaps_and_never_collide_with_programmed_ones() {
+    fn ids_move_forward_and_never_collide_with_programmed_ones() {
         let want = desired(&[(key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.2", "10.0.0.3"])]);
         let programmed = applied(&Programmed::default(), &plan(&Programmed::default(), &want));
-        // Drop the middle backend, then add two new ones: one reuses the freed id.
+        // Drop the middle backend, then add two new ones: the freed id is not reused at once
+        // (a conntrack or affinity entry may still name it).
         let fewer = desired(&[(key("10.96.0.1", 80), &["10.0.0.1", "10.0.0.3"])]);
         let programmed = applied(&programmed, &plan(&programmed, &fewer));
         let more = desired(&[(
@@ -441,7 +602,36 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(new_ids, [2, 4]);
+        assert_eq!(new_ids, [4, 5]);
+    }
+
+    #[test]
+    fn planning_one_address_leaves_the_others_alone_and_keeps_shared_backends() {
+        let a = key("10.96.0.1", 80);
+        let b = key("10.96.0.2", 80);
+        let both = desired(&[(a, &["10.0.0.1", "10.0.0.2"]), (b, &["10.0.0.1"])]);
+        let programmed = applied(&Programmed::default(), &plan(&Programmed::default(), &both));
+        // `a` goes away; only its own entries may be touched, and 10.0.0.1 stays (b uses it).
+        let only_b = desired(&[(b, &["10.0.0.1"])]);
+        let ops = plan_keys(&programmed, [&a], &only_b);
+        for op in &ops {
+            match op {
+                Op::DeleteMaster { frontend } | Op::DeleteSlot { frontend, .. } => {
+                    assert_eq!(*frontend, a, "{ops:#?}");
+                }
+                Op::DeleteBackend { backend, .. } => {
+                    assert_eq!(backend.ip.to_string(), "10.0.0.2", "{ops:#?}");
+                }
+                Op::DeleteRevNat { .. } | Op::DeleteName { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let after = applied(&programmed, &ops);
+        assert!(
+            plan(&after, &only_b).is_empty(),
+            "the incremental plan is complete"
+        );
+        assert!(after.orphan_backends().is_empty() && after.orphan_rev_nats().is_empty());
     }
 
     #[test]

@@ -1,13 +1,23 @@
 //! The `kube` source: follows an API server the way kube-proxy does, with kube-rs watchers on
 //! Services, EndpointSlices and this Node.
 //!
-//! Each watcher feeds a reflector store. Nothing is published before every store finished its
-//! first complete list, so a restart against a slow API server never prunes the dataplane. A
-//! dropped watch, a 410 Gone or an outage leaves the stores (and so the dataplane) as they
-//! were: kube-runtime swaps a relist into a store only once the list is complete, which is also
-//! how deletions missed while disconnected are noticed. Retries back off quickly (at most about 1 s
-//! apart, jittered) so the state converges soon after the API server returns.
-use std::{fmt::Debug, path::Path, sync::Arc, time::Duration};
+//! Every watch event becomes a delta at once — the object cut down to what the model reads —
+//! so the agent never holds whole Kubernetes objects and a change costs what it changes. A
+//! (re)list is sent as one complete list per kind, which the runner diffs against what it
+//! holds: that is how deletions missed while disconnected are noticed. Nothing is marked
+//! listed before every watcher finished its first list, so a restart against a slow API
+//! server never prunes the dataplane; a dropped watch, a 410 Gone or an outage leave the
+//! dataplane as it was. Retries back off quickly (at most about 1 s apart, jittered) so the
+//! state converges soon after the API server returns.
+use std::{
+    fmt::Debug,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
@@ -15,25 +25,22 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config, Resource, ResourceExt,
+    Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
         watcher::{self, ExponentialBackoff},
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::SnapshotReceiver;
-use crate::model::ClusterSnapshot;
-
-/// Bursts of events within this window are published as one snapshot.
-const COALESCE: Duration = Duration::from_millis(20);
-/// Annotation kubectl writes with a full copy of the object: never needed here.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+use super::{Delta, DeltaReceiver, DeltaSender, Relist};
+use crate::model::{
+    cluster::Change,
+    input::{NodeInput, ServiceInput, SliceInput},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -81,52 +88,128 @@ fn backoff() -> ExponentialBackoff {
         .into()
 }
 
-/// Drops what the model never reads, so the stores stay small.
-fn trim<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
+/// A watched kind: how its objects become the model's input and deltas.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    const KIND: &'static str;
+    type Input: Send + Sync;
+    fn input(&self) -> Arc<Self::Input>;
+    fn changed(input: Arc<Self::Input>) -> Change;
+    fn deleted(&self) -> Change;
+    fn relist(inputs: Vec<Arc<Self::Input>>) -> Relist;
+}
+
+impl Watched for Service {
+    const KIND: &'static str = "Service";
+    type Input = ServiceInput;
+
+    fn input(&self) -> Arc<ServiceInput> {
+        Arc::new(ServiceInput::from(self))
+    }
+
+    fn changed(input: Arc<ServiceInput>) -> Change {
+        Change::Service(input.id.clone(), Some(input))
+    }
+
+    fn deleted(&self) -> Change {
+        Change::Service(ServiceInput::from(self).id, None)
+    }
+
+    fn relist(inputs: Vec<Arc<ServiceInput>>) -> Relist {
+        Relist::Services(inputs)
     }
 }
 
-/// Runs one reflector, waking `changed` whenever its store changed.
-fn spawn_reflector<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    what: &'static str,
-    changed: Arc<Notify>,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = watcher::watcher(api, config)
-        .modify(trim)
-        .backoff(backoff())
-        .reflect(writer);
-    tokio::spawn(drive(stream, what, changed));
-    store
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    type Input = SliceInput;
+
+    fn input(&self) -> Arc<SliceInput> {
+        Arc::new(SliceInput::from(self))
+    }
+
+    fn changed(input: Arc<SliceInput>) -> Change {
+        Change::Slice(input.key.clone(), Some(input))
+    }
+
+    fn deleted(&self) -> Change {
+        Change::Slice(SliceInput::from(self).key, None)
+    }
+
+    fn relist(inputs: Vec<Arc<SliceInput>>) -> Relist {
+        Relist::Slices(inputs)
+    }
 }
 
-async fn drive<K: ResourceExt>(
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    what: &'static str,
-    changed: Arc<Notify>,
+impl Watched for Node {
+    const KIND: &'static str = "Node";
+    type Input = NodeInput;
+
+    fn input(&self) -> Arc<NodeInput> {
+        Arc::new(NodeInput::from(self))
+    }
+
+    fn changed(input: Arc<NodeInput>) -> Change {
+        Change::Node(input.name.clone(), Some(input))
+    }
+
+    fn deleted(&self) -> Change {
+        Change::Node(NodeInput::from(self).name, None)
+    }
+
+    fn relist(inputs: Vec<Arc<NodeInput>>) -> Relist {
+        Relist::Nodes(inputs)
+    }
+}
+
+/// Counts down the first lists; the last one to finish says the view is complete.
+struct FirstLists(AtomicUsize);
+
+impl FirstLists {
+    fn done(&self, sender: &DeltaSender) {
+        if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = sender.send(Delta::Listed);
+        }
+    }
+}
+
+/// Runs one watcher, sending its events as deltas.
+fn spawn_watcher<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    sender: DeltaSender,
+    first_lists: Arc<FirstLists>,
 ) {
+    let stream = watcher::watcher(api, config).backoff(backoff());
+    tokio::spawn(follow(stream, sender, first_lists));
+}
+
+async fn follow<K: Watched>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    sender: DeltaSender,
+    first_lists: Arc<FirstLists>,
+) {
+    let what = K::KIND;
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
+    let mut listed_once = false;
+    // Objects of a (re)list in progress (already cut down); the runner sees them only once
+    // the list is complete.
+    let mut relist: Vec<Arc<K::Input>> = Vec::new();
     while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
-                if failing {
-                    info!("{what} watch recovered");
-                    failing = false;
-                }
-                changed.notify_one();
+        let delta = match event {
+            Ok(watcher::Event::Init) => {
+                relist.clear();
+                continue;
             }
-            // A relist in progress: the store keeps its old content until InitDone.
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::InitApply(object)) => {
+                relist.push(object.input());
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => Delta::Relisted(K::relist(std::mem::take(&mut relist))),
+            Ok(watcher::Event::Apply(object)) => Delta::Change(K::changed(object.input())),
+            Ok(watcher::Event::Delete(object)) => Delta::Change(object.deleted()),
             Err(error) => {
                 if !failing {
                     warn!(
@@ -134,78 +217,51 @@ async fn drive<K: ResourceExt>(
                     );
                 }
                 failing = true;
+                continue;
             }
+        };
+        if failing {
+            info!("{what} watch recovered");
+            failing = false;
+        }
+        let first_list_done = matches!(delta, Delta::Relisted(_)) && !listed_once;
+        if sender.send(delta).is_err() {
+            return;
+        }
+        if first_list_done {
+            listed_once = true;
+            info!("{what}: initial list complete");
+            first_lists.done(&sender);
         }
     }
 }
 
-fn snapshot(
-    services: &Store<Service>,
-    slices: &Store<EndpointSlice>,
-    nodes: Option<&Store<Node>>,
-) -> ClusterSnapshot {
-    ClusterSnapshot {
-        services: services.state(),
-        endpoint_slices: slices.state(),
-        nodes: nodes.map(Store::state).unwrap_or_default(),
-    }
-}
-
-/// Connects and starts the watchers; snapshots follow on the returned channel once every
-/// watcher has completed its first list.
+/// Connects and starts the watchers; deltas follow on the returned channel, the first lists
+/// first, then [`Delta::Listed`], then changes.
 pub async fn start(
     kubeconfig: Option<&Path>,
     node_name: Option<&str>,
-) -> Result<SnapshotReceiver, KubeSourceError> {
+) -> Result<DeltaReceiver, KubeSourceError> {
     let client = client(kubeconfig).await?;
-    let changed = Arc::new(Notify::new());
-    let services = spawn_reflector(
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let first_lists = Arc::new(FirstLists(AtomicUsize::new(
+        2 + usize::from(node_name.is_some()),
+    )));
+    spawn_watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
-        "Service",
-        changed.clone(),
+        sender.clone(),
+        first_lists.clone(),
     );
-    let slices = spawn_reflector(
+    spawn_watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
-        "EndpointSlice",
-        changed.clone(),
+        sender.clone(),
+        first_lists.clone(),
     );
-    let nodes = node_name.map(|name| {
+    if let Some(name) = node_name {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        spawn_reflector(
-            Api::<Node>::all(client.clone()),
-            config,
-            "Node",
-            changed.clone(),
-        )
-    });
-    let (sender, receiver) = watch::channel(None);
-    tokio::spawn(async move {
-        let lists = async {
-            services.wait_until_ready().await?;
-            slices.wait_until_ready().await?;
-            if let Some(nodes) = &nodes {
-                nodes.wait_until_ready().await?;
-            }
-            Ok::<(), reflector::store::WriterDropped>(())
-        };
-        if lists.await.is_err() {
-            return;
-        }
-        info!(
-            services = services.len(),
-            endpoint_slices = slices.len(),
-            "initial lists complete"
-        );
-        loop {
-            sender.send_replace(Some(Arc::new(snapshot(&services, &slices, nodes.as_ref()))));
-            changed.notified().await;
-            if sender.is_closed() {
-                return;
-            }
-            tokio::time::sleep(COALESCE).await;
-        }
-    });
+        spawn_watcher(Api::<Node>::all(client), config, sender, first_lists);
+    }
     Ok(receiver)
 }

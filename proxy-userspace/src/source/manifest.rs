@@ -42,7 +42,7 @@ pub struct ParsedManifests {
 
 /// Splits a YAML stream at document markers, so that a syntax error in one document cannot
 /// take the others down with it.
-fn split_documents(text: &str) -> Vec<String> {
+pub fn split_documents(text: &str) -> Vec<String> {
     let mut documents = vec![String::new()];
     for line in text.lines() {
         let marker = line.trim_end();
@@ -119,29 +119,41 @@ fn add_object(value: Value, document: usize, parsed: &mut ParsedManifests) {
     }
 }
 
+/// Parses one document of a manifests file (`number`: its 1-based position, for reports).
+pub fn parse_document(document: &str, number: usize) -> ParsedManifests {
+    let mut parsed = ParsedManifests::default();
+    let unknown = |reason: String| SkippedDocument {
+        document: number,
+        kind: "<unknown>".into(),
+        namespace: "<unknown>".into(),
+        name: "<unknown>".into(),
+        reason,
+    };
+    match serde_yaml::from_str::<Value>(document) {
+        Ok(Value::Null) => {}
+        Ok(value @ Value::Mapping(_)) => add_object(value, number, &mut parsed),
+        Ok(_) => parsed
+            .skipped
+            .push(unknown("the document is not an object".into())),
+        Err(error) => parsed
+            .skipped
+            .push(unknown(format!("invalid YAML/JSON: {error}"))),
+    }
+    parsed
+}
+
 /// Parses the text of a manifests file.
 pub fn parse(text: &str) -> ParsedManifests {
     let mut parsed = ParsedManifests::default();
     for (index, document) in split_documents(text).iter().enumerate() {
-        let number = index + 1;
-        match serde_yaml::from_str::<Value>(document) {
-            Ok(Value::Null) => {}
-            Ok(value @ Value::Mapping(_)) => add_object(value, number, &mut parsed),
-            Ok(_) => parsed.skipped.push(SkippedDocument {
-                document: number,
-                kind: "<unknown>".into(),
-                namespace: "<unknown>".into(),
-                name: "<unknown>".into(),
-                reason: "the document is not an object".into(),
-            }),
-            Err(error) => parsed.skipped.push(SkippedDocument {
-                document: number,
-                kind: "<unknown>".into(),
-                namespace: "<unknown>".into(),
-                name: "<unknown>".into(),
-                reason: format!("invalid YAML/JSON: {error}"),
-            }),
-        }
+        let one = parse_document(document, index + 1);
+        parsed.snapshot.services.extend(one.snapshot.services);
+        parsed
+            .snapshot
+            .endpoint_slices
+            .extend(one.snapshot.endpoint_slices);
+        parsed.snapshot.nodes.extend(one.snapshot.nodes);
+        parsed.skipped.extend(one.skipped);
     }
     parsed
 }

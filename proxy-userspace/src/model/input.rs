@@ -1,0 +1,272 @@
+//! The model's input: Services, EndpointSlices and Nodes cut down to the fields the Service
+//! semantics read. Sources convert every object as it arrives, so the agent never holds a
+//! whole Kubernetes object (an EndpointSlice with ten endpoints is ~6 KiB as k8s-openapi
+//! types, a few hundred bytes here). Values stay as the API spells them (strings, optional
+//! flags): judging them is the model's job, which reports what it cannot use.
+use std::sync::Arc;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::problems::ServiceId;
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label that hands a Service to another proxy (kube-proxy skips such Services too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The node label carrying its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Namespace and name of an object as the model names it (`default` and `<unnamed>` when the
+/// object lacks them, which only hand-written manifests do).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ObjectKey {
+    fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            name: meta.name.as_deref().unwrap_or("<unnamed>").into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of a Service (`spec.ports[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInput {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+/// One `status.loadBalancer.ingress[]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressInput {
+    pub ip: Option<String>,
+    pub ip_mode: Option<String>,
+}
+
+/// What the model reads of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInput {
+    pub id: ServiceId,
+    /// The `service.kubernetes.io/service-proxy-name` label.
+    pub proxy_name: Option<String>,
+    /// Whether the object has a spec at all.
+    pub has_spec: bool,
+    pub type_: Option<String>,
+    pub cluster_ip: Option<String>,
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<ServicePortInput>,
+    pub external_ips: Vec<String>,
+    pub load_balancer_ingress: Vec<IngressInput>,
+    pub load_balancer_source_ranges: Vec<String>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub health_check_node_port: Option<i32>,
+    pub session_affinity: Option<String>,
+    pub affinity_timeout_seconds: Option<i32>,
+}
+
+impl ServiceInput {
+    /// The Service's type (`ClusterIP` when unset).
+    pub fn type_name(&self) -> &str {
+        self.type_.as_deref().unwrap_or("ClusterIP")
+    }
+}
+
+impl From<&Service> for ServiceInput {
+    fn from(service: &Service) -> Self {
+        let key = ObjectKey::of(&service.metadata);
+        let spec = service.spec.as_ref();
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        Self {
+            id: ServiceId {
+                namespace: key.namespace,
+                name: key.name,
+            },
+            proxy_name: label(&service.metadata, SERVICE_PROXY_NAME_LABEL),
+            has_spec: spec.is_some(),
+            type_: spec.and_then(|s| s.type_.clone()),
+            cluster_ip: spec.and_then(|s| s.cluster_ip.clone()),
+            cluster_ips: spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default(),
+            ports: spec
+                .and_then(|s| s.ports.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|port| ServicePortInput {
+                    name: port.name.clone(),
+                    protocol: port.protocol.clone(),
+                    port: port.port,
+                    node_port: port.node_port,
+                })
+                .collect(),
+            external_ips: spec
+                .and_then(|s| s.external_ips.clone())
+                .unwrap_or_default(),
+            load_balancer_ingress: ingress
+                .iter()
+                .map(|entry| IngressInput {
+                    ip: entry.ip.clone(),
+                    ip_mode: entry.ip_mode.clone(),
+                })
+                .collect(),
+            load_balancer_source_ranges: spec
+                .and_then(|s| s.load_balancer_source_ranges.clone())
+                .unwrap_or_default(),
+            external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),
+            internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
+            health_check_node_port: spec.and_then(|s| s.health_check_node_port),
+            session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+            affinity_timeout_seconds: spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds),
+        }
+    }
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePortInput {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    pub port: Option<i32>,
+}
+
+/// One endpoint of an EndpointSlice: its first address (the only one that counts), its
+/// conditions as the API spells them, its node and its topology hints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInput {
+    pub address: Option<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+}
+
+/// What the model reads of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInput {
+    pub key: ObjectKey,
+    /// The `kubernetes.io/service-name` label: the Service in the slice's namespace it serves.
+    pub service_name: Option<String>,
+    pub address_type: String,
+    pub ports: Vec<SlicePortInput>,
+    pub endpoints: Vec<EndpointInput>,
+}
+
+impl SliceInput {
+    /// The Service this slice belongs to, if it is labelled with one.
+    pub fn service(&self) -> Option<ServiceId> {
+        self.service_name.as_deref().map(|name| ServiceId {
+            namespace: self.key.namespace.clone(),
+            name: name.into(),
+        })
+    }
+}
+
+impl From<&EndpointSlice> for SliceInput {
+    fn from(slice: &EndpointSlice) -> Self {
+        Self {
+            key: ObjectKey::of(&slice.metadata),
+            service_name: label(&slice.metadata, SERVICE_NAME_LABEL),
+            address_type: slice.address_type.clone(),
+            ports: slice
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(|port| SlicePortInput {
+                    name: port.name.clone(),
+                    protocol: port.protocol.clone(),
+                    port: port.port,
+                })
+                .collect(),
+            endpoints: slice
+                .endpoints
+                .iter()
+                .map(|endpoint| {
+                    let conditions = endpoint.conditions.as_ref();
+                    let hints = endpoint.hints.as_ref();
+                    EndpointInput {
+                        address: endpoint.addresses.first().cloned(),
+                        ready: conditions.and_then(|c| c.ready),
+                        serving: conditions.and_then(|c| c.serving),
+                        terminating: conditions.and_then(|c| c.terminating),
+                        node_name: endpoint.node_name.clone(),
+                        zone_hints: hints
+                            .and_then(|h| h.for_zones.as_ref())
+                            .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                            .unwrap_or_default(),
+                        node_hints: hints
+                            .and_then(|h| h.for_nodes.as_ref())
+                            .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect())
+                            .unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One `status.addresses[]` entry of a Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddressInput {
+    pub type_: String,
+    pub address: String,
+}
+
+/// What the agent reads of a Node (its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInput {
+    pub name: String,
+    pub zone: Option<String>,
+    pub addresses: Vec<NodeAddressInput>,
+}
+
+impl From<&Node> for NodeInput {
+    fn from(node: &Node) -> Self {
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            zone: label(&node.metadata, ZONE_LABEL),
+            addresses: node
+                .status
+                .as_ref()
+                .and_then(|status| status.addresses.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|address| NodeAddressInput {
+                    type_: address.type_.clone(),
+                    address: address.address.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn label(meta: &ObjectMeta, name: &str) -> Option<String> {
+    meta.labels.as_ref()?.get(name).cloned()
+}
