@@ -29,9 +29,10 @@ pub mod map_names {
     pub const SOURCE_RANGES4: &str = "SRC_RANGE4_V1";
     pub const SOURCE_RANGES6: &str = "SRC_RANGE6_V1";
     pub const DATAPATH_CONFIG: &str = "CONFIG_V1";
+    pub const SERVICE_STATUS: &str = "SVC_STATUS_V1";
 
     /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES4,
         SERVICES6,
         BACKENDS4,
@@ -48,6 +49,7 @@ pub mod map_names {
         SOURCE_RANGES4,
         SOURCE_RANGES6,
         DATAPATH_CONFIG,
+        SERVICE_STATUS,
     ];
 }
 
@@ -67,6 +69,8 @@ pub mod capacity {
     pub const CT6: u32 = 262_144;
     /// loadBalancerSourceRanges prefixes, all services together.
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// Services the agent could not program, with the reason (for `inspect`).
+    pub const SERVICE_STATUS: u32 = 16_384;
 }
 
 /// Protocol numbers as stored in keys (IANA numbers, as in `bpf_sock_addr.protocol`).
@@ -363,7 +367,7 @@ assert_layout!(AffinityValue, size = 16, align = 8);
 /// Value of the service-names map (key: `u32` rev-NAT id): `namespace/name:port`, NUL-padded,
 /// so that `inspect` can name frontends with the agent stopped. Only userspace reads it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
     pub bytes: [u8; 144],
 }
@@ -372,6 +376,26 @@ assert_layout!(ServiceName, size = 144, align = 1);
 impl Default for ServiceName {
     fn default() -> Self {
         Self { bytes: [0; 144] }
+    }
+}
+
+/// Value of the service-status map (key: a [`ServiceName`] holding `namespace/name`): why the
+/// agent could not program that Service (a short reason and a message, NUL-padded), so that
+/// `inspect` can tell with the agent stopped. Only userspace reads and writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceStatus {
+    pub reason: [u8; 32],
+    pub message: [u8; 224],
+}
+assert_layout!(ServiceStatus, size = 256, align = 1);
+
+impl Default for ServiceStatus {
+    fn default() -> Self {
+        Self {
+            reason: [0; 32],
+            message: [0; 224],
+        }
     }
 }
 

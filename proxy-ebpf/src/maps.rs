@@ -7,8 +7,8 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
     Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceValue,
-    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, capacity,
-    reason,
+    ServiceStatus, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
+    SourceRange6, capacity, reason,
 };
 
 #[map]
@@ -40,6 +40,10 @@ pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static SVC_NAMES_V1: HashMap<u32, ServiceName> =
     HashMap::with_max_entries(capacity::REV_NAT, BPF_F_NO_PREALLOC);
+/// Written and read by the agent only (Services it could not program, for `inspect`).
+#[map]
+pub static SVC_STATUS_V1: HashMap<ServiceName, ServiceStatus> =
+    HashMap::with_max_entries(capacity::SERVICE_STATUS, BPF_F_NO_PREALLOC);
 /// The TC path's connection tracking: forward and reply entries of every translated flow.
 #[map]
 pub static CT4_V1: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(capacity::CT4, 0);

@@ -14,7 +14,7 @@ use crate::{
     datapath::affinity::stale_affinity,
     maps::{
         MapWriter, WriteError, apply_all_or_nothing,
-        encode::{MapWrite, encode, programmed_from_image},
+        encode::{MapWrite, decode_status, encode, programmed_from_image, status_write},
     },
     model::{
         ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Scope, ServiceId,
@@ -193,7 +193,54 @@ impl Reconciler {
                 report.status_changes.push((id.clone(), None));
             }
         }
+        self.record_statuses(&report.status_changes);
         report
+    }
+
+    /// Records status changes in the status map, where `inspect` reads them.
+    fn record_statuses(&mut self, changes: &[(ServiceId, Option<NotProgrammed>)]) {
+        for (id, status) in changes {
+            let status = status
+                .as_ref()
+                .map(|status| (status.reason, status.message.as_str()));
+            let write = status_write(&id.to_string(), status);
+            if let Err(failure) = self.writer.write(&write) {
+                warn!(service = %id, "cannot record the Service's status for inspect: {failure}");
+            }
+        }
+    }
+
+    /// Makes the status map say exactly which Services are not programmed (a previous agent
+    /// may have left entries).
+    fn reconcile_statuses(&mut self, image: &crate::maps::encode::MapImage) {
+        let recorded: BTreeMap<String, (String, String)> = image
+            .service_status
+            .iter()
+            .map(|(key, status)| {
+                let (service, reason, message) = decode_status(key, status);
+                (service, (reason, message))
+            })
+            .collect();
+        let mut changes = Vec::new();
+        for service in recorded.keys() {
+            if !self
+                .not_programmed
+                .keys()
+                .any(|id| id.to_string() == *service)
+            {
+                let write = status_write(service, None);
+                if let Err(failure) = self.writer.write(&write) {
+                    warn!(%service, "cannot clear the Service's recorded status: {failure}");
+                }
+            }
+        }
+        for (id, status) in &self.not_programmed {
+            let wanted = (status.reason.to_owned(), status.message.clone());
+            if recorded.get(&id.to_string()) != Some(&wanted) {
+                changes.push((id.clone(), Some(status.clone())));
+            }
+        }
+        self.record_statuses(&changes);
     }
 
     /// The full recomputation: re-reads the maps (drift repair), rebuilds the model from
@@ -243,6 +290,7 @@ impl Reconciler {
             }
         }
         report.affinity_forgotten = self.forget_stale_affinity(&image.affinity);
+        self.reconcile_statuses(&image);
         Ok(report)
     }
 
@@ -637,7 +685,10 @@ mod tests {
             let context = format!("failure at write {fail_at}");
             let journal = faulty.lock().inner.journal[start.journal.len()..].to_vec();
             replay_checking(&start.image, &journal, &context);
-            assert_eq!(faulty.lock().inner.image, start.image, "{context}: undone");
+            let mut undone = faulty.lock().inner.image.clone();
+            assert_eq!(undone.service_status.len(), 1, "{context}: status recorded");
+            undone.service_status.clear();
+            assert_eq!(undone, start.image, "{context}: undone");
             assert_eq!(
                 &programmed_from_image(&faulty.lock().inner.image).0,
                 agent.mirror(),
@@ -806,6 +857,10 @@ mod tests {
             report
                 .status_changes
                 .contains(&(ServiceId::new("default", "svc-4"), None))
+        );
+        assert!(
+            maps.lock().image.service_status.is_empty(),
+            "the status is cleared"
         );
         let reference = Shared::new(FakeMaps::default());
         Reconciler::new(Box::new(reference.clone()))

@@ -291,3 +291,101 @@ fn log_sync(report: &SyncReport, elapsed: Duration, full: bool, first: bool) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        admin::healthcheck::BindTo,
+        datapath::udp_reaper::NoReaper,
+        maps::{FakeMaps, Shared},
+        source::{lists_of, manifest},
+    };
+
+    fn service(backends: &[&str]) -> crate::model::ClusterSnapshot {
+        let endpoints: Vec<String> = backends
+            .iter()
+            .map(|ip| format!("{{addresses: [{ip}]}}"))
+            .collect();
+        manifest::parse(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        ))
+        .snapshot
+    }
+
+    async fn wait_for(maps: &Shared<FakeMaps>, backends: usize) {
+        for _ in 0..200 {
+            if maps.lock().image.backends4.len() == backends {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the maps never held {backends} backends");
+    }
+
+    #[tokio::test]
+    async fn the_runner_waits_for_the_first_lists_then_follows_changes() {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let maps = Shared::new(FakeMaps::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stats = StatsHandle::default();
+        let runner = tokio::spawn(run(
+            receiver,
+            Box::new(ModelConfig::default()),
+            Reconciler::new(Box::new(maps.clone())).unwrap(),
+            Box::new(NoReaper),
+            HealthCheckServer::new(
+                BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
+                std::sync::Arc::new(|| true),
+            ),
+            SyncConfig {
+                min_period: Duration::from_millis(10),
+                max_period: Duration::from_mins(1),
+            },
+            stats.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        // Lists without the final "listed": nothing may be written yet.
+        let mut lists = lists_of(&service(&["10.0.0.1"]));
+        let listed = lists.pop().unwrap();
+        for delta in lists {
+            sender.send(delta).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            maps.lock().journal.is_empty(),
+            "nothing is written before the first complete lists"
+        );
+        sender.send(listed).unwrap();
+        wait_for(&maps, 1).await;
+        // A burst of changes coalesces; the last one wins.
+        for count in 1..=20 {
+            let ips: Vec<String> = (1..=count).map(|i| format!("10.0.1.{i}")).collect();
+            let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let mut deltas = lists_of(&service(&refs));
+            deltas.pop();
+            for delta in deltas {
+                sender.send(delta).unwrap();
+            }
+        }
+        wait_for(&maps, 20).await;
+        stop.send(()).unwrap();
+        runner.await.unwrap().unwrap();
+        let recorded = stats.snapshot();
+        assert!(recorded.syncs_total >= 2, "{recorded:?}");
+        assert!(
+            recorded.syncs_total < 22,
+            "bursts coalesce: {} syncs",
+            recorded.syncs_total
+        );
+        assert!(
+            recorded.last_programming_latency.is_some() && recorded.last_sync_duration.is_some(),
+            "{recorded:?}"
+        );
+        assert!(recorded.sync_errors_total.is_empty(), "{recorded:?}");
+        assert_eq!(recorded.map_entries[proxy_common::map_names::BACKENDS4], 20);
+    }
+}

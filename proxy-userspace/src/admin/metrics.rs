@@ -101,8 +101,34 @@ pub fn render(stats: &SyncStats, datapath: &DatapathView<'_>) -> String {
     );
 
     render_own(&mut out, stats, datapath);
+    render_programming(&mut out, stats);
     render_sockets(&mut out, datapath);
     out
+}
+
+/// What the incremental control plane could not do: Services skipped (by reason; the others
+/// are programmed) and full recomputations that disagreed with it.
+fn render_programming(out: &mut String, stats: &SyncStats) {
+    header(
+        out,
+        "switchyard_services_not_programmed",
+        "gauge",
+        "Services whose entries could not be written (map_full, too_large, kernel, ...); every other Service is programmed",
+    );
+    for reason in ["map_full", "too_large", "kernel", "missing_map"] {
+        let count = stats.not_programmed.get(reason).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "switchyard_services_not_programmed{{reason=\"{reason}\"}} {count}"
+        );
+    }
+    simple(
+        out,
+        "switchyard_model_divergences_total",
+        "counter",
+        "Full recomputations that disagreed with the incremental model (repaired; should stay 0)",
+        stats.model_divergences_total,
+    );
 }
 
 /// The healthCheckNodePort listeners; the agent appends this to [`render`]'s output (the
@@ -227,6 +253,7 @@ mod tests {
         stats.record_sync(2, Duration::from_millis(3), Some(Duration::from_millis(40)));
         stats.endpoint_changes_total = 5;
         stats.map_entries.insert(map_names::BACKENDS4, 7);
+        stats.not_programmed.insert("map_full", 2);
         let text = render(
             &stats,
             &DatapathView {
@@ -242,6 +269,9 @@ mod tests {
             "switchyard_bpf_map_entries{map=\"BACKEND4_V1\"} 7",
             "switchyard_datapath_events_total{reason=\"translated\"} 11",
             "switchyard_socket_translations{family=\"ipv4\"} 2",
+            "switchyard_services_not_programmed{reason=\"map_full\"} 2",
+            "switchyard_services_not_programmed{reason=\"too_large\"} 0",
+            "switchyard_model_divergences_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -20,9 +20,9 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
-    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceValue,
-    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
-    map_names, reason,
+    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceStatus,
+    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
+    SourceRange6, map_names, reason,
 };
 use tracing::{info, warn};
 
@@ -70,6 +70,7 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         map_names::SOURCE_RANGES4 => sizes::<LpmKey<SourceRange4>, u32>(),
         map_names::SOURCE_RANGES6 => sizes::<LpmKey<SourceRange6>, u32>(),
         map_names::DATAPATH_CONFIG => sizes::<u32, DatapathConfig>(),
+        map_names::SERVICE_STATUS => sizes::<ServiceName, ServiceStatus>(),
         _ => sizes::<u32, u64>(),
     }
 }

@@ -8,8 +8,8 @@ use std::{
 
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceValue, SourceRange4, SourceRange6, backend_state, map_names, protocol,
-    scope,
+    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, backend_state, map_names,
+    protocol, scope,
 };
 
 use crate::{
@@ -31,6 +31,10 @@ pub struct LpmKey<D> {
 
 /// One map entry to write (`Some`) or delete (`None`), in the kernel's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a write is built and handed to the kernel at once; boxing would cost an allocation per entry"
+)]
 pub enum MapWrite {
     Service4(Service4Key, Option<ServiceValue>),
     Service6(Service6Key, Option<ServiceValue>),
@@ -41,6 +45,8 @@ pub enum MapWrite {
     /// Session-affinity entries are written by the datapath; the agent only deletes them.
     AffinityDelete(AffinityKey),
     ServiceName(u32, Option<ServiceName>),
+    /// Why a Service (key: `namespace/name`) is not programmed.
+    Status(ServiceName, Option<ServiceStatus>),
     /// A source range; the value is always 1 (the datapath only asks whether a prefix
     /// matches).
     SourceRange4(LpmKey<SourceRange4>, Option<u32>),
@@ -59,6 +65,7 @@ pub struct MapImage {
     /// The datapath's session-affinity entries (read to prune stale ones).
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     pub service_names: BTreeMap<u32, ServiceName>,
+    pub service_status: BTreeMap<ServiceName, ServiceStatus>,
     pub source_ranges4: BTreeMap<LpmKey<SourceRange4>, u32>,
     pub source_ranges6: BTreeMap<LpmKey<SourceRange6>, u32>,
 }
@@ -82,6 +89,7 @@ impl MapWrite {
             Self::RevNat6(..) => map_names::REV_NAT6,
             Self::AffinityDelete(..) => map_names::AFFINITY,
             Self::ServiceName(..) => map_names::SERVICE_NAMES,
+            Self::Status(..) => map_names::SERVICE_STATUS,
             Self::SourceRange4(..) => map_names::SOURCE_RANGES4,
             Self::SourceRange6(..) => map_names::SOURCE_RANGES6,
         }
@@ -97,6 +105,7 @@ impl MapWrite {
             Self::RevNat6(_, value) => value.is_none(),
             Self::AffinityDelete(_) => true,
             Self::ServiceName(_, value) => value.is_none(),
+            Self::Status(_, value) => value.is_none(),
             Self::SourceRange4(_, value) | Self::SourceRange6(_, value) => value.is_none(),
         }
     }
@@ -114,6 +123,7 @@ impl MapImage {
             MapWrite::RevNat6(id, _) => self.rev_nat6.contains_key(id),
             MapWrite::AffinityDelete(key) => self.affinity.contains_key(key),
             MapWrite::ServiceName(id, _) => self.service_names.contains_key(id),
+            MapWrite::Status(key, _) => self.service_status.contains_key(key),
             MapWrite::SourceRange4(key, _) => self.source_ranges4.contains_key(key),
             MapWrite::SourceRange6(key, _) => self.source_ranges6.contains_key(key),
         }
@@ -130,6 +140,7 @@ impl MapImage {
             MapWrite::RevNat6(..) => self.rev_nat6.len(),
             MapWrite::AffinityDelete(..) => self.affinity.len(),
             MapWrite::ServiceName(..) => self.service_names.len(),
+            MapWrite::Status(..) => self.service_status.len(),
             MapWrite::SourceRange4(..) => self.source_ranges4.len(),
             MapWrite::SourceRange6(..) => self.source_ranges6.len(),
         }
@@ -146,6 +157,7 @@ impl MapImage {
             MapWrite::RevNat6(id, value) => put(&mut self.rev_nat6, id, value),
             MapWrite::AffinityDelete(key) => put(&mut self.affinity, key, None),
             MapWrite::ServiceName(id, name) => put(&mut self.service_names, id, name),
+            MapWrite::Status(key, status) => put(&mut self.service_status, key, status),
             MapWrite::SourceRange4(key, value) => put(&mut self.source_ranges4, key, value),
             MapWrite::SourceRange6(key, value) => put(&mut self.source_ranges6, key, value),
         }
@@ -342,6 +354,46 @@ fn encode_name(name: &str) -> ServiceName {
     }
     encoded.bytes[..length].copy_from_slice(&name.as_bytes()[..length]);
     encoded
+}
+
+/// `text` in `N` bytes, truncated at a character boundary and NUL-padded.
+fn fixed_text<const N: usize>(text: &str) -> [u8; N] {
+    let mut bytes = [0u8; N];
+    let mut length = text.len().min(N - 1);
+    while !text.is_char_boundary(length) {
+        length -= 1;
+    }
+    bytes[..length].copy_from_slice(&text.as_bytes()[..length]);
+    bytes
+}
+
+fn text_of(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The status entry of a Service (`namespace/name`): `Some((reason, message))` when it is not
+/// programmed, `None` to clear it.
+pub fn status_write(service: &str, status: Option<(&str, &str)>) -> MapWrite {
+    let key = ServiceName {
+        bytes: fixed_text(service),
+    };
+    MapWrite::Status(
+        key,
+        status.map(|(reason, message)| ServiceStatus {
+            reason: fixed_text(reason),
+            message: fixed_text(message),
+        }),
+    )
+}
+
+/// The (service, reason, message) a status entry records.
+pub fn decode_status(key: &ServiceName, status: &ServiceStatus) -> (String, String, String) {
+    (
+        text_of(&key.bytes),
+        text_of(&status.reason),
+        text_of(&status.message),
+    )
 }
 
 fn decode_name(name: &ServiceName) -> String {

@@ -10,7 +10,7 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceValue, SourceRange4, SourceRange6, capacity, map_names,
+    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, capacity, map_names,
 };
 
 use super::{
@@ -31,6 +31,8 @@ pub struct KernelMaps {
     rev_nat6: HashMap<MapData, u32, RevNat6>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     names: HashMap<MapData, u32, ServiceName>,
+    /// `None` for pins older than the map (read by `inspect` only).
+    status: Option<HashMap<MapData, ServiceName, ServiceStatus>>,
     /// `None` when the object or the pins predate the TC path: nothing can enforce source
     /// ranges then, and `dump`/`inspect` of such pins still work.
     source_ranges4: Option<SourceRanges<SourceRange4>>,
@@ -260,6 +262,7 @@ impl KernelMaps {
             rev_nat6: take(ebpf, map_names::REV_NAT6)?,
             affinity: take(ebpf, map_names::AFFINITY)?,
             names: take(ebpf, map_names::SERVICE_NAMES)?,
+            status: Some(take(ebpf, map_names::SERVICE_STATUS)?),
             source_ranges4: take_trie(ebpf, map_names::SOURCE_RANGES4)?,
             source_ranges6: take_trie(ebpf, map_names::SOURCE_RANGES6)?,
         })
@@ -276,6 +279,11 @@ impl KernelMaps {
             rev_nat6: open(pins, map_names::REV_NAT6)?,
             affinity: open(pins, map_names::AFFINITY)?,
             names: open(pins, map_names::SERVICE_NAMES)?,
+            status: if pins.map(map_names::SERVICE_STATUS).exists() {
+                Some(open(pins, map_names::SERVICE_STATUS)?)
+            } else {
+                None
+            },
             source_ranges4: open_trie(pins, map_names::SOURCE_RANGES4)?,
             source_ranges6: open_trie(pins, map_names::SOURCE_RANGES6)?,
         })
@@ -335,6 +343,20 @@ impl MapWriter for KernelMaps {
                 id,
                 name.as_ref(),
             ),
+            MapWrite::Status(key, value) => match self.status.as_mut() {
+                Some(map) => write_entry(
+                    map,
+                    map_names::SERVICE_STATUS,
+                    capacity::SERVICE_STATUS,
+                    key,
+                    value.as_ref(),
+                ),
+                None if value.is_none() => Ok(()),
+                None => Err(WriteError::MissingMap {
+                    map: map_names::SERVICE_STATUS,
+                    entry: "a Service status".into(),
+                }),
+            },
             MapWrite::SourceRange4(key, value) => write_range(
                 self.source_ranges4.as_mut(),
                 map_names::SOURCE_RANGES4,
@@ -360,6 +382,10 @@ impl MapWriter for KernelMaps {
             rev_nat6: read_all(&self.rev_nat6, map_names::REV_NAT6)?,
             affinity: read_all(&self.affinity, map_names::AFFINITY)?,
             service_names: read_all(&self.names, map_names::SERVICE_NAMES)?,
+            service_status: match &self.status {
+                Some(map) => read_all(map, map_names::SERVICE_STATUS)?,
+                None => std::collections::BTreeMap::new(),
+            },
             source_ranges4: read_trie(self.source_ranges4.as_ref(), map_names::SOURCE_RANGES4)?,
             source_ranges6: read_trie(self.source_ranges6.as_ref(), map_names::SOURCE_RANGES6)?,
         })

@@ -15,7 +15,7 @@ use crate::{
         conntrack::{Conntrack, TrackedFlow, monotonic_now_ns},
         counters::DatapathCounters,
     },
-    maps::encode::{MapImage, v4_from_word, v6_from_words},
+    maps::encode::{MapImage, decode_status, v4_from_word, v6_from_words},
     plan::{mirror::Programmed, op::RevNatTarget},
 };
 
@@ -167,6 +167,7 @@ pub fn services(inspection: &Inspection) -> Vec<Value> {
                 });
             json!({
                 "frontend": key.to_string(),
+                "programmed": true,
                 "scope": key.scope.to_string(),
                 "service": service_of(programmed, master.rev_nat_id),
                 "type": kind_name(master.flags),
@@ -177,6 +178,19 @@ pub fn services(inspection: &Inspection) -> Vec<Value> {
                 "source_ranges": source_ranges,
                 "backends": backends,
             })
+        })
+        .collect()
+}
+
+/// Services the agent could not program, with the reason (from the status map).
+pub fn not_programmed(inspection: &Inspection) -> Vec<Value> {
+    inspection
+        .image
+        .service_status
+        .iter()
+        .map(|(key, status)| {
+            let (service, reason, message) = decode_status(key, status);
+            json!({"service": service, "programmed": false, "reason": reason, "message": message})
         })
         .collect()
 }
@@ -390,7 +404,7 @@ pub fn render_table(target: &str, inspection: &Inspection) -> String {
                 "source_ranges",
                 "backends",
             ];
-            table(
+            let mut out = table(
                 &[
                     "FRONTEND",
                     "SCOPE",
@@ -404,7 +418,16 @@ pub fn render_table(target: &str, inspection: &Inspection) -> String {
                     "BACKENDS",
                 ],
                 &rows(&items, &fields),
-            )
+            );
+            let skipped = not_programmed(inspection);
+            if !skipped.is_empty() {
+                out.push_str("\nNOT PROGRAMMED (the agent could not write these Services; the others are unaffected)\n");
+                out.push_str(&table(
+                    &["SERVICE", "REASON", "MESSAGE"],
+                    &rows(&skipped, &["service", "reason", "message"]),
+                ));
+            }
+            out
         }
         "backends" => table(
             &["ID", "ADDRESS", "STATE", "SERVICES"],
@@ -438,7 +461,14 @@ pub fn render_table(target: &str, inspection: &Inspection) -> String {
 /// The JSON form of one inspection target.
 pub fn render_json(target: &str, inspection: &Inspection) -> String {
     let value = match target {
-        "services" => Value::Array(services(inspection)),
+        // Frontends first, then the Services that could not be programmed
+        // (`"programmed": false`).
+        "services" => Value::Array(
+            services(inspection)
+                .into_iter()
+                .chain(not_programmed(inspection))
+                .collect(),
+        ),
         "backends" => Value::Array(backends(inspection)),
         "conntrack" => Value::Array(conntrack(inspection)),
         _ => stats(inspection),
@@ -467,6 +497,24 @@ mod tests {
             flows: Vec::new(),
             conntrack_entries: (0, 0),
         }
+    }
+
+    #[test]
+    fn services_the_agent_could_not_program_are_listed_with_their_reason() {
+        let mut inspection = inspection(&[]);
+        inspection.image.apply(crate::maps::encode::status_write(
+            "shop/huge",
+            Some(("too_large", "it needs 70000 more entries in map SVC4_V1")),
+        ));
+        let table = render_table("services", &inspection);
+        assert!(table.contains("NOT PROGRAMMED"), "{table}");
+        assert!(table.contains("shop/huge"), "{table}");
+        assert!(table.contains("too_large"), "{table}");
+        let json: Value = serde_json::from_str(&render_json("services", &inspection)).unwrap();
+        assert_eq!(
+            json[0],
+            json!({"service": "shop/huge", "programmed": false, "reason": "too_large", "message": "it needs 70000 more entries in map SVC4_V1"})
+        );
     }
 
     #[test]
