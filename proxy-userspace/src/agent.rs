@@ -1,7 +1,9 @@
-//! The commands: wiring source, model, plan and writer to the kernel.
+//! The composition root of `switchyard run`: install the dataplane, spawn the background work
+//! (interface follower, conntrack garbage collection, metrics and health endpoints), run the
+//! sync loop.
 use anyhow::{Context, Result, bail};
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -15,17 +17,16 @@ use crate::{
         north_south::{self, InterfaceFollower, NorthSouth},
         pins::PinLayout,
     },
-    cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
+    cli::RunArgs,
     datapath::{
         conntrack::{Conntrack, monotonic_now_ns},
         counters::{DatapathCounters, SocketTranslations},
         udp_reaper::{NetlinkReaper, SocketsAndFlows},
     },
-    maps::{KernelMaps, MapWriter},
+    maps::KernelMaps,
     model::ModelConfig,
     node::NodeConfig,
-    reconcile::{self, Reconciler},
-    render::{dump, inspect},
+    reconcile::Reconciler,
     runner::{self, SyncConfig},
     source,
 };
@@ -50,7 +51,7 @@ fn kernel_version() -> Option<(u32, u32)> {
 }
 
 /// Clear errors for an unsuitable environment, before anything is touched.
-fn preflight() -> Result<()> {
+pub(crate) fn preflight() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "switchyard must run as root (it loads BPF programs, pins maps and attaches to cgroups: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
@@ -78,6 +79,62 @@ async fn shutdown_signal() {
     info!("shutting down; the dataplane stays in place (use `switchyard cleanup` to remove it)");
 }
 
+/// The installed dataplane: mounts resolved, the object loaded with its maps pinned (a
+/// previous agent's adopted), every program attached, the previous agent's links retired, and
+/// the handles the agent drives from then on.
+struct Dataplane {
+    pins: PinLayout,
+    cgroup: std::path::PathBuf,
+    writer: KernelMaps,
+    sockets: NetlinkReaper,
+    /// One handle on the conntrack maps, shared by the UDP cleanup and the garbage collector.
+    conntrack: Arc<Mutex<Conntrack>>,
+    counters: Arc<DatapathCounters>,
+    translations: Arc<SocketTranslations>,
+    /// Attaches the TC program to interfaces that appear later.
+    follower: InterfaceFollower,
+}
+
+impl Dataplane {
+    fn install(args: &RunArgs) -> Result<Self> {
+        let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
+        let pins = PinLayout::new(mounts::resolve_bpffs(&args.pins.bpffs)?);
+        let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
+        let north_south = north_south_settings(args);
+        north_south::check_node_settings(&north_south);
+        let (generation, tc_attachments) =
+            loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
+        let retired = loader::retire_links(&pins, Some(&generation));
+        if retired > 0 {
+            info!(retired, "took over from a previous agent's links");
+        }
+        let writer = KernelMaps::take_from(&mut ebpf)?;
+        let sockets = NetlinkReaper::take_from(&mut ebpf)?;
+        let conntrack = Conntrack::open_pinned(&pins).context("opening the conntrack maps")?;
+        let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
+        let translations = Arc::new(SocketTranslations::open_pinned(
+            &pins.map(map_names::SOCK_REV_NAT4),
+            &pins.map(map_names::SOCK_REV_NAT6),
+        )?);
+        // The loaded programs now only serve to attach to interfaces that appear later; the
+        // attached ones live on through their pinned links.
+        let follower =
+            InterfaceFollower::new(ebpf, pins.clone(), generation, north_south, tc_attachments);
+        Ok(Self {
+            pins,
+            cgroup,
+            writer,
+            sockets,
+            conntrack: Arc::new(Mutex::new(conntrack)),
+            counters,
+            translations,
+            follower,
+        })
+    }
+}
+
+/// The agent: start the source, install the dataplane, spawn the background work, run the
+/// sync loop until a signal, then close what goes with the agent.
 pub async fn run(args: RunArgs) -> Result<()> {
     preflight()?;
     let stats = StatsHandle::default();
@@ -87,43 +144,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(manifests) => source::file::start(manifests.clone(), stats.clone())?,
         None => source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?,
     };
-    let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
-    let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
-    let pins = PinLayout::new(bpffs);
+    let dataplane = Dataplane::install(&args)?;
 
-    let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
-    let north_south = north_south_settings(&args);
-    north_south::check_node_settings(&north_south);
-    let (generation, tc_attachments) = loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
-    let retired = loader::retire_links(&pins, Some(&generation));
-    if retired > 0 {
-        info!(retired, "took over from a previous agent's links");
-    }
-    let writer = KernelMaps::take_from(&mut ebpf)?;
-    let reaper = SocketsAndFlows {
-        sockets: NetlinkReaper::take_from(&mut ebpf)?,
-        flows: Conntrack::open_pinned(&pins).context("opening the conntrack maps")?,
-    };
-    spawn_conntrack_gc(Conntrack::open_pinned(&pins).context("opening the conntrack maps")?);
-    let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
-    // The loaded programs now only serve to attach to interfaces that appear later; the
-    // attached ones live on through their pinned links.
-    spawn_interface_follower(InterfaceFollower::new(
-        ebpf,
-        pins.clone(),
-        generation,
-        north_south,
-        tc_attachments,
-    ));
-    let sockets = Arc::new(SocketTranslations::open_pinned(
-        &pins.map(map_names::SOCK_REV_NAT4),
-        &pins.map(map_names::SOCK_REV_NAT6),
-    )?);
+    spawn_interface_follower(dataplane.follower);
+    spawn_conntrack_gc(dataplane.conntrack.clone());
     let health_checks = healthcheck::HealthCheckServer::new(
         healthcheck::BindTo::AllAddresses,
         proxy_health(&stats, health::stale_after(args.sync_period)),
     );
-    start_endpoints(&args, &stats, counters, sockets, &health_checks).await;
+    start_endpoints(
+        &args,
+        &stats,
+        dataplane.counters,
+        dataplane.translations,
+        &health_checks,
+    )
+    .await;
+
+    info!(pins = %dataplane.pins.root.display(), cgroup = %dataplane.cgroup.display(), "switchyard running");
     let node = NodeConfig::new(
         ModelConfig {
             node_name: args.node_name.clone(),
@@ -132,19 +170,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         args.nodeport_addresses.clone(),
     );
-    let config = SyncConfig {
-        min_period: args.min_sync_period,
-        max_period: args.sync_period,
+    let reaper = SocketsAndFlows {
+        sockets: dataplane.sockets,
+        flows: dataplane.conntrack,
     };
-    info!(pins = %pins.root.display(), cgroup = %cgroup.display(), "switchyard running");
-    let reconciler = Reconciler::new(Box::new(writer))?;
     let synced = runner::run(
         deltas,
         Box::new(node),
-        reconciler,
+        Reconciler::new(Box::new(dataplane.writer))?,
         Box::new(reaper),
         health_checks.clone(),
-        config,
+        SyncConfig {
+            min_period: args.min_sync_period,
+            max_period: args.sync_period,
+        },
         stats,
         shutdown_signal(),
     )
@@ -185,19 +224,21 @@ fn spawn_interface_follower(mut follower: InterfaceFollower) {
 const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
 
 /// Removes expired flows in the background (the datapath only refreshes lifetimes).
-fn spawn_conntrack_gc(mut conntrack: Conntrack) {
+fn spawn_conntrack_gc(conntrack: Arc<Mutex<Conntrack>>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CONNTRACK_GC_PERIOD);
         loop {
             tick.tick().await;
+            let conntrack = conntrack.clone();
             let collected = tokio::task::spawn_blocking(move || {
-                let report = conntrack.collect_garbage(monotonic_now_ns());
-                (conntrack, report)
+                conntrack
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .collect_garbage(monotonic_now_ns())
             })
             .await;
             match collected {
-                Ok((back, report)) => {
-                    conntrack = back;
+                Ok(report) => {
                     if report.removed > 0 {
                         debug!(
                             removed = report.removed,
@@ -274,65 +315,4 @@ async fn start_endpoints(
             error!(%address, "cannot serve health checks: {failure}");
         }
     }
-}
-
-/// The pins under `--bpffs`, if any; never mounts anything.
-fn existing_pins(args: &PinArgs) -> Option<PinLayout> {
-    let pins = mounts::find_bpffs(&args.bpffs).map(PinLayout::new);
-    pins.filter(|pins| pins.version_dir().exists())
-}
-
-pub fn cleanup(args: &PinArgs) -> Result<()> {
-    preflight()?;
-    let Some(pins) = existing_pins(args) else {
-        println!("nothing to clean up under {}", args.bpffs.display());
-        return Ok(());
-    };
-    let report =
-        loader::cleanup(&pins).with_context(|| format!("cleaning up {}", pins.root.display()))?;
-    println!(
-        "removed {} links and {} maps under {}",
-        report.links,
-        report.maps,
-        args.bpffs.display()
-    );
-    Ok(())
-}
-
-pub fn dump(args: &PinArgs) -> Result<()> {
-    preflight()?;
-    let Some(pins) = existing_pins(args) else {
-        bail!("no pinned Switchyard maps under {}", args.bpffs.display());
-    };
-    let maps = KernelMaps::open_pinned(&pins)?;
-    let programmed = reconcile::restore(&maps)?;
-    print!("{}", dump::render(&programmed));
-    let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?;
-    print!("{}", dump::render_counters(&counters.read()));
-    Ok(())
-}
-
-pub fn inspect(args: &InspectArgs) -> Result<()> {
-    preflight()?;
-    let Some(pins) = existing_pins(&args.pins) else {
-        bail!(
-            "no pinned Switchyard maps under {}",
-            args.pins.bpffs.display()
-        );
-    };
-    let maps = KernelMaps::open_pinned(&pins)?;
-    let image = maps.read_image()?;
-    let (programmed, _) = crate::maps::encode::programmed_from_image(&image);
-    let inspection = inspect::read(&pins, image, programmed)?;
-    let target = match args.target {
-        InspectTarget::Services => "services",
-        InspectTarget::Backends => "backends",
-        InspectTarget::Conntrack => "conntrack",
-        InspectTarget::Stats => "stats",
-    };
-    match args.output {
-        OutputFormat::Table => print!("{}", inspect::render_table(target, &inspection)),
-        OutputFormat::Json => println!("{}", inspect::render_json(target, &inspection)),
-    }
-    Ok(())
 }

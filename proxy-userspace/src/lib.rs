@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod maps;
 pub mod model;
 pub mod node;
+pub mod offline;
 pub mod plan;
 pub mod reconcile;
 pub mod render;

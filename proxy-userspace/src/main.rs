@@ -6,6 +6,7 @@ use clap::Parser;
 use proxy_userspace::{
     agent,
     cli::{Cli, Command, LogFormat},
+    offline,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -35,8 +36,8 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?
             .block_on(agent::run(*args)),
-        Command::Cleanup(args) => agent::cleanup(&args),
-        Command::Dump(args) => agent::dump(&args),
-        Command::Inspect(args) => agent::inspect(&args),
+        Command::Cleanup(args) => offline::cleanup(&args),
+        Command::Dump(args) => offline::dump(&args),
+        Command::Inspect(args) => offline::inspect(&args),
     }
 }

@@ -45,12 +45,17 @@ pub trait SocketReaper: Send {
 /// flows of the TC path (north-south) aimed at backends that left their service.
 pub struct SocketsAndFlows {
     pub sockets: NetlinkReaper,
-    pub flows: super::conntrack::Conntrack,
+    /// Shared with the conntrack garbage collector.
+    pub flows: std::sync::Arc<std::sync::Mutex<super::conntrack::Conntrack>>,
 }
 
 impl SocketReaper for SocketsAndFlows {
     fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        let flows = self.flows.forget_udp_flows(removed);
+        let flows = self
+            .flows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget_udp_flows(removed);
         if flows > 0 {
             info!(
                 flows,
