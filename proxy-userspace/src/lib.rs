@@ -14,6 +14,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod datapath;
+pub mod hash;
 pub mod maps;
 pub mod model;
 pub mod node;

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::affinity::stale_affinity,
+    hash::FastSet,
     maps::{
         MapWriter, WriteError, apply_all_or_nothing,
         encode::{MapWrite, decode_status, encode, programmed_from_image, status_write},
@@ -74,7 +75,7 @@ pub struct Reconciler {
     /// The node facts of the last sync (`None` before the first).
     config: Option<ModelConfig>,
     /// Services touched since the last sync.
-    dirty: BTreeSet<ServiceId>,
+    dirty: FastSet<ServiceId>,
     /// Addresses whose plan failed: planned again at every sync until they are written.
     retry: BTreeSet<FrontendKey>,
     not_programmed: BTreeMap<ServiceId, NotProgrammed>,
@@ -98,7 +99,7 @@ impl Reconciler {
             mirror,
             writer,
             config: None,
-            dirty: BTreeSet::new(),
+            dirty: FastSet::default(),
             retry: BTreeSet::new(),
             not_programmed: BTreeMap::new(),
             reported: HashMap::new(),
@@ -254,25 +255,22 @@ impl Reconciler {
         }
         self.mirror = mirror;
         self.config = Some(config.clone());
-        let all: BTreeSet<ServiceId> = self
-            .dirty
-            .iter()
-            .chain(self.desired.services())
-            .cloned()
-            .collect();
-        self.dirty.clear();
+        let mut all = std::mem::take(&mut self.dirty);
+        all.extend(self.desired.services().cloned());
         let fresh = desired_of(&self.cluster, config);
         let mut report = SyncReport {
             recomputed: self.cluster.len().0,
             ..SyncReport::default()
         };
         let had_state = self.desired.services().next().is_some();
-        if had_state && !same_desired(&self.desired, &fresh) {
-            report.diverged = true;
-        }
+        let same = had_state && same_desired(&self.desired, &fresh);
+        report.diverged = had_state && !same;
         self.desired = fresh;
-        report.new_problems =
-            self.report_problems(&all.iter().chain(self.desired.services()).cloned().collect());
+        if !same {
+            // The first sync, or a repaired divergence: every Service's problems may be news.
+            all.extend(self.desired.services().cloned());
+        }
+        report.new_problems = self.report_problems(&all);
         self.warn_unlabelled_slices();
         report.health_checks = Some(self.desired.health_checks());
         let keys: BTreeSet<FrontendKey> = self
@@ -312,7 +310,7 @@ impl Reconciler {
         if old.node_name != config.node_name || old.service_proxy_name != config.service_proxy_name
         {
             // Fixed for the agent's lifetime; every Service depends on them.
-            self.dirty.extend(self.cluster.service_ids());
+            self.dirty.extend(self.cluster.service_ids().cloned());
         }
         for fact in facts {
             let dependents: Vec<ServiceId> = self.desired.dependents(fact).cloned().collect();
@@ -321,7 +319,7 @@ impl Reconciler {
     }
 
     /// Logs the problems of `services` that were not reported before; returns how many.
-    fn report_problems(&mut self, services: &BTreeSet<ServiceId>) -> usize {
+    fn report_problems(&mut self, services: &FastSet<ServiceId>) -> usize {
         let mut new = 0;
         for id in services {
             let problems = self.desired.problems_of(id);
@@ -356,17 +354,12 @@ impl Reconciler {
             let owner = self.desired.owner(&key).cloned();
             groups.entry(owner).or_default().insert(identity(&key));
         }
-        // Removals first: a Service that only gives entries back never needs room, and what it
-        // frees may be what another needs.
+        // Addresses no Service wants any more go first: they only give entries back, and the
+        // room they free may be what a growing Service needs. (A Service that meets a full map
+        // gets a second chance below, after every other Service, shrinking ones included.)
         let mut order: Vec<(Option<ServiceId>, BTreeSet<FrontendKey>)> =
             groups.into_iter().collect();
-        order.sort_by_cached_key(|(owner, keys)| {
-            let frees = owner.is_none()
-                || plan_keys(&self.mirror, keys, &self.desired)
-                    .iter()
-                    .all(Op::is_delete);
-            !frees
-        });
+        order.sort_by_key(|(owner, _)| owner.is_some());
         let mut failed_full = Vec::new();
         for (owner, keys) in order {
             if let Err(failure) = self.program_group(owner.as_ref(), &keys, report) {
@@ -527,24 +520,14 @@ impl Reconciler {
     }
 }
 
-/// Whether two models want the same dataplane and report the same problems.
+/// Whether two models hold the same outputs and claims (so they want the same dataplane and
+/// report the same problems).
 fn same_desired(incremental: &Desired, fresh: &Desired) -> bool {
-    let (a, b) = (incremental.state(), fresh.state());
-    if a != b {
-        error!(
-            "the incremental model disagrees with the full recomputation ({} vs {} frontends); using the full one",
-            a.frontends.len(),
-            b.frontends.len()
-        );
-        return false;
+    let same = incremental == fresh;
+    if !same {
+        error!("the incremental model disagrees with the full recomputation; using the full one");
     }
-    if incremental.problems() != fresh.problems() {
-        error!(
-            "the incremental model's problems disagree with the full recomputation's; using the full one"
-        );
-        return false;
-    }
-    true
+    same
 }
 
 /// Rebuilds the mirror from the maps (restore on start).

@@ -3,9 +3,11 @@
 //! the model recomputes those and nothing else; a change that leaves an object as it was
 //! touches nothing.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
+
+use crate::hash::{FastMap, FastSet};
 
 use super::{
     input::{NodeInput, ObjectKey, ServiceInput, SliceInput},
@@ -23,7 +25,7 @@ pub enum Change {
 /// What applying changes touched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
-    pub services: BTreeSet<ServiceId>,
+    pub services: FastSet<ServiceId>,
     /// Services and EndpointSlices that changed (kube-proxy's change counters).
     pub service_changes: u64,
     pub slice_changes: u64,
@@ -47,11 +49,13 @@ impl Touched {
 /// The objects, by identity.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    services: HashMap<ServiceId, Arc<ServiceInput>>,
-    slices: HashMap<ObjectKey, Arc<SliceInput>>,
+    services: FastMap<ServiceId, Arc<ServiceInput>>,
+    slices: FastMap<ObjectKey, Arc<SliceInput>>,
     /// Slices by the Service their label names, in name order (a stable merge order).
-    slices_by_service: HashMap<ServiceId, BTreeSet<ObjectKey>>,
+    slices_by_service: FastMap<ServiceId, BTreeSet<ObjectKey>>,
     nodes: BTreeMap<String, Arc<NodeInput>>,
+    /// Slices without a `kubernetes.io/service-name` label (they serve nothing).
+    unlabelled: BTreeSet<ObjectKey>,
 }
 
 impl Cluster {
@@ -76,6 +80,11 @@ impl Cluster {
                 };
                 if old.as_deref() != object.as_deref() {
                     touched.slice_changes += 1;
+                    if object.as_ref().is_some_and(|o| o.service_name.is_none()) {
+                        self.unlabelled.insert(key.clone());
+                    } else {
+                        self.unlabelled.remove(&key);
+                    }
                     for service in [
                         old.and_then(|o| o.service()),
                         object.and_then(|o| o.service()),
@@ -101,7 +110,7 @@ impl Cluster {
 
     /// Files `key` under the Service its current version names, and under no other of
     /// `services` (the ones its old and new versions name).
-    fn reindex(&mut self, key: &ObjectKey, services: &BTreeSet<ServiceId>) {
+    fn reindex(&mut self, key: &ObjectKey, services: &FastSet<ServiceId>) {
         let current = self.slices.get(key).and_then(|slice| slice.service());
         for service in services {
             if current.as_ref() == Some(service) {
@@ -121,7 +130,7 @@ impl Cluster {
     /// Replaces every object of one kind (a complete list from the source), as the changes
     /// that turn the old set into the new one.
     pub fn replace_services(&mut self, objects: Vec<Arc<ServiceInput>>) -> Touched {
-        let mut wanted: HashMap<ServiceId, Arc<ServiceInput>> = objects
+        let mut wanted: FastMap<ServiceId, Arc<ServiceInput>> = objects
             .into_iter()
             .map(|object| (object.id.clone(), object))
             .collect();
@@ -143,7 +152,7 @@ impl Cluster {
 
     /// See [`Cluster::replace_services`].
     pub fn replace_slices(&mut self, objects: Vec<Arc<SliceInput>>) -> Touched {
-        let mut wanted: HashMap<ObjectKey, Arc<SliceInput>> = objects
+        let mut wanted: FastMap<ObjectKey, Arc<SliceInput>> = objects
             .into_iter()
             .map(|object| (object.key.clone(), object))
             .collect();
@@ -195,19 +204,16 @@ impl Cluster {
         self.nodes.get(name).map(AsRef::as_ref)
     }
 
-    /// Every Service, in name order.
-    pub fn service_ids(&self) -> Vec<ServiceId> {
-        let mut ids: Vec<ServiceId> = self.services.keys().cloned().collect();
-        ids.sort_unstable();
-        ids
+    /// Every Service (in no particular order: the model's result does not depend on it).
+    pub fn service_ids(&self) -> impl Iterator<Item = &ServiceId> {
+        self.services.keys()
     }
 
     /// Slices without a `kubernetes.io/service-name` label (they serve nothing).
     pub fn unlabelled_slices(&self) -> impl Iterator<Item = &SliceInput> {
-        self.slices
-            .values()
-            .filter(|slice| slice.service_name.is_none())
-            .map(AsRef::as_ref)
+        self.unlabelled
+            .iter()
+            .filter_map(|key| self.slices.get(key).map(AsRef::as_ref))
     }
 
     pub fn len(&self) -> (usize, usize) {
@@ -257,7 +263,7 @@ mod tests {
         ));
         assert_eq!(
             touched.services,
-            BTreeSet::from([ServiceId::new("shop", "web")])
+            FastSet::from_iter([ServiceId::new("shop", "web")])
         );
         assert_eq!(cluster.slices_of(&ServiceId::new("shop", "web")).len(), 1);
         let relabelled = cluster.apply(Change::Slice(
@@ -266,7 +272,7 @@ mod tests {
         ));
         assert_eq!(
             relabelled.services,
-            BTreeSet::from([ServiceId::new("shop", "api"), ServiceId::new("shop", "web")])
+            FastSet::from_iter([ServiceId::new("shop", "api"), ServiceId::new("shop", "web")])
         );
         assert!(cluster.slices_of(&ServiceId::new("shop", "web")).is_empty());
         assert_eq!(cluster.slices_of(&ServiceId::new("shop", "api")).len(), 1);
@@ -287,7 +293,7 @@ mod tests {
         let touched = cluster.replace_slices(vec![slice("s-1", Some("web"), "10.0.0.1")]);
         assert_eq!(
             touched.services,
-            BTreeSet::from([ServiceId::new("shop", "api")])
+            FastSet::from_iter([ServiceId::new("shop", "api")])
         );
         assert_eq!(touched.slice_changes, 1);
         assert!(cluster.slices_of(&ServiceId::new("shop", "api")).is_empty());

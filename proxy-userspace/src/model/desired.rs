@@ -3,7 +3,9 @@
 //! address two of them claim, which one gets a healthCheckNodePort two of them ask for — kept
 //! as claim tables that name their winner at once. Replacing one Service's output reports the
 //! frontend addresses whose winner or content may have changed; nothing else is looked at.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::hash::{FastMap, FastSet};
 
 use super::{
     DesiredState, Frontend, FrontendKey, HealthCheck, Scope,
@@ -36,7 +38,7 @@ pub struct Changed {
     pub keys: BTreeSet<FrontendKey>,
     /// Services whose problems may have changed (a changed Service and everyone it competes
     /// with for an address or a health-check port).
-    pub services: BTreeSet<ServiceId>,
+    pub services: FastSet<ServiceId>,
     /// The set of health checks changed.
     pub health_checks: bool,
 }
@@ -49,19 +51,63 @@ impl Changed {
     }
 }
 
-/// The desired state, incrementally maintained.
+/// The desired state, incrementally maintained. Two are equal when every Service's output and
+/// every claim queue are (everything else is derived from those).
 #[derive(Debug, Default)]
 pub struct Desired {
-    outputs: HashMap<ServiceId, ServiceOutput>,
-    claims: HashMap<FrontendKey, BTreeSet<Claim>>,
+    outputs: FastMap<ServiceId, ServiceOutput>,
+    claims: FastMap<FrontendKey, BTreeSet<Claim>>,
     health_claims: BTreeMap<u16, BTreeSet<ServiceId>>,
-    zone_dependents: HashSet<ServiceId>,
-    nodeport_dependents: HashSet<ServiceId>,
-    address_dependents: HashSet<ServiceId>,
-    no_local_endpoints: HashSet<ServiceId>,
+    zone_dependents: FastSet<ServiceId>,
+    nodeport_dependents: FastSet<ServiceId>,
+    address_dependents: FastSet<ServiceId>,
+    no_local_endpoints: FastSet<ServiceId>,
+}
+
+impl PartialEq for Desired {
+    fn eq(&self, other: &Self) -> bool {
+        self.outputs == other.outputs
+            && self.claims == other.claims
+            && self.health_claims == other.health_claims
+    }
 }
 
 impl Desired {
+    /// Adds the output of a Service not seen before (a full build: nothing to report).
+    pub fn insert(&mut self, id: &ServiceId, output: ServiceOutput) {
+        debug_assert!(!self.outputs.contains_key(id), "{id} inserted twice");
+        for (index, candidate) in output.candidates.iter().enumerate() {
+            self.claims.entry(candidate.key).or_default().insert(Claim {
+                kind: candidate.kind,
+                service: id.clone(),
+                index,
+            });
+        }
+        if let Some((port, _)) = &output.health_check {
+            self.health_claims
+                .entry(*port)
+                .or_default()
+                .insert(id.clone());
+        }
+        self.index(id, &output);
+        self.outputs.insert(id.clone(), output);
+    }
+
+    /// Files a Service under the node facts it depends on.
+    fn index(&mut self, id: &ServiceId, output: &ServiceOutput) {
+        let depends = output.depends;
+        for (wanted, set) in [
+            (depends.zone, &mut self.zone_dependents),
+            (depends.nodeport_addresses, &mut self.nodeport_dependents),
+            (depends.node_addresses, &mut self.address_dependents),
+            (output.no_local_endpoints, &mut self.no_local_endpoints),
+        ] {
+            if wanted {
+                set.insert(id.clone());
+            }
+        }
+    }
+
     /// Replaces one Service's output (`None`: the Service is gone or not ours).
     pub fn set(&mut self, id: &ServiceId, output: Option<ServiceOutput>) -> Changed {
         let mut changed = Changed::default();
@@ -122,17 +168,7 @@ impl Desired {
                 changed.services.extend(queue.iter().cloned());
                 changed.health_checks = true;
             }
-            let depends = output.depends;
-            for (wanted, set) in [
-                (depends.zone, &mut self.zone_dependents),
-                (depends.nodeport_addresses, &mut self.nodeport_dependents),
-                (depends.node_addresses, &mut self.address_dependents),
-                (output.no_local_endpoints, &mut self.no_local_endpoints),
-            ] {
-                if wanted {
-                    set.insert(id.clone());
-                }
-            }
+            self.index(id, &output);
             self.outputs.insert(id.clone(), output);
         }
         changed
@@ -212,6 +248,14 @@ impl Desired {
         };
         let mut problems: BTreeSet<Problem> = output.problems.iter().cloned().collect();
         for (index, candidate) in output.candidates.iter().enumerate() {
+            // Most addresses have one claimant: no need to look the winner up.
+            if self
+                .claims
+                .get(&candidate.key)
+                .is_none_or(|queue| queue.len() < 2)
+            {
+                continue;
+            }
             let claim = Claim {
                 kind: candidate.kind,
                 service: id.clone(),

@@ -300,9 +300,9 @@ pub fn cluster_of(snapshot: &ClusterSnapshot) -> cluster::Cluster {
 pub fn desired_of(cluster: &cluster::Cluster, config: &ModelConfig) -> desired::Desired {
     let mut desired = desired::Desired::default();
     for id in cluster.service_ids() {
-        let service = cluster.service(&id).expect("listed ids exist");
-        let output = service::service_output(service, &cluster.slices_of(&id), config);
-        desired.set(&id, Some(output));
+        let service = cluster.service(id).expect("listed ids exist");
+        let output = service::service_output(service, &cluster.slices_of(id), config);
+        desired.insert(id, output);
     }
     desired
 }
