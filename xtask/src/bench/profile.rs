@@ -38,6 +38,13 @@ pub struct Plan {
     /// A mode whose next programming is predicted (from the last two points) to exceed this
     /// is skipped at that scale, with a note.
     pub program_budget: Duration,
+    /// The control-plane phase's N (the agent fed by the test API server).
+    pub control_scale: Vec<usize>,
+    /// Endpoint changes per control-plane point, each to a different Service where N allows.
+    pub control_changes: usize,
+    /// A control-plane point predicted (from the smaller ones) to take longer than this is
+    /// skipped, with a note.
+    pub control_budget: Duration,
     pub out_dir: PathBuf,
     /// What the run is expected to take, printed at the start.
     pub expected: &'static str,
@@ -61,6 +68,9 @@ impl Plan {
                 warmup_connections: 10,
                 program_timeout: Duration::from_mins(1),
                 program_budget: Duration::from_mins(1),
+                control_scale: vec![10],
+                control_changes: 5,
+                control_budget: Duration::from_mins(1),
                 out_dir: root.join("bench-smoke"),
                 expected: "about 10 seconds",
             },
@@ -78,6 +88,9 @@ impl Plan {
                 warmup_connections: 300,
                 program_timeout: Duration::from_mins(4),
                 program_budget: Duration::from_mins(4),
+                control_scale: vec![100, 1_000, 10_000, 100_000],
+                control_changes: 50,
+                control_budget: Duration::from_mins(2),
                 out_dir: root.join("bench"),
                 expected: "about 6 to 9 minutes on 2 cores",
             },
@@ -95,6 +108,9 @@ impl Plan {
                 warmup_connections: 500,
                 program_timeout: Duration::from_mins(30),
                 program_budget: Duration::from_mins(20),
+                control_scale: vec![100, 1_000, 10_000, 30_000, 100_000],
+                control_changes: 100,
+                control_budget: Duration::from_mins(20),
                 out_dir: root.join("bench"),
                 expected: "40 to 90 minutes on 2 cores (nftables programming grows super-linearly \
                            and is skipped at a scale where it is predicted to exceed 20 minutes)",
@@ -114,9 +130,43 @@ fn frontends(services: usize) -> usize {
     services + super::services::node_port_count(services)
 }
 
+/// A quantity at `n` extrapolated from its values at smaller N (the last two points; the
+/// growth exponent between them, clamped to 1..2.5, is carried on; one point: linear).
+pub fn predict(history: &[(usize, f64)], n: usize) -> Option<f64> {
+    let &(n2, t2) = history.last()?;
+    #[allow(clippy::cast_precision_loss)] // service counts are small
+    let growth = n as f64 / n2 as f64;
+    let exponent = match history.len() {
+        0 | 1 => 1.0,
+        len => {
+            let (n1, t1) = history[len - 2];
+            #[allow(clippy::cast_precision_loss)]
+            let span = (n2 as f64 / n1 as f64).ln();
+            if t1 > 0.0 && span > 0.0 {
+                ((t2 / t1).ln() / span).clamp(1.0, 2.5)
+            } else {
+                1.0
+            }
+        }
+    };
+    Some(t2 * growth.powf(exponent))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extrapolates_from_the_last_two_points() {
+        assert_eq!(predict(&[], 10), None);
+        assert_eq!(predict(&[(100, 1.0)], 1_000), Some(10.0));
+        // Quadratic growth between the last two points is carried on.
+        let quadratic = predict(&[(1_000, 1.0), (10_000, 100.0)], 30_000).unwrap();
+        assert!((quadratic - 900.0).abs() < 1e-6);
+        // Flat (start-up dominated) history is taken as at least linear.
+        let flat = predict(&[(1, 0.01), (100, 0.01)], 1_000).unwrap();
+        assert!((flat - 0.1).abs() < 1e-9);
+    }
 
     #[test]
     fn endpoints_shrink_where_the_maps_would_overflow() {
