@@ -39,13 +39,15 @@ enum Task {
         agent_args: Vec<String>,
     },
     /// Benchmark against kube-proxy's iptables and nftables modes (root); writes
-    /// target/bench/report.{json,md}. Without flags: the full run (40 to 90 minutes).
+    /// target/bench/report.{json,md}. Without flags: the full run (40 to 90 minutes, plus the
+    /// control plane).
     Bench {
-        /// N up to 10 000, under 10 minutes on 2 cores.
+        /// Data plane N up to 10 000, control plane up to 100 000: under 10 minutes on 2 cores.
         #[arg(long, conflicts_with = "smoke")]
         quick: bool,
-        /// N = 10, a few connections per mode: checks that every mode measures (as in
-        /// `cargo xtask test`); writes target/bench-smoke/.
+        /// N = 10, a few connections per mode and 5 endpoint changes through the API server:
+        /// checks that every mode measures (as in `cargo xtask test`); writes
+        /// target/bench-smoke/.
         #[arg(long)]
         smoke: bool,
         /// Only the control-plane phase (the agent fed by the test API server): no lanes, no

@@ -103,6 +103,9 @@ struct Point {
     change_sync: Vec<Duration>,
     change_cpu: Vec<Duration>,
     event_to_maps: Vec<Duration>,
+    /// Per change, how long before the moment it was seen in the map the last read without it
+    /// began: the uncertainty of its event → maps value.
+    read_gap: Vec<Duration>,
     /// Changes whose watch event the server never sent (the agent relisted instead).
     unsent: usize,
     memory: Option<AgentMemory>,
@@ -304,7 +307,7 @@ fn measure(plan: &Plan, progress: &Progress, set: &ServiceSet, point: &mut Point
         log.new_syncs()?;
         let before = CpuSample::read(pid).context("reading the agent's CPU time")?;
         let rv = feed.set_endpoints(index, &endpoints);
-        let visible = wait_visible(&mut agent.0, &pinned, ServiceSet::vip(index), &expected)
+        let (visible, gap) = wait_visible(&mut agent.0, &pinned, ServiceSet::vip(index), &expected)
             .with_context(|| {
                 format!("change {} of {} (svc-{index})", i + 1, plan.control_changes)
             })?;
@@ -315,6 +318,7 @@ fn measure(plan: &Plan, progress: &Progress, set: &ServiceSet, point: &mut Point
         let later: Duration = log.new_syncs()?.iter().map(|s| s.elapsed).sum();
         point.change_sync.push(sync + later);
         point.change_cpu.push(idle.since(&before));
+        point.read_gap.push(gap);
         match feed.event_sent_at(rv) {
             Some(emitted) => point
                 .event_to_maps
@@ -392,20 +396,25 @@ fn verify_all(pinned: &PinnedServices, set: &ServiceSet) -> Result<()> {
     Ok(())
 }
 
-/// Polls the pinned services map until `vip` resolves to `expected`; returns the moment it
-/// was first seen so (at most one poll interval, plus one read, after it happened).
+/// Polls the pinned services map until `vip` resolves to `expected`. Returns the moment it was
+/// first seen so, and how long before that the last read that did not see it began (the
+/// change happened in between).
 fn wait_visible(
     agent: &mut Agent,
     pinned: &PinnedServices,
     vip: Ipv4Addr,
     expected: &[Ipv4Addr],
-) -> Result<Instant> {
+) -> Result<(Instant, Duration)> {
     let deadline = Instant::now() + UPDATE_TIMEOUT;
+    let mut previous_read: Option<Instant> = None;
     for poll in 0_u64.. {
+        let read = Instant::now();
         if pinned.backends(vip, SERVICE_PORT)?.as_deref() == Some(expected) {
-            return Ok(Instant::now());
+            let seen = Instant::now();
+            return Ok((seen, seen - previous_read.unwrap_or(read)));
         }
-        if Instant::now() >= deadline {
+        previous_read = Some(read);
+        if read >= deadline {
             bail!("{vip} did not resolve to {expected:?} within {UPDATE_TIMEOUT:?}");
         }
         if poll % 1_000 == 0 {
@@ -461,7 +470,8 @@ pub fn method(plan: &Plan) -> Vec<String> {
              watch event to the agent's connection to the moment the bench process reads the \
              Service's new backend set in the pinned services map, resolved as the socket hook \
              does (master entry, slots, backends); the map is read every {} µs, so a value is \
-             late by at most one interval plus one read (well under 1 ms). It includes the \
+             late by at most the gap between two reads (that interval, one read and the \
+             scheduler's wake-up delay; printed per point as the map read gap). It includes the \
              agent's own event handling (kube-rs, the source's coalescing) and the sync. \
              p50/p99 over the changes.",
             POLL_INTERVAL.as_micros()
@@ -486,7 +496,7 @@ fn say_point(progress: &Progress, n: usize, point: &Point) {
         .collect();
     progress.say(&format!(
         "N={n}: {}: {} changes: sync p50 {} / p99 {} ms, CPU {} ms per change, event → maps \
-         p50 {} / p99 {} ms, peak RSS {}",
+         p50 {} / p99 {} ms (map read gap p50 {} / p99 {} ms), peak RSS {}",
         Mode::SwitchyardApi,
         point.change_sync.len(),
         ms(&point.change_sync, 50.0),
@@ -494,6 +504,8 @@ fn say_point(progress: &Progress, n: usize, point: &Point) {
         stats::mean(&cpu).map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}")),
         ms(&point.event_to_maps, 50.0),
         ms(&point.event_to_maps, 99.0),
+        ms(&point.read_gap, 50.0),
+        ms(&point.read_gap, 99.0),
         point.memory.map_or_else(
             || "n/a".to_owned(),
             |m| format!("{:.0} MiB", m.peak_rss_mib)

@@ -10,11 +10,12 @@ const MAP_SLOTS: usize = 262_144;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// N = 10, a few connections, every mode: checks the harness (run by `cargo xtask test`).
+    /// N = 10, a few connections and changes, every mode and the API server path: checks the
+    /// harness (run by `cargo xtask test`).
     Smoke,
-    /// N up to 10 000, under 10 minutes on 2 cores.
+    /// Data plane N up to 10 000, control plane up to 100 000: under 10 minutes on 2 cores.
     Quick,
-    /// N up to 100 000 where time allows.
+    /// N up to 100 000 for both phases, where time allows.
     Full,
 }
 
@@ -72,7 +73,7 @@ impl Plan {
                 control_changes: 5,
                 control_budget: Duration::from_mins(1),
                 out_dir: root.join("bench-smoke"),
-                expected: "about 10 seconds",
+                expected: "about 20 seconds",
             },
             Profile::Quick => Self {
                 scale: vec![1, 100, 1_000, 10_000],
@@ -92,7 +93,7 @@ impl Plan {
                 control_changes: 50,
                 control_budget: Duration::from_mins(2),
                 out_dir: root.join("bench"),
-                expected: "about 6 to 9 minutes on 2 cores",
+                expected: "about 8 to 10 minutes on 2 cores, the control plane 1 to 2 of them",
             },
             Profile::Full => Self {
                 scale: vec![1, 100, 1_000, 10_000, 30_000, 100_000],
@@ -112,8 +113,10 @@ impl Plan {
                 control_changes: 100,
                 control_budget: Duration::from_mins(20),
                 out_dir: root.join("bench"),
-                expected: "40 to 90 minutes on 2 cores (nftables programming grows super-linearly \
-                           and is skipped at a scale where it is predicted to exceed 20 minutes)",
+                expected: "40 to 90 minutes on 2 cores for the data plane (nftables programming \
+                           grows super-linearly and is skipped at a scale where it is predicted \
+                           to exceed 20 minutes), then the control plane: a few minutes with an \
+                           incremental agent, up to 20 minutes per point otherwise",
             },
         }
     }
