@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::Scope;
-use super::profile::Profile;
+use super::profile::{Profile, Scope};
 use super::tools;
 
 fn first_field(path: &str, key: &str) -> Option<String> {

@@ -33,21 +33,12 @@ use anyhow::{Context, Result, bail};
 use lanes::Lane;
 use loadgen::{Load, Summary};
 use modes::{Dataplane, Mode};
-pub use profile::Profile;
 use profile::{Plan, predict};
+pub use profile::{Profile, Scope};
 use progress::{Progress, check_stop};
 use record::{Metric, Record};
 use report::Report;
 use services::ServiceSet;
-
-/// Which phases a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// The data-plane scale points (every mode's lane), then the control-plane phase.
-    All,
-    /// Only the control-plane phase (the agent fed by the test API server).
-    ControlPlane,
-}
 
 pub fn run(profile: Profile, scope: Scope) -> Result<()> {
     if !switchyard_tests::is_root() {

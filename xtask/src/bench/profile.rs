@@ -19,6 +19,15 @@ pub enum Profile {
     Full,
 }
 
+/// Which phases a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The data-plane scale points (every mode's lane), then the control-plane phase.
+    All,
+    /// Only the control-plane phase (the agent fed by the test API server).
+    ControlPlane,
+}
+
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub scale: Vec<usize>,
