@@ -26,7 +26,7 @@ mod selector;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -263,6 +263,25 @@ impl ApiServer {
     /// `creationTimestamp` across updates, and emits ADDED or MODIFIED. Returns the new
     /// resourceVersion.
     pub fn apply<K: ApiObject>(&self, object: &K) -> u64 {
+        self.apply_inner(object, false)
+    }
+
+    /// Like [`Self::apply`], and notes when a watch stream first sends the resulting event:
+    /// [`Self::event_sent_at`] tells. For measuring how fast a client follows a change (the
+    /// benchmark's API event → maps written).
+    pub fn apply_traced<K: ApiObject>(&self, object: &K) -> u64 {
+        self.apply_inner(object, true)
+    }
+
+    /// When a watch stream first handed the event of resourceVersion `rv`, a change made with
+    /// [`Self::apply_traced`], to its HTTP connection (serialized, right before the write).
+    /// `None` while no watch has sent it (none open, or the watcher was closed as too slow).
+    /// The last [`TRACE_LIMIT`] traced changes are kept.
+    pub fn event_sent_at(&self, rv: u64) -> Option<Instant> {
+        self.shared.lock().traced.get(&rv).copied().flatten()
+    }
+
+    fn apply_inner<K: ApiObject>(&self, object: &K, traced: bool) -> u64 {
         let kind = K::API_KIND;
         let meta = object.metadata();
         let name = meta
@@ -324,6 +343,10 @@ impl ApiServer {
         } else {
             ChangeType::Added
         };
+        if traced {
+            // Before the event is queued to any watch, so no stream can send it untraced.
+            self.shared.trace(&mut state, rv);
+        }
         state.record(Change {
             rv,
             kind,
@@ -528,16 +551,22 @@ fn with_resource_version(object: &Value, rv: u64) -> Value {
     object
 }
 
+/// How many traced changes [`ApiServer::event_sent_at`] remembers.
+pub const TRACE_LIMIT: usize = 10_000;
+
 /// State shared by the test's controls and the server's tasks.
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    /// Traced changes whose event no watch has sent yet: while 0, streams skip the lookup.
+    traces_pending: AtomicUsize,
 }
 
 impl Shared {
     fn new(config: &ApiServerConfig) -> Self {
         let rv = config.initial_resource_version;
         Self {
+            traces_pending: AtomicUsize::new(0),
             state: Mutex::new(State {
                 rv,
                 objects: BTreeMap::new(),
@@ -557,7 +586,39 @@ impl Shared {
                 counters: [Counters::default(); 3],
                 slow_watchers_closed: 0,
                 request_log: VecDeque::new(),
+                traced: BTreeMap::new(),
             }),
+        }
+    }
+
+    /// Starts tracing the change at `rv` (the caller holds the lock).
+    fn trace(&self, state: &mut State, rv: u64) {
+        state.traced.insert(rv, None);
+        self.traces_pending.fetch_add(1, Ordering::SeqCst);
+        while state.traced.len() > TRACE_LIMIT {
+            if let Some((_, None)) = state.traced.pop_first() {
+                self.traces_pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Called by a watch stream as it hands `object`'s event to its connection: the first
+    /// sending of a traced change is noted.
+    fn note_sent(&self, object: &Value) {
+        if self.traces_pending.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let Some(rv) = object["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|rv| rv.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let mut state = self.lock();
+        if let Some(sent @ None) = state.traced.get_mut(&rv) {
+            *sent = Some(now);
+            self.traces_pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -675,6 +736,8 @@ struct State {
     counters: [Counters; 3],
     slow_watchers_closed: u64,
     request_log: VecDeque<String>,
+    /// Changes made with `apply_traced`, by resourceVersion: when a watch first sent them.
+    traced: BTreeMap<u64, Option<Instant>>,
 }
 
 impl State {

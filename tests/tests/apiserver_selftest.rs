@@ -486,6 +486,59 @@ async fn lists_are_paginated_from_a_consistent_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traced_changes_note_when_their_watch_event_is_sent() {
+    bounded(async {
+        let server = ApiServer::start().unwrap();
+        // Nothing watches yet: a traced change has not been sent.
+        let early = server.apply_traced(&service("default", "early", &[], 80));
+        assert_eq!(server.event_sent_at(early), None);
+        let api: Api<Service> = Api::all(client(&server).await);
+        let log = record(watcher(api, watcher::Config::default()));
+        eventually("the watch", || server.open_watches(Kind::Service) == 1).await;
+        // It came with the initial list, not as a watch event: still unsent.
+        assert_eq!(server.event_sent_at(early), None);
+
+        let before = Instant::now();
+        let traced = server.apply_traced(&service("default", "a", &[], 80));
+        eventually("the traced event", || {
+            lines(&log).contains(&format!("apply default/a@{traced}"))
+        })
+        .await;
+        let received = Instant::now();
+        let sent = server.event_sent_at(traced).expect("the event was sent");
+        assert!(
+            before <= sent && sent <= received,
+            "{before:?} {sent:?} {received:?}"
+        );
+        // Noted once: the first sending.
+        assert_eq!(server.event_sent_at(traced), Some(sent));
+        let untraced = server.apply(&service("default", "b", &[], 80));
+        eventually("the untraced event", || {
+            lines(&log).contains(&format!("apply default/b@{untraced}"))
+        })
+        .await;
+        assert_eq!(server.event_sent_at(untraced), None);
+
+        // A change made while the watch is cut is sent when the client re-watches from its
+        // resourceVersion: that replay is the sending.
+        server.set_outage(true);
+        let missed = server.apply_traced(&service("default", "c", &[], 80));
+        assert_eq!(server.event_sent_at(missed), None);
+        server.set_outage(false);
+        eventually("the replayed event", || {
+            lines(&log).contains(&format!("apply default/c@{missed}"))
+        })
+        .await;
+        assert!(
+            server
+                .event_sent_at(missed)
+                .is_some_and(|sent| sent > received)
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_rewatches_without_relisting_after_dropped_or_ended_watches() {
     bounded(async {
         let server = ApiServer::start().unwrap();

@@ -39,15 +39,21 @@ enum Task {
         agent_args: Vec<String>,
     },
     /// Benchmark against kube-proxy's iptables and nftables modes (root); writes
-    /// target/bench/report.{json,md}. Without flags: the full run (40 to 90 minutes).
+    /// target/bench/report.{json,md}. Without flags: the full run (40 to 90 minutes, plus the
+    /// control plane).
     Bench {
-        /// N up to 10 000, under 10 minutes on 2 cores.
+        /// Data plane N up to 10 000, control plane up to 100 000: under 10 minutes on 2 cores.
         #[arg(long, conflicts_with = "smoke")]
         quick: bool,
-        /// N = 10, a few connections per mode: checks that every mode measures (as in
-        /// `cargo xtask test`); writes target/bench-smoke/.
+        /// N = 10, a few connections per mode and 5 endpoint changes through the API server:
+        /// checks that every mode measures (as in `cargo xtask test`); writes
+        /// target/bench-smoke/.
         #[arg(long)]
         smoke: bool,
+        /// Only the control-plane phase (the agent fed by the test API server): no lanes, no
+        /// kube-proxy modes.
+        #[arg(long)]
+        control_plane_only: bool,
     },
 }
 
@@ -155,7 +161,7 @@ fn test(cargo_args: &[String]) -> Result<()> {
     run(cargo(&args).env("SWITCHYARD_BIN", switchyard_binary()))?;
     // A tiny run of the benchmark so that it never rots; it judges completeness, not timings.
     if nix_is_root() {
-        bench::run(bench::Profile::Smoke)
+        bench::run(bench::Profile::Smoke, bench::Scope::All)
     } else {
         println!("xtask: not running as root: skipping the bench smoke");
         Ok(())
@@ -182,13 +188,24 @@ fn main() -> Result<()> {
             lint()
         }
         Task::Test { cargo_args } => test(&cargo_args),
-        Task::Bench { quick, smoke } => {
+        Task::Bench {
+            quick,
+            smoke,
+            control_plane_only,
+        } => {
             build()?;
-            bench::run(match (quick, smoke) {
-                (_, true) => bench::Profile::Smoke,
-                (true, false) => bench::Profile::Quick,
-                (false, false) => bench::Profile::Full,
-            })
+            bench::run(
+                match (quick, smoke) {
+                    (_, true) => bench::Profile::Smoke,
+                    (true, false) => bench::Profile::Quick,
+                    (false, false) => bench::Profile::Full,
+                },
+                if control_plane_only {
+                    bench::Scope::ControlPlane
+                } else {
+                    bench::Scope::All
+                },
+            )
         }
         Task::Run { agent_args } => {
             build()?;

@@ -438,6 +438,7 @@ fn watch(shared: &Arc<Shared>, kind: Kind, filter: Filter, query: &Query) -> Res
     });
     drop(state);
     stream_response(WatchStream {
+        shared: Arc::clone(shared),
         kind,
         prefix,
         live,
@@ -509,7 +510,7 @@ fn watch_start(
 fn stream_response(stream: WatchStream) -> Response<Body> {
     let body = futures_util::stream::unfold(stream, |mut stream| async move {
         if let Some(frame) = stream.prefix.pop_front() {
-            return Some((Ok(encode(stream.kind, &frame)), stream));
+            return Some((Ok(stream.send(&frame)), stream));
         }
         let deadline = stream.deadline;
         let live = stream.live.as_mut()?;
@@ -524,7 +525,7 @@ fn stream_response(stream: WatchStream) -> Response<Body> {
             return Some((Err(cut), stream));
         }
         let frame = next?;
-        Some((Ok(encode(stream.kind, &frame)), stream))
+        Some((Ok(stream.send(&frame)), stream))
     });
     let mut response = Response::new(StreamBody::new(body).boxed_unsync());
     response
@@ -534,10 +535,22 @@ fn stream_response(stream: WatchStream) -> Response<Body> {
 }
 
 struct WatchStream {
+    shared: Arc<Shared>,
     kind: Kind,
     prefix: VecDeque<Frame>,
     live: Option<Live>,
     deadline: tokio::time::Instant,
+}
+
+impl WatchStream {
+    /// Encodes `frame` for the connection, noting when a traced event leaves.
+    fn send(&self, frame: &Frame) -> hyper::body::Frame<Bytes> {
+        let encoded = encode(self.kind, frame);
+        if let Frame::Event { object, .. } = frame {
+            self.shared.note_sent(object);
+        }
+        encoded
+    }
 }
 
 struct Live {

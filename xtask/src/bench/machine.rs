@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::profile::Profile;
+use super::profile::{Profile, Scope};
 use super::tools;
 
 fn first_field(path: &str, key: &str) -> Option<String> {
@@ -26,13 +26,17 @@ fn command_line(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-pub fn facts(profile: Profile, duration: Duration) -> Value {
+pub fn facts(profile: Profile, scope: Scope, duration: Duration) -> Value {
     let memory_gib = first_field("/proc/meminfo", "MemTotal")
         .and_then(|kib| kib.trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0);
     json!({
         "date": command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "profile": format!("{profile:?}").to_lowercase(),
+        "phases": match scope {
+            Scope::All => "data plane and control plane",
+            Scope::ControlPlane => "control plane only",
+        },
         "duration_s": duration.as_secs(),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
         "cpu_model": first_field("/proc/cpuinfo", "model name"),

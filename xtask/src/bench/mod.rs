@@ -1,82 +1,83 @@
 //! `cargo xtask bench`: Switchyard side by side with kube-proxy's iptables (nft and legacy
 //! backends) and nftables modes, on this machine, in one run, written to
-//! `target/bench/report.{json,md}` with SVG plots. This module runs the scale points and turns
-//! the measurements into records; the other modules build the lanes, rules, load and report.
+//! `target/bench/report.{json,md}` with SVG plots. This module runs the data-plane scale points
+//! (one lane per mode) and then the control-plane phase (the agent fed by the test API server,
+//! `control`), and turns the measurements into records; the other modules build the lanes,
+//! rules, load and report.
 
+mod agent_usage;
+mod api_feed;
+mod control;
 mod kube_iptables;
 mod kube_nftables;
 mod lanes;
 mod loadgen;
 mod machine;
 mod modes;
+mod pinned_maps;
 mod plot;
 mod profile;
+mod progress;
+mod record;
 mod report;
 mod services;
 mod stats;
+mod sync_log;
 mod tools;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use lanes::Lane;
 use loadgen::{Load, Summary};
 use modes::{Dataplane, Mode};
-use profile::Plan;
-pub use profile::Profile;
-use report::{Metric, Record, Report};
+use profile::{Plan, predict};
+pub use profile::{Profile, Scope};
+use progress::{Progress, check_stop};
+use record::{Metric, Record};
+use report::Report;
 use services::ServiceSet;
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Progress lines with the time since the start.
-struct Progress(Instant);
-
-impl Progress {
-    fn say(&self, message: &str) {
-        let secs = self.0.elapsed().as_secs();
-        println!("[{:>2}:{:02}] {message}", secs / 60, secs % 60);
-        let _ = std::io::stdout().flush();
-    }
-}
-
-pub fn run(profile: Profile) -> Result<()> {
+pub fn run(profile: Profile, scope: Scope) -> Result<()> {
     if !switchyard_tests::is_root() {
         bail!("the benchmark creates network namespaces and loads BPF programs: run it as root");
     }
-    tools::ensure()?;
+    if scope == Scope::All {
+        tools::ensure()?;
+    }
     // Ctrl-C also reaches the children (same process group); this process then unwinds
     // through its guards, which remove namespaces, cgroup, pins and mounts.
-    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+    progress::stop_on_ctrl_c();
     let plan = Plan::new(profile);
-    let progress = Progress(Instant::now());
+    let progress = Progress::start();
     progress.say(&format!(
-        "bench {}: N = {:?}, up to {} endpoints per service; expected duration: {}",
+        "bench {}: data plane N = {}, up to {} endpoints per service; control plane N = {:?}; \
+         expected duration: {}",
         format!("{profile:?}").to_lowercase(),
-        plan.scale,
+        if scope == Scope::All {
+            format!("{:?}", plan.scale)
+        } else {
+            "skipped".to_owned()
+        },
         plan.max_endpoints,
+        plan.control_scale,
         plan.expected
     ));
-    let mut bench = Bench::new(&plan, &progress)?;
     let mut records = Vec::new();
-    for &n in &plan.scale {
-        check_stop()?;
-        records.extend(bench.scale_point(n)?);
+    if scope == Scope::All {
+        let mut bench = Bench::new(&plan, &progress)?;
+        for &n in &plan.scale {
+            check_stop()?;
+            records.extend(bench.scale_point(n)?);
+        }
+        // The lanes go before the control plane is measured: nothing else runs meanwhile.
+        drop(bench);
     }
-    drop(bench);
+    records.extend(control::run(&plan, &progress)?);
     let report = Report {
-        machine: machine::facts(profile, progress.0.elapsed()),
+        machine: machine::facts(profile, scope, progress.started().elapsed()),
         records,
     };
     report.write(&plan.out_dir, &method(&plan))?;
@@ -120,15 +121,11 @@ fn check_complete(report: &Report) -> Result<()> {
 
 /// Whether `record` must have a value.
 fn expected(record: &Record) -> bool {
-    let Some(mode) = Mode::ALL.into_iter().find(|m| m.name() == record.mode) else {
-        return false;
-    };
-    let control = [Metric::ProgramAll.name(), Metric::UpdateOne.name()];
-    let agent = [Metric::AgentRss.name(), Metric::MapMemory.name()];
-    if mode == Mode::Direct && control.contains(&record.metric) {
-        return false;
-    }
-    !agent.contains(&record.metric) || mode.is_switchyard()
+    Mode::ALL.into_iter().any(|mode| {
+        Metric::ALL
+            .into_iter()
+            .any(|metric| record.is(mode, metric) && metric.expected_for(mode))
+    })
 }
 
 /// A mode's lane and data plane, and what the run learnt about it so far.
@@ -160,27 +157,6 @@ impl Entry {
     }
 }
 
-/// Programming time at `n` extrapolated from the last two points (exponent clamped to 1..2.5).
-fn predict(history: &[(usize, f64)], n: usize) -> Option<f64> {
-    let &(n2, t2) = history.last()?;
-    #[allow(clippy::cast_precision_loss)] // service counts are small
-    let growth = n as f64 / n2 as f64;
-    let exponent = match history.len() {
-        0 | 1 => 1.0,
-        len => {
-            let (n1, t1) = history[len - 2];
-            #[allow(clippy::cast_precision_loss)]
-            let span = (n2 as f64 / n1 as f64).ln();
-            if t1 > 0.0 && span > 0.0 {
-                ((t2 / t1).ln() / span).clamp(1.0, 2.5)
-            } else {
-                1.0
-            }
-        }
-    };
-    Some(t2 * growth.powf(exponent))
-}
-
 struct Bench<'a> {
     plan: &'a Plan,
     progress: &'a Progress,
@@ -194,7 +170,7 @@ type Reps = BTreeMap<Mode, Vec<Option<Summary>>>;
 impl<'a> Bench<'a> {
     fn new(plan: &'a Plan, progress: &'a Progress) -> Result<Self> {
         let mut entries = Vec::new();
-        for mode in Mode::ALL {
+        for mode in Mode::LANES {
             check_stop()?;
             progress.say(&format!(
                 "creating the {mode} lane (client, node, {} backends)",
@@ -267,6 +243,25 @@ impl<'a> Bench<'a> {
                 Ok(None) => {}
                 Err(error) => {
                     notes.insert(entry.mode, format!("endpoint update failed: {error:#}"));
+                }
+            }
+            let costs = entry.plane.sync_costs();
+            for (metric, value) in [
+                (
+                    Metric::ProgramSync,
+                    costs.program_sync.map(|d| d.as_secs_f64()),
+                ),
+                (
+                    Metric::ChangeSync,
+                    costs.change_sync.map(|d| d.as_secs_f64() * 1e3),
+                ),
+                (
+                    Metric::ChangeCpu,
+                    costs.change_cpu.map(|d| d.as_secs_f64() * 1e3),
+                ),
+            ] {
+                if let Some(value) = value {
+                    control.insert((entry.mode, metric), value);
                 }
             }
             if let Some(usage) = entry.plane.agent_memory() {
@@ -476,8 +471,8 @@ struct Results {
 impl Results {
     fn records(&self) -> Vec<Record> {
         let mut records = Vec::new();
-        for mode in Mode::ALL {
-            for metric in Metric::ALL {
+        for mode in Mode::LANES {
+            for metric in Metric::ALL.into_iter().filter(|m| m.applies_to(mode)) {
                 let mut record = Record::new(mode, self.n, self.m, metric);
                 match metric {
                     Metric::ConnectLatency => self.latency_record(mode, &mut record),
@@ -487,7 +482,12 @@ impl Results {
                     Metric::Throughput => {
                         Self::rate_record(mode, &self.throughput, |s| s.gbps, &mut record);
                     }
-                    Metric::ProgramAll | Metric::UpdateOne => {
+                    Metric::ProgramAll
+                    | Metric::UpdateOne
+                    | Metric::ProgramSync
+                    | Metric::ChangeSync
+                    | Metric::ChangeCpu
+                    | Metric::EventToMaps => {
                         record.value = self.control.get(&(mode, metric)).copied();
                         record.reps = usize::from(record.value.is_some());
                     }
@@ -667,51 +667,46 @@ fn method(plan: &Plan) -> Vec<String> {
             lines.push(format!("Control plane, {mode}: {note}."));
         }
     }
+    lines.extend(control::method(plan));
     lines
 }
 
 fn print_headline(report: &Report) {
-    let Some(largest) = report.records.iter().map(|r| r.services).max() else {
-        return;
-    };
-    println!("\nheadline at N = {largest}:");
-    for mode in Mode::ALL {
-        let get = |metric: Metric| {
-            report.records.iter().find(|r| {
-                r.mode == mode.name() && r.services == largest && r.metric == metric.name()
-            })
-        };
-        let latency = get(Metric::ConnectLatency);
-        let program = get(Metric::ProgramAll).and_then(|r| r.value);
-        println!(
-            "  {:<18} latency {:>9}  ×direct {:>5}  program {:>9}",
-            mode.name(),
-            latency
-                .and_then(|r| r.value)
-                .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1} µs")),
-            latency
-                .and_then(|r| r.ratio_to_direct)
-                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
-            program.map_or_else(|| "n/a".to_owned(), |s| format!("{s:.3} s")),
-        );
+    let lanes = report
+        .records
+        .iter()
+        .filter(|r| r.metric == Metric::ConnectLatency.name());
+    if let Some(largest) = lanes.map(|r| r.services).max() {
+        println!("\nheadline at N = {largest}:");
+        for mode in Mode::LANES {
+            let get = |metric: Metric| {
+                report
+                    .records
+                    .iter()
+                    .find(|r| r.is(mode, metric) && r.services == largest)
+            };
+            let latency = get(Metric::ConnectLatency);
+            let program = get(Metric::ProgramAll).and_then(|r| r.value);
+            println!(
+                "  {:<18} latency {:>9}  ×direct {:>5}  program {:>9}",
+                mode.name(),
+                latency
+                    .and_then(|r| r.value)
+                    .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1} µs")),
+                latency
+                    .and_then(|r| r.ratio_to_direct)
+                    .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
+                program.map_or_else(|| "n/a".to_owned(), |s| format!("{s:.3} s")),
+            );
+        }
     }
+    println!("\ncontrol plane (legend in report.md):");
+    print!("{}", report.control_plane_text());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extrapolates_programming_time() {
-        assert_eq!(predict(&[], 10), None);
-        assert_eq!(predict(&[(100, 1.0)], 1_000), Some(10.0));
-        // Quadratic growth between the last two points is carried on.
-        let quadratic = predict(&[(1_000, 1.0), (10_000, 100.0)], 30_000).unwrap();
-        assert!((quadratic - 900.0).abs() < 1e-6);
-        // Flat (process start-up dominated) history is taken as at least linear.
-        let flat = predict(&[(1, 0.01), (100, 0.01)], 1_000).unwrap();
-        assert!((flat - 0.1).abs() < 1e-9);
-    }
 
     #[test]
     fn only_applicable_records_are_required_in_the_smoke() {
@@ -726,5 +721,8 @@ mod tests {
             Metric::ConnectLatency
         )));
         assert!(expected(&record(Mode::SwitchyardTc, Metric::AgentRss)));
+        assert!(expected(&record(Mode::SwitchyardApi, Metric::EventToMaps)));
+        assert!(expected(&record(Mode::SwitchyardSocket, Metric::ChangeCpu)));
+        assert!(!expected(&record(Mode::Nftables, Metric::ChangeSync)));
     }
 }

@@ -19,12 +19,18 @@ use switchyard_tests::netns::Topology;
 use switchyard_tests::process::{run_bounded, run_checked, wait_until};
 use switchyard_tests::tempdir::TempDir;
 
+use super::agent_usage::{self, CpuSample};
 use super::lanes::Lane;
 use super::services::{BACKEND_PORT, PORT_NAME, SERVICE_PORT, ServiceSet};
+use super::sync_log::LogTail;
 use super::{kube_iptables, kube_nftables};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_mins(1);
-const UPDATE_TIMEOUT: Duration = Duration::from_mins(2);
+pub const UPDATE_TIMEOUT: Duration = Duration::from_mins(2);
+/// How the agent's return to idle after a change is detected: its CPU time no longer grows
+/// over one step (bounded by the maximum).
+pub const IDLE_STEP: Duration = Duration::from_millis(10);
+pub const IDLE_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
@@ -38,10 +44,24 @@ pub enum Mode {
     /// NodePort (externalTrafficPolicy Cluster) from a client outside the node, through
     /// Switchyard's TC program on the node's interfaces: conntrack, DNAT and masquerade.
     SwitchyardTc,
+    /// The agent fed by the test API server (`--kubeconfig`, the production path): control
+    /// plane only. Its maps and hooks are switchyard-socket's, so it has no lane of its own.
+    SwitchyardApi,
 }
 
 impl Mode {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
+        Self::Direct,
+        Self::IptablesNft,
+        Self::IptablesLegacy,
+        Self::Nftables,
+        Self::SwitchyardSocket,
+        Self::SwitchyardTc,
+        Self::SwitchyardApi,
+    ];
+
+    /// The modes measured in lanes at the data-plane scale points.
+    pub const LANES: [Self; 6] = [
         Self::Direct,
         Self::IptablesNft,
         Self::IptablesLegacy,
@@ -58,6 +78,7 @@ impl Mode {
             Self::Nftables => "nftables",
             Self::SwitchyardSocket => "switchyard-socket",
             Self::SwitchyardTc => "switchyard-tc",
+            Self::SwitchyardApi => "switchyard-api",
         }
     }
 
@@ -82,19 +103,31 @@ impl Mode {
                 "program: from starting the agent on the manifests file (load and attach the \
                  programs, parse, plan, write the maps) to its `dataplane synced` log line; \
                  update: from rewriting the file to the next `dataplane synced` line (includes \
-                 the file source's poll of up to 200 ms and re-parsing the whole file)",
+                 the file source's poll of up to 200 ms and re-parsing the whole file); the \
+                 agent-side durations are the `elapsed` of those lines, the CPU time is the \
+                 agent's from rewriting the file until it is idle again after the sync",
+            ),
+            Self::SwitchyardApi => Some(
+                "the agent follows the test API server (`--kubeconfig`, kube-rs list/watch over \
+                 the node namespace's loopback), see the control-plane method",
             ),
             Self::Direct => None,
         }
     }
 
     pub fn is_switchyard(self) -> bool {
-        matches!(self, Self::SwitchyardSocket | Self::SwitchyardTc)
+        matches!(
+            self,
+            Self::SwitchyardSocket | Self::SwitchyardTc | Self::SwitchyardApi
+        )
     }
 
     /// Builds the mode's data plane for `lane`.
     pub fn dataplane(self, lane: &Lane) -> Result<Box<dyn Dataplane>> {
         Ok(match self {
+            Self::SwitchyardApi => {
+                bail!("{self} is measured in the control-plane phase and has no lane")
+            }
             Self::Direct => Box::new(Direct),
             Self::IptablesNft | Self::IptablesLegacy | Self::Nftables => {
                 Box::new(Netfilter::new(self)?)
@@ -120,6 +153,26 @@ pub struct AgentMemory {
     pub peak_rss_mib: f64,
     /// Sum of the `memlock` of every BPF map the agent holds, MiB (None if none was found).
     pub maps_mib: Option<f64>,
+}
+
+impl AgentMemory {
+    pub fn of(pid: u32) -> Option<Self> {
+        Some(Self {
+            peak_rss_mib: agent_usage::peak_rss_mib(pid)?,
+            maps_mib: agent_usage::bpf_map_mib(pid),
+        })
+    }
+}
+
+/// The agent's own account of its last program-everything and endpoint change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncCosts {
+    /// `elapsed` of the sync that programmed everything from empty.
+    pub program_sync: Option<Duration>,
+    /// `elapsed` of the sync(s) that applied the endpoint change.
+    pub change_sync: Option<Duration>,
+    /// Agent CPU time from the change until it was idle again.
+    pub change_cpu: Option<Duration>,
 }
 
 pub trait Dataplane {
@@ -150,6 +203,9 @@ pub trait Dataplane {
     }
     fn agent_memory(&self) -> Option<AgentMemory> {
         None
+    }
+    fn sync_costs(&self) -> SyncCosts {
+        SyncCosts::default()
     }
 }
 
@@ -310,7 +366,8 @@ struct Switchyard {
     manifests: TempDir,
     cgroup: TestCgroup,
     bpffs: PrivateBpffs,
-    last_sync_ms: Option<u64>,
+    log: Option<LogTail>,
+    costs: SyncCosts,
 }
 
 impl Switchyard {
@@ -321,7 +378,8 @@ impl Switchyard {
             manifests: TempDir::new()?,
             cgroup: TestCgroup::new()?,
             bpffs: PrivateBpffs::new()?,
-            last_sync_ms: None,
+            log: None,
+            costs: SyncCosts::default(),
         })
     }
 
@@ -354,39 +412,12 @@ impl Switchyard {
         manifests.write_atomic(&self.manifests_path())
     }
 
-    /// Waits until the agent logged more than `seen` "dataplane synced" lines; returns the
-    /// agent's own `elapsed_ms` of the newest one.
-    fn wait_for_sync(&mut self, seen: usize, timeout: Duration) -> Result<u64> {
+    /// Waits for the agent's next `dataplane synced` line(s); returns the sum of their
+    /// `elapsed`.
+    fn wait_for_sync(&mut self, timeout: Duration) -> Result<Duration> {
         let agent = self.agent.as_mut().context("the agent is not running")?;
-        let found = wait_until(timeout, Duration::from_millis(2), || {
-            if agent.ensure_running().is_err() {
-                return Some(None);
-            }
-            let log = agent.log();
-            let syncs: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("dataplane synced"))
-                .collect();
-            (syncs.len() > seen).then(|| Some(field(syncs[syncs.len() - 1], "elapsed_ms=")))
-        });
-        match found {
-            Some(Some(elapsed_ms)) => Ok(elapsed_ms.unwrap_or(0)),
-            Some(None) => bail!("the agent exited; its log:\n{}", agent.log()),
-            None => bail!(
-                "the agent did not sync within {timeout:?}; its log:\n{}",
-                agent.log()
-            ),
-        }
-    }
-
-    fn synced_lines(&self) -> usize {
-        self.agent.as_ref().map_or(0, |agent| {
-            agent
-                .log()
-                .lines()
-                .filter(|l| l.contains("dataplane synced"))
-                .count()
-        })
+        let log = self.log.as_mut().context("the agent's log is not open")?;
+        wait_for_syncs(agent, log, timeout)
     }
 
     /// Flags beyond the bench's common ones (manifests, cgroup, bpffs).
@@ -402,15 +433,10 @@ impl Switchyard {
     }
 }
 
-/// The number after `key` in a log line (`operations=12 elapsed_ms=3`).
-fn field(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
 impl Dataplane for Switchyard {
     fn clear(&mut self, _: &Topology) -> Result<()> {
+        self.log = None;
+        self.costs = SyncCosts::default();
         if let Some(mut agent) = self.agent.take() {
             agent.stop()?;
             let output = agent.cleanup()?;
@@ -442,19 +468,36 @@ impl Dataplane for Switchyard {
             &self.manifests_path(),
             &args,
         )?);
-        let sync_ms = self.wait_for_sync(0, timeout)?;
+        let log_path = self.agent.as_ref().map(|a| a.log_path().to_owned());
+        self.log = Some(LogTail::open(
+            &log_path.context("the agent is not running")?,
+        )?);
+        let sync = self.wait_for_sync(timeout)?;
         let elapsed = started.elapsed();
-        self.last_sync_ms = Some(sync_ms);
+        self.costs = SyncCosts {
+            program_sync: Some(sync),
+            ..SyncCosts::default()
+        };
         Ok(Some(elapsed))
     }
 
     fn update_one(&mut self, _: &Topology, set: &ServiceSet) -> Result<Option<Duration>> {
-        let seen = self.synced_lines();
+        let pid = self.agent.as_ref().and_then(Agent::pid);
+        // Whatever the agent logged since programming is not this change's.
+        if let Some(log) = self.log.as_mut() {
+            log.new_syncs()?;
+        }
+        let before = pid.and_then(CpuSample::read);
         self.write_manifests(set, true)?;
         let started = Instant::now();
-        let sync_ms = self.wait_for_sync(seen, UPDATE_TIMEOUT)?;
-        self.last_sync_ms = Some(sync_ms);
-        Ok(Some(started.elapsed()))
+        let sync = self.wait_for_sync(UPDATE_TIMEOUT)?;
+        let elapsed = started.elapsed();
+        let after = pid.and_then(|pid| agent_usage::wait_until_idle(pid, IDLE_STEP, IDLE_MAX));
+        self.costs.change_sync = Some(sync);
+        self.costs.change_cpu = before
+            .zip(after)
+            .map(|(before, after)| after.since(&before));
+        Ok(Some(elapsed))
     }
 
     fn targets(&self, set: &ServiceSet) -> Vec<SocketAddr> {
@@ -477,11 +520,40 @@ impl Dataplane for Switchyard {
     }
 
     fn agent_memory(&self) -> Option<AgentMemory> {
-        let pid = self.agent.as_ref()?.pid()?;
-        Some(AgentMemory {
-            peak_rss_mib: peak_rss_mib(pid)?,
-            maps_mib: bpf_map_mib(pid),
-        })
+        AgentMemory::of(self.agent.as_ref()?.pid()?)
+    }
+
+    fn sync_costs(&self) -> SyncCosts {
+        self.costs
+    }
+}
+
+/// Waits (bounded by `timeout`) for the agent's next `dataplane synced` line; returns the sum
+/// of the `elapsed` of the sync lines found (usually one). Fails, with the agent's log,
+/// if the agent exits or does not sync in time.
+pub fn wait_for_syncs(agent: &mut Agent, log: &mut LogTail, timeout: Duration) -> Result<Duration> {
+    let mut total = Duration::ZERO;
+    let mut seen = 0;
+    let found = wait_until(timeout, Duration::from_millis(1), || {
+        if agent.ensure_running().is_err() {
+            return Some(Err(anyhow::anyhow!("the agent exited")));
+        }
+        match log.new_syncs() {
+            Ok(syncs) => {
+                seen += syncs.len();
+                total += syncs.iter().map(|s| s.elapsed).sum::<Duration>();
+                (seen > 0).then_some(Ok(()))
+            }
+            Err(error) => Some(Err(error)),
+        }
+    });
+    match found {
+        Some(Ok(())) => Ok(total),
+        Some(Err(error)) => Err(error.context(format!("the agent's log:\n{}", agent.log()))),
+        None => bail!(
+            "the agent did not sync within {timeout:?}; its log:\n{}",
+            agent.log()
+        ),
     }
 }
 
@@ -491,59 +563,5 @@ impl Drop for Switchyard {
             let _ = agent.stop();
             let _ = agent.cleanup();
         }
-    }
-}
-
-#[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// VmHWM (peak resident set) of `pid`.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(mib(kib * 1024))
-}
-
-/// Sum of `memlock` over the distinct BPF maps `pid` holds a descriptor of.
-fn bpf_map_mib(pid: u32) -> Option<f64> {
-    let mut seen = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .ok()?
-        .flatten()
-    {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let value = |key: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(memlock)) = (value("map_id:"), value("memlock:")) {
-            seen.insert(id, memlock);
-        }
-    }
-    (!seen.is_empty()).then(|| mib(seen.values().sum()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_fields_of_the_sync_log_line() {
-        let line = "2026-01-01T00:00:00Z  INFO switchyard::sync: dataplane synced operations=120 elapsed_ms=37";
-        assert_eq!(field(line, "operations="), Some(120));
-        assert_eq!(field(line, "elapsed_ms="), Some(37));
-        assert_eq!(field(line, "missing="), None);
     }
 }

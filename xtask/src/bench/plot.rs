@@ -6,29 +6,123 @@ use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 
 use super::modes::Mode;
-use super::report::{Metric, Record};
+use super::record::{Metric, Record};
 
 const SIZE: (u32, u32) = (900, 540);
 
-/// One line per mode: (N, value) points of `metric` that have a value.
-fn series(records: &[Record], metric: Metric) -> Vec<(Mode, Vec<(f64, f64)>)> {
-    Mode::ALL
+/// One line of a plot: (N, value) points, sorted by N.
+struct Line {
+    label: String,
+    color: RGBColor,
+    points: Vec<(f64, f64)>,
+}
+
+/// Which number of a record a line plots.
+#[derive(Clone, Copy)]
+enum Pick {
+    Value,
+    P50,
+}
+
+/// The line of `mode`'s `metric` (its value or p50, times `scale`); `None` without points.
+fn line(
+    records: &[Record],
+    mode: Mode,
+    metric: Metric,
+    pick: Pick,
+    scale: f64,
+    label: String,
+) -> Option<Line> {
+    let mut points: Vec<(f64, f64)> = records
         .iter()
-        .map(|&mode| {
-            let mut points: Vec<(f64, f64)> = records
-                .iter()
-                .filter(|r| r.mode == mode.name() && r.metric == metric.name())
-                .filter_map(|r| {
-                    #[allow(clippy::cast_precision_loss)] // service counts are small
-                    let n = r.services as f64;
-                    r.value.map(|v| (n, v))
-                })
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (mode, points)
+        .filter(|r| r.is(mode, metric))
+        .filter_map(|r| {
+            #[allow(clippy::cast_precision_loss)] // service counts are small
+            let n = r.services as f64;
+            let value = match pick {
+                Pick::Value => r.value,
+                Pick::P50 => r.p50,
+            };
+            value.map(|v| (n, v * scale))
         })
-        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (!points.is_empty()).then(|| Line {
+        label,
+        color: color(mode),
+        points,
+    })
+}
+
+/// One line per mode with the value of `metric`.
+fn per_mode(records: &[Record], metric: Metric) -> Vec<Line> {
+    Mode::ALL
+        .into_iter()
+        .filter_map(|mode| {
+            line(
+                records,
+                mode,
+                metric,
+                Pick::Value,
+                1.0,
+                mode.name().to_owned(),
+            )
+        })
         .collect()
+}
+
+/// Per-change latency: the agent fed by the API server (its own sync and API event → maps),
+/// the agent on a manifests file, and kube-proxy's partial syncs; in ms.
+fn change_lines(records: &[Record]) -> Vec<Line> {
+    let api = Mode::SwitchyardApi;
+    let mut lines: Vec<Line> = [
+        line(
+            records,
+            api,
+            Metric::EventToMaps,
+            Pick::P50,
+            1.0,
+            format!("{api}: API event → maps (p50)"),
+        ),
+        line(
+            records,
+            api,
+            Metric::ChangeSync,
+            Pick::P50,
+            1.0,
+            format!("{api}: agent-side sync (p50)"),
+        ),
+        line(
+            records,
+            Mode::SwitchyardSocket,
+            Metric::UpdateOne,
+            Pick::Value,
+            1e3,
+            "switchyard (manifests file): rewrite → synced".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if let Some(sync) = lines.iter_mut().find(|l| l.label.contains("agent-side")) {
+        // Same mode, same colour family: lighter for the agent's own share.
+        sync.color = RGBColor(120, 200, 230);
+    }
+    lines.extend(
+        [Mode::IptablesNft, Mode::IptablesLegacy, Mode::Nftables]
+            .into_iter()
+            .filter_map(|mode| {
+                line(
+                    records,
+                    mode,
+                    Metric::UpdateOne,
+                    Pick::Value,
+                    1e3,
+                    format!("{mode}: partial sync"),
+                )
+            }),
+    );
+    lines
 }
 
 fn color(mode: Mode) -> RGBColor {
@@ -39,29 +133,36 @@ fn color(mode: Mode) -> RGBColor {
         Mode::Nftables => RGBColor(148, 103, 189),
         Mode::SwitchyardSocket => RGBColor(31, 119, 180),
         Mode::SwitchyardTc => RGBColor(44, 160, 44),
+        Mode::SwitchyardApi => RGBColor(23, 190, 207),
     }
 }
 
 /// Writes the plots that have data; returns their file names.
 pub fn write_all(dir: &Path, records: &[Record]) -> Result<Vec<String>> {
     let mut written = Vec::new();
-    for (file, metric, caption, y_label, log_y) in [
+    for (file, lines, caption, y_label, log_y) in [
         (
             "latency_vs_services.svg",
-            Metric::ConnectLatency,
+            per_mode(records, Metric::ConnectLatency),
             "New-connection latency (mean) vs number of services",
             "latency (µs)",
             false,
         ),
         (
             "program_time_vs_services.svg",
-            Metric::ProgramAll,
+            per_mode(records, Metric::ProgramAll),
             "Time to program N services from empty",
             "seconds (log)",
             true,
         ),
+        (
+            "change_latency_vs_services.svg",
+            change_lines(records),
+            "One endpoint change vs number of services",
+            "milliseconds (log)",
+            true,
+        ),
     ] {
-        let lines = series(records, metric);
         if lines.is_empty() {
             continue;
         }
@@ -76,10 +177,10 @@ fn draw(
     path: &Path,
     caption: &str,
     y_label: &str,
-    lines: &[(Mode, Vec<(f64, f64)>)],
+    lines: &[Line],
     log_y: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let points = lines.iter().flat_map(|(_, p)| p.iter());
+    let points = lines.iter().flat_map(|line| line.points.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0_f64, f64::INFINITY, 0.0_f64);
     for &(x, y) in points {
         x_max = x_max.max(x);
@@ -104,8 +205,8 @@ fn draw(
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc(y_label)
             .draw()?;
-        for (mode, points) in lines {
-            add_line(&mut chart, *mode, points)?;
+        for line in lines {
+            add_line(&mut chart, line)?;
         }
         legend(&mut chart)?;
     } else {
@@ -116,8 +217,8 @@ fn draw(
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc(y_label)
             .draw()?;
-        for (mode, points) in lines {
-            add_line(&mut chart, *mode, points)?;
+        for line in lines {
+            add_line(&mut chart, line)?;
         }
         legend(&mut chart)?;
     }
@@ -127,22 +228,21 @@ fn draw(
 
 fn add_line<'a, X, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
-    mode: Mode,
-    points: &[(f64, f64)],
+    line: &Line,
 ) -> Result<(), Box<dyn std::error::Error>>
 where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    let style = color(mode).stroke_width(2);
+    let style = line.color.stroke_width(2);
     chart
-        .draw_series(LineSeries::new(points.iter().copied(), style))?
-        .label(mode.name())
+        .draw_series(LineSeries::new(line.points.iter().copied(), style))?
+        .label(line.label.as_str())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     chart.draw_series(
-        points
+        line.points
             .iter()
-            .map(|&p| Circle::new(p, 3, color(mode).filled())),
+            .map(|&p| Circle::new(p, 3, line.color.filled())),
     )?;
     Ok(())
 }
@@ -161,4 +261,41 @@ where
         .border_style(BLACK)
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_plot_has_a_line_per_path_with_values_in_ms() {
+        let mut records = Vec::new();
+        for (n, api_p50, restore) in [(100, 1.5, 0.05), (10_000, 3.0, 0.9)] {
+            let mut api = Record::new(Mode::SwitchyardApi, n, 10, Metric::EventToMaps);
+            api.value = Some(api_p50 * 1.2);
+            api.p50 = Some(api_p50);
+            records.push(api);
+            let mut nft = Record::new(Mode::Nftables, n, 10, Metric::UpdateOne);
+            nft.value = Some(restore);
+            records.push(nft);
+        }
+        // A point without a value draws nothing.
+        records.push(Record::new(Mode::IptablesNft, 100, 10, Metric::UpdateOne));
+        let lines = change_lines(&records);
+        let labels: Vec<&str> = lines.iter().map(|l| l.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "switchyard-api: API event → maps (p50)",
+                "nftables: partial sync"
+            ]
+        );
+        assert_eq!(lines[0].points, [(100.0, 1.5), (10_000.0, 3.0)]);
+        assert_eq!(lines[1].points, [(100.0, 50.0), (10_000.0, 900.0)]);
+        let dir = switchyard_tests::tempdir::TempDir::new().unwrap();
+        let written = write_all(dir.path(), &records).unwrap();
+        assert_eq!(written, ["change_latency_vs_services.svg"]);
+        let svg = std::fs::read_to_string(dir.path().join(&written[0])).unwrap();
+        assert!(svg.contains("nftables: partial sync"));
+    }
 }

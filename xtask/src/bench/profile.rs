@@ -10,12 +10,22 @@ const MAP_SLOTS: usize = 262_144;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// N = 10, a few connections, every mode: checks the harness (run by `cargo xtask test`).
+    /// N = 10, a few connections and changes, every mode and the API server path: checks the
+    /// harness (run by `cargo xtask test`).
     Smoke,
-    /// N up to 10 000, under 10 minutes on 2 cores.
+    /// Data plane N up to 10 000, control plane up to 100 000: under 10 minutes on 2 cores.
     Quick,
-    /// N up to 100 000 where time allows.
+    /// N up to 100 000 for both phases, where time allows.
     Full,
+}
+
+/// Which phases a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The data-plane scale points (every mode's lane), then the control-plane phase.
+    All,
+    /// Only the control-plane phase (the agent fed by the test API server).
+    ControlPlane,
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +48,13 @@ pub struct Plan {
     /// A mode whose next programming is predicted (from the last two points) to exceed this
     /// is skipped at that scale, with a note.
     pub program_budget: Duration,
+    /// The control-plane phase's N (the agent fed by the test API server).
+    pub control_scale: Vec<usize>,
+    /// Endpoint changes per control-plane point, each to a different Service where N allows.
+    pub control_changes: usize,
+    /// A control-plane point predicted (from the smaller ones) to take longer than this is
+    /// skipped, with a note.
+    pub control_budget: Duration,
     pub out_dir: PathBuf,
     /// What the run is expected to take, printed at the start.
     pub expected: &'static str,
@@ -61,8 +78,11 @@ impl Plan {
                 warmup_connections: 10,
                 program_timeout: Duration::from_mins(1),
                 program_budget: Duration::from_mins(1),
+                control_scale: vec![10],
+                control_changes: 5,
+                control_budget: Duration::from_mins(1),
                 out_dir: root.join("bench-smoke"),
-                expected: "about 10 seconds",
+                expected: "about 20 seconds",
             },
             Profile::Quick => Self {
                 scale: vec![1, 100, 1_000, 10_000],
@@ -78,8 +98,11 @@ impl Plan {
                 warmup_connections: 300,
                 program_timeout: Duration::from_mins(4),
                 program_budget: Duration::from_mins(4),
+                control_scale: vec![100, 1_000, 10_000, 100_000],
+                control_changes: 50,
+                control_budget: Duration::from_mins(2),
                 out_dir: root.join("bench"),
-                expected: "about 6 to 9 minutes on 2 cores",
+                expected: "about 8 to 10 minutes on 2 cores, the control plane 1 to 2 of them",
             },
             Profile::Full => Self {
                 scale: vec![1, 100, 1_000, 10_000, 30_000, 100_000],
@@ -95,9 +118,14 @@ impl Plan {
                 warmup_connections: 500,
                 program_timeout: Duration::from_mins(30),
                 program_budget: Duration::from_mins(20),
+                control_scale: vec![100, 1_000, 10_000, 30_000, 100_000],
+                control_changes: 100,
+                control_budget: Duration::from_mins(20),
                 out_dir: root.join("bench"),
-                expected: "40 to 90 minutes on 2 cores (nftables programming grows super-linearly \
-                           and is skipped at a scale where it is predicted to exceed 20 minutes)",
+                expected: "40 to 90 minutes on 2 cores for the data plane (nftables programming \
+                           grows super-linearly and is skipped at a scale where it is predicted \
+                           to exceed 20 minutes), then the control plane: a few minutes with an \
+                           incremental agent, up to 20 minutes per point otherwise",
             },
         }
     }
@@ -114,9 +142,43 @@ fn frontends(services: usize) -> usize {
     services + super::services::node_port_count(services)
 }
 
+/// A quantity at `n` extrapolated from its values at smaller N (the last two points; the
+/// growth exponent between them, clamped to 1..2.5, is carried on; one point: linear).
+pub fn predict(history: &[(usize, f64)], n: usize) -> Option<f64> {
+    let &(n2, t2) = history.last()?;
+    #[allow(clippy::cast_precision_loss)] // service counts are small
+    let growth = n as f64 / n2 as f64;
+    let exponent = match history.len() {
+        0 | 1 => 1.0,
+        len => {
+            let (n1, t1) = history[len - 2];
+            #[allow(clippy::cast_precision_loss)]
+            let span = (n2 as f64 / n1 as f64).ln();
+            if t1 > 0.0 && span > 0.0 {
+                ((t2 / t1).ln() / span).clamp(1.0, 2.5)
+            } else {
+                1.0
+            }
+        }
+    };
+    Some(t2 * growth.powf(exponent))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extrapolates_from_the_last_two_points() {
+        assert_eq!(predict(&[], 10), None);
+        assert_eq!(predict(&[(100, 1.0)], 1_000), Some(10.0));
+        // Quadratic growth between the last two points is carried on.
+        let quadratic = predict(&[(1_000, 1.0), (10_000, 100.0)], 30_000).unwrap();
+        assert!((quadratic - 900.0).abs() < 1e-6);
+        // Flat (start-up dominated) history is taken as at least linear.
+        let flat = predict(&[(1, 0.01), (100, 0.01)], 1_000).unwrap();
+        assert!((flat - 0.1).abs() < 1e-9);
+    }
 
     #[test]
     fn endpoints_shrink_where_the_maps_would_overflow() {

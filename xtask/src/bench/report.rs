@@ -8,107 +8,68 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::modes::Mode;
+use super::record::{Metric, Record};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Metric {
-    ConnectLatency,
-    ConnPerS,
-    Throughput,
-    ProgramAll,
-    UpdateOne,
-    AgentRss,
-    MapMemory,
-}
+/// The metrics that get a table of their own, one column per mode (the control-plane metrics
+/// are gathered in one table instead).
+const TABLE_METRICS: [Metric; 7] = [
+    Metric::ConnectLatency,
+    Metric::ConnPerS,
+    Metric::Throughput,
+    Metric::ProgramAll,
+    Metric::UpdateOne,
+    Metric::AgentRss,
+    Metric::MapMemory,
+];
 
-impl Metric {
-    pub const ALL: [Self; 7] = [
-        Self::ConnectLatency,
-        Self::ConnPerS,
-        Self::Throughput,
-        Self::ProgramAll,
-        Self::UpdateOne,
-        Self::AgentRss,
-        Self::MapMemory,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ConnectLatency => "connect_latency_us",
-            Self::ConnPerS => "conn_per_s",
-            Self::Throughput => "throughput_gbps",
-            Self::ProgramAll => "program_all_s",
-            Self::UpdateOne => "update_one_s",
-            Self::AgentRss => "agent_rss_mb",
-            Self::MapMemory => "map_memory_mb",
+fn title(metric: Metric) -> &'static str {
+    match metric {
+        Metric::ConnectLatency => {
+            "New-connection latency (connect, request, full response, close), µs: mean (p50 / p99), ×direct"
         }
-    }
-
-    pub fn unit(self) -> &'static str {
-        match self {
-            Self::ConnectLatency => "us",
-            Self::ConnPerS => "1/s",
-            Self::Throughput => "Gbit/s",
-            Self::ProgramAll | Self::UpdateOne => "s",
-            Self::AgentRss | Self::MapMemory => "MiB",
+        Metric::ConnPerS => {
+            "Connections per second at fixed concurrency (median of repetitions), ×direct"
         }
-    }
-
-    fn title(self) -> &'static str {
-        match self {
-            Self::ConnectLatency => {
-                "New-connection latency (connect, request, full response, close), µs: mean (p50 / p99), ×direct"
-            }
-            Self::ConnPerS => {
-                "Connections per second at fixed concurrency (median of repetitions), ×direct"
-            }
-            Self::Throughput => {
-                "Bulk throughput of one flow, Gbit/s (median of repetitions), ×direct"
-            }
-            Self::ProgramAll => "Time to program N services from empty, s",
-            Self::UpdateOne => "Time to apply one endpoint change at N services, s",
-            Self::AgentRss => "Agent peak RSS, MiB",
-            Self::MapMemory => "BPF map memory (sum of the maps' memlock), MiB",
+        Metric::Throughput => {
+            "Bulk throughput of one flow, Gbit/s (median of repetitions), ×direct"
         }
+        Metric::ProgramAll => "Time to program N services from empty, s",
+        Metric::UpdateOne => "Time to apply one endpoint change at N services, s",
+        Metric::AgentRss => "Agent peak RSS, MiB",
+        Metric::MapMemory => "BPF map memory (sum of the maps' memlock), MiB",
+        Metric::ProgramSync => "Agent-side sync of programming from empty, s",
+        Metric::ChangeSync => "Agent-side sync of one endpoint change, ms",
+        Metric::ChangeCpu => "Agent CPU time per endpoint change, ms",
+        Metric::EventToMaps => "API event → maps written, ms",
     }
 }
 
-/// One measured quantity; `None` values are written as JSON null.
-#[derive(Debug, Clone, Serialize)]
-pub struct Record {
-    pub mode: &'static str,
-    pub services: usize,
-    pub endpoints_per_service: usize,
-    pub metric: &'static str,
-    pub unit: &'static str,
-    pub value: Option<f64>,
-    pub p50: Option<f64>,
-    pub p99: Option<f64>,
-    pub reps: usize,
-    pub ratio_to_direct: Option<f64>,
-    pub ratio_min: Option<f64>,
-    pub ratio_max: Option<f64>,
-    pub note: Option<String>,
-}
-
-impl Record {
-    pub fn new(mode: Mode, services: usize, endpoints: usize, metric: Metric) -> Self {
-        Self {
-            mode: mode.name(),
-            services,
-            endpoints_per_service: endpoints,
-            metric: metric.name(),
-            unit: metric.unit(),
-            value: None,
-            p50: None,
-            p99: None,
-            reps: 0,
-            ratio_to_direct: None,
-            ratio_min: None,
-            ratio_max: None,
-            note: None,
-        }
-    }
-}
+/// The control-plane table: its modes, in row order, and its columns.
+const CONTROL_MODES: [Mode; 6] = [
+    Mode::SwitchyardApi,
+    Mode::SwitchyardSocket,
+    Mode::SwitchyardTc,
+    Mode::IptablesNft,
+    Mode::IptablesLegacy,
+    Mode::Nftables,
+];
+const CONTROL_COLUMNS: [&str; 7] = [
+    "one change: sync p50 / p99, ms",
+    "CPU per change: mean (p99), ms",
+    "change → maps p50 / p99, ms",
+    "program from empty, s",
+    "start → synced, s",
+    "peak RSS, MiB",
+    "BPF maps, MiB",
+];
+const CONTROL_LEGEND: &str = "switchyard-api: the agent following the test API server, over \
+    the changes of the control-plane phase (sync = the agent's own `elapsed`; change → maps = \
+    API watch event → new backends readable in the pinned map; program from empty = agent-side \
+    sync). switchyard-socket / switchyard-tc: the agent on a manifests file, one change (change \
+    → maps = rewriting the file → its `dataplane synced` line, including the file poll of up \
+    to 200 ms). iptables-*, nftables: kube-proxy's rules, one change (sync = the partial-sync \
+    restore's wall time) and program from empty = the full restore's wall time. — = not \
+    applicable.";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -128,10 +89,106 @@ impl Report {
             .with_context(|| format!("writing {}", markdown.display()))
     }
 
-    fn find(&self, mode: &str, services: usize, metric: Metric) -> Option<&Record> {
+    fn find(&self, mode: Mode, services: usize, metric: Metric) -> Option<&Record> {
         self.records
             .iter()
-            .find(|r| r.mode == mode && r.services == services && r.metric == metric.name())
+            .find(|r| r.is(mode, metric) && r.services == services)
+    }
+
+    /// The N of the records of `metric`, ascending (all records with `None`).
+    fn scale(&self, metric: Option<Metric>) -> Vec<usize> {
+        let mut scale: Vec<usize> = self
+            .records
+            .iter()
+            .filter(|r| metric.is_none_or(|m| r.metric == m.name()))
+            .map(|r| r.services)
+            .collect();
+        scale.sort_unstable();
+        scale.dedup();
+        scale
+    }
+
+    fn endpoints_at(&self, n: usize) -> usize {
+        self.records
+            .iter()
+            .find(|r| r.services == n)
+            .map_or(0, |r| r.endpoints_per_service)
+    }
+
+    /// The control-plane table's rows: (N, M, mode, cells).
+    fn control_rows(&self) -> Vec<(usize, usize, Mode, Vec<String>)> {
+        let mut rows = Vec::new();
+        for n in self.scale(None) {
+            for mode in CONTROL_MODES {
+                let get = |metric| self.find(mode, n, metric);
+                let cells: Vec<String> = if mode == Mode::SwitchyardApi {
+                    vec![
+                        get(Metric::ChangeSync).map_or_else(absent, percentiles),
+                        get(Metric::ChangeCpu).map_or_else(absent, mean_and_p99),
+                        get(Metric::EventToMaps).map_or_else(absent, percentiles),
+                        get(Metric::ProgramSync).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::ProgramAll).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::AgentRss).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::MapMemory).map_or_else(absent, |r| value(r, 1.0)),
+                    ]
+                } else if mode.is_switchyard() {
+                    vec![
+                        get(Metric::ChangeSync).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::ChangeCpu).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::UpdateOne).map_or_else(absent, |r| value(r, 1e3)),
+                        get(Metric::ProgramSync).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::ProgramAll).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::AgentRss).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::MapMemory).map_or_else(absent, |r| value(r, 1.0)),
+                    ]
+                } else {
+                    let na = || "—".to_owned();
+                    vec![
+                        get(Metric::UpdateOne).map_or_else(absent, |r| value(r, 1e3)),
+                        na(),
+                        na(),
+                        get(Metric::ProgramAll).map_or_else(absent, |r| value(r, 1.0)),
+                        na(),
+                        na(),
+                        na(),
+                    ]
+                };
+                if cells.iter().any(|c| !c.is_empty() && c != "—") {
+                    rows.push((n, self.endpoints_at(n), mode, cells));
+                }
+            }
+        }
+        rows
+    }
+
+    /// The control-plane table as aligned plain text (for the terminal).
+    pub fn control_plane_text(&self) -> String {
+        let rows = self.control_rows();
+        let widths: Vec<usize> = CONTROL_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, header)| {
+                rows.iter()
+                    .map(|(_, _, _, cells)| cells[i].chars().count())
+                    .chain([header.chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |mode: &str, shape: &str, cells: &[&str]| {
+            let cells: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(cell, &width)| format!("{cell:>width$}"))
+                .collect();
+            format!("  {mode:<18} {shape:>13} | {}\n", cells.join(" | "))
+        };
+        let mut out = line("mode", "N × M", &CONTROL_COLUMNS);
+        for (n, m, mode, cells) in &rows {
+            let cells: Vec<&str> = cells.iter().map(String::as_str).collect();
+            out.push_str(&line(mode.name(), &format!("{n} × {m}"), &cells));
+        }
+        out
     }
 
     pub fn markdown(&self, method: &[String], plots: &[String]) -> String {
@@ -148,29 +205,46 @@ impl Report {
         for line in method {
             let _ = writeln!(out, "- {line}");
         }
-        let mut scale: Vec<usize> = self.records.iter().map(|r| r.services).collect();
-        scale.sort_unstable();
-        scale.dedup();
-        let modes: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
-        for metric in Metric::ALL {
+        for metric in TABLE_METRICS {
+            let modes: Vec<Mode> = Mode::ALL
+                .into_iter()
+                .filter(|&mode| self.records.iter().any(|r| r.is(mode, metric)))
+                .collect();
+            if modes.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = modes.iter().map(|m| m.name()).collect();
             let _ = write!(
                 out,
                 "\n## {}\n\n| services (endpoints) | {} |\n|---|{}\n",
-                metric.title(),
-                modes.join(" | "),
-                "---|".repeat(modes.len())
+                title(metric),
+                names.join(" | "),
+                "---|".repeat(names.len())
             );
-            for &n in &scale {
-                let endpoints = self
-                    .records
-                    .iter()
-                    .find(|r| r.services == n)
-                    .map_or(0, |r| r.endpoints_per_service);
+            for n in self.scale(Some(metric)) {
                 let cells: Vec<String> = modes
                     .iter()
-                    .map(|mode| self.find(mode, n, metric).map_or_else(String::new, cell))
+                    .map(|&mode| self.find(mode, n, metric).map_or_else(String::new, cell))
                     .collect();
-                let _ = writeln!(out, "| {n} ({endpoints}) | {} |", cells.join(" | "));
+                let _ = writeln!(
+                    out,
+                    "| {n} ({}) | {} |",
+                    self.endpoints_at(n),
+                    cells.join(" | ")
+                );
+            }
+        }
+        let rows = self.control_rows();
+        if !rows.is_empty() {
+            let _ = write!(
+                out,
+                "\n## Control plane: one endpoint change, programming from empty, memory\n\n\
+                 {CONTROL_LEGEND}\n\n| services (endpoints) | mode | {} |\n|---|---|{}\n",
+                CONTROL_COLUMNS.join(" | "),
+                "---|".repeat(CONTROL_COLUMNS.len())
+            );
+            for (n, m, mode, cells) in rows {
+                let _ = writeln!(out, "| {n} ({m}) | {mode} | {} |", cells.join(" | "));
             }
         }
         // One line per (mode, note), listing where it applies: notes repeat across metrics.
@@ -203,6 +277,42 @@ impl Report {
         }
         out
     }
+}
+
+/// A cell for a record that does not exist at this point.
+fn absent() -> String {
+    String::new()
+}
+
+/// "n/a" for a missing value ("n/a*" when a note says why), else `text` (with "*" for a note).
+fn noted(record: &Record, text: Option<String>) -> String {
+    let mark = if record.note.is_some() { "*" } else { "" };
+    text.map_or_else(|| format!("n/a{mark}"), |text| format!("{text}{mark}"))
+}
+
+/// The value, times `scale` (unit conversion).
+fn value(record: &Record, scale: f64) -> String {
+    noted(record, record.value.map(|v| format_number(v * scale)))
+}
+
+/// "p50 / p99".
+fn percentiles(record: &Record) -> String {
+    let text = record
+        .p50
+        .zip(record.p99)
+        .map(|(p50, p99)| format!("{} / {}", format_number(p50), format_number(p99)));
+    noted(record, text)
+}
+
+/// "mean (p99)".
+fn mean_and_p99(record: &Record) -> String {
+    let text = record.value.map(|mean| {
+        record.p99.map_or_else(
+            || format_number(mean),
+            |p99| format!("{} ({})", format_number(mean), format_number(p99)),
+        )
+    });
+    noted(record, text)
 }
 
 /// A table cell: the value, percentiles if any, the ratio to direct and its range if any.
@@ -264,7 +374,96 @@ mod tests {
             records: vec![record],
         };
         let markdown = report.markdown(&["paired".into()], &[]);
-        assert!(markdown.contains("| 100 (10) |  | 187 (180 / 320) ×1.23 [1.10–1.30] |"));
+        // Only modes with records get a column.
+        assert!(markdown.contains("| services (endpoints) | iptables-nft |"));
+        assert!(markdown.contains("| 100 (10) | 187 (180 / 320) ×1.23 [1.10–1.30] |"));
         assert!(markdown.contains("- kernel: 6.18"));
+        assert!(!markdown.contains("Control plane"));
+    }
+
+    #[test]
+    fn the_control_plane_table_puts_each_path_in_its_columns() {
+        let mut records = Vec::new();
+        let mut add = |mode, metric, value: Option<f64>, p50, p99, note: Option<&str>| {
+            let mut record = Record::new(mode, 10_000, 10, metric);
+            (record.value, record.p50, record.p99) = (value, p50, p99);
+            record.note = note.map(str::to_owned);
+            records.push(record);
+        };
+        let api = Mode::SwitchyardApi;
+        add(
+            api,
+            Metric::ChangeSync,
+            Some(3.5),
+            Some(3.0),
+            Some(9.0),
+            None,
+        );
+        add(
+            api,
+            Metric::ChangeCpu,
+            Some(4.2),
+            Some(4.0),
+            Some(7.5),
+            None,
+        );
+        add(
+            api,
+            Metric::EventToMaps,
+            Some(30.0),
+            Some(25.0),
+            Some(48.0),
+            None,
+        );
+        add(api, Metric::ProgramSync, Some(0.41), None, None, None);
+        add(api, Metric::ProgramAll, Some(2.5), None, None, None);
+        add(api, Metric::AgentRss, Some(140.0), None, None, None);
+        add(
+            api,
+            Metric::MapMemory,
+            None,
+            None,
+            None,
+            Some("no maps found"),
+        );
+        add(
+            Mode::Nftables,
+            Metric::UpdateOne,
+            Some(0.74),
+            None,
+            None,
+            None,
+        );
+        add(
+            Mode::Nftables,
+            Metric::ProgramAll,
+            Some(131.0),
+            None,
+            None,
+            None,
+        );
+        // Not a control-plane metric: no row of its own.
+        add(
+            Mode::Direct,
+            Metric::ConnectLatency,
+            Some(95.0),
+            None,
+            None,
+            None,
+        );
+        let report = Report {
+            machine: serde_json::json!({}),
+            records,
+        };
+        let markdown = report.markdown(&[], &[]);
+        assert!(markdown.contains(
+            "| 10000 (10) | switchyard-api | 3.00 / 9.00 | 4.20 (7.50) | 25.0 / 48.0 | 0.41 | 2.50 \
+             | 140 | n/a* |"
+        ), "{markdown}");
+        assert!(markdown.contains("| 10000 (10) | nftables | 740 | — | — | 131 | — | — | — |"));
+        assert!(!markdown.contains("| 10000 (10) | direct |"));
+        let text = report.control_plane_text();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(text.contains("switchyard-api"));
     }
 }

@@ -1,0 +1,180 @@
+//! The vocabulary of results: what is measured ([`Metric`]) and one measured quantity
+//! ([`Record`]). The report and the plots both read it; neither owns it.
+
+use serde::Serialize;
+
+use super::modes::Mode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Metric {
+    ConnectLatency,
+    ConnPerS,
+    Throughput,
+    /// From empty to everything programmed, as the mode's user waits for it (the agent: from
+    /// its start to its first `dataplane synced` line).
+    ProgramAll,
+    /// One endpoint change, wall time (kube-proxy: the partial-sync restore; the agent on a
+    /// manifests file: from rewriting the file to the next `dataplane synced` line).
+    UpdateOne,
+    AgentRss,
+    MapMemory,
+    /// The agent's own duration of the sync that programs everything from empty.
+    ProgramSync,
+    /// The agent's own duration of the sync that applies one endpoint change.
+    ChangeSync,
+    /// Agent CPU time (all threads, user + system) spent on one endpoint change.
+    ChangeCpu,
+    /// From the API server sending the watch event of an endpoint change to the new backend
+    /// set being readable in the pinned services map.
+    EventToMaps,
+}
+
+impl Metric {
+    pub const ALL: [Self; 11] = [
+        Self::ConnectLatency,
+        Self::ConnPerS,
+        Self::Throughput,
+        Self::ProgramAll,
+        Self::UpdateOne,
+        Self::AgentRss,
+        Self::MapMemory,
+        Self::ProgramSync,
+        Self::ChangeSync,
+        Self::ChangeCpu,
+        Self::EventToMaps,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ConnectLatency => "connect_latency_us",
+            Self::ConnPerS => "conn_per_s",
+            Self::Throughput => "throughput_gbps",
+            Self::ProgramAll => "program_all_s",
+            Self::UpdateOne => "update_one_s",
+            Self::AgentRss => "agent_rss_mb",
+            Self::MapMemory => "map_memory_mb",
+            Self::ProgramSync => "program_sync_s",
+            Self::ChangeSync => "change_sync_ms",
+            Self::ChangeCpu => "change_cpu_ms",
+            Self::EventToMaps => "event_to_maps_ms",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::ConnectLatency => "us",
+            Self::ConnPerS => "1/s",
+            Self::Throughput => "Gbit/s",
+            Self::ProgramAll | Self::UpdateOne | Self::ProgramSync => "s",
+            Self::ChangeSync | Self::ChangeCpu | Self::EventToMaps => "ms",
+            Self::AgentRss | Self::MapMemory => "MiB",
+        }
+    }
+
+    /// Whether `mode` has a record of this metric at all (a record may still lack a value,
+    /// with a note saying why).
+    pub fn applies_to(self, mode: Mode) -> bool {
+        match self {
+            Self::ConnectLatency | Self::ConnPerS | Self::Throughput | Self::UpdateOne => {
+                mode != Mode::SwitchyardApi
+            }
+            Self::ProgramAll | Self::AgentRss | Self::MapMemory => true,
+            Self::ProgramSync | Self::ChangeSync | Self::ChangeCpu => mode.is_switchyard(),
+            Self::EventToMaps => mode == Mode::SwitchyardApi,
+        }
+    }
+
+    /// Whether a record of this metric for `mode` must carry a value when nothing failed
+    /// (the smoke's completeness check).
+    pub fn expected_for(self, mode: Mode) -> bool {
+        if !self.applies_to(mode) {
+            return false;
+        }
+        match self {
+            Self::ProgramAll | Self::UpdateOne => mode != Mode::Direct,
+            Self::AgentRss | Self::MapMemory => mode.is_switchyard(),
+            _ => true,
+        }
+    }
+}
+
+/// One measured quantity; `None` values are written as JSON null.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub mode: &'static str,
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub metric: &'static str,
+    pub unit: &'static str,
+    pub value: Option<f64>,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub reps: usize,
+    pub ratio_to_direct: Option<f64>,
+    pub ratio_min: Option<f64>,
+    pub ratio_max: Option<f64>,
+    pub note: Option<String>,
+}
+
+impl Record {
+    pub fn new(mode: Mode, services: usize, endpoints: usize, metric: Metric) -> Self {
+        Self {
+            mode: mode.name(),
+            services,
+            endpoints_per_service: endpoints,
+            metric: metric.name(),
+            unit: metric.unit(),
+            value: None,
+            p50: None,
+            p99: None,
+            reps: 0,
+            ratio_to_direct: None,
+            ratio_min: None,
+            ratio_max: None,
+            note: None,
+        }
+    }
+
+    pub fn is(&self, mode: Mode, metric: Metric) -> bool {
+        self.mode == mode.name() && self.metric == metric.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mode_expects_only_what_it_measures() {
+        assert!(Metric::ConnectLatency.expected_for(Mode::Direct));
+        assert!(!Metric::ProgramAll.expected_for(Mode::Direct));
+        assert!(Metric::UpdateOne.expected_for(Mode::Nftables));
+        assert!(!Metric::AgentRss.expected_for(Mode::Nftables));
+        assert!(!Metric::ChangeSync.applies_to(Mode::IptablesNft));
+        assert!(Metric::MapMemory.expected_for(Mode::SwitchyardSocket));
+        assert!(Metric::ConnectLatency.expected_for(Mode::SwitchyardTc));
+        assert!(Metric::ChangeCpu.expected_for(Mode::SwitchyardTc));
+        assert!(!Metric::EventToMaps.applies_to(Mode::SwitchyardSocket));
+        for metric in [
+            Metric::ProgramAll,
+            Metric::ProgramSync,
+            Metric::ChangeSync,
+            Metric::ChangeCpu,
+            Metric::EventToMaps,
+            Metric::AgentRss,
+            Metric::MapMemory,
+        ] {
+            assert!(metric.expected_for(Mode::SwitchyardApi), "{metric:?}");
+        }
+        assert!(!Metric::ConnectLatency.applies_to(Mode::SwitchyardApi));
+        assert!(!Metric::UpdateOne.applies_to(Mode::SwitchyardApi));
+    }
+
+    #[test]
+    fn metric_names_are_distinct() {
+        let mut names: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Metric::ALL.len());
+    }
+}
