@@ -8,13 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proxy_common::map_names;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::affinity::stale_affinity,
     hash::FastSet,
     maps::{
-        MapWriter, WriteError, apply_all_or_nothing,
+        MapWriter, WriteError, apply, apply_all_or_nothing,
         encode::{MapWrite, decode_status, encode, programmed_from_image, status_write},
     },
     model::{
@@ -87,7 +87,10 @@ pub struct Reconciler {
 
 /// The frontend addresses a plan covers, grouped by the Service they belong to now (`None`:
 /// addresses nothing wants any more).
-type Groups = BTreeMap<Option<ServiceId>, BTreeSet<FrontendKey>>;
+type Groups = BTreeMap<Option<ServiceId>, Vec<FrontendKey>>;
+
+/// From this many addresses on, a sync first tries one plan over all of them.
+const WHOLE_PLAN_MIN: usize = 256;
 
 impl Reconciler {
     /// Adopts what the maps hold.
@@ -349,16 +352,18 @@ impl Reconciler {
 
     /// Plans and writes the given addresses, one owning Service at a time, removals first.
     fn program(&mut self, keys: BTreeSet<FrontendKey>, report: &mut SyncReport) {
+        if keys.len() >= WHOLE_PLAN_MIN && self.program_whole(&keys, report) {
+            return;
+        }
         let mut groups = Groups::new();
         for key in keys {
             let owner = self.desired.owner(&key).cloned();
-            groups.entry(owner).or_default().insert(identity(&key));
+            groups.entry(owner).or_default().push(identity(&key));
         }
         // Addresses no Service wants any more go first: they only give entries back, and the
         // room they free may be what a growing Service needs. (A Service that meets a full map
         // gets a second chance below, after every other Service, shrinking ones included.)
-        let mut order: Vec<(Option<ServiceId>, BTreeSet<FrontendKey>)> =
-            groups.into_iter().collect();
+        let mut order: Vec<(Option<ServiceId>, Vec<FrontendKey>)> = groups.into_iter().collect();
         order.sort_by_key(|(owner, _)| owner.is_some());
         let mut failed_full = Vec::new();
         for (owner, keys) in order {
@@ -376,6 +381,56 @@ impl Reconciler {
                 self.retry.extend(keys);
             }
         }
+        self.remove_unused(report);
+    }
+
+    /// Many addresses at once (the first sync, a full recomputation, a large change): one plan
+    /// over all of them, still make-before-break across the whole set, which costs far less
+    /// than a plan per Service. Only when a write fails does it fall back to one Service at a
+    /// time (which isolates the failing Service); what the whole plan applied until then is a
+    /// consistent state to continue from. Returns whether the whole plan was applied.
+    fn program_whole(&mut self, keys: &BTreeSet<FrontendKey>, report: &mut SyncReport) -> bool {
+        let ops = plan_keys(&self.mirror, keys, &self.desired);
+        if self.too_large(&ops).is_some() {
+            return false;
+        }
+        let udp_keys: Vec<FrontendKey> = keys
+            .iter()
+            .filter(|key| key.protocol == crate::model::Protocol::Udp)
+            .flat_map(|key| Scope::ALL.map(|scope| FrontendKey { scope, ..*key }))
+            .collect();
+        let udp_before = self.mirror.udp_pairs(&udp_keys);
+        let applied = match apply(self.writer.as_mut(), &mut self.mirror, &ops) {
+            Ok(()) => ops.len(),
+            Err(failure) => {
+                report.operations += failure.applied;
+                debug!(
+                    "writing every address at once stopped ({failure}); going one Service at a time"
+                );
+                return false;
+            }
+        };
+        report.operations += applied;
+        let udp_after = self.mirror.udp_pairs(&udp_keys);
+        report
+            .removed_udp
+            .extend(udp_before.difference(&udp_after).copied());
+        let owners: FastSet<ServiceId> = keys
+            .iter()
+            .filter_map(|key| self.desired.owner(key).cloned())
+            .collect();
+        for owner in owners {
+            if self.not_programmed.remove(&owner).is_some() {
+                info!(service = %owner, "Service programmed");
+                report.status_changes.push((owner, None));
+            }
+        }
+        self.remove_unused(report);
+        true
+    }
+
+    /// Removes what nothing uses any more (left by interrupted writes or a previous agent).
+    fn remove_unused(&mut self, report: &mut SyncReport) {
         let orphans = sweep(&self.mirror);
         if !orphans.is_empty() {
             match apply_all_or_nothing(self.writer.as_mut(), &mut self.mirror, &orphans) {
@@ -389,7 +444,7 @@ impl Reconciler {
     fn program_group(
         &mut self,
         owner: Option<&ServiceId>,
-        keys: &BTreeSet<FrontendKey>,
+        keys: &[FrontendKey],
         report: &mut SyncReport,
     ) -> Result<(), NotProgrammed> {
         let ops = plan_keys(&self.mirror, keys, &self.desired);
@@ -549,7 +604,10 @@ mod tests {
     use super::*;
     use crate::{
         maps::{FakeMaps, FaultyWriter, Shared, encode::MapImage},
-        model::{cluster::Change, input::ServiceInput},
+        model::{
+            cluster::Change,
+            input::{ServiceInput, SliceInput},
+        },
         render::dump,
         source::manifest,
     };
@@ -562,12 +620,22 @@ mod tests {
 
     /// A Service `name` at 10.96.0.N (and fd00::N) with the given IPv4 endpoints.
     fn service_yaml(name: &str, index: u8, backends: &[&str]) -> String {
+        service_at(
+            name,
+            &format!("10.96.0.{index}"),
+            &format!("fd00::{index}"),
+            backends,
+        )
+    }
+
+    /// A dual-stack Service `name` with the given IPv4 endpoints.
+    fn service_at(name: &str, ipv4: &str, ipv6: &str, backends: &[&str]) -> String {
         let endpoints: Vec<String> = backends
             .iter()
             .map(|ip| format!("{{addresses: [{ip}]}}"))
             .collect();
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.{index}, clusterIPs: [10.96.0.{index}, 'fd00::{index}'], ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ipv4}, clusterIPs: [{ipv4}, '{ipv6}'], ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
             endpoints.join(", ")
         )
     }
@@ -852,6 +920,86 @@ mod tests {
         assert_eq!(
             dump_of(&maps.lock().image),
             dump_of(&reference.lock().image)
+        );
+    }
+
+    /// `count` Services of `backends` IPv4 backends each.
+    fn lots(count: usize, backends: usize) -> ClusterSnapshot {
+        let yaml: Vec<String> = (0..count)
+            .map(|index| {
+                let (high, low) = (index / 256, index % 256);
+                let ips: Vec<String> = (1..=backends)
+                    .map(|b| format!("10.{}.{low}.{b}", 100 + high))
+                    .collect();
+                let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+                let name = format!("svc-{index}");
+                service_at(
+                    &name,
+                    &format!("10.97.{high}.{low}"),
+                    &format!("fd97::{high}:{low}"),
+                    &ips,
+                )
+            })
+            .collect();
+        snapshot(&yaml.join("---\n"))
+    }
+
+    #[test]
+    fn many_services_at_once_are_written_by_one_plan_equal_to_one_plan_per_service() {
+        let all = lots(300, 2);
+        let whole = Shared::new(FakeMaps::default());
+        let mut agent = agent(&whole);
+        let report = agent.sync_snapshot(&all, &ModelConfig::default());
+        assert!(agent.not_programmed().is_empty(), "{report:?}");
+        // The same Services arriving one at a time take the per-Service path.
+        let one_by_one = Shared::new(FakeMaps::default());
+        let mut reference = Reconciler::new(Box::new(one_by_one.clone())).unwrap();
+        for (service, slice) in all.services.iter().zip(&all.endpoint_slices) {
+            let service = Arc::new(ServiceInput::from(&**service));
+            let slice = Arc::new(SliceInput::from(&**slice));
+            reference.absorb(Delta::Change(Change::Service(
+                service.id.clone(),
+                Some(service),
+            )));
+            reference.absorb(Delta::Change(Change::Slice(slice.key.clone(), Some(slice))));
+            reference.sync(&ModelConfig::default());
+        }
+        assert_eq!(
+            dump_of(&whole.lock().image),
+            dump_of(&one_by_one.lock().image)
+        );
+    }
+
+    #[test]
+    fn when_the_whole_plan_meets_a_full_map_each_service_is_tried_on_its_own() {
+        // Room for 500 backends: 250 Services of two fit, 50 do not.
+        let maps = Shared::new(FakeMaps::default().with_capacity(map_names::BACKENDS4, 500));
+        let mut agent = agent(&maps);
+        agent.sync_snapshot(&lots(300, 2), &ModelConfig::default());
+        assert_eq!(agent.not_programmed().len(), 50);
+        assert!(
+            agent
+                .not_programmed()
+                .values()
+                .all(|status| status.reason == "map_full")
+        );
+        assert_eq!(
+            maps.lock().image.backends4.len(),
+            500,
+            "every slot of room is used"
+        );
+        let image = maps.lock().image.clone();
+        assert_datapath_consistent(&image, "after the fallback");
+        assert_eq!(&programmed_from_image(&image).0, agent.mirror());
+        // Every programmed Service is complete: its master counts both backends.
+        let masters = image
+            .services4
+            .iter()
+            .filter(|(key, _)| key.backend_slot == 0)
+            .count();
+        assert_eq!(
+            masters, 250,
+            "programmed Services are whole, the others absent"
         );
     }
 

@@ -51,8 +51,9 @@ impl Touched {
 pub struct Cluster {
     services: FastMap<ServiceId, Arc<ServiceInput>>,
     slices: FastMap<ObjectKey, Arc<SliceInput>>,
-    /// Slices by the Service their label names, in name order (a stable merge order).
-    slices_by_service: FastMap<ServiceId, BTreeSet<ObjectKey>>,
+    /// Slices by the Service their label names, in name order (a stable merge order; a sorted
+    /// vector, since most Services have one or two).
+    slices_by_service: FastMap<ServiceId, Vec<ObjectKey>>,
     nodes: BTreeMap<String, Arc<NodeInput>>,
     /// Slices without a `kubernetes.io/service-name` label (they serve nothing).
     unlabelled: BTreeSet<ObjectKey>,
@@ -114,12 +115,14 @@ impl Cluster {
         let current = self.slices.get(key).and_then(|slice| slice.service());
         for service in services {
             if current.as_ref() == Some(service) {
-                self.slices_by_service
-                    .entry(service.clone())
-                    .or_default()
-                    .insert(key.clone());
+                let keys = self.slices_by_service.entry(service.clone()).or_default();
+                if let Err(at) = keys.binary_search(key) {
+                    keys.insert(at, key.clone());
+                }
             } else if let Some(keys) = self.slices_by_service.get_mut(service) {
-                keys.remove(key);
+                if let Ok(at) = keys.binary_search(key) {
+                    keys.remove(at);
+                }
                 if keys.is_empty() {
                     self.slices_by_service.remove(service);
                 }

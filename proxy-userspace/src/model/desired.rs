@@ -22,6 +22,41 @@ struct Claim {
     index: usize,
 }
 
+/// Claimants of one address, best first. Almost every address has exactly one, so a sorted
+/// vector (one small allocation) rather than a tree (a node for eleven).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Queue(Vec<Claim>);
+
+impl Queue {
+    fn insert(&mut self, claim: Claim) {
+        if let Err(at) = self.0.binary_search(&claim) {
+            self.0.insert(at, claim);
+        }
+    }
+
+    fn remove(&mut self, claim: &Claim) {
+        if let Ok(at) = self.0.binary_search(claim) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&Claim> {
+        self.0.first()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Claim> {
+        self.0.iter()
+    }
+}
+
 /// Which node facts a change concerns (see `service::NodeDependence`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeFact {
@@ -56,7 +91,7 @@ impl Changed {
 #[derive(Debug, Default)]
 pub struct Desired {
     outputs: FastMap<ServiceId, ServiceOutput>,
-    claims: FastMap<FrontendKey, BTreeSet<Claim>>,
+    claims: FastMap<FrontendKey, Queue>,
     health_claims: BTreeMap<u16, BTreeSet<ServiceId>>,
     zone_dependents: FastSet<ServiceId>,
     nodeport_dependents: FastSet<ServiceId>,
