@@ -18,7 +18,8 @@ use crate::{
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs, RunArgs},
     datapath::{
         conntrack::{Conntrack, monotonic_now_ns},
-        counters::{DatapathCounters, SocketTranslations},
+        counters::DatapathCounters,
+        fill::{self, DatapathMaps, FillAlarms, FillTracker},
         udp_reaper::{NetlinkReaper, SocketsAndFlows},
     },
     maps::{KernelMaps, MapWriter},
@@ -90,20 +91,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let bpffs = mounts::resolve_bpffs(&args.pins.bpffs)?;
     let pins = PinLayout::new(bpffs);
 
-    let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
+    let (mut ebpf, mut migration) =
+        loader::load_object(EBPF_OBJECT, &pins, &args.map_sizes.capacities())?;
     let north_south = north_south_settings(&args);
     north_south::check_node_settings(&north_south);
     let (generation, tc_attachments) = loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
+    migration.after_attach();
     let retired = loader::retire_links(&pins, Some(&generation));
     if retired > 0 {
         info!(retired, "took over from a previous agent's links");
     }
+    migration.finish();
     let writer = KernelMaps::take_from(&mut ebpf)?;
     let reaper = SocketsAndFlows {
         sockets: NetlinkReaper::take_from(&mut ebpf)?,
         flows: Conntrack::open_pinned(&pins).context("opening the conntrack maps")?,
     };
-    spawn_conntrack_gc(Conntrack::open_pinned(&pins).context("opening the conntrack maps")?);
+    let fill = Arc::new(FillTracker::from_pins(&pins));
+    spawn_upkeep(
+        Conntrack::open_pinned(&pins).context("opening the conntrack maps")?,
+        DatapathMaps::open_pinned(&pins).context("opening the socket and affinity maps")?,
+        fill.clone(),
+        stats.clone(),
+    );
     let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
     // The loaded programs now only serve to attach to interfaces that appear later; the
     // attached ones live on through their pinned links.
@@ -114,15 +124,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         north_south,
         tc_attachments,
     ));
-    let sockets = Arc::new(SocketTranslations::open_pinned(
-        &pins.map(map_names::SOCK_REV_NAT4),
-        &pins.map(map_names::SOCK_REV_NAT6),
-    )?);
     let health_checks = healthcheck::HealthCheckServer::new(
         healthcheck::BindTo::AllAddresses,
         proxy_health(&stats, health::stale_after(args.sync_period)),
     );
-    start_endpoints(&args, &stats, counters, sockets, &health_checks).await;
+    start_endpoints(&args, &stats, counters, fill, &health_checks).await;
     let node = NodeConfig::new(
         ModelConfig {
             node_name: args.node_name.clone(),
@@ -179,35 +185,56 @@ fn spawn_interface_follower(mut follower: InterfaceFollower) {
     });
 }
 
-/// How often expired north-south flows are removed from the conntrack maps.
-const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
+/// How often the fill of every map is checked against its capacity (the agent-written maps'
+/// counts are the mirror's, so this costs nothing).
+const FILL_CHECK_PERIOD: Duration = Duration::from_secs(2);
+/// Every this many fill checks, expired north-south flows are removed and the maps the
+/// datapath writes are counted (a walk of each): every 10 s.
+const WALKS_EVERY: u32 = 5;
 
-/// Removes expired flows in the background (the datapath only refreshes lifetimes).
-fn spawn_conntrack_gc(mut conntrack: Conntrack) {
+/// The datapath's periodic upkeep: the datapath only refreshes conntrack lifetimes, and the
+/// maps it fills are walked here, never at scrape time.
+fn spawn_upkeep(
+    mut conntrack: Conntrack,
+    mut counted: DatapathMaps,
+    fill: Arc<FillTracker>,
+    stats: StatsHandle,
+) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CONNTRACK_GC_PERIOD);
+        let mut alarms = FillAlarms::default();
+        let mut tick = tokio::time::interval(FILL_CHECK_PERIOD);
+        let mut round: u32 = 0;
         loop {
             tick.tick().await;
-            let collected = tokio::task::spawn_blocking(move || {
-                let report = conntrack.collect_garbage(monotonic_now_ns());
-                (conntrack, report)
-            })
-            .await;
-            match collected {
-                Ok((back, report)) => {
-                    conntrack = back;
-                    if report.removed > 0 {
-                        debug!(
-                            removed = report.removed,
-                            live = report.live_flows,
-                            "conntrack garbage collected"
-                        );
-                    }
-                }
-                Err(failure) => {
-                    error!("conntrack garbage collection stopped: {failure}");
+            let walk = round.is_multiple_of(WALKS_EVERY);
+            round = round.wrapping_add(1);
+            if walk {
+                let pass = tokio::task::spawn_blocking(move || {
+                    let report = conntrack.collect_garbage(monotonic_now_ns());
+                    let counts = counted.count();
+                    (conntrack, counted, report, counts)
+                })
+                .await;
+                let Ok((back, back_counted, report, counts)) = pass else {
+                    error!("the datapath upkeep stopped: a walk of the maps failed");
                     return;
+                };
+                (conntrack, counted) = (back, back_counted);
+                fill.record(counts);
+                fill.record([
+                    (map_names::CT4, report.entries.0 as u64),
+                    (map_names::CT6, report.entries.1 as u64),
+                ]);
+                if report.removed > 0 {
+                    debug!(
+                        removed = report.removed,
+                        live = report.live_flows,
+                        "conntrack garbage collected"
+                    );
                 }
+            }
+            for event in alarms.check(&fill.fill(&stats.snapshot().map_entries)) {
+                fill::log(&event);
             }
         }
     });
@@ -236,7 +263,7 @@ async fn start_endpoints(
     args: &RunArgs,
     stats: &StatsHandle,
     counters: Arc<DatapathCounters>,
-    sockets: Arc<SocketTranslations>,
+    fill: Arc<FillTracker>,
     health_checks: &healthcheck::HealthCheckServer,
 ) {
     if let Some(address) = args.metrics_bind_address.0 {
@@ -244,11 +271,13 @@ async fn start_endpoints(
         let health_checks = health_checks.counters();
         let handler: http::Handler = Arc::new(move |path| match path {
             "/metrics" => {
+                let stats = stats.snapshot();
+                let maps = fill.fill(&stats.map_entries);
                 let mut text = metrics::render(
-                    &stats.snapshot(),
+                    &stats,
                     &metrics::DatapathView {
                         reasons: &counters.read(),
-                        socket_translations: sockets.count(),
+                        maps: &maps,
                     },
                 );
                 metrics::render_health_checks(&mut text, &health_checks);
