@@ -576,3 +576,32 @@ fn each_maps_fill_shows_against_its_capacity_and_warns_before_it_is_full() {
     );
     hold.finish().expect("the held connection finished");
 }
+
+#[test]
+fn leftovers_of_an_interrupted_migration_are_removed_at_start() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 1);
+    let vip: IpAddr = "10.96.15.10".parse().unwrap();
+    // An agent killed while it filled new maps leaves their staging pins behind.
+    let staging = harness.bpffs().agent_dir().join("v1/migrating");
+    std::fs::create_dir_all(&staging).expect("creating the staging directory");
+    let leftover = staging.join(map_names::SERVICES4);
+    pinned_maps::pin_hash::<Service4Key, ServiceValue>(&leftover, 16, BPF_F_NO_PREALLOC)
+        .expect("pinning a leftover");
+    let leftover_id = pinned_maps::shape(&leftover).expect("a pin").id;
+
+    harness.write_manifests(&web_manifests(vip, &harness.backend_ipv4s()));
+    harness.start_agent(&[]);
+    harness.wait_until_translated(ClientProto::Tcp, SocketAddr::new(vip, 80));
+    assert!(
+        pinned_objects(&staging).expect("listing").is_empty(),
+        "the staging pin is still there"
+    );
+    let adopted = pinned_maps::shape(&harness.bpffs().agent_dir().join("v1/maps/SVC4_V1"))
+        .expect("the services map is pinned");
+    assert_ne!(adopted.id, leftover_id, "a leftover is never adopted");
+    let gone = wait_until(Duration::from_secs(3), Duration::from_millis(50), || {
+        (!pinned_maps::map_alive(leftover_id)).then_some(())
+    });
+    assert!(gone.is_some(), "the leftover map was not released");
+}

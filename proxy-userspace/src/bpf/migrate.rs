@@ -119,6 +119,7 @@ pub fn check(pins: &PinLayout, capacities: &Capacities) -> Result<MapCheck, Load
             refusals.push(refuse(reason));
             continue;
         }
+        warn_if_shrunk_below_content(spec, &old, wanted.max_entries);
         pending.push(Pending {
             spec,
             old,
@@ -152,6 +153,25 @@ fn does_not_fit(spec: &MapSpec, old: &Map, capacity: u32) -> Option<String> {
             "it holds {entries} entries, more than the {capacity} configured ({setting}): raise the capacity, or remove Services first"
         )
     })
+}
+
+/// An LRU map shrunk below its content keeps what fits (the datapath would evict the rest
+/// anyway): said once, with the numbers.
+fn warn_if_shrunk_below_content(spec: &MapSpec, old: &Map, capacity: u32) {
+    if spec.kind != MapKind::LruHash {
+        return;
+    }
+    if let Some(Ok(entries)) = map_table::with_types(spec.name, Count(old))
+        && entries > capacity as usize
+    {
+        warn!(
+            map = spec.name,
+            entries,
+            capacity,
+            "map {} holds {entries} entries, more than its new capacity of {capacity}: only that many are kept",
+            spec.name
+        );
+    }
 }
 
 impl MapCheck {
@@ -253,10 +273,12 @@ impl Migration {
     }
 
     fn copy_datapath_written(&mut self, when: &str) {
+        // Arrays (the reason counters) are copied once, before the switch: copying them again
+        // would overwrite what the new programs counted meanwhile, and counters never go back.
         for map in self
             .maps
             .iter_mut()
-            .filter(|map| map.spec.writer == Writer::Datapath)
+            .filter(|map| map.spec.writer == Writer::Datapath && map.spec.kind.has_entries())
         {
             // Best effort: the entry at stake is one connection's, and copying is idempotent.
             if let Err(reason) = copy(map.spec, &map.old, &mut map.new) {
@@ -363,5 +385,166 @@ impl TypedVisitor for Count<'_> {
             }
             MapKind::Array | MapKind::PerCpuArray => Ok(def.spec.default_capacity() as usize),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::{PerCpuValues, lpm_trie::Key};
+    use proxy_common::{
+        BPF_F_NO_PREALLOC, DatapathConfig, Service4Key, ServiceValue, SourceRange4, map_table,
+    };
+
+    use super::*;
+
+    /// These tests create real (unpinned) maps: they need CAP_BPF, as `cargo xtask test` has.
+    fn may_create_maps() -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            eprintln!("skipping: creating BPF maps needs root");
+        }
+        root
+    }
+
+    fn service_key(slot: u16) -> Service4Key {
+        Service4Key {
+            address: 0x0a60_000a,
+            port_be: 80u16.to_be(),
+            backend_slot: slot,
+            protocol: proxy_common::protocol::TCP,
+            ..Service4Key::default()
+        }
+    }
+
+    fn services(capacity: u32, entries: u16) -> Map {
+        let mut map =
+            HashMap::<MapData, Service4Key, ServiceValue>::create(capacity, BPF_F_NO_PREALLOC)
+                .expect("creating a hash map");
+        for slot in 0..entries {
+            let value = ServiceValue {
+                backend_id: u32::from(slot),
+                ..ServiceValue::default()
+            };
+            map.insert(service_key(slot), value, 0).expect("inserting");
+        }
+        Map::HashMap(map_data(&map))
+    }
+
+    fn map_data<T: IterableMap<K, V>, K: Pod, V>(map: &T) -> MapData {
+        // Reopen by id: the typed wrappers keep their MapData to themselves.
+        let id = map.map().info().expect("map info").id();
+        MapData::from_id(id).expect("reopening the map")
+    }
+
+    #[test]
+    fn every_entry_of_a_hash_map_is_copied_and_a_second_copy_changes_nothing() {
+        if !may_create_maps() {
+            return;
+        }
+        let old = services(64, 5);
+        let mut new = services(128, 0);
+        let spec = &map_table::SERVICES4.spec;
+        assert_eq!(copy(spec, &old, &mut new), Ok(5));
+        assert_eq!(copy(spec, &old, &mut new), Ok(5), "idempotent");
+        let copied =
+            HashMap::<&MapData, Service4Key, ServiceValue>::try_from(&new).expect("typed view");
+        assert_eq!(copied.keys().count(), 5);
+        assert_eq!(
+            copied.get(&service_key(3), 0).expect("copied").backend_id,
+            3
+        );
+    }
+
+    #[test]
+    fn agent_written_entries_must_fit_the_new_capacity() {
+        if !may_create_maps() {
+            return;
+        }
+        let old = services(64, 5);
+        let spec = &map_table::SERVICES4.spec;
+        assert_eq!(does_not_fit(spec, &old, 5), None);
+        assert_eq!(
+            does_not_fit(spec, &old, 4).as_deref(),
+            Some(
+                "it holds 5 entries, more than the 4 configured (--bpf-lb-map-max): raise the capacity, or remove Services first"
+            )
+        );
+        // Datapath-written maps are never refused for their content (an LRU keeps what fits).
+        assert_eq!(does_not_fit(&map_table::CT4.spec, &old, 1), None);
+    }
+
+    #[test]
+    fn tries_arrays_and_per_cpu_counters_are_copied_by_their_own_rules() {
+        if !may_create_maps() {
+            return;
+        }
+        let trie = |entries: u32| {
+            let mut trie = LpmTrie::<MapData, SourceRange4, u32>::create(16, BPF_F_NO_PREALLOC)
+                .expect("creating a trie");
+            for id in 0..entries {
+                let range = SourceRange4 {
+                    rev_nat_id_be: id.to_be(),
+                    address: 0x0000_71cb,
+                };
+                trie.insert(&Key::new(32 + 24, range), id, 0)
+                    .expect("inserting a prefix");
+            }
+            Map::LpmTrie(map_data(&trie))
+        };
+        let mut new = trie(0);
+        assert_eq!(
+            copy(&map_table::SOURCE_RANGES4.spec, &trie(3), &mut new),
+            Ok(3)
+        );
+
+        let config = |value: u16| {
+            let mut array = Array::<MapData, DatapathConfig>::create(1, 0).expect("array");
+            array
+                .set(
+                    0,
+                    DatapathConfig {
+                        snat_port_min: value,
+                        ..DatapathConfig::default()
+                    },
+                    0,
+                )
+                .expect("setting");
+            Map::Array(map_data(&array))
+        };
+        let mut new_config = config(0);
+        assert_eq!(
+            copy(
+                &map_table::DATAPATH_CONFIG.spec,
+                &config(61_000),
+                &mut new_config
+            ),
+            Ok(1)
+        );
+        let copied = Array::<&MapData, DatapathConfig>::try_from(&new_config).expect("view");
+        assert_eq!(copied.get(&0, 0).expect("slot 0").snat_port_min, 61_000);
+
+        // A counters array of another length: the common slots move, per CPU.
+        let counters = |len: u32, value: u64| {
+            let mut array = PerCpuArray::<MapData, u64>::create(len, 0).expect("per-CPU array");
+            let cpus = aya::util::nr_cpus().expect("CPU count");
+            for index in 0..len {
+                array
+                    .set(
+                        index,
+                        PerCpuValues::try_from(vec![value; cpus]).expect("values"),
+                        0,
+                    )
+                    .expect("setting");
+            }
+            Map::PerCpuArray(map_data(&array))
+        };
+        let mut longer = counters(8, 0);
+        assert_eq!(
+            copy(&map_table::METRICS.spec, &counters(4, 7), &mut longer),
+            Ok(4)
+        );
+        let copied = PerCpuArray::<&MapData, u64>::try_from(&longer).expect("view");
+        assert!(copied.get(&3, 0).expect("slot 3").iter().all(|v| *v == 7));
+        assert!(copied.get(&4, 0).expect("slot 4").iter().all(|v| *v == 0));
     }
 }
