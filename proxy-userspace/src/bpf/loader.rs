@@ -80,7 +80,10 @@ pub fn load_object(
             return Err(LoadError::Object(error));
         }
     };
-    let migration = check.migrate(pins)?;
+    let migration = check.migrate(pins).inspect_err(|_| {
+        // Maps not yet in place go; pins already replaced hold complete copies.
+        let _ = migrate::clear_staging(pins);
+    })?;
     Ok((ebpf, migration))
 }
 
