@@ -6,12 +6,15 @@
 //! network byte order stored in native `u32`s). A compile-time size/alignment assertion sits
 //! beside each type so a layout change cannot slip through unnoticed; a layout change must bump
 //! [`MAP_LAYOUT_VERSION`] so a new agent never adopts maps written with the old layout.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod map_table;
 
 /// Version of the map layout. It is part of every map name and of the bpffs pin directory.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 
-/// Map names as they appear in the eBPF object and under the pin directory.
+/// Map names as they appear in the eBPF object and under the pin directory; the rest of what
+/// describes each map (kind, types, capacity, flags) is in [`map_table`].
 pub mod map_names {
     pub const SERVICES4: &str = "SVC4_V1";
     pub const SERVICES6: &str = "SVC6_V1";
@@ -31,46 +34,8 @@ pub mod map_names {
     pub const DATAPATH_CONFIG: &str = "CONFIG_V1";
     pub const SERVICE_STATUS: &str = "SVC_STATUS_V1";
 
-    /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 17] = [
-        SERVICES4,
-        SERVICES6,
-        BACKENDS4,
-        BACKENDS6,
-        REV_NAT4,
-        REV_NAT6,
-        SOCK_REV_NAT4,
-        SOCK_REV_NAT6,
-        METRICS,
-        AFFINITY,
-        SERVICE_NAMES,
-        CT4,
-        CT6,
-        SOURCE_RANGES4,
-        SOURCE_RANGES6,
-        DATAPATH_CONFIG,
-        SERVICE_STATUS,
-    ];
-}
-
-/// Capacities of the maps (the eBPF side declares them with these numbers).
-pub mod capacity {
-    /// Service entries: one master slot plus one slot per backend, for every frontend.
-    pub const SERVICES: u32 = 262_144;
-    pub const BACKENDS: u32 = 262_144;
-    pub const REV_NAT: u32 = 131_072;
-    /// Socket reverse-NAT entries are an LRU: connected sockets are removed at sock_release,
-    /// unconnected UDP entries age out under pressure.
-    pub const SOCK_REV_NAT: u32 = 262_144;
-    /// ClientIP session-affinity entries (one per client and service); an LRU.
-    pub const AFFINITY: u32 = 131_072;
-    /// Connection-tracking entries of the TC path (an LRU): two per flow (forward and reply).
-    pub const CT4: u32 = 524_288;
-    pub const CT6: u32 = 262_144;
-    /// loadBalancerSourceRanges prefixes, all services together.
-    pub const SOURCE_RANGES: u32 = 65_536;
-    /// Services the agent could not program, with the reason (for `inspect`).
-    pub const SERVICE_STATUS: u32 = 16_384;
+    /// The TC path's per-CPU scratch space (not pinned, so not versioned).
+    pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
 }
 
 /// Protocol numbers as stored in keys (IANA numbers, as in `bpf_sock_addr.protocol`).

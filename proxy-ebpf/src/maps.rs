@@ -1,67 +1,110 @@
-//! The maps shared with the agent. Layouts and names come from `proxy-common`; the agent pins
-//! every one of them so they outlive it.
+//! The maps shared with the agent, declared from `proxy_common::map_table`: each static takes
+//! its kind, types, default capacity and flags from the table, and a compile-time check holds
+//! its name (the static's identifier, which becomes the map's name) to the table's. The agent
+//! pins every pinned map so they outlive it, and sizes them at load time.
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
-    Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceValue,
-    ServiceStatus, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
-    SourceRange6, capacity, reason,
+    AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
+    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceStatus,
+    ServiceValue,
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
+    map_table::{self, MapDef, MapKind, MapSpec},
 };
 
-#[map]
-pub static SVC4_V1: HashMap<Service4Key, ServiceValue> =
-    HashMap::with_max_entries(capacity::SERVICES, 0);
-#[map]
-pub static SVC6_V1: HashMap<Service6Key, ServiceValue> =
-    HashMap::with_max_entries(capacity::SERVICES, 0);
-#[map]
-pub static BACKEND4_V1: HashMap<u32, Backend4> = HashMap::with_max_entries(capacity::BACKENDS, 0);
-#[map]
-pub static BACKEND6_V1: HashMap<u32, Backend6> = HashMap::with_max_entries(capacity::BACKENDS, 0);
-#[map]
-pub static REV_NAT4_V1: HashMap<u32, RevNat4> = HashMap::with_max_entries(capacity::REV_NAT, 0);
-#[map]
-pub static REV_NAT6_V1: HashMap<u32, RevNat6> = HashMap::with_max_entries(capacity::REV_NAT, 0);
-#[map]
-pub static SOCK_NAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4> =
-    LruHashMap::with_max_entries(capacity::SOCK_REV_NAT, 0);
-#[map]
-pub static SOCK_NAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
-    LruHashMap::with_max_entries(capacity::SOCK_REV_NAT, 0);
-#[map]
-pub static METRICS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
-#[map]
-pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
-/// Written and read by the agent only (names for `inspect`); no program touches it.
-#[map]
-pub static SVC_NAMES_V1: HashMap<u32, ServiceName> =
-    HashMap::with_max_entries(capacity::REV_NAT, BPF_F_NO_PREALLOC);
-/// Written and read by the agent only (Services it could not program, for `inspect`).
-#[map]
-pub static SVC_STATUS_V1: HashMap<ServiceName, ServiceStatus> =
-    HashMap::with_max_entries(capacity::SERVICE_STATUS, BPF_F_NO_PREALLOC);
-/// The TC path's connection tracking: forward and reply entries of every translated flow.
-#[map]
-pub static CT4_V1: LruHashMap<Ct4Key, Ct4Entry> = LruHashMap::with_max_entries(capacity::CT4, 0);
-#[map]
-pub static CT6_V1: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::with_max_entries(capacity::CT6, 0);
-/// loadBalancerSourceRanges per frontend (LPM tries must be created without preallocation).
-#[map]
-pub static SRC_RANGE4_V1: LpmTrie<SourceRange4, u32> =
-    LpmTrie::with_max_entries(capacity::SOURCE_RANGES, BPF_F_NO_PREALLOC);
-#[map]
-pub static SRC_RANGE6_V1: LpmTrie<SourceRange6, u32> =
-    LpmTrie::with_max_entries(capacity::SOURCE_RANGES, BPF_F_NO_PREALLOC);
-/// The agent's settings for the TC path (one entry).
-#[map]
-pub static CONFIG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);
-/// Per-CPU scratch space for bpf_fib_lookup's parameters: the stack of the TC stages is too
-/// small to hold them next to an IPv6 flow's state. Not pinned (it holds nothing between
-/// packets).
-#[map]
-pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
-    PerCpuArray::with_max_entries(1, 0);
+// Constructors that take everything from a table definition; the key and value types must be
+// the definition's, and the kind is checked when the static is evaluated (at compile time).
+
+const fn hash<K, V>(def: &MapDef<K, V>) -> HashMap<K, V> {
+    assert!(matches!(def.spec.kind, MapKind::Hash));
+    HashMap::with_max_entries(def.spec.default_capacity(), def.spec.flags)
+}
+
+const fn lru<K, V>(def: &MapDef<K, V>) -> LruHashMap<K, V> {
+    assert!(matches!(def.spec.kind, MapKind::LruHash));
+    LruHashMap::with_max_entries(def.spec.default_capacity(), def.spec.flags)
+}
+
+const fn trie<K, V>(def: &MapDef<K, V>) -> LpmTrie<K, V> {
+    assert!(matches!(def.spec.kind, MapKind::LpmTrie));
+    LpmTrie::with_max_entries(def.spec.default_capacity(), def.spec.flags)
+}
+
+const fn array<V>(def: &MapDef<u32, V>) -> Array<V> {
+    assert!(matches!(def.spec.kind, MapKind::Array));
+    Array::with_max_entries(def.spec.default_capacity(), def.spec.flags)
+}
+
+const fn per_cpu_array<V>(def: &MapDef<u32, V>) -> PerCpuArray<V> {
+    assert!(matches!(def.spec.kind, MapKind::PerCpuArray));
+    PerCpuArray::with_max_entries(def.spec.default_capacity(), def.spec.flags)
+}
+
+/// For a map whose value type lives outside `proxy-common` (the kernel's own structs): the
+/// table gives its size, checked here.
+const fn per_cpu_array_of<V>(spec: &MapSpec) -> PerCpuArray<V> {
+    assert!(matches!(spec.kind, MapKind::PerCpuArray));
+    assert!(size_of::<V>() == spec.value_size as usize);
+    PerCpuArray::with_max_entries(spec.default_capacity(), spec.flags)
+}
+
+/// Declares a `#[map]` static from a table entry and checks that its name is the table's.
+macro_rules! table_map {
+    ($(#[$doc:meta])* $name:ident: $ty:ty = $constructor:ident($def:expr)) => {
+        table_map!(@declare $(#[$doc])* $name: $ty = $constructor(&$def), $def.spec.name);
+    };
+    ($(#[$doc:meta])* untyped $name:ident: $ty:ty = $constructor:ident($spec:expr)) => {
+        table_map!(@declare $(#[$doc])* $name: $ty = $constructor(&$spec), $spec.name);
+    };
+    (@declare $(#[$doc:meta])* $name:ident: $ty:ty = $init:expr, $table_name:expr) => {
+        $(#[$doc])*
+        #[map]
+        pub static $name: $ty = $init;
+        const _: () = assert!(
+            map_table::same_name(stringify!($name), $table_name),
+            concat!("the static ", stringify!($name), " is not named as its map_table entry"),
+        );
+    };
+}
+
+table_map!(SVC4_V1: HashMap<Service4Key, ServiceValue> = hash(map_table::SERVICES4));
+table_map!(SVC6_V1: HashMap<Service6Key, ServiceValue> = hash(map_table::SERVICES6));
+table_map!(BACKEND4_V1: HashMap<u32, Backend4> = hash(map_table::BACKENDS4));
+table_map!(BACKEND6_V1: HashMap<u32, Backend6> = hash(map_table::BACKENDS6));
+table_map!(REV_NAT4_V1: HashMap<u32, RevNat4> = hash(map_table::REV_NAT4));
+table_map!(REV_NAT6_V1: HashMap<u32, RevNat6> = hash(map_table::REV_NAT6));
+table_map!(SOCK_NAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4> = lru(map_table::SOCK_REV_NAT4));
+table_map!(SOCK_NAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6> = lru(map_table::SOCK_REV_NAT6));
+table_map!(METRICS_V1: PerCpuArray<u64> = per_cpu_array(map_table::METRICS));
+table_map!(AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> = lru(map_table::AFFINITY));
+table_map!(
+    /// Written and read by the agent only (names for `inspect`); no program touches it.
+    SVC_NAMES_V1: HashMap<u32, ServiceName> = hash(map_table::SERVICE_NAMES)
+);
+table_map!(
+    /// Written and read by the agent only (Services it could not program, for `inspect`).
+    SVC_STATUS_V1: HashMap<ServiceName, ServiceStatus> = hash(map_table::SERVICE_STATUS)
+);
+table_map!(
+    /// The TC path's connection tracking: forward and reply entries of every translated flow.
+    CT4_V1: LruHashMap<Ct4Key, Ct4Entry> = lru(map_table::CT4)
+);
+table_map!(CT6_V1: LruHashMap<Ct6Key, Ct6Entry> = lru(map_table::CT6));
+table_map!(
+    /// loadBalancerSourceRanges per frontend.
+    SRC_RANGE4_V1: LpmTrie<SourceRange4, u32> = trie(map_table::SOURCE_RANGES4)
+);
+table_map!(SRC_RANGE6_V1: LpmTrie<SourceRange6, u32> = trie(map_table::SOURCE_RANGES6));
+table_map!(
+    /// The agent's settings for the TC path (one entry).
+    CONFIG_V1: Array<DatapathConfig> = array(map_table::DATAPATH_CONFIG)
+);
+table_map!(
+    /// Per-CPU scratch space for bpf_fib_lookup's parameters: the stack of the TC stages is too
+    /// small to hold them next to an IPv6 flow's state. Not pinned (it holds nothing between
+    /// packets).
+    untyped FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = per_cpu_array_of(map_table::FIB_SCRATCH)
+);

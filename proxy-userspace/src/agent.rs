@@ -20,7 +20,8 @@ use crate::{
     cli::RunArgs,
     datapath::{
         conntrack::{Conntrack, monotonic_now_ns},
-        counters::{DatapathCounters, SocketTranslations},
+        counters::DatapathCounters,
+        fill::{self, DatapathMaps, FillAlarms, FillTracker},
         udp_reaper::{NetlinkReaper, SocketsAndFlows},
     },
     maps::KernelMaps,
@@ -90,7 +91,9 @@ struct Dataplane {
     /// One handle on the conntrack maps, shared by the UDP cleanup and the garbage collector.
     conntrack: Arc<Mutex<Conntrack>>,
     counters: Arc<DatapathCounters>,
-    translations: Arc<SocketTranslations>,
+    /// The maps the datapath fills (counted by the upkeep, never at scrape time).
+    datapath_maps: DatapathMaps,
+    fill: Arc<FillTracker>,
     /// Attaches the TC program to interfaces that appear later.
     follower: InterfaceFollower,
 }
@@ -99,23 +102,27 @@ impl Dataplane {
     fn install(args: &RunArgs) -> Result<Self> {
         let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
         let pins = PinLayout::new(mounts::resolve_bpffs(&args.pins.bpffs)?);
-        let mut ebpf = loader::load_object(EBPF_OBJECT, &pins)?;
+        // Pinned maps of another capacity or flags are migrated (see `bpf::migrate`): copied
+        // before the new programs attach, copied again before the old links go.
+        let (mut ebpf, mut migration) =
+            loader::load_object(EBPF_OBJECT, &pins, &args.map_sizes.capacities())?;
         let north_south = north_south_settings(args);
         north_south::check_node_settings(&north_south);
         let (generation, tc_attachments) =
             loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
+        migration.after_attach();
         let retired = loader::retire_links(&pins, Some(&generation));
         if retired > 0 {
             info!(retired, "took over from a previous agent's links");
         }
+        migration.finish();
         let writer = KernelMaps::take_from(&mut ebpf)?;
         let sockets = NetlinkReaper::take_from(&mut ebpf)?;
         let conntrack = Conntrack::open_pinned(&pins).context("opening the conntrack maps")?;
         let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
-        let translations = Arc::new(SocketTranslations::open_pinned(
-            &pins.map(map_names::SOCK_REV_NAT4),
-            &pins.map(map_names::SOCK_REV_NAT6),
-        )?);
+        let datapath_maps =
+            DatapathMaps::open_pinned(&pins).context("opening the socket and affinity maps")?;
+        let fill = Arc::new(FillTracker::from_pins(&pins));
         // The loaded programs now only serve to attach to interfaces that appear later; the
         // attached ones live on through their pinned links.
         let follower =
@@ -127,7 +134,8 @@ impl Dataplane {
             sockets,
             conntrack: Arc::new(Mutex::new(conntrack)),
             counters,
-            translations,
+            datapath_maps,
+            fill,
             follower,
         })
     }
@@ -147,7 +155,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let dataplane = Dataplane::install(&args)?;
 
     spawn_interface_follower(dataplane.follower);
-    spawn_conntrack_gc(dataplane.conntrack.clone());
+    spawn_upkeep(
+        dataplane.conntrack.clone(),
+        dataplane.datapath_maps,
+        dataplane.fill.clone(),
+        stats.clone(),
+    );
     let health_checks = healthcheck::HealthCheckServer::new(
         healthcheck::BindTo::AllAddresses,
         proxy_health(&stats, health::stale_after(args.sync_period)),
@@ -156,7 +169,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &args,
         &stats,
         dataplane.counters,
-        dataplane.translations,
+        dataplane.fill,
         &health_checks,
     )
     .await;
@@ -220,37 +233,60 @@ fn spawn_interface_follower(mut follower: InterfaceFollower) {
     });
 }
 
-/// How often expired north-south flows are removed from the conntrack maps.
-const CONNTRACK_GC_PERIOD: Duration = Duration::from_secs(10);
+/// How often the fill of every map is checked against its capacity (the agent-written maps'
+/// counts are the mirror's, so this costs nothing).
+const FILL_CHECK_PERIOD: Duration = Duration::from_secs(2);
+/// Every this many fill checks, expired north-south flows are removed and the maps the
+/// datapath writes are counted (a walk of each): every 10 s.
+const WALKS_EVERY: u32 = 5;
 
-/// Removes expired flows in the background (the datapath only refreshes lifetimes).
-fn spawn_conntrack_gc(conntrack: Arc<Mutex<Conntrack>>) {
+/// The datapath's periodic upkeep: the datapath only refreshes conntrack lifetimes, and the
+/// maps it fills are walked here, never at scrape time.
+fn spawn_upkeep(
+    conntrack: Arc<Mutex<Conntrack>>,
+    mut counted: DatapathMaps,
+    fill: Arc<FillTracker>,
+    stats: StatsHandle,
+) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CONNTRACK_GC_PERIOD);
+        let mut alarms = FillAlarms::default();
+        let mut tick = tokio::time::interval(FILL_CHECK_PERIOD);
+        let mut round: u32 = 0;
         loop {
             tick.tick().await;
-            let conntrack = conntrack.clone();
-            let collected = tokio::task::spawn_blocking(move || {
-                conntrack
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .collect_garbage(monotonic_now_ns())
-            })
-            .await;
-            match collected {
-                Ok(report) => {
-                    if report.removed > 0 {
-                        debug!(
-                            removed = report.removed,
-                            live = report.live_flows,
-                            "conntrack garbage collected"
-                        );
-                    }
-                }
-                Err(failure) => {
-                    error!("conntrack garbage collection stopped: {failure}");
+            let walk = round.is_multiple_of(WALKS_EVERY);
+            round = round.wrapping_add(1);
+            if walk {
+                let conntrack = conntrack.clone();
+                let pass = tokio::task::spawn_blocking(move || {
+                    let report = conntrack
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .collect_garbage(monotonic_now_ns());
+                    let counts = counted.count();
+                    (counted, report, counts)
+                })
+                .await;
+                let Ok((back, report, counts)) = pass else {
+                    error!("the datapath upkeep stopped: a walk of the maps failed");
                     return;
+                };
+                counted = back;
+                fill.record(counts);
+                fill.record([
+                    (map_names::CT4, report.entries.0 as u64),
+                    (map_names::CT6, report.entries.1 as u64),
+                ]);
+                if report.removed > 0 {
+                    debug!(
+                        removed = report.removed,
+                        live = report.live_flows,
+                        "conntrack garbage collected"
+                    );
                 }
+            }
+            for event in alarms.check(&fill.fill(&stats.snapshot().map_entries)) {
+                fill::log(&event);
             }
         }
     });
@@ -279,7 +315,7 @@ async fn start_endpoints(
     args: &RunArgs,
     stats: &StatsHandle,
     counters: Arc<DatapathCounters>,
-    sockets: Arc<SocketTranslations>,
+    fill: Arc<FillTracker>,
     health_checks: &healthcheck::HealthCheckServer,
 ) {
     if let Some(address) = args.metrics_bind_address.0 {
@@ -287,11 +323,13 @@ async fn start_endpoints(
         let health_checks = health_checks.counters();
         let handler: http::Handler = Arc::new(move |path| match path {
             "/metrics" => {
+                let stats = stats.snapshot();
+                let maps = fill.fill(&stats.map_entries);
                 let mut text = metrics::render(
-                    &stats.snapshot(),
+                    &stats,
                     &metrics::DatapathView {
                         reasons: &counters.read(),
-                        socket_translations: sockets.count(),
+                        maps: &maps,
                     },
                 );
                 metrics::render_health_checks(&mut text, &health_checks);

@@ -2,6 +2,9 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use proxy_common::map_table::CapacitySetting;
+
+use crate::bpf::sizing::Capacities;
 
 /// Switchyard: a Kubernetes Service dataplane on eBPF, replacing kube-proxy.
 #[derive(Debug, Parser)]
@@ -148,6 +151,65 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub north_south: NorthSouthArgs,
+
+    #[command(flatten)]
+    pub map_sizes: MapSizeArgs,
+}
+
+fn capacity() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(crate::bpf::sizing::MAX_CAPACITY))
+}
+
+/// Capacities of the BPF maps (Cilium's flag names where the meaning is the same). A pinned
+/// map left with another capacity is migrated at start: a new map is filled from it and the
+/// programs switch over without a gap.
+#[derive(Debug, Args)]
+pub struct MapSizeArgs {
+    /// Entries of each family's services map (one per frontend, plus one per backend of each
+    /// frontend); each family's backends and reverse-NAT maps, and the service-names map,
+    /// get the same capacity. Not preallocated: memory follows the entries in use.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
+          default_value_t = CapacitySetting::LoadBalancer.default_capacity())]
+    pub bpf_lb_map_max: u32,
+
+    /// Entries of each family's TC connection-tracking map (two per north-south flow: forward
+    /// and reply). Preallocated LRU: when full, the least recently used flow gives way.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
+          default_value_t = CapacitySetting::Conntrack.default_capacity())]
+    pub bpf_ct_global_max: u32,
+
+    /// Entries of each family's socket reverse-NAT map (one per connected socket to a
+    /// Service, one per Service backend of an unconnected UDP socket). Preallocated LRU.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
+          default_value_t = CapacitySetting::SockRevNat.default_capacity())]
+    pub bpf_sock_rev_map_max: u32,
+
+    /// Entries of the session-affinity map (one per client network namespace and Service port
+    /// with `sessionAffinity: ClientIP`). Preallocated LRU.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
+          default_value_t = CapacitySetting::Affinity.default_capacity())]
+    pub bpf_affinity_map_max: u32,
+
+    /// Prefixes of each family's source-ranges trie (loadBalancerSourceRanges of every
+    /// Service together). Not preallocated.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
+          default_value_t = CapacitySetting::SourceRanges.default_capacity())]
+    pub bpf_lb_source_range_map_max: u32,
+}
+
+impl MapSizeArgs {
+    /// The capacity of every group of maps.
+    pub fn capacities(&self) -> Capacities {
+        Capacities::default()
+            .with(CapacitySetting::LoadBalancer, self.bpf_lb_map_max)
+            .with(CapacitySetting::Conntrack, self.bpf_ct_global_max)
+            .with(CapacitySetting::SockRevNat, self.bpf_sock_rev_map_max)
+            .with(CapacitySetting::Affinity, self.bpf_affinity_map_max)
+            .with(
+                CapacitySetting::SourceRanges,
+                self.bpf_lb_source_range_map_max,
+            )
+    }
 }
 
 /// Settings of the north-south (TC) datapath: traffic reaching the node from outside.
@@ -250,6 +312,70 @@ mod tests {
                 max: 65_535
             }
         );
+    }
+
+    fn run_args(extra: &[&str]) -> Result<Box<RunArgs>, clap::Error> {
+        let mut command_line = vec!["switchyard", "run", "--manifests", "m"];
+        command_line.extend_from_slice(extra);
+        match Cli::try_parse_from(command_line)?.command {
+            Command::Run(args) => Ok(args),
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn map_capacities_default_to_the_table_and_parse_per_group() {
+        let defaults = run_args(&[]).expect("parses");
+        assert_eq!(defaults.map_sizes.capacities(), Capacities::default());
+        let sized = run_args(&[
+            "--bpf-lb-map-max",
+            "1024",
+            "--bpf-ct-global-max",
+            "4096",
+            "--bpf-sock-rev-map-max",
+            "2048",
+            "--bpf-affinity-map-max",
+            "512",
+            "--bpf-lb-source-range-map-max",
+            "64",
+        ])
+        .expect("parses");
+        let capacities = sized.map_sizes.capacities();
+        for (setting, entries) in [
+            (CapacitySetting::LoadBalancer, 1024),
+            (CapacitySetting::Conntrack, 4096),
+            (CapacitySetting::SockRevNat, 2048),
+            (CapacitySetting::Affinity, 512),
+            (CapacitySetting::SourceRanges, 64),
+        ] {
+            assert_eq!(capacities.setting(setting), entries, "{setting:?}");
+        }
+        for bad in ["0", "-1", "many", "33554433"] {
+            assert!(
+                run_args(&["--bpf-lb-map-max", bad]).is_err(),
+                "--bpf-lb-map-max {bad} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn messages_name_the_flags_that_exist() {
+        let command = Cli::command();
+        let run = command
+            .get_subcommands()
+            .find(|sub| sub.get_name() == "run")
+            .expect("a run subcommand");
+        let longs: Vec<String> = run
+            .get_arguments()
+            .filter_map(|arg| arg.get_long().map(|long| format!("--{long}")))
+            .collect();
+        for setting in CapacitySetting::ALL {
+            let flag = crate::bpf::sizing::flag(setting);
+            assert!(
+                longs.iter().any(|long| long == flag),
+                "{flag} is not a flag of run"
+            );
+        }
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Agent {
     bin: PathBuf,
     node_netns: String,
     run_args: Vec<OsString>,
+    /// How many of `run_args` come before the test's extra arguments.
+    base_args: usize,
     bpffs_dir: PathBuf,
     log_path: PathBuf,
     child: Option<ChildGuard>,
@@ -108,11 +110,13 @@ impl Agent {
             "--log-level".into(),
             "debug".into(),
         ];
+        let base_args = run_args.len();
         run_args.extend(extra_args.iter().map(OsString::from));
         let mut agent = Self {
             bin: switchyard_bin(),
             node_netns: topology.node_namespace().to_owned(),
             run_args,
+            base_args,
             bpffs_dir,
             log_path: log_dir.path().join("agent.log"),
             child: None,
@@ -177,6 +181,27 @@ impl Agent {
     pub fn restart(&mut self) -> Result<()> {
         self.kill()?;
         self.spawn()
+    }
+
+    /// Starts the agent again (killing it first if it still runs) with other extra arguments.
+    pub fn restart_with(&mut self, extra_args: &[&str]) -> Result<()> {
+        self.kill()?;
+        self.run_args.truncate(self.base_args);
+        self.run_args.extend(extra_args.iter().map(OsString::from));
+        self.spawn()
+    }
+
+    /// Waits (at most `timeout`) for an agent expected to give up on its own; its exit status.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the agent is not running");
+        };
+        let Some(status) = child.wait_timeout(timeout)? else {
+            self.child = Some(child);
+            bail!("the agent still runs after {timeout:?}")
+        };
+        self.note(&format!("exited on its own ({status})"))?;
+        Ok(status)
     }
 
     /// Fails if the agent exited on its own.

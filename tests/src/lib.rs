@@ -15,6 +15,7 @@ pub mod netns;
 pub mod north_south;
 pub mod objects;
 pub mod packet;
+pub mod pinned_maps;
 pub mod process;
 pub mod report;
 pub mod stale;

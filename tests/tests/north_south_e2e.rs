@@ -945,3 +945,69 @@ fn an_interface_recreated_under_the_running_agent_gets_the_tc_program_again() {
         "the agent says so"
     );
 }
+
+#[test]
+fn a_conntrack_capacity_change_migrates_established_flows_without_a_gap() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let cluster = web();
+    start(&mut ns, &[&cluster], &[]);
+    let nodeport = sa(NODE_EXT4, 30080);
+    let lb_ip = sa(ip("198.51.100.10"), SERVICE_PORT);
+
+    // Masqueraded flows live on their conntrack entries (and their SNAT ports): a flow whose
+    // entries did not move into the new map would lose its translation or change source.
+    let holds = [
+        ("TCP hold to the NodePort (masqueraded)", nodeport, false),
+        ("UDP hold to the LB IP (masqueraded)", lb_ip, true),
+    ]
+    .map(|(what, target, udp)| {
+        (
+            what,
+            ns.outside_hold(
+                target,
+                Duration::from_secs(10),
+                Duration::from_millis(100),
+                udp,
+            ),
+        )
+    });
+    for (what, hold) in &holds {
+        hold.wait_for_attempts(1, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    }
+    let new_flows = request(ClientProto::Tcp, nodeport, 120)
+        .interval(Duration::from_millis(50))
+        .timeout(Duration::from_secs(2));
+    let running = ns.spawn_outside(&new_flows);
+    std::thread::sleep(Duration::from_secs(2));
+    ns.agent()
+        .restart_with(&["--bpf-ct-global-max", "16384", "--bpf-lb-map-max", "65536"])
+        .expect("restarting the agent with other capacities");
+
+    let attempts = running.finish().expect("connection loop");
+    assert_eq!(attempts.len(), 120);
+    assert_all_ok(&attempts, "new NodePort connections across the migration");
+    assert_answers_come_from(&attempts, nodeport, "new NodePort connections");
+    for (what, hold) in holds {
+        let attempts = hold.finish().expect("hold");
+        assert!(
+            attempts.len() >= 80,
+            "{what}: only {} requests",
+            attempts.len()
+        );
+        assert_all_ok(&attempts, what);
+        let backends: BTreeSet<_> = attempts.iter().map(|a| a.backend.clone()).collect();
+        let seen: BTreeSet<_> = attempts.iter().map(|a| a.seen_as).collect();
+        assert_eq!(backends.len(), 1, "{what}: backend changed: {backends:?}");
+        assert_eq!(seen.len(), 1, "{what}: translated source changed: {seen:?}");
+    }
+    let log = ns.agent().log();
+    assert!(
+        log.contains("migrating map CT4_V1") && log.contains("map migration complete"),
+        "{log}"
+    );
+    ns.agent()
+        .ensure_running()
+        .expect("the migrated agent keeps running");
+}

@@ -2,12 +2,13 @@
 //! matches) and of the datapath's reason counters.
 use std::{fmt::Write as _, time::UNIX_EPOCH};
 
-use proxy_common::{capacity, map_names};
+use proxy_common::map_names;
 
 use super::{
     healthcheck::HealthCheckCounters,
     stats::{Histogram, SyncStats},
 };
+use crate::datapath::fill::MapFill;
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -29,23 +30,13 @@ fn simple(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
     let _ = writeln!(out, "{name} {value}");
 }
 
-/// Capacity of each agent-owned map.
-const CAPACITIES: [(&str, u32); 6] = [
-    (map_names::SERVICES4, capacity::SERVICES),
-    (map_names::SERVICES6, capacity::SERVICES),
-    (map_names::BACKENDS4, capacity::BACKENDS),
-    (map_names::BACKENDS6, capacity::BACKENDS),
-    (map_names::REV_NAT4, capacity::REV_NAT),
-    (map_names::REV_NAT6, capacity::REV_NAT),
-];
-
 /// What the datapath reports at scrape time.
 #[derive(Clone, Debug, Default)]
 pub struct DatapathView<'a> {
     /// Reason counters summed over CPUs.
     pub reasons: &'a [(&'a str, u64)],
-    /// Socket translations per family (IPv4, IPv6).
-    pub socket_translations: (u64, u64),
+    /// Every tracked map's fill (datapath-written maps as last counted by the upkeep task).
+    pub maps: &'a [MapFill],
 }
 
 /// Renders every metric.
@@ -150,23 +141,32 @@ pub fn render_health_checks(out: &mut String, counters: &HealthCheckCounters) {
     );
 }
 
-/// The socket load balancer's per-connection state (the TC path's flows: `inspect conntrack`).
+/// The socket load balancer's per-connection state (the TC path's flows: `inspect conntrack`),
+/// as last counted by the upkeep task.
 fn render_sockets(out: &mut String, datapath: &DatapathView<'_>) {
     header(
         out,
         "switchyard_socket_translations",
         "gauge",
-        "Socket translations held for getpeername/recvmsg (the socket load balancer's connection tracking)",
+        "Socket translations held for getpeername/recvmsg (the socket load balancer's connection tracking), counted every 10 s",
     );
-    let (v4, v6) = datapath.socket_translations;
-    let _ = writeln!(
-        out,
-        "switchyard_socket_translations{{family=\"ipv4\"}} {v4}"
-    );
-    let _ = writeln!(
-        out,
-        "switchyard_socket_translations{{family=\"ipv6\"}} {v6}"
-    );
+    for (family, map) in [
+        ("ipv4", map_names::SOCK_REV_NAT4),
+        ("ipv6", map_names::SOCK_REV_NAT6),
+    ] {
+        if let Some(entries) = entries_of(datapath.maps, map) {
+            let _ = writeln!(
+                out,
+                "switchyard_socket_translations{{family=\"{family}\"}} {entries}"
+            );
+        }
+    }
+}
+
+fn entries_of(maps: &[MapFill], name: &str) -> Option<u64> {
+    maps.iter()
+        .find(|map| map.spec.name == name)
+        .and_then(|map| map.entries)
 }
 
 /// Switchyard's own metrics: syncs, failures, bad input, map fill and datapath reasons.
@@ -209,22 +209,28 @@ fn render_own(out: &mut String, stats: &SyncStats, datapath: &DatapathView<'_>) 
         out,
         "switchyard_bpf_map_entries",
         "gauge",
-        "Entries in each agent-owned BPF map",
+        "Entries in each BPF map (agent-written maps after each sync, datapath-written ones counted every 10 s)",
     );
-    for (map, _) in CAPACITIES {
-        let entries = stats.map_entries.get(map).copied().unwrap_or(0);
-        let _ = writeln!(out, "switchyard_bpf_map_entries{{map=\"{map}\"}} {entries}");
+    for map in datapath.maps {
+        if let Some(entries) = map.entries {
+            let name = map.spec.name;
+            let _ = writeln!(
+                out,
+                "switchyard_bpf_map_entries{{map=\"{name}\"}} {entries}"
+            );
+        }
     }
     header(
         out,
         "switchyard_bpf_map_capacity",
         "gauge",
-        "Capacity of each agent-owned BPF map",
+        "Capacity of each BPF map, as the kernel created it",
     );
-    for (map, capacity) in CAPACITIES {
+    for map in datapath.maps {
+        let (name, capacity) = (map.spec.name, map.capacity);
         let _ = writeln!(
             out,
-            "switchyard_bpf_map_capacity{{map=\"{map}\"}} {capacity}"
+            "switchyard_bpf_map_capacity{{map=\"{name}\"}} {capacity}"
         );
     }
     header(
@@ -254,11 +260,21 @@ mod tests {
         stats.endpoint_changes_total = 5;
         stats.map_entries.insert(map_names::BACKENDS4, 7);
         stats.not_programmed.insert("map_full", 2);
+        let fill = |name: &str, entries: Option<u64>, capacity: u32| MapFill {
+            spec: proxy_common::map_table::spec(name).expect("a table map"),
+            entries,
+            capacity,
+        };
+        let maps = [
+            fill(map_names::BACKENDS4, Some(7), 1024),
+            fill(map_names::SOCK_REV_NAT4, Some(2), 4096),
+            fill(map_names::SOCK_REV_NAT6, None, 4096),
+        ];
         let text = render(
             &stats,
             &DatapathView {
                 reasons: &[("translated", 11)],
-                socket_translations: (2, 0),
+                maps: &maps,
             },
         );
         for line in [
@@ -272,11 +288,20 @@ mod tests {
             "switchyard_services_not_programmed{reason=\"map_full\"} 2",
             "switchyard_services_not_programmed{reason=\"too_large\"} 0",
             "switchyard_model_divergences_total 0",
+            "switchyard_bpf_map_capacity{map=\"BACKEND4_V1\"} 1024",
+            "switchyard_bpf_map_capacity{map=\"SOCK_NAT6_V1\"} 4096",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
+        }
+        // A map not counted yet has a capacity but no entries (rather than a false 0).
+        for series in [
+            "switchyard_bpf_map_entries{map=\"SOCK_NAT6_V1\"}",
+            "switchyard_socket_translations{family=\"ipv6\"}",
+        ] {
+            assert!(!text.contains(series), "{series} in\n{text}");
         }
     }
 

@@ -1,5 +1,5 @@
 //! Why loading, attaching or adopting the kernel objects failed.
-use std::path::PathBuf;
+use std::{fmt::Write as _, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -13,14 +13,10 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "pinned map {path} has key/value sizes {found:?}, this agent needs {expected:?}: it was left by an incompatible version; run `switchyard cleanup` first"
-    )]
-    IncompatibleMap {
-        path: PathBuf,
-        found: (u32, u32),
-        expected: (u32, u32),
-    },
+    #[error("{}", refusals_text(.0))]
+    IncompatibleMaps(Vec<Refusal>),
+    #[error("migrating pinned map {map} failed, nothing was attached: {reason}")]
+    Migration { map: &'static str, reason: String },
     #[error("cannot load the eBPF object: {0}")]
     Object(#[source] aya::EbpfError),
     #[error("program {name} is missing from the eBPF object")]
@@ -37,4 +33,29 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A pinned map this agent will neither adopt nor migrate, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub map: &'static str,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+fn refusals_text(refusals: &[Refusal]) -> String {
+    let mut text = String::from("refusing to adopt pinned maps:");
+    for refusal in refusals {
+        let _ = write!(
+            text,
+            " map {} ({}): {};",
+            refusal.map,
+            refusal.path.display(),
+            refusal.reason
+        );
+    }
+    text.push_str(
+        " nothing was loaded or attached, and the dataplane in place keeps serving; `switchyard cleanup` removes it (Services are then unreachable until an agent programs them again)",
+    );
+    text
 }

@@ -2,34 +2,29 @@
 //! taking over from a previous agent without a gap.
 //!
 //! Maps are pinned by name, so a new agent opens the very maps the old one filled and traffic
-//! keeps its backends. Links are pinned per generation: a new agent attaches its programs
+//! keeps its backends (or, when their capacity or allocation changed, migrates them: see
+//! `migrate`). Links are pinned per generation: a new agent attaches its programs
 //! first (cgroup links run side by side; the second program sees an already translated
 //! destination and leaves it alone) and only then retires the links of older generations.
 use std::{
     fs::File,
-    mem::size_of,
-    path::{Path, PathBuf},
+    path::Path,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::lpm_trie::Key as LpmKey;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
-use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
-    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceStatus,
-    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
-    SourceRange6, map_names, reason,
-};
+use proxy_common::map_table;
 use tracing::{info, warn};
 
 use super::{
     error::LoadError,
+    migrate::{self, Migration},
     north_south::{self, NorthSouth, TcAttachments},
     pins::PinLayout,
+    sizing::Capacities,
 };
 
 /// The socket-address hooks, by program name.
@@ -46,59 +41,6 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// The socket-lifetime hook that cleans socket reverse-NAT entries.
 const SOCK_RELEASE_PROGRAM: &str = "sy_sock_release";
 
-/// Key and value sizes of every pinned map, as this agent's layout defines them.
-fn expected_sizes(name: &str) -> (u32, u32) {
-    fn sizes<K, V>() -> (u32, u32) {
-        (
-            u32::try_from(size_of::<K>()).expect("small type"),
-            u32::try_from(size_of::<V>()).expect("small type"),
-        )
-    }
-    match name {
-        map_names::SERVICES4 => sizes::<Service4Key, ServiceValue>(),
-        map_names::SERVICES6 => sizes::<Service6Key, ServiceValue>(),
-        map_names::BACKENDS4 => sizes::<u32, Backend4>(),
-        map_names::BACKENDS6 => sizes::<u32, Backend6>(),
-        map_names::REV_NAT4 => sizes::<u32, RevNat4>(),
-        map_names::REV_NAT6 => sizes::<u32, RevNat6>(),
-        map_names::SOCK_REV_NAT4 => sizes::<SockRevNat4Key, SockRevNat4>(),
-        map_names::SOCK_REV_NAT6 => sizes::<SockRevNat6Key, SockRevNat6>(),
-        map_names::AFFINITY => sizes::<AffinityKey, AffinityValue>(),
-        map_names::SERVICE_NAMES => sizes::<u32, ServiceName>(),
-        map_names::CT4 => sizes::<Ct4Key, Ct4Entry>(),
-        map_names::CT6 => sizes::<Ct6Key, Ct6Entry>(),
-        map_names::SOURCE_RANGES4 => sizes::<LpmKey<SourceRange4>, u32>(),
-        map_names::SOURCE_RANGES6 => sizes::<LpmKey<SourceRange6>, u32>(),
-        map_names::DATAPATH_CONFIG => sizes::<u32, DatapathConfig>(),
-        map_names::SERVICE_STATUS => sizes::<ServiceName, ServiceStatus>(),
-        _ => sizes::<u32, u64>(),
-    }
-}
-
-/// Refuses to adopt pinned maps whose layout differs from ours, before anything is attached.
-fn check_pinned_maps(pins: &PinLayout) -> Result<(), LoadError> {
-    for name in map_names::ALL {
-        let path = pins.map(name);
-        if !path.exists() {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path)
-            .map_err(|error| LoadError::Object(aya::EbpfError::MapError(error)))?;
-        let found = (info.key_size(), info.value_size());
-        let expected = expected_sizes(name);
-        // The metrics array grows with new reason codes; an older, shorter one would lose them.
-        let short_metrics = name == map_names::METRICS && info.max_entries() != reason::COUNT;
-        if found != expected || short_metrics {
-            return Err(LoadError::IncompatibleMap {
-                path,
-                found,
-                expected,
-            });
-        }
-    }
-    Ok(())
-}
-
 fn create_dir(path: &Path) -> Result<(), LoadError> {
     std::fs::create_dir_all(path).map_err(|source| LoadError::PinDir {
         path: path.to_owned(),
@@ -106,23 +48,43 @@ fn create_dir(path: &Path) -> Result<(), LoadError> {
     })
 }
 
-/// Loads the object with every map pinned (adopting existing pins).
-pub fn load_object(object: &[u8], pins: &PinLayout) -> Result<Ebpf, LoadError> {
+/// Loads the object with every map pinned and sized as `capacities` says. Pinned maps that
+/// match are adopted; those with another capacity or allocation are migrated (see
+/// [`migrate`]: the returned [`Migration`] is finished around the switch of links); those
+/// with another layout are refused before anything is loaded.
+pub fn load_object(
+    object: &[u8],
+    pins: &PinLayout,
+    capacities: &Capacities,
+) -> Result<(Ebpf, Migration), LoadError> {
     if object.is_empty() {
         return Err(LoadError::NoObject);
     }
     create_dir(&pins.maps_dir())?;
     create_dir(&pins.links_dir())?;
-    check_pinned_maps(pins)?;
-    let paths: Vec<(&str, PathBuf)> = map_names::ALL
-        .iter()
-        .map(|name| (*name, pins.map(name)))
-        .collect();
-    let mut loader = EbpfLoader::new();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
+    let check = migrate::check(pins, capacities)?;
+    migrate::clear_staging(pins)?;
+    if !check.is_empty() {
+        create_dir(&migrate::staging_dir(pins))?;
     }
-    loader.load(object).map_err(LoadError::Object)
+    let mut loader = EbpfLoader::new();
+    for spec in map_table::pinned() {
+        loader.map_max_entries(spec.name, capacities.of(spec));
+        loader.map_pin_path(spec.name, check.pin_path(pins, spec));
+    }
+    let ebpf = match loader.load(object) {
+        Ok(ebpf) => ebpf,
+        Err(error) => {
+            // New maps staged for a migration go; the old pins were not touched.
+            let _ = migrate::clear_staging(pins);
+            return Err(LoadError::Object(error));
+        }
+    };
+    let migration = check.migrate(pins).inspect_err(|_| {
+        // Maps not yet in place go; pins already replaced hold complete copies.
+        let _ = migrate::clear_staging(pins);
+    })?;
+    Ok((ebpf, migration))
 }
 
 fn program_error(
@@ -275,9 +237,17 @@ pub fn cleanup(pins: &PinLayout) -> std::io::Result<CleanupReport> {
             report.maps += 1;
         }
     }
+    // Pins an interrupted migration left.
+    if let Ok(entries) = std::fs::read_dir(migrate::staging_dir(pins)) {
+        for entry in entries.filter_map(Result::ok) {
+            std::fs::remove_file(entry.path())?;
+            report.maps += 1;
+        }
+    }
     for dir in [
         pins.links_dir(),
         pins.maps_dir(),
+        migrate::staging_dir(pins),
         pins.version_dir(),
         pins.root.clone(),
     ] {

@@ -1,8 +1,10 @@
 //! Everything that touches the kernel's BPF objects: finding (or mounting) bpffs and the
-//! cgroup2 hierarchy, loading and attaching the programs, pinning and adopting maps and links,
-//! and removing it all again.
+//! cgroup2 hierarchy, sizing the maps, loading and attaching the programs, pinning, adopting or
+//! migrating maps and links, and removing it all again.
 pub mod error;
 pub mod loader;
+pub mod migrate;
 pub mod mounts;
 pub mod north_south;
 pub mod pins;
+pub mod sizing;

@@ -139,6 +139,8 @@ pub struct GcReport {
     pub live_flows: usize,
     /// Entries removed (expired forward entries and the reply entries left without one).
     pub removed: usize,
+    /// Entries left per family (IPv4, IPv6), live or not: the maps' fill, counted on the way.
+    pub entries: (usize, usize),
 }
 
 /// One flow the TC path tracks (its forward entry), for `inspect conntrack`.
@@ -217,6 +219,7 @@ impl Conntrack {
         GcReport {
             live_flows: v4.live_flows + v6.live_flows,
             removed: v4.removed + v6.removed,
+            entries: (v4.entries.0, v6.entries.0),
         }
     }
 
@@ -336,6 +339,7 @@ fn collect<F: CtFamily>(map: &mut HashMap<MapData, F::Key, F::Entry>, now_ns: u6
     GcReport {
         live_flows: forward_total - doomed_forward,
         removed,
+        entries: (snapshot.len().saturating_sub(removed), 0),
     }
 }
 

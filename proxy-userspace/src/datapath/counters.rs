@@ -3,9 +3,9 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Map, MapData, PerCpuArray},
 };
-use proxy_common::{SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names, reason};
+use proxy_common::{map_names, reason};
 
 /// Reads the `METRICS` map.
 pub struct DatapathCounters(PerCpuArray<MapData, u64>);
@@ -55,34 +55,5 @@ impl DatapathCounters {
                 )
             })
             .collect()
-    }
-}
-
-/// Counts the socket translations (the socket load balancer's per-connection state).
-pub struct SocketTranslations {
-    v4: HashMap<MapData, SockRevNat4Key, SockRevNat4>,
-    v6: HashMap<MapData, SockRevNat6Key, SockRevNat6>,
-}
-
-impl SocketTranslations {
-    /// Opens the pinned socket reverse-NAT maps (extra handles beside the agent's own).
-    pub fn open_pinned(v4: &Path, v6: &Path) -> Result<Self, CountersError> {
-        let open = |path: &Path| {
-            MapData::from_pin(path)
-                .map(Map::LruHashMap)
-                .map_err(|e| error(&e))
-        };
-        Ok(Self {
-            v4: HashMap::try_from(open(v4)?).map_err(|e| error(&e))?,
-            v6: HashMap::try_from(open(v6)?).map_err(|e| error(&e))?,
-        })
-    }
-
-    /// Entries per family, walking keys only (no value lookups).
-    pub fn count(&self) -> (u64, u64) {
-        (
-            self.v4.keys().flatten().count() as u64,
-            self.v6.keys().flatten().count() as u64,
-        )
     }
 }

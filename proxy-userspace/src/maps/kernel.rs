@@ -4,13 +4,13 @@ use std::{fmt::Debug, io};
 use aya::{
     Ebpf,
     maps::{
-        HashMap, LpmTrie, Map, MapData, MapError,
+        HashMap, IterableMap, LpmTrie, Map, MapData, MapError,
         lpm_trie::{self, Key},
     },
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, capacity, map_names,
+    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, map_names,
 };
 
 use super::{
@@ -110,10 +110,14 @@ fn io_error(error: MapError) -> io::Error {
     }
 }
 
+/// The capacity of a map as the kernel created it (the configured one; 0 if unreadable).
+fn capacity<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> u32 {
+    map.map().info().map_or(0, |info| info.max_entries())
+}
+
 fn upsert<K: aya::Pod + Debug, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    capacity: u32,
     key: &K,
     value: &V,
 ) -> Result<(), WriteError> {
@@ -123,7 +127,7 @@ fn upsert<K: aya::Pod + Debug, V: aya::Pod>(
         if source.raw_os_error() == Some(libc::E2BIG) {
             WriteError::MapFull {
                 map: name,
-                capacity,
+                capacity: capacity(map),
                 entry: format!("{key:?}"),
             }
         } else {
@@ -163,12 +167,11 @@ fn delete<K: aya::Pod + Debug, V: aya::Pod>(
 fn write_entry<K: aya::Pod + Debug, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    capacity: u32,
     key: &K,
     value: Option<&V>,
 ) -> Result<(), WriteError> {
     match value {
-        Some(value) => upsert(map, name, capacity, key, value),
+        Some(value) => upsert(map, name, key, value),
         None => delete(map, name, key),
     }
 }
@@ -204,7 +207,7 @@ fn write_range<D: aya::Pod + Debug>(
         (Some(libc::ENOENT), None) => Ok(()),
         (Some(libc::ENOSPC | libc::E2BIG), Some(_)) => Err(WriteError::MapFull {
             map: name,
-            capacity: capacity::SOURCE_RANGES,
+            capacity: capacity(trie),
             entry: entry(),
         }),
         _ => Err(WriteError::Kernel {
@@ -296,61 +299,39 @@ impl MapWriter for KernelMaps {
             MapWrite::Service4(key, value) => write_entry(
                 &mut self.services4,
                 map_names::SERVICES4,
-                capacity::SERVICES,
                 key,
                 value.as_ref(),
             ),
             MapWrite::Service6(key, value) => write_entry(
                 &mut self.services6,
                 map_names::SERVICES6,
-                capacity::SERVICES,
                 key,
                 value.as_ref(),
             ),
             MapWrite::Backend4(id, value) => write_entry(
                 &mut self.backends4,
                 map_names::BACKENDS4,
-                capacity::BACKENDS,
                 id,
                 value.as_ref(),
             ),
             MapWrite::Backend6(id, value) => write_entry(
                 &mut self.backends6,
                 map_names::BACKENDS6,
-                capacity::BACKENDS,
                 id,
                 value.as_ref(),
             ),
-            MapWrite::RevNat4(id, value) => write_entry(
-                &mut self.rev_nat4,
-                map_names::REV_NAT4,
-                capacity::REV_NAT,
-                id,
-                value.as_ref(),
-            ),
-            MapWrite::RevNat6(id, value) => write_entry(
-                &mut self.rev_nat6,
-                map_names::REV_NAT6,
-                capacity::REV_NAT,
-                id,
-                value.as_ref(),
-            ),
+            MapWrite::RevNat4(id, value) => {
+                write_entry(&mut self.rev_nat4, map_names::REV_NAT4, id, value.as_ref())
+            }
+            MapWrite::RevNat6(id, value) => {
+                write_entry(&mut self.rev_nat6, map_names::REV_NAT6, id, value.as_ref())
+            }
             MapWrite::AffinityDelete(key) => delete(&mut self.affinity, map_names::AFFINITY, key),
-            MapWrite::ServiceName(id, name) => write_entry(
-                &mut self.names,
-                map_names::SERVICE_NAMES,
-                capacity::REV_NAT,
-                id,
-                name.as_ref(),
-            ),
+            MapWrite::ServiceName(id, name) => {
+                write_entry(&mut self.names, map_names::SERVICE_NAMES, id, name.as_ref())
+            }
             MapWrite::Status(key, value) => match self.status.as_mut() {
-                Some(map) => write_entry(
-                    map,
-                    map_names::SERVICE_STATUS,
-                    capacity::SERVICE_STATUS,
-                    key,
-                    value.as_ref(),
-                ),
+                Some(map) => write_entry(map, map_names::SERVICE_STATUS, key, value.as_ref()),
                 None if value.is_none() => Ok(()),
                 None => Err(WriteError::MissingMap {
                     map: map_names::SERVICE_STATUS,

@@ -2,9 +2,11 @@
 //! traffic vanished. It reads the pins only, so it works with the agent stopped.
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, Map, MapData, MapInfo};
 use proxy_common::{
-    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, capacity, map_names, service_flags,
+    BPF_F_NO_PREALLOC, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
+    map_table::{self, MapKind},
+    service_flags,
 };
 use serde_json::{Value, json};
 
@@ -14,6 +16,7 @@ use crate::{
     datapath::{
         conntrack::{Conntrack, TrackedFlow, monotonic_now_ns},
         counters::DatapathCounters,
+        fill,
     },
     maps::encode::{MapImage, decode_status, v4_from_word, v6_from_words},
     plan::{mirror::Programmed, op::RevNatTarget},
@@ -34,8 +37,69 @@ pub struct Inspection {
     pub sockets: Vec<SocketTranslation>,
     /// The TC path's live flows.
     pub flows: Vec<TrackedFlow>,
-    /// Entries in the IPv4 and IPv6 conntrack maps (live or awaiting collection).
-    pub conntrack_entries: (usize, usize),
+    /// Every pinned map as the kernel holds it.
+    pub maps: Vec<PinnedMap>,
+}
+
+/// One pinned map: what it is, how full and how big.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedMap {
+    pub name: &'static str,
+    pub kind: MapKind,
+    /// Entries in use (`None` for arrays, whose slots always exist).
+    pub entries: Option<usize>,
+    /// Capacity, flags and memory as the kernel reports them (`None` if unreadable).
+    pub capacity: Option<u32>,
+    pub preallocated: Option<bool>,
+    pub memory_bytes: Option<u64>,
+}
+
+/// Entries of every map with entries, from what `read` already walked.
+fn entry_counts(
+    image: &MapImage,
+    sockets: &[SocketTranslation],
+    conntrack: (usize, usize),
+) -> BTreeMap<&'static str, usize> {
+    let ipv6_sockets = sockets
+        .iter()
+        .filter(|s| s.backend.starts_with('['))
+        .count();
+    BTreeMap::from([
+        (map_names::SERVICES4, image.services4.len()),
+        (map_names::SERVICES6, image.services6.len()),
+        (map_names::BACKENDS4, image.backends4.len()),
+        (map_names::BACKENDS6, image.backends6.len()),
+        (map_names::REV_NAT4, image.rev_nat4.len()),
+        (map_names::REV_NAT6, image.rev_nat6.len()),
+        (map_names::SERVICE_NAMES, image.service_names.len()),
+        (map_names::AFFINITY, image.affinity.len()),
+        (map_names::SOURCE_RANGES4, image.source_ranges4.len()),
+        (map_names::SOURCE_RANGES6, image.source_ranges6.len()),
+        (map_names::SOCK_REV_NAT4, sockets.len() - ipv6_sockets),
+        (map_names::SOCK_REV_NAT6, ipv6_sockets),
+        (map_names::CT4, conntrack.0),
+        (map_names::CT6, conntrack.1),
+    ])
+}
+
+/// Every pinned map of the table, with its fill, capacity, allocation and memory.
+fn pinned_maps(pins: &PinLayout, entries: &BTreeMap<&'static str, usize>) -> Vec<PinnedMap> {
+    map_table::pinned()
+        .map(|spec| {
+            let path = pins.map(spec.name);
+            let info = MapInfo::from_pin(&path).ok();
+            PinnedMap {
+                name: spec.name,
+                kind: spec.kind,
+                entries: entries.get(spec.name).copied(),
+                capacity: info.as_ref().map(MapInfo::max_entries),
+                preallocated: info.as_ref().map(|info| {
+                    spec.kind != MapKind::LpmTrie && info.map_flags() & BPF_F_NO_PREALLOC == 0
+                }),
+                memory_bytes: fill::memory_of_pin(&path),
+            }
+        })
+        .collect()
 }
 
 fn open_lru<K: aya::Pod, V: aya::Pod>(
@@ -96,13 +160,15 @@ pub fn read(
             map_names::CT6
         )
     })?;
+    let sockets = socket_translations(pins)?;
+    let entries = entry_counts(&image, &sockets, conntrack.entry_counts());
     Ok(Inspection {
         programmed,
         image,
         counters,
-        sockets: socket_translations(pins)?,
+        sockets,
         flows: conntrack.flows(monotonic_now_ns()),
-        conntrack_entries: conntrack.entry_counts(),
+        maps: pinned_maps(pins, &entries),
     })
 }
 
@@ -265,28 +331,45 @@ fn protocol_name(number: u8) -> String {
     }
 }
 
-/// Reason counters and map fill.
+/// One map's row of `inspect stats`.
+fn map_stats(map: &PinnedMap) -> Value {
+    let fill_percent = match (map.entries, map.capacity) {
+        (Some(entries), Some(capacity @ 1..)) => {
+            Some((fill::percent(entries as u64, capacity) * 10.0).round() / 10.0)
+        }
+        _ => None,
+    };
+    json!({
+        "map": map.name,
+        "kind": map.kind.name(),
+        "entries": map.entries,
+        "capacity": map.capacity,
+        "fill_percent": fill_percent,
+        "preallocated": map.preallocated,
+        "memory_bytes": map.memory_bytes,
+    })
+}
+
+/// Reason counters and every map's fill against its capacity.
 pub fn stats(inspection: &Inspection) -> Value {
-    let image = &inspection.image;
-    let fill = |name: &str, entries: usize, capacity: u32| json!({"map": name, "entries": entries, "capacity": capacity});
     json!({
         "datapath": inspection.counters.iter().map(|(name, value)| (name.to_string(), json!(value))).collect::<serde_json::Map<_, _>>(),
-        "maps": [
-            fill(map_names::SERVICES4, image.services4.len(), capacity::SERVICES),
-            fill(map_names::SERVICES6, image.services6.len(), capacity::SERVICES),
-            fill(map_names::BACKENDS4, image.backends4.len(), capacity::BACKENDS),
-            fill(map_names::BACKENDS6, image.backends6.len(), capacity::BACKENDS),
-            fill(map_names::REV_NAT4, image.rev_nat4.len(), capacity::REV_NAT),
-            fill(map_names::REV_NAT6, image.rev_nat6.len(), capacity::REV_NAT),
-            fill(map_names::AFFINITY, image.affinity.len(), capacity::AFFINITY),
-            fill(map_names::SOURCE_RANGES4, image.source_ranges4.len(), capacity::SOURCE_RANGES),
-            fill(map_names::SOURCE_RANGES6, image.source_ranges6.len(), capacity::SOURCE_RANGES),
-            fill(map_names::SOCK_REV_NAT4, inspection.sockets.iter().filter(|s| !s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
-            fill(map_names::SOCK_REV_NAT6, inspection.sockets.iter().filter(|s| s.backend.starts_with('[')).count(), capacity::SOCK_REV_NAT),
-            fill(map_names::CT4, inspection.conntrack_entries.0, capacity::CT4),
-            fill(map_names::CT6, inspection.conntrack_entries.1, capacity::CT6),
-        ],
+        "maps": inspection.maps.iter().map(map_stats).collect::<Vec<_>>(),
     })
+}
+
+/// Bytes as KiB or MiB, for the table.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "map sizes stay far below 2^52 bytes"
+)]
+fn memory_text(value: &Value) -> String {
+    const MIB: u64 = 1024 * 1024;
+    match value.as_u64() {
+        None => "-".to_owned(),
+        Some(bytes) if bytes < MIB => format!("{} KiB", bytes.div_ceil(1024)),
+        Some(bytes) => format!("{:.1} MiB", bytes as f64 / MIB as f64),
+    }
 }
 
 /// Renders rows as an aligned table.
@@ -437,25 +520,59 @@ pub fn render_table(target: &str, inspection: &Inspection) -> String {
             ),
         ),
         "conntrack" => conntrack_table(inspection),
-        _ => {
-            let value = stats(inspection);
-            let reasons: Vec<Vec<String>> = value["datapath"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(name, count)| vec![name.clone(), text(count)])
-                .collect();
-            let maps = rows(
-                value["maps"].as_array().map_or(&[][..], Vec::as_slice),
-                &["map", "entries", "capacity"],
-            );
-            format!(
-                "{}\n{}",
-                table(&["REASON", "COUNT"], &reasons),
-                table(&["MAP", "ENTRIES", "CAPACITY"], &maps)
-            )
-        }
+        _ => stats_table(inspection),
     }
+}
+
+/// Reason counters, then every map's fill, as two tables.
+fn stats_table(inspection: &Inspection) -> String {
+    let value = stats(inspection);
+    let reasons: Vec<Vec<String>> = value["datapath"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, count)| vec![name.clone(), text(count)])
+        .collect();
+    let maps: Vec<Vec<String>> = value["maps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|map| {
+            let fill = map["fill_percent"]
+                .as_f64()
+                .map_or_else(|| "-".to_owned(), |percent| format!("{percent:.1}%"));
+            let preallocated = match map["preallocated"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            };
+            vec![
+                text(&map["map"]),
+                text(&map["kind"]),
+                text(&map["entries"]),
+                text(&map["capacity"]),
+                fill,
+                preallocated.to_owned(),
+                memory_text(&map["memory_bytes"]),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\n{}",
+        table(&["REASON", "COUNT"], &reasons),
+        table(
+            &[
+                "MAP",
+                "KIND",
+                "ENTRIES",
+                "CAPACITY",
+                "FILL",
+                "PREALLOCATED",
+                "MEMORY"
+            ],
+            &maps
+        )
+    )
 }
 
 /// The JSON form of one inspection target.
@@ -495,7 +612,7 @@ mod tests {
             counters: Vec::new(),
             sockets: Vec::new(),
             flows: Vec::new(),
-            conntrack_entries: (0, 0),
+            maps: Vec::new(),
         }
     }
 
@@ -570,6 +687,59 @@ mod tests {
                 && line.contains("LoadBalancer")),
             "{table}"
         );
+    }
+
+    #[test]
+    fn stats_show_each_map_against_its_capacity_with_allocation_and_memory() {
+        let mut inspection = inspection(&[]);
+        inspection.maps = vec![
+            PinnedMap {
+                name: map_names::SERVICES4,
+                kind: MapKind::Hash,
+                entries: Some(3),
+                capacity: Some(1024),
+                preallocated: Some(false),
+                memory_bytes: Some(16_648),
+            },
+            PinnedMap {
+                name: map_names::CT4,
+                kind: MapKind::LruHash,
+                entries: Some(0),
+                capacity: Some(131_072),
+                preallocated: Some(true),
+                memory_bytes: Some(14_680_064),
+            },
+            PinnedMap {
+                name: map_names::METRICS,
+                kind: MapKind::PerCpuArray,
+                entries: None,
+                capacity: Some(32),
+                preallocated: Some(true),
+                memory_bytes: None,
+            },
+        ];
+        let value = stats(&inspection);
+        let services = &value["maps"][0];
+        assert_eq!(services["map"], "SVC4_V1");
+        assert_eq!(services["kind"], "hash");
+        assert_eq!(services["entries"], 3);
+        assert_eq!(services["capacity"], 1024);
+        assert_eq!(services["fill_percent"], 0.3);
+        assert_eq!(services["preallocated"], false);
+        assert_eq!(value["maps"][2]["fill_percent"], Value::Null);
+        let table = render_table("stats", &inspection);
+        let row = |name: &str| {
+            table
+                .lines()
+                .find(|line| line.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} row in\n{table}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(row("SVC4_V1"), "SVC4_V1 hash 3 1024 0.3% no 17 KiB");
+        assert_eq!(row("CT4_V1"), "CT4_V1 lru_hash 0 131072 0.0% yes 14.0 MiB");
+        assert_eq!(row("METRICS_V1"), "METRICS_V1 percpu_array - 32 - yes -");
     }
 
     #[test]

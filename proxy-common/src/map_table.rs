@@ -1,0 +1,600 @@
+//! The one table of maps. Every map of the eBPF object is described here once: its name, kind,
+//! key and value types (and so their sizes), default capacity, creation flags and who writes
+//! its entries. The eBPF crate declares its `#[map]` statics from these definitions, and the
+//! agent's loader, writer, metrics and `inspect` read them; nothing else keeps a list of maps.
+//!
+//! Compile-time checks below hold the table to what the kernel and the pin layout require
+//! (names bpffs accepts and that carry the layout version, LPM tries without preallocation,
+//! LRU maps with it, agent-written hash maps without it).
+use core::marker::PhantomData;
+
+use crate::{
+    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
+    Ct6Key, DatapathConfig, MAP_LAYOUT_VERSION, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceName, ServiceStatus, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
+    SourceRange4, SourceRange6, map_names, reason,
+};
+
+/// The kernel map types the datapath uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// `BPF_MAP_TYPE_HASH`.
+    Hash,
+    /// `BPF_MAP_TYPE_LRU_HASH`: always preallocated; full means the least recently used entry
+    /// gives way.
+    LruHash,
+    /// `BPF_MAP_TYPE_LPM_TRIE`: never preallocated.
+    LpmTrie,
+    /// `BPF_MAP_TYPE_ARRAY`: a fixed set of slots.
+    Array,
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY`: a fixed set of slots, one copy per CPU.
+    PerCpuArray,
+}
+
+impl MapKind {
+    /// The kernel's `enum bpf_map_type` number (include/uapi/linux/bpf.h).
+    pub const fn bpf_type(self) -> u32 {
+        match self {
+            Self::Hash => 1,
+            Self::Array => 2,
+            Self::PerCpuArray => 6,
+            Self::LruHash => 9,
+            Self::LpmTrie => 11,
+        }
+    }
+
+    /// The kind with this `bpf_map_type` number, if the datapath uses it.
+    pub const fn from_bpf_type(number: u32) -> Option<Self> {
+        match number {
+            1 => Some(Self::Hash),
+            2 => Some(Self::Array),
+            6 => Some(Self::PerCpuArray),
+            9 => Some(Self::LruHash),
+            11 => Some(Self::LpmTrie),
+            _ => None,
+        }
+    }
+
+    /// A short name for messages and `inspect`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hash => "hash",
+            Self::LruHash => "lru_hash",
+            Self::LpmTrie => "lpm_trie",
+            Self::Array => "array",
+            Self::PerCpuArray => "percpu_array",
+        }
+    }
+
+    /// Whether entries come and go (so a fill can be counted), unlike an array's fixed slots.
+    pub const fn has_entries(self) -> bool {
+        matches!(self, Self::Hash | Self::LruHash | Self::LpmTrie)
+    }
+}
+
+/// Who creates a map's entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// The agent, from the cluster state (its mirror knows the exact count).
+    Agent,
+    /// The eBPF programs, per connection or packet (the agent may delete, never adds).
+    Datapath,
+}
+
+/// The agent's capacity settings; each sizes a group of maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CapacitySetting {
+    /// Services, backends, reverse-NAT and service names (`--bpf-lb-map-max`).
+    LoadBalancer,
+    /// The TC path's connection tracking (`--bpf-ct-global-max`).
+    Conntrack,
+    /// The socket reverse-NAT maps (`--bpf-sock-rev-map-max`).
+    SockRevNat,
+    /// Session affinity (`--bpf-affinity-map-max`).
+    Affinity,
+    /// loadBalancerSourceRanges prefixes (`--bpf-lb-source-range-map-max`).
+    SourceRanges,
+}
+
+impl CapacitySetting {
+    pub const ALL: [Self; 5] = [
+        Self::LoadBalancer,
+        Self::Conntrack,
+        Self::SockRevNat,
+        Self::Affinity,
+        Self::SourceRanges,
+    ];
+
+    /// The default capacity of every map this setting sizes.
+    #[expect(
+        clippy::match_same_arms,
+        reason = "equal by coincidence: each group is sized on its own"
+    )]
+    pub const fn default_capacity(self) -> u32 {
+        match self {
+            // A frontend takes one entry plus one per backend slot: 10 000 Services with 10
+            // endpoints and a NodePort each need about 220 000. Not preallocated, so an unused
+            // entry costs only its share of the hash table's buckets.
+            Self::LoadBalancer => 262_144,
+            // Two entries per flow (forward and reply): 65 536 north-south flows per family.
+            Self::Conntrack => 131_072,
+            // One per connected socket (and per backend of an unconnected UDP socket).
+            Self::SockRevNat => 131_072,
+            // One per (client network namespace, Service port) with ClientIP affinity.
+            Self::Affinity => 65_536,
+            // Prefixes of every Service's loadBalancerSourceRanges together, per family.
+            Self::SourceRanges => 65_536,
+        }
+    }
+}
+
+/// How a map's capacity is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sizing {
+    /// Always this many entries (arrays whose size is part of the layout).
+    Fixed(u32),
+    /// By one of the agent's capacity settings.
+    Setting(CapacitySetting),
+}
+
+/// One map of the table, without its Rust types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// The name in the eBPF object, in the kernel and under the pin directory.
+    pub name: &'static str,
+    pub kind: MapKind,
+    /// Key size as the kernel sees it (for an LPM trie: the 4-byte prefix length plus the data).
+    pub key_size: u32,
+    pub value_size: u32,
+    pub sizing: Sizing,
+    /// `map_flags` at creation (`BPF_F_NO_PREALLOC` or 0).
+    pub flags: u32,
+    pub writer: Writer,
+    /// Pinned under `<bpffs>/v<N>/maps/` so it outlives the agent.
+    pub pinned: bool,
+}
+
+impl MapSpec {
+    /// The capacity the eBPF object declares (what the agent uses unless told otherwise).
+    pub const fn default_capacity(&self) -> u32 {
+        match self.sizing {
+            Sizing::Fixed(entries) => entries,
+            Sizing::Setting(setting) => setting.default_capacity(),
+        }
+    }
+
+    /// Whether the kernel allocates every entry when the map is created.
+    pub const fn preallocated(&self) -> bool {
+        matches!(self.kind, MapKind::Hash | MapKind::LruHash) && self.flags & BPF_F_NO_PREALLOC == 0
+    }
+}
+
+/// A map of the table with its key and value types (for an LPM trie, `K` is the key's data
+/// after the prefix length).
+pub struct MapDef<K, V> {
+    pub spec: MapSpec,
+    types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> MapDef<K, V> {
+    const fn new(
+        name: &'static str,
+        kind: MapKind,
+        sizing: Sizing,
+        flags: u32,
+        writer: Writer,
+    ) -> Self {
+        let data = size_of::<K>();
+        let key = if matches!(kind, MapKind::LpmTrie) {
+            size_of::<u32>() + data
+        } else {
+            data
+        };
+        Self {
+            spec: MapSpec {
+                name,
+                kind,
+                key_size: small(key),
+                value_size: small(size_of::<V>()),
+                sizing,
+                flags,
+                writer,
+                pinned: true,
+            },
+            types: PhantomData,
+        }
+    }
+}
+
+const fn small(size: usize) -> u32 {
+    assert!(size <= u32::MAX as usize, "a map key or value of 4 GiB");
+    #[expect(clippy::cast_possible_truncation, reason = "checked on the line above")]
+    let size = size as u32;
+    size
+}
+
+const LB: Sizing = Sizing::Setting(CapacitySetting::LoadBalancer);
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
+
+/// Service entries (master and backend slots) of IPv4 frontends.
+pub const SERVICES4: MapDef<Service4Key, ServiceValue> = MapDef::new(
+    map_names::SERVICES4,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Service entries of IPv6 frontends.
+pub const SERVICES6: MapDef<Service6Key, ServiceValue> = MapDef::new(
+    map_names::SERVICES6,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Backend id → IPv4 backend.
+pub const BACKENDS4: MapDef<u32, Backend4> = MapDef::new(
+    map_names::BACKENDS4,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Backend id → IPv6 backend.
+pub const BACKENDS6: MapDef<u32, Backend6> = MapDef::new(
+    map_names::BACKENDS6,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Rev-NAT id → IPv4 frontend (the service identity replies are restored to).
+pub const REV_NAT4: MapDef<u32, RevNat4> = MapDef::new(
+    map_names::REV_NAT4,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Rev-NAT id → IPv6 frontend.
+pub const REV_NAT6: MapDef<u32, RevNat6> = MapDef::new(
+    map_names::REV_NAT6,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Rev-NAT id → `namespace/name:port`, for `inspect` with the agent stopped (both families).
+pub const SERVICE_NAMES: MapDef<u32, ServiceName> = MapDef::new(
+    map_names::SERVICE_NAMES,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// Which IPv4 backend a socket was sent to, for recvmsg/getpeername.
+pub const SOCK_REV_NAT4: MapDef<SockRevNat4Key, SockRevNat4> = MapDef::new(
+    map_names::SOCK_REV_NAT4,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::SockRevNat),
+    0,
+    Writer::Datapath,
+);
+/// Which IPv6 backend a socket was sent to.
+pub const SOCK_REV_NAT6: MapDef<SockRevNat6Key, SockRevNat6> = MapDef::new(
+    map_names::SOCK_REV_NAT6,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::SockRevNat),
+    0,
+    Writer::Datapath,
+);
+/// The datapath's reason counters.
+pub const METRICS: MapDef<u32, u64> = MapDef::new(
+    map_names::METRICS,
+    MapKind::PerCpuArray,
+    Sizing::Fixed(reason::COUNT),
+    0,
+    Writer::Datapath,
+);
+/// ClientIP session affinity: (client, service) → backend.
+pub const AFFINITY: MapDef<AffinityKey, AffinityValue> = MapDef::new(
+    map_names::AFFINITY,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::Affinity),
+    0,
+    Writer::Datapath,
+);
+/// The TC path's IPv4 connection tracking.
+pub const CT4: MapDef<Ct4Key, Ct4Entry> = MapDef::new(
+    map_names::CT4,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::Conntrack),
+    0,
+    Writer::Datapath,
+);
+/// The TC path's IPv6 connection tracking.
+pub const CT6: MapDef<Ct6Key, Ct6Entry> = MapDef::new(
+    map_names::CT6,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::Conntrack),
+    0,
+    Writer::Datapath,
+);
+/// loadBalancerSourceRanges of IPv4 frontends: (rev-NAT id, prefix).
+pub const SOURCE_RANGES4: MapDef<SourceRange4, u32> = MapDef::new(
+    map_names::SOURCE_RANGES4,
+    MapKind::LpmTrie,
+    Sizing::Setting(CapacitySetting::SourceRanges),
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// loadBalancerSourceRanges of IPv6 frontends.
+pub const SOURCE_RANGES6: MapDef<SourceRange6, u32> = MapDef::new(
+    map_names::SOURCE_RANGES6,
+    MapKind::LpmTrie,
+    Sizing::Setting(CapacitySetting::SourceRanges),
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// `namespace/name` → why the agent could not program that Service, for `inspect` with the
+/// agent stopped (only Services in trouble have an entry).
+pub const SERVICE_STATUS: MapDef<ServiceName, ServiceStatus> = MapDef::new(
+    map_names::SERVICE_STATUS,
+    MapKind::Hash,
+    Sizing::Fixed(16_384),
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// The agent's settings for the TC path (one slot).
+pub const DATAPATH_CONFIG: MapDef<u32, DatapathConfig> = MapDef::new(
+    map_names::DATAPATH_CONFIG,
+    MapKind::Array,
+    Sizing::Fixed(1),
+    0,
+    Writer::Agent,
+);
+
+/// Size of the kernel's `struct bpf_fib_lookup` (include/uapi/linux/bpf.h), the value of the
+/// scratch map; the eBPF crate checks it against its bindings.
+pub const FIB_LOOKUP_SIZE: u32 = 64;
+
+/// Per-CPU scratch space for bpf_fib_lookup's parameters (the TC stages' stack is too small to
+/// hold them next to an IPv6 flow). Holds nothing between packets, so it is not pinned.
+pub const FIB_SCRATCH: MapSpec = MapSpec {
+    name: map_names::FIB_SCRATCH,
+    kind: MapKind::PerCpuArray,
+    key_size: 4,
+    value_size: FIB_LOOKUP_SIZE,
+    sizing: Sizing::Fixed(1),
+    flags: 0,
+    writer: Writer::Datapath,
+    pinned: false,
+};
+
+/// Declares the list of maps and, for the agent, the typed dispatch over it, from one list.
+macro_rules! table {
+    (typed: [$($def:ident),* $(,)?], untyped: [$($spec:ident),* $(,)?] $(,)?) => {
+        /// Every map of the eBPF object.
+        pub const ALL: &[&MapSpec] = &[$(&$def.spec,)* $(&$spec,)*];
+
+        /// Calls `visitor` with the typed definition of the pinned map called `name`.
+        #[cfg(feature = "user")]
+        pub fn with_types<T: TypedVisitor>(name: &str, visitor: T) -> Option<T::Output> {
+            $(
+                if name == $def.spec.name {
+                    return Some(visitor.visit(&$def));
+                }
+            )*
+            None
+        }
+    };
+}
+
+table! {
+    typed: [
+        SERVICES4,
+        SERVICES6,
+        BACKENDS4,
+        BACKENDS6,
+        REV_NAT4,
+        REV_NAT6,
+        SOCK_REV_NAT4,
+        SOCK_REV_NAT6,
+        METRICS,
+        AFFINITY,
+        SERVICE_NAMES,
+        CT4,
+        CT6,
+        SOURCE_RANGES4,
+        SOURCE_RANGES6,
+        DATAPATH_CONFIG,
+        SERVICE_STATUS,
+    ],
+    untyped: [FIB_SCRATCH],
+}
+
+/// Something generic over a map's key and value types (see [`with_types`]).
+#[cfg(feature = "user")]
+pub trait TypedVisitor {
+    type Output;
+    fn visit<K: aya::Pod, V: aya::Pod>(self, def: &MapDef<K, V>) -> Self::Output;
+}
+
+/// The map called `name`, if the table has one.
+pub fn spec(name: &str) -> Option<&'static MapSpec> {
+    ALL.iter().copied().find(|spec| spec.name == name)
+}
+
+/// The maps the agent pins (and adopts, migrates or refuses at start).
+pub fn pinned() -> impl Iterator<Item = &'static MapSpec> {
+    ALL.iter().copied().filter(|spec| spec.pinned)
+}
+
+/// Byte-wise string equality, usable in constants (the eBPF crate checks its statics' names).
+pub const fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Longest map name the kernel keeps (`BPF_OBJ_NAME_LEN` is 16 with the NUL).
+const MAX_NAME_LEN: usize = 15;
+
+/// Whether `name` is accepted by the kernel and bpffs (no dots) and, for a pinned map, ends
+/// with `_V<MAP_LAYOUT_VERSION>` (a layout change renames every pinned map).
+const fn valid_name(name: &str, pinned: bool) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_NAME_LEN {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if !(bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+            return false;
+        }
+        i += 1;
+    }
+    !pinned || versioned(bytes)
+}
+
+const fn versioned(name: &[u8]) -> bool {
+    // The version's digits, read backwards from the end of the name.
+    let mut version: u64 = 0;
+    let mut scale: u64 = 1;
+    let mut i = name.len();
+    while i > 0 && name[i - 1].is_ascii_digit() {
+        version += (name[i - 1] - b'0') as u64 * scale;
+        scale *= 10;
+        i -= 1;
+    }
+    i >= 2
+        && i < name.len()
+        && name[i - 1] == b'V'
+        && name[i - 2] == b'_'
+        && version == MAP_LAYOUT_VERSION as u64
+}
+
+/// What the kernel and this table's readers require of one map.
+const fn well_formed(spec: &MapSpec) -> bool {
+    let no_prealloc = spec.flags & BPF_F_NO_PREALLOC != 0;
+    let kind_rules = match spec.kind {
+        // The agent's hash maps grow with the cluster: only what is used is allocated.
+        MapKind::Hash => no_prealloc || !matches!(spec.writer, Writer::Agent),
+        // The kernel refuses LRU maps without preallocation, and LPM tries with it.
+        MapKind::LruHash => !no_prealloc,
+        MapKind::LpmTrie => no_prealloc,
+        // Arrays are indexed by u32 and their size is part of the layout.
+        MapKind::Array | MapKind::PerCpuArray => {
+            spec.key_size == 4 && matches!(spec.sizing, Sizing::Fixed(_)) && !no_prealloc
+        }
+    };
+    kind_rules && spec.default_capacity() > 0 && valid_name(spec.name, spec.pinned)
+}
+
+const fn names_unique(all: &[&MapSpec]) -> bool {
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i + 1;
+        while j < all.len() {
+            if same_name(all[i].name, all[j].name) {
+                return false;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    true
+}
+
+const fn table_well_formed(all: &[&MapSpec]) -> bool {
+    let mut i = 0;
+    while i < all.len() {
+        if !well_formed(all[i]) {
+            return false;
+        }
+        i += 1;
+    }
+    names_unique(all)
+}
+
+const _: () = assert!(
+    table_well_formed(ALL),
+    "the map table breaks a kernel or layout rule"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_short_dotless_and_versioned() {
+        assert!(valid_name("SVC4_V1", true));
+        assert!(!valid_name("SVC4_V2", true), "another layout version");
+        assert!(!valid_name("SVC4", true), "no version");
+        assert!(!valid_name("SVC4.V1", true), "bpffs refuses dots");
+        assert!(
+            !valid_name("A_VERY_LONG_NAME_V1", true),
+            "longer than 15 bytes"
+        );
+        assert!(
+            valid_name("FIB_SCRATCH", false),
+            "unpinned maps need no version"
+        );
+    }
+
+    #[test]
+    fn kernel_rules_on_preallocation_are_enforced() {
+        let mut lru = CT4.spec;
+        assert!(well_formed(&lru));
+        lru.flags = BPF_F_NO_PREALLOC;
+        assert!(!well_formed(&lru), "an LRU map must be preallocated");
+        let mut trie = SOURCE_RANGES4.spec;
+        trie.flags = 0;
+        assert!(!well_formed(&trie), "an LPM trie must not be preallocated");
+        let mut services = SERVICES4.spec;
+        services.flags = 0;
+        assert!(
+            !well_formed(&services),
+            "an agent-written hash map is not preallocated"
+        );
+    }
+
+    #[test]
+    fn sizes_come_from_the_wire_types() {
+        assert_eq!(SERVICES4.spec.key_size, 12);
+        assert_eq!(SERVICES4.spec.value_size, 16);
+        // The LPM key carries the 4-byte prefix length before the data.
+        assert_eq!(SOURCE_RANGES6.spec.key_size, 4 + 20);
+        assert_eq!(METRICS.spec.default_capacity(), reason::COUNT);
+        assert!(!SERVICES4.spec.preallocated());
+        assert!(CT4.spec.preallocated());
+    }
+
+    #[test]
+    fn every_name_has_one_entry_and_one_map() {
+        assert!(names_unique(ALL));
+        assert_eq!(pinned().count(), ALL.len() - 1, "all but the scratch map");
+        for spec in ALL {
+            assert_eq!(super::spec(spec.name), Some(*spec));
+        }
+        assert_eq!(super::spec("NOPE_V1"), None);
+        for kind in [
+            MapKind::Hash,
+            MapKind::LruHash,
+            MapKind::LpmTrie,
+            MapKind::Array,
+            MapKind::PerCpuArray,
+        ] {
+            assert_eq!(MapKind::from_bpf_type(kind.bpf_type()), Some(kind));
+        }
+    }
+}
