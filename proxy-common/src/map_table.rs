@@ -11,8 +11,8 @@ use core::marker::PhantomData;
 use crate::{
     AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
     Ct6Key, DatapathConfig, MAP_LAYOUT_VERSION, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceStatus, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
-    SourceRange4, SourceRange6, map_names, reason,
+    ServiceName, ServiceStatus, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6,
+    SockRevNat6Key, SourceRange4, SourceRange6, map_names, reason,
 };
 
 /// The kernel map types the datapath uses.

@@ -37,6 +37,8 @@ pub struct KernelMaps {
     /// ranges then, and `dump`/`inspect` of such pins still work.
     source_ranges4: Option<SourceRanges<SourceRange4>>,
     source_ranges6: Option<SourceRanges<SourceRange6>>,
+    /// Each map's capacity, read once from the kernel (the plan asks before every Service).
+    capacities: std::collections::BTreeMap<&'static str, u32>,
 }
 
 /// Takes a hash (or LRU hash) map out of a loaded object.
@@ -256,7 +258,7 @@ impl KernelMaps {
     /// Takes the agent-owned maps out of a loaded object (they are pinned, so this adopts any
     /// content a previous agent left).
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, WriteError> {
-        Ok(Self {
+        Ok(Self::with_capacities(Self {
             services4: take(ebpf, map_names::SERVICES4)?,
             services6: take(ebpf, map_names::SERVICES6)?,
             backends4: take(ebpf, map_names::BACKENDS4)?,
@@ -268,12 +270,13 @@ impl KernelMaps {
             status: Some(take(ebpf, map_names::SERVICE_STATUS)?),
             source_ranges4: take_trie(ebpf, map_names::SOURCE_RANGES4)?,
             source_ranges6: take_trie(ebpf, map_names::SOURCE_RANGES6)?,
-        })
+            capacities: std::collections::BTreeMap::new(),
+        }))
     }
 
     /// Opens the pinned maps without loading any program (for `dump`).
     pub fn open_pinned(pins: &PinLayout) -> Result<Self, WriteError> {
-        Ok(Self {
+        Ok(Self::with_capacities(Self {
             services4: open(pins, map_names::SERVICES4)?,
             services6: open(pins, map_names::SERVICES6)?,
             backends4: open(pins, map_names::BACKENDS4)?,
@@ -289,11 +292,39 @@ impl KernelMaps {
             },
             source_ranges4: open_trie(pins, map_names::SOURCE_RANGES4)?,
             source_ranges6: open_trie(pins, map_names::SOURCE_RANGES6)?,
-        })
+            capacities: std::collections::BTreeMap::new(),
+        }))
+    }
+
+    /// Records every map's capacity.
+    fn with_capacities(mut self) -> Self {
+        let mut capacities = std::collections::BTreeMap::new();
+        capacities.insert(map_names::SERVICES4, capacity(&self.services4));
+        capacities.insert(map_names::SERVICES6, capacity(&self.services6));
+        capacities.insert(map_names::BACKENDS4, capacity(&self.backends4));
+        capacities.insert(map_names::BACKENDS6, capacity(&self.backends6));
+        capacities.insert(map_names::REV_NAT4, capacity(&self.rev_nat4));
+        capacities.insert(map_names::REV_NAT6, capacity(&self.rev_nat6));
+        capacities.insert(map_names::SERVICE_NAMES, capacity(&self.names));
+        if let Some(trie) = &self.source_ranges4 {
+            capacities.insert(map_names::SOURCE_RANGES4, capacity(trie));
+        }
+        if let Some(trie) = &self.source_ranges6 {
+            capacities.insert(map_names::SOURCE_RANGES6, capacity(trie));
+        }
+        self.capacities = capacities;
+        self
     }
 }
 
 impl MapWriter for KernelMaps {
+    fn capacity(&self, map: &'static str) -> Option<u32> {
+        self.capacities
+            .get(map)
+            .copied()
+            .filter(|capacity| *capacity > 0)
+    }
+
     fn write(&mut self, write: &MapWrite) -> Result<(), WriteError> {
         match write {
             MapWrite::Service4(key, value) => write_entry(
