@@ -216,9 +216,11 @@ impl Reconciler {
 
     /// Makes the status map say exactly which Services are not programmed (a previous agent
     /// may have left entries).
-    fn reconcile_statuses(&mut self, image: &crate::maps::encode::MapImage) {
-        let recorded: BTreeMap<String, (String, String)> = image
-            .service_status
+    fn reconcile_statuses(
+        &mut self,
+        statuses: &BTreeMap<proxy_common::ServiceName, proxy_common::ServiceStatus>,
+    ) {
+        let recorded: BTreeMap<String, (String, String)> = statuses
             .iter()
             .map(|(key, status)| {
                 let (service, reason, message) = decode_status(key, status);
@@ -251,27 +253,32 @@ impl Reconciler {
     /// scratch and checks it against the incremental one, plans every address, and forgets
     /// stale affinity entries.
     pub fn resync(&mut self, config: &ModelConfig) -> Result<SyncReport, WriteError> {
-        let image = self.writer.read_image()?;
+        // Trust the maps, not the mirror. The old mirror goes first, so the two never coexist
+        // (at 100 000 Services each is tens of megabytes).
+        self.mirror = Programmed::default();
+        let mut image = self.writer.read_image()?;
         let (mirror, unreadable) = programmed_from_image(&image);
         for entry in &unreadable.0 {
             warn!("leaving an entry this agent cannot interpret: {entry}");
         }
         self.mirror = mirror;
+        let affinity = std::mem::take(&mut image.affinity);
+        let statuses = std::mem::take(&mut image.service_status);
+        drop(image);
         self.config = Some(config.clone());
         let mut all = std::mem::take(&mut self.dirty);
-        all.extend(self.desired.services().cloned());
-        let fresh = desired_of(&self.cluster, config);
         let mut report = SyncReport {
             recomputed: self.cluster.len().0,
             ..SyncReport::default()
         };
-        let had_state = self.desired.services().next().is_some();
-        let same = had_state && same_desired(&self.desired, &fresh);
-        report.diverged = had_state && !same;
-        self.desired = fresh;
-        if !same {
-            // The first sync, or a repaired divergence: every Service's problems may be news.
+        if self.desired.services().next().is_none() {
+            // The first sync: nothing incremental to compare with.
+            self.desired = desired_of(&self.cluster, config);
             all.extend(self.desired.services().cloned());
+        } else {
+            let diverged = self.recompute_all(config);
+            report.diverged = !diverged.is_empty();
+            all.extend(diverged);
         }
         report.new_problems = self.report_problems(&all);
         self.warn_unlabelled_slices();
@@ -290,9 +297,44 @@ impl Reconciler {
                 report.status_changes.push((id, None));
             }
         }
-        report.affinity_forgotten = self.forget_stale_affinity(&image.affinity);
-        self.reconcile_statuses(&image);
+        report.affinity_forgotten = self.forget_stale_affinity(&affinity);
+        self.reconcile_statuses(&statuses);
         Ok(report)
+    }
+
+    /// Runs every Service through the model again and checks the result against what the
+    /// incremental model holds, one Service at a time (no second model in memory). Whatever
+    /// disagrees is logged and replaced; returns those Services (a bug if any).
+    fn recompute_all(&mut self, config: &ModelConfig) -> Vec<ServiceId> {
+        let mut diverged = Vec::new();
+        for id in self.cluster.service_ids() {
+            let service = self.cluster.service(id).expect("listed ids exist");
+            let output = service_output(service, &self.cluster.slices_of(id), config);
+            if self.desired.output(id) != Some(&output) {
+                diverged.push((id.clone(), Some(output)));
+            }
+        }
+        let gone: Vec<ServiceId> = self
+            .desired
+            .services()
+            .filter(|id| self.cluster.service(id).is_none())
+            .cloned()
+            .collect();
+        diverged.extend(gone.into_iter().map(|id| (id, None)));
+        if !diverged.is_empty() {
+            error!(
+                services = diverged.len(),
+                first = %diverged[0].0,
+                "the incremental model disagrees with the full recomputation; using the full one"
+            );
+        }
+        diverged
+            .into_iter()
+            .map(|(id, output)| {
+                self.desired.set(&id, output);
+                id
+            })
+            .collect()
     }
 
     /// Marks the Services whose output depends on node facts that changed.
@@ -575,16 +617,6 @@ impl Reconciler {
     }
 }
 
-/// Whether two models hold the same outputs and claims (so they want the same dataplane and
-/// report the same problems).
-fn same_desired(incremental: &Desired, fresh: &Desired) -> bool {
-    let same = incremental == fresh;
-    if !same {
-        error!("the incremental model disagrees with the full recomputation; using the full one");
-    }
-    same
-}
-
 /// Rebuilds the mirror from the maps (restore on start).
 pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
     let image = writer.read_image()?;
@@ -809,6 +841,24 @@ mod tests {
             dump_of(&maps.lock().image),
             dump_of(&reference.lock().image)
         );
+    }
+
+    #[test]
+    fn the_full_resync_finds_and_repairs_an_incremental_model_that_went_wrong() {
+        let maps = Shared::new(FakeMaps::default());
+        let mut agent = agent(&maps);
+        agent.sync_snapshot(&many(3, 2), &ModelConfig::default());
+        let healthy = dump_of(&maps.lock().image);
+        // A bug, simulated: the incremental model lost one Service.
+        let lost = ServiceId::new("default", "svc-2");
+        let changed = agent.desired.set(&lost, None);
+        agent.program(changed.keys, &mut SyncReport::default());
+        assert_ne!(dump_of(&maps.lock().image), healthy);
+        let report = agent.resync(&ModelConfig::default()).unwrap();
+        assert!(report.diverged, "{report:?}");
+        assert_eq!(dump_of(&maps.lock().image), healthy, "repaired");
+        let again = agent.resync(&ModelConfig::default()).unwrap();
+        assert!(!again.diverged && again.operations == 0, "{again:?}");
     }
 
     #[test]

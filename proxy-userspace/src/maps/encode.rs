@@ -457,40 +457,46 @@ pub struct Unreadable(pub Vec<String>);
 /// entries this agent cannot interpret (left untouched).
 pub fn decode(image: &MapImage) -> (Vec<Op>, Unreadable) {
     let mut ops = Vec::new();
+    let unreadable = decode_into(image, &mut ops);
+    (ops, unreadable)
+}
+
+/// Decodes the maps' content straight into `sink` (no list of operations in between).
+fn decode_into(image: &MapImage, sink: &mut impl Extend<Op>) -> Unreadable {
     let mut unreadable = Unreadable::default();
-    decode_backends(image, &mut ops, &mut unreadable);
-    for (id, rev) in &image.rev_nat4 {
+    decode_backends(image, sink, &mut unreadable);
+    let v4 = image.rev_nat4.iter().map(|(id, rev)| {
         let ip = IpAddr::V4(v4_from_word(rev.address));
-        let port = u16::from_be(rev.port_be);
-        ops.push(Op::UpsertRevNat {
-            id: *id,
-            target: RevNatTarget { ip, port },
-        });
-    }
-    for (id, rev) in &image.rev_nat6 {
+        (*id, ip, rev.port_be)
+    });
+    let v6 = image.rev_nat6.iter().map(|(id, rev)| {
         let ip = IpAddr::V6(v6_from_words(rev.address));
-        let port = u16::from_be(rev.port_be);
-        ops.push(Op::UpsertRevNat {
-            id: *id,
-            target: RevNatTarget { ip, port },
-        });
-    }
-    ops.extend(image.service_names.iter().map(|(id, name)| Op::UpsertName {
+        (*id, ip, rev.port_be)
+    });
+    sink.extend(v4.chain(v6).map(|(id, ip, port_be)| Op::UpsertRevNat {
+        id,
+        target: RevNatTarget {
+            ip,
+            port: u16::from_be(port_be),
+        },
+    }));
+    sink.extend(image.service_names.iter().map(|(id, name)| Op::UpsertName {
         id: *id,
         name: decode_name(name),
     }));
-    decode_source_ranges(image, &mut ops, &mut unreadable);
-    decode_services(image, &mut ops, &mut unreadable);
-    (ops, unreadable)
+    decode_source_ranges(image, sink, &mut unreadable);
+    decode_services(image, sink, &mut unreadable);
+    unreadable
 }
 
 /// Rebuilds the mirror from the maps' content (restore after a restart, drift repair).
 pub fn programmed_from_image(image: &MapImage) -> (Programmed, Unreadable) {
-    let (ops, unreadable) = decode(image);
-    (Programmed::from_ops(&ops), unreadable)
+    let mut programmed = Programmed::default();
+    let unreadable = decode_into(image, &mut programmed);
+    (programmed, unreadable)
 }
 
-fn decode_services(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreadable) {
+fn decode_services(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut Unreadable) {
     let v4 = image.services4.iter().map(|(k, v)| {
         let ip = IpAddr::V4(v4_from_word(k.address));
         (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
@@ -514,7 +520,7 @@ fn decode_services(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreada
             protocol,
             scope,
         };
-        ops.push(if slot == 0 {
+        ops.extend(Some(if slot == 0 {
             Op::UpsertMaster {
                 frontend,
                 master: Master {
@@ -531,11 +537,11 @@ fn decode_services(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreada
                 backend_id: value.backend_id,
                 rev_nat_id: value.rev_nat_id,
             }
-        });
+        }));
     }
 }
 
-fn decode_source_ranges(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreadable) {
+fn decode_source_ranges(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut Unreadable) {
     let v4 = image.source_ranges4.keys().map(|key| {
         let ip = IpAddr::V4(v4_from_word(key.data.address));
         (key.prefix_len, key.data.rev_nat_id_be, ip)
@@ -546,7 +552,9 @@ fn decode_source_ranges(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Un
     });
     for (prefix_len, rev_nat_id_be, ip) in v4.chain(v6) {
         match source_range_from_key(prefix_len, rev_nat_id_be, ip) {
-            Some((rev_nat_id, range)) => ops.push(Op::UpsertSourceRange { rev_nat_id, range }),
+            Some((rev_nat_id, range)) => {
+                ops.extend(Some(Op::UpsertSourceRange { rev_nat_id, range }));
+            }
             None => unreadable.0.push(format!(
                 "source range {ip} prefix length {prefix_len} of rev-NAT id {}",
                 u32::from_be(rev_nat_id_be)
@@ -555,7 +563,7 @@ fn decode_source_ranges(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Un
     }
 }
 
-fn decode_backends(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreadable) {
+fn decode_backends(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut Unreadable) {
     let v4 = image.backends4.iter().map(|(id, b)| {
         (
             *id,
@@ -580,7 +588,7 @@ fn decode_backends(image: &MapImage, ops: &mut Vec<Op>, unreadable: &mut Unreada
                     port: u16::from_be(port_be),
                     protocol,
                 };
-                ops.push(Op::UpsertBackend { id, backend });
+                ops.extend(Some(Op::UpsertBackend { id, backend }));
             }
             None => unreadable
                 .0

@@ -229,6 +229,11 @@ impl Desired {
         }
     }
 
+    /// One Service's output, if it has one.
+    pub fn output(&self, id: &ServiceId) -> Option<&ServiceOutput> {
+        self.outputs.get(id)
+    }
+
     /// Every Service with an output.
     pub fn services(&self) -> impl Iterator<Item = &ServiceId> {
         self.outputs.keys()

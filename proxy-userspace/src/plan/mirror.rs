@@ -484,6 +484,15 @@ impl Programmed {
     }
 }
 
+/// Applying operations one by one (restore decodes the maps straight into a mirror).
+impl Extend<Op> for Programmed {
+    fn extend<T: IntoIterator<Item = Op>>(&mut self, ops: T) {
+        for op in ops {
+            self.apply(&op);
+        }
+    }
+}
+
 /// A backend of a UDP frontend: (rev-NAT id of the frontend, backend address).
 pub type UdpPair = (u32, std::net::SocketAddr);
 
