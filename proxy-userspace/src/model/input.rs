@@ -33,10 +33,26 @@ pub struct ObjectKey {
 impl ObjectKey {
     fn of(meta: &ObjectMeta) -> Self {
         Self {
-            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            namespace: namespace(meta.namespace.as_deref().unwrap_or("default")),
             name: meta.name.as_deref().unwrap_or("<unnamed>").into(),
         }
     }
+}
+
+/// One shared copy of each namespace's name: a cluster has few namespaces and many objects
+/// in each (100 000 objects would otherwise hold 100 000 copies of the same few strings).
+pub fn namespace(name: &str) -> Arc<str> {
+    static NAMESPACES: std::sync::LazyLock<std::sync::Mutex<crate::hash::FastSet<Arc<str>>>> =
+        std::sync::LazyLock::new(std::sync::Mutex::default);
+    let mut namespaces = NAMESPACES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = namespaces.get(name) {
+        return known.clone();
+    }
+    let interned: Arc<str> = name.into();
+    namespaces.insert(interned.clone());
+    interned
 }
 
 impl std::fmt::Display for ObjectKey {

@@ -205,7 +205,8 @@ pub struct Candidate {
     /// The cluster-scope key the candidate claims.
     pub key: FrontendKey,
     pub cluster: Frontend,
-    pub local: Option<Frontend>,
+    /// Boxed: most frontends have no twin, and outputs live as long as their Service.
+    pub local: Option<Box<Frontend>>,
 }
 
 impl Candidate {
@@ -213,7 +214,7 @@ impl Candidate {
     pub fn frontend(&self, scope: Scope) -> Option<&Frontend> {
         match scope {
             Scope::Cluster => Some(&self.cluster),
-            Scope::Local => self.local.as_ref(),
+            Scope::Local => self.local.as_deref(),
         }
     }
 }
@@ -401,7 +402,7 @@ impl ServiceContext<'_> {
                 };
                 let backends = self.backends(local_key, &sets.local, problems);
                 let flags = flags | no_local_flag(&backends, sets);
-                self.frontend(port, backends, flags, &ranges)
+                Box::new(self.frontend(port, backends, flags, &ranges))
             });
             candidates.push(Candidate {
                 kind,
@@ -519,6 +520,9 @@ pub fn service_output(
         )
     });
     output.problems = problems.into_vec();
+    // Outputs live as long as their Service: no room for growth (a vector that grew by push
+    // holds four candidates' worth for one).
+    output.candidates.shrink_to_fit();
     output
 }
 
