@@ -85,6 +85,15 @@ pub struct SyncStats {
     pub not_programmed: BTreeMap<&'static str, u64>,
     /// Full recomputations that disagreed with the incremental model (should stay 0).
     pub model_divergences_total: u64,
+    /// When the oldest change not yet taken by a sync arrived (kube-proxy's queued update);
+    /// `None` when every change has been synced.
+    pub queued_since: Option<SystemTime>,
+    /// This node's Node object allows load-balanced traffic (not being deleted, no
+    /// to-be-deleted taint); true while there is no Node object.
+    pub node_eligible: bool,
+    /// Answers of `/healthz` and `/livez`, by HTTP status code.
+    pub healthz_total: BTreeMap<u16, u64>,
+    pub livez_total: BTreeMap<u16, u64>,
 }
 
 impl Default for SyncStats {
@@ -105,6 +114,10 @@ impl Default for SyncStats {
             map_entries: MapEntries::new(),
             not_programmed: BTreeMap::new(),
             model_divergences_total: 0,
+            queued_since: None,
+            node_eligible: true,
+            healthz_total: BTreeMap::new(),
+            livez_total: BTreeMap::new(),
         }
     }
 }
