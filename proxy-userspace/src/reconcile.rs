@@ -5,9 +5,12 @@
 //! never blocks another Service or a removal. The full recomputation (at start and at every
 //! `--sync-period`) re-reads the maps, checks the incremental model against a model built from
 //! scratch and repairs any drift.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
-use proxy_common::map_names;
+use proxy_common::{guard_flags, map_names};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -15,10 +18,13 @@ use crate::{
     hash::FastSet,
     maps::{
         MapWriter, WriteError, apply_all_or_nothing,
-        encode::{MapWrite, decode_status, encode, programmed_from_image, status_write},
+        encode::{
+            MapWrite, decode_status, encode, guard_from_image, guard_write, programmed_from_image,
+            status_write,
+        },
     },
     model::{
-        ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Scope, ServiceId,
+        Cidr, ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Scope, ServiceId,
         cluster::{Cluster, Touched},
         desired::{Changed, Desired, NodeFact},
         desired_of,
@@ -83,6 +89,16 @@ pub struct Reconciler {
     reported: HashMap<ServiceId, Vec<Problem>>,
     /// Unlabelled slices already warned about.
     unlabelled: BTreeSet<String>,
+    /// The service-CIDR guard as written (range → `guard_flags`).
+    guard: BTreeMap<Cidr, u32>,
+    /// The ServiceCIDR ranges the guard was last given.
+    guard_cidrs: BTreeSet<Cidr>,
+    /// A ServiceCIDR changed since the guard was last given its ranges.
+    guard_cidrs_dirty: bool,
+    /// Guard ranges whose write failed: written again at every sync until they are.
+    guard_retry: BTreeSet<Cidr>,
+    /// Unreadable ServiceCIDR ranges already warned about.
+    guard_unreadable: BTreeSet<(String, String)>,
 }
 
 /// The frontend addresses a plan covers, grouped by the Service they belong to now (`None`:
@@ -92,8 +108,17 @@ type Groups = BTreeMap<Option<ServiceId>, BTreeSet<FrontendKey>>;
 impl Reconciler {
     /// Adopts what the maps hold.
     pub fn new(writer: Box<dyn MapWriter>) -> Result<Self, WriteError> {
-        let mirror = restore(writer.as_ref())?;
+        let image = writer.read_image()?;
+        let (mirror, unreadable) = programmed_from_image(&image);
+        for entry in &unreadable.0 {
+            warn!("leaving an entry this agent cannot interpret: {entry}");
+        }
         Ok(Self {
+            guard: guard_from_image(&image),
+            guard_cidrs: BTreeSet::new(),
+            guard_cidrs_dirty: true,
+            guard_retry: BTreeSet::new(),
+            guard_unreadable: BTreeSet::new(),
             cluster: Cluster::default(),
             desired: Desired::default(),
             mirror,
@@ -111,6 +136,7 @@ impl Reconciler {
     pub fn absorb(&mut self, delta: Delta) -> Touched {
         let touched = delta.apply_to(&mut self.cluster);
         self.dirty.extend(touched.services.iter().cloned());
+        self.guard_cidrs_dirty |= touched.service_cidrs;
         touched
     }
 
@@ -136,12 +162,20 @@ impl Reconciler {
 
     /// Whether a sync has work waiting (touched Services or addresses to retry).
     pub fn has_work(&self) -> bool {
-        !self.dirty.is_empty() || !self.retry.is_empty()
+        !self.dirty.is_empty()
+            || !self.retry.is_empty()
+            || self.guard_cidrs_dirty
+            || !self.guard_retry.is_empty()
     }
 
     /// Whether some addresses failed and wait for a retry.
     pub fn has_failures(&self) -> bool {
-        !self.retry.is_empty()
+        !self.retry.is_empty() || !self.guard_retry.is_empty()
+    }
+
+    /// The service-CIDR guard as written.
+    pub fn guard(&self) -> &BTreeMap<Cidr, u32> {
+        &self.guard
     }
 
     /// Makes the cluster exactly `snapshot`, as a source's complete lists would, and syncs
@@ -187,6 +221,7 @@ impl Reconciler {
         let mut keys = changed.keys;
         keys.append(&mut self.retry);
         self.program(keys, &mut report);
+        self.program_guard(changed.guard_ips, false);
         for id in &dirty {
             if self.cluster.service(id).is_none()
                 && let Some(_) = self.not_programmed.remove(id)
@@ -282,6 +317,8 @@ impl Reconciler {
             .chain(std::mem::take(&mut self.retry))
             .collect();
         self.program(keys, &mut report);
+        self.guard = guard_from_image(&image);
+        self.program_guard(BTreeSet::new(), true);
         for id in all {
             if self.cluster.service(&id).is_none() && self.not_programmed.remove(&id).is_some() {
                 report.status_changes.push((id, None));
@@ -290,6 +327,62 @@ impl Reconciler {
         report.affinity_forgotten = self.forget_stale_affinity(&image.affinity);
         self.reconcile_statuses(&image);
         Ok(report)
+    }
+
+    /// Makes the service-CIDR guard hold the ServiceCIDRs (drop) and the ClusterIPs in `ips`
+    /// (refuse other ports, or leave another proxy's alone); `all`: every entry, as at a full
+    /// recomputation. A write that fails is logged and retried at the next sync; the guard
+    /// never blocks programming Services.
+    fn program_guard(&mut self, ips: BTreeSet<IpAddr>, all: bool) {
+        let mut keys: BTreeSet<Cidr> = ips.into_iter().map(Cidr::host).collect();
+        if self.guard_cidrs_dirty || all {
+            let (ranges, unreadable) = self.cluster.service_cidr_ranges();
+            for (object, text) in unreadable {
+                if self.guard_unreadable.insert((object.clone(), text.clone())) {
+                    warn!(
+                        "skipping part of ServiceCIDR {object}: {text:?} is not a CIDR; range ignored"
+                    );
+                }
+            }
+            keys.extend(self.guard_cidrs.iter().copied());
+            keys.extend(ranges.iter().copied());
+            self.guard_cidrs = ranges;
+            self.guard_cidrs_dirty = false;
+        }
+        if all {
+            keys.extend(self.guard.keys().copied());
+            keys.extend(self.desired.guard_ips().map(|ip| Cidr::host(*ip)));
+        }
+        keys.append(&mut self.guard_retry);
+        for key in keys {
+            let from_services = self
+                .desired
+                .guard_flags(key.ip())
+                .filter(|_| key == Cidr::host(key.ip()));
+            let from_cidrs = self
+                .guard_cidrs
+                .contains(&key)
+                .then_some(guard_flags::SERVICE_CIDR);
+            let wanted = match (from_services, from_cidrs) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) | b.unwrap_or(0)),
+            };
+            if self.guard.get(&key).copied() == wanted {
+                continue;
+            }
+            match self.writer.write(&guard_write(&key, wanted)) {
+                Ok(()) => {
+                    match wanted {
+                        Some(flags) => self.guard.insert(key, flags),
+                        None => self.guard.remove(&key),
+                    };
+                }
+                Err(failure) => {
+                    warn!(range = %key, "cannot write the service-CIDR guard (retried at the next sync): {failure}");
+                    self.guard_retry.insert(key);
+                }
+            }
+        }
     }
 
     /// Marks the Services whose output depends on node facts that changed.

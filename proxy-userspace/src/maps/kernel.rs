@@ -10,7 +10,8 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, capacity, map_names,
+    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SourceRange4,
+    SourceRange6, capacity, map_names,
 };
 
 use super::{
@@ -37,6 +38,9 @@ pub struct KernelMaps {
     /// ranges then, and `dump`/`inspect` of such pins still work.
     source_ranges4: Option<SourceRanges<SourceRange4>>,
     source_ranges6: Option<SourceRanges<SourceRange6>>,
+    /// `None` when the object or the pins predate the service-CIDR guard.
+    guard4: Option<SourceRanges<ServiceGuard4>>,
+    guard6: Option<SourceRanges<ServiceGuard6>>,
 }
 
 /// Takes a hash (or LRU hash) map out of a loaded object.
@@ -180,6 +184,11 @@ fn write_range<D: aya::Pod + Debug>(
     key: &LpmKey<D>,
     value: Option<u32>,
 ) -> Result<(), WriteError> {
+    let capacity = if name == map_names::SERVICE_GUARD4 || name == map_names::SERVICE_GUARD6 {
+        capacity::SERVICE_GUARD
+    } else {
+        capacity::SOURCE_RANGES
+    };
     let entry = || format!("prefix length {} {:?}", key.prefix_len, key.data);
     let Some(trie) = trie else {
         // Deleting from a map that does not exist is deleting a missing key.
@@ -204,7 +213,7 @@ fn write_range<D: aya::Pod + Debug>(
         (Some(libc::ENOENT), None) => Ok(()),
         (Some(libc::ENOSPC | libc::E2BIG), Some(_)) => Err(WriteError::MapFull {
             map: name,
-            capacity: capacity::SOURCE_RANGES,
+            capacity,
             entry: entry(),
         }),
         _ => Err(WriteError::Kernel {
@@ -265,6 +274,8 @@ impl KernelMaps {
             status: Some(take(ebpf, map_names::SERVICE_STATUS)?),
             source_ranges4: take_trie(ebpf, map_names::SOURCE_RANGES4)?,
             source_ranges6: take_trie(ebpf, map_names::SOURCE_RANGES6)?,
+            guard4: take_trie(ebpf, map_names::SERVICE_GUARD4)?,
+            guard6: take_trie(ebpf, map_names::SERVICE_GUARD6)?,
         })
     }
 
@@ -286,6 +297,8 @@ impl KernelMaps {
             },
             source_ranges4: open_trie(pins, map_names::SOURCE_RANGES4)?,
             source_ranges6: open_trie(pins, map_names::SOURCE_RANGES6)?,
+            guard4: open_trie(pins, map_names::SERVICE_GUARD4)?,
+            guard6: open_trie(pins, map_names::SERVICE_GUARD6)?,
         })
     }
 }
@@ -369,6 +382,12 @@ impl MapWriter for KernelMaps {
                 key,
                 *value,
             ),
+            MapWrite::Guard4(key, value) => {
+                write_range(self.guard4.as_mut(), map_names::SERVICE_GUARD4, key, *value)
+            }
+            MapWrite::Guard6(key, value) => {
+                write_range(self.guard6.as_mut(), map_names::SERVICE_GUARD6, key, *value)
+            }
         }
     }
 
@@ -388,6 +407,8 @@ impl MapWriter for KernelMaps {
             },
             source_ranges4: read_trie(self.source_ranges4.as_ref(), map_names::SOURCE_RANGES4)?,
             source_ranges6: read_trie(self.source_ranges6.as_ref(), map_names::SOURCE_RANGES6)?,
+            guard4: read_trie(self.guard4.as_ref(), map_names::SERVICE_GUARD4)?,
+            guard6: read_trie(self.guard6.as_ref(), map_names::SERVICE_GUARD6)?,
         })
     }
 }
