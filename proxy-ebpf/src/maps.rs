@@ -2,13 +2,13 @@
 //! every one of them so they outlive it.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
-    Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceValue,
-    ServiceStatus, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
-    SourceRange6, capacity, reason,
+    Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4,
+    ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, capacity, reason,
 };
 
 #[map]
@@ -65,3 +65,21 @@ pub static CONFIG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
+/// The service-CIDR guard: ServiceCIDR prefixes and every ClusterIP, with `guard_flags`.
+#[map]
+pub static SVC_GUARD4_V1: LpmTrie<ServiceGuard4, u32> =
+    LpmTrie::with_max_entries(capacity::SERVICE_GUARD, BPF_F_NO_PREALLOC);
+#[map]
+pub static SVC_GUARD6_V1: LpmTrie<ServiceGuard6, u32> =
+    LpmTrie::with_max_entries(capacity::SERVICE_GUARD, BPF_F_NO_PREALLOC);
+/// The socket hooks' settings (one entry).
+#[map]
+pub static SOCK_CONFIG_V1: Array<SockConfig> = Array::with_max_entries(1, 0);
+/// `switchyard monitor`: until when someone is monitoring (one entry, CLOCK_MONOTONIC
+/// nanoseconds). The monitor renews this lease every second, so a monitor killed without
+/// clearing it stops the events within two seconds.
+#[map]
+pub static MONITOR_CFG_V1: Array<u64> = Array::with_max_entries(1, 0);
+/// `switchyard monitor`: the datapath's decisions, written only while it is on.
+#[map]
+pub static MONITOR_EVT_V1: RingBuf = RingBuf::with_byte_size(capacity::MONITOR_RING_BYTES, 0);

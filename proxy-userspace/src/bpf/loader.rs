@@ -20,9 +20,9 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
-    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceStatus,
-    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
-    SourceRange6, map_names, reason,
+    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6,
+    ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
+    SockRevNat6Key, SourceRange4, SourceRange6, map_names, reason,
 };
 use tracing::{info, warn};
 
@@ -71,6 +71,12 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         map_names::SOURCE_RANGES6 => sizes::<LpmKey<SourceRange6>, u32>(),
         map_names::DATAPATH_CONFIG => sizes::<u32, DatapathConfig>(),
         map_names::SERVICE_STATUS => sizes::<ServiceName, ServiceStatus>(),
+        map_names::SERVICE_GUARD4 => sizes::<LpmKey<ServiceGuard4>, u32>(),
+        map_names::SERVICE_GUARD6 => sizes::<LpmKey<ServiceGuard6>, u32>(),
+        map_names::SOCK_CONFIG => sizes::<u32, SockConfig>(),
+        // A ring buffer has neither keys nor values.
+        map_names::MONITOR_EVENTS => (0, 0),
+        // The metrics array and the monitor's lease.
         _ => sizes::<u32, u64>(),
     }
 }
@@ -106,8 +112,12 @@ fn create_dir(path: &Path) -> Result<(), LoadError> {
     })
 }
 
-/// Loads the object with every map pinned (adopting existing pins).
-pub fn load_object(object: &[u8], pins: &PinLayout) -> Result<Ebpf, LoadError> {
+/// aya-log's level global in the eBPF object (`aya_log::LEVEL`): 0 turns logging off.
+const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+
+/// Loads the object with every map pinned (adopting existing pins). `log_level` is the
+/// highest aya-log level the programs log at (0: none; see `BpfLogLevel`).
+pub fn load_object(object: &[u8], pins: &PinLayout, log_level: u8) -> Result<Ebpf, LoadError> {
     if object.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -122,6 +132,8 @@ pub fn load_object(object: &[u8], pins: &PinLayout) -> Result<Ebpf, LoadError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    // Read-only once loaded: the verifier prunes the logging of levels that are off.
+    loader.override_global(LOG_LEVEL_GLOBAL, &log_level, true);
     loader.load(object).map_err(LoadError::Object)
 }
 
@@ -167,6 +179,8 @@ pub fn attach_all(
     let generation = new_generation();
     let mut pinned = Vec::new();
     let result = (|| {
+        // Before the hooks run: they must know the host from their first call.
+        super::sock_config::write(ebpf)?;
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
