@@ -174,13 +174,16 @@ fn health_endpoints_follow_the_agent_lifecycle() {
 fn wait_for_status(harness: &Harness, path: &str, status: u16, what: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (got, body) = get(harness, HEALTH, path);
-        if got == status {
-            return body;
+        // The endpoint may not listen yet right after the agent starts.
+        let answer = get_in_netns(harness.topology().node_namespace(), addr(HEALTH), path);
+        if let Ok((got, body)) = &answer
+            && *got == status
+        {
+            return body.clone();
         }
         assert!(
             Instant::now() < deadline,
-            "{path} never answered {status} ({what}); last {got}: {body}"
+            "{path} never answered {status} ({what}); last: {answer:?}"
         );
         sleep(Duration::from_millis(100));
     }
