@@ -14,7 +14,7 @@ use proxy_common::{guard_flags, map_names};
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::affinity::stale_affinity,
+    datapath::{affinity::stale_affinity, conntrack::UdpServing},
     hash::FastSet,
     maps::{
         MapWriter, WriteError, apply_all_or_nothing,
@@ -24,7 +24,8 @@ use crate::{
         },
     },
     model::{
-        Cidr, ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Scope, ServiceId,
+        Cidr, ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Protocol, Scope,
+        ServiceId,
         cluster::{Cluster, Touched},
         desired::{Changed, Desired, NodeFact},
         desired_of,
@@ -70,6 +71,9 @@ pub struct SyncReport {
     pub diverged: bool,
     /// Stale session-affinity entries removed (full syncs only).
     pub affinity_forgotten: usize,
+    /// A UDP frontend changed (or this was a full sync): the TC path's UDP flows are to be
+    /// reconciled against the serving endpoints.
+    pub udp_touched: bool,
 }
 
 /// The control plane's state between syncs.
@@ -173,6 +177,24 @@ impl Reconciler {
         !self.retry.is_empty() || !self.guard_retry.is_empty()
     }
 
+    /// The serving endpoints of every programmed UDP frontend, by rev-NAT id (for the TC
+    /// path's UDP conntrack reconciler).
+    pub fn udp_serving(&self) -> UdpServing {
+        let mut serving = UdpServing::default();
+        for (key, endpoints) in self.desired.udp_serving() {
+            if let Some(id) = self.mirror.rev_nat_of(&key) {
+                let set = (!endpoints.is_empty()).then(|| {
+                    endpoints
+                        .iter()
+                        .map(|backend| std::net::SocketAddr::new(backend.ip, backend.port))
+                        .collect()
+                });
+                serving.insert(id, set);
+            }
+        }
+        serving
+    }
+
     /// The service-CIDR guard as written.
     pub fn guard(&self) -> &BTreeMap<Cidr, u32> {
         &self.guard
@@ -219,6 +241,7 @@ impl Reconciler {
             report.health_checks = Some(self.desired.health_checks());
         }
         let mut keys = changed.keys;
+        report.udp_touched = keys.iter().any(|key| key.protocol == Protocol::Udp);
         keys.append(&mut self.retry);
         self.program(keys, &mut report);
         self.program_guard(changed.guard_ips, false);
@@ -295,6 +318,7 @@ impl Reconciler {
         let fresh = desired_of(&self.cluster, config);
         let mut report = SyncReport {
             recomputed: self.cluster.len().0,
+            udp_touched: true,
             ..SyncReport::default()
         };
         let had_state = self.desired.services().next().is_some();

@@ -17,7 +17,7 @@ use tracing::{debug, error, info};
 
 use crate::{
     admin::{healthcheck::HealthCheckServer, stats::StatsHandle},
-    datapath::udp_reaper::SocketReaper,
+    datapath::{conntrack::ReconcileReport, udp_reaper::SocketReaper},
     maps::WriteError,
     model::{HealthCheck, ModelConfig, cluster::Touched},
     node::ModelConfigSource,
@@ -60,6 +60,8 @@ struct Summary {
     node_eligible: bool,
     /// Where NodePorts (and so health-check node ports) open.
     nodeport_addresses: Vec<std::net::IpAddr>,
+    /// The TC path's UDP flows reconciled after this step.
+    conntrack: Option<ReconcileReport>,
 }
 
 impl Engine {
@@ -99,6 +101,12 @@ impl Engine {
         {
             self.reaper.reap(&report.removed_udp);
         }
+        let conntrack = match &report {
+            Ok(report) if report.udp_touched => {
+                self.reaper.reconcile_flows(&self.reconciler.udp_serving())
+            }
+            _ => None,
+        };
         let mut not_programmed: BTreeMap<&'static str, u64> = BTreeMap::new();
         for status in self.reconciler.not_programmed().values() {
             *not_programmed.entry(status.reason).or_default() += 1;
@@ -113,6 +121,7 @@ impl Engine {
                 not_programmed,
                 node_eligible: self.node_eligible(),
                 nodeport_addresses,
+                conntrack,
             },
         }
     }
@@ -343,6 +352,9 @@ fn record(stats: &StatsHandle, report: &SyncReport, summary: &Summary, latency: 
         stats.no_local_endpoints = summary.no_local_endpoints as u64;
         stats.record_fill(&summary.fill);
         stats.not_programmed.clone_from(&summary.not_programmed);
+        if let Some(conntrack) = &summary.conntrack {
+            stats.record_conntrack_reconcile(conntrack);
+        }
         if report.diverged {
             stats.model_divergences_total += 1;
         }

@@ -155,6 +155,29 @@ impl Out<'_> {
         })
     }
 
+    /// A histogram per label set.
+    fn labelled_histograms(
+        &mut self,
+        name: &str,
+        help: &str,
+        series: &[(&[(&str, &str)], &Histogram)],
+    ) -> fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, histogram) in series {
+            family
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(
+                    histogram.sum,
+                    histogram.count,
+                    &per_bucket(histogram),
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+
     fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) -> fmt::Result {
         let mut metric = self
             .0
@@ -277,7 +300,37 @@ impl Scrape {
             "Cumulative proxy livez HTTP status",
             "code",
             &borrowed(&by_code(&stats.livez_total)),
-        )
+        )?;
+        self.conntrack_reconciler(out)
+    }
+
+    /// kube-proxy's UDP conntrack reconciler metrics, for the TC path's own conntrack,
+    /// labelled by IP family and protocol.
+    fn conntrack_reconciler(&self, out: &mut Out<'_>) -> fmt::Result {
+        let stats = &self.stats;
+        let labels: [[(&str, &str); 2]; 2] = [
+            [("ip_family", "IPv4"), ("protocol", "UDP")],
+            [("ip_family", "IPv6"), ("protocol", "UDP")],
+        ];
+        out.labelled_histograms(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            &[
+                (&labels[0], &stats.conntrack_reconcile_duration[0]),
+                (&labels[1], &stats.conntrack_reconcile_duration[1]),
+            ],
+        )?;
+        let mut deleted = out.0.encode_descriptor(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            None,
+            MetricType::Counter,
+        )?;
+        for (family, labels) in labels.iter().enumerate() {
+            ConstCounter::new(stats.conntrack_reconcile_deleted[family])
+                .encode(deleted.encode_family(labels)?)?;
+        }
+        Ok(())
     }
 
     /// Switchyard's own metrics: syncs, failures, bad input, map fill and datapath reasons.
@@ -435,6 +488,8 @@ mod tests {
                 "switchyard_services_not_programmed{reason=\"map_full\"} 2",
                 "switchyard_services_not_programmed{reason=\"too_large\"} 0",
                 "switchyard_model_divergences_total 0",
+                "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\",protocol=\"UDP\"} 0",
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv6\",protocol=\"UDP\"} 0",
                 "# EOF",
             ],
         );

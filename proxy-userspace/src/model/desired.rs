@@ -349,6 +349,16 @@ impl Desired {
         all.into_iter().collect()
     }
 
+    /// Every UDP frontend (cluster-scope key) with the serving endpoints of its Service port
+    /// (for the conntrack reconciler).
+    pub fn udp_serving(&self) -> Vec<(FrontendKey, &[super::BackendAddr])> {
+        self.claims
+            .keys()
+            .filter(|key| key.protocol == super::Protocol::Udp)
+            .filter_map(|key| Some((*key, self.winner(key)?.1.serving.as_slice())))
+            .collect()
+    }
+
     /// The cluster-scope keys some Service claims.
     pub fn keys(&self) -> impl Iterator<Item = &FrontendKey> {
         self.claims.keys()

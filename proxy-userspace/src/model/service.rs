@@ -223,6 +223,10 @@ pub struct Candidate {
     pub key: FrontendKey,
     pub cluster: Frontend,
     pub local: Option<Frontend>,
+    /// UDP ports: every serving endpoint of the Service port in the frontend's family,
+    /// whatever the traffic policy or topology says (kube-proxy's conntrack reconciler keeps
+    /// UDP flows to these and removes the others).
+    pub serving: Vec<BackendAddr>,
 }
 
 impl Candidate {
@@ -351,6 +355,7 @@ impl ServiceContext<'_> {
         ipv4: bool,
         port: &UsablePort,
         sets: &Categorized,
+        serving: &[BackendAddr],
         problems: &mut Problems,
     ) -> Vec<Candidate> {
         let mut candidates = Vec::new();
@@ -375,6 +380,7 @@ impl ServiceContext<'_> {
                 key,
                 cluster: self.frontend(port, backends, flags, &BTreeSet::new()),
                 local: None,
+                serving: serving.to_vec(),
             });
         }
         // Exposure frontends: internalTrafficPolicy does not apply to them.
@@ -434,6 +440,7 @@ impl ServiceContext<'_> {
                 key,
                 cluster: self.frontend(port, cluster_backends, cluster_flags, &ranges),
                 local,
+                serving: serving.to_vec(),
             });
         }
         candidates
@@ -483,6 +490,23 @@ impl ServiceContext<'_> {
             }
         }
     }
+}
+
+/// A UDP port's serving endpoints, whatever the policies say (what the conntrack reconciler
+/// keeps flows to); nothing for TCP.
+fn udp_serving(endpoints: &[Endpoint], protocol: Protocol) -> Vec<BackendAddr> {
+    if protocol != Protocol::Udp {
+        return Vec::new();
+    }
+    endpoints
+        .iter()
+        .filter(|e| e.serving)
+        .map(|e| BackendAddr {
+            ip: e.ip,
+            port: e.port,
+            protocol,
+        })
+        .collect()
 }
 
 /// What one Service (with its EndpointSlices, in a stable order) contributes, as seen from
@@ -557,11 +581,13 @@ pub fn service_output(
                     .map(|e| e.ip),
             );
             let sets = categorize(&endpoints, node, zone, true, true);
+            let serving = udp_serving(&endpoints, port.protocol);
             output.candidates.extend(context.port_frontends(
                 &family_ips,
                 ipv4,
                 port,
                 &sets,
+                &serving,
                 &mut problems,
             ));
         }
