@@ -274,3 +274,53 @@ fn an_external_ip_equal_to_the_nodes_address_is_not_for_the_node_but_is_for_pods
     assert!(attempt.ok, "a pod reaches the Service: {attempt:?}");
     assert!(attempt.backend.is_some(), "{attempt:?}");
 }
+
+/// kube-proxy's two e2e tests: a terminating, unready endpoint stays reachable only when its
+/// Service sets `publishNotReadyAddresses`.
+#[test]
+fn terminating_unready_endpoints_are_reachable_only_with_publish_not_ready_addresses() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 1);
+    let backend = harness.backend_ipv4s()[0];
+    let service = |name: &str, ip: &str, publish: bool| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: e2e}}\nspec: {{clusterIP: {ip}, publishNotReadyAddresses: {publish}, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: e2e, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints: [{{addresses: ['{backend}'], conditions: {{ready: false, serving: false, terminating: true}}}}]\n---\n"
+        )
+    };
+    let manifests = format!(
+        "{}{}",
+        service("published", "10.96.53.10", true),
+        service("unpublished", "10.96.53.11", false)
+    );
+    harness.write_manifests(&Manifests::new().raw(&manifests));
+    harness.start_agent(&[]);
+    harness.wait_until_translated(ClientProto::Tcp, at("10.96.53.10:80"));
+    let refused =
+        harness.wait_until_errno(ClientProto::Tcp, at("10.96.53.11:80"), libc::ECONNREFUSED);
+    assert!(refused.backend.is_none(), "{refused:?}");
+}
+
+/// With `--bpf-log-level trace` the programs load with every log statement enabled (the
+/// verifier accepts them) and the datapath works as usual.
+#[test]
+fn the_programs_load_and_translate_with_bpf_logging_on() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 1);
+    let manifests = service(
+        "logged",
+        &["10.96.54.10", "fd00:96::54:10"],
+        false,
+        "",
+        &harness,
+    );
+    harness.write_manifests(&Manifests::new().raw(&manifests));
+    harness.start_agent(&["--bpf-log-level", "trace"]);
+    harness.wait_until_translated(ClientProto::Tcp, at("10.96.54.10:80"));
+    for (proto, target) in [
+        (ClientProto::UdpConnected, "10.96.54.10:53"),
+        (ClientProto::UdpUnconnected, "[fd00:96::54:10]:53"),
+    ] {
+        let attempt = one(&harness, proto, at(target));
+        assert!(attempt.ok, "{proto:?} {target}: {attempt:?}");
+    }
+}
