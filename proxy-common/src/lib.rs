@@ -33,6 +33,15 @@ pub mod map_names {
     pub const SOURCE_RANGES6: &str = "SRC_RANGE6_V1";
     pub const DATAPATH_CONFIG: &str = "CONFIG_V1";
     pub const SERVICE_STATUS: &str = "SVC_STATUS_V1";
+    /// The service-CIDR guard: ServiceCIDR prefixes and active ClusterIPs (LPM tries).
+    pub const SERVICE_GUARD4: &str = "SVC_GUARD4_V1";
+    pub const SERVICE_GUARD6: &str = "SVC_GUARD6_V1";
+    /// The socket hooks' settings (one entry).
+    pub const SOCK_CONFIG: &str = "SOCK_CONFIG_V1";
+    /// `switchyard monitor`: until when someone is monitoring (one entry: a lease the monitor
+    /// renews, in `bpf_ktime_get_ns` nanoseconds), and the event ring buffer.
+    pub const MONITOR_CONFIG: &str = "MONITOR_CFG_V1";
+    pub const MONITOR_EVENTS: &str = "MONITOR_EVT_V1";
 
     /// The TC path's per-CPU scratch space (not pinned, so not versioned).
     pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -79,6 +88,11 @@ pub mod service_flags {
     /// A LoadBalancer frontend with loadBalancerSourceRanges: new flows from sources outside
     /// the service's prefixes in the source-ranges trie are dropped.
     pub const SOURCE_RANGES: u16 = 1 << 6;
+
+    /// An externalIP that is this node's own address or the API server's (CVE-2020-8554):
+    /// never translated for sockets of the host's network namespace (the agent itself and
+    /// every host process), which must keep reaching the real address.
+    pub const NOT_FOR_HOST: u16 = 1 << 7;
 
     /// Any externally reachable frontend kind.
     pub const EXTERNAL: u16 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
@@ -135,11 +149,27 @@ pub mod reason {
     pub const TC_SYN_RESTARTED: u32 = 22;
     /// TC: a packet the TC path could not rewrite (malformed, or a helper failed): dropped.
     pub const TC_REWRITE_FAILED: u32 = 23;
+    /// A connect/sendmsg to an active ClusterIP on a port that is none of its Service's:
+    /// refused (ECONNREFUSED), as nftables-mode kube-proxy rejects it.
+    pub const GUARD_REJECTED: u32 = 24;
+    /// A connect/sendmsg to an address of a ServiceCIDR that no Service holds: dropped
+    /// (EPERM, what a host process sees when nftables drops its packet).
+    pub const GUARD_DROPPED: u32 = 25;
+    /// TC: a packet to an active ClusterIP on a port that is none of its Service's: refused
+    /// (TCP RST or ICMP port unreachable; also counted as `tc_rejected`).
+    pub const TC_GUARD_REJECTED: u32 = 26;
+    /// TC: a packet to an unallocated address of a ServiceCIDR: dropped.
+    pub const TC_GUARD_DROPPED: u32 = 27;
+    /// A connect/sendmsg from the host's network namespace to an externalIP that is a node
+    /// or API server address: left untranslated (CVE-2020-8554).
+    pub const HOST_EXTERNAL_IP_BYPASSED: u32 = 28;
+    /// `switchyard monitor` is on but its ring buffer was full: an event was lost.
+    pub const MONITOR_EVENTS_LOST: u32 = 29;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 30] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -164,6 +194,12 @@ pub mod reason {
         "tc_icmp_error_translated",
         "tc_syn_restarted",
         "tc_rewrite_failed",
+        "guard_rejected",
+        "guard_dropped",
+        "tc_guard_rejected",
+        "tc_guard_dropped",
+        "host_external_ip_bypassed",
+        "monitor_events_lost",
     ];
 }
 
@@ -511,3 +547,114 @@ assert_layout!(DatapathConfig, size = 28, align = 4);
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert (for maps that are rarely written).
 pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Flags of a service-guard entry (the value of [`ServiceGuard4`]/[`ServiceGuard6`] keys).
+/// The longest matching prefix decides: an exact ClusterIP entry before its ServiceCIDR.
+pub mod guard_flags {
+    /// An active ClusterIP of a Service this agent serves: a port that is none of the
+    /// Service's is refused (nftables mode's REJECT).
+    pub const CLUSTER_IP: u32 = 1 << 0;
+    /// A ServiceCIDR: an address no Service holds is dropped (nftables mode's DROP).
+    pub const SERVICE_CIDR: u32 = 1 << 1;
+    /// A ClusterIP of a Service that another proxy serves (`service-proxy-name`): left alone.
+    pub const OTHER_PROXY: u32 = 1 << 2;
+}
+
+/// Data of an IPv4 service-guard LPM key (prefix length 0..=32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceGuard4 {
+    /// Network byte order, as `user_ip4` and packet headers carry it.
+    pub address: u32,
+}
+assert_layout!(ServiceGuard4, size = 4, align = 4);
+
+/// Data of an IPv6 service-guard LPM key (prefix length 0..=128).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceGuard6 {
+    pub address: [u32; 4],
+}
+assert_layout!(ServiceGuard6, size = 16, align = 4);
+
+/// The socket hooks' settings (index 0 of the socket config array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockConfig {
+    /// The network namespace cookie of the host (the agent's own network namespace): sockets
+    /// there are host processes. 0 until the agent wrote it.
+    pub host_netns_cookie: u64,
+}
+assert_layout!(SockConfig, size = 8, align = 8);
+
+/// What a [`MonitorEvent`] reports.
+pub mod monitor_kind {
+    /// Socket hook: a connect/sendmsg to a service was sent to a backend.
+    pub const SOCK_TRANSLATED: u8 = 1;
+    /// Socket hook: refused (ECONNREFUSED): no endpoint, or a port the ClusterIP does not
+    /// serve.
+    pub const SOCK_REFUSED: u8 = 2;
+    /// Socket hook: failed without sending (EHOSTUNREACH: no endpoint for this node; EPERM:
+    /// an unallocated address of a ServiceCIDR).
+    pub const SOCK_DROPPED: u8 = 3;
+    /// Socket hook: a host process reached an externalIP that is a node or API server
+    /// address; left untranslated (CVE-2020-8554).
+    pub const SOCK_UNTRANSLATED: u8 = 4;
+    /// TC: a new flow was tracked and translated (NAT; `nat_src` is the masquerade source).
+    pub const TC_NEW_FLOW: u8 = 5;
+    /// TC: refused (TCP RST or ICMP port unreachable sent back).
+    pub const TC_REJECTED: u8 = 6;
+    /// TC: dropped (source range, no local endpoint, unallocated service address, no route,
+    /// no SNAT port, ...; `reason` says which).
+    pub const TC_DROPPED: u8 = 7;
+}
+
+/// Which hook saw a [`MonitorEvent`].
+pub mod monitor_hook {
+    pub const CONNECT: u8 = 1;
+    pub const SENDMSG: u8 = 2;
+    pub const TC_INGRESS: u8 = 3;
+}
+
+/// One datapath decision, as `switchyard monitor` reads it from the ring buffer. Addresses
+/// are in network byte order; an IPv4 address is word 0 of its array (`family` 4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MonitorEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// Socket hooks: the socket's cookie.
+    pub socket_cookie: u64,
+    /// Socket hooks: the network namespace of the calling socket (a pod's, or the host's).
+    pub netns_cookie: u64,
+    /// Socket hooks: the calling process (`tgid << 32 | tid`).
+    pub pid_tgid: u64,
+    /// The frontend's identity (0 when the destination is no frontend).
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+    /// `monitor_kind`.
+    pub kind: u8,
+    /// The `reason` code behind the decision.
+    pub reason: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub protocol: u8,
+    /// `monitor_hook`.
+    pub hook: u8,
+    pub pad: [u8; 3],
+    /// TC: the client, as the packet arrived (socket hooks: unknown, zero).
+    pub src: [u32; 4],
+    /// The destination the client addressed (the frontend).
+    pub dst: [u32; 4],
+    /// TC: the source the backend sees (a node address when masqueraded, else the client).
+    pub nat_src: [u32; 4],
+    /// The backend chosen.
+    pub backend: [u32; 4],
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub nat_src_port_be: u16,
+    pub backend_port_be: u16,
+    /// Socket hooks: the calling task's name (NUL-padded).
+    pub comm: [u8; 16],
+}
+assert_layout!(MonitorEvent, size = 136, align = 8);

@@ -11,8 +11,9 @@ use core::marker::PhantomData;
 use crate::{
     AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
     Ct6Key, DatapathConfig, MAP_LAYOUT_VERSION, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceStatus, ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6,
-    SockRevNat6Key, SourceRange4, SourceRange6, map_names, reason,
+    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig,
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
+    map_names, reason,
 };
 
 /// The kernel map types the datapath uses.
@@ -29,6 +30,9 @@ pub enum MapKind {
     Array,
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`: a fixed set of slots, one copy per CPU.
     PerCpuArray,
+    /// `BPF_MAP_TYPE_RINGBUF`: a byte ring the datapath writes records to (its capacity is
+    /// in bytes, a power of two and a multiple of the page size; no keys, no values).
+    RingBuf,
 }
 
 impl MapKind {
@@ -40,6 +44,7 @@ impl MapKind {
             Self::PerCpuArray => 6,
             Self::LruHash => 9,
             Self::LpmTrie => 11,
+            Self::RingBuf => 27,
         }
     }
 
@@ -51,6 +56,7 @@ impl MapKind {
             6 => Some(Self::PerCpuArray),
             9 => Some(Self::LruHash),
             11 => Some(Self::LpmTrie),
+            27 => Some(Self::RingBuf),
             _ => None,
         }
     }
@@ -63,6 +69,7 @@ impl MapKind {
             Self::LpmTrie => "lpm_trie",
             Self::Array => "array",
             Self::PerCpuArray => "percpu_array",
+            Self::RingBuf => "ringbuf",
         }
     }
 
@@ -354,6 +361,62 @@ pub const DATAPATH_CONFIG: MapDef<u32, DatapathConfig> = MapDef::new(
     Writer::Agent,
 );
 
+/// The service-CIDR guard, IPv4: ServiceCIDR prefixes and every ClusterIP, with `guard_flags`.
+pub const SERVICE_GUARD4: MapDef<ServiceGuard4, u32> = MapDef::new(
+    map_names::SERVICE_GUARD4,
+    MapKind::LpmTrie,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// The service-CIDR guard, IPv6.
+pub const SERVICE_GUARD6: MapDef<ServiceGuard6, u32> = MapDef::new(
+    map_names::SERVICE_GUARD6,
+    MapKind::LpmTrie,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
+/// The socket hooks' settings (one slot).
+pub const SOCK_CONFIG: MapDef<u32, SockConfig> = MapDef::new(
+    map_names::SOCK_CONFIG,
+    MapKind::Array,
+    Sizing::Fixed(1),
+    0,
+    Writer::Agent,
+);
+/// `switchyard monitor`'s lease: until when someone is monitoring (one slot).
+pub const MONITOR_CONFIG: MapDef<u32, u64> = MapDef::new(
+    map_names::MONITOR_CONFIG,
+    MapKind::Array,
+    Sizing::Fixed(1),
+    0,
+    Writer::Agent,
+);
+/// `switchyard monitor`'s events: the datapath's decisions, written only while it is on.
+pub const MONITOR_EVENTS: MapSpec = MapSpec {
+    name: map_names::MONITOR_EVENTS,
+    kind: MapKind::RingBuf,
+    key_size: 0,
+    value_size: 0,
+    sizing: Sizing::Fixed(512 * 1024),
+    flags: 0,
+    writer: Writer::Datapath,
+    pinned: true,
+};
+/// aya-log's records (only written when `--bpf-log-level` turns logging on); read by the
+/// agent that loaded the programs, so not pinned.
+pub const AYA_LOGS: MapSpec = MapSpec {
+    name: "AYA_LOGS",
+    kind: MapKind::RingBuf,
+    key_size: 0,
+    value_size: 0,
+    sizing: Sizing::Fixed(1 << 17),
+    flags: 0,
+    writer: Writer::Datapath,
+    pinned: false,
+};
+
 /// Size of the kernel's `struct bpf_fib_lookup` (include/uapi/linux/bpf.h), the value of the
 /// scratch map; the eBPF crate checks it against its bindings.
 pub const FIB_LOOKUP_SIZE: u32 = 64;
@@ -409,8 +472,12 @@ table! {
         SOURCE_RANGES6,
         DATAPATH_CONFIG,
         SERVICE_STATUS,
+        SERVICE_GUARD4,
+        SERVICE_GUARD6,
+        SOCK_CONFIG,
+        MONITOR_CONFIG,
     ],
-    untyped: [FIB_SCRATCH],
+    untyped: [FIB_SCRATCH, MONITOR_EVENTS, AYA_LOGS],
 }
 
 /// Something generic over a map's key and value types (see [`with_types`]).
@@ -495,6 +562,13 @@ const fn well_formed(spec: &MapSpec) -> bool {
         // Arrays are indexed by u32 and their size is part of the layout.
         MapKind::Array | MapKind::PerCpuArray => {
             spec.key_size == 4 && matches!(spec.sizing, Sizing::Fixed(_)) && !no_prealloc
+        }
+        // A byte ring of a fixed size, no keys or values.
+        MapKind::RingBuf => {
+            spec.key_size == 0
+                && spec.value_size == 0
+                && spec.flags == 0
+                && matches!(spec.sizing, Sizing::Fixed(bytes) if bytes.is_power_of_two() && bytes >= 4096)
         }
     };
     kind_rules && spec.default_capacity() > 0 && valid_name(spec.name, spec.pinned)

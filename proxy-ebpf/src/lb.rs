@@ -27,28 +27,6 @@ pub enum Selection<B> {
     },
 }
 
-impl<B> Selection<B> {
-    /// The same decision with the backend converted (e.g. an IPv4 backend as an IPv4-mapped
-    /// address for a dual-stack socket).
-    #[inline(always)]
-    pub fn map<C>(self, convert: impl FnOnce(B) -> C) -> Selection<C> {
-        match self {
-            Self::NotAService => Selection::NotAService,
-            Self::Refuse => Selection::Refuse,
-            Self::Drop => Selection::Drop,
-            Self::Backend {
-                backend,
-                backend_id,
-                rev_nat_id,
-            } => Selection::Backend {
-                backend: convert(backend),
-                backend_id,
-                rev_nat_id,
-            },
-        }
-    }
-}
-
 /// One address family's services and backends maps.
 pub trait Family {
     type Key: Copy;
@@ -152,19 +130,6 @@ fn affine_backend<F: Family>(
 #[inline(always)]
 pub fn master<F: Family>(key: F::Key) -> Option<ServiceValue> {
     F::service(&F::with_slot(key, 0))
-}
-
-/// Chooses the backend for a connection to `key`. `client_cookie` identifies the client for
-/// session affinity; it is only asked for when the service has affinity.
-#[inline(always)]
-pub fn select<F: Family>(
-    key: F::Key,
-    client_cookie: impl FnOnce() -> u64,
-) -> Selection<F::Backend> {
-    match master::<F>(key) {
-        Some(master) => select_from::<F>(key, &master, client_cookie),
-        None => Selection::NotAService,
-    }
 }
 
 /// Chooses the backend of the frontend `key` whose master entry the caller already read.

@@ -9,9 +9,13 @@
 #![no_std]
 #![no_main]
 
+mod addr;
+mod diag;
+mod guard;
 mod lb;
 mod maps;
 mod metrics;
+mod monitor;
 mod sock;
 mod tc;
 
@@ -19,18 +23,19 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
+use proxy_common::monitor_hook;
 
 /// Return value that lets the syscall proceed (for recvmsg/getpeername the only valid one).
 const PROCEED: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sy_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate_forward4(&ctx)
+    sock::translate_forward4(&ctx, monitor_hook::CONNECT)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_forward4(&ctx)
+    sock::translate_forward4(&ctx, monitor_hook::SENDMSG)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -47,12 +52,12 @@ pub fn sy_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn sy_connect6(ctx: SockAddrContext) -> i32 {
-    sock::translate_forward6(&ctx)
+    sock::translate_forward6(&ctx, monitor_hook::CONNECT)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sy_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock::translate_forward6(&ctx)
+    sock::translate_forward6(&ctx, monitor_hook::SENDMSG)
 }
 
 #[cgroup_sock_addr(recvmsg6)]

@@ -5,13 +5,13 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
-    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceName, ServiceStatus,
-    ServiceValue,
-    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
+    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6,
+    ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
+    SockRevNat6Key, SourceRange4, SourceRange6,
     map_table::{self, MapDef, MapKind, MapSpec},
 };
 
@@ -49,6 +49,12 @@ const fn per_cpu_array_of<V>(spec: &MapSpec) -> PerCpuArray<V> {
     assert!(matches!(spec.kind, MapKind::PerCpuArray));
     assert!(size_of::<V>() == spec.value_size as usize);
     PerCpuArray::with_max_entries(spec.default_capacity(), spec.flags)
+}
+
+/// A byte ring of the table's size.
+const fn ring_buf(spec: &MapSpec) -> RingBuf {
+    assert!(matches!(spec.kind, MapKind::RingBuf));
+    RingBuf::with_byte_size(spec.default_capacity(), spec.flags)
 }
 
 /// Declares a `#[map]` static from a table entry and checks that its name is the table's.
@@ -107,4 +113,23 @@ table_map!(
     /// small to hold them next to an IPv6 flow's state. Not pinned (it holds nothing between
     /// packets).
     untyped FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = per_cpu_array_of(map_table::FIB_SCRATCH)
+);
+table_map!(
+    /// The service-CIDR guard: ServiceCIDR prefixes and every ClusterIP, with `guard_flags`.
+    SVC_GUARD4_V1: LpmTrie<ServiceGuard4, u32> = trie(map_table::SERVICE_GUARD4)
+);
+table_map!(SVC_GUARD6_V1: LpmTrie<ServiceGuard6, u32> = trie(map_table::SERVICE_GUARD6));
+table_map!(
+    /// The socket hooks' settings (one entry).
+    SOCK_CONFIG_V1: Array<SockConfig> = array(map_table::SOCK_CONFIG)
+);
+table_map!(
+    /// `switchyard monitor`: until when someone is monitoring (one entry, CLOCK_MONOTONIC
+    /// nanoseconds). The monitor renews this lease every second, so a monitor killed without
+    /// clearing it stops the events within two seconds.
+    MONITOR_CFG_V1: Array<u64> = array(map_table::MONITOR_CONFIG)
+);
+table_map!(
+    /// `switchyard monitor`: the datapath's decisions, written only while it is on.
+    untyped MONITOR_EVT_V1: RingBuf = ring_buf(map_table::MONITOR_EVENTS)
 );

@@ -1,5 +1,6 @@
-//! Reason counters: every non-trivial outcome of a hook is counted in the per-CPU metrics map.
-use crate::maps::METRICS_V1;
+//! Reason counters: every non-trivial outcome of a hook is counted in the per-CPU metrics map
+//! (and the rare ones logged, see `diag`).
+use crate::{diag, maps::METRICS_V1};
 
 #[inline(always)]
 pub fn count(reason: u32) {
@@ -8,4 +9,5 @@ pub fn count(reason: u32) {
         // and only this CPU writes it (no preemption inside a BPF program).
         unsafe { *counter += 1 };
     }
+    diag::rare(reason);
 }

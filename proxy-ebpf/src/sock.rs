@@ -10,18 +10,21 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
-    Service4Key, Service6Key, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, protocol,
-    reason, scope,
+    Service4Key, Service6Key, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
+    monitor_kind, protocol, reason, scope, service_flags,
 };
 
 use crate::{
+    addr::ServiceAddr,
+    guard,
     lb::{self, Selection, V4, V6},
-    maps::{SOCK_NAT4_V1, SOCK_NAT6_V1},
-    metrics,
+    maps::{SOCK_CONFIG_V1, SOCK_NAT4_V1, SOCK_NAT6_V1},
+    metrics, monitor,
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const EPERM: i32 = 1;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 /// Let the syscall continue.
@@ -49,19 +52,6 @@ fn fail_with(errno: i32, reason: u32) -> i32 {
     REJECT
 }
 
-/// Makes the syscall fail with ECONNREFUSED, as kube-proxy's REJECT does for services without
-/// endpoints (instead of a silent black hole).
-fn refuse() -> i32 {
-    fail_with(ECONNREFUSED, reason::NO_BACKEND)
-}
-
-/// kube-proxy DROPs traffic whose policy leaves no endpoint for this node while the service
-/// has endpoints elsewhere. Nothing is sent and no endpoint is reached; the caller learns it at
-/// once with EHOSTUNREACH (a packet-level DROP would make it wait for a timeout instead).
-fn drop_no_local_endpoint() -> i32 {
-    fail_with(EHOSTUNREACH, reason::NO_LOCAL_ENDPOINT)
-}
-
 /// Which L4 protocol the socket speaks, or `None` for anything that is not TCP or UDP.
 fn socket_protocol(raw: u32) -> Option<u8> {
     match raw {
@@ -71,8 +61,121 @@ fn socket_protocol(raw: u32) -> Option<u8> {
     }
 }
 
+/// Whether the socket lives in the host's network namespace (the agent's own): a host
+/// process, the agent included.
+fn from_host(ctx: &SockAddrContext) -> bool {
+    let host = SOCK_CONFIG_V1
+        .get(0)
+        .map_or(0, |config| config.host_netns_cookie);
+    host != 0 && client_cookie(ctx) == host
+}
+
+/// A connect/sendmsg and what the socket asked for.
+struct Call<'a, A> {
+    ctx: &'a SockAddrContext,
+    hook: u8,
+    protocol: u8,
+    /// The destination as the application gave it (an IPv4-mapped one as IPv4).
+    dst: A,
+    port_be: u16,
+}
+
+impl<A: ServiceAddr> Call<'_, A> {
+    /// Starts a monitor event about this call (only while someone is monitoring).
+    fn event(&self, kind: u8, why: u32, rev_nat_id: u32) -> Option<monitor::Event> {
+        let mut event = monitor::start(kind, why, self.hook, self.protocol)?;
+        event.destination(&self.dst, self.port_be);
+        event.frontend(rev_nat_id);
+        event.caller(socket_cookie(self.ctx), client_cookie(self.ctx));
+        Some(event)
+    }
+
+    /// Fails the call, telling the monitor why.
+    fn fail(&self, kind: u8, errno: i32, why: u32, rev_nat_id: u32) -> i32 {
+        if let Some(event) = self.event(kind, why, rev_nat_id) {
+            event.submit();
+        }
+        fail_with(errno, why)
+    }
+
+    /// The destination is no frontend: the service-CIDR guard decides.
+    fn not_a_service(&self) -> Option<i32> {
+        match guard::check(&self.dst) {
+            guard::Verdict::Pass => {
+                metrics::count(reason::NOT_A_SERVICE);
+                None
+            }
+            guard::Verdict::Reject => Some(self.fail(
+                monitor_kind::SOCK_REFUSED,
+                ECONNREFUSED,
+                reason::GUARD_REJECTED,
+                0,
+            )),
+            guard::Verdict::Drop => {
+                Some(self.fail(monitor_kind::SOCK_DROPPED, EPERM, reason::GUARD_DROPPED, 0))
+            }
+        }
+    }
+
+    /// Decides for the frontend `key`: `Err` is the syscall's result when it is not
+    /// translated (proceed untouched, or fail), `Ok` the backend to translate to.
+    #[inline(always)]
+    fn decide<F: lb::Family>(&self, key: F::Key) -> Result<(F::Backend, u32, u32), i32> {
+        let Some(master) = lb::master::<F>(key) else {
+            return Err(self.not_a_service().unwrap_or(PROCEED));
+        };
+        if master.flags & service_flags::NOT_FOR_HOST != 0 && from_host(self.ctx) {
+            // CVE-2020-8554: an externalIP that is this node's or the API server's address
+            // must keep reaching that address from the host.
+            if let Some(event) = self.event(
+                monitor_kind::SOCK_UNTRANSLATED,
+                reason::HOST_EXTERNAL_IP_BYPASSED,
+                master.rev_nat_id,
+            ) {
+                event.submit();
+            }
+            metrics::count(reason::HOST_EXTERNAL_IP_BYPASSED);
+            return Err(PROCEED);
+        }
+        match lb::select_from::<F>(key, &master, || client_cookie(self.ctx)) {
+            Selection::NotAService => Err(PROCEED),
+            // kube-proxy REJECTs a service without endpoints: the caller learns at once.
+            Selection::Refuse => Err(self.fail(
+                monitor_kind::SOCK_REFUSED,
+                ECONNREFUSED,
+                reason::NO_BACKEND,
+                master.rev_nat_id,
+            )),
+            // kube-proxy DROPs when the policy leaves no endpoint for this node; nothing is
+            // sent and the caller learns it at once (a packet-level DROP would make it wait
+            // for a timeout instead).
+            Selection::Drop => Err(self.fail(
+                monitor_kind::SOCK_DROPPED,
+                EHOSTUNREACH,
+                reason::NO_LOCAL_ENDPOINT,
+                master.rev_nat_id,
+            )),
+            Selection::Backend {
+                backend,
+                backend_id,
+                rev_nat_id,
+            } => Ok((backend, backend_id, rev_nat_id)),
+        }
+    }
+
+    /// Tells the monitor where the call was sent.
+    fn translated<B: ServiceAddr>(&self, backend: &B, port_be: u16, ids: (u32, u32)) {
+        if let Some(mut event) =
+            self.event(monitor_kind::SOCK_TRANSLATED, reason::TRANSLATED, ids.1)
+        {
+            event.backend(backend, port_be, ids.0);
+            event.submit();
+        }
+    }
+}
+
 /// connect4/sendmsg4: translate VIP:port to a backend chosen at random.
-pub fn translate_forward4(ctx: &SockAddrContext) -> i32 {
+pub fn translate_forward4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: `addr` is the verifier-checked context of a sock_addr program.
     let (ip, port_raw, proto_raw) =
@@ -80,50 +183,48 @@ pub fn translate_forward4(ctx: &SockAddrContext) -> i32 {
     let Some(protocol) = socket_protocol(proto_raw) else {
         return PROCEED;
     };
+    let call = Call {
+        ctx,
+        hook,
+        protocol,
+        dst: ip,
+        port_be: port_raw as u16,
+    };
     let key = Service4Key {
         address: ip,
-        port_be: port_raw as u16,
+        port_be: call.port_be,
         backend_slot: 0,
         protocol,
         scope: scope::EXTERNAL,
         pad: [0; 2],
     };
-    match lb::select::<V4>(key, || client_cookie(ctx)) {
-        Selection::NotAService => {
-            metrics::count(reason::NOT_A_SERVICE);
-            PROCEED
-        }
-        Selection::Refuse => refuse(),
-        Selection::Drop => drop_no_local_endpoint(),
-        Selection::Backend {
-            backend,
-            rev_nat_id,
-            ..
-        } => {
-            let nat_key = SockRevNat4Key {
-                cookie: socket_cookie(ctx),
-                address: backend.address,
-                port_be: backend.port_be,
-                pad: 0,
-            };
-            let nat = SockRevNat4 {
-                address: ip,
-                port_be: key.port_be,
-                pad: 0,
-                rev_nat_id,
-            };
-            if SOCK_NAT4_V1.insert(nat_key, nat, 0).is_err() {
-                metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
-            }
-            // SAFETY: as above; 4-byte stores into writable context fields.
-            unsafe {
-                (*addr).user_ip4 = backend.address;
-                (*addr).user_port = u32::from(backend.port_be);
-            }
-            metrics::count(reason::TRANSLATED);
-            PROCEED
-        }
+    let (backend, backend_id, rev_nat_id) = match call.decide::<V4>(key) {
+        Ok(chosen) => chosen,
+        Err(result) => return result,
+    };
+    let nat_key = SockRevNat4Key {
+        cookie: socket_cookie(ctx),
+        address: backend.address,
+        port_be: backend.port_be,
+        pad: 0,
+    };
+    let nat = SockRevNat4 {
+        address: ip,
+        port_be: key.port_be,
+        pad: 0,
+        rev_nat_id,
+    };
+    if SOCK_NAT4_V1.insert(nat_key, nat, 0).is_err() {
+        metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
     }
+    // SAFETY: as above; 4-byte stores into writable context fields.
+    unsafe {
+        (*addr).user_ip4 = backend.address;
+        (*addr).user_port = u32::from(backend.port_be);
+    }
+    metrics::count(reason::TRANSLATED);
+    call.translated(&backend.address, backend.port_be, (backend_id, rev_nat_id));
+    PROCEED
 }
 
 /// recvmsg4/getpeername4: show the VIP instead of the backend the socket really talks to.
@@ -156,50 +257,10 @@ fn v4_mapped(ip: &[u32; 4]) -> Option<u32> {
 /// Word 2 of an IPv4-mapped address (`0000:ffff`) as it sits in memory (network order).
 const V4_MAPPED_PREFIX_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// A chosen backend, as an IPv6 socket addresses it.
-struct Backend6Choice {
-    address: [u32; 4],
-    port_be: u16,
-}
-
-/// Selects a backend for an IPv6 destination. Dual-stack sockets reach IPv4 services through
-/// IPv4-mapped addresses, so those are looked up in the IPv4 map and answered mapped.
-fn select_for_ipv6_socket(
-    ctx: &SockAddrContext,
-    ip: [u32; 4],
-    port_be: u16,
-    protocol: u8,
-) -> Selection<Backend6Choice> {
-    if let Some(ip4) = v4_mapped(&ip) {
-        let key = Service4Key {
-            address: ip4,
-            port_be,
-            backend_slot: 0,
-            protocol,
-            scope: scope::EXTERNAL,
-            pad: [0; 2],
-        };
-        return lb::select::<V4>(key, || client_cookie(ctx)).map(|backend| Backend6Choice {
-            address: [0, 0, V4_MAPPED_PREFIX_WORD, backend.address],
-            port_be: backend.port_be,
-        });
-    }
-    let key = Service6Key {
-        address: ip,
-        port_be,
-        backend_slot: 0,
-        protocol,
-        scope: scope::EXTERNAL,
-        pad: [0; 2],
-    };
-    lb::select::<V6>(key, || client_cookie(ctx)).map(|backend| Backend6Choice {
-        address: backend.address,
-        port_be: backend.port_be,
-    })
-}
-
-/// connect6/sendmsg6: translate [VIP]:port to a backend chosen at random.
-pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
+/// connect6/sendmsg6: translate [VIP]:port to a backend chosen at random. Dual-stack
+/// sockets reach IPv4 services through IPv4-mapped addresses, so those are looked up in the
+/// IPv4 map and answered mapped.
+pub fn translate_forward6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: `addr` is the verifier-checked context of a sock_addr program; the address is
     // read word by word as the kernel requires.
@@ -219,45 +280,82 @@ pub fn translate_forward6(ctx: &SockAddrContext) -> i32 {
         return PROCEED;
     };
     let port_be = port_raw as u16;
-    match select_for_ipv6_socket(ctx, ip, port_be, protocol) {
-        Selection::NotAService => {
-            metrics::count(reason::NOT_A_SERVICE);
-            PROCEED
-        }
-        Selection::Refuse => refuse(),
-        Selection::Drop => drop_no_local_endpoint(),
-        Selection::Backend {
-            backend,
-            rev_nat_id,
-            ..
-        } => {
-            let nat_key = SockRevNat6Key {
-                cookie: socket_cookie(ctx),
-                address: backend.address,
-                port_be: backend.port_be,
-                pad: [0; 3],
-            };
-            let nat = SockRevNat6 {
-                address: ip,
-                port_be,
-                pad: 0,
-                rev_nat_id,
-            };
-            if SOCK_NAT6_V1.insert(nat_key, nat, 0).is_err() {
-                metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
+    let (backend_address, backend_port_be, rev_nat_id) = if let Some(ip4) = v4_mapped(&ip) {
+        let call = Call {
+            ctx,
+            hook,
+            protocol,
+            dst: ip4,
+            port_be,
+        };
+        let key = Service4Key {
+            address: ip4,
+            port_be,
+            backend_slot: 0,
+            protocol,
+            scope: scope::EXTERNAL,
+            pad: [0; 2],
+        };
+        match call.decide::<V4>(key) {
+            Ok((backend, backend_id, rev_nat_id)) => {
+                call.translated(&backend.address, backend.port_be, (backend_id, rev_nat_id));
+                (
+                    [0, 0, V4_MAPPED_PREFIX_WORD, backend.address],
+                    backend.port_be,
+                    rev_nat_id,
+                )
             }
-            // SAFETY: 4-byte stores into writable context fields.
-            unsafe {
-                (*addr).user_ip6[0] = backend.address[0];
-                (*addr).user_ip6[1] = backend.address[1];
-                (*addr).user_ip6[2] = backend.address[2];
-                (*addr).user_ip6[3] = backend.address[3];
-                (*addr).user_port = u32::from(backend.port_be);
-            }
-            metrics::count(reason::TRANSLATED);
-            PROCEED
+            Err(result) => return result,
         }
+    } else {
+        let call = Call {
+            ctx,
+            hook,
+            protocol,
+            dst: ip,
+            port_be,
+        };
+        let key = Service6Key {
+            address: ip,
+            port_be,
+            backend_slot: 0,
+            protocol,
+            scope: scope::EXTERNAL,
+            pad: [0; 2],
+        };
+        match call.decide::<V6>(key) {
+            Ok((backend, backend_id, rev_nat_id)) => {
+                call.translated(&backend.address, backend.port_be, (backend_id, rev_nat_id));
+                (backend.address, backend.port_be, rev_nat_id)
+            }
+            Err(result) => return result,
+        }
+    };
+    let nat_key = SockRevNat6Key {
+        cookie: socket_cookie(ctx),
+        address: backend_address,
+        port_be: backend_port_be,
+        pad: [0; 3],
+    };
+    let nat = SockRevNat6 {
+        address: ip,
+        port_be,
+        pad: 0,
+        rev_nat_id,
+    };
+    if SOCK_NAT6_V1.insert(nat_key, nat, 0).is_err() {
+        metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
     }
+    // SAFETY: 4-byte stores into writable context fields.
+    unsafe {
+        (*addr).user_ip6[0] = backend_address[0];
+        (*addr).user_ip6[1] = backend_address[1];
+        (*addr).user_ip6[2] = backend_address[2];
+        (*addr).user_ip6[3] = backend_address[3];
+        (*addr).user_port = u32::from(backend_port_be);
+    }
+    metrics::count(reason::TRANSLATED);
+    PROCEED
 }
 
 /// recvmsg6/getpeername6: show the VIP instead of the backend.

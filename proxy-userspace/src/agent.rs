@@ -13,11 +13,11 @@ use tracing::{debug, error, info};
 use crate::{
     admin::{health, healthcheck, http, metrics, stats::StatsHandle},
     bpf::{
-        loader, mounts,
+        bpf_log, loader, mounts,
         north_south::{self, InterfaceFollower, NorthSouth},
         pins::PinLayout,
     },
-    cli::RunArgs,
+    cli::{BpfLogLevel, RunArgs},
     datapath::{
         conntrack::{Conntrack, monotonic_now_ns},
         counters::DatapathCounters,
@@ -96,6 +96,8 @@ struct Dataplane {
     fill: Arc<FillTracker>,
     /// Attaches the TC program to interfaces that appear later.
     follower: InterfaceFollower,
+    /// The eBPF programs' log records (with `--bpf-log-level`).
+    bpf_logger: Option<bpf_log::BpfLogger>,
 }
 
 impl Dataplane {
@@ -104,8 +106,17 @@ impl Dataplane {
         let pins = PinLayout::new(mounts::resolve_bpffs(&args.pins.bpffs)?);
         // Pinned maps of another capacity or flags are migrated (see `bpf::migrate`): copied
         // before the new programs attach, copied again before the old links go.
-        let (mut ebpf, mut migration) =
-            loader::load_object(EBPF_OBJECT, &pins, &args.map_sizes.capacities())?;
+        let (mut ebpf, mut migration) = loader::load_object(
+            EBPF_OBJECT,
+            &pins,
+            &args.map_sizes.capacities(),
+            args.bpf_log_level.aya_level(),
+        )?;
+        let bpf_logger = if args.bpf_log_level == BpfLogLevel::Off {
+            None
+        } else {
+            Some(bpf_log::BpfLogger::take_from(&mut ebpf)?)
+        };
         let north_south = north_south_settings(args);
         north_south::check_node_settings(&north_south);
         let (generation, tc_attachments) =
@@ -137,6 +148,7 @@ impl Dataplane {
             datapath_maps,
             fill,
             follower,
+            bpf_logger,
         })
     }
 }
@@ -148,11 +160,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let stats = StatsHandle::default();
     // Start the source before touching the kernel or the mounts: an unreadable file or an
     // unusable kubeconfig changes nothing.
-    let deltas = match &args.manifests {
-        Some(manifests) => source::file::start(manifests.clone(), stats.clone())?,
-        None => source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?,
+    let (deltas, api_server_addresses) = if let Some(manifests) = &args.manifests {
+        (
+            source::file::start(manifests.clone(), stats.clone())?,
+            Vec::new(),
+        )
+    } else {
+        let started =
+            source::kube::start(args.kubeconfig.as_deref(), args.node_name.as_deref()).await?;
+        (started.deltas, started.api_server_addresses)
     };
     let dataplane = Dataplane::install(&args)?;
+    if let Some(logger) = dataplane.bpf_logger {
+        spawn_bpf_logger(logger);
+    }
+    if !args.allow_service_external_ips {
+        info!("--allow-service-external-ips=false: spec.externalIPs of every Service is ignored");
+    }
 
     spawn_interface_follower(dataplane.follower);
     spawn_upkeep(
@@ -161,8 +185,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dataplane.fill.clone(),
         stats.clone(),
     );
+    // kube-proxy's health-check node ports listen where NodePorts open: on the wildcard
+    // address by default, else on each selected node address.
+    let bind = if args.nodeport_addresses.is_all() {
+        healthcheck::BindTo::AllAddresses
+    } else {
+        healthcheck::BindTo::NodePortAddresses
+    };
     let health_checks = healthcheck::HealthCheckServer::new(
-        healthcheck::BindTo::AllAddresses,
+        bind,
         proxy_health(&stats, health::stale_after(args.sync_period)),
     );
     start_endpoints(
@@ -179,6 +210,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ModelConfig {
             node_name: args.node_name.clone(),
             service_proxy_name: args.service_proxy_name.clone(),
+            ignore_external_ips: !args.allow_service_external_ips,
+            api_server_addresses,
             ..ModelConfig::default()
         },
         args.nodeport_addresses.clone(),
@@ -206,6 +239,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     health_checks.close_all().await;
     synced?;
     Ok(())
+}
+
+/// Forwards the eBPF programs' log records into the agent's log as they arrive.
+fn spawn_bpf_logger(logger: bpf_log::BpfLogger) {
+    let spawned = std::thread::Builder::new()
+        .name("bpf-log".into())
+        .spawn(move || {
+            if let Err(failure) = logger.forward() {
+                error!("forwarding the eBPF programs' log stopped: {failure}");
+            }
+        });
+    if let Err(failure) = spawned {
+        error!("cannot start forwarding the eBPF programs' log: {failure}");
+    }
 }
 
 /// How often the node's interfaces are checked for new or re-created ones.
@@ -302,11 +349,12 @@ fn north_south_settings(args: &RunArgs) -> NorthSouth {
     }
 }
 
-/// kube-proxy's `serviceProxyHealthy` for the health-check node ports: the same verdict as
-/// `/healthz`, so a node whose syncs stopped is taken out of its load balancers.
+/// kube-proxy's `serviceProxyHealthy` for the health-check node ports: the proxy's freshness
+/// (`/livez`; the Node's own eligibility is `/healthz`'s business, as in kube-proxy), so a node
+/// whose syncs stopped is taken out of its load balancers.
 fn proxy_health(stats: &StatsHandle, stale: Duration) -> healthcheck::ProxyHealth {
     let stats = stats.clone();
-    Arc::new(move || health::healthz(&stats.snapshot(), SystemTime::now(), stale).status == 200)
+    Arc::new(move || health::fresh(&stats.snapshot(), SystemTime::now(), stale))
 }
 
 /// Starts the metrics and health endpoints. A port that cannot be bound is reported, never
@@ -325,15 +373,15 @@ async fn start_endpoints(
             "/metrics" => {
                 let stats = stats.snapshot();
                 let maps = fill.fill(&stats.map_entries);
-                let mut text = metrics::render(
-                    &stats,
-                    &metrics::DatapathView {
-                        reasons: &counters.read(),
-                        maps: &maps,
+                let text = metrics::render(
+                    stats,
+                    metrics::DatapathView {
+                        reasons: counters.read(),
+                        maps,
                     },
+                    Some(health_checks.as_ref().into()),
                 );
-                metrics::render_health_checks(&mut text, &health_checks);
-                http::Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text)
+                http::Response::new(200, metrics::CONTENT_TYPE, text)
             }
             _ => http::Response::not_found(),
         });
@@ -345,7 +393,16 @@ async fn start_endpoints(
         let stats = stats.clone();
         let stale = health::stale_after(args.sync_period);
         let handler: http::Handler = Arc::new(move |path| match path {
-            "/healthz" | "/livez" => health::healthz(&stats.snapshot(), SystemTime::now(), stale),
+            "/healthz" => {
+                let answer = health::healthz(&stats.snapshot(), SystemTime::now(), stale);
+                stats.update(|stats| *stats.healthz_total.entry(answer.status).or_default() += 1);
+                answer
+            }
+            "/livez" => {
+                let answer = health::livez(&stats.snapshot(), SystemTime::now(), stale);
+                stats.update(|stats| *stats.livez_total.entry(answer.status).or_default() += 1);
+                answer
+            }
             "/readyz" => health::readyz(&stats.snapshot()),
             _ => http::Response::not_found(),
         });

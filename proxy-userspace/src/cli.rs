@@ -52,6 +52,80 @@ pub enum Command {
     /// Inspect the pinned dataplane by Service: frontends, backends, socket translations and
     /// TC flows, or counters (works with the agent stopped).
     Inspect(InspectArgs),
+    /// Stream the datapath's decisions live: socket translations, TC flows and NAT, REJECT and
+    /// DROP with their reason (the datapath writes them only while a monitor runs).
+    Monitor(MonitorArgs),
+}
+
+/// Which decisions `monitor` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Verdict {
+    /// Socket connect/sendmsg sent to a backend.
+    Translated,
+    /// TC: a new flow tracked and translated (DNAT, masquerade).
+    NewFlow,
+    /// Refused: ECONNREFUSED at the socket, TCP RST or ICMP unreachable on TC.
+    Refused,
+    /// Dropped: EHOSTUNREACH/EPERM at the socket, packet dropped on TC.
+    Dropped,
+    /// A host process sent to an externalIP that is a node or API server address: left alone.
+    Untranslated,
+}
+
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Only events of this Service (`namespace/name`, or `namespace/name:port-name`).
+    #[arg(long, value_name = "NAMESPACE/NAME[:PORT]")]
+    pub service: Option<String>,
+
+    /// Only events whose client, frontend, translated source or backend is this address.
+    #[arg(long, value_name = "IP")]
+    pub address: Option<std::net::IpAddr>,
+
+    /// Only events with these verdicts (repeat or separate with commas).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub verdict: Vec<Verdict>,
+
+    /// Output format: a table row or one JSON object per event.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// Stop after this many events were shown.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Stop after this long.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
+}
+
+/// The highest aya-log level the eBPF programs log at (`--bpf-log-level`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum BpfLogLevel {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl BpfLogLevel {
+    /// aya-log's numbering (`aya_log_common::Level`; 0 = off).
+    pub fn aya_level(self) -> u8 {
+        match self {
+            Self::Off => 0,
+            Self::Error => 1,
+            Self::Warn => 2,
+            Self::Info => 3,
+            Self::Debug => 4,
+            Self::Trace => 5,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,11 +191,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
 
-    /// Node addresses NodePorts open on (kube-proxy's flag): comma-separated CIDRs (a family
-    /// without any CIDR listed opens on all its addresses), or `primary` for the node's
-    /// primary address of each family from its Node object; empty: every address of the
-    /// node (loopback and IPv6 link-local excluded). Re-read at every sync.
-    #[arg(long, default_value = "", value_parser = crate::node::parse_nodeport_addresses, value_name = "CIDRS|primary")]
+    /// Node addresses NodePorts (and health-check node ports) open on (kube-proxy's flag):
+    /// comma-separated CIDRs and keywords. A CIDR selects the node addresses inside it (with
+    /// only CIDRs, a family without any CIDR listed opens on all its addresses); `all` every
+    /// node address; `primary` the node's primary address of each family from its Node
+    /// object; `localhost` 127.0.0.1 and ::1 (served by the socket hooks). Empty: `all`.
+    /// Node addresses are those of the agent's network namespace, loopback and IPv6
+    /// link-local excluded, re-read at every sync.
+    #[arg(long, default_value = "", value_parser = crate::node::parse_nodeport_addresses, value_name = "CIDRS|primary|all|localhost")]
     pub nodeport_addresses: crate::node::NodePortAddresses,
 
     /// cgroup v2 directory the socket hooks attach to (default: the root of the cgroup2
@@ -144,6 +221,17 @@ pub struct RunArgs {
     /// Address of the health endpoints `/healthz`, `/livez` and `/readyz` (empty: disabled).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = listen_address, value_name = "ADDRESS")]
     pub healthz_bind_address: ListenAddress,
+
+    /// Log rare events of the eBPF programs (failed map writes, unexpected states) into the
+    /// agent's log at up to this level; off by default. Never per packet: decisions are
+    /// counted, and shown by `switchyard monitor`.
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Off, value_name = "LEVEL")]
+    pub bpf_log_level: BpfLogLevel,
+
+    /// Program `spec.externalIPs` (kube-proxy's `AllowServiceExternalIPs`); `false` ignores
+    /// the field entirely. Upstream deprecates it (KEP-5707).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub allow_service_external_ips: bool,
 
     /// Longest interval between two syncs: the maps are then re-read and any drift repaired.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -301,7 +389,10 @@ mod tests {
             panic!("expected run")
         };
         assert_eq!(disabled.metrics_bind_address.0, None);
-        assert_eq!(args.nodeport_addresses, crate::node::NodePortAddresses::All);
+        assert_eq!(
+            args.nodeport_addresses,
+            crate::node::NodePortAddresses::default()
+        );
         assert!(args.north_south.interfaces.is_empty());
         assert!(args.north_south.cluster_cidr.is_empty());
         assert!(!args.north_south.masquerade_all);

@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod hash;
 pub mod maps;
 pub mod model;
+pub mod monitor;
 pub mod node;
 pub mod offline;
 pub mod plan;

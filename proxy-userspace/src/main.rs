@@ -6,7 +6,7 @@ use clap::Parser;
 use proxy_userspace::{
     agent,
     cli::{Cli, Command, LogFormat},
-    offline,
+    monitor, offline,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -39,5 +39,6 @@ fn main() -> Result<()> {
         Command::Cleanup(args) => offline::cleanup(&args),
         Command::Dump(args) => offline::dump(&args),
         Command::Inspect(args) => offline::inspect(&args),
+        Command::Monitor(args) => monitor::run(&args),
     }
 }

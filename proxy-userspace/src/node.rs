@@ -14,61 +14,104 @@ use tracing::{info, warn};
 
 use crate::model::{Cidr, ModelConfig, input::NodeInput, parse_cidr_lenient};
 
-/// `--nodeport-addresses`: which node addresses NodePorts open on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum NodePortAddresses {
-    /// Every node address (the flag unset or empty).
-    #[default]
-    All,
-    /// The node's primary address of each family, from its Node object (`primary`).
-    Primary,
-    /// The node addresses inside these ranges. A family without any range listed opens on
-    /// every address of that family, as kube-proxy does (its per-family proxier falls back
-    /// to `0.0.0.0/0` or `::/0`).
-    Cidrs(Vec<Cidr>),
+/// `--nodeport-addresses`: which node addresses NodePorts open on. Keywords and CIDRs
+/// combine: the selection is the union of what each of them selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePortAddresses {
+    /// `all` (or the flag empty): every node address.
+    pub all: bool,
+    /// `primary`: the node's primary address of each family, from its Node object.
+    pub primary: bool,
+    /// `localhost` (KEP-6032): 127.0.0.1 and ::1, served by the socket hooks for the node's
+    /// own processes.
+    pub localhost: bool,
+    /// The node addresses inside these ranges. When only ranges (and `localhost`) are given, a
+    /// family without any range listed opens on every address of that family, as kube-proxy
+    /// does (its per-family proxier falls back to `0.0.0.0/0` or `::/0`).
+    pub cidrs: Vec<Cidr>,
 }
 
-/// Parses `--nodeport-addresses`: empty, `primary`, or comma-separated CIDRs.
+impl Default for NodePortAddresses {
+    fn default() -> Self {
+        Self {
+            all: true,
+            primary: false,
+            localhost: false,
+            cidrs: Vec::new(),
+        }
+    }
+}
+
+/// The loopback addresses `localhost` adds.
+const LOCALHOST: [IpAddr; 2] = [
+    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+    IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+];
+
+/// Parses `--nodeport-addresses`: empty, or comma-separated CIDRs and the keywords `all`,
+/// `primary` and `localhost`.
 pub fn parse_nodeport_addresses(text: &str) -> Result<NodePortAddresses, String> {
     let text = text.trim();
     if text.is_empty() {
-        return Ok(NodePortAddresses::All);
+        return Ok(NodePortAddresses::default());
     }
-    if text == "primary" {
-        return Ok(NodePortAddresses::Primary);
-    }
-    text.split(',')
-        .map(|part| {
-            parse_cidr_lenient(part).ok_or_else(|| {
+    let mut selection = NodePortAddresses {
+        all: false,
+        ..NodePortAddresses::default()
+    };
+    for part in text.split(',').map(str::trim) {
+        match part {
+            "all" => selection.all = true,
+            "primary" => selection.primary = true,
+            "localhost" => selection.localhost = true,
+            _ => selection.cidrs.push(parse_cidr_lenient(part).ok_or_else(|| {
                 format!(
-                    "{:?} is not a CIDR (expected CIDRs like 192.168.0.0/24,fd00::/64, or \"primary\")",
-                    part.trim()
+                    "{part:?} is neither a CIDR (like 192.168.0.0/24 or fd00::/64) nor one of all, primary, localhost"
                 )
-            })
-        })
-        .collect::<Result<_, _>>()
-        .map(NodePortAddresses::Cidrs)
+            })?),
+        }
+    }
+    Ok(selection)
 }
 
 impl NodePortAddresses {
+    /// Whether every node address is selected (the default): health-check node ports then
+    /// listen on the wildcard address, as kube-proxy's do.
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
     /// The addresses NodePorts open on, out of the node's addresses (`primary`: its Node
     /// object's primary addresses, which need not be on an interface, e.g. behind NAT).
     pub fn select(&self, node_addresses: &[IpAddr], primary: &[IpAddr]) -> Vec<IpAddr> {
-        match self {
-            Self::All => node_addresses.to_vec(),
-            Self::Primary => primary.to_vec(),
-            Self::Cidrs(cidrs) => node_addresses
-                .iter()
-                .copied()
-                .filter(|ip| {
-                    let mut same_family = cidrs
-                        .iter()
-                        .filter(|cidr| cidr.ip().is_ipv4() == ip.is_ipv4())
-                        .peekable();
-                    same_family.peek().is_none() || same_family.any(|cidr| cidr.contains(*ip))
-                })
-                .collect(),
+        let mut selected: Vec<IpAddr> = Vec::new();
+        if self.all {
+            selected.extend_from_slice(node_addresses);
         }
+        if self.primary {
+            selected.extend_from_slice(primary);
+        }
+        if !self.cidrs.is_empty() {
+            // The per-family fallback only where CIDRs are the whole selection.
+            let fallback = !self.all && !self.primary;
+            selected.extend(node_addresses.iter().copied().filter(|ip| {
+                let mut same_family = self
+                    .cidrs
+                    .iter()
+                    .filter(|cidr| cidr.ip().is_ipv4() == ip.is_ipv4())
+                    .peekable();
+                if same_family.peek().is_none() {
+                    return fallback;
+                }
+                same_family.any(|cidr| cidr.contains(*ip))
+            }));
+        }
+        if self.localhost {
+            selected.extend_from_slice(&LOCALHOST);
+        }
+        let mut seen = std::collections::HashSet::new();
+        selected.retain(|ip| seen.insert(*ip));
+        selected
     }
 }
 
@@ -268,8 +311,10 @@ mod tests {
     #[test]
     fn an_empty_flag_opens_nodeports_on_every_node_address() {
         let all = parse_nodeport_addresses("").unwrap();
-        assert_eq!(all, NodePortAddresses::All);
+        assert_eq!(all, NodePortAddresses::default());
+        assert!(all.is_all());
         assert_eq!(texts(&all.select(&ips(&NODE), &[])), NODE);
+        assert_eq!(parse_nodeport_addresses("all").unwrap(), all);
     }
 
     #[test]
@@ -300,8 +345,43 @@ mod tests {
 
     #[test]
     fn a_bad_cidr_is_refused_with_its_text() {
-        let error = parse_nodeport_addresses("10.0.0.0/8,primary").unwrap_err();
-        assert!(error.contains("\"primary\""), "{error}");
+        let error = parse_nodeport_addresses("10.0.0.0/8,primay").unwrap_err();
+        assert!(error.contains("\"primay\""), "{error}");
+        assert!(parse_nodeport_addresses("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn keywords_and_cidrs_combine() {
+        let primary = ips(&["192.168.0.2"]);
+        let node = ips(&NODE);
+        let localhost = parse_nodeport_addresses("localhost").unwrap();
+        assert_eq!(
+            texts(&localhost.select(&node, &primary)),
+            ["127.0.0.1", "::1"],
+            "loopback only"
+        );
+        let primary_and_loopback = parse_nodeport_addresses("primary,localhost").unwrap();
+        assert_eq!(
+            texts(&primary_and_loopback.select(&node, &primary)),
+            ["192.168.0.2", "127.0.0.1", "::1"]
+        );
+        let all_and_loopback = parse_nodeport_addresses("localhost, all").unwrap();
+        assert_eq!(
+            all_and_loopback.select(&node, &primary).len(),
+            NODE.len() + 2
+        );
+        // CIDRs with localhost keep the per-family fallback: IPv6 has no range, so all of it.
+        let cidr_and_loopback = parse_nodeport_addresses("10.1.0.0/16,localhost").unwrap();
+        assert_eq!(
+            texts(&cidr_and_loopback.select(&node, &primary)),
+            ["10.1.0.2", "fd00:192::2", "2001:db8::2", "127.0.0.1", "::1"]
+        );
+        // With primary, a CIDR only adds what it holds.
+        let primary_and_cidr = parse_nodeport_addresses("primary,10.1.0.0/16").unwrap();
+        assert_eq!(
+            texts(&primary_and_cidr.select(&node, &primary)),
+            ["192.168.0.2", "10.1.0.2"]
+        );
     }
 
     #[test]
@@ -345,7 +425,7 @@ mod tests {
             node_name: Some("node-a".into()),
             ..ModelConfig::default()
         };
-        let mut source = NodeConfig::with_reader(base, NodePortAddresses::All, reader);
+        let mut source = NodeConfig::with_reader(base, NodePortAddresses::default(), reader);
         let first = source.model_config(None);
         assert_eq!(texts(&first.nodeport_addresses), ["192.168.0.2"]);
         assert_eq!(first.node_name.as_deref(), Some("node-a"));

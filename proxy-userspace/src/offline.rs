@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// The pins under `--bpffs`, if any; never mounts anything.
-fn existing_pins(args: &PinArgs) -> Option<PinLayout> {
+pub(crate) fn existing_pins(args: &PinArgs) -> Option<PinLayout> {
     let pins = mounts::find_bpffs(&args.bpffs).map(PinLayout::new);
     pins.filter(|pins| pins.version_dir().exists())
 }
@@ -44,6 +44,11 @@ pub fn dump(args: &PinArgs) -> Result<()> {
     let maps = KernelMaps::open_pinned(&pins)?;
     let programmed = reconcile::restore(&maps)?;
     print!("{}", dump::render(&programmed));
+    let image = maps.read_image()?;
+    print!(
+        "{}",
+        dump::render_guard(&crate::maps::encode::guard_from_image(&image))
+    );
     let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?;
     print!("{}", dump::render_counters(&counters.read()));
     Ok(())

@@ -5,20 +5,27 @@
 //! never blocks another Service or a removal. The full recomputation (at start and at every
 //! `--sync-period`) re-reads the maps, checks the incremental model against a model built from
 //! scratch and repairs any drift.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
-use proxy_common::map_names;
+use proxy_common::{guard_flags, map_names};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::affinity::stale_affinity,
+    datapath::{affinity::stale_affinity, conntrack::UdpServing},
     hash::FastSet,
     maps::{
         MapWriter, WriteError, apply, apply_all_or_nothing,
-        encode::{MapWrite, decode_status, encode, programmed_from_image, status_write},
+        encode::{
+            MapWrite, decode_status, encode, guard_from_image, guard_write, programmed_from_image,
+            status_write,
+        },
     },
     model::{
-        ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Scope, ServiceId,
+        Cidr, ClusterSnapshot, FrontendKey, HealthCheck, ModelConfig, Problem, Protocol, Scope,
+        ServiceId,
         cluster::{Cluster, Touched},
         desired::{Changed, Desired, NodeFact},
         desired_of,
@@ -64,6 +71,9 @@ pub struct SyncReport {
     pub diverged: bool,
     /// Stale session-affinity entries removed (full syncs only).
     pub affinity_forgotten: usize,
+    /// A UDP frontend changed (or this was a full sync): the TC path's UDP flows are to be
+    /// reconciled against the serving endpoints.
+    pub udp_touched: bool,
 }
 
 /// The control plane's state between syncs.
@@ -83,6 +93,16 @@ pub struct Reconciler {
     reported: HashMap<ServiceId, Vec<Problem>>,
     /// Unlabelled slices already warned about.
     unlabelled: BTreeSet<String>,
+    /// The service-CIDR guard as written (range → `guard_flags`).
+    guard: BTreeMap<Cidr, u32>,
+    /// The ServiceCIDR ranges the guard was last given.
+    guard_cidrs: BTreeSet<Cidr>,
+    /// A ServiceCIDR changed since the guard was last given its ranges.
+    guard_cidrs_dirty: bool,
+    /// Guard ranges whose write failed: written again at every sync until they are.
+    guard_retry: BTreeSet<Cidr>,
+    /// Unreadable ServiceCIDR ranges already warned about.
+    guard_unreadable: BTreeSet<(String, String)>,
 }
 
 /// The frontend addresses a plan covers, grouped by the Service they belong to now (`None`:
@@ -95,8 +115,17 @@ const WHOLE_PLAN_MIN: usize = 256;
 impl Reconciler {
     /// Adopts what the maps hold.
     pub fn new(writer: Box<dyn MapWriter>) -> Result<Self, WriteError> {
-        let mirror = restore(writer.as_ref())?;
+        let image = writer.read_image()?;
+        let (mirror, unreadable) = programmed_from_image(&image);
+        for entry in &unreadable.0 {
+            warn!("leaving an entry this agent cannot interpret: {entry}");
+        }
         Ok(Self {
+            guard: guard_from_image(&image),
+            guard_cidrs: BTreeSet::new(),
+            guard_cidrs_dirty: true,
+            guard_retry: BTreeSet::new(),
+            guard_unreadable: BTreeSet::new(),
             cluster: Cluster::default(),
             desired: Desired::default(),
             mirror,
@@ -114,6 +143,7 @@ impl Reconciler {
     pub fn absorb(&mut self, delta: Delta) -> Touched {
         let touched = delta.apply_to(&mut self.cluster);
         self.dirty.extend(touched.services.iter().cloned());
+        self.guard_cidrs_dirty |= touched.service_cidrs;
         touched
     }
 
@@ -139,12 +169,38 @@ impl Reconciler {
 
     /// Whether a sync has work waiting (touched Services or addresses to retry).
     pub fn has_work(&self) -> bool {
-        !self.dirty.is_empty() || !self.retry.is_empty()
+        !self.dirty.is_empty()
+            || !self.retry.is_empty()
+            || self.guard_cidrs_dirty
+            || !self.guard_retry.is_empty()
     }
 
     /// Whether some addresses failed and wait for a retry.
     pub fn has_failures(&self) -> bool {
-        !self.retry.is_empty()
+        !self.retry.is_empty() || !self.guard_retry.is_empty()
+    }
+
+    /// The serving endpoints of every programmed UDP frontend, by rev-NAT id (for the TC
+    /// path's UDP conntrack reconciler).
+    pub fn udp_serving(&self) -> UdpServing {
+        let mut serving = UdpServing::default();
+        for (key, endpoints) in self.desired.udp_serving() {
+            if let Some(id) = self.mirror.rev_nat_of(&key) {
+                let set = (!endpoints.is_empty()).then(|| {
+                    endpoints
+                        .iter()
+                        .map(|backend| std::net::SocketAddr::new(backend.ip, backend.port))
+                        .collect()
+                });
+                serving.insert(id, set);
+            }
+        }
+        serving
+    }
+
+    /// The service-CIDR guard as written.
+    pub fn guard(&self) -> &BTreeMap<Cidr, u32> {
+        &self.guard
     }
 
     /// Makes the cluster exactly `snapshot`, as a source's complete lists would, and syncs
@@ -188,8 +244,10 @@ impl Reconciler {
             report.health_checks = Some(self.desired.health_checks());
         }
         let mut keys = changed.keys;
+        report.udp_touched = keys.iter().any(|key| key.protocol == Protocol::Udp);
         keys.append(&mut self.retry);
         self.program(keys, &mut report);
+        self.program_guard(changed.guard_ips, false);
         for id in &dirty {
             if self.cluster.service(id).is_none()
                 && let Some(_) = self.not_programmed.remove(id)
@@ -264,11 +322,13 @@ impl Reconciler {
         self.mirror = mirror;
         let affinity = std::mem::take(&mut image.affinity);
         let statuses = std::mem::take(&mut image.service_status);
+        let guard = guard_from_image(&image);
         drop(image);
         self.config = Some(config.clone());
         let mut all = std::mem::take(&mut self.dirty);
         let mut report = SyncReport {
             recomputed: self.cluster.len().0,
+            udp_touched: true,
             ..SyncReport::default()
         };
         if self.desired.services().next().is_none() {
@@ -292,6 +352,8 @@ impl Reconciler {
             .chain(std::mem::take(&mut self.retry))
             .collect();
         self.program(keys, &mut report);
+        self.guard = guard;
+        self.program_guard(BTreeSet::new(), true);
         for id in all {
             if self.cluster.service(&id).is_none() && self.not_programmed.remove(&id).is_some() {
                 report.status_changes.push((id, None));
@@ -335,6 +397,62 @@ impl Reconciler {
                 id
             })
             .collect()
+    }
+
+    /// Makes the service-CIDR guard hold the ServiceCIDRs (drop) and the ClusterIPs in `ips`
+    /// (refuse other ports, or leave another proxy's alone); `all`: every entry, as at a full
+    /// recomputation. A write that fails is logged and retried at the next sync; the guard
+    /// never blocks programming Services.
+    fn program_guard(&mut self, ips: BTreeSet<IpAddr>, all: bool) {
+        let mut keys: BTreeSet<Cidr> = ips.into_iter().map(Cidr::host).collect();
+        if self.guard_cidrs_dirty || all {
+            let (ranges, unreadable) = self.cluster.service_cidr_ranges();
+            for (object, text) in unreadable {
+                if self.guard_unreadable.insert((object.clone(), text.clone())) {
+                    warn!(
+                        "skipping part of ServiceCIDR {object}: {text:?} is not a CIDR; range ignored"
+                    );
+                }
+            }
+            keys.extend(self.guard_cidrs.iter().copied());
+            keys.extend(ranges.iter().copied());
+            self.guard_cidrs = ranges;
+            self.guard_cidrs_dirty = false;
+        }
+        if all {
+            keys.extend(self.guard.keys().copied());
+            keys.extend(self.desired.guard_ips().map(|ip| Cidr::host(*ip)));
+        }
+        keys.append(&mut self.guard_retry);
+        for key in keys {
+            let from_services = self
+                .desired
+                .guard_flags(key.ip())
+                .filter(|_| key == Cidr::host(key.ip()));
+            let from_cidrs = self
+                .guard_cidrs
+                .contains(&key)
+                .then_some(guard_flags::SERVICE_CIDR);
+            let wanted = match (from_services, from_cidrs) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) | b.unwrap_or(0)),
+            };
+            if self.guard.get(&key).copied() == wanted {
+                continue;
+            }
+            match self.writer.write(&guard_write(&key, wanted)) {
+                Ok(()) => {
+                    match wanted {
+                        Some(flags) => self.guard.insert(key, flags),
+                        None => self.guard.remove(&key),
+                    };
+                }
+                Err(failure) => {
+                    warn!(range = %key, "cannot write the service-CIDR guard (retried at the next sync): {failure}");
+                    self.guard_retry.insert(key);
+                }
+            }
+        }
     }
 
     /// Marks the Services whose output depends on node facts that changed.

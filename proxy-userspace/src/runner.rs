@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::mpsc::error::TryRecvError;
@@ -17,7 +17,7 @@ use tracing::{debug, error, info};
 
 use crate::{
     admin::{healthcheck::HealthCheckServer, stats::StatsHandle},
-    datapath::udp_reaper::SocketReaper,
+    datapath::{conntrack::ReconcileReport, udp_reaper::SocketReaper},
     maps::WriteError,
     model::{HealthCheck, ModelConfig, cluster::Touched},
     node::ModelConfigSource,
@@ -56,9 +56,23 @@ struct Summary {
     fill: Fill,
     no_local_endpoints: usize,
     not_programmed: BTreeMap<&'static str, u64>,
+    /// This node's Node object allows load-balanced traffic (KEP-3836).
+    node_eligible: bool,
+    /// Where NodePorts (and so health-check node ports) open.
+    nodeport_addresses: Vec<std::net::IpAddr>,
+    /// The TC path's UDP flows reconciled after this step.
+    conntrack: Option<ReconcileReport>,
 }
 
 impl Engine {
+    /// Whether this node's Node object (if the source has one) allows load-balanced traffic.
+    fn node_eligible(&self) -> bool {
+        self.node
+            .node_name()
+            .and_then(|name| self.reconciler.cluster().node(name))
+            .is_none_or(crate::model::input::NodeInput::eligible)
+    }
+
     fn config(&mut self) -> ModelConfig {
         let node = self
             .node
@@ -76,6 +90,7 @@ impl Engine {
             touched.merge(self.reconciler.absorb(delta));
         }
         let config = self.config();
+        let nodeport_addresses = config.nodeport_addresses.clone();
         let report = if full {
             self.reconciler.resync(&config)
         } else {
@@ -86,6 +101,12 @@ impl Engine {
         {
             self.reaper.reap(&report.removed_udp);
         }
+        let conntrack = match &report {
+            Ok(report) if report.udp_touched => {
+                self.reaper.reconcile_flows(&self.reconciler.udp_serving())
+            }
+            _ => None,
+        };
         let mut not_programmed: BTreeMap<&'static str, u64> = BTreeMap::new();
         for status in self.reconciler.not_programmed().values() {
             *not_programmed.entry(status.reason).or_default() += 1;
@@ -98,6 +119,9 @@ impl Engine {
                 fill: self.reconciler.mirror().fill(),
                 no_local_endpoints: self.reconciler.desired().no_local_endpoints(),
                 not_programmed,
+                node_eligible: self.node_eligible(),
+                nodeport_addresses,
+                conntrack,
             },
         }
     }
@@ -163,13 +187,9 @@ pub async fn run(
     loop {
         let started = Instant::now();
         let batch = std::mem::take(&mut pending);
-        let mut taken = engine.take().expect("the engine is back after every step");
-        let (back, step) = tokio::task::spawn_blocking(move || {
-            let step = taken.step(batch, full);
-            (taken, step)
-        })
-        .await
-        .expect("a sync never panics");
+        let taken = engine.take().expect("the engine is back after every step");
+        let (back, step, queued_during_sync, source_gone) =
+            step_receiving(taken, batch, full, &mut deltas, &mut pending).await;
         let has_failures = back.reconciler.has_failures();
         engine = Some(back);
         if full {
@@ -178,14 +198,20 @@ pub async fn run(
         stats.update(|stats| {
             stats.service_changes_total += step.summary.touched.service_changes;
             stats.endpoint_changes_total += step.summary.touched.slice_changes;
+            stats.node_eligible = step.summary.node_eligible;
         });
         match step.report {
             Ok(report) => {
+                // What was queued before this sync is in the maps now; only what arrived
+                // during it still waits.
+                stats.update(|stats| stats.queued_since = queued_during_sync);
                 let latency = pending_since
                     .take()
                     .filter(|_| report.operations > 0)
                     .map(|since| since.elapsed());
-                health.follow(&report, &health_checks).await;
+                health
+                    .follow(&report, &step.summary.nodeport_addresses, &health_checks)
+                    .await;
                 record(&stats, &report, &step.summary, latency);
                 log_sync(&report, step.summary.elapsed, full, first_sync);
                 first_sync = false;
@@ -193,28 +219,25 @@ pub async fn run(
                 retry = has_failures
                     .then(|| retry.map_or(FIRST_RETRY, |previous| (previous * 2).min(MAX_RETRY)));
             }
-            Err(failure) => {
-                // Only a full sync can fail as a whole (the maps could not be read).
-                let delay = retry.map_or(FIRST_RETRY, |previous| (previous * 2).min(MAX_RETRY));
-                error!(retry_in_ms = delay.as_millis(), "sync failed: {failure}");
-                stats.update(|stats| {
-                    *stats.sync_errors_total.entry(failure.reason()).or_default() += 1;
-                });
-                retry = Some(delay);
-            }
+            Err(failure) => retry = Some(sync_failed(&stats, &failure, retry, queued_during_sync)),
+        }
+        if source_gone {
+            return Ok(());
         }
         let until_full = timing.max_period.saturating_sub(last_full.elapsed());
         let wait = retry.map_or(until_full, |delay| delay.min(until_full));
-        tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            delta = deltas.recv() => match delta {
-                None => return Ok(()),
-                Some(delta) => {
-                    pending.push(delta);
-                    pending_since.get_or_insert_with(Instant::now);
-                }
-            },
-            () = tokio::time::sleep(wait) => {}
+        if pending.is_empty() {
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                delta = deltas.recv() => match delta {
+                    None => return Ok(()),
+                    Some(delta) => {
+                        pending.push(delta);
+                        queued(&stats);
+                    }
+                },
+                () = tokio::time::sleep(wait) => {}
+            }
         }
         // Coalesce bursts: at most one sync per min_period.
         if let Some(remaining) = timing.min_period.checked_sub(started.elapsed()) {
@@ -228,9 +251,70 @@ pub async fn run(
         }
         if !pending.is_empty() {
             pending_since.get_or_insert_with(Instant::now);
+            queued(&stats);
         }
         full = full || last_full.elapsed() >= timing.max_period;
     }
+}
+
+/// Runs one step on a blocking thread; changes that arrive meanwhile are queued (and their
+/// age watched by the health endpoints) at once, not when the sync is over. Returns the
+/// engine, the step, when the first change arrived meanwhile, and whether the source is gone.
+async fn step_receiving(
+    mut engine: Engine,
+    batch: Vec<Delta>,
+    full: bool,
+    deltas: &mut DeltaReceiver,
+    pending: &mut Vec<Delta>,
+) -> (Engine, Step, Option<SystemTime>, bool) {
+    let mut sync = tokio::task::spawn_blocking(move || {
+        let step = engine.step(batch, full);
+        (engine, step)
+    });
+    let mut queued_during_sync = None;
+    let mut source_gone = false;
+    loop {
+        tokio::select! {
+            joined = &mut sync => {
+                let (engine, step) = joined.expect("a sync never panics");
+                return (engine, step, queued_during_sync, source_gone);
+            }
+            delta = deltas.recv(), if !source_gone => match delta {
+                Some(delta) => {
+                    pending.push(delta);
+                    queued_during_sync.get_or_insert_with(SystemTime::now);
+                }
+                None => source_gone = true,
+            },
+        }
+    }
+}
+
+/// Records a sync that failed as a whole (only a full one can: the maps could not be read);
+/// returns the delay before the retry.
+fn sync_failed(
+    stats: &StatsHandle,
+    failure: &WriteError,
+    retry: Option<Duration>,
+    queued_during_sync: Option<SystemTime>,
+) -> Duration {
+    let delay = retry.map_or(FIRST_RETRY, |previous| (previous * 2).min(MAX_RETRY));
+    error!(retry_in_ms = delay.as_millis(), "sync failed: {failure}");
+    stats.update(|stats| {
+        // What was queued still waits, and so does what arrived meanwhile.
+        if stats.queued_since.is_none() {
+            stats.queued_since = queued_during_sync;
+        }
+        *stats.sync_errors_total.entry(failure.reason()).or_default() += 1;
+    });
+    delay
+}
+
+/// Notes that a change waits for a sync (the oldest one counts).
+fn queued(stats: &StatsHandle) {
+    stats.update(|stats| {
+        stats.queued_since.get_or_insert_with(SystemTime::now);
+    });
 }
 
 /// The health-check listeners last asked for, and whether some could not be opened (then
@@ -242,12 +326,19 @@ struct HealthChecks {
 }
 
 impl HealthChecks {
-    /// Opens and closes listeners when the wanted set changed or some failed to open.
-    async fn follow(&mut self, report: &SyncReport, server: &HealthCheckServer) {
+    /// Opens and closes listeners when the wanted set or the NodePort addresses changed, or
+    /// some failed to open.
+    async fn follow(
+        &mut self,
+        report: &SyncReport,
+        addresses: &[std::net::IpAddr],
+        server: &HealthCheckServer,
+    ) {
         if let Some(desired) = &report.health_checks {
             self.desired.clone_from(desired);
         }
-        if report.health_checks.is_some() || self.failed {
+        let moved = server.set_addresses(addresses);
+        if report.health_checks.is_some() || self.failed || moved {
             let done = server.reconcile(&self.desired).await;
             self.failed = !done.failed.is_empty();
         }
@@ -261,6 +352,9 @@ fn record(stats: &StatsHandle, report: &SyncReport, summary: &Summary, latency: 
         stats.no_local_endpoints = summary.no_local_endpoints as u64;
         stats.record_fill(&summary.fill);
         stats.not_programmed.clone_from(&summary.not_programmed);
+        if let Some(conntrack) = &summary.conntrack {
+            stats.record_conntrack_reconcile(conntrack);
+        }
         if report.diverged {
             stats.model_divergences_total += 1;
         }

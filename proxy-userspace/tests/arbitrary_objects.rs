@@ -2,9 +2,11 @@
 //!
 //! - they never make the model panic or produce an inconsistent dataplane; whatever it skips,
 //!   the rest is planned and applied consistently and re-planning is a no-op;
-//! - after every step of a random sequence of adds, updates and deletes, the incremental
-//!   control plane (what the agent runs) equals the full recomputation, in the model (state,
-//!   problems, health checks) and in the written maps.
+//! - after every step of a random sequence of adds, updates and deletes (Services, their
+//!   EndpointSlices with zone and node hints, Services of another proxy, this Node's labels,
+//!   taints and addresses, ServiceCIDRs), the incremental control plane (what the agent runs)
+//!   equals the full recomputation, in the model (state, problems, health checks) and in the
+//!   written maps, the service-CIDR guard included.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
@@ -14,7 +16,8 @@ use k8s_openapi::{
             ServiceStatus,
         },
         discovery::v1::{
-            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
         },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -22,12 +25,15 @@ use k8s_openapi::{
 use proptest::prelude::*;
 use proxy_common::service_flags;
 use proxy_userspace::{
-    maps::{self as writer, FakeMaps, Shared, encode::programmed_from_image},
+    maps::{
+        self as writer, FakeMaps, Shared,
+        encode::{guard_from_image, programmed_from_image},
+    },
     model::{self, ClusterSnapshot, ModelConfig, Scope, cluster::Change, input::ObjectKey},
     plan::plan,
     reconcile::{self, Reconciler},
     render::dump,
-    source::Delta,
+    source::{Delta, Relist},
 };
 
 fn ip_text() -> impl Strategy<Value = String> {
@@ -298,6 +304,7 @@ proptest! {
                 services: services.iter().cloned().map(Arc::new).collect(),
                 endpoint_slices: slices.into_iter().map(Arc::new).collect(),
                 nodes: Vec::new(),
+                service_cidrs: Vec::new(),
             };
             let output = model::build(&snapshot, &config);
             for (key, frontend) in &output.desired.frontends {
@@ -331,8 +338,11 @@ enum Step {
     DeleteService(u8),
     ApplySlice(Box<EndpointSlice>),
     DeleteSlice(u8, u8),
-    /// This node's zone label and which of its addresses it has.
-    Node(Option<&'static str>, u8),
+    /// This node's zone label, which of its addresses it has, and whether it carries the
+    /// cluster autoscaler's taint.
+    Node(Option<&'static str>, u8, bool),
+    /// The ServiceCIDRs now (as a relist).
+    ServiceCidrs(Vec<&'static str>),
 }
 
 /// A Service the API server would accept: valid addresses, ports and policies, so that most
@@ -343,21 +353,50 @@ fn valid_service() -> impl Strategy<Value = Service> {
         0u8..3,
         prop_oneof![Just("ClusterIP"), Just("NodePort"), Just("LoadBalancer")],
         prop::option::of(30_000i32..30_002),
-        prop::collection::vec((0u8..3).prop_map(|a| format!("10.96.0.{a}")), 0..2),
+        prop::collection::vec(
+            prop_oneof![
+                (0u8..3).prop_map(|a| format!("10.96.0.{a}")),
+                // This node's address or the API server's (CVE-2020-8554).
+                Just("192.168.0.2".to_owned()),
+                Just("192.168.0.100".to_owned()),
+            ],
+            0..2,
+        ),
         any::<bool>(),
         prop::option::of(prop_oneof![Just("192.168.0.0/24"), Just("203.0.113.0/25")]),
         prop::option::of(32_000i32..32_002),
+        (
+            prop::option::of(prop_oneof![Just("PreferSameZone"), Just("PreferSameNode")]),
+            prop_oneof![4 => Just(None), 1 => Just(Some("other-proxy"))],
+        ),
     )
         .prop_map(
-            |(name, ip, type_, node_port, external_ips, local, range, health_check)| {
+            |(
+                name,
+                ip,
+                type_,
+                node_port,
+                external_ips,
+                local,
+                range,
+                health_check,
+                (distribution, proxy),
+            )| {
                 let load_balancer = type_ == "LoadBalancer";
                 Service {
                     metadata: ObjectMeta {
                         name: Some(format!("svc{name}")),
                         namespace: Some("p".into()),
+                        labels: proxy.map(|proxy| {
+                            BTreeMap::from([(
+                                "service.kubernetes.io/service-proxy-name".to_owned(),
+                                proxy.to_owned(),
+                            )])
+                        }),
                         ..Default::default()
                     },
                     spec: Some(ServiceSpec {
+                        traffic_distribution: distribution.map(str::to_owned),
                         cluster_ip: Some(format!("10.96.0.{ip}")),
                         type_: Some(type_.into()),
                         external_ips: Some(external_ips),
@@ -396,21 +435,24 @@ fn valid_slice() -> impl Strategy<Value = EndpointSlice> {
         any::<bool>(),
         prop_oneof![Just("node-a"), Just("node-b")],
         prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]),
+        prop::option::of(prop_oneof![Just("node-a"), Just("node-b")]),
     )
-        .prop_map(|(address, ready, terminating, node, zone)| Endpoint {
-            addresses: vec![format!("10.244.0.{address}")],
-            conditions: Some(EndpointConditions {
-                ready: Some(ready),
-                serving: Some(ready || terminating),
-                terminating: Some(terminating),
-            }),
-            node_name: Some(node.into()),
-            hints: zone.map(|zone| EndpointHints {
-                for_zones: Some(vec![ForZone { name: zone.into() }]),
+        .prop_map(
+            |(address, ready, terminating, node, zone, node_hint)| Endpoint {
+                addresses: vec![format!("10.244.0.{address}")],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    serving: Some(ready || terminating),
+                    terminating: Some(terminating),
+                }),
+                node_name: Some(node.into()),
+                hints: (zone.is_some() || node_hint.is_some()).then(|| EndpointHints {
+                    for_zones: zone.map(|zone| vec![ForZone { name: zone.into() }]),
+                    for_nodes: node_hint.map(|node| vec![ForNode { name: node.into() }]),
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
+            },
+        );
     (0u8..3, 0u8..4, prop::collection::vec(endpoint, 0..4)).prop_map(
         |(service, index, endpoints)| EndpointSlice {
             metadata: ObjectMeta {
@@ -441,12 +483,17 @@ fn step() -> impl Strategy<Value = Step> {
         1 => slice().prop_map(|s| Step::ApplySlice(Box::new(s))),
         4 => valid_slice().prop_map(|s| Step::ApplySlice(Box::new(s))),
         1 => (0u8..3, 0u8..4).prop_map(|(s, i)| Step::DeleteSlice(s, i)),
-        1 => (prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]), 0u8..4)
-            .prop_map(|(zone, addresses)| Step::Node(zone, addresses)),
+        1 => (prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]), 0u8..4, any::<bool>())
+            .prop_map(|(zone, addresses, tainted)| Step::Node(zone, addresses, tainted)),
+        1 => prop::collection::vec(
+                prop_oneof![Just("10.96.0.0/16"), Just("10.96.0.0/24"), Just("fd00::/108"), Just("not-a-cidr")],
+                0..3,
+            )
+            .prop_map(Step::ServiceCidrs),
     ]
 }
 
-fn node_object(zone: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+fn node_object(zone: Option<&str>, tainted: bool) -> k8s_openapi::api::core::v1::Node {
     k8s_openapi::api::core::v1::Node {
         metadata: ObjectMeta {
             name: Some("node-a".into()),
@@ -455,8 +502,35 @@ fn node_object(zone: Option<&str>) -> k8s_openapi::api::core::v1::Node {
             }),
             ..Default::default()
         },
+        spec: tainted.then(|| k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: "ToBeDeletedByClusterAutoscaler".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
         ..Default::default()
     }
+}
+
+fn service_cidr_objects(cidrs: &[&str]) -> Vec<k8s_openapi::api::networking::v1::ServiceCIDR> {
+    cidrs
+        .iter()
+        .enumerate()
+        .map(
+            |(index, cidr)| k8s_openapi::api::networking::v1::ServiceCIDR {
+                metadata: ObjectMeta {
+                    name: Some(format!("cidr-{index}")),
+                    ..Default::default()
+                },
+                spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+                    cidrs: Some(vec![(*cidr).to_owned()]),
+                }),
+                ..Default::default()
+            },
+        )
+        .collect()
 }
 
 /// This node's settings with a subset of its addresses (bit 0: IPv4, bit 1: IPv6).
@@ -476,6 +550,7 @@ fn node_config(addresses: u8, zone: Option<&str>) -> ModelConfig {
         zone: zone.map(str::to_owned),
         nodeport_addresses: node.clone(),
         node_addresses: node,
+        api_server_addresses: vec!["192.168.0.100".parse().unwrap()],
         ..ModelConfig::default()
     }
 }
@@ -488,7 +563,10 @@ fn key_of(meta: &ObjectMeta) -> ObjectKey {
 }
 
 fn dump_of(maps: &Shared<FakeMaps>) -> String {
-    dump::render(&programmed_from_image(&maps.lock().image).0)
+    let image = &maps.lock().image;
+    let mut text = dump::render(&programmed_from_image(image).0);
+    text.push_str(&dump::render_guard(&guard_from_image(image)));
+    text
 }
 
 proptest! {
@@ -502,7 +580,8 @@ proptest! {
         let mut agent = Reconciler::new(Box::new(maps.clone())).unwrap();
         let mut services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
         let mut slices: BTreeMap<ObjectKey, EndpointSlice> = BTreeMap::new();
-        let (mut zone, mut addresses) = (None, 3u8);
+        let (mut zone, mut addresses, mut tainted) = (None, 3u8, false);
+        let mut cidrs: Vec<&str> = Vec::new();
         for step in steps {
             let delta = match step {
                 Step::Apply(service) => {
@@ -527,11 +606,21 @@ proptest! {
                     slices.remove(&key);
                     Delta::Change(Change::Slice(key, None))
                 }
-                Step::Node(new_zone, new_addresses) => {
+                Step::Node(new_zone, new_addresses, new_taint) => {
                     zone = new_zone;
                     addresses = new_addresses;
-                    let node = model::input::NodeInput::from(&node_object(zone));
+                    tainted = new_taint;
+                    let node = model::input::NodeInput::from(&node_object(zone, tainted));
                     Delta::Change(Change::Node(node.name.clone(), Some(Arc::new(node))))
+                }
+                Step::ServiceCidrs(now) => {
+                    cidrs = now;
+                    Delta::Relisted(Relist::ServiceCidrs(
+                        service_cidr_objects(&cidrs)
+                            .iter()
+                            .map(|object| Arc::new(model::input::ServiceCidrInput::from(object)))
+                            .collect(),
+                    ))
                 }
             };
             agent.absorb(delta);
@@ -549,11 +638,14 @@ proptest! {
             let snapshot = ClusterSnapshot {
                 services: services.values().cloned().map(Arc::new).collect(),
                 endpoint_slices: slices.values().cloned().map(Arc::new).collect(),
-                nodes: vec![Arc::new(node_object(zone))],
+                nodes: vec![Arc::new(node_object(zone, tainted))],
+                service_cidrs: service_cidr_objects(&cidrs).into_iter().map(Arc::new).collect(),
             };
             let reference = Shared::new(FakeMaps::default());
-            Reconciler::new(Box::new(reference.clone())).unwrap().sync_snapshot(&snapshot, &config);
+            let mut fresh_agent = Reconciler::new(Box::new(reference.clone())).unwrap();
+            fresh_agent.sync_snapshot(&snapshot, &config);
             prop_assert_eq!(dump_of(&maps), dump_of(&reference));
+            prop_assert_eq!(agent.guard(), fresh_agent.guard());
             let (mirror, _) = programmed_from_image(&maps.lock().image);
             prop_assert!(plan(&mirror, &fresh.state()).is_empty());
             prop_assert_eq!(&mirror, agent.mirror());

@@ -16,7 +16,7 @@ use proxy_common::service_flags;
 use proxy_userspace::{
     maps::{
         FakeMaps, FaultyWriter, Shared,
-        encode::{MapImage, programmed_from_image},
+        encode::{MapImage, MapWrite, programmed_from_image},
     },
     model::{Cidr, ClusterSnapshot, FrontendKey, ModelConfig, Scope},
     plan::mirror::Programmed,
@@ -193,9 +193,13 @@ fn a_failure_at_any_write_of_an_external_transition_is_undone_safely_and_the_ret
         agent.sync_snapshot(to, &config());
         let clean_image = clean.lock().image.clone();
         let clean_mirror = agent.mirror().clone();
-        let writes = clean.lock().journal.len();
-        for fail_at in 0..writes {
+        let journal = clean.lock().journal.clone();
+        for (fail_at, write) in journal.iter().enumerate() {
             let context = format!("step {index}, failure at write {fail_at}");
+            if matches!(write, MapWrite::Guard4(..) | MapWrite::Guard6(..)) {
+                guard_write_fails_alone(from, to, &start, &clean_image, fail_at, &context);
+                continue;
+            }
             let faulty = Shared::new(FaultyWriter::new(start.clone(), [fail_at]));
             let mut agent = Reconciler::new(Box::new(faulty.clone())).expect("fake maps read");
             agent.sync_snapshot(from, &config());
@@ -213,11 +217,18 @@ fn a_failure_at_any_write_of_an_external_transition_is_undone_safely_and_the_ret
                 &clean_mirror,
                 &context,
             );
-            // The maps are as before, but for the status entry `inspect` reads.
+            // The maps are as before, but for the status entry `inspect` reads and the
+            // service-CIDR guard, which follows the desired state (the datapath consults it
+            // only where no service entry matches, so it never overrides what stays).
             let mut undone = faulty.lock().inner.image.clone();
             undone.service_status.clear();
+            undone.guard4.clear();
+            undone.guard6.clear();
+            let mut expected = start.image.clone();
+            expected.guard4.clear();
+            expected.guard6.clear();
             assert_eq!(
-                undone, start.image,
+                undone, expected,
                 "{context}: the Service's change is undone whole"
             );
             assert_eq!(
@@ -244,6 +255,45 @@ fn a_failure_at_any_write_of_an_external_transition_is_undone_safely_and_the_ret
                 dump::render(&programmed_from_image(&clean_image).0),
                 "{context}: the retry converges"
             );
+            assert_eq!(
+                faulty.lock().inner.image.guard4,
+                clean_image.guard4,
+                "{context}: the guard converges too"
+            );
         }
     }
+}
+
+/// A failed write of the service-CIDR guard (the last writes of a sync) leaves every
+/// Service programmed, is retried, and converges.
+fn guard_write_fails_alone(
+    from: &ClusterSnapshot,
+    to: &ClusterSnapshot,
+    start: &FakeMaps,
+    clean_image: &MapImage,
+    fail_at: usize,
+    context: &str,
+) {
+    let faulty = Shared::new(FaultyWriter::new(start.clone(), [fail_at]));
+    let mut agent = Reconciler::new(Box::new(faulty.clone())).expect("fake maps read");
+    agent.sync_snapshot(from, &config());
+    agent.sync_snapshot(to, &config());
+    assert!(
+        agent.not_programmed().is_empty(),
+        "{context}: Services are fine"
+    );
+    let mut written = faulty.lock().inner.image.clone();
+    written.guard4.clone_from(&clean_image.guard4);
+    written.guard6.clone_from(&clean_image.guard6);
+    assert_eq!(
+        &written, clean_image,
+        "{context}: every Service entry written"
+    );
+    assert!(agent.has_failures(), "{context}: the guard is retried");
+    agent.sync(&config());
+    assert_eq!(
+        &faulty.lock().inner.image,
+        clean_image,
+        "{context}: the guard converges"
+    );
 }

@@ -40,9 +40,10 @@ fn config(yaml: &str, snapshot: &model::ClusterSnapshot) -> ModelConfig {
                 .collect()
         })
         .unwrap_or_default();
-    let nodeport = header(yaml, "nodeport-addresses").map_or(NodePortAddresses::All, |flag| {
-        node_addresses::parse_nodeport_addresses(flag).expect("--nodeport-addresses")
-    });
+    let nodeport = header(yaml, "nodeport-addresses")
+        .map_or(NodePortAddresses::default(), |flag| {
+            node_addresses::parse_nodeport_addresses(flag).expect("--nodeport-addresses")
+        });
     let primary = node_addresses::primary_addresses(model::cluster_of(snapshot).node("node-a"));
     ModelConfig {
         node_name: Some("node-a".into()),
@@ -67,6 +68,7 @@ fn render(yaml: &str) -> String {
         "the maps read back equal what the agent believes it wrote"
     );
     let mut text = dump::render(&restored);
+    text.push_str(&dump::render_guard(agent.guard()));
     for (port, check) in &output.desired.health_checks {
         let _ = writeln!(
             text,
@@ -161,4 +163,9 @@ fn the_shipped_demo_manifests() {
         "the demo file is clean:\n{text}"
     );
     assert!(text.contains("frontend [fd00:96::10]:80/TCP"), "{text}");
+}
+
+#[test]
+fn service_cidr_guard_localhost_nodeports_and_host_external_ips() {
+    check("service-cidr");
 }

@@ -1,5 +1,6 @@
 //! An in-process Kubernetes API server for tests: it speaks kube-apiserver's list/watch HTTP
-//! protocol (plain HTTP/1.1, no auth) for Services, EndpointSlices and Nodes, so the agent's
+//! protocol (plain HTTP/1.1, no auth) for Services, EndpointSlices, Nodes and ServiceCIDRs, so
+//! the agent's
 //! real kube-rs watchers can follow it, and it lets tests change objects and inject faults.
 //!
 //! It runs on its own thread with its own tokio runtime, so it serves both synchronous tests
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -52,11 +54,18 @@ pub enum Kind {
     EndpointSlice,
     /// `v1 Node`, cluster-scoped.
     Node,
+    /// `networking.k8s.io/v1 ServiceCIDR`, cluster-scoped.
+    ServiceCidr,
 }
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ServiceCidr,
+    ];
 
     /// The `kind` field, e.g. `EndpointSlice`.
     pub fn name(self) -> &'static str {
@@ -64,6 +73,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -72,6 +82,7 @@ impl Kind {
         match self {
             Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
         }
     }
 
@@ -81,18 +92,20 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::ServiceCidr => "servicecidrs",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
     fn group(self) -> &'static str {
         match self {
             Kind::Service | Kind::Node => "",
             Kind::EndpointSlice => "discovery.k8s.io",
+            Kind::ServiceCidr => "networking.k8s.io",
         }
     }
 
@@ -101,6 +114,7 @@ impl Kind {
             Kind::Service => 0,
             Kind::EndpointSlice => 1,
             Kind::Node => 2,
+            Kind::ServiceCidr => 3,
         }
     }
 }
@@ -110,9 +124,11 @@ mod sealed {
     impl Sealed for k8s_openapi::api::core::v1::Service {}
     impl Sealed for k8s_openapi::api::discovery::v1::EndpointSlice {}
     impl Sealed for k8s_openapi::api::core::v1::Node {}
+    impl Sealed for k8s_openapi::api::networking::v1::ServiceCIDR {}
 }
 
-/// The k8s-openapi types the server stores: [`Service`], [`EndpointSlice`] and [`Node`].
+/// The k8s-openapi types the server stores: [`Service`], [`EndpointSlice`], [`Node`] and
+/// [`ServiceCIDR`].
 pub trait ApiObject:
     k8s_openapi::Resource
     + k8s_openapi::Metadata<Ty = ObjectMeta>
@@ -133,6 +149,9 @@ impl ApiObject for EndpointSlice {
 }
 impl ApiObject for Node {
     const API_KIND: Kind = Kind::Node;
+}
+impl ApiObject for ServiceCIDR {
+    const API_KIND: Kind = Kind::ServiceCidr;
 }
 
 /// How requests fail during an outage.
@@ -163,6 +182,9 @@ pub struct ApiServerConfig {
     /// The resourceVersion of the empty store; raise it to emulate a server that already
     /// served changes (e.g. a "restarted" server that must not go back in time).
     pub initial_resource_version: u64,
+    /// Serve `networking.k8s.io/v1` ServiceCIDRs (Kubernetes ≥ 1.33). Off: the group is
+    /// absent from discovery and its paths answer 404, as an older server's do.
+    pub service_cidr_api: bool,
 }
 
 impl Default for ApiServerConfig {
@@ -173,6 +195,7 @@ impl Default for ApiServerConfig {
             watch_buffer: 1_000,
             bookmark_interval: Duration::from_secs(1),
             initial_resource_version: 1,
+            service_cidr_api: true,
         }
     }
 }
@@ -282,29 +305,42 @@ impl ApiServer {
     }
 
     fn apply_inner<K: ApiObject>(&self, object: &K, traced: bool) -> u64 {
-        let kind = K::API_KIND;
-        let meta = object.metadata();
-        let name = meta
-            .name
-            .clone()
+        let value = serde_json::to_value(object).expect("k8s-openapi objects serialize");
+        self.apply_value(K::API_KIND, value, traced)
+    }
+
+    /// Starts the graceful deletion of an object, as a DELETE of an object that finalizers
+    /// (or, for a Node, the cloud's node lifecycle) still hold does: the server sets
+    /// `metadata.deletionTimestamp` (and `deletionGracePeriodSeconds` 0), which no later
+    /// update can clear, and emits MODIFIED. Returns the new resourceVersion, or `None` when
+    /// the object does not exist. [`Self::delete`] removes it for good.
+    pub fn mark_for_deletion(&self, kind: Kind, namespace: &str, name: &str) -> Option<u64> {
+        let mut value = self.get_json(kind, namespace, name)?;
+        let metadata = value["metadata"].as_object_mut()?;
+        if metadata.get("deletionTimestamp").is_none_or(Value::is_null) {
+            metadata.insert("deletionTimestamp".into(), now_json());
+            metadata.insert("deletionGracePeriodSeconds".into(), 0.into());
+        }
+        Some(self.apply_value(kind, value, false))
+    }
+
+    fn apply_value(&self, kind: Kind, mut value: Value, traced: bool) -> u64 {
+        let meta = &value["metadata"];
+        let name = meta["name"]
+            .as_str()
             .filter(|name| !name.is_empty())
-            .expect("apply: metadata.name is required");
+            .expect("apply: metadata.name is required")
+            .to_owned();
         let namespace = if kind.namespaced() {
-            meta.namespace
-                .clone()
+            meta["namespace"]
+                .as_str()
                 .filter(|ns| !ns.is_empty())
-                .unwrap_or_else(|| "default".to_owned())
+                .unwrap_or("default")
+                .to_owned()
         } else {
             String::new()
         };
-        let mut value = serde_json::to_value(object).expect("k8s-openapi objects serialize");
-        // jiff is built without its `std` clock here, so take the time from std.
-        let unix_seconds = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(0));
-        let now = k8s_openapi::jiff::Timestamp::from_second(unix_seconds)
-            .expect("the clock is within jiff's range");
-        let now = serde_json::to_value(Time(now)).expect("a timestamp serializes");
+        let now = now_json();
         let mut state = self.shared.lock();
         let key = (kind, namespace.clone(), name);
         let previous = state.objects.get(&key).cloned();
@@ -326,6 +362,7 @@ impl ApiServer {
             ),
             ("creationTimestamp", now),
         ] {
+            // (An update never clears a deletion in progress: see below.)
             let kept = previous
                 .as_ref()
                 .map(|p| p["metadata"][field].clone())
@@ -334,6 +371,17 @@ impl ApiServer {
                 metadata.insert(field.into(), kept);
             } else if metadata.get(field).is_none_or(Value::is_null) {
                 metadata.insert(field.into(), fresh);
+            }
+        }
+        // Once a graceful deletion started, its timestamp stays (the real server refuses an
+        // update that clears it; here the update keeps it).
+        for field in ["deletionTimestamp", "deletionGracePeriodSeconds"] {
+            if let Some(kept) = previous
+                .as_ref()
+                .map(|p| p["metadata"][field].clone())
+                .filter(|v| !v.is_null())
+            {
+                metadata.insert(field.into(), kept);
             }
         }
         let value = Arc::new(value);
@@ -545,6 +593,17 @@ impl Drop for ApiServer {
     }
 }
 
+/// The current time as the API serializes a `Time`.
+fn now_json() -> Value {
+    // jiff is built without its `std` clock here, so take the time from std.
+    let unix_seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(0));
+    let now = k8s_openapi::jiff::Timestamp::from_second(unix_seconds)
+        .expect("the clock is within jiff's range");
+    serde_json::to_value(Time(now)).expect("a timestamp serializes")
+}
+
 fn with_resource_version(object: &Value, rv: u64) -> Value {
     let mut object = object.clone();
     object["metadata"]["resourceVersion"] = rv.to_string().into();
@@ -560,6 +619,8 @@ struct Shared {
     state: Mutex<State>,
     /// Traced changes whose event no watch has sent yet: while 0, streams skip the lookup.
     traces_pending: AtomicUsize,
+    /// See [`ApiServerConfig::service_cidr_api`].
+    service_cidr_api: bool,
 }
 
 impl Shared {
@@ -567,6 +628,7 @@ impl Shared {
         let rv = config.initial_resource_version;
         Self {
             traces_pending: AtomicUsize::new(0),
+            service_cidr_api: config.service_cidr_api,
             state: Mutex::new(State {
                 rv,
                 objects: BTreeMap::new(),
@@ -583,7 +645,7 @@ impl Shared {
                 list_delay: Duration::ZERO,
                 failing_lists: 0,
                 bookmark_interval: config.bookmark_interval,
-                counters: [Counters::default(); 3],
+                counters: [Counters::default(); Kind::ALL.len()],
                 slow_watchers_closed: 0,
                 request_log: VecDeque::new(),
                 traced: BTreeMap::new(),
@@ -733,7 +795,7 @@ struct State {
     list_delay: Duration,
     failing_lists: u32,
     bookmark_interval: Duration,
-    counters: [Counters; 3],
+    counters: [Counters; Kind::ALL.len()],
     slow_watchers_closed: u64,
     request_log: VecDeque<String>,
     /// Changes made with `apply_traced`, by resourceVersion: when a watch first sent them.

@@ -142,6 +142,14 @@ impl Harness {
             .unwrap_or_else(|e| panic!("running client {request:?}: {e:#}"))
     }
 
+    /// Runs a client in the hooked cgroup inside another test namespace (a "pod": its own
+    /// network namespace, not the node's), to completion.
+    pub fn client_in(&self, netns: &str, request: &ClientRequest) -> Vec<Attempt> {
+        self.testkit
+            .client(netns, self.cgroup.path(), request)
+            .unwrap_or_else(|e| panic!("running client {request:?} in {netns}: {e:#}"))
+    }
+
     pub fn spawn_client(&self, request: &ClientRequest) -> RunningClient {
         self.testkit
             .spawn_client(self.topology.node_namespace(), self.cgroup.path(), request)

@@ -2,8 +2,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Service, ServicePort, ServiceSpec, Taint};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::harness::BACKEND_PORT;
@@ -65,5 +66,48 @@ pub fn endpoint_slice(namespace: &str, service: &str, backends: &[IpAddr]) -> En
             protocol: Some("TCP".into()),
             ..EndpointPort::default()
         }]),
+    }
+}
+
+/// The Node `name` in `zone` (its `topology.kubernetes.io/zone` label) with these taint keys
+/// (effect NoSchedule, as the cluster autoscaler sets `ToBeDeletedByClusterAutoscaler`).
+pub fn node(name: &str, zone: Option<&str>, taints: &[&str]) -> Node {
+    let mut metadata = meta("", name, &[]);
+    metadata.namespace = None;
+    if let Some(zone) = zone {
+        metadata.labels = Some(BTreeMap::from([(
+            "topology.kubernetes.io/zone".to_owned(),
+            zone.to_owned(),
+        )]));
+    }
+    Node {
+        metadata,
+        spec: Some(NodeSpec {
+            taints: (!taints.is_empty()).then(|| {
+                taints
+                    .iter()
+                    .map(|key| Taint {
+                        key: (*key).to_owned(),
+                        effect: "NoSchedule".into(),
+                        ..Taint::default()
+                    })
+                    .collect()
+            }),
+            ..NodeSpec::default()
+        }),
+        ..Node::default()
+    }
+}
+
+/// The ServiceCIDR `name` holding `cidrs` (at most one per family, as the API allows).
+pub fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
+    let mut metadata = meta("", name, &[]);
+    metadata.namespace = None;
+    ServiceCIDR {
+        metadata,
+        spec: Some(ServiceCIDRSpec {
+            cidrs: Some(cidrs.iter().map(|cidr| (*cidr).to_owned()).collect()),
+        }),
+        ..ServiceCIDR::default()
     }
 }

@@ -38,8 +38,8 @@ use nix::sched::{CloneFlags, setns};
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
     Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, RevNat4, RevNat6,
-    Service4Key, Service6Key, ServiceValue, SourceRange4, SourceRange6, backend_state,
-    config_flags, map_names, reason,
+    Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceValue, SourceRange4,
+    SourceRange6, backend_state, config_flags, map_names, reason,
 };
 
 use crate::names;
@@ -666,6 +666,38 @@ impl TcFixture {
                     address: v6_words(address),
                 };
                 trie.insert(&LpmKey::new(prefix_len, data), 1, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a service-CIDR guard prefix with its `guard_flags`, as the agent does.
+    pub fn add_guard(&mut self, address: IpAddr, prefix: u8, flags: u32) -> Result<()> {
+        let prefix_len = u32::from(prefix);
+        match address {
+            IpAddr::V4(address) => {
+                ensure!(prefix <= 32, "IPv4 prefix {prefix}");
+                let map = self
+                    .ebpf
+                    .map_mut(map_names::SERVICE_GUARD4)
+                    .context("no SVC_GUARD4 map")?;
+                let mut trie: LpmTrie<&mut MapData, ServiceGuard4, u32> = LpmTrie::try_from(map)?;
+                let data = ServiceGuard4 {
+                    address: v4_word(address),
+                };
+                trie.insert(&LpmKey::new(prefix_len, data), flags, 0)?;
+            }
+            IpAddr::V6(address) => {
+                ensure!(prefix <= 128, "IPv6 prefix {prefix}");
+                let map = self
+                    .ebpf
+                    .map_mut(map_names::SERVICE_GUARD6)
+                    .context("no SVC_GUARD6 map")?;
+                let mut trie: LpmTrie<&mut MapData, ServiceGuard6, u32> = LpmTrie::try_from(map)?;
+                let data = ServiceGuard6 {
+                    address: v6_words(address),
+                };
+                trie.insert(&LpmKey::new(prefix_len, data), flags, 0)?;
             }
         }
         Ok(())

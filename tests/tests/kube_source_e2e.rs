@@ -240,3 +240,53 @@ fn a_flood_of_endpoint_updates_converges_to_the_last_one() {
     cluster.api.apply(&slice("web", &ips[2..]));
     cluster.serves_exactly(web, &[2], CONVERGE);
 }
+
+/// ServiceCIDRs from the API server feed the service-CIDR guard as they change; an API server
+/// without `networking.k8s.io/v1` (Kubernetes < 1.33) answers 404, which must not keep the
+/// agent from syncing: the guard then covers active ClusterIPs only.
+#[test]
+fn service_cidrs_follow_the_api_server_and_an_older_server_without_them_still_syncs() {
+    require_root!();
+    for served in [true, false] {
+        let mut harness = Harness::new(testkit!(), 1);
+        let api = ApiServer::start_with(switchyard_tests::apiserver::ApiServerConfig {
+            netns: Some(harness.topology().node_namespace().to_owned()),
+            service_cidr_api: served,
+            ..switchyard_tests::apiserver::ApiServerConfig::default()
+        })
+        .expect("test API server");
+        let web = vip("10.96.70.10");
+        api.apply(&service("web", web));
+        api.apply(&slice("web", &harness.backend_ipv4s()));
+        if served {
+            api.apply(&objects::service_cidr("kubernetes", &["10.96.70.0/24"]));
+        }
+        let dir = TempDir::new().expect("temp dir");
+        let kubeconfig = api.write_kubeconfig(dir.path());
+        harness.start_agent_with_kubeconfig(&kubeconfig, &[]);
+        harness.wait_until_translated(ClientProto::Tcp, web);
+        // An active ClusterIP's other port is refused either way.
+        harness.wait_until_errno(
+            ClientProto::Tcp,
+            vip_port("10.96.70.10", 81),
+            libc::ECONNREFUSED,
+        );
+        let unallocated = vip("10.96.70.99");
+        if served {
+            harness.wait_until_errno(ClientProto::Tcp, unallocated, libc::EPERM);
+            // The ServiceCIDR goes: its unallocated addresses are no longer the guard's.
+            api.delete(Kind::ServiceCidr, "", "kubernetes");
+            harness.wait_until_errno(ClientProto::Tcp, unallocated, ENETUNREACH);
+        } else {
+            let attempt = harness
+                .client(&tcp(unallocated, 1))
+                .pop()
+                .expect("one attempt");
+            assert_eq!(attempt.errno, Some(ENETUNREACH), "not guarded: {attempt:?}");
+        }
+    }
+}
+
+fn vip_port(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("valid VIP"), port)
+}

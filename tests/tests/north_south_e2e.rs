@@ -1011,3 +1011,103 @@ fn a_conntrack_capacity_change_migrates_established_flows_without_a_gap() {
         .ensure_running()
         .expect("the migrated agent keeps running");
 }
+
+/// The backend a running hold's latest answered attempt reached.
+fn latest_backend(hold: &RunningClient) -> Option<String> {
+    hold.attempts_so_far()
+        .iter()
+        .rev()
+        .find(|attempt| attempt.ok)
+        .and_then(|attempt| attempt.backend.clone())
+}
+
+/// Waits until every hold's latest answer comes from `backend`.
+fn wait_for_holds(holds: &[(String, RunningClient)], backend: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stuck: Vec<(&str, Option<String>)> = holds
+            .iter()
+            .map(|(label, hold)| (label.as_str(), latest_backend(hold)))
+            .filter(|(_, latest)| latest.as_deref() != Some(backend))
+            .collect();
+        if stuck.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: these UDP flows never moved to {backend}: {stuck:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// kube-proxy's UDP conntrack reconciler on the TC path, for every frontend kind: a UDP flow
+/// (one connected socket, the same 5-tuple throughout) to a NodePort, an externalIP and an LB
+/// IP follows its Service's endpoints. When its backend departs, the flow is removed and the
+/// next datagram reaches a serving endpoint; while the Service has no endpoint at all the
+/// flows are left alone; when endpoints return, flows to departed backends go again. The
+/// reconciler's metrics count it by family and protocol.
+#[test]
+fn udp_flows_of_departed_endpoints_are_removed_for_every_frontend_kind() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let local_only = web().without_endpoints().local_endpoints();
+    start(&mut ns, &[&local_only], &[]);
+    let holds: Vec<(String, RunningClient)> = frontends(&local_only, false)
+        .into_iter()
+        .map(|(label, target)| {
+            let hold = ns.outside_hold(
+                target,
+                Duration::from_secs(40),
+                Duration::from_millis(100),
+                true,
+            );
+            (label, hold)
+        })
+        .collect();
+    wait_for_holds(&holds, LOCAL_BACKEND, "the first endpoint");
+
+    // The endpoint moves: the flows' backend departed (it still answers, so only the
+    // reconciler can move them).
+    let remote_only = web().without_endpoints().remote_endpoints();
+    ns.write_manifests(&manifests(&[&remote_only]));
+    wait_for_holds(&holds, REMOTE_BACKEND, "after the endpoint moved");
+
+    // No endpoint at all: the flows are left alone (new ones would be refused).
+    ns.write_manifests(&manifests(&[&web().without_endpoints()]));
+    std::thread::sleep(Duration::from_secs(2));
+    for (label, hold) in &holds {
+        let recent: Vec<Attempt> = hold.attempts_so_far().into_iter().rev().take(5).collect();
+        assert!(
+            recent
+                .iter()
+                .all(|a| a.ok && a.backend.as_deref() == Some(REMOTE_BACKEND)),
+            "{label}: with no endpoint the flow is kept: {recent:?}"
+        );
+    }
+
+    // Endpoints return (0 → N): flows to the departed backend go, the next datagram reaches
+    // the new endpoint.
+    ns.write_manifests(&manifests(&[&local_only]));
+    wait_for_holds(&holds, LOCAL_BACKEND, "after endpoints returned");
+    for (_, hold) in holds {
+        drop(hold);
+    }
+    let (_, metrics) = switchyard_tests::http::get_in_netns(
+        ns.node_namespace(),
+        sa(ip("127.0.0.1"), 10_249),
+        "/metrics",
+    )
+    .expect("GET /metrics");
+    let deleted: u64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\",protocol=\"UDP\"} ",
+            )?
+            .parse()
+            .ok()
+        })
+        .unwrap_or_else(|| panic!("no reconciler counter in\n{metrics}"));
+    assert!(deleted >= 6, "two moves of three flows: {deleted}");
+}

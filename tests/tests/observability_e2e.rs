@@ -1,14 +1,16 @@
 //! End-to-end tests of what an operator sees: the metrics endpoint (names and values after
-//! known changes) and the health endpoints across the agent's lifecycle.
+//! known changes), the health endpoints across the agent's lifecycle and while its node
+//! drains (KEP-3836).
 
 use std::net::SocketAddr;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use switchyard_tests::apiserver::ApiServer;
+use switchyard_tests::apiserver::{ApiServer, Kind};
 use switchyard_tests::harness::{BACKEND_PORT, Harness};
 use switchyard_tests::http::get_in_netns;
 use switchyard_tests::manifests::Manifests;
+use switchyard_tests::objects;
 use switchyard_tests::tempdir::TempDir;
 use switchyard_tests::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::{require_root, testkit};
@@ -167,6 +169,78 @@ fn health_endpoints_follow_the_agent_lifecycle() {
         "{body}"
     );
     assert_eq!(get(&harness, HEALTH, "/livez").0, 200);
+}
+
+/// Polls `path` on the health port until it answers `status`; returns the body.
+fn wait_for_status(harness: &Harness, path: &str, status: u16, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The endpoint may not listen yet right after the agent starts.
+        let answer = get_in_netns(harness.topology().node_namespace(), addr(HEALTH), path);
+        if let Ok((got, body)) = &answer
+            && *got == status
+        {
+            return body.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never answered {status} ({what}); last: {answer:?}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn healthz_fails_while_the_node_drains_and_livez_does_not() {
+    require_root!();
+    let mut harness = Harness::new(testkit!(), 1);
+    let api =
+        ApiServer::start_in_netns(harness.topology().node_namespace()).expect("test API server");
+    api.apply(&objects::node("node-a", Some("zone-a"), &[]));
+    let kubeconfig_dir = TempDir::new().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(kubeconfig_dir.path());
+    harness.start_agent_with_kubeconfig(&kubeconfig, &["--node-name", "node-a"]);
+    let body = wait_for_status(&harness, "/healthz", 200, "synced, node eligible");
+    assert_eq!(json(&body)["nodeEligible"], true, "{body}");
+
+    // The cluster autoscaler is about to remove the node: load balancers must drain it, but
+    // the agent itself is alive (kubelet must not restart it) and keeps serving.
+    api.apply(&objects::node(
+        "node-a",
+        Some("zone-a"),
+        &["ToBeDeletedByClusterAutoscaler"],
+    ));
+    let body = wait_for_status(&harness, "/healthz", 503, "to-be-deleted taint");
+    assert_eq!(json(&body)["nodeEligible"], false, "{body}");
+    assert!(json(&body)["lastUpdated"].is_string(), "{body}");
+    assert!(json(&body)["currentTime"].is_string(), "{body}");
+    let (status, body) = get(&harness, HEALTH, "/livez");
+    assert_eq!(status, 200, "livez ignores the node: {body}");
+    assert!(json(&body).get("nodeEligible").is_none(), "{body}");
+
+    // The taint goes (scale-down cancelled): eligible again.
+    api.apply(&objects::node("node-a", Some("zone-a"), &[]));
+    wait_for_status(&harness, "/healthz", 200, "taint removed");
+
+    // The Node object is being deleted: not eligible, for good.
+    api.mark_for_deletion(Kind::Node, "", "node-a")
+        .expect("the Node exists");
+    let body = wait_for_status(&harness, "/healthz", 503, "deletionTimestamp set");
+    assert_eq!(json(&body)["nodeEligible"], false, "{body}");
+    assert_eq!(get(&harness, HEALTH, "/livez").0, 200);
+
+    let (_, text) = get(&harness, METRICS, "/metrics");
+    assert!(
+        count(&text, "kubeproxy_proxy_healthz_total{code=\"503\"}") >= 2,
+        "{text}"
+    );
+    assert!(count(&text, "kubeproxy_proxy_healthz_total{code=\"200\"}") >= 2);
+    assert!(count(&text, "kubeproxy_proxy_livez_total{code=\"200\"}") >= 2);
+    assert_eq!(count(&text, "kubeproxy_proxy_livez_total{code=\"503\"}"), 0);
 }
 
 fn inspect(harness: &mut Harness, args: &[&str]) -> String {

@@ -10,7 +10,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proxy_common::{
-    DatapathConfig, config_flags, ct_flags, ct_lifetime, protocol, reason, scope, service_flags,
+    DatapathConfig, config_flags, ct_flags, ct_lifetime, guard_flags, protocol, reason, scope,
+    service_flags,
 };
 use switchyard_tests::packet::{self, L4, Mac, Packet, icmp, tcp_flags, verify_checksums};
 use switchyard_tests::require_root;
@@ -1928,6 +1929,104 @@ fn fib_not_forwarded_unmasqueraded_flows_go_to_the_stack_translated() {
             (got.src_socket(), got.dst_socket()),
             (client, unrouted[0].addr),
             "{what}: translated (source kept)"
+        );
+    }
+}
+
+/// The service-CIDR guard on the TC path (nftables mode): with the agent's entries (the
+/// ServiceCIDR, the active ClusterIP, another proxy's ClusterIP), a packet to a port the
+/// ClusterIP does not serve is refused (RST, ICMP port unreachable), one to an address of the
+/// ServiceCIDR that no Service holds is dropped, and the rest passes untouched; the Service's
+/// own port is still translated.
+#[test]
+fn the_service_cidr_guard_refuses_other_ports_and_drops_unallocated_addresses() {
+    require_root!();
+    for family in Family::ALL {
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        let vip = sa(family.cluster_ip(), 80);
+        let pool = backends(family, &[2], 8080, 901);
+        fx.add_frontend(&frontend(
+            vip,
+            TCP,
+            scope::EXTERNAL,
+            92,
+            service_flags::CLUSTER_IP,
+            &pool,
+        ))
+        .unwrap();
+        let (cidr_prefix, host_prefix) = if family.is_v6() { (112, 128) } else { (24, 32) };
+        fx.add_guard(family.cluster_ip(), cidr_prefix, guard_flags::SERVICE_CIDR)
+            .unwrap();
+        fx.add_guard(family.cluster_ip(), host_prefix, guard_flags::CLUSTER_IP)
+            .unwrap();
+        let other = match family.cluster_ip() {
+            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from(u32::from(ip) + 1)),
+            IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from(u128::from(ip) + 1)),
+        };
+        let unallocated = match family.cluster_ip() {
+            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from(u32::from(ip) + 2)),
+            IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from(u128::from(ip) + 2)),
+        };
+        fx.add_guard(other, host_prefix, guard_flags::OTHER_PROXY)
+            .unwrap();
+        let client = sa(family.client(), 40090);
+
+        // A port the ClusterIP does not serve: refused at once.
+        let what = format!("{family:?} TCP to an undefined port");
+        let before = fx.counters().unwrap();
+        let (_, _, out) = inject(
+            &fx,
+            Packet::tcp(client, sa(family.cluster_ip(), 81), SYN, 1, 0),
+        );
+        let got = expect_redirect(&out, &what);
+        let tcp = got.tcp_header().expect("a TCP RST");
+        assert_eq!(tcp.flags, RST | ACK, "{what}");
+        assert_eq!(got.dst_socket(), client, "{what}");
+        fx.counters().unwrap().since(&before).assert_moved(
+            &[(reason::TC_GUARD_REJECTED, 1), (reason::TC_REJECTED, 1)],
+            &what,
+        );
+        let what = format!("{family:?} UDP to an undefined port");
+        let before = fx.counters().unwrap();
+        let (_, _, out) = inject(&fx, Packet::udp(client, sa(family.cluster_ip(), 53), b"q"));
+        let got = expect_redirect(&out, &what);
+        assert_eq!(got.dst, client.ip(), "{what}: ICMP back to the client");
+        assert!(got.icmp_message().is_some(), "{what}: an ICMP error");
+        fx.counters().unwrap().since(&before).assert_moved(
+            &[(reason::TC_GUARD_REJECTED, 1), (reason::TC_REJECTED, 1)],
+            &what,
+        );
+
+        // An address of the ServiceCIDR that no Service holds: dropped.
+        drop_with(
+            &fx,
+            Packet::tcp(client, sa(unallocated, 80), SYN, 1, 0),
+            reason::TC_GUARD_DROPPED,
+            &format!("{family:?} unallocated service address"),
+        );
+        // Another proxy's ClusterIP, and addresses outside the ServiceCIDR: untouched.
+        pass(
+            &fx,
+            Packet::tcp(client, sa(other, 80), SYN, 1, 0),
+            &format!("{family:?} another proxy's ClusterIP"),
+        );
+        pass(
+            &fx,
+            Packet::tcp(client, sa(family.remote(7), 80), SYN, 1, 0),
+            &format!("{family:?} outside the ServiceCIDR"),
+        );
+        assert_no_ct(&fx, family, &format!("{family:?} guarded traffic"));
+        // The Service's own port is still a Service.
+        let before = fx.counters().unwrap();
+        let (_, _, out) = inject(&fx, Packet::tcp(client, vip, SYN, 1, 0));
+        expect_redirect(&out, &format!("{family:?} the Service's port"));
+        assert_eq!(
+            fx.counters()
+                .unwrap()
+                .since(&before)
+                .get(reason::TC_NEW_FLOW),
+            1
         );
     }
 }

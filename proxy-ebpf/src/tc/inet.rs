@@ -75,7 +75,7 @@ pub enum Parsed<A> {
 
 /// One address family's packet layout and maps.
 pub trait Inet: Family {
-    type Addr: Copy + PartialEq;
+    type Addr: Copy + PartialEq + crate::addr::ServiceAddr;
     /// `AF_INET` / `AF_INET6`, as bpf_fib_lookup and bpf_redirect_neigh want it.
     const AF: u8;
     /// Source and destination address offsets inside the IP header.

@@ -8,7 +8,9 @@
 //! translated. Translated packets are routed here and redirected (see `fib`).
 mod csum;
 mod ct;
+mod events;
 mod fib;
+mod guard;
 mod icmp;
 mod inet;
 mod reject;
@@ -42,6 +44,8 @@ const SNAT_PROBES: u32 = 32;
 
 const PASS: i32 = TC_ACT_OK;
 const DROP: i32 = TC_ACT_SHOT;
+const REJECTED: u8 = proxy_common::monitor_kind::TC_REJECTED;
+const DROPPED: u8 = proxy_common::monitor_kind::TC_DROPPED;
 
 /// TC ingress entry: IPv4 and IPv6 frames; anything else passes untouched.
 #[inline(always)]
@@ -297,11 +301,17 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
     let key = I::service_key(tuple.daddr, tuple.dport, tuple.proto, scope::EXTERNAL);
     let Some(master) = lb::master::<I>(key) else {
         purge_stale_reply::<I>(packet);
-        return Step::Verdict(PASS);
+        return guard::not_a_service::<I>(packet);
     };
     let config = config();
     let Some(frontend) = frontend::<I>(key, master, tuple, &config) else {
         metrics::count(reason::TC_DROPPED_SOURCE_RANGE);
+        events::untranslated::<I>(
+            DROPPED,
+            reason::TC_DROPPED_SOURCE_RANGE,
+            tuple,
+            master.rev_nat_id,
+        );
         return Step::Verdict(DROP);
     };
     let selection = lb::select_from::<I>(frontend.key, &frontend.master, || {
@@ -309,10 +319,22 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
     });
     let (backend, backend_id, rev_nat_id) = match selection {
         Selection::NotAService => return Step::Verdict(PASS),
-        Selection::Refuse if tuple.proto == protocol::TCP => return Step::RefuseTcp,
-        Selection::Refuse => return Step::RefuseUdp,
+        Selection::Refuse => {
+            events::untranslated::<I>(REJECTED, reason::NO_BACKEND, tuple, master.rev_nat_id);
+            return if tuple.proto == protocol::TCP {
+                Step::RefuseTcp
+            } else {
+                Step::RefuseUdp
+            };
+        }
         Selection::Drop => {
             metrics::count(reason::TC_DROPPED_NO_LOCAL);
+            events::untranslated::<I>(
+                DROPPED,
+                reason::TC_DROPPED_NO_LOCAL,
+                tuple,
+                master.rev_nat_id,
+            );
             return Step::Verdict(DROP);
         }
         Selection::Backend {
@@ -347,6 +369,7 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
         to.saddr = route.src;
         let Some(port) = reserve_snat_port::<I>(&mut to, &reply, &config) else {
             metrics::count(reason::TC_SNAT_EXHAUSTED);
+            events::untranslated::<I>(DROPPED, reason::TC_SNAT_EXHAUSTED, tuple, rev_nat_id);
             return Step::Verdict(DROP);
         };
         to.sport = port;
@@ -368,6 +391,7 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
         return Step::Verdict(DROP);
     }
     metrics::count(reason::TC_NEW_FLOW);
+    events::new_flow::<I>(tuple, &to, rev_nat_id, backend_id);
     if rewrite::rewrite::<I>(ctx, packet, &to).is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);
         return Step::Verdict(DROP);

@@ -35,6 +35,10 @@ pub enum BindTo {
     AllAddresses,
     /// One address only (the unit tests use loopback).
     Address(IpAddr),
+    /// Each address `--nodeport-addresses` selects, as given by
+    /// [`HealthCheckServer::set_addresses`] after every sync (kube-proxy binds its health-check
+    /// node ports to its NodePort addresses). Listeners move when the addresses change.
+    NodePortAddresses,
 }
 
 /// Whether the proxy itself is healthy (kube-proxy's `serviceProxyHealthy`): a node whose syncs
@@ -92,7 +96,10 @@ pub struct Reconciled {
 /// One open port: the state its handler answers from, and its server.
 struct Listener {
     check: watch::Sender<HealthCheck>,
-    server: http::Server,
+    /// One server per address it listens on.
+    servers: Vec<http::Server>,
+    /// The addresses it was bound to (`NodePortAddresses` only).
+    addresses: Vec<IpAddr>,
 }
 
 /// The set of open health-check listeners. Cheap to clone: the sync runner reconciles it after
@@ -103,6 +110,8 @@ pub struct HealthCheckServer {
     proxy_healthy: ProxyHealth,
     // A tokio mutex: closing a listener waits for its socket to be released.
     listeners: Arc<Mutex<BTreeMap<u16, Listener>>>,
+    /// Where `NodePortAddresses` listeners bind.
+    addresses: Arc<std::sync::Mutex<Vec<IpAddr>>>,
     counters: Arc<HealthCheckCounters>,
 }
 
@@ -125,7 +134,33 @@ impl HealthCheckServer {
             bind,
             proxy_healthy,
             listeners: Arc::default(),
+            addresses: Arc::default(),
             counters: Arc::default(),
+        }
+    }
+
+    /// The addresses `BindTo::NodePortAddresses` listeners bind to (from the next reconcile
+    /// on); returns whether they changed.
+    pub fn set_addresses(&self, addresses: &[IpAddr]) -> bool {
+        let mut current = self
+            .addresses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = current.as_slice() != addresses;
+        if changed {
+            *current = addresses.to_vec();
+        }
+        changed
+    }
+
+    fn wanted_addresses(&self) -> Vec<IpAddr> {
+        match self.bind {
+            BindTo::NodePortAddresses => self
+                .addresses
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            BindTo::AllAddresses | BindTo::Address(_) => Vec::new(),
         }
     }
 
@@ -138,16 +173,22 @@ impl HealthCheckServer {
     pub async fn reconcile(&self, desired: &BTreeMap<u16, HealthCheck>) -> Reconciled {
         let mut listeners = self.listeners.lock().await;
         let mut done = Reconciled::default();
-        // Close first, so a port handed from one Service to another within one sync is free.
+        let addresses = self.wanted_addresses();
+        // Close first, so a port handed from one Service to another within one sync is free;
+        // listeners on addresses no longer selected close too (and reopen below).
         let removed: Vec<u16> = listeners
-            .keys()
-            .filter(|port| !desired.contains_key(port))
-            .copied()
+            .iter()
+            .filter(|(port, listener)| {
+                !desired.contains_key(port) || listener.addresses != addresses
+            })
+            .map(|(port, _)| *port)
             .collect();
         for port in removed {
             if let Some(listener) = listeners.remove(&port) {
                 let service = service_name(&listener.check.borrow());
-                listener.server.close().await;
+                for server in listener.servers {
+                    server.close().await;
+                }
                 info!(port, %service, "closed health-check node port");
                 done.closed.push(port);
             }
@@ -167,21 +208,27 @@ impl HealthCheckServer {
                 }
                 continue;
             }
-            match bind(self.bind, port) {
-                Ok(socket) => {
+            match bind(self.bind, &addresses, port) {
+                Ok(sockets) => {
                     let (sender, receiver) = watch::channel(check.clone());
-                    let server = http::spawn(
-                        socket,
-                        "health-check node port",
-                        handler(receiver, self.proxy_healthy.clone()),
-                        http::Methods::Any,
-                    );
+                    let servers = sockets
+                        .into_iter()
+                        .map(|socket| {
+                            http::spawn(
+                                socket,
+                                "health-check node port",
+                                handler(receiver.clone(), self.proxy_healthy.clone()),
+                                http::Methods::Any,
+                            )
+                        })
+                        .collect();
                     info!(port, service = %service_name(check), local_endpoints = check.local_endpoints, "opened health-check node port");
                     listeners.insert(
                         port,
                         Listener {
                             check: sender,
-                            server,
+                            servers,
+                            addresses: addresses.clone(),
                         },
                     );
                     done.opened.push(port);
@@ -255,11 +302,11 @@ fn ipv6_unavailable(error: &io::Error) -> bool {
     )
 }
 
-fn bind(bind: BindTo, port: u16) -> io::Result<TcpListener> {
+fn bind(bind: BindTo, addresses: &[IpAddr], port: u16) -> io::Result<Vec<TcpListener>> {
     match bind {
-        BindTo::Address(ip) => listen(SocketAddr::new(ip, port)),
+        BindTo::Address(ip) => Ok(vec![listen(SocketAddr::new(ip, port))?]),
         BindTo::AllAddresses => {
-            match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)) {
+            let socket = match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)) {
                 Err(error) if ipv6_unavailable(&error) => {
                     debug!(
                         port,
@@ -268,7 +315,29 @@ fn bind(bind: BindTo, port: u16) -> io::Result<TcpListener> {
                     listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
                 }
                 other => other,
+            }?;
+            Ok(vec![socket])
+        }
+        BindTo::NodePortAddresses => {
+            let mut sockets = Vec::new();
+            for ip in addresses {
+                match listen(SocketAddr::new(*ip, port)) {
+                    Ok(socket) => sockets.push(socket),
+                    // A primary address of the Node object need not be on an interface (NAT):
+                    // nothing can arrive there.
+                    Err(error) if error.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                        debug!(port, %ip, "not a local address: no health-check listener there");
+                    }
+                    Err(error) => return Err(error),
+                }
             }
+            if sockets.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    "no address selected by --nodeport-addresses is on this node",
+                ));
+            }
+            Ok(sockets)
         }
     }
 }
@@ -367,6 +436,11 @@ mod tests {
             &format!("{method} {path} HTTP/1.1\r\nHost: lb\r\nUser-Agent: probe\r\n\r\n"),
         )
         .await
+    }
+
+    async fn request_to(ip: IpAddr, port: u16) -> Reply {
+        let stream = TcpStream::connect((ip, port)).await.unwrap();
+        send(stream, "GET / HTTP/1.1\r\nHost: lb\r\n\r\n").await
     }
 
     fn json(reply: &Reply) -> serde_json::Value {
@@ -481,6 +555,38 @@ mod tests {
             done.updated.is_empty() && done.opened.is_empty(),
             "{done:?}"
         );
+        health.close_all().await;
+    }
+
+    #[tokio::test]
+    async fn node_port_address_listeners_bind_only_the_selected_addresses_and_follow_them() {
+        let health = HealthCheckServer::new(BindTo::NodePortAddresses, Arc::new(|| true));
+        let port = free_port();
+        let first: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let second: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        assert!(health.set_addresses(&[first]));
+        health
+            .reconcile(&desired(&[(port, check("shop", "web", 1))]))
+            .await;
+        assert_eq!(request_to(first, port).await.status, 200);
+        let refused = TcpStream::connect((second, port)).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused, "{second}");
+        assert!(!health.set_addresses(&[first]), "unchanged");
+        // The selection moves: so does the listener, on the same port.
+        assert!(health.set_addresses(&[second]));
+        let done = health
+            .reconcile(&desired(&[(port, check("shop", "web", 1))]))
+            .await;
+        assert_eq!((done.closed, done.opened), (vec![port], vec![port]));
+        assert_eq!(request_to(second, port).await.status, 200);
+        let refused = TcpStream::connect((first, port)).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused, "{first}");
+        // An address that is not local is skipped; with none left the port is a failure.
+        assert!(health.set_addresses(&["192.0.2.1".parse().unwrap()]));
+        let done = health
+            .reconcile(&desired(&[(port, check("shop", "web", 1))]))
+            .await;
+        assert_eq!(done.failed.len(), 1, "{done:?}");
         health.close_all().await;
     }
 

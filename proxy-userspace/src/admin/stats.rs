@@ -10,7 +10,7 @@ use std::{
 
 use proxy_common::map_names;
 
-use crate::plan::mirror::Fill;
+use crate::{datapath::conntrack::ReconcileReport, plan::mirror::Fill};
 
 /// A Prometheus histogram: cumulative counts per upper bound, sum and count.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +85,19 @@ pub struct SyncStats {
     pub not_programmed: BTreeMap<&'static str, u64>,
     /// Full recomputations that disagreed with the incremental model (should stay 0).
     pub model_divergences_total: u64,
+    /// When the oldest change not yet taken by a sync arrived (kube-proxy's queued update);
+    /// `None` when every change has been synced.
+    pub queued_since: Option<SystemTime>,
+    /// This node's Node object allows load-balanced traffic (not being deleted, no
+    /// to-be-deleted taint); true while there is no Node object.
+    pub node_eligible: bool,
+    /// Answers of `/healthz` and `/livez`, by HTTP status code.
+    pub healthz_total: BTreeMap<u16, u64>,
+    pub livez_total: BTreeMap<u16, u64>,
+    /// The TC path's UDP conntrack reconciler per family (IPv4, IPv6): how long each run
+    /// took, and the flows it removed (kube-proxy's `kubeproxy_conntrack_reconciler_*`).
+    pub conntrack_reconcile_duration: [Histogram; 2],
+    pub conntrack_reconcile_deleted: [u64; 2],
 }
 
 impl Default for SyncStats {
@@ -105,6 +118,12 @@ impl Default for SyncStats {
             map_entries: MapEntries::new(),
             not_programmed: BTreeMap::new(),
             model_divergences_total: 0,
+            queued_since: None,
+            node_eligible: true,
+            healthz_total: BTreeMap::new(),
+            livez_total: BTreeMap::new(),
+            conntrack_reconcile_duration: [Histogram::sync_duration(), Histogram::sync_duration()],
+            conntrack_reconcile_deleted: [0, 0],
         }
     }
 }
@@ -125,6 +144,14 @@ impl SyncStats {
         ];
         for (map, entries) in per_map {
             self.map_entries.insert(map, entries);
+        }
+    }
+
+    /// Records a run of the UDP conntrack reconciler.
+    pub fn record_conntrack_reconcile(&mut self, report: &ReconcileReport) {
+        for (family, run) in report.families.iter().enumerate() {
+            self.conntrack_reconcile_duration[family].observe(run.elapsed);
+            self.conntrack_reconcile_deleted[family] += run.deleted;
         }
     }
 

@@ -48,14 +48,19 @@ fn create_dir(path: &Path) -> Result<(), LoadError> {
     })
 }
 
+/// aya-log's level global in the eBPF object (`aya_log::LEVEL`): 0 turns logging off.
+const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+
 /// Loads the object with every map pinned and sized as `capacities` says. Pinned maps that
 /// match are adopted; those with another capacity or allocation are migrated (see
 /// [`migrate`]: the returned [`Migration`] is finished around the switch of links); those
-/// with another layout are refused before anything is loaded.
+/// with another layout are refused before anything is loaded. `log_level` is the highest
+/// aya-log level the programs log at (0: none; see `BpfLogLevel`).
 pub fn load_object(
     object: &[u8],
     pins: &PinLayout,
     capacities: &Capacities,
+    log_level: u8,
 ) -> Result<(Ebpf, Migration), LoadError> {
     if object.is_empty() {
         return Err(LoadError::NoObject);
@@ -72,6 +77,8 @@ pub fn load_object(
         loader.map_max_entries(spec.name, capacities.of(spec));
         loader.map_pin_path(spec.name, check.pin_path(pins, spec));
     }
+    // Read-only once loaded: the verifier prunes the logging of levels that are off.
+    loader.override_global(LOG_LEVEL_GLOBAL, &log_level, true);
     let ebpf = match loader.load(object) {
         Ok(ebpf) => ebpf,
         Err(error) => {
@@ -129,6 +136,8 @@ pub fn attach_all(
     let generation = new_generation();
     let mut pinned = Vec::new();
     let result = (|| {
+        // Before the hooks run: they must know the host from their first call.
+        super::sock_config::write(ebpf)?;
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)

@@ -357,6 +357,8 @@ impl TypedVisitor for CopyEntries<'_> {
                 }
                 Ok(slots as usize)
             }
+            // Records in flight are not state: a new ring starts empty.
+            MapKind::RingBuf => Ok(0),
         }
     }
 }
@@ -384,6 +386,7 @@ impl TypedVisitor for Count<'_> {
                     .try_fold(0, |count, key| key.map(|_| count + 1))
             }
             MapKind::Array | MapKind::PerCpuArray => Ok(def.spec.default_capacity() as usize),
+            MapKind::RingBuf => Ok(0),
         }
     }
 }

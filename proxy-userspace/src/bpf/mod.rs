@@ -1,6 +1,7 @@
 //! Everything that touches the kernel's BPF objects: finding (or mounting) bpffs and the
 //! cgroup2 hierarchy, sizing the maps, loading and attaching the programs, pinning, adopting or
-//! migrating maps and links, and removing it all again.
+//! migrating maps and links, forwarding the programs' logs, and removing it all again.
+pub mod bpf_log;
 pub mod error;
 pub mod loader;
 pub mod migrate;
@@ -8,3 +9,4 @@ pub mod mounts;
 pub mod north_south;
 pub mod pins;
 pub mod sizing;
+pub mod sock_config;

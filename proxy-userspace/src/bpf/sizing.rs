@@ -339,7 +339,7 @@ mod tests {
             "its keys are 24 bytes, this agent's are 12 bytes; its values are 20 bytes, this agent's are 16 bytes"
         );
         let unknown = MapShape {
-            map_type: 27,
+            map_type: 30,
             ..services(1024)
         };
         assert!(matches!(
@@ -348,11 +348,11 @@ mod tests {
         ));
         assert_eq!(
             Difference::Type {
-                found: 27,
+                found: 30,
                 wanted: 1
             }
             .to_string(),
-            "its type is bpf_map_type 27, this agent's is hash"
+            "its type is bpf_map_type 30, this agent's is hash"
         );
     }
 

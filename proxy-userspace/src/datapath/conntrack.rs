@@ -1,9 +1,10 @@
 //! The TC path's connection tracking, from userspace: garbage collection of expired flows (the
 //! datapath only refreshes lifetimes; an LRU alone would keep dead flows until pressure),
-//! removal of UDP flows whose backend left their service (service-semantics §3.13), and the
-//! live flows for `inspect conntrack`.
+//! kube-proxy's UDP conntrack reconciler (service-semantics §3.13: UDP flows whose backend is
+//! not a serving endpoint of their frontend go, for every frontend kind), and the live flows
+//! for `inspect conntrack`.
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::HashMap as StdHashMap,
     hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -15,7 +16,7 @@ use aya::{
 };
 use proxy_common::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, ct_flags, map_names, protocol};
 
-use crate::{bpf::pins::PinLayout, plan::mirror::UdpPair};
+use crate::bpf::pins::PinLayout;
 
 /// One family's conntrack layout.
 trait CtFamily {
@@ -186,6 +187,69 @@ impl TrackedFlow {
     }
 }
 
+/// The serving endpoints of each UDP frontend, by its rev-NAT id; `None` when its Service
+/// port has no serving endpoint at all (its flows are then left alone, as kube-proxy's
+/// reconciler skips such Services: new packets are refused anyway, and the flows are removed
+/// once endpoints return).
+pub type UdpServing = StdHashMap<u32, Option<std::collections::HashSet<SocketAddr>>>;
+
+/// What reconciling one family's UDP flows did (kube-proxy's
+/// `kubeproxy_conntrack_reconciler_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyReconcile {
+    /// Flows removed (each a forward entry and its reply entry).
+    pub deleted: u64,
+    pub elapsed: std::time::Duration,
+}
+
+/// What one reconcile did, per family (IPv4, IPv6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub families: [FamilyReconcile; 2],
+}
+
+/// The UDP forward entries whose flow must go: a frontend that has serving endpoints but not
+/// this flow's backend, or a frontend that is gone. Traffic policy, topology and terminating
+/// state are not looked at, so UDP flows keep working like TCP connections.
+fn stale_udp<F: CtFamily>(
+    entries: &StdHashMap<F::Key, F::Entry>,
+    serving: &UdpServing,
+) -> Vec<F::Key> {
+    entries
+        .iter()
+        .filter(|(key, entry)| {
+            F::protocol(key) == protocol::UDP && F::flags(entry) & ct_flags::REPLY == 0
+        })
+        .filter(|(_, entry)| match serving.get(&F::rev_nat_id(entry)) {
+            Some(Some(endpoints)) => !endpoints.contains(&F::destination(entry)),
+            Some(None) => false,
+            None => true,
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+fn reconcile_udp<F: CtFamily>(
+    map: &mut HashMap<MapData, F::Key, F::Entry>,
+    serving: &UdpServing,
+) -> FamilyReconcile {
+    let started = std::time::Instant::now();
+    let snapshot = entries::<F>(map);
+    let mut deleted = 0;
+    for key in stale_udp::<F>(&snapshot, serving) {
+        if let Some(entry) = snapshot.get(&key) {
+            let _ = map.remove(&F::partner_key(&key, entry));
+        }
+        if map.remove(&key).is_ok() {
+            deleted += 1;
+        }
+    }
+    FamilyReconcile {
+        deleted,
+        elapsed: started.elapsed(),
+    }
+}
+
 /// Both families' conntrack maps, opened from their pins.
 pub struct Conntrack {
     v4: HashMap<MapData, Ct4Key, Ct4Entry>,
@@ -223,9 +287,16 @@ impl Conntrack {
         }
     }
 
-    /// Removes the UDP flows of these (frontend, backend) pairs; returns how many.
-    pub fn forget_udp_flows(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        forget_udp::<V4>(&mut self.v4, removed) + forget_udp::<V6>(&mut self.v6, removed)
+    /// kube-proxy's conntrack reconciler on the TC path's own conntrack, level-triggered:
+    /// removes every UDP flow whose backend is not a serving endpoint of its frontend (or
+    /// whose frontend is gone).
+    pub fn reconcile_udp(&mut self, serving: &UdpServing) -> ReconcileReport {
+        ReconcileReport {
+            families: [
+                reconcile_udp::<V4>(&mut self.v4, serving),
+                reconcile_udp::<V6>(&mut self.v6, serving),
+            ],
+        }
     }
 
     /// Every live flow of both families, ordered by protocol and client.
@@ -341,25 +412,6 @@ fn collect<F: CtFamily>(map: &mut HashMap<MapData, F::Key, F::Entry>, now_ns: u6
         removed,
         entries: (snapshot.len().saturating_sub(removed), 0),
     }
-}
-
-fn forget_udp<F: CtFamily>(
-    map: &mut HashMap<MapData, F::Key, F::Entry>,
-    removed: &BTreeSet<UdpPair>,
-) -> usize {
-    let snapshot = entries::<F>(map);
-    let mut forgotten = 0;
-    for (key, entry) in &snapshot {
-        let udp_forward =
-            F::protocol(key) == protocol::UDP && F::flags(entry) & ct_flags::REPLY == 0;
-        if udp_forward && removed.contains(&(F::rev_nat_id(entry), F::destination(entry))) {
-            let _ = map.remove(&F::partner_key(key, entry));
-            if map.remove(key).is_ok() {
-                forgotten += 1;
-            }
-        }
-    }
-    forgotten
 }
 
 #[cfg(test)]
@@ -480,6 +532,44 @@ mod tests {
         assert_eq!(flow(protocol::UDP, 0).state(), "unreplied");
         assert_eq!(flow(protocol::UDP, ct_flags::SEEN_REPLY).state(), "replied");
         assert!(!flow(protocol::UDP, 0).masqueraded());
+    }
+
+    #[test]
+    fn udp_flows_to_departed_endpoints_go_unless_the_frontend_has_none() {
+        let udp = |client_port: u16, rev_nat_id: u32, backend_port: u16| {
+            let (mut key, mut entry) = forward(client_port, backend_port, 500);
+            key.protocol = protocol::UDP;
+            entry.rev_nat_id = rev_nat_id;
+            (key, entry)
+        };
+        let backend = |port: u16| V4::destination(&udp(1, 1, port).1);
+        let (kept, kept_entry) = udp(1000, 1, 8080);
+        let (departed, departed_entry) = udp(1001, 1, 9090);
+        let (waiting, waiting_entry) = udp(1002, 2, 9090);
+        let (gone, gone_entry) = udp(1003, 3, 8080);
+        let (tcp, mut tcp_entry) = forward(1004, 9090, 500);
+        tcp_entry.rev_nat_id = 1;
+        let entries: StdHashMap<_, _> = [
+            (kept, kept_entry),
+            (departed, departed_entry),
+            (waiting, waiting_entry),
+            (gone, gone_entry),
+            (tcp, tcp_entry),
+        ]
+        .into_iter()
+        .collect();
+        let serving: UdpServing = [
+            (1, Some([backend(8080)].into_iter().collect())),
+            // No serving endpoint: flows wait for endpoints to return.
+            (2, None),
+        ]
+        .into_iter()
+        .collect();
+        let mut stale = stale_udp::<V4>(&entries, &serving);
+        stale.sort();
+        let mut expected = vec![departed, gone];
+        expected.sort();
+        assert_eq!(stale, expected, "TCP and serving backends stay");
     }
 
     #[test]

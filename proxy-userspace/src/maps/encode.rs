@@ -8,8 +8,8 @@ use std::{
 
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, backend_state, map_names,
-    protocol, scope,
+    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SourceRange4,
+    SourceRange6, backend_state, map_names, protocol, scope,
 };
 
 use crate::{
@@ -51,6 +51,9 @@ pub enum MapWrite {
     /// matches).
     SourceRange4(LpmKey<SourceRange4>, Option<u32>),
     SourceRange6(LpmKey<SourceRange6>, Option<u32>),
+    /// A service-guard prefix with its `guard_flags`.
+    Guard4(LpmKey<ServiceGuard4>, Option<u32>),
+    Guard6(LpmKey<ServiceGuard6>, Option<u32>),
 }
 
 /// The content of the maps the agent owns (not the datapath's own LRUs).
@@ -68,6 +71,8 @@ pub struct MapImage {
     pub service_status: BTreeMap<ServiceName, ServiceStatus>,
     pub source_ranges4: BTreeMap<LpmKey<SourceRange4>, u32>,
     pub source_ranges6: BTreeMap<LpmKey<SourceRange6>, u32>,
+    pub guard4: BTreeMap<LpmKey<ServiceGuard4>, u32>,
+    pub guard6: BTreeMap<LpmKey<ServiceGuard6>, u32>,
 }
 
 fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
@@ -92,6 +97,8 @@ impl MapWrite {
             Self::Status(..) => map_names::SERVICE_STATUS,
             Self::SourceRange4(..) => map_names::SOURCE_RANGES4,
             Self::SourceRange6(..) => map_names::SOURCE_RANGES6,
+            Self::Guard4(..) => map_names::SERVICE_GUARD4,
+            Self::Guard6(..) => map_names::SERVICE_GUARD6,
         }
     }
 
@@ -106,7 +113,10 @@ impl MapWrite {
             Self::AffinityDelete(_) => true,
             Self::ServiceName(_, value) => value.is_none(),
             Self::Status(_, value) => value.is_none(),
-            Self::SourceRange4(_, value) | Self::SourceRange6(_, value) => value.is_none(),
+            Self::SourceRange4(_, value)
+            | Self::SourceRange6(_, value)
+            | Self::Guard4(_, value)
+            | Self::Guard6(_, value) => value.is_none(),
         }
     }
 }
@@ -126,6 +136,8 @@ impl MapImage {
             MapWrite::Status(key, _) => self.service_status.contains_key(key),
             MapWrite::SourceRange4(key, _) => self.source_ranges4.contains_key(key),
             MapWrite::SourceRange6(key, _) => self.source_ranges6.contains_key(key),
+            MapWrite::Guard4(key, _) => self.guard4.contains_key(key),
+            MapWrite::Guard6(key, _) => self.guard6.contains_key(key),
         }
     }
 
@@ -143,6 +155,8 @@ impl MapImage {
             MapWrite::Status(..) => self.service_status.len(),
             MapWrite::SourceRange4(..) => self.source_ranges4.len(),
             MapWrite::SourceRange6(..) => self.source_ranges6.len(),
+            MapWrite::Guard4(..) => self.guard4.len(),
+            MapWrite::Guard6(..) => self.guard6.len(),
         }
     }
 
@@ -160,6 +174,8 @@ impl MapImage {
             MapWrite::Status(key, status) => put(&mut self.service_status, key, status),
             MapWrite::SourceRange4(key, value) => put(&mut self.source_ranges4, key, value),
             MapWrite::SourceRange6(key, value) => put(&mut self.source_ranges6, key, value),
+            MapWrite::Guard4(key, value) => put(&mut self.guard4, key, value),
+            MapWrite::Guard6(key, value) => put(&mut self.guard6, key, value),
         }
     }
 }
@@ -249,6 +265,51 @@ fn source_range_write(rev_nat_id: u32, range: &Cidr, keep: bool) -> MapWrite {
             value,
         ),
     }
+}
+
+/// The write that makes the service guard hold `flags` for `range` (`None`: no entry).
+pub fn guard_write(range: &Cidr, flags: Option<u32>) -> MapWrite {
+    let prefix_len = u32::from(range.prefix());
+    match range.ip() {
+        IpAddr::V4(ip) => MapWrite::Guard4(
+            LpmKey {
+                prefix_len,
+                data: ServiceGuard4 {
+                    address: v4_word(ip),
+                },
+            },
+            flags,
+        ),
+        IpAddr::V6(ip) => MapWrite::Guard6(
+            LpmKey {
+                prefix_len,
+                data: ServiceGuard6 {
+                    address: v6_words(ip),
+                },
+            },
+            flags,
+        ),
+    }
+}
+
+/// The service-guard entries of an image, by range; keys that are no range (a prefix longer
+/// than the address) are left out.
+pub fn guard_from_image(image: &MapImage) -> BTreeMap<Cidr, u32> {
+    let v4 = image.guard4.iter().filter_map(|(key, flags)| {
+        let prefix = u8::try_from(key.prefix_len).ok()?;
+        Some((
+            Cidr::new(IpAddr::V4(v4_from_word(key.data.address)), prefix)?,
+            *flags,
+        ))
+    });
+    let v6 = image.guard6.iter().filter_map(|(key, flags)| {
+        let prefix = u8::try_from(key.prefix_len).ok()?;
+        Some((
+            Cidr::new(IpAddr::V6(v6_from_words(key.data.address)), prefix)?,
+            *flags,
+        ))
+    });
+    v4.chain(v6).collect()
 }
 
 /// The (rev-NAT id, range) a source-range key stands for; `None` for a key whose prefix does

@@ -10,7 +10,8 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceName, ServiceStatus, ServiceValue, SourceRange4, SourceRange6, map_names,
+    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SourceRange4,
+    SourceRange6, map_names,
 };
 
 use super::{
@@ -39,6 +40,9 @@ pub struct KernelMaps {
     source_ranges6: Option<SourceRanges<SourceRange6>>,
     /// Each map's capacity, read once from the kernel (the plan asks before every Service).
     capacities: std::collections::BTreeMap<&'static str, u32>,
+    /// `None` when the object or the pins predate the service-CIDR guard.
+    guard4: Option<SourceRanges<ServiceGuard4>>,
+    guard6: Option<SourceRanges<ServiceGuard6>>,
 }
 
 /// Takes a hash (or LRU hash) map out of a loaded object.
@@ -270,6 +274,8 @@ impl KernelMaps {
             status: Some(take(ebpf, map_names::SERVICE_STATUS)?),
             source_ranges4: take_trie(ebpf, map_names::SOURCE_RANGES4)?,
             source_ranges6: take_trie(ebpf, map_names::SOURCE_RANGES6)?,
+            guard4: take_trie(ebpf, map_names::SERVICE_GUARD4)?,
+            guard6: take_trie(ebpf, map_names::SERVICE_GUARD6)?,
             capacities: std::collections::BTreeMap::new(),
         }))
     }
@@ -292,6 +298,8 @@ impl KernelMaps {
             },
             source_ranges4: open_trie(pins, map_names::SOURCE_RANGES4)?,
             source_ranges6: open_trie(pins, map_names::SOURCE_RANGES6)?,
+            guard4: open_trie(pins, map_names::SERVICE_GUARD4)?,
+            guard6: open_trie(pins, map_names::SERVICE_GUARD6)?,
             capacities: std::collections::BTreeMap::new(),
         }))
     }
@@ -311,6 +319,12 @@ impl KernelMaps {
         }
         if let Some(trie) = &self.source_ranges6 {
             capacities.insert(map_names::SOURCE_RANGES6, capacity(trie));
+        }
+        if let Some(trie) = &self.guard4 {
+            capacities.insert(map_names::SERVICE_GUARD4, capacity(trie));
+        }
+        if let Some(trie) = &self.guard6 {
+            capacities.insert(map_names::SERVICE_GUARD6, capacity(trie));
         }
         self.capacities = capacities;
         self
@@ -381,6 +395,12 @@ impl MapWriter for KernelMaps {
                 key,
                 *value,
             ),
+            MapWrite::Guard4(key, value) => {
+                write_range(self.guard4.as_mut(), map_names::SERVICE_GUARD4, key, *value)
+            }
+            MapWrite::Guard6(key, value) => {
+                write_range(self.guard6.as_mut(), map_names::SERVICE_GUARD6, key, *value)
+            }
         }
     }
 
@@ -400,6 +420,8 @@ impl MapWriter for KernelMaps {
             },
             source_ranges4: read_trie(self.source_ranges4.as_ref(), map_names::SOURCE_RANGES4)?,
             source_ranges6: read_trie(self.source_ranges6.as_ref(), map_names::SOURCE_RANGES6)?,
+            guard4: read_trie(self.guard4.as_ref(), map_names::SERVICE_GUARD4)?,
+            guard6: read_trie(self.guard6.as_ref(), map_names::SERVICE_GUARD6)?,
         })
     }
 }

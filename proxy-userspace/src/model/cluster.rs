@@ -10,7 +10,9 @@ use std::{
 use crate::hash::{FastMap, FastSet};
 
 use super::{
-    input::{NodeInput, ObjectKey, ServiceInput, SliceInput},
+    Cidr,
+    input::{NodeInput, ObjectKey, ServiceCidrInput, ServiceInput, SliceInput},
+    parse_cidr_lenient,
     problems::ServiceId,
 };
 
@@ -20,6 +22,7 @@ pub enum Change {
     Service(ServiceId, Option<Arc<ServiceInput>>),
     Slice(ObjectKey, Option<Arc<SliceInput>>),
     Node(String, Option<Arc<NodeInput>>),
+    ServiceCidr(String, Option<Arc<ServiceCidrInput>>),
 }
 
 /// What applying changes touched.
@@ -31,11 +34,13 @@ pub struct Touched {
     pub slice_changes: u64,
     /// A Node object changed (this node's facts may have).
     pub nodes: bool,
+    /// A ServiceCIDR changed (the service-CIDR guard's ranges may have).
+    pub service_cidrs: bool,
 }
 
 impl Touched {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && !self.nodes
+        self.services.is_empty() && !self.nodes && !self.service_cidrs
     }
 
     pub fn merge(&mut self, other: Self) {
@@ -43,6 +48,7 @@ impl Touched {
         self.service_changes += other.service_changes;
         self.slice_changes += other.slice_changes;
         self.nodes |= other.nodes;
+        self.service_cidrs |= other.service_cidrs;
     }
 }
 
@@ -57,6 +63,7 @@ pub struct Cluster {
     nodes: BTreeMap<String, Arc<NodeInput>>,
     /// Slices without a `kubernetes.io/service-name` label (they serve nothing).
     unlabelled: BTreeSet<ObjectKey>,
+    service_cidrs: BTreeMap<String, Arc<ServiceCidrInput>>,
 }
 
 impl Cluster {
@@ -104,6 +111,13 @@ impl Cluster {
                     None => self.nodes.remove(&name),
                 };
                 touched.nodes = old.as_deref() != object.as_deref();
+            }
+            Change::ServiceCidr(name, object) => {
+                let old = match &object {
+                    Some(object) => self.service_cidrs.insert(name, object.clone()),
+                    None => self.service_cidrs.remove(&name),
+                };
+                touched.service_cidrs = old.as_deref() != object.as_deref();
             }
         }
         touched
@@ -187,6 +201,37 @@ impl Cluster {
         };
         self.nodes = wanted;
         touched
+    }
+
+    /// See [`Cluster::replace_services`].
+    pub fn replace_service_cidrs(&mut self, objects: Vec<Arc<ServiceCidrInput>>) -> Touched {
+        let wanted: BTreeMap<String, Arc<ServiceCidrInput>> = objects
+            .into_iter()
+            .map(|object| (object.name.clone(), object))
+            .collect();
+        let touched = Touched {
+            service_cidrs: wanted != self.service_cidrs,
+            ..Touched::default()
+        };
+        self.service_cidrs = wanted;
+        touched
+    }
+
+    /// Every range of every ServiceCIDR, with what could not be read (`(object, text)`).
+    pub fn service_cidr_ranges(&self) -> (BTreeSet<Cidr>, Vec<(String, String)>) {
+        let mut ranges = BTreeSet::new();
+        let mut unreadable = Vec::new();
+        for object in self.service_cidrs.values() {
+            for text in &object.cidrs {
+                match parse_cidr_lenient(text) {
+                    Some(range) => {
+                        ranges.insert(range);
+                    }
+                    None => unreadable.push((object.name.clone(), text.clone())),
+                }
+            }
+        }
+        (ranges, unreadable)
     }
 
     pub fn service(&self, id: &ServiceId) -> Option<&ServiceInput> {

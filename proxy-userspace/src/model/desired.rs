@@ -3,7 +3,12 @@
 //! address two of them claim, which one gets a healthCheckNodePort two of them ask for — kept
 //! as claim tables that name their winner at once. Replacing one Service's output reports the
 //! frontend addresses whose winner or content may have changed; nothing else is looked at.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use proxy_common::guard_flags;
 
 use crate::hash::{FastMap, FastSet};
 
@@ -76,6 +81,8 @@ pub struct Changed {
     pub services: FastSet<ServiceId>,
     /// The set of health checks changed.
     pub health_checks: bool,
+    /// ClusterIPs whose service-guard entry may have changed.
+    pub guard_ips: BTreeSet<IpAddr>,
 }
 
 impl Changed {
@@ -83,6 +90,7 @@ impl Changed {
         self.keys.extend(other.keys);
         self.services.extend(other.services);
         self.health_checks |= other.health_checks;
+        self.guard_ips.extend(other.guard_ips);
     }
 }
 
@@ -97,6 +105,8 @@ pub struct Desired {
     nodeport_dependents: FastSet<ServiceId>,
     address_dependents: FastSet<ServiceId>,
     no_local_endpoints: FastSet<ServiceId>,
+    /// ClusterIP → (Services of ours holding it, Services of another proxy holding it).
+    guard_ips: FastMap<IpAddr, (u32, u32)>,
 }
 
 impl PartialEq for Desired {
@@ -124,8 +134,43 @@ impl Desired {
                 .or_default()
                 .insert(id.clone());
         }
+        self.count_guard_ips(&output, true, &mut Changed::default());
         self.index(id, &output);
         self.outputs.insert(id.clone(), output);
+    }
+
+    /// Counts a Service's ClusterIPs in (`up`) or out of the guard's references.
+    fn count_guard_ips(&mut self, output: &ServiceOutput, up: bool, changed: &mut Changed) {
+        let ours = output.cluster_ips.iter().map(|ip| (ip, true));
+        let theirs = output.other_proxy_ips.iter().map(|ip| (ip, false));
+        for (ip, mine) in ours.chain(theirs) {
+            let refs = self.guard_ips.entry(*ip).or_default();
+            let count = if mine { &mut refs.0 } else { &mut refs.1 };
+            if up {
+                *count += 1;
+            } else {
+                *count = count.saturating_sub(1);
+            }
+            if *refs == (0, 0) {
+                self.guard_ips.remove(ip);
+            }
+            changed.guard_ips.insert(*ip);
+        }
+    }
+
+    /// The service-guard flags a ClusterIP gets from the Services holding it: refused on
+    /// other ports when one of ours holds it, left alone when only another proxy's do.
+    pub fn guard_flags(&self, ip: IpAddr) -> Option<u32> {
+        match self.guard_ips.get(&ip)? {
+            (ours, _) if *ours > 0 => Some(guard_flags::CLUSTER_IP),
+            (_, theirs) if *theirs > 0 => Some(guard_flags::OTHER_PROXY),
+            _ => None,
+        }
+    }
+
+    /// Every ClusterIP the guard knows of.
+    pub fn guard_ips(&self) -> impl Iterator<Item = &IpAddr> {
+        self.guard_ips.keys()
     }
 
     /// Files a Service under the node facts it depends on.
@@ -175,6 +220,7 @@ impl Desired {
             if let Some((port, _)) = &old.health_check {
                 self.remove_health_claim(*port, id, &mut changed);
             }
+            self.count_guard_ips(old, false, &mut changed);
         }
         for set in [
             &mut self.zone_dependents,
@@ -203,6 +249,7 @@ impl Desired {
                 changed.services.extend(queue.iter().cloned());
                 changed.health_checks = true;
             }
+            self.count_guard_ips(&output, true, &mut changed);
             self.index(id, &output);
             self.outputs.insert(id.clone(), output);
         }
@@ -340,6 +387,16 @@ impl Desired {
             all.extend(self.problems_of(id));
         }
         all.into_iter().collect()
+    }
+
+    /// Every UDP frontend (cluster-scope key) with the serving endpoints of its Service port
+    /// (for the conntrack reconciler).
+    pub fn udp_serving(&self) -> Vec<(FrontendKey, &[super::BackendAddr])> {
+        self.claims
+            .keys()
+            .filter(|key| key.protocol == super::Protocol::Udp)
+            .filter_map(|key| Some((*key, self.winner(key)?.1.serving.as_slice())))
+            .collect()
     }
 
     /// The cluster-scope keys some Service claims.

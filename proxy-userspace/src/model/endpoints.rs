@@ -51,12 +51,16 @@ fn address_type_matches(slice: &SliceInput, ipv4: bool) -> bool {
 }
 
 /// The endpoints of `port` in one family, merged over all slices. When the same address and
-/// port appear twice, the non-terminating copy wins.
+/// port appear twice, the non-terminating copy wins. `publish_not_ready`: the Service's
+/// `publishNotReadyAddresses`, under which every listed endpoint counts as ready, terminating
+/// ones included, as the EndpointSlice controller publishes them (kube-proxy's e2e: such
+/// endpoints stay reachable only then).
 pub fn collect(
     slices: &[&SliceInput],
     ipv4: bool,
     port: &PortRef<'_>,
     node_name: Option<&str>,
+    publish_not_ready: bool,
     problems: &mut Problems,
 ) -> Vec<Endpoint> {
     let mut by_address: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
@@ -111,7 +115,7 @@ pub fn collect(
             let candidate = Endpoint {
                 ip,
                 port: number,
-                ready: endpoint.ready.unwrap_or(true),
+                ready: publish_not_ready || endpoint.ready.unwrap_or(true),
                 serving: endpoint.serving.unwrap_or(true),
                 terminating: endpoint.terminating.unwrap_or(false),
                 local: node_name.is_some() && endpoint.node_name.as_deref() == node_name,

@@ -108,17 +108,27 @@ fn health_check_node_port(
 }
 
 /// Reads the Service's external addresses and policies, reporting unusable parts.
-pub(super) fn read(service: &ServiceInput, problems: &mut Problems) -> Exposure {
+/// `ignore_external_ips`: `--allow-service-external-ips=false` (the field is not read at
+/// all, so it makes no ClusterIP Service externally accessible either).
+pub(super) fn read(
+    service: &ServiceInput,
+    ignore_external_ips: bool,
+    problems: &mut Problems,
+) -> Exposure {
     if !service.has_spec {
         return Exposure::default();
     }
     let id = &service.id;
-    let external_ips = parse_addresses(
-        service.external_ips.iter().map(String::as_str),
-        "externalIP",
-        id,
-        problems,
-    );
+    let external_ips = if ignore_external_ips {
+        Vec::new()
+    } else {
+        parse_addresses(
+            service.external_ips.iter().map(String::as_str),
+            "externalIP",
+            id,
+            problems,
+        )
+    };
     let listed_ranges = &service.load_balancer_source_ranges;
     let mut source_ranges = Vec::new();
     for text in listed_ranges {
@@ -139,8 +149,12 @@ pub(super) fn read(service: &ServiceInput, problems: &mut Problems) -> Exposure 
             "no loadBalancerSourceRange is readable: new flows to its load-balancer IPs are dropped",
         );
     }
-    let external_local = externally_accessible(service)
-        && service.external_traffic_policy.as_deref() == Some("Local");
+    let accessible = if ignore_external_ips {
+        matches!(service.type_name(), "NodePort" | "LoadBalancer")
+    } else {
+        externally_accessible(service)
+    };
+    let external_local = accessible && service.external_traffic_policy.as_deref() == Some("Local");
     let health_check_node_port = if service.type_name() == "LoadBalancer" && external_local {
         health_check_node_port(service.health_check_node_port, id, problems)
     } else {

@@ -9,6 +9,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Node, Service},
         discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -21,6 +22,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The node label carrying its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a node it is about to remove (KEP-3836: load
+/// balancers should stop sending new connections to it).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Namespace and name of an object as the model names it (`default` and `<unnamed>` when the
 /// object lacks them, which only hand-written manifests do).
@@ -97,6 +101,8 @@ pub struct ServiceInput {
     pub health_check_node_port: Option<i32>,
     pub session_affinity: Option<String>,
     pub affinity_timeout_seconds: Option<i32>,
+    /// `spec.publishNotReadyAddresses`.
+    pub publish_not_ready_addresses: bool,
 }
 
 impl ServiceInput {
@@ -158,6 +164,9 @@ impl From<&Service> for ServiceInput {
                 .and_then(|s| s.session_affinity_config.as_ref())
                 .and_then(|c| c.client_ip.as_ref())
                 .and_then(|c| c.timeout_seconds),
+            publish_not_ready_addresses: spec
+                .and_then(|s| s.publish_not_ready_addresses)
+                .unwrap_or(false),
         }
     }
 }
@@ -261,6 +270,19 @@ pub struct NodeInput {
     pub name: String,
     pub zone: Option<String>,
     pub addresses: Vec<NodeAddressInput>,
+    /// `metadata.deletionTimestamp` is set: the Node is being deleted.
+    pub deleting: bool,
+    /// The keys of `spec.taints`.
+    pub taint_keys: Vec<String>,
+}
+
+impl NodeInput {
+    /// Whether load balancers should keep sending new connections to this node (kube-proxy's
+    /// `nodeEligible`, KEP-3836): not while the Node is being deleted or carries the cluster
+    /// autoscaler's to-be-deleted taint.
+    pub fn eligible(&self) -> bool {
+        !self.deleting && !self.taint_keys.iter().any(|key| key == TO_BE_DELETED_TAINT)
+    }
 }
 
 impl From<&Node> for NodeInput {
@@ -279,6 +301,37 @@ impl From<&Node> for NodeInput {
                     address: address.address.clone(),
                 })
                 .collect(),
+            deleting: node.metadata.deletion_timestamp.is_some(),
+            taint_keys: node
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.taints.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|taint| taint.key.clone())
+                .collect(),
+        }
+    }
+}
+
+/// What the agent reads of a ServiceCIDR (`networking.k8s.io/v1`): the ranges ClusterIPs are
+/// allocated from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceCidrInput {
+    pub name: String,
+    /// `spec.cidrs`, as the API spells them.
+    pub cidrs: Vec<String>,
+}
+
+impl From<&ServiceCIDR> for ServiceCidrInput {
+    fn from(object: &ServiceCIDR) -> Self {
+        Self {
+            name: object.metadata.name.clone().unwrap_or_default(),
+            cidrs: object
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.cidrs.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -14,6 +14,8 @@ mod external_tests;
 pub mod input;
 mod ip;
 pub mod problems;
+#[cfg(test)]
+mod semantics_tests;
 pub mod service;
 
 pub use input::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL};
@@ -31,6 +33,7 @@ use std::sync::Arc;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 
 /// A whole cluster as Kubernetes objects (a parsed manifests file, test fixtures).
@@ -40,6 +43,8 @@ pub struct ClusterSnapshot {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Nodes the source knows of; the model reads this node's zone from its own.
     pub nodes: Vec<Arc<Node>>,
+    /// The ranges ClusterIPs are allocated from (the service-CIDR guard).
+    pub service_cidrs: Vec<Arc<ServiceCIDR>>,
 }
 
 /// The agent's settings that the model depends on.
@@ -58,6 +63,11 @@ pub struct ModelConfig {
     pub node_addresses: Vec<IpAddr>,
     /// The node addresses NodePorts open on (`--nodeport-addresses` already applied).
     pub nodeport_addresses: Vec<IpAddr>,
+    /// `--allow-service-external-ips=false`: `spec.externalIPs` is ignored entirely.
+    pub ignore_external_ips: bool,
+    /// The API server's addresses: an externalIP equal to one (or to a node address) is never
+    /// translated for the host's own processes (CVE-2020-8554).
+    pub api_server_addresses: Vec<IpAddr>,
 }
 
 /// L4 protocols the dataplane translates.
@@ -291,6 +301,13 @@ pub fn cluster_of(snapshot: &ClusterSnapshot) -> cluster::Cluster {
             .nodes
             .iter()
             .map(|node| Arc::new(input::NodeInput::from(node.as_ref())))
+            .collect(),
+    );
+    cluster.replace_service_cidrs(
+        snapshot
+            .service_cidrs
+            .iter()
+            .map(|object| Arc::new(input::ServiceCidrInput::from(object.as_ref())))
             .collect(),
     );
     cluster

@@ -131,6 +131,23 @@ fn cluster_ips(service: &ServiceInput, problems: &mut Problems) -> Option<Vec<Ip
     Some(ips)
 }
 
+/// The ClusterIPs of a Service with ports that another proxy handles (read leniently; what
+/// cannot be read is that proxy's business).
+fn other_proxy_ips(service: &ServiceInput) -> Vec<IpAddr> {
+    if !service.has_spec || service.ports.is_empty() {
+        return Vec::new();
+    }
+    let texts: Vec<&str> = if service.cluster_ips.is_empty() {
+        service.cluster_ip.iter().map(String::as_str).collect()
+    } else {
+        service.cluster_ips.iter().map(String::as_str).collect()
+    };
+    let mut ips: Vec<IpAddr> = texts.into_iter().filter_map(parse_ip_lenient).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
+}
+
 /// Whether this proxy handles the Service: unlabelled ones always, labelled ones only when
 /// `--service-proxy-name` claims that name.
 fn handled_by_us(service: &ServiceInput, config: &ModelConfig) -> bool {
@@ -207,6 +224,10 @@ pub struct Candidate {
     pub cluster: Frontend,
     /// Boxed: most frontends have no twin, and outputs live as long as their Service.
     pub local: Option<Box<Frontend>>,
+    /// UDP ports: every serving endpoint of the Service port in the frontend's family,
+    /// whatever the traffic policy or topology says (kube-proxy's conntrack reconciler keeps
+    /// UDP flows to these and removes the others).
+    pub serving: Vec<BackendAddr>,
 }
 
 impl Candidate {
@@ -251,6 +272,12 @@ pub struct ServiceOutput {
     /// A ClusterIP of the Service leaves no endpoint to this node (kube-proxy's
     /// no-local-endpoints gauge, traffic policy internal).
     pub no_local_endpoints: bool,
+    /// Its ClusterIPs that have a frontend (the service-CIDR guard refuses their other
+    /// ports).
+    pub cluster_ips: Vec<IpAddr>,
+    /// The ClusterIPs of a Service another proxy serves (`service-proxy-name`): the guard
+    /// leaves them alone.
+    pub other_proxy_ips: Vec<IpAddr>,
 }
 
 /// What building a Service's frontends needs to know about it and this node.
@@ -329,6 +356,7 @@ impl ServiceContext<'_> {
         ipv4: bool,
         port: &UsablePort,
         sets: &Categorized,
+        serving: &[BackendAddr],
         problems: &mut Problems,
     ) -> Vec<Candidate> {
         let mut candidates = Vec::new();
@@ -353,6 +381,7 @@ impl ServiceContext<'_> {
                 key,
                 cluster: self.frontend(port, backends, flags, &BTreeSet::new()),
                 local: None,
+                serving: serving.to_vec(),
             });
         }
         // Exposure frontends: internalTrafficPolicy does not apply to them.
@@ -388,6 +417,9 @@ impl ServiceContext<'_> {
             if ranges.is_some() {
                 flags |= service_flags::SOURCE_RANGES;
             }
+            if kind == Kind::ExternalIp && self.host_address(ip).is_some() {
+                flags |= service_flags::NOT_FOR_HOST;
+            }
             let ranges: BTreeSet<Cidr> = ranges.into_iter().flatten().copied().collect();
             let cluster_backends = self.backends(key, &sets.cluster, problems);
             let cluster_flags = if external_local {
@@ -409,9 +441,34 @@ impl ServiceContext<'_> {
                 key,
                 cluster: self.frontend(port, cluster_backends, cluster_flags, &ranges),
                 local,
+                serving: serving.to_vec(),
             });
         }
         candidates
+    }
+
+    /// An externalIP that is this node's address or the API server's would capture the host's
+    /// own connections to it (CVE-2020-8554): it is served for pods and for traffic from
+    /// outside, never for the host's processes.
+    fn host_address(&self, ip: IpAddr) -> Option<&'static str> {
+        if self.config.node_addresses.contains(&ip) {
+            Some("this node's address")
+        } else if self.config.api_server_addresses.contains(&ip) {
+            Some("the API server's address")
+        } else {
+            None
+        }
+    }
+
+    fn report_host_external_ips(&self, problems: &mut Problems) {
+        for ip in &self.exposure.external_ips {
+            if let Some(what) = self.host_address(*ip) {
+                self.id().report(
+                    problems,
+                    format!("externalIP {ip} is {what} (CVE-2020-8554): not translated for the node's own processes, only for pods and traffic from outside"),
+                );
+            }
+        }
     }
 
     /// Exposure addresses of a family the Service has no ClusterIP of are not served: each
@@ -436,6 +493,23 @@ impl ServiceContext<'_> {
     }
 }
 
+/// A UDP port's serving endpoints, whatever the policies say (what the conntrack reconciler
+/// keeps flows to); nothing for TCP.
+fn udp_serving(endpoints: &[Endpoint], protocol: Protocol) -> Vec<BackendAddr> {
+    if protocol != Protocol::Udp {
+        return Vec::new();
+    }
+    endpoints
+        .iter()
+        .filter(|e| e.serving)
+        .map(|e| BackendAddr {
+            ip: e.ip,
+            port: e.port,
+            protocol,
+        })
+        .collect()
+}
+
 /// What one Service (with its EndpointSlices, in a stable order) contributes, as seen from
 /// this node.
 pub fn service_output(
@@ -446,6 +520,7 @@ pub fn service_output(
     let mut problems = Problems::default();
     let mut output = ServiceOutput::default();
     if !handled_by_us(service, config) {
+        output.other_proxy_ips = other_proxy_ips(service);
         return output;
     }
     output.depends = NodeDependence {
@@ -453,14 +528,17 @@ pub fn service_output(
             .iter()
             .any(|slice| slice.endpoints.iter().any(|e| !e.zone_hints.is_empty())),
         nodeport_addresses: service.ports.iter().any(|port| port.node_port.is_some()),
-        node_addresses: !service.load_balancer_source_ranges.is_empty(),
+        // Source ranges (a range covering a node address admits the LB IPs) and externalIPs
+        // (one that is a node address is not for the host, CVE-2020-8554).
+        node_addresses: !service.load_balancer_source_ranges.is_empty()
+            || (!service.external_ips.is_empty() && !config.ignore_external_ips),
         node_name: !slices.is_empty(),
     };
     let Some(ips) = cluster_ips(service, &mut problems) else {
         output.problems = problems.into_vec();
         return output;
     };
-    let exposure = external::read(service, &mut problems);
+    let exposure = external::read(service, config.ignore_external_ips, &mut problems);
     let ports = usable_ports(service, exposure.node_ports, &mut problems);
     let context = ServiceContext {
         service,
@@ -469,6 +547,7 @@ pub fn service_output(
         exposure,
     };
     context.report_foreign_families(&ips, &mut problems);
+    context.report_host_external_ips(&mut problems);
     let node = config.node_name.as_deref();
     let zone = config.zone.as_deref();
     // Distinct addresses of this node's ready endpoints, all ports and families together
@@ -488,7 +567,14 @@ pub fn service_output(
                 name: &port.name,
                 protocol: port.protocol,
             };
-            let endpoints = endpoints::collect(slices, ipv4, &port_ref, node, &mut problems);
+            let endpoints = endpoints::collect(
+                slices,
+                ipv4,
+                &port_ref,
+                node,
+                service.publish_not_ready_addresses,
+                &mut problems,
+            );
             local_ready.extend(
                 endpoints
                     .iter()
@@ -496,13 +582,20 @@ pub fn service_output(
                     .map(|e| e.ip),
             );
             let sets = categorize(&endpoints, node, zone, true, true);
+            let serving = udp_serving(&endpoints, port.protocol);
             output.candidates.extend(context.port_frontends(
                 &family_ips,
                 ipv4,
                 port,
                 &sets,
+                &serving,
                 &mut problems,
             ));
+        }
+    }
+    for candidate in &output.candidates {
+        if candidate.kind == Kind::ClusterIp && !output.cluster_ips.contains(&candidate.key.ip) {
+            output.cluster_ips.push(candidate.key.ip);
         }
     }
     output.no_local_endpoints = output.candidates.iter().any(|candidate| {

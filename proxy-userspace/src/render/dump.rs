@@ -9,10 +9,10 @@ use crate::{
     model::Cidr,
     plan::{mirror::Programmed, op::RevNatTarget},
 };
-use proxy_common::service_flags;
+use proxy_common::{guard_flags, service_flags};
 
 /// The service flags by name: the frontend's kind first, then how it behaves.
-const FLAG_NAMES: [(u16, &str); 7] = [
+const FLAG_NAMES: [(u16, &str); 8] = [
     (service_flags::CLUSTER_IP, "cluster-ip"),
     (service_flags::NODE_PORT, "node-port"),
     (service_flags::EXTERNAL_IP, "external-ip"),
@@ -20,6 +20,7 @@ const FLAG_NAMES: [(u16, &str); 7] = [
     (service_flags::EXTERNAL_LOCAL, "external-local"),
     (service_flags::SOURCE_RANGES, "source-ranges"),
     (service_flags::NO_LOCAL_ENDPOINTS, "no-local-endpoints"),
+    (service_flags::NOT_FOR_HOST, "not-for-host"),
 ];
 
 /// The names of the flags set, unknown bits in hex.
@@ -172,6 +173,28 @@ pub fn render(programmed: &Programmed) -> String {
 }
 
 /// Renders the datapath's reason counters.
+/// What a service-guard entry does, in words.
+pub fn guard_action(flags: u32) -> &'static str {
+    if flags & guard_flags::CLUSTER_IP != 0 {
+        "cluster-ip: other ports refused"
+    } else if flags & guard_flags::OTHER_PROXY != 0 {
+        "cluster-ip of another proxy: left alone"
+    } else if flags & guard_flags::SERVICE_CIDR != 0 {
+        "service-cidr: unallocated addresses dropped"
+    } else {
+        "none"
+    }
+}
+
+/// The service-CIDR guard, one line per range (nothing when it is empty).
+pub fn render_guard(guard: &BTreeMap<Cidr, u32>) -> String {
+    let mut out = String::new();
+    for (range, flags) in guard {
+        let _ = writeln!(out, "guard {range}: {}", guard_action(*flags));
+    }
+    out
+}
+
 pub fn render_counters(counters: &[(&str, u64)]) -> String {
     let mut out = String::from("counters:");
     for (name, value) in counters {

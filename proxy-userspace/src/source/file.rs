@@ -25,7 +25,7 @@ use crate::{
     model::{
         ServiceId,
         cluster::Change,
-        input::{NodeInput, ObjectKey, ServiceInput, SliceInput},
+        input::{NodeInput, ObjectKey, ServiceCidrInput, ServiceInput, SliceInput},
     },
 };
 
@@ -61,6 +61,7 @@ struct DocumentObjects {
     services: Vec<Arc<ServiceInput>>,
     slices: Vec<Arc<SliceInput>>,
     nodes: Vec<Arc<NodeInput>>,
+    service_cidrs: Vec<Arc<ServiceCidrInput>>,
 }
 
 impl From<&ParsedManifests> for DocumentObjects {
@@ -82,6 +83,11 @@ impl From<&ParsedManifests> for DocumentObjects {
                 .iter()
                 .map(|object| Arc::new(NodeInput::from(object.as_ref())))
                 .collect(),
+            service_cidrs: snapshot
+                .service_cidrs
+                .iter()
+                .map(|object| Arc::new(ServiceCidrInput::from(object.as_ref())))
+                .collect(),
         }
     }
 }
@@ -92,6 +98,7 @@ struct FileObjects {
     services: HashMap<ServiceId, Arc<ServiceInput>>,
     slices: HashMap<ObjectKey, Arc<SliceInput>>,
     nodes: BTreeMap<String, Arc<NodeInput>>,
+    service_cidrs: BTreeMap<String, Arc<ServiceCidrInput>>,
 }
 
 /// What the source remembers of the file between reads.
@@ -160,6 +167,11 @@ impl Documents {
             for node in &found.nodes {
                 objects.nodes.insert(node.name.clone(), node.clone());
             }
+            for object in &found.service_cidrs {
+                objects
+                    .service_cidrs
+                    .insert(object.name.clone(), object.clone());
+            }
             parsed.insert(document, found);
         }
         stats.update(|stats| stats.skipped_documents_total += skipped as u64);
@@ -179,6 +191,11 @@ impl Documents {
         if objects.nodes != self.objects.nodes {
             deltas.push(Delta::Relisted(Relist::Nodes(
                 objects.nodes.values().cloned().collect(),
+            )));
+        }
+        if objects.service_cidrs != self.objects.service_cidrs {
+            deltas.push(Delta::Relisted(Relist::ServiceCidrs(
+                objects.service_cidrs.values().cloned().collect(),
             )));
         }
         info!(
@@ -204,6 +221,9 @@ impl Documents {
             )),
             Delta::Relisted(Relist::Nodes(
                 self.objects.nodes.values().cloned().collect(),
+            )),
+            Delta::Relisted(Relist::ServiceCidrs(
+                self.objects.service_cidrs.values().cloned().collect(),
             )),
             Delta::Listed,
         ]

@@ -1,5 +1,5 @@
 //! The `kube` source: follows an API server the way kube-proxy does, with kube-rs watchers on
-//! Services, EndpointSlices and this Node.
+//! Services, EndpointSlices, this Node and ServiceCIDRs.
 //!
 //! Every watch event becomes a delta at once — the object cut down to what the model reads —
 //! so the agent never holds whole Kubernetes objects and a change costs what it changes. A
@@ -11,6 +11,7 @@
 //! state converges soon after the API server returns.
 use std::{
     fmt::Debug,
+    net::IpAddr,
     path::Path,
     sync::{
         Arc,
@@ -23,6 +24,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Config, Resource,
@@ -39,7 +41,7 @@ use tracing::{info, warn};
 use super::{Delta, DeltaReceiver, DeltaSender, Relist};
 use crate::model::{
     cluster::Change,
-    input::{NodeInput, ServiceInput, SliceInput},
+    input::{NodeInput, ServiceCidrInput, ServiceInput, SliceInput},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +56,35 @@ pub enum KubeSourceError {
     Client(String),
 }
 
-async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+/// The API server's addresses, from the client's URL (a name is resolved once): an externalIP
+/// equal to one is not translated for the node's own processes (CVE-2020-8554).
+async fn api_server_addresses(config: &Config) -> Vec<IpAddr> {
+    let url = &config.cluster_url;
+    let Some(host) = url.host() else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![ip];
+    }
+    let port = url.port_u16().unwrap_or(443);
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(found) => {
+            let mut ips: Vec<IpAddr> = found.map(|address| address.ip()).collect();
+            ips.sort_unstable();
+            ips.dedup();
+            ips
+        }
+        Err(error) => {
+            warn!(
+                "cannot resolve the API server {host}: {error}; externalIPs equal to its address are not recognised"
+            );
+            Vec::new()
+        }
+    }
+}
+
+async fn client(kubeconfig: Option<&Path>) -> Result<(Client, Vec<IpAddr>), KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
             let fail = |reason: String| KubeSourceError::Kubeconfig {
@@ -74,7 +104,10 @@ async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
     // long while; their own quick backoff is what should pace recovery.
     let mut config = config;
     config.default_retry = false;
-    Client::try_from(config).map_err(|error| KubeSourceError::Client(error.to_string()))
+    let addresses = api_server_addresses(&config).await;
+    let client =
+        Client::try_from(config).map_err(|error| KubeSourceError::Client(error.to_string()))?;
+    Ok((client, addresses))
 }
 
 /// 100 ms doubling to 500 ms; the jitter (up to the delay again) keeps thousands of nodes
@@ -88,11 +121,26 @@ fn backoff() -> ExponentialBackoff {
         .into()
 }
 
+/// ServiceCIDRs are `networking.k8s.io/v1` from Kubernetes 1.33 on; an older API server
+/// answers 404, and is asked again this rarely (the service-CIDR guard then covers active
+/// ClusterIPs only).
+fn optional_backoff() -> ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_mins(1))
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 /// A watched kind: how its objects become the model's input and deltas.
 trait Watched:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
 {
     const KIND: &'static str;
+    /// Whether an API server may not serve the kind at all (404): it then counts as listed
+    /// empty, so the agent does not wait for it.
+    const OPTIONAL: bool = false;
     type Input: Send + Sync;
     fn input(&self) -> Arc<Self::Input>;
     fn changed(input: Arc<Self::Input>) -> Change;
@@ -163,6 +211,37 @@ impl Watched for Node {
     }
 }
 
+impl Watched for ServiceCIDR {
+    const KIND: &'static str = "ServiceCIDR";
+    const OPTIONAL: bool = true;
+    type Input = ServiceCidrInput;
+
+    fn input(&self) -> Arc<ServiceCidrInput> {
+        Arc::new(ServiceCidrInput::from(self))
+    }
+
+    fn changed(input: Arc<ServiceCidrInput>) -> Change {
+        Change::ServiceCidr(input.name.clone(), Some(input))
+    }
+
+    fn deleted(&self) -> Change {
+        Change::ServiceCidr(ServiceCidrInput::from(self).name, None)
+    }
+
+    fn relist(inputs: Vec<Arc<ServiceCidrInput>>) -> Relist {
+        Relist::ServiceCidrs(inputs)
+    }
+}
+
+/// Whether a watcher error says the API server does not serve the kind.
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
 /// Counts down the first lists; the last one to finish says the view is complete.
 struct FirstLists(AtomicUsize);
 
@@ -181,7 +260,12 @@ fn spawn_watcher<K: Watched>(
     sender: DeltaSender,
     first_lists: Arc<FirstLists>,
 ) {
-    let stream = watcher::watcher(api, config).backoff(backoff());
+    let backoff = if K::OPTIONAL {
+        optional_backoff()
+    } else {
+        backoff()
+    };
+    let stream = watcher::watcher(api, config).backoff(backoff);
     tokio::spawn(follow(stream, sender, first_lists));
 }
 
@@ -210,6 +294,15 @@ async fn follow<K: Watched>(
             Ok(watcher::Event::InitDone) => Delta::Relisted(K::relist(std::mem::take(&mut relist))),
             Ok(watcher::Event::Apply(object)) => Delta::Change(K::changed(object.input())),
             Ok(watcher::Event::Delete(object)) => Delta::Change(object.deleted()),
+            Err(error) if K::OPTIONAL && not_served(&error) => {
+                if listed_once {
+                    continue;
+                }
+                warn!(
+                    "the API server does not serve {what}s (Kubernetes < 1.33?): the service-CIDR guard covers active ClusterIPs only; asking again every minute"
+                );
+                Delta::Relisted(K::relist(Vec::new()))
+            }
             Err(error) => {
                 if !failing {
                     warn!(
@@ -236,17 +329,29 @@ async fn follow<K: Watched>(
     }
 }
 
+/// A started source: its deltas, and the API server's addresses.
+pub struct Started {
+    pub deltas: DeltaReceiver,
+    pub api_server_addresses: Vec<IpAddr>,
+}
+
 /// Connects and starts the watchers; deltas follow on the returned channel, the first lists
 /// first, then [`Delta::Listed`], then changes.
 pub async fn start(
     kubeconfig: Option<&Path>,
     node_name: Option<&str>,
-) -> Result<DeltaReceiver, KubeSourceError> {
-    let client = client(kubeconfig).await?;
+) -> Result<Started, KubeSourceError> {
+    let (client, api_server_addresses) = client(kubeconfig).await?;
     let (sender, receiver) = mpsc::unbounded_channel();
     let first_lists = Arc::new(FirstLists(AtomicUsize::new(
-        2 + usize::from(node_name.is_some()),
+        3 + usize::from(node_name.is_some()),
     )));
+    spawn_watcher(
+        Api::<ServiceCIDR>::all(client.clone()),
+        watcher::Config::default(),
+        sender.clone(),
+        first_lists.clone(),
+    );
     spawn_watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -263,5 +368,8 @@ pub async fn start(
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         spawn_watcher(Api::<Node>::all(client), config, sender, first_lists);
     }
-    Ok(receiver)
+    Ok(Started {
+        deltas: receiver,
+        api_server_addresses,
+    })
 }

@@ -1,12 +1,13 @@
 //! Parsing a manifests file: multi-document YAML (or JSON) holding `v1 Service`,
-//! `discovery.k8s.io/v1 EndpointSlice` and `v1 Node` objects (a Node named like this node gives
-//! its zone), and `v1 List`s of them. A document that cannot
+//! `discovery.k8s.io/v1 EndpointSlice`, `v1 Node` (a Node named like this node gives its zone)
+//! and `networking.k8s.io/v1 ServiceCIDR` objects, and `v1 List`s of them. A document that cannot
 //! be used is reported (with kind, namespace/name and reason) and skipped; the rest still apply.
 use std::{fmt, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use serde_yaml::Value;
 
@@ -105,6 +106,10 @@ fn add_object(value: Value, document: usize, parsed: &mut ParsedManifests) {
             Ok(node) => parsed.snapshot.nodes.push(Arc::new(node)),
             Err(error) => parsed.skipped.push(skip(format!("not a valid v1 Node: {error}"))),
         },
+        ("networking.k8s.io/v1", "ServiceCIDR") => match serde_yaml::from_value::<ServiceCIDR>(value) {
+            Ok(object) => parsed.snapshot.service_cidrs.push(Arc::new(object)),
+            Err(error) => parsed.skipped.push(skip(format!("not a valid networking.k8s.io/v1 ServiceCIDR: {error}"))),
+        },
         ("v1", "List") => match value.get("items").and_then(Value::as_sequence) {
             Some(items) => {
                 for item in items.clone() {
@@ -114,7 +119,7 @@ fn add_object(value: Value, document: usize, parsed: &mut ParsedManifests) {
             None => parsed.skipped.push(skip("a List without items".into())),
         },
         _ => parsed.skipped.push(skip(format!(
-            "unsupported object (apiVersion {api_version:?}, kind {kind:?}); only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node are read"
+            "unsupported object (apiVersion {api_version:?}, kind {kind:?}); only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node and networking.k8s.io/v1 ServiceCIDR are read"
         ))),
     }
 }
@@ -153,6 +158,10 @@ pub fn parse(text: &str) -> ParsedManifests {
             .endpoint_slices
             .extend(one.snapshot.endpoint_slices);
         parsed.snapshot.nodes.extend(one.snapshot.nodes);
+        parsed
+            .snapshot
+            .service_cidrs
+            .extend(one.snapshot.service_cidrs);
         parsed.skipped.extend(one.skipped);
     }
     parsed

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::model::{
     ClusterSnapshot,
     cluster::{Change, Cluster, Touched},
-    input::{NodeInput, ServiceInput, SliceInput},
+    input::{NodeInput, ServiceCidrInput, ServiceInput, SliceInput},
 };
 
 /// A complete list of one kind of object (an API server relist, or the first list).
@@ -19,6 +19,7 @@ pub enum Relist {
     Services(Vec<Arc<ServiceInput>>),
     Slices(Vec<Arc<SliceInput>>),
     Nodes(Vec<Arc<NodeInput>>),
+    ServiceCidrs(Vec<Arc<ServiceCidrInput>>),
 }
 
 /// What a source reports.
@@ -40,6 +41,7 @@ impl Delta {
             Self::Relisted(Relist::Services(objects)) => cluster.replace_services(objects),
             Self::Relisted(Relist::Slices(objects)) => cluster.replace_slices(objects),
             Self::Relisted(Relist::Nodes(objects)) => cluster.replace_nodes(objects),
+            Self::Relisted(Relist::ServiceCidrs(objects)) => cluster.replace_service_cidrs(objects),
             Self::Listed => Touched::default(),
         }
     }
@@ -72,6 +74,13 @@ pub fn lists_of(snapshot: &ClusterSnapshot) -> Vec<Delta> {
                 .nodes
                 .iter()
                 .map(|object| Arc::new(NodeInput::from(object.as_ref())))
+                .collect(),
+        )),
+        Delta::Relisted(Relist::ServiceCidrs(
+            snapshot
+                .service_cidrs
+                .iter()
+                .map(|object| Arc::new(ServiceCidrInput::from(object.as_ref())))
                 .collect(),
         )),
         Delta::Listed,

@@ -161,6 +161,9 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> io::Result<R
     let query = Query::parse(request.uri().query().unwrap_or_default());
     let path = request.uri().path();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if !shared.service_cidr_api && segments.get(1) == Some(&"networking.k8s.io") {
+        return Ok(not_found());
+    }
     Ok(match segments.as_slice() {
         ["version"] => json_response(StatusCode::OK, &version()),
         ["healthz" | "livez" | "readyz"] => text_response(StatusCode::OK, "ok"),
@@ -172,8 +175,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> io::Result<R
                 "serverAddressByClientCIDRs": [],
             }),
         ),
-        ["apis"] => json_response(StatusCode::OK, &api_group_list()),
-        ["apis", "discovery.k8s.io"] => json_response(StatusCode::OK, &discovery_group()),
+        ["apis"] => json_response(StatusCode::OK, &api_group_list(shared.service_cidr_api)),
+        ["apis", group @ ("discovery.k8s.io" | "networking.k8s.io")] => {
+            json_response(StatusCode::OK, &api_group(group))
+        }
         ["api", "v1"] => json_response(StatusCode::OK, &resource_list("", "v1")),
         ["apis", "discovery.k8s.io", "v1"] => json_response(
             StatusCode::OK,
@@ -182,6 +187,13 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> io::Result<R
         ["api", "v1", rest @ ..] => resource(&shared, "", rest, &query).await,
         ["apis", "discovery.k8s.io", "v1", rest @ ..] => {
             resource(&shared, "discovery.k8s.io", rest, &query).await
+        }
+        ["apis", "networking.k8s.io", "v1"] => json_response(
+            StatusCode::OK,
+            &resource_list("networking.k8s.io", "networking.k8s.io/v1"),
+        ),
+        ["apis", "networking.k8s.io", "v1", rest @ ..] => {
+            resource(&shared, "networking.k8s.io", rest, &query).await
         }
         _ => not_found(),
     })
@@ -686,23 +698,31 @@ fn version() -> Value {
     })
 }
 
-fn discovery_group() -> Value {
+fn api_group(name: &str) -> Value {
+    let group_version = format!("{name}/v1");
     json!({
         "kind": "APIGroup",
         "apiVersion": "v1",
-        "name": "discovery.k8s.io",
-        "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
-        "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+        "name": name,
+        "versions": [{"groupVersion": group_version, "version": "v1"}],
+        "preferredVersion": {"groupVersion": group_version, "version": "v1"},
     })
 }
 
-fn api_group_list() -> Value {
-    let mut group = discovery_group();
-    if let Some(map) = group.as_object_mut() {
-        map.remove("kind");
-        map.remove("apiVersion");
-    }
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+fn api_group_list(service_cidr_api: bool) -> Value {
+    let groups: Vec<Value> = ["discovery.k8s.io", "networking.k8s.io"]
+        .into_iter()
+        .filter(|name| service_cidr_api || *name != "networking.k8s.io")
+        .map(|name| {
+            let mut group = api_group(name);
+            if let Some(map) = group.as_object_mut() {
+                map.remove("kind");
+                map.remove("apiVersion");
+            }
+            group
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 fn resource_list(group: &str, group_version: &str) -> Value {

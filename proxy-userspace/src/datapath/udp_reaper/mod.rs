@@ -25,6 +25,7 @@ use nix::sched::{CloneFlags, setns};
 use proxy_common::{SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names};
 use tracing::{debug, info, warn};
 
+use super::conntrack::{ReconcileReport, UdpServing};
 use crate::{
     maps::{
         WriteError,
@@ -35,14 +36,22 @@ use crate::{
 };
 use sock_diag::UdpSocketId;
 
-/// Destroys connected UDP sockets aimed at backends that left their service.
+/// Destroys connected UDP sockets aimed at backends that left their service, and reconciles
+/// the TC path's UDP flows.
 pub trait SocketReaper: Send {
     /// Returns how many sockets were destroyed.
     fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize;
+
+    /// Removes the TC path's UDP flows whose backend is not a serving endpoint of their
+    /// frontend (`None`: there is no TC conntrack here).
+    fn reconcile_flows(&mut self, _serving: &UdpServing) -> Option<ReconcileReport> {
+        None
+    }
 }
 
-/// Both cures together: connected UDP sockets of the socket hooks (east-west) and tracked UDP
-/// flows of the TC path (north-south) aimed at backends that left their service.
+/// Both cures together: connected UDP sockets of the socket hooks (east-west) aimed at
+/// backends that left their service, and the TC path's tracked UDP flows (north-south),
+/// reconciled against the serving endpoints.
 pub struct SocketsAndFlows {
     pub sockets: NetlinkReaper,
     /// Shared with the conntrack garbage collector.
@@ -51,18 +60,23 @@ pub struct SocketsAndFlows {
 
 impl SocketReaper for SocketsAndFlows {
     fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        let flows = self
+        self.sockets.reap(removed)
+    }
+
+    fn reconcile_flows(&mut self, serving: &UdpServing) -> Option<ReconcileReport> {
+        let report = self
             .flows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .forget_udp_flows(removed);
-        if flows > 0 {
+            .reconcile_udp(serving);
+        let deleted: u64 = report.families.iter().map(|family| family.deleted).sum();
+        if deleted > 0 {
             info!(
-                flows,
-                "forgot tracked UDP flows to backends that left their service"
+                flows = deleted,
+                "removed tracked UDP flows whose backend is not a serving endpoint"
             );
         }
-        self.sockets.reap(removed) + flows
+        Some(report)
     }
 }
 
