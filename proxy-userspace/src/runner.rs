@@ -13,11 +13,11 @@ use std::{
 };
 
 use tokio::sync::mpsc::error::TryRecvError;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{healthcheck::HealthCheckServer, stats::StatsHandle},
-    datapath::udp_reaper::SocketReaper,
+    datapath::{affinity::AffinityMatches, udp_reaper::SocketReaper},
     maps::WriteError,
     model::{HealthCheck, ModelConfig, cluster::Touched},
     node::ModelConfigSource,
@@ -41,6 +41,7 @@ struct Engine {
     reconciler: Reconciler,
     node: Box<dyn ModelConfigSource>,
     reaper: Box<dyn SocketReaper>,
+    matches: AffinityMatches,
 }
 
 /// What one step (absorbing deltas, then syncing) produced.
@@ -81,10 +82,31 @@ impl Engine {
         } else {
             Ok(self.reconciler.sync(&config))
         };
+        // Level-triggered: the reaper compares the datapath's sockets and flows with what is
+        // served now, so whatever a killed agent or a failed sync left behind is found at the
+        // next full sync (the first one after a start included), not only what this sync
+        // removed.
         if let Ok(report) = &report
-            && !report.removed_udp.is_empty()
+            && (full || !report.removed_udp.is_empty())
         {
-            self.reaper.reap(&report.removed_udp);
+            self.reaper.reap(&self.reconciler.mirror().served_udp());
+        }
+        // The affinity match map follows the programmed backends of the affine Services: the
+        // frontends this sync touched, or all of them (read back and compared) at a full sync.
+        let frontends_touched = self.reconciler.take_touched_frontends();
+        if report.is_ok() {
+            let outcome = if full {
+                self.matches.reconcile_all(self.reconciler.mirror())
+            } else {
+                self.matches
+                    .update(self.reconciler.mirror(), frontends_touched)
+            };
+            if let Err(failure) = outcome {
+                warn!(
+                    "cannot update the affinity match map {}: {failure}; repaired at the next full sync",
+                    proxy_common::map_names::AFFINITY_MATCH
+                );
+            }
         }
         let mut not_programmed: BTreeMap<&'static str, u64> = BTreeMap::new();
         for status in self.reconciler.not_programmed().values() {
@@ -95,7 +117,10 @@ impl Engine {
             summary: Summary {
                 touched,
                 elapsed: started.elapsed(),
-                fill: self.reconciler.mirror().fill(),
+                fill: Fill {
+                    affinity_matches: self.matches.len() as u64,
+                    ..self.reconciler.mirror().fill()
+                },
                 no_local_endpoints: self.reconciler.desired().no_local_endpoints(),
                 not_programmed,
             },
@@ -124,6 +149,7 @@ pub async fn run(
     node: Box<dyn ModelConfigSource>,
     reconciler: Reconciler,
     reaper: Box<dyn SocketReaper>,
+    matches: AffinityMatches,
     health_checks: HealthCheckServer,
     timing: SyncConfig,
     stats: StatsHandle,
@@ -139,6 +165,7 @@ pub async fn run(
         reconciler,
         node,
         reaper,
+        matches,
     });
     // Nothing is synced before the source listed everything once.
     let mut pending = Vec::new();
@@ -335,6 +362,7 @@ mod tests {
             Box::new(ModelConfig::default()),
             Reconciler::new(Box::new(maps.clone())).unwrap(),
             Box::new(NoReaper),
+            AffinityMatches::new(Box::new(crate::datapath::affinity::MemoryMatches::default())),
             HealthCheckServer::new(
                 BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
                 std::sync::Arc::new(|| true),

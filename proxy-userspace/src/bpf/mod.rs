@@ -3,8 +3,10 @@
 //! migrating maps and links, and removing it all again.
 pub mod error;
 pub mod loader;
+pub mod lock;
 pub mod migrate;
 pub mod mounts;
 pub mod north_south;
 pub mod pins;
 pub mod sizing;
+pub mod versions;

@@ -3,7 +3,7 @@
 //! removal of UDP flows whose backend left their service (service-semantics §3.13), and the
 //! live flows for `inspect conntrack`.
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::HashMap as StdHashMap,
     hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -224,8 +224,8 @@ impl Conntrack {
     }
 
     /// Removes the UDP flows of these (frontend, backend) pairs; returns how many.
-    pub fn forget_udp_flows(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        forget_udp::<V4>(&mut self.v4, removed) + forget_udp::<V6>(&mut self.v6, removed)
+    pub fn forget_udp_flows(&mut self, stale: &dyn Fn(&UdpPair) -> bool) -> usize {
+        forget_udp::<V4>(&mut self.v4, stale) + forget_udp::<V6>(&mut self.v6, stale)
     }
 
     /// Every live flow of both families, ordered by protocol and client.
@@ -345,14 +345,14 @@ fn collect<F: CtFamily>(map: &mut HashMap<MapData, F::Key, F::Entry>, now_ns: u6
 
 fn forget_udp<F: CtFamily>(
     map: &mut HashMap<MapData, F::Key, F::Entry>,
-    removed: &BTreeSet<UdpPair>,
+    stale: &dyn Fn(&UdpPair) -> bool,
 ) -> usize {
     let snapshot = entries::<F>(map);
     let mut forgotten = 0;
     for (key, entry) in &snapshot {
         let udp_forward =
             F::protocol(key) == protocol::UDP && F::flags(entry) & ct_flags::REPLY == 0;
-        if udp_forward && removed.contains(&(F::rev_nat_id(entry), F::destination(entry))) {
+        if udp_forward && stale(&(F::rev_nat_id(entry), F::destination(entry))) {
             let _ = map.remove(&F::partner_key(key, entry));
             if map.remove(key).is_ok() {
                 forgotten += 1;

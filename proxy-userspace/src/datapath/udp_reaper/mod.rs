@@ -4,14 +4,17 @@
 //!
 //! A connected UDP socket talks straight to its backend once the connect hook translated it;
 //! only its socket reverse-NAT entry (socket cookie, backend) → (service, rev-NAT id) remembers
-//! for which service. After a sync that removed (service, backend) pairs of UDP frontends, the
-//! reaper lists connected UDP sockets in every network namespace (NETLINK_SOCK_DIAG), keeps
-//! those whose entry names a removed pair, and destroys them (SOCK_DESTROY): the application
-//! sees ECONNABORTED and reconnects, through the hook, to a current backend.
+//! for which service. After a sync that removed (service, backend) pairs of UDP frontends, and
+//! at every full sync (the first after a start included), the reaper lists connected UDP
+//! sockets in every network namespace (NETLINK_SOCK_DIAG), keeps those whose entry names a pair
+//! the programmed state no longer serves, and destroys them (SOCK_DESTROY): the application
+//! sees ECONNABORTED and reconnects, through the hook, to a current backend. Being
+//! level-triggered (the datapath's state against the programmed state, not a list of
+//! removals), it repairs what an agent killed between a sync and its reaping left behind.
 mod sock_diag;
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::HashSet,
     fs::File,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -37,8 +40,9 @@ use sock_diag::UdpSocketId;
 
 /// Destroys connected UDP sockets aimed at backends that left their service.
 pub trait SocketReaper: Send {
-    /// Returns how many sockets were destroyed.
-    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize;
+    /// Destroys what is aimed at a (frontend, backend) pair outside `served`; returns how many
+    /// sockets and flows went.
+    fn reap(&mut self, served: &HashSet<UdpPair>) -> usize;
 }
 
 /// Both cures together: connected UDP sockets of the socket hooks (east-west) and tracked UDP
@@ -50,19 +54,19 @@ pub struct SocketsAndFlows {
 }
 
 impl SocketReaper for SocketsAndFlows {
-    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
+    fn reap(&mut self, served: &HashSet<UdpPair>) -> usize {
         let flows = self
             .flows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .forget_udp_flows(removed);
+            .forget_udp_flows(&|pair| !served.contains(pair));
         if flows > 0 {
             info!(
                 flows,
                 "forgot tracked UDP flows to backends that left their service"
             );
         }
-        self.sockets.reap(removed) + flows
+        self.sockets.reap(served) + flows
     }
 }
 
@@ -70,7 +74,7 @@ impl SocketReaper for SocketsAndFlows {
 pub struct NoReaper;
 
 impl SocketReaper for NoReaper {
-    fn reap(&mut self, _removed: &BTreeSet<UdpPair>) -> usize {
+    fn reap(&mut self, _served: &HashSet<UdpPair>) -> usize {
         0
     }
 }
@@ -181,8 +185,7 @@ impl NetlinkReaper {
 }
 
 impl SocketReaper for NetlinkReaper {
-    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        let backends: HashSet<SocketAddr> = removed.iter().map(|(_, backend)| *backend).collect();
+    fn reap(&mut self, served: &HashSet<UdpPair>) -> usize {
         let mut destroyed = 0;
         for namespace in network_namespaces() {
             let listed = in_namespace(&namespace, || {
@@ -198,10 +201,9 @@ impl SocketReaper for NetlinkReaper {
             let stale: Vec<UdpSocketId> = listed
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|socket| backends.contains(&Self::backend_of(socket)))
                 .filter(|socket| {
                     self.translated_for(socket).is_some_and(|rev_nat_id| {
-                        removed.contains(&(rev_nat_id, Self::backend_of(socket)))
+                        !served.contains(&(rev_nat_id, Self::backend_of(socket)))
                     })
                 })
                 .collect();
