@@ -226,10 +226,16 @@ fn send_all(sender: &DeltaSender, deltas: Vec<Delta>) -> bool {
     deltas.into_iter().all(|delta| sender.send(delta).is_ok())
 }
 
-/// Why `text` looks cut short, if it does: its last document is not a whole object (invalid
-/// YAML, or a Service, EndpointSlice or Node missing what a complete one has). Broken documents
-/// before the last cannot come from a partial write; they are skipped as usual.
+/// Why `text` looks cut short, if it does: it does not end with a line break, or its last
+/// document is not a whole object (invalid YAML, or a Service, EndpointSlice or Node missing
+/// what a complete one has). Broken documents before the last cannot come from a partial
+/// write; they are skipped as usual. (A file cut exactly at a line break inside a document
+/// can still look whole: only an atomic replacement rules that out.)
 fn incomplete(text: &str) -> Option<String> {
+    // Writers end a file with a line break; a file cut at an arbitrary byte almost never is.
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Some("it does not end with a line break, as a file cut short does".to_owned());
+    }
     let documents = manifest::split_documents(text);
     let (index, last) = documents
         .iter()
@@ -397,11 +403,12 @@ mod tests {
             None
         );
         let first_len = service("a", "10.96.0.1").len();
-        for cut in [30, 45, 60, 90, first_len + 4, whole.len() - 8] {
+        assert!(
+            incomplete(whole.trim_end()).is_some(),
+            "no final line break"
+        );
+        for cut in [30, 45, 60, 90, first_len + 10, whole.len() - 8] {
             let partial = &whole[..cut];
-            if partial.ends_with("---\n") {
-                continue;
-            }
             let problem = incomplete(partial);
             assert!(problem.is_some(), "cut at {cut}: {partial:?}");
         }
