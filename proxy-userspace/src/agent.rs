@@ -207,10 +207,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         deltas,
         Box::new(node),
         Reconciler::new(Box::new(dataplane.writer))?,
-        Box::new(reaper),
-        AffinityMatches::new(Box::new(PinnedMatches::open(&dataplane.pins).map_err(
-            |reason| anyhow::anyhow!("opening the affinity match map: {reason}"),
-        )?)),
+        runner::FollowUp {
+            reaper: Box::new(reaper),
+            matches: AffinityMatches::new(Box::new(
+                PinnedMatches::open(&dataplane.pins).map_err(|reason| {
+                    anyhow::anyhow!("opening the affinity match map: {reason}")
+                })?,
+            )),
+        },
         health_checks.clone(),
         SyncConfig {
             min_period: args.min_sync_period,

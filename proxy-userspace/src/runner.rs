@@ -40,8 +40,15 @@ const MAX_RETRY: Duration = Duration::from_secs(10);
 struct Engine {
     reconciler: Reconciler,
     node: Box<dyn ModelConfigSource>,
-    reaper: Box<dyn SocketReaper>,
-    matches: AffinityMatches,
+    follow_up: FollowUp,
+}
+
+/// The follow-up work on the datapath's own state after each sync.
+pub struct FollowUp {
+    /// Stale UDP sockets and flows.
+    pub reaper: Box<dyn SocketReaper>,
+    /// The affinity match map.
+    pub matches: AffinityMatches,
 }
 
 /// What one step (absorbing deltas, then syncing) produced.
@@ -89,16 +96,21 @@ impl Engine {
         if let Ok(report) = &report
             && (full || !report.removed_udp.is_empty())
         {
-            self.reaper.reap(&self.reconciler.mirror().served_udp());
+            self.follow_up
+                .reaper
+                .reap(&self.reconciler.mirror().served_udp());
         }
         // The affinity match map follows the programmed backends of the affine Services: the
         // frontends this sync touched, or all of them (read back and compared) at a full sync.
         let frontends_touched = self.reconciler.take_touched_frontends();
         if report.is_ok() {
             let outcome = if full {
-                self.matches.reconcile_all(self.reconciler.mirror())
+                self.follow_up
+                    .matches
+                    .reconcile_all(self.reconciler.mirror())
             } else {
-                self.matches
+                self.follow_up
+                    .matches
                     .update(self.reconciler.mirror(), frontends_touched)
             };
             if let Err(failure) = outcome {
@@ -118,7 +130,7 @@ impl Engine {
                 touched,
                 elapsed: started.elapsed(),
                 fill: Fill {
-                    affinity_matches: self.matches.len() as u64,
+                    affinity_matches: self.follow_up.matches.len() as u64,
                     ..self.reconciler.mirror().fill()
                 },
                 no_local_endpoints: self.reconciler.desired().no_local_endpoints(),
@@ -148,8 +160,7 @@ pub async fn run(
     mut deltas: DeltaReceiver,
     node: Box<dyn ModelConfigSource>,
     reconciler: Reconciler,
-    reaper: Box<dyn SocketReaper>,
-    matches: AffinityMatches,
+    follow_up: FollowUp,
     health_checks: HealthCheckServer,
     timing: SyncConfig,
     stats: StatsHandle,
@@ -164,8 +175,7 @@ pub async fn run(
     let mut engine = Some(Engine {
         reconciler,
         node,
-        reaper,
-        matches,
+        follow_up,
     });
     // Nothing is synced before the source listed everything once.
     let mut pending = Vec::new();
@@ -361,8 +371,12 @@ mod tests {
             receiver,
             Box::new(ModelConfig::default()),
             Reconciler::new(Box::new(maps.clone())).unwrap(),
-            Box::new(NoReaper),
-            AffinityMatches::new(Box::new(crate::datapath::affinity::MemoryMatches::default())),
+            FollowUp {
+                reaper: Box::new(NoReaper),
+                matches: AffinityMatches::new(Box::new(
+                    crate::datapath::affinity::MemoryMatches::default(),
+                )),
+            },
             HealthCheckServer::new(
                 BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
                 std::sync::Arc::new(|| true),

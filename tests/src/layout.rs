@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use crate::process::run_bounded;
 
 /// A full first build of the agent's dependency tree on two busy cores.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+const BUILD_TIMEOUT: Duration = Duration::from_mins(25);
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

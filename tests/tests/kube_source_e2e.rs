@@ -274,7 +274,8 @@ fn a_minute_long_api_outage_costs_a_few_requests_per_watcher_and_no_traffic() {
     }
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let refused = cluster.api.refused_requests() - before;
-    let per_watcher_per_minute = refused as f64 / watchers / minutes;
+    let per_watcher_per_minute =
+        f64::from(u32::try_from(refused).unwrap_or(u32::MAX)) / watchers / minutes;
     eprintln!(
         "MEASURED: {refused} requests during a {:.0} s API outage: {per_watcher_per_minute:.1} per watcher per minute; {connections} connections, all served",
         minutes * 60.0
@@ -303,7 +304,7 @@ fn a_minute_long_api_outage_costs_a_few_requests_per_watcher_and_no_traffic() {
     let throttled = cluster.api.refused_requests() - before;
     eprintln!("MEASURED: {throttled} requests in 15 s of 429 with Retry-After: 20");
     assert!(
-        throttled as f64 <= watchers * 2.0,
+        f64::from(u32::try_from(throttled).unwrap_or(u32::MAX)) <= watchers * 2.0,
         "{throttled} requests in 15 s despite Retry-After: 20"
     );
     cluster.api.apply(&slice("a", &cluster.ips()[1..]));

@@ -381,7 +381,7 @@ mod tests {
             delays[0] >= Duration::from_millis(800) && delays[0] <= Duration::from_millis(1600)
         );
         for delay in &delays {
-            assert!(*delay <= Duration::from_secs(60), "{delay:?}");
+            assert!(*delay <= Duration::from_mins(1), "{delay:?}");
         }
         assert!(
             delays[8..]
@@ -410,6 +410,6 @@ mod tests {
         );
         hint.observe(503, &headers("86400"));
         assert!(hint.remaining() <= MAX_RETRY_AFTER);
-        assert!(hint.remaining() > MAX_RETRY_AFTER - Duration::from_secs(1));
+        assert!(hint.remaining() + Duration::from_secs(1) > MAX_RETRY_AFTER);
     }
 }
