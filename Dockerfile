@@ -10,10 +10,22 @@ FROM docker.io/library/rust:1.95-bookworm AS build
 RUN rustup toolchain install nightly --profile minimal
 WORKDIR /src
 COPY . .
-# strip --strip-debug keeps the symbols (readable backtraces), drops the DWARF of `debug = 1`.
+# The release profile keeps debug info (`debug = 1`: about 100 MB). The image ships the
+# binary without it: objcopy --only-keep-debug saves the DWARF to switchyard.debug, then
+# strip --strip-debug drops it from the binary (the symbol table stays, so backtraces keep
+# their function names), and --add-gnu-debuglink records the debug file's name and CRC so gdb
+# finds it when it sits next to the binary or under /usr/lib/debug. switchyard.debug is left
+# in the build stage: `docker build --target debug-info --output type=local,dest=. .` copies it
+# out; keep it with the image tag to read core dumps and perf profiles later.
 RUN cargo xtask build \
  && cp target/release/switchyard /switchyard \
- && strip --strip-debug /switchyard
+ && objcopy --only-keep-debug /switchyard /switchyard.debug \
+ && strip --strip-debug /switchyard \
+ && objcopy --add-gnu-debuglink=/switchyard.debug /switchyard
+
+# Only the debug info, for `--target debug-info --output type=local,dest=DIR`.
+FROM scratch AS debug-info
+COPY --from=build /switchyard.debug /switchyard.debug
 
 FROM docker.io/library/debian:bookworm-slim
 # ca-certificates: for a --kubeconfig API server with a public certificate (in a cluster the

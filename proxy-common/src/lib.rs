@@ -5,13 +5,40 @@
 //! addresses exactly as the kernel hands them to sock_addr programs (`user_ip4`/`user_ip6`, i.e.
 //! network byte order stored in native `u32`s). A compile-time size/alignment assertion sits
 //! beside each type so a layout change cannot slip through unnoticed; a layout change must bump
-//! [`MAP_LAYOUT_VERSION`] so a new agent never adopts maps written with the old layout.
+//! [`SOURCE_LAYOUT_VERSION`] so a new agent never adopts maps written with the old layout.
 #![cfg_attr(not(test), no_std)]
 
 pub mod map_table;
 
-/// Version of the map layout. It is part of every map name and of the bpffs pin directory.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+/// The map layout version of this source: bumped (and every pinned map renamed `_V<N>`) when a
+/// key or value changes.
+pub const SOURCE_LAYOUT_VERSION: u32 = 1;
+
+/// Version of the map layout this build pins under (`<bpffs>/v<N>/`): the source's, unless
+/// the build set `SWITCHYARD_MAP_LAYOUT_VERSION` (the upgrade tests build a second agent that
+/// way; its map names keep the source's suffix).
+pub const MAP_LAYOUT_VERSION: u32 =
+    match parse_version(env!("SWITCHYARD_MAP_LAYOUT_VERSION_OVERRIDE").as_bytes()) {
+        Some(version) => version,
+        None => SOURCE_LAYOUT_VERSION,
+    };
+
+/// A decimal version, in a constant (`None` when empty or not a number).
+const fn parse_version(text: &[u8]) -> Option<u32> {
+    if text.is_empty() {
+        return None;
+    }
+    let mut value: u32 = 0;
+    let mut i = 0;
+    while i < text.len() {
+        if !text[i].is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + (text[i] - b'0') as u32;
+        i += 1;
+    }
+    Some(value)
+}
 
 /// Map names as they appear in the eBPF object and under the pin directory; the rest of what
 /// describes each map (kind, types, capacity, flags) is in [`map_table`].
@@ -42,6 +69,7 @@ pub mod map_names {
     /// renews, in `bpf_ktime_get_ns` nanoseconds), and the event ring buffer.
     pub const MONITOR_CONFIG: &str = "MONITOR_CFG_V1";
     pub const MONITOR_EVENTS: &str = "MONITOR_EVT_V1";
+    pub const AFFINITY_MATCH: &str = "AFF_MATCH_V1";
 
     /// The TC path's per-CPU scratch space (not pinned, so not versioned).
     pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -364,6 +392,18 @@ pub struct AffinityValue {
     pub pad: u32,
 }
 assert_layout!(AffinityValue, size = 16, align = 8);
+
+/// Key of the affinity match map: a backend that serves a Service port (its rev-NAT id) now.
+/// The datapath follows an affinity entry only while its pair is in this map, so an entry can
+/// never send a client to a backend that left the Service, whatever the agent did or missed.
+/// The value (`u32`) is unused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+}
+assert_layout!(AffinityMatchKey, size = 8, align = 4);
 
 /// Value of the service-names map (key: `u32` rev-NAT id): `namespace/name:port`, NUL-padded,
 /// so that `inspect` can name frontends with the agent stopped. Only userspace reads it.

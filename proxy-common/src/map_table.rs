@@ -9,11 +9,11 @@
 use core::marker::PhantomData;
 
 use crate::{
-    AffinityKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
-    Ct6Key, DatapathConfig, MAP_LAYOUT_VERSION, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig,
-    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
-    map_names, reason,
+    AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry,
+    Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, RevNat4, RevNat6, SOURCE_LAYOUT_VERSION, Service4Key,
+    Service6Key, ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue,
+    SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
+    SourceRange6, map_names, reason,
 };
 
 /// The kernel map types the datapath uses.
@@ -311,6 +311,15 @@ pub const AFFINITY: MapDef<AffinityKey, AffinityValue> = MapDef::new(
     0,
     Writer::Datapath,
 );
+/// (backend id, rev-NAT id) pairs of the Services with ClientIP affinity: the datapath
+/// follows an affinity entry only while its backend is in this map for that Service.
+pub const AFFINITY_MATCH: MapDef<AffinityMatchKey, u32> = MapDef::new(
+    map_names::AFFINITY_MATCH,
+    MapKind::Hash,
+    LB,
+    NO_PREALLOC,
+    Writer::Agent,
+);
 /// The TC path's IPv4 connection tracking.
 pub const CT4: MapDef<Ct4Key, Ct4Entry> = MapDef::new(
     map_names::CT4,
@@ -465,6 +474,7 @@ table! {
         SOCK_REV_NAT6,
         METRICS,
         AFFINITY,
+        AFFINITY_MATCH,
         SERVICE_NAMES,
         CT4,
         CT6,
@@ -517,7 +527,7 @@ pub const fn same_name(a: &str, b: &str) -> bool {
 const MAX_NAME_LEN: usize = 15;
 
 /// Whether `name` is accepted by the kernel and bpffs (no dots) and, for a pinned map, ends
-/// with `_V<MAP_LAYOUT_VERSION>` (a layout change renames every pinned map).
+/// with `_V<SOURCE_LAYOUT_VERSION>` (a layout change renames every pinned map).
 const fn valid_name(name: &str, pinned: bool) -> bool {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() > MAX_NAME_LEN {
@@ -547,7 +557,7 @@ const fn versioned(name: &[u8]) -> bool {
         && i < name.len()
         && name[i - 1] == b'V'
         && name[i - 2] == b'_'
-        && version == MAP_LAYOUT_VERSION as u64
+        && version == SOURCE_LAYOUT_VERSION as u64
 }
 
 /// What the kernel and this table's readers require of one map.

@@ -2,12 +2,12 @@
 //! affinity LRU keeps ClientIP-affine clients on their backend until the timeout.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Backend6, Service4Key, Service6Key, ServiceValue, reason,
-    service_flags,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend4, Backend6, Service4Key, Service6Key,
+    ServiceValue, reason, service_flags,
 };
 
 use crate::{
-    maps::{AFFINITY_V1, BACKEND4_V1, BACKEND6_V1, SVC4_V1, SVC6_V1},
+    maps::{AFF_MATCH_V1, AFFINITY_V1, BACKEND4_V1, BACKEND6_V1, SVC4_V1, SVC6_V1},
     metrics,
 };
 
@@ -110,8 +110,10 @@ fn pick_random<F: Family>(key: F::Key, count: u16) -> Option<(u32, F::Backend)> 
     Some((slot.backend_id, F::backend(slot.backend_id)?))
 }
 
-/// The backend this client's affinity entry names, if it is still fresh and still exists (the
-/// agent deletes entries whose backend left the service).
+/// The backend this client's affinity entry names, if it is still fresh and still serves the
+/// Service: the (backend, rev-NAT id) pair must be in the match map the agent keeps, so an
+/// entry left behind (the agent prunes them only at its full syncs) never sends a client to a
+/// backend that left the Service, or to an id that names another backend by then.
 #[inline(always)]
 fn affine_backend<F: Family>(
     affinity: &AffinityKey,
@@ -123,6 +125,12 @@ fn affine_backend<F: Family>(
     if now.saturating_sub(entry.last_used_ns) >= u64::from(timeout_secs) * 1_000_000_000 {
         return None;
     }
+    let member = AffinityMatchKey {
+        backend_id: entry.backend_id,
+        rev_nat_id: affinity.rev_nat_id,
+    };
+    // SAFETY: only the presence of the key is read.
+    unsafe { AFF_MATCH_V1.get(&member) }?;
     Some((entry.backend_id, F::backend(entry.backend_id)?))
 }
 

@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
-    DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6,
-    ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
-    SockRevNat6Key, SourceRange4, SourceRange6,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
+    Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4,
+    ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
     map_table::{self, MapDef, MapKind, MapSpec},
 };
 
@@ -86,6 +86,10 @@ table_map!(SOCK_NAT4_V1: LruHashMap<SockRevNat4Key, SockRevNat4> = lru(map_table
 table_map!(SOCK_NAT6_V1: LruHashMap<SockRevNat6Key, SockRevNat6> = lru(map_table::SOCK_REV_NAT6));
 table_map!(METRICS_V1: PerCpuArray<u64> = per_cpu_array(map_table::METRICS));
 table_map!(AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> = lru(map_table::AFFINITY));
+table_map!(
+    /// (backend, Service port) pairs an affinity entry may still name (written by the agent).
+    AFF_MATCH_V1: HashMap<AffinityMatchKey, u32> = hash(map_table::AFFINITY_MATCH)
+);
 table_map!(
     /// Written and read by the agent only (names for `inspect`); no program touches it.
     SVC_NAMES_V1: HashMap<u32, ServiceName> = hash(map_table::SERVICE_NAMES)

@@ -13,12 +13,16 @@ use tracing::{debug, error, info};
 use crate::{
     admin::{health, healthcheck, http, metrics, stats::StatsHandle},
     bpf::{
-        bpf_log, loader, mounts,
+        bpf_log, loader,
+        lock::PinRootLock,
+        mounts,
         north_south::{self, InterfaceFollower, NorthSouth},
         pins::PinLayout,
+        versions,
     },
     cli::{BpfLogLevel, RunArgs},
     datapath::{
+        affinity::{AffinityMatches, PinnedMatches},
         conntrack::{Conntrack, monotonic_now_ns},
         counters::DatapathCounters,
         fill::{self, DatapathMaps, FillAlarms, FillTracker},
@@ -84,7 +88,11 @@ async fn shutdown_signal() {
 /// previous agent's adopted), every program attached, the previous agent's links retired, and
 /// the handles the agent drives from then on.
 struct Dataplane {
+    /// Held for the agent's life: one agent per pin root.
+    lock: PinRootLock,
     pins: PinLayout,
+    /// Other layout versions' pins found at start, taken over after the first sync.
+    other_versions: Vec<u32>,
     cgroup: std::path::PathBuf,
     writer: KernelMaps,
     sockets: NetlinkReaper,
@@ -104,6 +112,9 @@ impl Dataplane {
     fn install(args: &RunArgs) -> Result<Self> {
         let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
         let pins = PinLayout::new(mounts::resolve_bpffs(&args.pins.bpffs)?);
+        // Before anything is loaded or attached: a second agent must leave the first untouched.
+        let lock = PinRootLock::acquire(&pins.root)?;
+        let other_versions = versions::announce(&pins);
         // Pinned maps of another capacity or flags are migrated (see `bpf::migrate`): copied
         // before the new programs attach, copied again before the old links go.
         let (mut ebpf, mut migration) = loader::load_object(
@@ -139,7 +150,9 @@ impl Dataplane {
         let follower =
             InterfaceFollower::new(ebpf, pins.clone(), generation, north_south, tc_attachments);
         Ok(Self {
+            lock,
             pins,
+            other_versions,
             cgroup,
             writer,
             sockets,
@@ -176,6 +189,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     if !args.allow_service_external_ips {
         info!("--allow-service-external-ips=false: spec.externalIPs of every Service is ignored");
+    }
+    if !dataplane.other_versions.is_empty() {
+        spawn_version_takeover(dataplane.pins.clone(), stats.clone());
     }
 
     spawn_interface_follower(dataplane.follower);
@@ -224,7 +240,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         deltas,
         Box::new(node),
         Reconciler::new(Box::new(dataplane.writer))?,
-        Box::new(reaper),
+        runner::FollowUp {
+            reaper: Box::new(reaper),
+            matches: AffinityMatches::new(Box::new(
+                PinnedMatches::open(&dataplane.pins).map_err(|reason| {
+                    anyhow::anyhow!("opening the affinity match map: {reason}")
+                })?,
+            )),
+        },
         health_checks.clone(),
         SyncConfig {
             min_period: args.min_sync_period,
@@ -238,6 +261,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // kube-proxy's do): close them before exiting, whatever ended the runner.
     health_checks.close_all().await;
     synced?;
+    drop(dataplane.lock);
     Ok(())
 }
 
@@ -253,6 +277,29 @@ fn spawn_bpf_logger(logger: bpf_log::BpfLogger) {
     if let Err(failure) = spawned {
         error!("cannot start forwarding the eBPF programs' log: {failure}");
     }
+}
+
+/// Once the first complete sync has filled this version's maps, the other layout versions'
+/// programs are retired and their maps removed (see `bpf::versions`): until then they keep
+/// translating, so an upgrade or a rollback has no moment without a dataplane.
+fn spawn_version_takeover(pins: PinLayout, stats: StatsHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        while stats.snapshot().syncs_total == 0 {
+            tick.tick().await;
+        }
+        let done = tokio::task::spawn_blocking(move || versions::take_over(&pins)).await;
+        match done {
+            Ok(report) => info!(
+                versions = ?report.versions,
+                links = report.links,
+                maps = report.maps,
+                carried_over = report.entries,
+                "other map layout versions taken over"
+            ),
+            Err(failure) => error!("taking over from other map layout versions failed: {failure}"),
+        }
+    });
 }
 
 /// How often the node's interfaces are checked for new or re-created ones.

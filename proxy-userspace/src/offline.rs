@@ -5,7 +5,7 @@ use proxy_common::map_names;
 
 use crate::{
     agent::preflight,
-    bpf::{loader, mounts, pins::PinLayout},
+    bpf::{lock, mounts, pins::PinLayout, versions},
     cli::{InspectArgs, InspectTarget, OutputFormat, PinArgs},
     datapath::counters::DatapathCounters,
     maps::{KernelMaps, MapWriter},
@@ -19,19 +19,52 @@ pub(crate) fn existing_pins(args: &PinArgs) -> Option<PinLayout> {
     pins.filter(|pins| pins.version_dir().exists())
 }
 
+/// The error for `dump` and `inspect` without pins of this build's layout (naming the
+/// versions that are there, which another build of switchyard reads).
+fn no_pins(args: &PinArgs) -> anyhow::Error {
+    let versions = mounts::find_bpffs(&args.bpffs)
+        .map(|root| PinLayout::versions_present(&root))
+        .unwrap_or_default();
+    if versions.is_empty() {
+        anyhow::anyhow!("no pinned Switchyard maps under {}", args.bpffs.display())
+    } else {
+        let found: Vec<String> = versions.iter().map(|v| format!("v{v}")).collect();
+        anyhow::anyhow!(
+            "no pinned Switchyard maps of map layout v{} under {}: found {} (an agent of another version; its own switchyard binary reads them)",
+            proxy_common::MAP_LAYOUT_VERSION,
+            args.bpffs.display(),
+            found.join(", ")
+        )
+    }
+}
+
+/// Removes every layout version's links and maps; refuses while an agent runs on them.
 pub fn cleanup(args: &PinArgs) -> Result<()> {
     preflight()?;
-    let Some(pins) = existing_pins(args) else {
+    let Some(root) = mounts::find_bpffs(&args.bpffs).filter(|root| root.exists()) else {
         println!("nothing to clean up under {}", args.bpffs.display());
         return Ok(());
     };
+    if let Some(holder) = lock::held_by(&root) {
+        let holder = holder.map_or_else(|| "PID unknown".to_owned(), |pid| format!("PID {pid}"));
+        bail!(
+            "an agent ({holder}) is running on the pins under {}: stop it first (it would attach again and keep writing)",
+            args.bpffs.display()
+        );
+    }
     let report =
-        loader::cleanup(&pins).with_context(|| format!("cleaning up {}", pins.root.display()))?;
+        versions::cleanup(&root).with_context(|| format!("cleaning up {}", root.display()))?;
+    if report.versions.is_empty() {
+        println!("nothing to clean up under {}", args.bpffs.display());
+        return Ok(());
+    }
+    let found: Vec<String> = report.versions.iter().map(|v| format!("v{v}")).collect();
     println!(
-        "removed {} links and {} maps under {}",
+        "removed {} links and {} maps under {} (map layouts {})",
         report.links,
         report.maps,
-        args.bpffs.display()
+        args.bpffs.display(),
+        found.join(", ")
     );
     Ok(())
 }
@@ -39,7 +72,7 @@ pub fn cleanup(args: &PinArgs) -> Result<()> {
 pub fn dump(args: &PinArgs) -> Result<()> {
     preflight()?;
     let Some(pins) = existing_pins(args) else {
-        bail!("no pinned Switchyard maps under {}", args.bpffs.display());
+        return Err(no_pins(args));
     };
     let maps = KernelMaps::open_pinned(&pins)?;
     let programmed = reconcile::restore(&maps)?;
@@ -57,10 +90,7 @@ pub fn dump(args: &PinArgs) -> Result<()> {
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     preflight()?;
     let Some(pins) = existing_pins(&args.pins) else {
-        bail!(
-            "no pinned Switchyard maps under {}",
-            args.pins.bpffs.display()
-        );
+        return Err(no_pins(&args.pins));
     };
     let maps = KernelMaps::open_pinned(&pins)?;
     let image = maps.read_image()?;

@@ -157,6 +157,11 @@ impl Reconciler {
         &self.mirror
     }
 
+    /// The frontends whose entries changed since the last call.
+    pub fn take_touched_frontends(&mut self) -> std::collections::HashSet<FrontendKey> {
+        self.mirror.take_touched()
+    }
+
     /// The desired state.
     pub fn desired(&self) -> &Desired {
         &self.desired

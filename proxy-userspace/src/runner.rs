@@ -13,11 +13,11 @@ use std::{
 };
 
 use tokio::sync::mpsc::error::TryRecvError;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{healthcheck::HealthCheckServer, stats::StatsHandle},
-    datapath::{conntrack::ReconcileReport, udp_reaper::SocketReaper},
+    datapath::{affinity::AffinityMatches, conntrack::ReconcileReport, udp_reaper::SocketReaper},
     maps::WriteError,
     model::{HealthCheck, ModelConfig, cluster::Touched},
     node::ModelConfigSource,
@@ -40,7 +40,15 @@ const MAX_RETRY: Duration = Duration::from_secs(10);
 struct Engine {
     reconciler: Reconciler,
     node: Box<dyn ModelConfigSource>,
-    reaper: Box<dyn SocketReaper>,
+    follow_up: FollowUp,
+}
+
+/// The follow-up work on the datapath's own state after each sync.
+pub struct FollowUp {
+    /// Stale UDP sockets and flows.
+    pub reaper: Box<dyn SocketReaper>,
+    /// The affinity match map.
+    pub matches: AffinityMatches,
 }
 
 /// What one step (absorbing deltas, then syncing) produced.
@@ -96,15 +104,42 @@ impl Engine {
         } else {
             Ok(self.reconciler.sync(&config))
         };
+        // Level-triggered: the reaper compares the datapath's sockets and flows with what is
+        // served now, so whatever a killed agent or a failed sync left behind is found at the
+        // next full sync (the first one after a start included), not only what this sync
+        // removed.
         if let Ok(report) = &report
-            && !report.removed_udp.is_empty()
+            && (full || !report.removed_udp.is_empty())
         {
-            self.reaper.reap(&report.removed_udp);
+            self.follow_up
+                .reaper
+                .reap(&self.reconciler.mirror().served_udp());
+        }
+        // The affinity match map follows the programmed backends of the affine Services: the
+        // frontends this sync touched, or all of them (read back and compared) at a full sync.
+        let frontends_touched = self.reconciler.take_touched_frontends();
+        if report.is_ok() {
+            let outcome = if full {
+                self.follow_up
+                    .matches
+                    .reconcile_all(self.reconciler.mirror())
+            } else {
+                self.follow_up
+                    .matches
+                    .update(self.reconciler.mirror(), frontends_touched)
+            };
+            if let Err(failure) = outcome {
+                warn!(
+                    "cannot update the affinity match map {}: {failure}; repaired at the next full sync",
+                    proxy_common::map_names::AFFINITY_MATCH
+                );
+            }
         }
         let conntrack = match &report {
-            Ok(report) if report.udp_touched => {
-                self.reaper.reconcile_flows(&self.reconciler.udp_serving())
-            }
+            Ok(report) if report.udp_touched => self
+                .follow_up
+                .reaper
+                .reconcile_flows(&self.reconciler.udp_serving()),
             _ => None,
         };
         let mut not_programmed: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -116,7 +151,10 @@ impl Engine {
             summary: Summary {
                 touched,
                 elapsed: started.elapsed(),
-                fill: self.reconciler.mirror().fill(),
+                fill: Fill {
+                    affinity_matches: self.follow_up.matches.len() as u64,
+                    ..self.reconciler.mirror().fill()
+                },
                 no_local_endpoints: self.reconciler.desired().no_local_endpoints(),
                 not_programmed,
                 node_eligible: self.node_eligible(),
@@ -147,7 +185,7 @@ pub async fn run(
     mut deltas: DeltaReceiver,
     node: Box<dyn ModelConfigSource>,
     reconciler: Reconciler,
-    reaper: Box<dyn SocketReaper>,
+    follow_up: FollowUp,
     health_checks: HealthCheckServer,
     timing: SyncConfig,
     stats: StatsHandle,
@@ -162,7 +200,7 @@ pub async fn run(
     let mut engine = Some(Engine {
         reconciler,
         node,
-        reaper,
+        follow_up,
     });
     // Nothing is synced before the source listed everything once.
     let mut pending = Vec::new();
@@ -428,7 +466,12 @@ mod tests {
             receiver,
             Box::new(ModelConfig::default()),
             Reconciler::new(Box::new(maps.clone())).unwrap(),
-            Box::new(NoReaper),
+            FollowUp {
+                reaper: Box::new(NoReaper),
+                matches: AffinityMatches::new(Box::new(
+                    crate::datapath::affinity::MemoryMatches::default(),
+                )),
+            },
             HealthCheckServer::new(
                 BindTo::Address(std::net::Ipv4Addr::LOCALHOST.into()),
                 std::sync::Arc::new(|| true),

@@ -215,6 +215,40 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs the agent from another binary at its next (re)start (e.g. another layout version).
+    pub fn set_binary(&mut self, bin: PathBuf) {
+        self.bin = bin;
+    }
+
+    /// Runs a second agent with exactly this one's command line, in the same node namespace,
+    /// to completion (bounded by `timeout`); its output.
+    pub fn run_second_instance(&self, timeout: Duration) -> Result<Output> {
+        let output = run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", &self.node_netns])
+                .arg(&self.bin)
+                .args(&self.run_args),
+            timeout,
+        )?;
+        self.note(&format!(
+            "a second instance exited with {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))?;
+        Ok(output)
+    }
+
+    /// Runs `switchyard ARGS` (e.g. `inspect services`) against this agent's pins.
+    pub fn offline(&self, args: &[&str]) -> Result<Output> {
+        run_bounded(
+            Command::new(&self.bin)
+                .args(args)
+                .arg("--bpffs")
+                .arg(&self.bpffs_dir),
+            CLEANUP_TIMEOUT,
+        )
+    }
+
     /// Runs `switchyard cleanup` for this agent's pins.
     pub fn cleanup(&self) -> Result<Output> {
         let output = run_bounded(

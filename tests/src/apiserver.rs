@@ -163,6 +163,9 @@ pub enum OutageMode {
     Refuse,
     /// Every request answers HTTP 503 with a `ServiceUnavailable` Status.
     Unavailable,
+    /// Every request answers HTTP 429 with a `TooManyRequests` Status and
+    /// `Retry-After: <seconds>` (a throttling server).
+    Throttled { retry_after_secs: u32 },
 }
 
 /// Tunables; [`ApiServerConfig::default`] suits most tests.
@@ -537,6 +540,12 @@ impl ApiServer {
         self.shared.lock().counters[kind.index()].watches
     }
 
+    /// Connections (mode `Refuse`) and requests (the other modes) failed by outages so far:
+    /// what clients kept trying while the server was down.
+    pub fn refused_requests(&self) -> u64 {
+        self.shared.lock().refused_requests
+    }
+
     /// Single-object GETs of `kind` answered so far.
     pub fn get_requests(&self, kind: Kind) -> u64 {
         self.shared.lock().counters[kind.index()].gets
@@ -642,6 +651,7 @@ impl Shared {
                 next_snapshot: 0,
                 outage: None,
                 outage_mode: OutageMode::default(),
+                refused_requests: 0,
                 list_delay: Duration::ZERO,
                 failing_lists: 0,
                 bookmark_interval: config.bookmark_interval,
@@ -792,6 +802,8 @@ struct State {
     next_snapshot: u64,
     outage: Option<OutageMode>,
     outage_mode: OutageMode,
+    /// Connections and requests an outage refused or failed.
+    refused_requests: u64,
     list_delay: Duration,
     failing_lists: u32,
     bookmark_interval: Duration,

@@ -8,6 +8,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod harness;
 pub mod http;
+pub mod layout;
 pub mod manifests;
 pub mod mounts;
 pub mod names;

@@ -672,6 +672,7 @@ async fn watchers_recover_from_both_outage_modes() {
                         Some((503, "ServiceUnavailable".into()))
                     );
                 }
+                OutageMode::Throttled { .. } => unreachable!("not among the modes tested here"),
             }
             tokio::time::sleep(Duration::from_millis(400)).await;
             assert_eq!(store_ports(&store)["default/a"], before);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use switchyard_tests::apiserver::{ApiServer, Kind};
+use switchyard_tests::apiserver::{ApiServer, Kind, OutageMode};
 use switchyard_tests::harness::{Harness, backend_name};
 use switchyard_tests::objects;
 use switchyard_tests::report::{Attempt, backend_counts};
@@ -22,6 +22,11 @@ use switchyard_tests::{require_root, testkit};
 const NAMESPACE: &str = "shop";
 /// How soon the dataplane must follow the API server once it is reachable.
 const CONVERGE: Duration = Duration::from_secs(2);
+/// After an outage the watchers come back at their next attempt: client-go's backoff (800 ms
+/// doubling to 30 s, jittered by up to the delay again) puts it a few seconds after a short
+/// outage, up to a minute after a long one.
+const AFTER_SHORT_OUTAGE: Duration = Duration::from_secs(15);
+const AFTER_LONG_OUTAGE: Duration = Duration::from_secs(65);
 const ENETUNREACH: i32 = 101;
 
 fn vip(text: &str) -> SocketAddr {
@@ -177,9 +182,10 @@ fn api_faults_leave_the_dataplane_as_it_was_and_it_converges_after() {
     cluster.api.apply(&slice("c", &cluster.ips()[..1]));
     cluster.api.compact();
     cluster.api.set_outage(false);
-    cluster.serves_exactly(a, &[2], CONVERGE);
-    cluster.untranslated(b, CONVERGE);
-    cluster.serves_exactly(c, &[0], CONVERGE);
+    // Each watcher comes back at its own next attempt.
+    cluster.serves_exactly(a, &[2], AFTER_SHORT_OUTAGE);
+    cluster.untranslated(b, AFTER_SHORT_OUTAGE);
+    cluster.serves_exactly(c, &[0], AFTER_SHORT_OUTAGE);
 
     // A watch reset mid-stream: the agent re-watches and keeps following.
     cluster.api.drop_watches();
@@ -289,4 +295,70 @@ fn service_cidrs_follow_the_api_server_and_an_older_server_without_them_still_sy
 
 fn vip_port(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("valid VIP"), port)
+}
+
+#[test]
+fn a_minute_long_api_outage_costs_a_few_requests_per_watcher_and_no_traffic() {
+    require_root!();
+    let a = vip("10.96.6.10");
+    let cluster = Cluster::start(2, |api, ips| {
+        api.apply(&service("a", a));
+        api.apply(&slice("a", ips));
+    });
+    cluster.serves_exactly(a, &[0, 1], Duration::from_secs(10));
+    // Three watchers: Services, EndpointSlices, this Node.
+    let watchers = 3.0;
+
+    // 60 s of 503s: every request the watchers make fails; traffic must not notice.
+    cluster.api.set_outage_to(Some(OutageMode::Unavailable));
+    let before = cluster.api.refused_requests();
+    let started = Instant::now();
+    let mut connections = 0;
+    while started.elapsed() < Duration::from_mins(1) {
+        let burst = cluster.harness.client(&tcp(a, 10));
+        assert!(
+            burst.iter().all(|x| x.ok),
+            "traffic failed during the outage: {burst:?}"
+        );
+        connections += burst.len();
+        sleep(Duration::from_millis(500));
+    }
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let refused = cluster.api.refused_requests() - before;
+    let per_watcher_per_minute =
+        f64::from(u32::try_from(refused).unwrap_or(u32::MAX)) / watchers / minutes;
+    eprintln!(
+        "MEASURED: {refused} requests during a {:.0} s API outage: {per_watcher_per_minute:.1} per watcher per minute; {connections} connections, all served",
+        minutes * 60.0
+    );
+    assert!(
+        refused >= 3,
+        "the watchers kept trying ({refused} requests)"
+    );
+    assert!(
+        per_watcher_per_minute <= 10.0,
+        "{per_watcher_per_minute:.1} requests per watcher per minute: the backoff does not grow"
+    );
+
+    // A change made during the outage is picked up at the next attempt after it ends.
+    cluster.api.apply(&slice("a", &cluster.ips()[..1]));
+    cluster.api.set_outage_to(None);
+    cluster.serves_exactly(a, &[0], AFTER_LONG_OUTAGE);
+
+    // A throttling server (429 with Retry-After: 20) is left alone for 20 s.
+    cluster.api.drop_watches();
+    cluster.api.set_outage_to(Some(OutageMode::Throttled {
+        retry_after_secs: 20,
+    }));
+    let before = cluster.api.refused_requests();
+    sleep(Duration::from_secs(15));
+    let throttled = cluster.api.refused_requests() - before;
+    eprintln!("MEASURED: {throttled} requests in 15 s of 429 with Retry-After: 20");
+    assert!(
+        f64::from(u32::try_from(throttled).unwrap_or(u32::MAX)) <= watchers * 2.0,
+        "{throttled} requests in 15 s despite Retry-After: 20"
+    );
+    cluster.api.apply(&slice("a", &cluster.ips()[1..]));
+    cluster.api.set_outage_to(None);
+    cluster.serves_exactly(a, &[1], AFTER_LONG_OUTAGE);
 }

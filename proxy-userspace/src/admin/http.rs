@@ -1,14 +1,20 @@
-//! A minimal HTTP/1.1 responder for the metrics, health and health-check node port endpoints:
-//! one response per connection. Enough for Prometheus scrapes, kubelet probes and load-balancer
-//! health checks without a web framework.
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+//! The HTTP endpoints (metrics, health, health-check node ports), served by hyper: one
+//! response per connection, enough for Prometheus scrapes, kubelet probes and load-balancer
+//! health checks. Abusive clients cannot wedge them:
+//! - at most [`MAX_CONNECTIONS`] connections per listener; when a new one arrives at the cap,
+//!   the oldest open connection is closed (slow clients hold the oldest ones; a probe is
+//!   answered in microseconds), so a fresh request is always answered;
+//! - the whole request head must arrive within [`HEAD_DEADLINE`], however slowly it trickles;
+//! - a failing `accept` (EMFILE when file descriptors run out) backs off, from 10 ms doubling
+//!   to 1 s, instead of spinning a core.
+use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
-use tracing::{debug, info};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, StatusCode, body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{debug, info, warn};
 
 /// An HTTP response.
 pub struct Response {
@@ -41,16 +47,6 @@ impl Response {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
 /// Routes a request path (query string removed) to a response.
 pub type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
 
@@ -64,52 +60,84 @@ pub enum Methods {
     Any,
 }
 
-async fn answer(mut stream: TcpStream, handler: Handler, methods: Methods) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    // Read the request head (bounded), ignore any body.
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await??;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&chunk[..n]);
+/// Connections one listener keeps open at most.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The time a client has to send its whole request head.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// The time a connection may live at all (head, handler and response).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+fn to_hyper(response: Response) -> hyper::Response<Full<Bytes>> {
+    let mut builder = hyper::Response::builder()
+        .status(StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("Content-Type", response.content_type)
+        .header("X-Content-Type-Options", "nosniff")
+        .header("Connection", "close");
+    for (name, value) in &response.headers {
+        builder = builder.header(*name, value.as_str());
     }
-    let head = String::from_utf8_lossy(&request);
-    let mut words = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or("/"),
-    );
-    let path = target.split('?').next().unwrap_or("/");
-    let response = if methods == Methods::Any || method == "GET" || method == "HEAD" {
-        handler(path)
+    builder
+        .body(Full::new(Bytes::from(response.body)))
+        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new())))
+}
+
+fn answer(request: &Request<Incoming>, handler: &Handler, methods: Methods) -> Response {
+    let method = request.method();
+    if methods == Methods::Any || method == Method::GET || method == Method::HEAD {
+        handler(request.uri().path())
     } else {
         Response::new(405, "text/plain; charset=utf-8", "method not allowed\n")
-    };
-    let body = if method == "HEAD" {
-        ""
-    } else {
-        response.body.as_str()
-    };
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n",
-        response.status,
-        reason(response.status),
-        response.content_type,
-        response.body.len()
-    );
-    for (name, value) in &response.headers {
-        let _ = write!(head, "{name}: {value}\r\n");
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+}
+
+/// The open connections of one listener, oldest first.
+#[derive(Default)]
+struct Connections(VecDeque<JoinHandle<()>>);
+
+impl Connections {
+    /// Makes room for one more connection: forgets finished ones and, at the cap, closes the
+    /// oldest open one.
+    fn make_room(&mut self, what: &str) {
+        self.0.retain(|connection| !connection.is_finished());
+        while self.0.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = self.0.pop_front() {
+                oldest.abort();
+                debug!("{what}: {MAX_CONNECTIONS} connections open, closed the oldest");
+            }
+        }
+    }
+}
+
+fn serve_connection(
+    stream: tokio::net::TcpStream,
+    what: &'static str,
+    handler: Handler,
+    methods: Methods,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let response = to_hyper(answer(&request, &handler, methods));
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_DEADLINE)
+            .keep_alive(false)
+            .title_case_headers(true)
+            .max_buf_size(16 * 1024)
+            .serve_connection(TokioIo::new(stream), service);
+        match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => debug!("{what} request failed: {error}"),
+            Err(_) => debug!("{what} connection closed after {CONNECTION_DEADLINE:?}"),
+        }
+    })
 }
 
 /// Accepts connections on `listener` in a task that owns it: the socket closes when the task
-/// ends or is aborted.
+/// ends or is aborted (and with it every connection it accepted).
 fn accept_loop(
     listener: TcpListener,
     what: &'static str,
@@ -117,17 +145,37 @@ fn accept_loop(
     methods: Methods,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut connections = Connections::default();
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        let mut failing = false;
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let handler = handler.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = answer(stream, handler, methods).await {
-                            debug!("{what} request failed: {error}");
-                        }
-                    });
+                    if failing {
+                        info!("{what}: accepting connections again");
+                        failing = false;
+                    }
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    connections.make_room(what);
+                    connections.0.push_back(serve_connection(
+                        stream,
+                        what,
+                        handler.clone(),
+                        methods,
+                    ));
                 }
-                Err(error) => debug!("{what} accept failed: {error}"),
+                Err(error) => {
+                    if !failing {
+                        warn!(
+                            "{what}: accept failed: {error}; backing off (up to {ACCEPT_BACKOFF_MAX:?}) until it works again"
+                        );
+                        failing = true;
+                    }
+                    // Connections of our own may be what holds the descriptors.
+                    connections.0.retain(|connection| !connection.is_finished());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
             }
         }
     })

@@ -141,6 +141,7 @@ impl SyncStats {
             (map_names::SERVICE_NAMES, fill.names),
             (map_names::SOURCE_RANGES4, fill.source_ranges[0]),
             (map_names::SOURCE_RANGES6, fill.source_ranges[1]),
+            (map_names::AFFINITY_MATCH, fill.affinity_matches),
         ];
         for (map, entries) in per_map {
             self.map_entries.insert(map, entries);

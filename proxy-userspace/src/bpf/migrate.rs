@@ -69,7 +69,7 @@ pub struct MapCheck {
     pending: Vec<Pending>,
 }
 
-fn open(path: &Path) -> Result<Map, MapError> {
+pub(super) fn open(path: &Path) -> Result<Map, MapError> {
     Map::from_map_data(MapData::from_pin(path)?)
 }
 
@@ -289,7 +289,7 @@ impl Migration {
 }
 
 /// Copies every entry of `from` into `to` (both of `spec`'s layout); returns how many.
-fn copy(spec: &MapSpec, from: &Map, to: &mut Map) -> Result<usize, String> {
+pub(super) fn copy(spec: &MapSpec, from: &Map, to: &mut Map) -> Result<usize, String> {
     map_table::with_types(spec.name, CopyEntries { from, to })
         .ok_or_else(|| format!("{} has no typed definition in the map table", spec.name))?
         .map_err(|error| error.to_string())

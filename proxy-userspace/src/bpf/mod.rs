@@ -4,9 +4,11 @@
 pub mod bpf_log;
 pub mod error;
 pub mod loader;
+pub mod lock;
 pub mod migrate;
 pub mod mounts;
 pub mod north_south;
 pub mod pins;
 pub mod sizing;
 pub mod sock_config;
+pub mod versions;

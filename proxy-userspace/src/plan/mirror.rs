@@ -24,6 +24,8 @@ pub struct ProgrammedFrontend {
 /// Entries the agent holds in each of its maps, per family where the maps are per family.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fill {
+    /// Pairs in the affinity match map (counted by the follow-up work, not the mirror).
+    pub affinity_matches: u64,
     pub services: [u64; 2],
     pub backends: [u64; 2],
     pub rev_nats: [u64; 2],
@@ -57,6 +59,9 @@ pub struct Programmed {
     fill: Fill,
     next_backend_id: u32,
     next_rev_nat_id: u32,
+    /// Frontends whose entries changed since [`Programmed::take_touched`] (for the follow-up
+    /// work that depends on a frontend's programmed backends).
+    touched: std::collections::HashSet<FrontendKey>,
 }
 
 /// Two mirrors are equal when they describe the same maps (indexes and cursors are derived).
@@ -202,6 +207,18 @@ impl Programmed {
             }
         }
         pairs
+    }
+
+    /// Every (frontend, backend) pair the UDP frontends serve now: a connected UDP socket or
+    /// a tracked UDP flow aimed at any other pair is stale.
+    pub fn served_udp(&self) -> std::collections::HashSet<UdpPair> {
+        self.udp_pairs(
+            self.frontends
+                .keys()
+                .filter(|key| key.protocol == Protocol::Udp),
+        )
+        .into_iter()
+        .collect()
     }
 
     /// The operation that undoes `op` on this mirror (computed before `op` is applied).
@@ -372,7 +389,19 @@ impl Programmed {
     }
 
     /// Slots and masters of the services maps.
+    /// The frontends whose entries changed since the last call.
+    pub fn take_touched(&mut self) -> std::collections::HashSet<FrontendKey> {
+        std::mem::take(&mut self.touched)
+    }
+
     fn apply_service_entry(&mut self, op: &Op) {
+        if let Op::UpsertSlot { frontend, .. }
+        | Op::DeleteSlot { frontend, .. }
+        | Op::UpsertMaster { frontend, .. }
+        | Op::DeleteMaster { frontend } = op
+        {
+            self.touched.insert(*frontend);
+        }
         match op {
             Op::UpsertSlot {
                 frontend,

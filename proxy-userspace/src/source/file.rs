@@ -1,7 +1,12 @@
 //! The `file` source: a manifests file, re-read within a second of any change.
 //!
-//! Polling (mtime, size, inode) every 200 ms catches in-place writes and editors that replace
-//! the file by rename alike, with no inotify subtleties. When the content changed, only the
+//! Polling (mtime, size, inode) every 100 ms catches in-place writes and editors that replace
+//! the file by rename alike, with no inotify subtleties. Only a complete file is applied: a new
+//! content must read the same on two polls in a row (a writer still at work changes it in
+//! between), and its last document must be a whole object (a file cut short ends in a broken
+//! or partial one). Anything else keeps the last good state, with a warning naming the problem;
+//! replacing the file atomically (write a new file, then rename it over the old one) never
+//! shows a partial file at all. When the content changed, only the
 //! documents whose text changed are parsed again, and only the objects that changed (by
 //! identity and content) are sent on: one endpoint edited in a file of 10 000 Services costs
 //! one parsed document and one delta.
@@ -29,7 +34,7 @@ use crate::{
     },
 };
 
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read manifests file {path}: {source}")]
@@ -241,15 +246,104 @@ fn send_all(sender: &DeltaSender, deltas: Vec<Delta>) -> bool {
     deltas.into_iter().all(|delta| sender.send(delta).is_ok())
 }
 
+/// Why `text` looks cut short, if it does: it does not end with a line break, or its last
+/// document is not a whole object (invalid YAML, or a Service, EndpointSlice or Node missing
+/// what a complete one has). Broken documents before the last cannot come from a partial
+/// write; they are skipped as usual. (A file cut exactly at a line break inside a document
+/// can still look whole: only an atomic replacement rules that out.)
+fn incomplete(text: &str) -> Option<String> {
+    // Writers end a file with a line break; a file cut at an arbitrary byte almost never is.
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Some("it does not end with a line break, as a file cut short does".to_owned());
+    }
+    let documents = manifest::split_documents(text);
+    let (index, last) = documents
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, document)| !document.trim().is_empty())?;
+    let parsed = manifest::parse_document(last, index + 1);
+    if let Some(skip) = parsed
+        .skipped
+        .iter()
+        .find(|skip| !skip.reason.starts_with("unsupported object"))
+    {
+        return Some(format!("its last document looks cut short ({skip})"));
+    }
+    // Every real Service has a spec; one without is a document cut after its metadata.
+    parsed
+        .snapshot
+        .services
+        .iter()
+        .find(|service| service.spec.is_none())
+        .map(|service| {
+            format!(
+                "its last document (document {}), Service {}, has no spec",
+                index + 1,
+                service.metadata.name.as_deref().unwrap_or("<unnamed>")
+            )
+        })
+}
+
+/// What the follower knows between polls.
+struct Follower {
+    path: PathBuf,
+    stats: StatsHandle,
+    documents: Documents,
+    /// The content applied last (`None` before the first complete read).
+    applied: Option<String>,
+    /// A new content seen once, applied if the next poll finds the file unchanged.
+    pending: Option<String>,
+    /// The last content refused, so it is warned about once.
+    refused: Option<String>,
+}
+
+impl Follower {
+    /// Applies `text` if it is complete: the first time as complete lists (after which the
+    /// runner may write), later as the objects that changed. Returns the deltas to send.
+    fn settle(&mut self, text: String) -> Vec<Delta> {
+        if self.applied.as_ref() == Some(&text) {
+            return Vec::new();
+        }
+        if let Some(problem) = incomplete(&text) {
+            if self.refused.as_ref() != Some(&text) {
+                warn!(
+                    file = %self.path.display(),
+                    "manifests file {} is incomplete: {problem}; keeping the last good state until it is complete (replace it atomically: write another file, then rename it over this one)",
+                    self.path.display()
+                );
+                self.refused = Some(text);
+            }
+            return Vec::new();
+        }
+        self.refused = None;
+        let first = self.applied.is_none();
+        let deltas = self.documents.update(&self.path, &text, &self.stats);
+        self.applied = Some(text);
+        if first {
+            self.documents.lists()
+        } else {
+            deltas
+        }
+    }
+}
+
 /// Reads the file once (failing if it cannot be read at all) and then follows its changes in a
-/// background task. A file that becomes unreadable later keeps the last good state.
+/// background task. A file that becomes unreadable later keeps the last good state; so does an
+/// incomplete one. Nothing is listed (so nothing is written) before a complete read.
 pub fn start(path: PathBuf, stats: StatsHandle) -> Result<DeltaReceiver, FileSourceError> {
     let mut last_stamp = stamp(&path).ok();
-    let mut last_text = read(&path)?;
-    let mut documents = Documents::default();
-    documents.update(&path, &last_text, &stats);
+    let first = read(&path)?;
+    let mut follower = Follower {
+        path: path.clone(),
+        stats,
+        documents: Documents::default(),
+        applied: None,
+        pending: None,
+        refused: None,
+    };
     let (sender, receiver) = mpsc::unbounded_channel();
-    send_all(&sender, documents.lists());
+    send_all(&sender, follower.settle(first));
     tokio::spawn(async move {
         let mut unreadable_reported = false;
         loop {
@@ -258,25 +352,27 @@ pub fn start(path: PathBuf, stats: StatsHandle) -> Result<DeltaReceiver, FileSou
                 return;
             }
             let current = stamp(&path).ok();
-            if current == last_stamp {
+            if current != last_stamp {
+                // Changed since the last poll: read it, apply it only once it holds still.
+                last_stamp = current;
+                match read(&path) {
+                    Ok(text) => {
+                        unreadable_reported = false;
+                        follower.pending = Some(text);
+                    }
+                    Err(error) if !unreadable_reported => {
+                        unreadable_reported = true;
+                        follower.pending = None;
+                        warn!("{error}; keeping the last good state");
+                    }
+                    Err(_) => follower.pending = None,
+                }
                 continue;
             }
-            last_stamp = current;
-            match read(&path) {
-                Ok(text) if text == last_text => {}
-                Ok(text) => {
-                    unreadable_reported = false;
-                    let deltas = documents.update(&path, &text, &stats);
-                    last_text = text;
-                    if !send_all(&sender, deltas) {
-                        return;
-                    }
-                }
-                Err(error) if !unreadable_reported => {
-                    unreadable_reported = true;
-                    warn!("{error}; keeping the last good state");
-                }
-                Err(_) => {}
+            if let Some(text) = follower.pending.take()
+                && !send_all(&sender, follower.settle(text))
+            {
+                return;
             }
         }
     });
@@ -303,6 +399,83 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_file_cut_short_is_recognised_and_a_whole_one_is_not() {
+        let whole = format!(
+            "{}---\n{}",
+            service("a", "10.96.0.1"),
+            service("b", "10.96.0.2")
+        );
+        assert_eq!(incomplete(&whole), None);
+        assert_eq!(
+            incomplete(""),
+            None,
+            "an empty file is complete (no Services)"
+        );
+        assert_eq!(incomplete(&format!("{whole}---\n")), None);
+        // Unsupported kinds at the end are whole objects too.
+        assert_eq!(
+            incomplete(&format!(
+                "{whole}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\n"
+            )),
+            None
+        );
+        let first_len = service("a", "10.96.0.1").len();
+        assert!(
+            incomplete(whole.trim_end()).is_some(),
+            "no final line break"
+        );
+        for cut in [30, 45, 60, 90, first_len + 10, whole.len() - 8] {
+            let partial = &whole[..cut];
+            let problem = incomplete(partial);
+            assert!(problem.is_some(), "cut at {cut}: {partial:?}");
+        }
+        // A broken document in the middle is not a partial write: it is skipped as usual.
+        let middle = format!("kind: [unclosed\n---\n{}", service("a", "10.96.0.1"));
+        assert_eq!(incomplete(&middle), None);
+    }
+
+    #[test]
+    fn an_incomplete_file_keeps_the_last_good_state_and_nothing_is_listed_before_a_whole_one() {
+        let mut follower = Follower {
+            path: PathBuf::from("m.yaml"),
+            stats: StatsHandle::default(),
+            documents: Documents::default(),
+            applied: None,
+            pending: None,
+            refused: None,
+        };
+        let whole = format!(
+            "{}---\n{}",
+            service("a", "10.96.0.1"),
+            service("b", "10.96.0.2")
+        );
+        assert!(
+            follower
+                .settle(whole[..whole.len() - 10].to_owned())
+                .is_empty(),
+            "not listed"
+        );
+        let lists = follower.settle(whole.clone());
+        assert!(
+            matches!(lists.last(), Some(Delta::Listed)),
+            "listed once whole"
+        );
+        let cut = format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: c}}\nspec:\n  ports: [{{port: x",
+            service("a", "10.96.0.1")
+        );
+        assert!(
+            follower.settle(cut).is_empty(),
+            "b is not pruned by a partial file"
+        );
+        assert_eq!(
+            changed_names(&follower.settle(service("a", "10.96.0.1"))),
+            ["default/b gone"],
+            "a complete file still removes what it no longer holds"
+        );
     }
 
     #[test]

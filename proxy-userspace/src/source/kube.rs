@@ -7,17 +7,18 @@
 //! holds: that is how deletions missed while disconnected are noticed. Nothing is marked
 //! listed before every watcher finished its first list, so a restart against a slow API
 //! server never prunes the dataplane; a dropped watch, a 410 Gone or an outage leave the
-//! dataplane as it was. Retries back off quickly (at most about 1 s apart, jittered) so the
-//! state converges soon after the API server returns.
+//! dataplane as it was. Retries back off like client-go's reflector (see [`ApiBackoff`]) and
+//! honour the server's `Retry-After`, so thousands of nodes do not hammer an API server that
+//! is down or throttling; the state converges at the first attempt after it returns.
 use std::{
     fmt::Debug,
     net::IpAddr,
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt};
@@ -28,10 +29,12 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config, Resource,
+    client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        watcher::{self, ExponentialBackoff},
+        utils::Backoff,
+        watcher::{self, DefaultBackoff},
     },
 };
 use serde::de::DeserializeOwned;
@@ -84,7 +87,10 @@ async fn api_server_addresses(config: &Config) -> Vec<IpAddr> {
     }
 }
 
-async fn client(kubeconfig: Option<&Path>) -> Result<(Client, Vec<IpAddr>), KubeSourceError> {
+async fn client(
+    kubeconfig: Option<&Path>,
+    server_hint: Arc<ServerHint>,
+) -> Result<(Client, Vec<IpAddr>), KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
             let fail = |reason: String| KubeSourceError::Kubeconfig {
@@ -100,37 +106,107 @@ async fn client(kubeconfig: Option<&Path>) -> Result<(Client, Vec<IpAddr>), Kube
             .await
             .map_err(|error| KubeSourceError::Infer(error.to_string()))?,
     };
-    // The client's own retry of 429/503/504 would hide an outage from the watchers for a
-    // long while; their own quick backoff is what should pace recovery.
+    // The client's own retry of 429/503/504 would hide an outage from the watchers (and
+    // multiply their requests); the watchers' backoff paces every retry instead.
     let mut config = config;
     config.default_retry = false;
     let addresses = api_server_addresses(&config).await;
-    let client =
-        Client::try_from(config).map_err(|error| KubeSourceError::Client(error.to_string()))?;
-    Ok((client, addresses))
+    let builder = ClientBuilder::try_from(config)
+        .map_err(|error| KubeSourceError::Client(error.to_string()))?;
+    // Every response passes by the server hint, which keeps the latest Retry-After.
+    let layer = tower::util::MapResponseLayer::new(move |response: http::Response<_>| {
+        server_hint.observe(response.status().as_u16(), response.headers());
+        response
+    });
+    Ok((builder.with_layer(&layer).build(), addresses))
 }
 
-/// 100 ms doubling to 500 ms; the jitter (up to the delay again) keeps thousands of nodes
-/// from hitting a recovering API server in step.
-fn backoff() -> ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_millis(500))
-        .with_jitter()
-        .without_max_times()
-        .into()
+/// The longest `Retry-After` honoured (a broken server must not silence the agent for hours).
+const MAX_RETRY_AFTER: Duration = Duration::from_mins(5);
+
+/// The API server's last word on when to come back: the `Retry-After` of a 429 (too many
+/// requests) or 503 (unavailable) response, shared by every watcher of the client.
+#[derive(Debug)]
+pub struct ServerHint {
+    origin: Instant,
+    /// Milliseconds after `origin` before which no watcher retries (0: no hint).
+    not_before_ms: AtomicU64,
 }
 
-/// ServiceCIDRs are `networking.k8s.io/v1` from Kubernetes 1.33 on; an older API server
-/// answers 404, and is asked again this rarely (the service-CIDR guard then covers active
-/// ClusterIPs only).
-fn optional_backoff() -> ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_mins(1))
-        .with_jitter()
-        .without_max_times()
-        .into()
+impl Default for ServerHint {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            not_before_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ServerHint {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records the `Retry-After` (seconds) of a throttling or unavailable response.
+    pub fn observe(&self, status: u16, headers: &http::HeaderMap) {
+        if status != 429 && status != 503 {
+            return;
+        }
+        let Some(seconds) = headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+        else {
+            return;
+        };
+        let wait = Duration::from_secs(seconds).min(MAX_RETRY_AFTER);
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        self.not_before_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// How long the server asked us to stay away from now on.
+    pub fn remaining(&self) -> Duration {
+        Duration::from_millis(
+            self.not_before_ms
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.now_ms()),
+        )
+    }
+}
+
+/// A watcher's retry delays: client-go's reflector backoff (800 ms doubling to 30 s, jittered
+/// by up to the delay again, reset after two minutes without a failure; kube-rs's
+/// `DefaultBackoff`), never shorter than what the server asked for with `Retry-After`. A
+/// watcher that succeeds again starts over from 800 ms.
+pub struct ApiBackoff {
+    exponential: DefaultBackoff,
+    hint: Arc<ServerHint>,
+}
+
+impl ApiBackoff {
+    pub fn new(hint: Arc<ServerHint>) -> Self {
+        Self {
+            exponential: DefaultBackoff::default(),
+            hint,
+        }
+    }
+}
+
+impl Iterator for ApiBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.exponential.next()?;
+        Some(delay.max(self.hint.remaining()))
+    }
+}
+
+impl Backoff for ApiBackoff {
+    fn reset(&mut self) {
+        self.exponential.reset();
+    }
 }
 
 /// A watched kind: how its objects become the model's input and deltas.
@@ -259,13 +335,9 @@ fn spawn_watcher<K: Watched>(
     config: watcher::Config,
     sender: DeltaSender,
     first_lists: Arc<FirstLists>,
+    hint: Arc<ServerHint>,
 ) {
-    let backoff = if K::OPTIONAL {
-        optional_backoff()
-    } else {
-        backoff()
-    };
-    let stream = watcher::watcher(api, config).backoff(backoff);
+    let stream = watcher::watcher(api, config).backoff(ApiBackoff::new(hint));
     tokio::spawn(follow(stream, sender, first_lists));
 }
 
@@ -341,7 +413,8 @@ pub async fn start(
     kubeconfig: Option<&Path>,
     node_name: Option<&str>,
 ) -> Result<Started, KubeSourceError> {
-    let (client, api_server_addresses) = client(kubeconfig).await?;
+    let hint = Arc::new(ServerHint::default());
+    let (client, api_server_addresses) = client(kubeconfig, hint.clone()).await?;
     let (sender, receiver) = mpsc::unbounded_channel();
     let first_lists = Arc::new(FirstLists(AtomicUsize::new(
         3 + usize::from(node_name.is_some()),
@@ -351,25 +424,82 @@ pub async fn start(
         watcher::Config::default(),
         sender.clone(),
         first_lists.clone(),
+        hint.clone(),
     );
     spawn_watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         sender.clone(),
         first_lists.clone(),
+        hint.clone(),
     );
     spawn_watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
         sender.clone(),
         first_lists.clone(),
+        hint.clone(),
     );
     if let Some(name) = node_name {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        spawn_watcher(Api::<Node>::all(client), config, sender, first_lists);
+        spawn_watcher(Api::<Node>::all(client), config, sender, first_lists, hint);
     }
     Ok(Started {
         deltas: receiver,
         api_server_addresses,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(retry_after: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::RETRY_AFTER,
+            retry_after.parse().expect("a header value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn delays_grow_like_client_go_from_under_a_second_to_thirty_seconds() {
+        let mut backoff = ApiBackoff::new(Arc::new(ServerHint::default()));
+        let delays: Vec<Duration> = backoff.by_ref().take(12).collect();
+        assert!(
+            delays[0] >= Duration::from_millis(800) && delays[0] <= Duration::from_millis(1600)
+        );
+        for delay in &delays {
+            assert!(*delay <= Duration::from_mins(1), "{delay:?}");
+        }
+        assert!(
+            delays[8..]
+                .iter()
+                .all(|delay| *delay >= Duration::from_secs(30)),
+            "capped at 30 s (plus jitter): {delays:?}"
+        );
+        backoff.reset();
+        assert!(backoff.next().expect("a delay") <= Duration::from_millis(1600));
+    }
+
+    #[test]
+    fn retry_after_of_throttling_responses_is_honoured_and_bounded() {
+        let hint = Arc::new(ServerHint::default());
+        let mut backoff = ApiBackoff::new(hint.clone());
+        hint.observe(200, &headers("120"));
+        hint.observe(500, &headers("120"));
+        assert_eq!(hint.remaining(), Duration::ZERO, "only 429 and 503 count");
+        hint.observe(429, &headers("not a number"));
+        assert_eq!(hint.remaining(), Duration::ZERO);
+        hint.observe(429, &headers("20"));
+        let first = backoff.next().expect("a delay");
+        assert!(
+            first > Duration::from_secs(19) && first <= Duration::from_secs(20),
+            "{first:?}"
+        );
+        hint.observe(503, &headers("86400"));
+        assert!(hint.remaining() <= MAX_RETRY_AFTER);
+        assert!(hint.remaining() + Duration::from_secs(1) > MAX_RETRY_AFTER);
+    }
 }

@@ -101,9 +101,13 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: oneshot
                 }
             },
         };
-        if shared.lock().outage == Some(OutageMode::Refuse) {
-            drop(stream);
-            continue;
+        {
+            let mut state = shared.lock();
+            if state.outage == Some(OutageMode::Refuse) {
+                state.refused_requests += 1;
+                drop(stream);
+                continue;
+            }
         }
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
@@ -132,6 +136,9 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> io::Result<R
         .map_or_else(|| "/".to_owned(), ToString::to_string);
     {
         let mut state = shared.lock();
+        if state.outage.is_some() {
+            state.refused_requests += 1;
+        }
         match state.outage {
             // An error from the service makes hyper drop the connection without an answer.
             Some(OutageMode::Refuse) => {
@@ -146,6 +153,18 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> io::Result<R
                     "ServiceUnavailable",
                     "the server is currently unable to handle the request",
                 ));
+            }
+            Some(OutageMode::Throttled { retry_after_secs }) => {
+                let mut response = status_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    "the server has received too many requests and has asked us to try again later",
+                );
+                response.headers_mut().insert(
+                    hyper::header::RETRY_AFTER,
+                    hyper::header::HeaderValue::from(retry_after_secs),
+                );
+                return Ok(response);
             }
             None => {}
         }

@@ -4,14 +4,17 @@
 //!
 //! A connected UDP socket talks straight to its backend once the connect hook translated it;
 //! only its socket reverse-NAT entry (socket cookie, backend) → (service, rev-NAT id) remembers
-//! for which service. After a sync that removed (service, backend) pairs of UDP frontends, the
-//! reaper lists connected UDP sockets in every network namespace (NETLINK_SOCK_DIAG), keeps
-//! those whose entry names a removed pair, and destroys them (SOCK_DESTROY): the application
-//! sees ECONNABORTED and reconnects, through the hook, to a current backend.
+//! for which service. After a sync that removed (service, backend) pairs of UDP frontends, and
+//! at every full sync (the first after a start included), the reaper lists connected UDP
+//! sockets in every network namespace (NETLINK_SOCK_DIAG), keeps those whose entry names a pair
+//! the programmed state no longer serves, and destroys them (SOCK_DESTROY): the application
+//! sees ECONNABORTED and reconnects, through the hook, to a current backend. Being
+//! level-triggered (the datapath's state against the programmed state, not a list of
+//! removals), it repairs what an agent killed between a sync and its reaping left behind.
 mod sock_diag;
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::HashSet,
     fs::File,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -39,8 +42,9 @@ use sock_diag::UdpSocketId;
 /// Destroys connected UDP sockets aimed at backends that left their service, and reconciles
 /// the TC path's UDP flows.
 pub trait SocketReaper: Send {
-    /// Returns how many sockets were destroyed.
-    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize;
+    /// Destroys connected UDP sockets aimed at a (frontend, backend) pair outside `served`;
+    /// returns how many.
+    fn reap(&mut self, served: &HashSet<UdpPair>) -> usize;
 
     /// Removes the TC path's UDP flows whose backend is not a serving endpoint of their
     /// frontend (`None`: there is no TC conntrack here).
@@ -59,8 +63,8 @@ pub struct SocketsAndFlows {
 }
 
 impl SocketReaper for SocketsAndFlows {
-    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        self.sockets.reap(removed)
+    fn reap(&mut self, served: &HashSet<UdpPair>) -> usize {
+        self.sockets.reap(served)
     }
 
     fn reconcile_flows(&mut self, serving: &UdpServing) -> Option<ReconcileReport> {
@@ -84,7 +88,7 @@ impl SocketReaper for SocketsAndFlows {
 pub struct NoReaper;
 
 impl SocketReaper for NoReaper {
-    fn reap(&mut self, _removed: &BTreeSet<UdpPair>) -> usize {
+    fn reap(&mut self, _served: &HashSet<UdpPair>) -> usize {
         0
     }
 }
@@ -195,8 +199,7 @@ impl NetlinkReaper {
 }
 
 impl SocketReaper for NetlinkReaper {
-    fn reap(&mut self, removed: &BTreeSet<UdpPair>) -> usize {
-        let backends: HashSet<SocketAddr> = removed.iter().map(|(_, backend)| *backend).collect();
+    fn reap(&mut self, served: &HashSet<UdpPair>) -> usize {
         let mut destroyed = 0;
         for namespace in network_namespaces() {
             let listed = in_namespace(&namespace, || {
@@ -212,10 +215,9 @@ impl SocketReaper for NetlinkReaper {
             let stale: Vec<UdpSocketId> = listed
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|socket| backends.contains(&Self::backend_of(socket)))
                 .filter(|socket| {
                     self.translated_for(socket).is_some_and(|rev_nat_id| {
-                        removed.contains(&(rev_nat_id, Self::backend_of(socket)))
+                        !served.contains(&(rev_nat_id, Self::backend_of(socket)))
                     })
                 })
                 .collect();
