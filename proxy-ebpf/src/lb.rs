@@ -130,7 +130,7 @@ fn affine_backend<F: Family>(
         rev_nat_id: affinity.rev_nat_id,
     };
     // SAFETY: only the presence of the key is read.
-    unsafe { AFF_MATCH_V1.get(&member) }?;
+    unsafe { AFF_MATCH_V1.get(member) }?;
     Some((entry.backend_id, F::backend(entry.backend_id)?))
 }
 
