@@ -672,7 +672,7 @@ mod tests {
             .filter(|spec| !spec.pinned)
             .map(|spec| spec.name)
             .collect();
-        assert_eq!(unpinned, [map_names::FIB_SCRATCH, AYA_LOGS.name]);
+        assert_eq!(unpinned, [FIB_SCRATCH.name, AYA_LOGS.name]);
         assert_eq!(pinned().count(), ALL.len() - unpinned.len());
         for spec in ALL {
             assert_eq!(super::spec(spec.name), Some(*spec));
