@@ -22,7 +22,7 @@ use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
 use switchyard_tests::{require_root, testkit};
 
 /// Services whose backend flips at every step: a large sync each time.
-const CHURNED: usize = 500;
+const CHURNED: usize = 2000;
 /// Services that never change; a connection loop runs against them throughout.
 const STABLE: usize = 2;
 const ITERATIONS: usize = 20;
