@@ -15,7 +15,7 @@ use crate::{
     bpf::{
         bpf_log, loader,
         lock::PinRootLock,
-        mounts,
+        mount_scope, mounts,
         north_south::{self, InterfaceFollower, NorthSouth},
         pins::PinLayout,
         versions,
@@ -111,7 +111,13 @@ struct Dataplane {
 impl Dataplane {
     fn install(args: &RunArgs) -> Result<Self> {
         let cgroup = mounts::resolve_cgroup(args.cgroup_path.as_deref())?;
+        // Refused before anything is loaded: hooks that see only the agent's own cgroup, or
+        // pins that die with its mount namespace, would run and look healthy.
+        let cgroup_scope = mount_scope::check_cgroup(&cgroup, args.cgroup_path.is_some())?;
         let pins = PinLayout::new(mounts::resolve_bpffs(&args.pins.bpffs)?);
+        let pin_scope = mount_scope::check_pins(&pins.root)?;
+        info!(cgroup = %cgroup.display(), scope = ?cgroup_scope, "socket hooks' cgroup");
+        info!(pins = %pins.root.display(), scope = ?pin_scope, "pins outlive the agent");
         // Before anything is loaded or attached: a second agent must leave the first untouched.
         let lock = PinRootLock::acquire(&pins.root)?;
         let other_versions = versions::announce(&pins);

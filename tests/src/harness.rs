@@ -135,6 +135,11 @@ impl Harness {
         &self.bpffs
     }
 
+    /// The cgroup the test's clients join (and the agent's hooks attach to).
+    pub fn cgroup(&self) -> &TestCgroup {
+        &self.cgroup
+    }
+
     /// Runs a client in the hooked cgroup inside the node namespace, to completion.
     pub fn client(&self, request: &ClientRequest) -> Vec<Attempt> {
         self.testkit

@@ -796,6 +796,47 @@ fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection()
 }
 
 #[test]
+fn a_minute_without_the_agent_fails_no_north_south_connection() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let cluster = web();
+    start(&mut ns, &[&cluster], &[]);
+    let nodeport = sa(NODE_EXT4, 30080);
+    let lb_ip = sa(ip("198.51.100.10"), SERVICE_PORT);
+    // New connections every 100 ms for 65 s: before, during and after a minute without agent.
+    let loops = [
+        request(ClientProto::Tcp, nodeport, 650)
+            .interval(Duration::from_millis(100))
+            .timeout(Duration::from_secs(2)),
+        request(ClientProto::UdpConnected, lb_ip, 650)
+            .interval(Duration::from_millis(100))
+            .timeout(Duration::from_secs(2)),
+    ];
+    let running: Vec<RunningClient> = loops.iter().map(|r| ns.spawn_outside(r)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    ns.agent().kill().expect("SIGKILL the agent");
+    std::thread::sleep(Duration::from_mins(1));
+    ns.agent().restart().expect("restarting the agent");
+    for (client, request) in running.into_iter().zip(&loops) {
+        let attempts = client.finish().expect("connection loop");
+        let what = format!(
+            "{:?} loop to {} across a minute without the agent",
+            request.proto, request.target
+        );
+        assert_eq!(attempts.len(), 650, "{what}");
+        assert_all_ok(&attempts, &what);
+        assert_answers_come_from(&attempts, request.target, &what);
+        eprintln!(
+            "MEASURED: {what}: {} exchanges, none failed",
+            attempts.len()
+        );
+    }
+    ns.agent()
+        .ensure_running()
+        .expect("the restarted agent keeps running");
+}
+
+#[test]
 fn hooked_host_and_pod_clients_reach_node_ports_and_lb_ips_through_the_socket_hooks() {
     require_root!();
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);

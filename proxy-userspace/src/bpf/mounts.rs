@@ -18,6 +18,8 @@ use nix::{
 };
 use tracing::info;
 
+use super::mount_scope;
+
 /// `BPF_FS_MAGIC` (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `CGROUP2_SUPER_MAGIC` (include/uapi/linux/magic.h).
@@ -191,36 +193,11 @@ pub fn resolve_bpffs(requested: &Path) -> Result<PathBuf, MountError> {
 
 /// Mount points of a filesystem type, from a mountinfo file.
 fn mounts_of(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next()? == fstype)
-                .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
-        })
+    super::mountinfo::parse(mountinfo)
+        .into_iter()
+        .filter(|entry| entry.fs_type == fstype)
+        .map(|entry| entry.mount_point)
         .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mountinfo(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut rest = field;
-    while let Some(index) = rest.find('\\') {
-        out.push_str(&rest[..index]);
-        let code = rest
-            .get(index + 1..index + 4)
-            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
-        if let Some(byte) = code {
-            out.push(char::from(byte));
-            rest = &rest[index + 4..];
-        } else {
-            out.push('\\');
-            rest = &rest[index + 1..];
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Returns the cgroup v2 directory to attach the socket hooks to. Without a request, the root
@@ -241,11 +218,30 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, MountError> {
         });
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    if let Some(root) = mounts_of(&mountinfo, "cgroup2")
+    let mounted: Vec<PathBuf> = mounts_of(&mountinfo, "cgroup2")
         .into_iter()
-        .find(|path| is_cgroup2(path))
+        .filter(|path| is_cgroup2(path))
+        .collect();
+    // The root of the whole hierarchy if one is mounted; else, in a private cgroup namespace,
+    // what is mounted (which `mount_scope` then refuses: a cgroup2 mounted here would only be
+    // the namespace's root too, so nothing is mounted).
+    if let Some(root) = mounted
+        .iter()
+        .find(|path| mount_scope::is_hierarchy_root(path))
+        .or_else(|| {
+            mounted
+                .first()
+                .filter(|_| !mount_scope::in_initial_cgroup_namespace())
+        })
     {
-        return Ok(root);
+        return Ok(root.clone());
+    }
+    if !mount_scope::in_initial_cgroup_namespace() {
+        return Err(MountError::Mount {
+            fstype: "cgroup2",
+            path: PathBuf::from(PRIVATE_CGROUP2_MOUNT),
+            reason: "no cgroup2 is mounted, and one mounted in this private cgroup namespace would show only the agent's own cgroup: mount the host's cgroup2 and pass --cgroup-path (see README, \"Replacing kube-proxy\")".to_owned(),
+        });
     }
     let private = Path::new(PRIVATE_CGROUP2_MOUNT);
     if !is_cgroup2(private) {

@@ -3,10 +3,13 @@
 //! endpoint changes one at a time, each to a different Service (round robin below as many
 //! Services as changes). Per N it measures programming from empty (agent-side and start →
 //! synced), per change the agent-side sync, the agent's CPU time and API event → maps
-//! written, and the agent's memory.
+//! written, and the agent's memory. Then, endpoints churning at ten changes a second through
+//! the API server, the latency of `GET /healthz` (the probe must not stall behind syncs).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -35,6 +38,12 @@ const SYNC_PERIOD: &str = "1h";
 /// Between two reads of the pinned map while a change is awaited.
 const POLL_INTERVAL: Duration = Duration::from_micros(100);
 const NODE_NAME: &str = "bench-node";
+/// Endpoint changes a second while /healthz is probed.
+const CHURN_PER_SECOND: u32 = 10;
+/// Between two /healthz probes.
+const HEALTHZ_EVERY: Duration = Duration::from_millis(20);
+/// The agent's default health endpoint, inside its node namespace.
+const HEALTHZ_ADDRESS: &str = "127.0.0.1:10256";
 
 /// Runs every control-plane point of the plan; returns their records.
 pub fn run(plan: &Plan, progress: &Progress) -> Result<Vec<Record>> {
@@ -108,6 +117,10 @@ struct Point {
     read_gap: Vec<Duration>,
     /// Changes whose watch event the server never sent (the agent relisted instead).
     unsent: usize,
+    /// GET /healthz latencies while endpoints churned, and the probes that failed (no answer
+    /// or not 200).
+    healthz: Vec<Duration>,
+    healthz_failed: usize,
     memory: Option<AgentMemory>,
     note: Option<String>,
 }
@@ -139,6 +152,15 @@ impl Point {
                             "{} changes reached the agent without a watch event (relist) and \
                              are not counted",
                             self.unsent
+                        ));
+                    }
+                }
+                Metric::HealthzChurn => {
+                    distribution(&mut record, &self.healthz);
+                    if self.healthz_failed > 0 {
+                        record.note = Some(format!(
+                            "{} probes failed (no answer or not 200) and are not counted",
+                            self.healthz_failed
                         ));
                     }
                 }
@@ -332,8 +354,92 @@ fn measure(plan: &Plan, progress: &Progress, set: &ServiceSet, point: &mut Point
             std::thread::sleep(wait);
         }
     }
+    let (latencies, failed) = healthz_under_churn(
+        &feed,
+        set,
+        topology.node_namespace(),
+        plan.healthz_churn,
+        plan.control_changes,
+    )?;
+    point.healthz = latencies;
+    point.healthz_failed = failed;
+    agent.0.ensure_running()?;
     point.memory = AgentMemory::of(pid);
     Ok(())
+}
+
+/// For `duration`: an endpoint change through the API server every 1/CHURN_PER_SECOND s,
+/// round robin over the Services (new pod IPs after the `first_change` already made), and a
+/// `GET /healthz` every HEALTHZ_EVERY from a thread in the node namespace. Returns the
+/// latencies of the answered probes and the number of failed ones.
+fn healthz_under_churn(
+    feed: &ApiFeed,
+    set: &ServiceSet,
+    netns: &str,
+    duration: Duration,
+    first_change: usize,
+) -> Result<(Vec<Duration>, usize)> {
+    let done = AtomicBool::new(false);
+    let netns_path = format!("/run/netns/{netns}");
+    std::thread::scope(|scope| {
+        let prober = scope.spawn(|| -> Result<(Vec<Duration>, usize)> {
+            let namespace = std::fs::File::open(&netns_path)
+                .with_context(|| format!("opening {netns_path}"))?;
+            nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the node namespace")?;
+            let address: SocketAddr = HEALTHZ_ADDRESS.parse().expect("a socket address");
+            let mut latencies = Vec::new();
+            let mut failed = 0;
+            let mut next = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match get_healthz(address) {
+                    Ok(200) => latencies.push(started.elapsed()),
+                    Ok(_) | Err(_) => failed += 1,
+                }
+                next += HEALTHZ_EVERY;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            Ok((latencies, failed))
+        });
+        let started = Instant::now();
+        let spacing = Duration::from_secs(1) / CHURN_PER_SECOND;
+        let mut change = 0;
+        while started.elapsed() < duration && !stopping() {
+            let index = change % set.count;
+            let mut endpoints = set.endpoints.clone();
+            endpoints[0] = replacement(first_change + change);
+            feed.set_endpoints(index, &endpoints);
+            change += 1;
+            let next = started + spacing * u32::try_from(change).unwrap_or(u32::MAX);
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        prober
+            .join()
+            .map_err(|_| anyhow::anyhow!("the /healthz prober panicked"))?
+    })
+}
+
+/// The status of one `GET /healthz` on a new connection (as a kubelet probe makes it).
+fn get_healthz(address: SocketAddr) -> Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status line")
 }
 
 /// Waits for the agent's first sync(s) until the first and last Services resolve to their
@@ -476,6 +582,16 @@ pub fn method(plan: &Plan) -> Vec<String> {
              p50/p99 over the changes.",
             POLL_INTERVAL.as_micros()
         ),
+        format!(
+            "/healthz under churn: after the changes, for {secs} s, {CHURN_PER_SECOND} \
+             endpoint changes a second go through the API server (round robin over the N \
+             Services, a new pod IP each) while a thread in the node namespace sends `GET \
+             /healthz` on a new connection every {every} ms (as the kubelet probes it) and \
+             times it until the response is read; p50/p99 over the probes answered 200 (the \
+             others are counted in a note).",
+            secs = plan.healthz_churn.as_secs(),
+            every = HEALTHZ_EVERY.as_millis(),
+        ),
         "Control-plane comparison: kube-proxy's per-change figure is its partial sync \
          (update_one at the data-plane points: the restore's wall time, without kube-proxy's \
          own computation); Switchyard's file path is the manifests-file agent of \
@@ -496,7 +612,8 @@ fn say_point(progress: &Progress, n: usize, point: &Point) {
         .collect();
     progress.say(&format!(
         "N={n}: {}: {} changes: sync p50 {} / p99 {} ms, CPU {} ms per change, event → maps \
-         p50 {} / p99 {} ms (map read gap p50 {} / p99 {} ms), peak RSS {}",
+         p50 {} / p99 {} ms (map read gap p50 {} / p99 {} ms), /healthz at {} changes/s p50 \
+         {} / p99 {} ms ({} probes, {} failed), peak RSS {}",
         Mode::SwitchyardApi,
         point.change_sync.len(),
         ms(&point.change_sync, 50.0),
@@ -506,6 +623,11 @@ fn say_point(progress: &Progress, n: usize, point: &Point) {
         ms(&point.event_to_maps, 99.0),
         ms(&point.read_gap, 50.0),
         ms(&point.read_gap, 99.0),
+        CHURN_PER_SECOND,
+        ms(&point.healthz, 50.0),
+        ms(&point.healthz, 99.0),
+        point.healthz.len(),
+        point.healthz_failed,
         point.memory.map_or_else(
             || "n/a".to_owned(),
             |m| format!("{:.0} MiB", m.peak_rss_mib)
@@ -550,7 +672,7 @@ mod tests {
         };
         let records = point.records(10_000, 10);
         let get = |metric: Metric| records.iter().find(|r| r.metric == metric.name()).unwrap();
-        assert_eq!(records.len(), 7);
+        assert_eq!(records.len(), 8);
         assert_eq!(get(Metric::ProgramAll).value, Some(1.5));
         assert_eq!(get(Metric::ProgramSync).value, Some(0.4));
         let sync = get(Metric::ChangeSync);

@@ -487,7 +487,8 @@ impl Results {
                     | Metric::ProgramSync
                     | Metric::ChangeSync
                     | Metric::ChangeCpu
-                    | Metric::EventToMaps => {
+                    | Metric::EventToMaps
+                    | Metric::HealthzChurn => {
                         record.value = self.control.get(&(mode, metric)).copied();
                         record.reps = usize::from(record.value.is_some());
                     }

@@ -55,6 +55,8 @@ pub struct Plan {
     /// A control-plane point predicted (from the smaller ones) to take longer than this is
     /// skipped, with a note.
     pub control_budget: Duration,
+    /// How long /healthz is probed at each control-plane point while endpoints churn.
+    pub healthz_churn: Duration,
     pub out_dir: PathBuf,
     /// What the run is expected to take, printed at the start.
     pub expected: &'static str,
@@ -81,6 +83,7 @@ impl Plan {
                 control_scale: vec![10],
                 control_changes: 5,
                 control_budget: Duration::from_mins(1),
+                healthz_churn: Duration::from_secs(2),
                 out_dir: root.join("bench-smoke"),
                 expected: "about 20 seconds",
             },
@@ -101,6 +104,7 @@ impl Plan {
                 control_scale: vec![100, 1_000, 10_000, 100_000],
                 control_changes: 50,
                 control_budget: Duration::from_mins(2),
+                healthz_churn: Duration::from_secs(10),
                 out_dir: root.join("bench"),
                 expected: "about 8 to 10 minutes on 2 cores, the control plane 1 to 2 of them",
             },
@@ -121,6 +125,7 @@ impl Plan {
                 control_scale: vec![100, 1_000, 10_000, 30_000, 100_000],
                 control_changes: 100,
                 control_budget: Duration::from_mins(20),
+                healthz_churn: Duration::from_secs(30),
                 out_dir: root.join("bench"),
                 expected: "40 to 90 minutes on 2 cores for the data plane (nftables programming \
                            grows super-linearly and is skipped at a scale where it is predicted \

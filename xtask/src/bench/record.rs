@@ -27,10 +27,12 @@ pub enum Metric {
     /// From the API server sending the watch event of an endpoint change to the new backend
     /// set being readable in the pinned services map.
     EventToMaps,
+    /// Latency of GET /healthz while endpoints change ten times a second.
+    HealthzChurn,
 }
 
 impl Metric {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::ConnectLatency,
         Self::ConnPerS,
         Self::Throughput,
@@ -42,6 +44,7 @@ impl Metric {
         Self::ChangeSync,
         Self::ChangeCpu,
         Self::EventToMaps,
+        Self::HealthzChurn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Metric {
             Self::ChangeSync => "change_sync_ms",
             Self::ChangeCpu => "change_cpu_ms",
             Self::EventToMaps => "event_to_maps_ms",
+            Self::HealthzChurn => "healthz_churn_ms",
         }
     }
 
@@ -66,7 +70,7 @@ impl Metric {
             Self::ConnPerS => "1/s",
             Self::Throughput => "Gbit/s",
             Self::ProgramAll | Self::UpdateOne | Self::ProgramSync => "s",
-            Self::ChangeSync | Self::ChangeCpu | Self::EventToMaps => "ms",
+            Self::ChangeSync | Self::ChangeCpu | Self::EventToMaps | Self::HealthzChurn => "ms",
             Self::AgentRss | Self::MapMemory => "MiB",
         }
     }
@@ -80,7 +84,7 @@ impl Metric {
             }
             Self::ProgramAll | Self::AgentRss | Self::MapMemory => true,
             Self::ProgramSync | Self::ChangeSync | Self::ChangeCpu => mode.is_switchyard(),
-            Self::EventToMaps => mode == Mode::SwitchyardApi,
+            Self::EventToMaps | Self::HealthzChurn => mode == Mode::SwitchyardApi,
         }
     }
 
@@ -161,6 +165,7 @@ mod tests {
             Metric::ChangeSync,
             Metric::ChangeCpu,
             Metric::EventToMaps,
+            Metric::HealthzChurn,
             Metric::AgentRss,
             Metric::MapMemory,
         ] {

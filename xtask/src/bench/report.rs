@@ -41,6 +41,7 @@ fn title(metric: Metric) -> &'static str {
         Metric::ChangeSync => "Agent-side sync of one endpoint change, ms",
         Metric::ChangeCpu => "Agent CPU time per endpoint change, ms",
         Metric::EventToMaps => "API event → maps written, ms",
+        Metric::HealthzChurn => "GET /healthz while endpoints change 10 times a second, ms",
     }
 }
 
@@ -53,7 +54,7 @@ const CONTROL_MODES: [Mode; 6] = [
     Mode::IptablesLegacy,
     Mode::Nftables,
 ];
-const CONTROL_COLUMNS: [&str; 7] = [
+const CONTROL_COLUMNS: [&str; 8] = [
     "one change: sync p50 / p99, ms",
     "CPU per change: mean (p99), ms",
     "change → maps p50 / p99, ms",
@@ -61,11 +62,13 @@ const CONTROL_COLUMNS: [&str; 7] = [
     "start → synced, s",
     "peak RSS, MiB",
     "BPF maps, MiB",
+    "/healthz at 10 changes/s p50 / p99, ms",
 ];
 const CONTROL_LEGEND: &str = "switchyard-api: the agent following the test API server, over \
     the changes of the control-plane phase (sync = the agent's own `elapsed`; change → maps = \
     API watch event → new backends readable in the pinned map; program from empty = agent-side \
-    sync). switchyard-socket / switchyard-tc: the agent on a manifests file, one change (change \
+    sync; /healthz = GET /healthz every 20 ms while 10 endpoint changes a second go through the \
+    API server). switchyard-socket / switchyard-tc: the agent on a manifests file, one change (change \
     → maps = rewriting the file → its `dataplane synced` line, including the file poll of up \
     to 200 ms). iptables-*, nftables: kube-proxy's rules, one change (sync = the partial-sync \
     restore's wall time) and program from empty = the full restore's wall time. — = not \
@@ -130,6 +133,7 @@ impl Report {
                         get(Metric::ProgramAll).map_or_else(absent, |r| value(r, 1.0)),
                         get(Metric::AgentRss).map_or_else(absent, |r| value(r, 1.0)),
                         get(Metric::MapMemory).map_or_else(absent, |r| value(r, 1.0)),
+                        get(Metric::HealthzChurn).map_or_else(absent, percentiles),
                     ]
                 } else if mode.is_switchyard() {
                     vec![
@@ -140,6 +144,7 @@ impl Report {
                         get(Metric::ProgramAll).map_or_else(absent, |r| value(r, 1.0)),
                         get(Metric::AgentRss).map_or_else(absent, |r| value(r, 1.0)),
                         get(Metric::MapMemory).map_or_else(absent, |r| value(r, 1.0)),
+                        "—".to_owned(),
                     ]
                 } else {
                     let na = || "—".to_owned();
@@ -148,6 +153,7 @@ impl Report {
                         na(),
                         na(),
                         get(Metric::ProgramAll).map_or_else(absent, |r| value(r, 1.0)),
+                        na(),
                         na(),
                         na(),
                         na(),
@@ -415,6 +421,14 @@ mod tests {
             Some(48.0),
             None,
         );
+        add(
+            api,
+            Metric::HealthzChurn,
+            Some(2.0),
+            Some(1.5),
+            Some(6.0),
+            None,
+        );
         add(api, Metric::ProgramSync, Some(0.41), None, None, None);
         add(api, Metric::ProgramAll, Some(2.5), None, None, None);
         add(api, Metric::AgentRss, Some(140.0), None, None, None);
@@ -458,9 +472,9 @@ mod tests {
         let markdown = report.markdown(&[], &[]);
         assert!(markdown.contains(
             "| 10000 (10) | switchyard-api | 3.00 / 9.00 | 4.20 (7.50) | 25.0 / 48.0 | 0.41 | 2.50 \
-             | 140 | n/a* |"
+             | 140 | n/a* | 1.50 / 6.00 |"
         ), "{markdown}");
-        assert!(markdown.contains("| 10000 (10) | nftables | 740 | — | — | 131 | — | — | — |"));
+        assert!(markdown.contains("| 10000 (10) | nftables | 740 | — | — | 131 | — | — | — | — |"));
         assert!(!markdown.contains("| 10000 (10) | direct |"));
         let text = report.control_plane_text();
         assert_eq!(text.lines().count(), 3, "{text}");
