@@ -511,6 +511,10 @@ pub mod ct_seq {
     pub const RST_WINDOW: u32 = 1 << 24;
 
     /// Splits a reply entry's `expires_ns` into (client end, backend end).
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low and high halves of the word, on purpose"
+    )]
     pub const fn split(word: u64) -> (u32, u32) {
         (word as u32, (word >> 32) as u32)
     }
@@ -526,7 +530,7 @@ pub mod ct_seq {
 
     /// Whether `candidate` is after `end` in sequence space (RFC 1982 comparison).
     pub const fn after(candidate: u32, end: u32) -> bool {
-        (candidate.wrapping_sub(end) as i32) > 0
+        candidate.wrapping_sub(end).cast_signed() > 0
     }
 }
 

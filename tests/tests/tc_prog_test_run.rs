@@ -1570,6 +1570,10 @@ fn close_flow(fx: &TcFixture, flow: &RestartFlow, close: Close, what: &dyn Fn(&s
 /// of an unanswered flow keeps its backend and port. The service's only backend is replaced
 /// before the SYN, so the choice is observable.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table over every way a flow can end, both families"
+)]
 fn syn_after_close_starts_a_new_flow_and_syn_on_a_live_flow_is_ignored() {
     require_root!();
     let cases = [
@@ -2345,6 +2349,10 @@ enum End {
 /// With every SNAT port taken, a new flow gets the port of a flow that ended (both FINs, a
 /// RST, a UDP flow past its lifetime) from the datapath alone; while the flows live, none.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table over every way a flow can end, both families"
+)]
 fn snat_ports_of_ended_flows_return_in_the_datapath() {
     require_root!();
     let range = (50_000, 50_001);
@@ -2654,8 +2662,8 @@ fn refusals_are_never_sent_to_resets_or_groups() {
 /// `reject_limit::PER_SEC` a second; the rest are dropped and counted.
 #[test]
 fn refusals_are_rate_limited() {
-    require_root!();
     use proxy_common::reject_limit::{BURST, PER_SEC};
+    require_root!();
     for family in Family::ALL {
         let what = format!("{family:?} refusal rate limit");
         let mut fx = fixture();
@@ -2747,6 +2755,10 @@ fn flow_map(fx: &TcFixture, forward_key: Tuple, reply_key: Tuple, what: &str) ->
 /// moves to the main map when the client acknowledges exactly the backend's SYN-ACK (not on a
 /// blind ACK), a UDP flow on its first reply.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the TCP handshake and a UDP exchange, step by step"
+)]
 fn flows_move_to_the_main_map_once_both_sides_have_spoken() {
     require_root!();
     for family in Family::ALL {
@@ -2876,8 +2888,8 @@ fn flows_move_to_the_main_map_once_both_sides_have_spoken() {
 /// unconfirmed flows: an established flow stays in the main map and keeps working.
 #[test]
 fn a_syn_flood_never_evicts_an_established_flow() {
-    require_root!();
     const UNREPLIED: u32 = 256;
+    require_root!();
     for family in Family::ALL {
         let what = |step: &str| format!("{family:?} SYN flood: {step}");
         let mut fx = TcFixture::with_capacities(&[
