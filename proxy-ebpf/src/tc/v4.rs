@@ -1,4 +1,8 @@
 //! IPv4 for the TC path.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "conntrack keys go to the map helpers by reference: passed by value they are copied onto a stack the TC stages have little of"
+)]
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
     Backend4, Ct4Entry, Ct4Key, DatapathConfig, Service4Key, SourceRange4, config_flags, ct_flags,
@@ -191,10 +195,10 @@ impl Inet for V4 {
     fn ct_get(key: &Tuple<u32>) -> Option<Flow<u32>> {
         let key_ = ct_key(key);
         // SAFETY: plain data, copied out at once.
-        let (entry, unreplied) = match unsafe { CT4_V1.get(key_) } {
+        let (entry, unreplied) = match unsafe { CT4_V1.get(&key_) } {
             Some(entry) => (*entry, false),
             // SAFETY: as above.
-            None => (*unsafe { CT4_NEW_V1.get(key_) }?, true),
+            None => (*unsafe { CT4_NEW_V1.get(&key_) }?, true),
         };
         Some(Flow {
             to: Tuple {
@@ -226,27 +230,27 @@ impl Inet for V4 {
             pad: 0,
         };
         let map = if flow.unreplied { &CT4_NEW_V1 } else { &CT4_V1 };
-        map.insert(ct_key(key), entry, flags).map_err(i64::from)
+        map.insert(&ct_key(key), &entry, flags).map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_delete(key: &Tuple<u32>) {
         // A missing entry is fine: someone else removed it first.
         let key = ct_key(key);
-        let _ = CT4_V1.remove(key);
-        let _ = CT4_NEW_V1.remove(key);
+        let _ = CT4_V1.remove(&key);
+        let _ = CT4_NEW_V1.remove(&key);
     }
 
     #[inline(always)]
     fn ct_delete_in(key: &Tuple<u32>, unreplied: bool) {
         let map = if unreplied { &CT4_NEW_V1 } else { &CT4_V1 };
-        let _ = map.remove(ct_key(key));
+        let _ = map.remove(&ct_key(key));
     }
 
     #[inline(always)]
     fn ct_touch(key: &Tuple<u32>, expires_ns: u64, flags: u16, unreplied: bool) {
         let map = if unreplied { &CT4_NEW_V1 } else { &CT4_V1 };
-        if let Some(entry) = map.get_ptr_mut(ct_key(key)) {
+        if let Some(entry) = map.get_ptr_mut(&ct_key(key)) {
             // SAFETY: the pointer comes from a successful lookup and points at a map value;
             // racing writers only ever store whole, valid field values.
             unsafe {
@@ -260,8 +264,8 @@ impl Inet for V4 {
     fn ct_owner(key: &Tuple<u32>, now: u64) -> Owner {
         let reply_key = ct_key(key);
         let Some(reply) = CT4_V1
-            .get_ptr(reply_key)
-            .or_else(|| CT4_NEW_V1.get_ptr(reply_key))
+            .get_ptr(&reply_key)
+            .or_else(|| CT4_NEW_V1.get_ptr(&reply_key))
         else {
             return Owner::Free;
         };
@@ -284,8 +288,8 @@ impl Inet for V4 {
             return Owner::Live;
         }
         let Some(forward) = CT4_V1
-            .get_ptr(forward_key)
-            .or_else(|| CT4_NEW_V1.get_ptr(forward_key))
+            .get_ptr(&forward_key)
+            .or_else(|| CT4_NEW_V1.get_ptr(&forward_key))
         else {
             return Owner::Ended;
         };

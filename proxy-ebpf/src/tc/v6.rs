@@ -1,5 +1,9 @@
 //! IPv6 for the TC path. Extension headers are not walked: a packet whose next header is not
 //! TCP, UDP or ICMPv6 directly is passed untouched, a Fragment header counts as a fragment.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "conntrack keys go to the map helpers by reference: passed by value they are copied onto a stack the TC stages have little of"
+)]
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
     Backend6, Ct6Entry, Ct6Key, DatapathConfig, Service6Key, SourceRange6, config_flags, ct_flags,
@@ -203,10 +207,10 @@ impl Inet for V6 {
     fn ct_get(key: &Tuple<Addr>) -> Option<Flow<Addr>> {
         let key_ = ct_key(key);
         // SAFETY: plain data, copied out at once.
-        let (entry, unreplied) = match unsafe { CT6_V1.get(key_) } {
+        let (entry, unreplied) = match unsafe { CT6_V1.get(&key_) } {
             Some(entry) => (*entry, false),
             // SAFETY: as above.
-            None => (*unsafe { CT6_NEW_V1.get(key_) }?, true),
+            None => (*unsafe { CT6_NEW_V1.get(&key_) }?, true),
         };
         Some(Flow {
             to: Tuple {
@@ -238,27 +242,27 @@ impl Inet for V6 {
             pad: 0,
         };
         let map = if flow.unreplied { &CT6_NEW_V1 } else { &CT6_V1 };
-        map.insert(ct_key(key), entry, flags).map_err(i64::from)
+        map.insert(&ct_key(key), &entry, flags).map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_delete(key: &Tuple<Addr>) {
         // A missing entry is fine: someone else removed it first.
         let key = ct_key(key);
-        let _ = CT6_V1.remove(key);
-        let _ = CT6_NEW_V1.remove(key);
+        let _ = CT6_V1.remove(&key);
+        let _ = CT6_NEW_V1.remove(&key);
     }
 
     #[inline(always)]
     fn ct_delete_in(key: &Tuple<Addr>, unreplied: bool) {
         let map = if unreplied { &CT6_NEW_V1 } else { &CT6_V1 };
-        let _ = map.remove(ct_key(key));
+        let _ = map.remove(&ct_key(key));
     }
 
     #[inline(always)]
     fn ct_touch(key: &Tuple<Addr>, expires_ns: u64, flags: u16, unreplied: bool) {
         let map = if unreplied { &CT6_NEW_V1 } else { &CT6_V1 };
-        if let Some(entry) = map.get_ptr_mut(ct_key(key)) {
+        if let Some(entry) = map.get_ptr_mut(&ct_key(key)) {
             // SAFETY: the pointer comes from a successful lookup and points at a map value;
             // racing writers only ever store whole, valid field values.
             unsafe {
@@ -272,8 +276,8 @@ impl Inet for V6 {
     fn ct_owner(key: &Tuple<Addr>, now: u64) -> Owner {
         let reply_key = ct_key(key);
         let Some(reply) = CT6_V1
-            .get_ptr(reply_key)
-            .or_else(|| CT6_NEW_V1.get_ptr(reply_key))
+            .get_ptr(&reply_key)
+            .or_else(|| CT6_NEW_V1.get_ptr(&reply_key))
         else {
             return Owner::Free;
         };
@@ -296,8 +300,8 @@ impl Inet for V6 {
             return Owner::Live;
         }
         let Some(forward) = CT6_V1
-            .get_ptr(forward_key)
-            .or_else(|| CT6_NEW_V1.get_ptr(forward_key))
+            .get_ptr(&forward_key)
+            .or_else(|| CT6_NEW_V1.get_ptr(&forward_key))
         else {
             return Owner::Ended;
         };
