@@ -236,11 +236,29 @@ fn refusals_never_answer_a_rst_and_stay_rate_limited() {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let service = web().without_endpoints();
     start(&mut ns, &service, &[]);
-    ns.wait_outside(
-        &ClientRequest::new(ClientProto::Tcp, SocketAddr::V4(nodeport())),
-        "a refusal through the NodePort",
-        |a| !a.ok && a.errno == Some(libc::ECONNREFUSED),
-    );
+    // The node's own stack refuses too (nothing listens there): wait until the datapath did.
+    let pins = ns
+        .bpffs()
+        .agent_dir()
+        .join("v1/maps")
+        .join(map_names::SERVICES4);
+    let mut refused_by_the_datapath = false;
+    for _ in 0..50 {
+        let attempts = ns.outside(&ClientRequest::new(
+            ClientProto::Tcp,
+            SocketAddr::V4(nodeport()),
+        ));
+        assert!(
+            attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
+            "{attempts:?}"
+        );
+        if pins.exists() && counter(&ns, "tc_rejected") > 0 {
+            refused_by_the_datapath = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(refused_by_the_datapath, "the datapath never refused");
     let client_ns = ns.client_namespace().to_owned();
     let before = ns.datapath_counters();
     // A RST from "another node's" NodePort: answering it would start a ping-pong.
