@@ -56,6 +56,9 @@ pub mod map_names {
     pub const SERVICE_NAMES: &str = "SVC_NAMES_V1";
     pub const CT4: &str = "CT4_V1";
     pub const CT6: &str = "CT6_V1";
+    /// The TC path's flows not yet confirmed by both sides (see `map_table::CT4_UNREPLIED`).
+    pub const CT4_UNREPLIED: &str = "CT4_NEW_V1";
+    pub const CT6_UNREPLIED: &str = "CT6_NEW_V1";
     pub const SOURCE_RANGES4: &str = "SRC_RANGE4_V1";
     pub const SOURCE_RANGES6: &str = "SRC_RANGE6_V1";
     pub const DATAPATH_CONFIG: &str = "CONFIG_V1";
@@ -73,6 +76,10 @@ pub mod map_names {
 
     /// The TC path's per-CPU scratch space (not pinned, so not versioned).
     pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
+    /// The TC path's per-CPU scratch space for a new flow's entries (not pinned).
+    pub const FLOW_SCRATCH: &str = "FLOW_SCRATCH";
+    /// The TC path's per-CPU token buckets for refusals (not pinned: a restart refills them).
+    pub const REJECT_BUCKET: &str = "REJECT_BUCKET";
 }
 
 /// Protocol numbers as stored in keys (IANA numbers, as in `bpf_sock_addr.protocol`).
@@ -193,11 +200,34 @@ pub mod reason {
     pub const HOST_EXTERNAL_IP_BYPASSED: u32 = 28;
     /// `switchyard monitor` is on but its ring buffer was full: an event was lost.
     pub const MONITOR_EVENTS_LOST: u32 = 29;
+    /// TC: a SYN on the tuple of an established flow was passed to that flow's backend
+    /// without touching its state (a spoofed SYN cannot restart a live flow; a client that
+    /// really lost its connection is answered by the backend's challenge ACK, and its RST
+    /// closes the flow).
+    pub const TC_SYN_IGNORED: u32 = 30;
+    /// TC: a RST whose sequence number lies outside the sequence space its sender used on
+    /// the flow was dropped (the flow's state is left alone).
+    pub const TC_RST_OUT_OF_WINDOW: u32 = 31;
+    /// TC: a new flow's reply tuple belongs to another live flow (which is never overwritten):
+    /// the new flow's packet is dropped.
+    pub const TC_CT_COLLISION: u32 = 32;
+    /// TC: a refusal was not sent because the packet must never be answered (a RST, or a
+    /// broadcast or multicast source or destination); the packet is dropped.
+    pub const TC_REJECT_SUPPRESSED: u32 = 33;
+    /// TC: a refusal (RST or ICMP) was not sent because this CPU's token bucket was empty;
+    /// the packet is dropped.
+    pub const TC_REJECT_RATE_LIMITED: u32 = 34;
+    /// TC: a masqueraded flow kept its client's source port (it lies in the SNAT range and
+    /// the translated tuple was free).
+    pub const TC_SNAT_PORT_KEPT: u32 = 35;
+    /// TC: a masqueraded flow took over the SNAT port of a flow that had ended (closed by
+    /// FIN/RST or past its lifetime): ports return to the pool in the datapath.
+    pub const TC_SNAT_PORT_REUSED: u32 = 36;
     /// Number of reason slots (size of the metrics array).
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 48;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 30] = [
+    pub const NAMES: [&str; 37] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -228,6 +258,13 @@ pub mod reason {
         "tc_guard_dropped",
         "host_external_ip_bypassed",
         "monitor_events_lost",
+        "tc_syn_ignored",
+        "tc_rst_out_of_window",
+        "tc_ct_collision",
+        "tc_reject_suppressed",
+        "tc_reject_rate_limited",
+        "tc_snat_port_kept",
+        "tc_snat_port_reused",
     ];
 }
 
@@ -453,9 +490,72 @@ pub mod ct_flags {
     pub const FIN_FORWARD: u16 = 1 << 3;
     /// The backend sent a FIN.
     pub const FIN_REPLY: u16 = 1 << 4;
-    /// Either side sent a RST.
+    /// Either side sent a RST (one inside the sequence space its sender used).
     pub const RST: u16 = 1 << 5;
+    /// On the reply entry of a TCP flow: `expires_ns` holds the flow's sequence ends (see
+    /// [`super::ct_seq`]); this bit says the client's half is set.
+    pub const SEQ_FORWARD: u16 = 1 << 6;
+    /// On the reply entry of a TCP flow: the backend's half of the sequence ends is set.
+    pub const SEQ_REPLY: u16 = 1 << 7;
 }
+
+/// The sequence space a TCP flow has used, kept on its reply entry: a reply entry has no
+/// lifetime of its own (it lives as long as its forward entry), so its `expires_ns` holds,
+/// for a TCP flow, the highest sequence end (seq + length, SYN and FIN counting one) each side
+/// has sent: the client's in the low 32 bits, the backend's in the high 32 bits. A RST
+/// changes the flow's state only when its sequence number lies within [`RST_WINDOW`] below
+/// its sender's end (a RST is sent at the sender's next sequence number, or at the one the
+/// peer last acknowledged).
+pub mod ct_seq {
+    /// How far below the sender's highest sequence end a RST may lie (bytes in flight).
+    pub const RST_WINDOW: u32 = 1 << 24;
+
+    /// Splits a reply entry's `expires_ns` into (client end, backend end).
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low and high halves of the word, on purpose"
+    )]
+    pub const fn split(word: u64) -> (u32, u32) {
+        (word as u32, (word >> 32) as u32)
+    }
+
+    pub const fn join(forward: u32, reply: u32) -> u64 {
+        (forward as u64) | ((reply as u64) << 32)
+    }
+
+    /// Whether `seq` (a RST's) lies in `[end - RST_WINDOW, end]` of sequence space.
+    pub const fn rst_in_window(seq: u32, end: u32) -> bool {
+        end.wrapping_sub(seq) <= RST_WINDOW
+    }
+
+    /// Whether `candidate` is after `end` in sequence space (RFC 1982 comparison).
+    pub const fn after(candidate: u32, end: u32) -> bool {
+        candidate.wrapping_sub(end).cast_signed() > 0
+    }
+}
+
+/// Refusals (TCP RST, ICMP port unreachable) sent by the TC path are rate-limited per CPU,
+/// like the kernel's own ICMP (`net.ipv4.icmp_msgs_per_sec` and `icmp_msgs_burst`).
+pub mod reject_limit {
+    /// Tokens added per second, per CPU.
+    pub const PER_SEC: u64 = 1_000;
+    /// The bucket's size: refusals a CPU sends in a burst.
+    pub const BURST: u64 = 50;
+}
+
+/// The per-CPU token bucket of the TC path's refusals (see [`reject_limit`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RejectBucket {
+    /// `bpf_ktime_get_ns` when tokens were last added.
+    pub refilled_ns: u64,
+    pub tokens: u64,
+}
+assert_layout!(RejectBucket, size = 16, align = 8);
+
+/// Masquerade ports when the agent has not configured any; the agent's default
+/// `--snat-port-range` too (it reserves them in `net.ipv4.ip_local_reserved_ports`).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (46_000, 65_535);
 
 /// Conntrack lifetimes, refreshed by every packet of the flow (either direction).
 pub mod ct_lifetime {

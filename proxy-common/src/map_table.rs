@@ -95,6 +95,8 @@ pub enum CapacitySetting {
     LoadBalancer,
     /// The TC path's connection tracking (`--bpf-ct-global-max`).
     Conntrack,
+    /// The TC path's flows not yet confirmed by both sides (`--bpf-ct-unreplied-max`).
+    ConntrackUnreplied,
     /// The socket reverse-NAT maps (`--bpf-sock-rev-map-max`).
     SockRevNat,
     /// Session affinity (`--bpf-affinity-map-max`).
@@ -104,9 +106,10 @@ pub enum CapacitySetting {
 }
 
 impl CapacitySetting {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::LoadBalancer,
         Self::Conntrack,
+        Self::ConntrackUnreplied,
         Self::SockRevNat,
         Self::Affinity,
         Self::SourceRanges,
@@ -125,6 +128,9 @@ impl CapacitySetting {
             Self::LoadBalancer => 262_144,
             // Two entries per flow (forward and reply): 65 536 north-south flows per family.
             Self::Conntrack => 131_072,
+            // Two entries per flow until both sides have spoken: a SYN flood churns this map
+            // only, so established flows never give way to it.
+            Self::ConntrackUnreplied => 32_768,
             // One per connected socket (and per backend of an unconnected UDP socket).
             Self::SockRevNat => 131_072,
             // One per (client network namespace, Service port) with ClientIP affinity.
@@ -336,6 +342,25 @@ pub const CT6: MapDef<Ct6Key, Ct6Entry> = MapDef::new(
     0,
     Writer::Datapath,
 );
+/// The TC path's IPv4 flows not yet confirmed by both sides (a TCP flow until the client
+/// acknowledges the backend's SYN-ACK, a UDP flow until its first reply): a smaller LRU of
+/// its own, so a flood of unanswered flows evicts only its kind, never an established flow
+/// (netfilter's early drop of unassured entries, by construction). Same entries as `CT4`.
+pub const CT4_UNREPLIED: MapDef<Ct4Key, Ct4Entry> = MapDef::new(
+    map_names::CT4_UNREPLIED,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::ConntrackUnreplied),
+    0,
+    Writer::Datapath,
+);
+/// The TC path's IPv6 flows not yet confirmed by both sides.
+pub const CT6_UNREPLIED: MapDef<Ct6Key, Ct6Entry> = MapDef::new(
+    map_names::CT6_UNREPLIED,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::ConntrackUnreplied),
+    0,
+    Writer::Datapath,
+);
 /// loadBalancerSourceRanges of IPv4 frontends: (rev-NAT id, prefix).
 pub const SOURCE_RANGES4: MapDef<SourceRange4, u32> = MapDef::new(
     map_names::SOURCE_RANGES4,
@@ -443,6 +468,36 @@ pub const FIB_SCRATCH: MapSpec = MapSpec {
     pinned: false,
 };
 
+/// Bytes of [`FLOW_SCRATCH`]'s one value.
+pub const FLOW_SCRATCH_SIZE: u32 = 256;
+
+/// Per-CPU scratch space for a new flow's two conntrack entries while the TC path builds and
+/// claims them (an IPv6 flow's would not fit the new-flow stage's stack). Holds nothing
+/// between packets, so it is not pinned.
+pub const FLOW_SCRATCH: MapSpec = MapSpec {
+    name: map_names::FLOW_SCRATCH,
+    kind: MapKind::PerCpuArray,
+    key_size: 4,
+    value_size: FLOW_SCRATCH_SIZE,
+    sizing: Sizing::Fixed(1),
+    flags: 0,
+    writer: Writer::Datapath,
+    pinned: false,
+};
+
+/// Per-CPU token buckets of the TC path's refusals ([`crate::RejectBucket`]); not pinned, a
+/// new program starts with full buckets.
+pub const REJECT_BUCKET: MapSpec = MapSpec {
+    name: map_names::REJECT_BUCKET,
+    kind: MapKind::PerCpuArray,
+    key_size: 4,
+    value_size: small(size_of::<crate::RejectBucket>()),
+    sizing: Sizing::Fixed(1),
+    flags: 0,
+    writer: Writer::Datapath,
+    pinned: false,
+};
+
 /// Declares the list of maps and, for the agent, the typed dispatch over it, from one list.
 macro_rules! table {
     (typed: [$($def:ident),* $(,)?], untyped: [$($spec:ident),* $(,)?] $(,)?) => {
@@ -478,6 +533,8 @@ table! {
         SERVICE_NAMES,
         CT4,
         CT6,
+        CT4_UNREPLIED,
+        CT6_UNREPLIED,
         SOURCE_RANGES4,
         SOURCE_RANGES6,
         DATAPATH_CONFIG,
@@ -487,7 +544,7 @@ table! {
         SOCK_CONFIG,
         MONITOR_CONFIG,
     ],
-    untyped: [FIB_SCRATCH, MONITOR_EVENTS, AYA_LOGS],
+    untyped: [FIB_SCRATCH, FLOW_SCRATCH, REJECT_BUCKET, MONITOR_EVENTS, AYA_LOGS],
 }
 
 /// Something generic over a map's key and value types (see [`with_types`]).
@@ -666,13 +723,22 @@ mod tests {
     #[test]
     fn every_name_has_one_entry_and_one_map() {
         assert!(names_unique(ALL));
-        // Only per-packet scratch space and the loading agent's own log records go unpinned.
-        let unpinned: Vec<&str> = ALL
+        // Only per-packet scratch space, the per-CPU refusal buckets and the loading agent's
+        // own log records go unpinned.
+        let mut unpinned: Vec<&str> = ALL
             .iter()
             .filter(|spec| !spec.pinned)
             .map(|spec| spec.name)
             .collect();
-        assert_eq!(unpinned, [FIB_SCRATCH.name, AYA_LOGS.name]);
+        unpinned.sort_unstable();
+        let mut expected = [
+            AYA_LOGS.name,
+            FIB_SCRATCH.name,
+            FLOW_SCRATCH.name,
+            REJECT_BUCKET.name,
+        ];
+        expected.sort_unstable();
+        assert_eq!(unpinned, expected);
         assert_eq!(pinned().count(), ALL.len() - unpinned.len());
         for spec in ALL {
             assert_eq!(super::spec(spec.name), Some(*spec));

@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
-    Ct6Key, DatapathConfig, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4,
-    ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4,
-    SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
+    Ct6Key, DatapathConfig, RejectBucket, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig,
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6,
     map_table::{self, MapDef, MapKind, MapSpec},
 };
 
@@ -104,6 +104,11 @@ table_map!(
 );
 table_map!(CT6_V1: LruHashMap<Ct6Key, Ct6Entry> = lru(map_table::CT6));
 table_map!(
+    /// Flows not yet confirmed by both sides; promoted to `CT4_V1` when they are.
+    CT4_NEW_V1: LruHashMap<Ct4Key, Ct4Entry> = lru(map_table::CT4_UNREPLIED)
+);
+table_map!(CT6_NEW_V1: LruHashMap<Ct6Key, Ct6Entry> = lru(map_table::CT6_UNREPLIED));
+table_map!(
     /// loadBalancerSourceRanges per frontend.
     SRC_RANGE4_V1: LpmTrie<SourceRange4, u32> = trie(map_table::SOURCE_RANGES4)
 );
@@ -117,6 +122,14 @@ table_map!(
     /// small to hold them next to an IPv6 flow's state. Not pinned (it holds nothing between
     /// packets).
     untyped FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = per_cpu_array_of(map_table::FIB_SCRATCH)
+);
+table_map!(
+    /// Per-CPU scratch space for a new flow's two entries (see `tc::establish`).
+    untyped FLOW_SCRATCH: PerCpuArray<[u64; 32]> = per_cpu_array_of(map_table::FLOW_SCRATCH)
+);
+table_map!(
+    /// Per-CPU token buckets limiting the TC path's refusals (RST, ICMP port unreachable).
+    untyped REJECT_BUCKET: PerCpuArray<RejectBucket> = per_cpu_array_of(map_table::REJECT_BUCKET)
 );
 table_map!(
     /// The service-CIDR guard: ServiceCIDR prefixes and every ClusterIP, with `guard_flags`.

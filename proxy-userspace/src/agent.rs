@@ -7,7 +7,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use proxy_common::map_names;
 use tracing::{debug, error, info};
 
 use crate::{
@@ -135,7 +134,12 @@ impl Dataplane {
             Some(bpf_log::BpfLogger::take_from(&mut ebpf)?)
         };
         let north_south = north_south_settings(args);
-        north_south::check_node_settings(&north_south);
+        north_south::check_node_settings();
+        // Before the programs can masquerade with them.
+        crate::node_ports::reserve(
+            &crate::node_ports::PortSettings::default(),
+            north_south.snat_ports,
+        )?;
         let (generation, tc_attachments) =
             loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
         migration.after_attach();
@@ -373,10 +377,7 @@ fn spawn_upkeep(
                 };
                 counted = back;
                 fill.record(counts);
-                fill.record([
-                    (map_names::CT4, report.entries.0 as u64),
-                    (map_names::CT6, report.entries.1 as u64),
-                ]);
+                fill.record(report.entries.map(|(map, entries)| (map, entries as u64)));
                 if report.removed > 0 {
                     debug!(
                         removed = report.removed,

@@ -266,6 +266,14 @@ pub struct MapSizeArgs {
           default_value_t = CapacitySetting::Conntrack.default_capacity())]
     pub bpf_ct_global_max: u32,
 
+    /// Entries of each family's map of TC flows not yet confirmed by both sides (two per flow
+    /// until the client acknowledges the backend's SYN-ACK, or a UDP flow's first reply).
+    /// Preallocated LRU of its own: a flood of unanswered flows evicts only its own kind,
+    /// never an established flow.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
+          default_value_t = CapacitySetting::ConntrackUnreplied.default_capacity())]
+    pub bpf_ct_unreplied_max: u32,
+
     /// Entries of each family's socket reverse-NAT map (one per connected socket to a
     /// Service, one per Service backend of an unconnected UDP socket). Preallocated LRU.
     #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
@@ -291,6 +299,10 @@ impl MapSizeArgs {
         Capacities::default()
             .with(CapacitySetting::LoadBalancer, self.bpf_lb_map_max)
             .with(CapacitySetting::Conntrack, self.bpf_ct_global_max)
+            .with(
+                CapacitySetting::ConntrackUnreplied,
+                self.bpf_ct_unreplied_max,
+            )
             .with(CapacitySetting::SockRevNat, self.bpf_sock_rev_map_max)
             .with(CapacitySetting::Affinity, self.bpf_affinity_map_max)
             .with(
@@ -321,10 +333,11 @@ pub struct NorthSouthArgs {
     #[arg(long)]
     pub masquerade_all: bool,
 
-    /// Source ports of masqueraded north-south flows. Keep it outside the node's ephemeral
-    /// range (net.ipv4.ip_local_port_range) so they never collide with the node's own
-    /// connections; the agent warns on overlap.
-    #[arg(long, default_value = "61000-65535", value_parser = port_range, value_name = "MIN-MAX")]
+    /// Source ports of masqueraded north-south flows (a client's own port is kept when it
+    /// lies in the range and is free). The agent reserves the range in
+    /// net.ipv4.ip_local_reserved_ports so the node's own connections never pick these
+    /// ports; if it cannot, a range overlapping net.ipv4.ip_local_port_range is refused.
+    #[arg(long, default_value = "46000-65535", value_parser = port_range, value_name = "MIN-MAX")]
     pub snat_port_range: crate::bpf::north_south::PortRange,
 }
 
@@ -399,8 +412,8 @@ mod tests {
         assert_eq!(
             args.north_south.snat_port_range,
             PortRange {
-                min: 61_000,
-                max: 65_535
+                min: proxy_common::DEFAULT_SNAT_PORTS.0,
+                max: proxy_common::DEFAULT_SNAT_PORTS.1
             }
         );
     }
@@ -423,6 +436,8 @@ mod tests {
             "1024",
             "--bpf-ct-global-max",
             "4096",
+            "--bpf-ct-unreplied-max",
+            "1024",
             "--bpf-sock-rev-map-max",
             "2048",
             "--bpf-affinity-map-max",
@@ -435,6 +450,7 @@ mod tests {
         for (setting, entries) in [
             (CapacitySetting::LoadBalancer, 1024),
             (CapacitySetting::Conntrack, 4096),
+            (CapacitySetting::ConntrackUnreplied, 1024),
             (CapacitySetting::SockRevNat, 2048),
             (CapacitySetting::Affinity, 512),
             (CapacitySetting::SourceRanges, 64),

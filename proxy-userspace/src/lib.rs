@@ -19,6 +19,7 @@ pub mod maps;
 pub mod model;
 pub mod monitor;
 pub mod node;
+pub mod node_ports;
 pub mod offline;
 pub mod plan;
 pub mod reconcile;

@@ -423,6 +423,11 @@ impl TcFixture {
     /// Creates the namespace, moves the calling thread into it and loads the object with
     /// fresh maps (no pinning).
     pub fn new() -> Result<Self> {
+        Self::with_capacities(&[])
+    }
+
+    /// As [`TcFixture::new`], with the named maps created with these capacities.
+    pub fn with_capacities(capacities: &[(&str, u32)]) -> Result<Self> {
         let path = object_path();
         let bytes = std::fs::read(&path).with_context(|| missing_object(&path))?;
         let mut netns = NetnsGuard::create()?;
@@ -432,7 +437,11 @@ impl TcFixture {
             .with_context(|| format!("ifindex of {}", net::CLIENT_LINK))?;
         let backend_ifindex = nix::net::if_::if_nametoindex(net::BACKEND_LINK)
             .with_context(|| format!("ifindex of {}", net::BACKEND_LINK))?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in capacities {
+            loader.map_max_entries(name, *entries);
+        }
+        let mut ebpf = loader
             .load(&bytes)
             .with_context(|| format!("loading {}", path.display()))?;
         let program: &mut SchedClassifier = ebpf
@@ -717,69 +726,106 @@ impl TcFixture {
         Ok(counters)
     }
 
-    /// The conntrack entry under `key`, if any.
+    /// The conntrack entry under `key`, if any, as the datapath finds it: in the main map,
+    /// else in the map of unconfirmed flows.
     pub fn ct(&self, key: &Tuple) -> Result<Option<CtValue>> {
-        match (key.src.ip(), key.dst.ip()) {
-            (IpAddr::V4(_), IpAddr::V4(_)) => {
-                let map = self.hash::<Ct4Key, Ct4Entry>(map_names::CT4)?;
-                optional(map.get(&ct4_key(key), 0)).map(|v| v.map(ct4_value))
-            }
-            (IpAddr::V6(_), IpAddr::V6(_)) => {
-                let map = self.hash::<Ct6Key, Ct6Entry>(map_names::CT6)?;
-                optional(map.get(&ct6_key(key), 0)).map(|v| v.map(ct6_value))
-            }
-            _ => bail!("mixed-family tuple {key}"),
-        }
+        Ok(self.ct_in(key)?.map(|(value, _)| value))
     }
 
-    /// Every conntrack entry of one family. Fails if a key's padding is not zero (such a key
-    /// could never be found by a lookup built from a packet).
+    /// The conntrack entry under `key` and whether it is in the map of unconfirmed flows.
+    pub fn ct_in(&self, key: &Tuple) -> Result<Option<(CtValue, bool)>> {
+        for (unreplied, (name4, name6)) in [
+            (false, (map_names::CT4, map_names::CT6)),
+            (true, (map_names::CT4_UNREPLIED, map_names::CT6_UNREPLIED)),
+        ] {
+            let found = match (key.src.ip(), key.dst.ip()) {
+                (IpAddr::V4(_), IpAddr::V4(_)) => {
+                    let map = self.hash::<Ct4Key, Ct4Entry>(name4)?;
+                    optional(map.get(&ct4_key(key), 0))?.map(ct4_value)
+                }
+                (IpAddr::V6(_), IpAddr::V6(_)) => {
+                    let map = self.hash::<Ct6Key, Ct6Entry>(name6)?;
+                    optional(map.get(&ct6_key(key), 0))?.map(ct6_value)
+                }
+                _ => bail!("mixed-family tuple {key}"),
+            };
+            if let Some(value) = found {
+                return Ok(Some((value, unreplied)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every conntrack entry of one family, in both maps (the main map's where a key is in
+    /// both). Fails if a key's padding is not zero (such a key could never be found by a
+    /// lookup built from a packet).
     pub fn ct_entries(&self, ipv6: bool) -> Result<BTreeMap<Tuple, CtValue>> {
         let mut entries = BTreeMap::new();
-        if ipv6 {
-            for item in &self.hash::<Ct6Key, Ct6Entry>(map_names::CT6)? {
-                let (key, value) = item?;
-                ensure!(key.pad == [0; 3], "CT6 key with non-zero padding: {key:?}");
-                entries.insert(tuple6(&key), ct6_value(value));
-            }
-        } else {
-            for item in &self.hash::<Ct4Key, Ct4Entry>(map_names::CT4)? {
-                let (key, value) = item?;
-                ensure!(key.pad == [0; 3], "CT4 key with non-zero padding: {key:?}");
-                entries.insert(tuple4(&key), ct4_value(value));
+        for (name4, name6) in [
+            (map_names::CT4_UNREPLIED, map_names::CT6_UNREPLIED),
+            (map_names::CT4, map_names::CT6),
+        ] {
+            if ipv6 {
+                for item in &self.hash::<Ct6Key, Ct6Entry>(name6)? {
+                    let (key, value) = item?;
+                    ensure!(
+                        key.pad == [0; 3],
+                        "{name6} key with non-zero padding: {key:?}"
+                    );
+                    entries.insert(tuple6(&key), ct6_value(value));
+                }
+            } else {
+                for item in &self.hash::<Ct4Key, Ct4Entry>(name4)? {
+                    let (key, value) = item?;
+                    ensure!(
+                        key.pad == [0; 3],
+                        "{name4} key with non-zero padding: {key:?}"
+                    );
+                    entries.insert(tuple4(&key), ct4_value(value));
+                }
             }
         }
         Ok(entries)
     }
 
-    /// Writes a conntrack entry (to age or forge state the way time would).
+    /// Writes a conntrack entry (to age or forge state the way time would) in the map that
+    /// holds it now (the main map for a new key).
     pub fn ct_put(&mut self, key: &Tuple, value: &CtValue) -> Result<()> {
-        if key.src.is_ipv4() {
-            self.hash_mut::<Ct4Key, Ct4Entry>(map_names::CT4)?.insert(
-                ct4_key(key),
-                ct4_entry(value)?,
-                0,
-            )?;
+        let unreplied = self.ct_in(key)?.is_some_and(|(_, unreplied)| unreplied);
+        let (name4, name6) = if unreplied {
+            (map_names::CT4_UNREPLIED, map_names::CT6_UNREPLIED)
         } else {
-            self.hash_mut::<Ct6Key, Ct6Entry>(map_names::CT6)?.insert(
-                ct6_key(key),
-                ct6_entry(value)?,
-                0,
-            )?;
+            (map_names::CT4, map_names::CT6)
+        };
+        if key.src.is_ipv4() {
+            self.hash_mut::<Ct4Key, Ct4Entry>(name4)?
+                .insert(ct4_key(key), ct4_entry(value)?, 0)?;
+        } else {
+            self.hash_mut::<Ct6Key, Ct6Entry>(name6)?
+                .insert(ct6_key(key), ct6_entry(value)?, 0)?;
         }
         Ok(())
     }
 
-    /// Removes a conntrack entry (missing is fine).
+    /// Removes a conntrack entry from both maps (missing is fine).
     pub fn ct_delete(&mut self, key: &Tuple) -> Result<()> {
-        let result = if key.src.is_ipv4() {
-            self.hash_mut::<Ct4Key, Ct4Entry>(map_names::CT4)?
-                .remove(&ct4_key(key))
-        } else {
-            self.hash_mut::<Ct6Key, Ct6Entry>(map_names::CT6)?
-                .remove(&ct6_key(key))
-        };
-        optional(result).map(drop)
+        for (name4, name6) in [
+            (map_names::CT4, map_names::CT6),
+            (map_names::CT4_UNREPLIED, map_names::CT6_UNREPLIED),
+        ] {
+            if key.src.is_ipv4() {
+                let mut map = self.hash_mut::<Ct4Key, Ct4Entry>(name4)?;
+                if optional(map.get(&ct4_key(key), 0))?.is_some() {
+                    map.remove(&ct4_key(key))?;
+                }
+            } else {
+                let mut map = self.hash_mut::<Ct6Key, Ct6Entry>(name6)?;
+                if optional(map.get(&ct6_key(key), 0))?.is_some() {
+                    map.remove(&ct6_key(key))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -237,6 +237,39 @@ impl Testkit {
         RunningClient::spawn(&mut command, request.worst_case())
     }
 
+    /// Sends crafted IPv4 TCP segments from `netns` (see `sy-testkit spoof`); returns how many
+    /// were sent (a flood stops at `max` whatever the count).
+    pub fn spoof(&self, netns: &str, segment: &Spoof) -> Result<u32> {
+        let mut command = Command::new(&self.bin);
+        command.args([
+            "spoof",
+            "--netns",
+            netns,
+            "--target",
+            &segment.target.to_string(),
+            "--source",
+            &segment.source.to_string(),
+            "--flags",
+            &segment.flags.to_string(),
+            "--seq",
+            &segment.seq.to_string(),
+            "--ack",
+            &segment.ack.to_string(),
+            "--count",
+            &segment.count.to_string(),
+            "--max-ms",
+            &millis(segment.max),
+        ]);
+        if segment.vary_source {
+            command.arg("--vary-source");
+        }
+        let output = crate::process::run_checked(&mut command, segment.max + CLIENT_SLACK)?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.trim()
+            .parse()
+            .with_context(|| format!("sy-testkit spoof printed {text:?}"))
+    }
+
     /// Opens one TCP connection and sends a request on it every `every` for `duration`.
     pub fn hold(
         &self,
@@ -379,4 +412,41 @@ impl RunningClient {
 
 fn millis(duration: Duration) -> String {
     duration.as_millis().to_string()
+}
+
+/// Crafted IPv4 TCP segments for [`Testkit::spoof`].
+#[derive(Clone, Debug)]
+pub struct Spoof {
+    pub source: std::net::SocketAddrV4,
+    pub target: std::net::SocketAddrV4,
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub count: u32,
+    /// Vary the source host, port and sequence number segment by segment (a flood).
+    pub vary_source: bool,
+    /// The time bound of the whole send.
+    pub max: Duration,
+}
+
+impl Spoof {
+    /// One segment.
+    pub fn one(
+        source: std::net::SocketAddrV4,
+        target: std::net::SocketAddrV4,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+    ) -> Self {
+        Self {
+            source,
+            target,
+            flags,
+            seq,
+            ack,
+            count: 1,
+            vary_source: false,
+            max: Duration::from_secs(2),
+        }
+    }
 }

@@ -25,7 +25,8 @@ const ECONNREFUSED: i32 = libc::ECONNREFUSED;
 const EHOSTUNREACH: i32 = libc::EHOSTUNREACH;
 const ENETUNREACH: i32 = libc::ENETUNREACH;
 /// The agent's default `--snat-port-range`.
-const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61_000..=65_535;
+const DEFAULT_SNAT_PORTS: RangeInclusive<u16> =
+    proxy_common::DEFAULT_SNAT_PORTS.0..=proxy_common::DEFAULT_SNAT_PORTS.1;
 /// Client timeout for checks that expect a DROP (the client must wait this long).
 const DROP_TIMEOUT: Duration = Duration::from_secs(1);
 /// A REJECT (RST or ICMP) arrives in well under this.

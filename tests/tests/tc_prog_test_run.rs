@@ -22,7 +22,7 @@ use switchyard_tests::tc_fixture::{
 
 const SEC: u64 = 1_000_000_000;
 /// What the program uses when the configuration entry is all zero.
-const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+const DEFAULT_SNAT_PORTS: (u16, u16) = proxy_common::DEFAULT_SNAT_PORTS;
 /// The SNAT range the tests configure.
 const SNAT_PORTS: (u16, u16) = (45_000, 45_999);
 /// Slack between bpf_ktime_get_ns and our clock_gettime readings.
@@ -343,8 +343,17 @@ fn assert_ct_pair(
         .ct(&reply_key)
         .expect("CT lookup")
         .unwrap_or_else(|| panic!("{what}: no reply entry {reply_key}; entries {}", dump()));
+    // A TCP flow's reply entry keeps its sequence ends instead of a lifetime (checked by the
+    // sequence tests); a UDP flow's has neither.
+    let seq_flags = ct_flags::SEQ_FORWARD | ct_flags::SEQ_REPLY;
+    let tcp = original.protocol == TCP;
     assert_eq!(
-        (reply.src, reply.dst, reply.flags, reply.expires_ns),
+        (
+            reply.src,
+            reply.dst,
+            reply.flags & !seq_flags,
+            if tcp { 0 } else { reply.expires_ns }
+        ),
         (
             original.dst,
             original.src,
@@ -353,6 +362,15 @@ fn assert_ct_pair(
         ),
         "{what}: reply entry {reply_key} (src, dst, flags, expires_ns) in {reply:?}"
     );
+    if tcp {
+        assert_ne!(
+            reply.flags & ct_flags::SEQ_FORWARD,
+            0,
+            "{what}: reply entry {reply_key} without the client's sequence end: {reply:?}"
+        );
+    } else {
+        assert_eq!(reply.flags & seq_flags, 0, "{what}: UDP sequence flags");
+    }
 }
 
 /// What the first packet of a flow must turn into.
@@ -1349,9 +1367,10 @@ fn non_service_traffic_passes_untouched() {
 }
 
 /// The stale-conntrack trap: a non-service SYN whose reversed tuple is a leftover reply entry
-/// removes it, so the answer to that new connection is not rewritten.
+/// of an ended flow removes it, so the answer to that new connection is not rewritten; the
+/// reply entry of a live flow is never removed that way.
 #[test]
-fn non_service_syn_purges_stale_reply_entry() {
+fn non_service_syn_purges_a_stale_reply_entry_never_a_live_one() {
     require_root!();
     for family in Family::ALL {
         let what = |step: &str| format!("{family:?} stale conntrack: {step}");
@@ -1386,11 +1405,36 @@ fn non_service_syn_purges_stale_reply_entry() {
         );
         let backend = local[0].addr;
         let reply_key = Tuple::new(backend, client, TCP);
-        assert!(fx.ct(&reply_key).unwrap().is_some());
+        let live_reply = fx.ct(&reply_key).unwrap().expect("reply entry");
 
-        // The same client port, now straight to the backend's own address.
-        let direct = Packet::tcp(client, backend, SYN, 555, 0);
-        let moved = pass(&fx, direct, &what("direct SYN"));
+        // While the service flow lives, a SYN on its reversed reply tuple (spoofed, or the
+        // client reaching the backend directly from the same port) leaves it alone.
+        let direct = || Packet::tcp(client, backend, SYN, 555, 0);
+        let moved = pass(&fx, direct(), &what("direct SYN on a live flow's tuple"));
+        assert_eq!(
+            (
+                moved.get(reason::TC_CT_COLLISION),
+                moved.get(reason::TC_STALE_CT_PURGED)
+            ),
+            (1, 0),
+            "{}: counters {moved}",
+            what("direct SYN on a live flow's tuple")
+        );
+        assert_eq!(
+            fx.ct(&reply_key).unwrap(),
+            Some(live_reply),
+            "{}",
+            what("a non-service SYN changed a live flow's reply entry")
+        );
+        let synack = Packet::tcp(backend, client, SYN | ACK, 9, 2);
+        reply(&fx, synack, fe, client, &what("the live flow's SYN-ACK"));
+
+        // The service flow ends (its lifetime runs out): now its reply entry is stale.
+        let flow_key = Tuple::new(client, fe, TCP);
+        let mut ended = forward_entry(&fx, flow_key);
+        ended.expires_ns = 1;
+        fx.ct_put(&flow_key, &ended).unwrap();
+        let moved = pass(&fx, direct(), &what("direct SYN"));
         assert_eq!(
             moved.get(reason::TC_STALE_CT_PURGED),
             1,
@@ -1520,11 +1564,17 @@ fn close_flow(fx: &TcFixture, flow: &RestartFlow, close: Close, what: &dyn Fn(&s
     );
 }
 
-/// A SYN on the tuple of a flow that saw a reply, a FIN or a RST starts a new flow and picks
-/// the backend anew; a retransmitted SYN of an unanswered flow keeps its backend and port.
-/// The service's only backend is replaced before the SYN, so the choice is observable.
+/// A SYN on the tuple of a closed flow (both FINs or an in-window RST) starts a new flow and
+/// picks the backend anew; on an established or half-closed flow it goes to that flow's
+/// backend and changes nothing (a spoofed SYN cannot restart a live flow); a retransmitted SYN
+/// of an unanswered flow keeps its backend and port. The service's only backend is replaced
+/// before the SYN, so the choice is observable.
 #[test]
-fn syn_after_close_starts_a_new_flow() {
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table over every way a flow can end, both families"
+)]
+fn syn_after_close_starts_a_new_flow_and_syn_on_a_live_flow_is_ignored() {
     require_root!();
     let cases = [
         Close::Unanswered,
@@ -1586,6 +1636,42 @@ fn syn_after_close_starts_a_new_flow() {
                 moved.assert_moved(&[(reason::TC_SYN_RESTARTED, 0)], &what("retransmit"));
                 let entry = forward_entry(&fx, Tuple::new(client, fe, TCP));
                 assert_eq!(entry.backend_id, backend.id, "{}", what("retransmit"));
+            } else if matches!(
+                close,
+                Close::Established | Close::ClientFin | Close::BackendFin
+            ) {
+                let flow_key = Tuple::new(client, fe, TCP);
+                let entry_before = forward_entry(&fx, flow_key);
+                let reply_before = fx.ct(&Tuple::new(backend.addr, flow.masq, TCP)).unwrap();
+                let before = fx.counters().unwrap();
+                let (_, _, out) = inject(&fx, Packet::tcp(client, fe, SYN, 50_000, 0));
+                let got = expect_redirect(&out, &what("SYN on a live flow"));
+                assert_eq!(
+                    (got.src_socket(), got.dst_socket()),
+                    (flow.masq, backend.addr),
+                    "{}",
+                    what("a SYN on a live flow goes to its backend")
+                );
+                fx.counters().unwrap().since(&before).assert_moved(
+                    &[
+                        (reason::TC_SYN_IGNORED, 1),
+                        (reason::TC_SYN_RESTARTED, 0),
+                        (reason::TC_NEW_FLOW, 0),
+                    ],
+                    &what("SYN on a live flow"),
+                );
+                assert_eq!(
+                    forward_entry(&fx, flow_key),
+                    entry_before,
+                    "{}",
+                    what("the SYN changed the flow's state")
+                );
+                assert_eq!(
+                    fx.ct(&Tuple::new(backend.addr, flow.masq, TCP)).unwrap(),
+                    reply_before,
+                    "{}",
+                    what("the SYN changed the reply entry (sequence ends)")
+                );
             } else {
                 let expect = NewFlow {
                     backends: &new,
@@ -2027,6 +2113,838 @@ fn the_service_cidr_guard_refuses_other_ports_and_drops_unallocated_addresses() 
                 .since(&before)
                 .get(reason::TC_NEW_FLOW),
             1
+        );
+    }
+}
+
+/// A NodePort (eTP Cluster) with one backend for the conntrack-hardening tests; returns the
+/// frontend and the backend.
+fn one_backend_nodeport(
+    fx: &mut TcFixture,
+    family: Family,
+    port: u16,
+    rev_nat_id: u32,
+) -> (SocketAddr, Backend) {
+    fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+    let fe = sa(family.node(), port);
+    let pool = backends(family, &[2], 8080, rev_nat_id * 10);
+    fx.add_frontend(&frontend(
+        fe,
+        TCP,
+        scope::EXTERNAL,
+        rev_nat_id,
+        service_flags::NODE_PORT,
+        &pool,
+    ))
+    .unwrap();
+    (fe, pool[0])
+}
+
+/// Opens a masqueraded TCP flow: SYN (client seq 1000), SYN-ACK (backend seq 9000), ACK, and
+/// 100 bytes from the client. Returns the node's side towards the backend.
+fn established(
+    fx: &TcFixture,
+    fe: SocketAddr,
+    client: SocketAddr,
+    backend: Backend,
+    what: &dyn Fn(&str) -> String,
+) -> SocketAddr {
+    let (_, _, out) = inject(fx, Packet::tcp(client, fe, SYN, 1000, 0));
+    let translated = expect_redirect(&out, &what("SYN"));
+    assert_eq!(translated.dst_socket(), backend.addr, "{}", what("SYN"));
+    let masq = translated.src_socket();
+    reply(
+        fx,
+        Packet::tcp(backend.addr, masq, SYN | ACK, 9000, 1001),
+        fe,
+        client,
+        &what("SYN-ACK"),
+    );
+    forward(
+        fx,
+        Packet::tcp(client, fe, ACK, 1001, 9001),
+        masq,
+        backend.addr,
+        &what("ACK"),
+    );
+    let data = Packet::tcp(client, fe, ACK | PSH, 1001, 9001).with_payload(&[7; 100]);
+    forward(fx, data, masq, backend.addr, &what("100 bytes"));
+    masq
+}
+
+/// The sequence ends a flow's reply entry holds (client, backend) and its flags.
+fn sequence_ends(fx: &TcFixture, reply_key: Tuple) -> (u32, u32, u16) {
+    let entry = fx.ct(&reply_key).unwrap().expect("reply entry");
+    let (client, backend) = proxy_common::ct_seq::split(entry.expires_ns);
+    (
+        client,
+        backend,
+        entry.flags & (ct_flags::SEQ_FORWARD | ct_flags::SEQ_REPLY),
+    )
+}
+
+/// Sequence ends follow the flow; a RST outside its sender's sequence space (from either
+/// side) is dropped and changes nothing; a RST in it closes the flow; a RST refusing a SYN
+/// must acknowledge exactly the SYN.
+#[test]
+fn rst_changes_state_only_inside_the_sequence_space() {
+    require_root!();
+    let far = 1u32 << 25;
+    for family in Family::ALL {
+        for from_client in [true, false] {
+            let what = |step: &str| {
+                format!(
+                    "{family:?} RST from the {}: {step}",
+                    if from_client { "client" } else { "backend" }
+                )
+            };
+            let mut fx = fixture();
+            let (fe, backend) = one_backend_nodeport(&mut fx, family, 30090, 150);
+            let client = sa(family.client(), 40300);
+            let masq = established(&fx, fe, client, backend, &what);
+            let flow_key = Tuple::new(client, fe, TCP);
+            let reply_key = Tuple::new(backend.addr, masq, TCP);
+            assert_eq!(
+                sequence_ends(&fx, reply_key),
+                (1101, 9001, ct_flags::SEQ_FORWARD | ct_flags::SEQ_REPLY),
+                "{}",
+                what("sequence ends after the handshake and 100 bytes")
+            );
+            let entry = forward_entry(&fx, flow_key);
+            let rst = |seq: u32| {
+                if from_client {
+                    Packet::tcp(client, fe, RST | ACK, seq, 9001)
+                } else {
+                    Packet::tcp(backend.addr, masq, RST, seq, 0)
+                }
+            };
+            let end = if from_client { 1101u32 } else { 9001 };
+            for (seq, case) in [
+                (end.wrapping_add(1), "one past the end"),
+                (end.wrapping_add(far), "far ahead"),
+                (end.wrapping_sub(far), "far behind"),
+                (end ^ 0x8000_0000, "half the space away"),
+            ] {
+                drop_with(&fx, rst(seq), reason::TC_RST_OUT_OF_WINDOW, &what(case));
+                assert_eq!(forward_entry(&fx, flow_key), entry, "{}", what(case));
+            }
+            // The flow still works both ways.
+            forward(
+                &fx,
+                Packet::tcp(client, fe, ACK, 1101, 9001),
+                masq,
+                backend.addr,
+                &what("ACK after the spoofed RSTs"),
+            );
+            reply(
+                &fx,
+                Packet::tcp(backend.addr, masq, ACK, 9001, 1101),
+                fe,
+                client,
+                &what("reply after the spoofed RSTs"),
+            );
+            // A RST a little behind the end (the peer's last acknowledgment) is in the window.
+            let seq = end.wrapping_sub(50);
+            if from_client {
+                forward(&fx, rst(seq), masq, backend.addr, &what("in-window RST"));
+            } else {
+                reply(&fx, rst(seq), fe, client, &what("in-window RST"));
+            }
+            let closed = forward_entry(&fx, flow_key);
+            assert_ne!(
+                closed.flags & ct_flags::RST,
+                0,
+                "{}",
+                what("in-window RST closes")
+            );
+        }
+
+        // A RST refusing the SYN (the backend has sent nothing yet) must acknowledge the SYN.
+        let what = |step: &str| format!("{family:?} refused SYN: {step}");
+        let mut fx = fixture();
+        let (fe, backend) = one_backend_nodeport(&mut fx, family, 30091, 151);
+        let client = sa(family.client(), 40301);
+        let (_, _, out) = inject(&fx, Packet::tcp(client, fe, SYN, 5000, 0));
+        let masq = expect_redirect(&out, &what("SYN")).src_socket();
+        drop_with(
+            &fx,
+            Packet::tcp(backend.addr, masq, RST | ACK, 0, 777),
+            reason::TC_RST_OUT_OF_WINDOW,
+            &what("RST acknowledging something else"),
+        );
+        reply(
+            &fx,
+            Packet::tcp(backend.addr, masq, RST | ACK, 0, 5001),
+            fe,
+            client,
+            &what("RST acknowledging the SYN"),
+        );
+        let entry = forward_entry(&fx, Tuple::new(client, fe, TCP));
+        assert_ne!(entry.flags & ct_flags::RST, 0, "{}", what("closed"));
+    }
+}
+
+/// A masqueraded flow keeps its client's source port when it lies in the SNAT range and is
+/// free; a second client with the same port gets another one.
+#[test]
+fn snat_keeps_the_client_port_when_it_is_free() {
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} kept port: {step}");
+        let mut fx = fixture();
+        let (fe, backend) = one_backend_nodeport(&mut fx, family, 30092, 152);
+        let pool = [backend];
+        let port = SNAT_PORTS.0 + 500;
+        let expect = NewFlow {
+            backends: &pool,
+            snat: Some(SNAT_PORTS),
+            rev_nat_id: 152,
+            counters: &[(reason::TC_NEW_FLOW, 1), (reason::TC_SNAT_PORT_KEPT, 1)],
+        };
+        let a = sa(family.client(), port);
+        let (_, to_a) = new_flow(
+            &fx,
+            Packet::tcp(a, fe, SYN, 1, 0),
+            &expect,
+            &what("client A"),
+        );
+        assert_eq!(to_a.src_socket().port(), port, "{}", what("A's port"));
+        let expect = NewFlow {
+            counters: &[(reason::TC_NEW_FLOW, 1), (reason::TC_SNAT_PORT_KEPT, 0)],
+            ..expect
+        };
+        let b = sa(family.remote(9), port);
+        let (_, to_b) = new_flow(
+            &fx,
+            Packet::tcp(b, fe, SYN, 1, 0),
+            &expect,
+            &what("client B, same port"),
+        );
+        assert_ne!(
+            to_b.src_socket().port(),
+            port,
+            "{}",
+            what("B shares A's port")
+        );
+        // Outside the range: a port from the range.
+        let c = sa(family.remote(10), 40_000);
+        let (_, to_c) = new_flow(
+            &fx,
+            Packet::tcp(c, fe, SYN, 1, 0),
+            &expect,
+            &what("client C, port outside the range"),
+        );
+        assert_ne!(to_c.src_socket().port(), 40_000, "{}", what("C's port"));
+    }
+}
+
+/// How a flow of the reuse test ends.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Fins,
+    Rst,
+    UdpLifetime,
+}
+
+/// With every SNAT port taken, a new flow gets the port of a flow that ended (both FINs, a
+/// RST, a UDP flow past its lifetime) from the datapath alone; while the flows live, none.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table over every way a flow can end, both families"
+)]
+fn snat_ports_of_ended_flows_return_in_the_datapath() {
+    require_root!();
+    let range = (50_000, 50_001);
+    for family in Family::ALL {
+        for end in [End::Fins, End::Rst, End::UdpLifetime] {
+            let what = |step: &str| format!("{family:?} {end:?}: {step}");
+            let protocol = if matches!(end, End::UdpLifetime) {
+                UDP
+            } else {
+                TCP
+            };
+            let mut fx = fixture();
+            fx.set_config(&cluster_config(0, range)).unwrap();
+            let fe = sa(family.node(), 30093);
+            let pool = backends(family, &[2], 8080, 1601);
+            fx.add_frontend(&frontend(
+                fe,
+                protocol,
+                scope::EXTERNAL,
+                160,
+                service_flags::NODE_PORT,
+                &pool,
+            ))
+            .unwrap();
+            let first = |client: SocketAddr| {
+                if protocol == TCP {
+                    Packet::tcp(client, fe, SYN, 1000, 0)
+                } else {
+                    Packet::udp(client, fe, b"q")
+                }
+            };
+            let expect = NewFlow {
+                backends: &pool,
+                snat: Some(range),
+                rev_nat_id: 160,
+                counters: NEW_FLOW,
+            };
+            let a = sa(family.client(), 40000);
+            let b = sa(family.remote(7), 40000);
+            let c = sa(family.remote(8), 40000);
+            let (_, to_a) = new_flow(&fx, first(a), &expect, &what("flow A"));
+            new_flow(&fx, first(b), &expect, &what("flow B"));
+            drop_with(
+                &fx,
+                first(c),
+                reason::TC_SNAT_EXHAUSTED,
+                &what("flow C, every port live"),
+            );
+            let masq_a = to_a.src_socket();
+            let backend = pool[0].addr;
+            match end {
+                End::Fins => {
+                    reply(
+                        &fx,
+                        Packet::tcp(backend, masq_a, SYN | ACK, 9000, 1001),
+                        fe,
+                        a,
+                        &what("SYN-ACK"),
+                    );
+                    forward(
+                        &fx,
+                        Packet::tcp(a, fe, FIN | ACK, 1001, 9001),
+                        masq_a,
+                        backend,
+                        &what("client FIN"),
+                    );
+                    reply(
+                        &fx,
+                        Packet::tcp(backend, masq_a, FIN | ACK, 9001, 1002),
+                        fe,
+                        a,
+                        &what("backend FIN"),
+                    );
+                }
+                End::Rst => {
+                    reply(
+                        &fx,
+                        Packet::tcp(backend, masq_a, SYN | ACK, 9000, 1001),
+                        fe,
+                        a,
+                        &what("SYN-ACK"),
+                    );
+                    forward(
+                        &fx,
+                        Packet::tcp(a, fe, RST, 1001, 0),
+                        masq_a,
+                        backend,
+                        &what("client RST"),
+                    );
+                }
+                End::UdpLifetime => {
+                    let key = Tuple::new(a, fe, UDP);
+                    let mut entry = forward_entry(&fx, key);
+                    entry.expires_ns = 1;
+                    fx.ct_put(&key, &entry).unwrap();
+                }
+            }
+            let expect = NewFlow {
+                counters: &[(reason::TC_NEW_FLOW, 1), (reason::TC_SNAT_PORT_REUSED, 1)],
+                ..expect
+            };
+            let (_, to_c) = new_flow(&fx, first(c), &expect, &what("flow C after A ended"));
+            assert_eq!(
+                to_c.src_socket(),
+                masq_a,
+                "{}",
+                what("C did not get A's port")
+            );
+            let answer = if protocol == TCP {
+                Packet::tcp(backend, masq_a, SYN | ACK, 1, 1001)
+            } else {
+                Packet::udp(backend, masq_a, b"a")
+            };
+            reply(&fx, answer, fe, c, &what("the reused port answers C"));
+        }
+    }
+}
+
+/// Two frontends reaching the same backend without masquerade (externalTrafficPolicy Local)
+/// from the same client port share one reply tuple: the second flow is refused, the first
+/// keeps its reply entry; once the first ends, the second gets through.
+#[test]
+fn a_live_reply_entry_is_never_overwritten() {
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} reply collision: {step}");
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        let local = backends(family, &[4], 8080, 1701);
+        let local_flags = service_flags::NODE_PORT | service_flags::EXTERNAL_LOCAL;
+        let first_fe = sa(family.node(), 30094);
+        let second_fe = sa(family.node(), 30095);
+        for (fe, id) in [(first_fe, 170), (second_fe, 171)] {
+            fx.add_frontend(&frontend(fe, TCP, scope::EXTERNAL, id, local_flags, &local))
+                .unwrap();
+            fx.add_frontend(&frontend(
+                fe,
+                TCP,
+                scope::LOCAL,
+                id,
+                service_flags::NODE_PORT,
+                &local,
+            ))
+            .unwrap();
+        }
+        let client = sa(family.remote(7), 40400);
+        let expect = NewFlow {
+            backends: &local,
+            snat: None,
+            rev_nat_id: 170,
+            counters: NEW_FLOW,
+        };
+        new_flow(
+            &fx,
+            Packet::tcp(client, first_fe, SYN, 1000, 0),
+            &expect,
+            &what("first flow"),
+        );
+        let reply_key = Tuple::new(local[0].addr, client, TCP);
+        let owned = fx.ct(&reply_key).unwrap();
+        drop_with(
+            &fx,
+            Packet::tcp(client, second_fe, SYN, 1000, 0),
+            reason::TC_CT_COLLISION,
+            &what("second flow"),
+        );
+        assert_eq!(
+            fx.ct(&reply_key).unwrap(),
+            owned,
+            "{}",
+            what("the reply entry was overwritten")
+        );
+        assert!(
+            fx.ct(&Tuple::new(client, second_fe, TCP))
+                .unwrap()
+                .is_none()
+        );
+        reply(
+            &fx,
+            Packet::tcp(local[0].addr, client, SYN | ACK, 9000, 1001),
+            first_fe,
+            client,
+            &what("first flow's SYN-ACK"),
+        );
+
+        // The first flow is reset: the second may take the tuple.
+        forward(
+            &fx,
+            Packet::tcp(client, first_fe, RST, 1001, 0),
+            client,
+            local[0].addr,
+            &what("first flow's RST"),
+        );
+        let expect = NewFlow {
+            rev_nat_id: 171,
+            counters: &[(reason::TC_NEW_FLOW, 1), (reason::TC_SNAT_PORT_REUSED, 1)],
+            ..expect
+        };
+        new_flow(
+            &fx,
+            Packet::tcp(client, second_fe, SYN, 5000, 0),
+            &expect,
+            &what("second flow after the first ended"),
+        );
+        reply(
+            &fx,
+            Packet::tcp(local[0].addr, client, SYN | ACK, 1, 5001),
+            second_fe,
+            client,
+            &what("second flow's SYN-ACK"),
+        );
+    }
+}
+
+/// A service without endpoints never answers a RST, nor a packet from or to a broadcast or
+/// multicast address (dropped and counted).
+#[test]
+fn refusals_are_never_sent_to_resets_or_groups() {
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} suppressed refusal: {step}");
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        let fe = sa(family.node(), 30096);
+        fx.add_frontend(&frontend(
+            fe,
+            TCP,
+            scope::EXTERNAL,
+            180,
+            service_flags::NODE_PORT,
+            &[],
+        ))
+        .unwrap();
+        fx.add_frontend(&frontend(
+            fe,
+            UDP,
+            scope::EXTERNAL,
+            181,
+            service_flags::NODE_PORT,
+            &[],
+        ))
+        .unwrap();
+        let client = sa(family.client(), 40500);
+        for flags in [RST, RST | ACK] {
+            let before = fx.counters().unwrap();
+            let (_, _, out) = inject(&fx, Packet::tcp(client, fe, flags, 1, 1));
+            expect_shot(&out, &what("RST"));
+            fx.counters().unwrap().since(&before).assert_moved(
+                &[(reason::TC_REJECT_SUPPRESSED, 1), (reason::TC_REJECTED, 0)],
+                &what("RST"),
+            );
+        }
+        let group_source = family.ip(Ipv4Addr::new(224, 0, 0, 9), "ff02::9".parse().unwrap());
+        let broadcast_source = family.ip(Ipv4Addr::BROADCAST, Ipv6Addr::UNSPECIFIED);
+        for (packet, case) in [
+            (
+                Packet::tcp(sa(group_source, 40500), fe, SYN, 1, 0),
+                "TCP from a multicast address",
+            ),
+            (
+                Packet::udp(sa(group_source, 40500), fe, b"q"),
+                "UDP from a multicast address",
+            ),
+            (
+                Packet::udp(sa(broadcast_source, 68), fe, b"q"),
+                "UDP from the broadcast or unspecified address",
+            ),
+        ] {
+            let before = fx.counters().unwrap();
+            let (_, _, out) = inject(&fx, packet);
+            expect_shot(&out, &what(case));
+            fx.counters().unwrap().since(&before).assert_moved(
+                &[(reason::TC_REJECT_SUPPRESSED, 1), (reason::TC_REJECTED, 0)],
+                &what(case),
+            );
+        }
+        // A unicast packet in a broadcast or multicast frame.
+        for dst_mac in [
+            [0xff; 6],
+            [0x33, 0x33, 0, 0, 0, 1],
+            [0x01, 0x00, 0x5e, 0, 0, 1],
+        ] {
+            let frame = Packet::udp(client, fe, b"q")
+                .with_macs(net::CLIENT_MAC, dst_mac)
+                .to_frame();
+            let before = fx.counters().unwrap();
+            let out = fx.run(&frame).unwrap();
+            expect_shot(&out, &what("group frame"));
+            fx.counters().unwrap().since(&before).assert_moved(
+                &[(reason::TC_REJECT_SUPPRESSED, 1), (reason::TC_REJECTED, 0)],
+                &what("group frame"),
+            );
+        }
+        // A plain SYN is still refused.
+        let (_, _, out) = inject(&fx, Packet::tcp(client, fe, SYN, 1, 0));
+        let got = expect_redirect(&out, &what("SYN"));
+        assert_eq!(
+            got.tcp_header().expect("a RST").flags,
+            RST | ACK,
+            "{}",
+            what("SYN")
+        );
+    }
+}
+
+/// Refusals come out of a per-CPU token bucket: a burst of `reject_limit::BURST`, then
+/// `reject_limit::PER_SEC` a second; the rest are dropped and counted.
+#[test]
+fn refusals_are_rate_limited() {
+    use proxy_common::reject_limit::{BURST, PER_SEC};
+    require_root!();
+    for family in Family::ALL {
+        let what = format!("{family:?} refusal rate limit");
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        let fe = sa(family.node(), 30097);
+        fx.add_frontend(&frontend(
+            fe,
+            TCP,
+            scope::EXTERNAL,
+            190,
+            service_flags::NODE_PORT,
+            &[],
+        ))
+        .unwrap();
+        let attempts = BURST * 3;
+        // Test runs execute on the calling thread's CPU, and each CPU has its own bucket:
+        // keep the thread on one CPU meanwhile.
+        let _pinned = PinnedToOneCpu::new();
+        let before = fx.counters().unwrap();
+        let started = std::time::Instant::now();
+        let mut bounced = 0;
+        for n in 0..attempts {
+            let client = sa(family.client(), 41_000 + u16::try_from(n).unwrap());
+            let (_, _, out) = inject(&fx, Packet::tcp(client, fe, SYN, 1, 0));
+            if out.code == TC_ACT_REDIRECT {
+                bounced += 1;
+            } else {
+                expect_shot(&out, &what);
+            }
+        }
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+        let moved = fx.counters().unwrap().since(&before);
+        let refill = elapsed_ms * PER_SEC / 1000 + 1;
+        assert!(
+            (BURST..=BURST + refill).contains(&bounced),
+            "{what}: {bounced} refusals sent of {attempts} in {elapsed_ms} ms (burst {BURST}, {PER_SEC}/s); counters {moved}"
+        );
+        assert_eq!(moved.get(reason::TC_REJECTED), bounced, "{what}: {moved}");
+        assert_eq!(
+            moved.get(reason::TC_REJECT_RATE_LIMITED),
+            attempts - bounced,
+            "{what}: {moved}"
+        );
+    }
+}
+
+/// Keeps the calling thread on the CPU it runs on until dropped (then on its former set).
+struct PinnedToOneCpu(nix::sched::CpuSet);
+
+impl PinnedToOneCpu {
+    fn new() -> Self {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        let former = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+        let cpu = nix::sched::sched_getcpu().expect("sched_getcpu");
+        let mut one = CpuSet::new();
+        one.set(cpu).expect("a CPU number within the set");
+        sched_setaffinity(Pid::from_raw(0), &one).expect("sched_setaffinity");
+        Self(former)
+    }
+}
+
+impl Drop for PinnedToOneCpu {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
+}
+
+/// Whether both entries of a flow are in the map of unconfirmed flows (`true`) or in the main
+/// map (`false`); panics if they are apart or missing.
+#[track_caller]
+fn flow_map(fx: &TcFixture, forward_key: Tuple, reply_key: Tuple, what: &str) -> bool {
+    let (_, forward) = fx
+        .ct_in(&forward_key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what}: no forward entry {forward_key}"));
+    let (_, reply) = fx
+        .ct_in(&reply_key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what}: no reply entry {reply_key}"));
+    assert_eq!(
+        forward, reply,
+        "{what}: the flow's entries are in different maps"
+    );
+    forward
+}
+
+/// A new flow's entries go to the map of unconfirmed flows and work from there; a TCP flow
+/// moves to the main map when the client acknowledges exactly the backend's SYN-ACK (not on a
+/// blind ACK), a UDP flow on its first reply.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the TCP handshake and a UDP exchange, step by step"
+)]
+fn flows_move_to_the_main_map_once_both_sides_have_spoken() {
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} promotion: {step}");
+        let mut fx = fixture();
+        let (fe, backend) = one_backend_nodeport(&mut fx, family, 30098, 200);
+        let b = backend.addr;
+        let client = sa(family.client(), 40600);
+        let (_, _, out) = inject(&fx, Packet::tcp(client, fe, SYN, 1000, 0));
+        let masq = expect_redirect(&out, &what("SYN")).src_socket();
+        let forward_key = Tuple::new(client, fe, TCP);
+        let reply_key = Tuple::new(b, masq, TCP);
+        assert!(flow_map(
+            &fx,
+            forward_key,
+            reply_key,
+            &what("after the SYN")
+        ));
+        reply(
+            &fx,
+            Packet::tcp(b, masq, SYN | ACK, 9000, 1001),
+            fe,
+            client,
+            &what("SYN-ACK"),
+        );
+        assert!(flow_map(
+            &fx,
+            forward_key,
+            reply_key,
+            &what("after the SYN-ACK")
+        ));
+        forward(
+            &fx,
+            Packet::tcp(client, fe, ACK, 1001, 1234),
+            masq,
+            b,
+            &what("blind ACK"),
+        );
+        assert!(
+            flow_map(&fx, forward_key, reply_key, &what("after a blind ACK")),
+            "{}",
+            what("a blind ACK must not confirm the flow")
+        );
+        forward(
+            &fx,
+            Packet::tcp(client, fe, ACK, 1001, 9001),
+            masq,
+            b,
+            &what("ACK"),
+        );
+        assert!(
+            !flow_map(&fx, forward_key, reply_key, &what("after the ACK")),
+            "{}",
+            what("the handshake's ACK must confirm the flow")
+        );
+        let entry = forward_entry(&fx, forward_key);
+        assert_eq!(
+            entry.flags,
+            ct_flags::SNAT | ct_flags::SEEN_REPLY,
+            "{}",
+            what("state")
+        );
+        // Still translated both ways from the main map.
+        forward(
+            &fx,
+            Packet::tcp(client, fe, ACK | PSH, 1001, 9001).with_payload(b"x"),
+            masq,
+            b,
+            &what("data"),
+        );
+        reply(
+            &fx,
+            Packet::tcp(b, masq, ACK, 9001, 1002),
+            fe,
+            client,
+            &what("data ACK"),
+        );
+        assert_eq!(
+            sequence_ends(&fx, reply_key),
+            (1002, 9001, ct_flags::SEQ_FORWARD | ct_flags::SEQ_REPLY),
+            "{}",
+            what("sequence ends carried to the main map")
+        );
+
+        // UDP: the first reply confirms.
+        let udp_fe = sa(family.node(), 30099);
+        let pool = [Backend {
+            id: 2001,
+            addr: sa(family.host(3), 53),
+        }];
+        fx.add_frontend(&frontend(
+            udp_fe,
+            UDP,
+            scope::EXTERNAL,
+            201,
+            service_flags::NODE_PORT,
+            &pool,
+        ))
+        .unwrap();
+        let (_, _, out) = inject(&fx, Packet::udp(client, udp_fe, b"q"));
+        let udp_masq = expect_redirect(&out, &what("UDP query")).src_socket();
+        let forward_key = Tuple::new(client, udp_fe, UDP);
+        let reply_key = Tuple::new(pool[0].addr, udp_masq, UDP);
+        assert!(flow_map(
+            &fx,
+            forward_key,
+            reply_key,
+            &what("after the query")
+        ));
+        reply(
+            &fx,
+            Packet::udp(pool[0].addr, udp_masq, b"a"),
+            udp_fe,
+            client,
+            &what("UDP answer"),
+        );
+        assert!(!flow_map(
+            &fx,
+            forward_key,
+            reply_key,
+            &what("after the answer")
+        ));
+    }
+}
+
+/// A SYN flood (many more new flows than the map of unconfirmed flows holds) evicts only
+/// unconfirmed flows: an established flow stays in the main map and keeps working.
+#[test]
+fn a_syn_flood_never_evicts_an_established_flow() {
+    const UNREPLIED: u32 = 256;
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} SYN flood: {step}");
+        let mut fx = TcFixture::with_capacities(&[
+            (proxy_common::map_names::CT4_UNREPLIED, UNREPLIED),
+            (proxy_common::map_names::CT6_UNREPLIED, UNREPLIED),
+            (proxy_common::map_names::CT4, 64),
+            (proxy_common::map_names::CT6, 64),
+        ])
+        .unwrap_or_else(|e| panic!("TC fixture: {e:#}"));
+        let (fe, backend) = one_backend_nodeport(&mut fx, family, 30100, 210);
+        let client = sa(family.client(), 40700);
+        let masq = established(&fx, fe, client, backend, &what);
+        forward(
+            &fx,
+            Packet::tcp(client, fe, ACK, 1101, 9001),
+            masq,
+            backend.addr,
+            &what("confirming ACK"),
+        );
+        let forward_key = Tuple::new(client, fe, TCP);
+        let reply_key = Tuple::new(backend.addr, masq, TCP);
+        assert!(!flow_map(
+            &fx,
+            forward_key,
+            reply_key,
+            &what("before the flood")
+        ));
+        // Four times the unconfirmed map's capacity in flows, from spoofed sources.
+        for n in 0..UNREPLIED * 2 {
+            let host = u8::try_from(n % 200).unwrap() + 20;
+            let port = 20_000 + u16::try_from(n).unwrap();
+            let (_, _, out) = inject(
+                &fx,
+                Packet::tcp(sa(family.remote(host), port), fe, SYN, n, 0),
+            );
+            assert_eq!(out.code, TC_ACT_REDIRECT, "{}", what("flood SYN"));
+        }
+        assert!(
+            !flow_map(&fx, forward_key, reply_key, &what("after the flood")),
+            "{}",
+            what("the established flow left the main map")
+        );
+        forward(
+            &fx,
+            Packet::tcp(client, fe, ACK | PSH, 1101, 9001).with_payload(b"still"),
+            masq,
+            backend.addr,
+            &what("data after the flood"),
+        );
+        reply(
+            &fx,
+            Packet::tcp(backend.addr, masq, ACK, 9001, 1106),
+            fe,
+            client,
+            &what("reply after the flood"),
         );
     }
 }

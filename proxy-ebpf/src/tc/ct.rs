@@ -2,7 +2,10 @@
 //! are still alive. Every translated flow has a forward entry (client → frontend), which alone
 //! carries the state and lifetime, and a reply entry (backend → node or client) that lives as
 //! long as its forward entry and names it by its rewrite tuple.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
 use proxy_common::{ct_flags, ct_lifetime, protocol};
 
 use super::inet::{Flow, Inet, Packet, Tuple};
@@ -66,14 +69,39 @@ pub fn is_syn<A>(packet: &Packet<A>) -> bool {
     packet.tuple.proto == protocol::TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// A new SYN must never inherit a flow that was answered or is closing: only a retransmitted
-/// SYN of a still unanswered flow keeps its backend.
+/// What a connection-opening SYN does to the tracked flow it matches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SynOnFlow {
+    /// The flow is still unanswered: a retransmitted SYN keeps its backend and port.
+    Retransmit,
+    /// The flow is established or half-closed: the SYN goes to the flow's backend and
+    /// changes nothing (a spoofed SYN must not restart a live flow; a client that lost its
+    /// connection gets the backend's challenge ACK, answers it with a RST in the window, and
+    /// its next SYN starts afresh).
+    Ignore,
+    /// The flow is closed (both FINs or a RST): the SYN starts a new flow.
+    Restart,
+}
+
 #[inline(always)]
-pub fn syn_restarts<A>(packet: &Packet<A>, forward: &Flow<A>) -> bool {
-    is_syn(packet)
-        && forward.flags
-            & (ct_flags::SEEN_REPLY | ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY | ct_flags::RST)
-            != 0
+pub fn syn_on_flow(forward_flags: u16) -> SynOnFlow {
+    if closed(forward_flags) {
+        SynOnFlow::Restart
+    } else if forward_flags & (ct_flags::SEEN_REPLY | ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY)
+        != 0
+    {
+        SynOnFlow::Ignore
+    } else {
+        SynOnFlow::Retransmit
+    }
+}
+
+/// A TCP flow that ended: reset, or closed from both sides.
+#[inline(always)]
+pub fn closed(forward_flags: u16) -> bool {
+    forward_flags & ct_flags::RST != 0
+        || forward_flags & (ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY)
+            == (ct_flags::FIN_FORWARD | ct_flags::FIN_REPLY)
 }
 
 /// The live forward entry of a reply entry: it must exist, be unexpired and still rewrite to
@@ -108,4 +136,41 @@ pub fn forget<I: Inet>(forward_key: &Tuple<I::Addr>, forward: &Flow<I::Addr>) {
         I::ct_delete(&reply_key);
     }
     I::ct_delete(forward_key);
+}
+
+/// Moves a confirmed flow (its forward entry as given, and its reply entry) from the map of
+/// unreplied flows to the main conntrack map, where a flood of new flows cannot evict it.
+/// The reply entry goes in with BPF_NOEXIST: `false` when another flow owns that reply tuple
+/// in the main map (never overwritten; the caller drops the packet).
+#[inline(always)]
+pub fn promote<I: Inet>(
+    forward_key: &Tuple<I::Addr>,
+    forward: &Flow<I::Addr>,
+    reply_key: &Tuple<I::Addr>,
+) -> bool {
+    let Some(mut reply) = I::ct_get(reply_key) else {
+        return false;
+    };
+    if reply.unreplied {
+        reply.unreplied = false;
+        if I::ct_put(reply_key, &reply, u64::from(BPF_NOEXIST)).is_err() {
+            // Another CPU may have promoted this very flow meanwhile.
+            let ours =
+                I::ct_get(reply_key).is_some_and(|main| !main.unreplied && main.to == reply.to);
+            if !ours {
+                return false;
+            }
+        }
+    }
+    let confirmed = Flow {
+        unreplied: false,
+        ..*forward
+    };
+    if I::ct_put(forward_key, &confirmed, u64::from(BPF_ANY)).is_err() {
+        I::ct_delete_in(reply_key, false);
+        return false;
+    }
+    I::ct_delete_in(forward_key, true);
+    I::ct_delete_in(reply_key, true);
+    true
 }

@@ -29,6 +29,7 @@ enum Exit {
 }
 
 /// Where a translated packet goes next.
+#[derive(Clone, Copy)]
 pub struct Route<A> {
     exit: Exit,
     ifindex: u32,

@@ -40,6 +40,21 @@ pub struct Flow<A> {
     pub rev_nat_id: u32,
     pub backend_id: u32,
     pub flags: u16,
+    /// Where the entry lives: the map of flows not yet confirmed by both sides, or the main
+    /// conntrack map (see `ct::promote`).
+    pub unreplied: bool,
+}
+
+/// Who holds a reply tuple a new flow wants.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Nobody: the tuple is free.
+    Free,
+    /// A live flow (or a forward entry that happens to have this key): never taken over.
+    Live,
+    /// A flow that has ended (expired, replaced, or TCP closed by both FINs or a RST): its
+    /// reply tuple may be taken over.
+    Ended,
 }
 
 /// Where the headers of a parsed packet are.
@@ -75,7 +90,7 @@ pub enum Parsed<A> {
 
 /// One address family's packet layout and maps.
 pub trait Inet: Family {
-    type Addr: Copy + PartialEq + crate::addr::ServiceAddr;
+    type Addr: Copy + PartialEq + crate::addr::ServiceAddr + 'static;
     /// `AF_INET` / `AF_INET6`, as bpf_fib_lookup and bpf_redirect_neigh want it.
     const AF: u8;
     /// Source and destination address offsets inside the IP header.
@@ -95,11 +110,28 @@ pub trait Inet: Family {
     fn service_key(addr: Self::Addr, port: u16, proto: u8, scope: u8) -> Self::Key;
     fn backend_target(backend: &Self::Backend) -> (Self::Addr, u16);
 
+    /// The entry under `key`: the main map's, else the unreplied map's.
     fn ct_get(key: &Tuple<Self::Addr>) -> Option<Flow<Self::Addr>>;
+    /// Stores an entry in the map `flow.unreplied` names.
     fn ct_put(key: &Tuple<Self::Addr>, flow: &Flow<Self::Addr>, flags: u64) -> Result<(), i64>;
+    /// Removes the entry under `key` from both maps.
     fn ct_delete(key: &Tuple<Self::Addr>);
+    /// Removes the entry under `key` from one map.
+    fn ct_delete_in(key: &Tuple<Self::Addr>, unreplied: bool);
     /// Updates a forward entry's lifetime and state in place.
-    fn ct_touch(key: &Tuple<Self::Addr>, expires_ns: u64, flags: u16);
+    fn ct_touch(key: &Tuple<Self::Addr>, expires_ns: u64, flags: u16, unreplied: bool);
+    /// Who holds the reply tuple `key` (read in place, without copying entries: the new-flow
+    /// stage has little stack to spare).
+    fn ct_owner(key: &Tuple<Self::Addr>, now: u64) -> Owner;
+    /// The sequence word, flags and map of the reply entry under `key`, if it is a reply
+    /// entry that rewrites to `owner` (so belongs to the flow asking).
+    fn ct_seq(key: &Tuple<Self::Addr>, owner: &Tuple<Self::Addr>) -> Option<(u64, u16, bool)>;
+    /// Stores a reply entry's sequence word and flags in place.
+    fn ct_set_seq(key: &Tuple<Self::Addr>, word: u64, flags: u16, unreplied: bool);
+    /// The length of the IP payload (transport header included).
+    fn l4_len(ctx: &TcContext, packet: &Packet<Self::Addr>) -> Result<u32, i64>;
+    /// A multicast, broadcast or unspecified address: never answered with a refusal.
+    fn is_group(addr: &Self::Addr) -> bool;
 
     fn in_cluster_cidr(addr: &Self::Addr, config: &DatapathConfig) -> bool;
     fn has_cluster_cidr(config: &DatapathConfig) -> bool;

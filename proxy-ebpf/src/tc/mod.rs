@@ -15,6 +15,7 @@ mod icmp;
 mod inet;
 mod reject;
 mod rewrite;
+mod seq;
 mod v4;
 mod v6;
 
@@ -29,16 +30,15 @@ use proxy_common::{
 
 use crate::{
     lb::{self, Selection, V4, V6},
-    maps::CONFIG_V1,
+    maps::{CONFIG_V1, FLOW_SCRATCH},
     metrics,
 };
-use inet::{Flow, Inet, Packet, Parsed, Tuple};
+use inet::{Flow, Inet, Owner, Packet, Parsed, Tuple};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-/// Masquerade ports when the agent has not configured any (outside Linux's default
-/// ephemeral range 32768-60999, so the node's own connections never pick them).
-const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+/// Masquerade ports when the agent has not configured any.
+const DEFAULT_SNAT_PORTS: (u16, u16) = proxy_common::DEFAULT_SNAT_PORTS;
 /// Random probes for a free masquerade port before a new flow is dropped.
 const SNAT_PROBES: u32 = 32;
 
@@ -68,6 +68,8 @@ pub enum Step {
     RefuseTcp,
     RefuseUdp,
     IcmpError,
+    /// A new flow is decided (in `FLOW_SCRATCH`): claim its reply tuple, store and translate.
+    Commit,
 }
 
 /// The stages are separate BPF functions called one after the other from here, never from
@@ -85,6 +87,7 @@ fn run<I: Inet>(ctx: &TcContext) -> i32 {
         Step::RefuseTcp => reject::refuse_tcp::<I>(ctx),
         Step::RefuseUdp => reject::refuse_udp::<I>(ctx),
         Step::IcmpError => icmp::translate_error::<I>(ctx),
+        Step::Commit => commit::<I>(ctx),
         Step::NewFlow => PASS,
     }
 }
@@ -129,12 +132,22 @@ fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
         if entry.flags & ct_flags::REPLY != 0 {
             return Step::Verdict(reply::<I>(ctx, packet, &entry, now));
         }
-        let restart = ct::syn_restarts(packet, &entry);
-        if entry.expires_ns > now && !restart {
-            return Step::Verdict(forward::<I>(ctx, packet, &entry, now));
-        }
-        if restart {
-            metrics::count(reason::TC_SYN_RESTARTED);
+        if entry.expires_ns > now {
+            let syn = if ct::is_syn(packet) {
+                ct::syn_on_flow(entry.flags)
+            } else {
+                ct::SynOnFlow::Retransmit
+            };
+            match syn {
+                ct::SynOnFlow::Retransmit => {
+                    return Step::Verdict(forward::<I>(ctx, packet, &entry, now));
+                }
+                ct::SynOnFlow::Ignore => {
+                    metrics::count(reason::TC_SYN_IGNORED);
+                    return Step::Verdict(translate::<I>(ctx, packet, &entry.to));
+                }
+                ct::SynOnFlow::Restart => metrics::count(reason::TC_SYN_RESTARTED),
+            }
         }
         ct::forget::<I>(&packet.tuple, &entry);
     }
@@ -149,12 +162,31 @@ fn forward<I: Inet>(
     entry: &Flow<I::Addr>,
     now: u64,
 ) -> i32 {
+    let reply_key = entry.to.reversed();
+    let owner = packet.tuple.reversed();
+    if !seq::follow::<I>(ctx, packet, &reply_key, &owner, seq::Side::Forward) {
+        metrics::count(reason::TC_RST_OUT_OF_WINDOW);
+        return DROP;
+    }
     let flags = entry.flags | ct::tcp_bits(packet, ct_flags::FIN_FORWARD);
-    I::ct_touch(
-        &packet.tuple,
-        now + ct::lifetime_ns(packet.tuple.proto, flags),
-        flags,
-    );
+    let expires_ns = now + ct::lifetime_ns(packet.tuple.proto, flags);
+    if entry.unreplied
+        && flags & ct_flags::SEEN_REPLY != 0
+        && seq::acknowledges_reply::<I>(ctx, packet, &reply_key, &owner)
+    {
+        // The client acknowledged the backend's SYN-ACK: the flow is confirmed.
+        let confirmed = Flow {
+            expires_ns,
+            flags,
+            ..*entry
+        };
+        if !ct::promote::<I>(&packet.tuple, &confirmed, &reply_key) {
+            metrics::count(reason::TC_CT_COLLISION);
+            return DROP;
+        }
+    } else {
+        I::ct_touch(&packet.tuple, expires_ns, flags, entry.unreplied);
+    }
     metrics::count(reason::TC_CT_FORWARD);
     translate::<I>(ctx, packet, &entry.to)
 }
@@ -172,12 +204,26 @@ fn reply<I: Inet>(
         I::ct_delete(&packet.tuple);
         return PASS;
     };
+    if !seq::follow::<I>(ctx, packet, &packet.tuple, &entry.to, seq::Side::Reply) {
+        metrics::count(reason::TC_RST_OUT_OF_WINDOW);
+        return DROP;
+    }
     let flags = forward.flags | ct_flags::SEEN_REPLY | ct::tcp_bits(packet, ct_flags::FIN_REPLY);
-    I::ct_touch(
-        &forward_key,
-        now + ct::lifetime_ns(packet.tuple.proto, flags),
-        flags,
-    );
+    let expires_ns = now + ct::lifetime_ns(packet.tuple.proto, flags);
+    if forward.unreplied && packet.tuple.proto != protocol::TCP {
+        // A UDP flow is confirmed by its first reply (a TCP flow by the client's ACK).
+        let confirmed = Flow {
+            expires_ns,
+            flags,
+            ..forward
+        };
+        if !ct::promote::<I>(&forward_key, &confirmed, &packet.tuple) {
+            metrics::count(reason::TC_CT_COLLISION);
+            return DROP;
+        }
+    } else {
+        I::ct_touch(&forward_key, expires_ns, flags, forward.unreplied);
+    }
     metrics::count(reason::TC_CT_REPLY);
     translate::<I>(ctx, packet, &entry.to)
 }
@@ -196,26 +242,23 @@ fn translate<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, to: &Tuple<I::A
     fib::redirect::<I>(ctx, &route)
 }
 
-/// A non-service SYN whose reversed tuple is a reply entry: that entry is left over from an
-/// earlier service flow on the same ports and would rewrite this flow's answers. Forget it.
+/// A non-service SYN whose reversed tuple is a reply entry: if that entry is left over from
+/// an ended flow on the same ports it would rewrite this flow's answers, so it goes. The
+/// entry of a live flow stays (a spoofed SYN must not delete it).
 #[inline(always)]
-fn purge_stale_reply<I: Inet>(packet: &Packet<I::Addr>) {
+fn purge_stale_reply<I: Inet>(packet: &Packet<I::Addr>, now: u64) {
     if !ct::is_syn(packet) {
         return;
     }
     let reply_key = packet.tuple.reversed();
-    let Some(reply) = I::ct_get(&reply_key) else {
-        return;
-    };
-    if reply.flags & ct_flags::REPLY == 0 {
-        return;
-    }
-    let forward_key = reply.to.reversed();
-    if let Some(forward) = I::ct_get(&forward_key)
-        && forward.flags & ct_flags::REPLY == 0
-        && forward.to.reversed() == reply_key
-    {
-        I::ct_delete(&forward_key);
+    match I::ct_owner(&reply_key, now) {
+        Owner::Free => return,
+        Owner::Live => {
+            metrics::count(reason::TC_CT_COLLISION);
+            return;
+        }
+        // The ended flow's forward entry, if any, expires or is collected on its own.
+        Owner::Ended => {}
     }
     I::ct_delete(&reply_key);
     metrics::count(reason::TC_STALE_CT_PURGED);
@@ -300,7 +343,7 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
     let tuple = &packet.tuple;
     let key = I::service_key(tuple.daddr, tuple.dport, tuple.proto, scope::EXTERNAL);
     let Some(master) = lb::master::<I>(key) else {
-        purge_stale_reply::<I>(packet);
+        purge_stale_reply::<I>(packet, now);
         return guard::not_a_service::<I>(packet);
     };
     let config = config();
@@ -350,74 +393,201 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
         Ok(route) => route,
         Err(verdict) => return Step::Verdict(verdict),
     };
-    let snat_flag = if snat { ct_flags::SNAT } else { 0 };
-    let reply = Flow {
-        to: tuple.reversed(),
-        expires_ns: 0,
-        rev_nat_id,
-        backend_id,
-        flags: ct_flags::REPLY | snat_flag,
-    };
-    let mut to = Tuple {
-        saddr: tuple.saddr,
-        daddr: backend_addr,
-        sport: tuple.sport,
-        dport: backend_port,
-        proto: tuple.proto,
-    };
-    if snat {
-        to.saddr = route.src;
-        let Some(port) = reserve_snat_port::<I>(&mut to, &reply, &config) else {
-            metrics::count(reason::TC_SNAT_EXHAUSTED);
-            events::untranslated::<I>(DROPPED, reason::TC_SNAT_EXHAUSTED, tuple, rev_nat_id);
-            return Step::Verdict(DROP);
-        };
-        to.sport = port;
-    } else if I::ct_put(&to.reversed(), &reply, u64::from(BPF_ANY)).is_err() {
+    let Some(pending) = pending::<I>() else {
         metrics::count(reason::TC_CT_STORE_FAILED);
         return Step::Verdict(DROP);
-    }
+    };
+    let snat_flag = if snat { ct_flags::SNAT } else { 0 };
+    let (seq_word, seq_flag) = seq::first::<I>(ctx, packet);
+    pending.reply = Flow {
+        to: tuple.reversed(),
+        expires_ns: seq_word,
+        rev_nat_id,
+        backend_id,
+        flags: ct_flags::REPLY | snat_flag | seq_flag,
+        unreplied: true,
+    };
     let flags = snat_flag | ct::tcp_bits(packet, ct_flags::FIN_FORWARD);
-    let forward = Flow {
-        to,
+    pending.forward = Flow {
+        to: Tuple {
+            saddr: if snat { route.src } else { tuple.saddr },
+            daddr: backend_addr,
+            sport: tuple.sport,
+            dport: backend_port,
+            proto: tuple.proto,
+        },
         expires_ns: now + ct::lifetime_ns(tuple.proto, flags),
         rev_nat_id,
         backend_id,
         flags,
+        unreplied: true,
     };
-    if I::ct_put(tuple, &forward, u64::from(BPF_ANY)).is_err() {
-        I::ct_delete(&to.reversed());
-        metrics::count(reason::TC_CT_STORE_FAILED);
-        return Step::Verdict(DROP);
-    }
-    metrics::count(reason::TC_NEW_FLOW);
-    events::new_flow::<I>(tuple, &to, rev_nat_id, backend_id);
-    if rewrite::rewrite::<I>(ctx, packet, &to).is_err() {
-        metrics::count(reason::TC_REWRITE_FAILED);
-        return Step::Verdict(DROP);
-    }
-    Step::Verdict(fib::redirect::<I>(ctx, &route))
+    pending.route = route;
+    pending.config = config;
+    pending.snat = snat;
+    Step::Commit
 }
 
-/// Picks a masquerade port whose reply tuple (backend → node address:port) is free and
-/// claims it by storing the reply entry (BPF_NOEXIST, so two CPUs never share a port). Ports
-/// of ended flows come back when the agent's conntrack GC removes their reply entries.
+/// The new flow being committed, in this CPU's scratch space.
 #[inline(always)]
-fn reserve_snat_port<I: Inet>(
+fn pending<I: Inet>() -> Option<&'static mut Pending<I::Addr>> {
+    let scratch = FLOW_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the pointer comes from a successful per-CPU array lookup (8-aligned, of the
+    // size `Pending` is checked against below); only this CPU uses it and no BPF program is
+    // preempted, so nothing else touches it until the packet is done. The new-flow stage
+    // writes every field before the commit stage reads them.
+    Some(unsafe { &mut *scratch.cast::<Pending<I::Addr>>() })
+}
+
+/// Third stage: claims the new flow's reply tuple (and masquerade port), stores its forward
+/// entry and translates the packet. A stage of its own: the claim needs stack the new-flow
+/// stage has used up.
+#[inline(never)]
+fn commit<I: Inet>(ctx: &TcContext) -> i32 {
+    let (Some(packet), Some(pending)) = (parse_flow::<I>(ctx), pending::<I>()) else {
+        return PASS;
+    };
+    let tuple = &packet.tuple;
+    let now = ct::now_ns();
+    let rev_nat_id = pending.forward.rev_nat_id;
+    let reserved = reserve_reply_tuple::<I>(
+        &mut pending.forward.to,
+        &pending.reply,
+        &pending.config,
+        now,
+        pending.snat,
+    );
+    match reserved {
+        Reserved::Yes => {}
+        Reserved::Exhausted => {
+            metrics::count(reason::TC_SNAT_EXHAUSTED);
+            events::untranslated::<I>(DROPPED, reason::TC_SNAT_EXHAUSTED, tuple, rev_nat_id);
+            return DROP;
+        }
+        Reserved::Collision => {
+            // Another live flow answers on this very tuple (the same client port to the same
+            // backend through another frontend): its entry is never overwritten.
+            metrics::count(reason::TC_CT_COLLISION);
+            return DROP;
+        }
+    }
+    let to = pending.forward.to;
+    if I::ct_put(tuple, &pending.forward, u64::from(BPF_ANY)).is_err() {
+        I::ct_delete(&to.reversed());
+        metrics::count(reason::TC_CT_STORE_FAILED);
+        return DROP;
+    }
+    metrics::count(reason::TC_NEW_FLOW);
+    events::new_flow::<I>(tuple, &to, rev_nat_id, pending.forward.backend_id);
+    if rewrite::rewrite::<I>(ctx, &packet, &to).is_err() {
+        metrics::count(reason::TC_REWRITE_FAILED);
+        return DROP;
+    }
+    fib::redirect::<I>(ctx, &pending.route)
+}
+
+/// A new flow while it is decided and committed (in `FLOW_SCRATCH`): its two entries, its
+/// route and the settings it was decided with.
+struct Pending<A> {
+    reply: Flow<A>,
+    forward: Flow<A>,
+    route: fib::Route<A>,
+    config: DatapathConfig,
+    snat: bool,
+}
+
+const _: () = assert!(
+    size_of::<Pending<[u32; 4]>>() <= proxy_common::map_table::FLOW_SCRATCH_SIZE as usize
+        && align_of::<Pending<[u32; 4]>>() <= 8
+);
+
+/// What claiming a reply tuple for a new flow found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// The tuple was free: the reply entry is stored.
+    Fresh,
+    /// The tuple belonged to a flow that has ended: its reply entry was replaced.
+    Reused,
+    /// A live flow owns the tuple (left alone).
+    Taken,
+}
+
+/// Stores `reply` (in the map of unreplied flows) under `key` unless a live flow owns that
+/// reply tuple in either map: a free tuple is claimed with BPF_NOEXIST (two CPUs never both
+/// get it); one whose flow ended is taken over.
+#[inline(always)]
+fn claim<I: Inet>(key: &Tuple<I::Addr>, reply: &Flow<I::Addr>, now: u64) -> Claim {
+    let claimed = match I::ct_owner(key, now) {
+        Owner::Live => return Claim::Taken,
+        Owner::Ended => {
+            I::ct_delete(key);
+            Claim::Reused
+        }
+        Owner::Free => Claim::Fresh,
+    };
+    if I::ct_put(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+        claimed
+    } else {
+        Claim::Taken
+    }
+}
+
+/// What reserving a new flow's reply tuple gave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reserved {
+    /// `to.sport` is the flow's port and its reply entry is stored.
+    Yes,
+    /// No masquerade port is free.
+    Exhausted,
+    /// The unmasqueraded flow's tuple belongs to another live flow.
+    Collision,
+}
+
+/// Claims the reply tuple of a new flow (`to` reversed). Unmasqueraded, the tuple is the
+/// client's own: a flow that ended on it gives way, a live one is kept. Masqueraded, as
+/// netfilter's masquerade does: the client's own port when it lies in the range and its tuple
+/// is free (or its flow ended: the same client reusing its port gets the same translation),
+/// else random ports of the range, free or of a flow that ended. So ports return to the pool
+/// as their flows end, with or without the agent. (One loop with one claim: the verifier
+/// walks every round.)
+#[inline(always)]
+fn reserve_reply_tuple<I: Inet>(
     to: &mut Tuple<I::Addr>,
     reply: &Flow<I::Addr>,
     config: &DatapathConfig,
-) -> Option<u16> {
+    now: u64,
+    snat: bool,
+) -> Reserved {
+    let client_port = to.sport;
+    let keep =
+        !snat || (config.snat_port_min..=config.snat_port_max).contains(&u16::from_be(client_port));
     let span = u32::from(config.snat_port_max - config.snat_port_min) + 1;
-    for _ in 0..SNAT_PROBES {
-        // SAFETY: a helper call without arguments or memory access.
-        let random = unsafe { bpf_get_prandom_u32() };
-        let port = (config.snat_port_min + (random % span) as u16).to_be();
+    // Round 0: the client's port; then random ports of the range.
+    for round in 0..=SNAT_PROBES {
+        let port = if round == 0 {
+            if !keep {
+                continue;
+            }
+            client_port
+        } else {
+            // SAFETY: a helper call without arguments or memory access.
+            let random = unsafe { bpf_get_prandom_u32() };
+            (config.snat_port_min + (random % span) as u16).to_be()
+        };
         to.sport = port;
-        let reply_key = to.reversed();
-        if I::ct_put(&reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-            return Some(port);
+        let claimed = claim::<I>(&to.reversed(), reply, now);
+        if claimed != Claim::Taken {
+            if claimed == Claim::Reused {
+                metrics::count(reason::TC_SNAT_PORT_REUSED);
+            }
+            if snat && round == 0 {
+                metrics::count(reason::TC_SNAT_PORT_KEPT);
+            }
+            return Reserved::Yes;
+        }
+        if !snat {
+            return Reserved::Collision;
         }
     }
-    None
+    Reserved::Exhausted
 }

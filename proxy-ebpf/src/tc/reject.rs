@@ -1,21 +1,27 @@
 //! kube-proxy's REJECT for a service without any usable endpoint: the client is answered at
 //! once (TCP RST, ICMP port unreachable) instead of waiting for a timeout.
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_skb_change_tail, programs::TcContext};
-use proxy_common::reason;
+use proxy_common::{reason, reject_limit};
 
 use super::{
     csum::Words,
+    ct::{self, TCP_RST},
     fib,
     inet::{Inet, Packet, Parsed},
 };
-use crate::metrics;
+use crate::{maps::REJECT_BUCKET, metrics};
 
 /// Answers a TCP segment to a service without endpoints with a RST, sent back where it came
 /// from. (TCP and UDP refusals are separate BPF functions: each needs much of the stack.)
 #[inline(never)]
 pub fn refuse_tcp<I: Inet>(ctx: &TcContext) -> i32 {
     let written = match I::parse(ctx) {
-        Ok(Parsed::Flow(packet)) => I::write_tcp_reset(ctx, &packet),
+        Ok(Parsed::Flow(packet)) => {
+            if let Some(verdict) = withheld::<I>(ctx, &packet) {
+                return verdict;
+            }
+            I::write_tcp_reset(ctx, &packet)
+        }
         _ => Err(0),
     };
     bounce_or_drop(ctx, written)
@@ -25,10 +31,68 @@ pub fn refuse_tcp<I: Inet>(ctx: &TcContext) -> i32 {
 #[inline(never)]
 pub fn refuse_udp<I: Inet>(ctx: &TcContext) -> i32 {
     let written = match I::parse(ctx) {
-        Ok(Parsed::Flow(packet)) => I::write_port_unreachable(ctx, &packet),
+        Ok(Parsed::Flow(packet)) => {
+            if let Some(verdict) = withheld::<I>(ctx, &packet) {
+                return verdict;
+            }
+            I::write_port_unreachable(ctx, &packet)
+        }
         _ => Err(0),
     };
     bounce_or_drop(ctx, written)
+}
+
+/// Whether the refusal must not be sent (the packet is then dropped): a RST is never
+/// answered (two nodes would bounce RSTs at each other forever), nor is traffic to or from
+/// a broadcast or multicast address (RFC 1122 §4.2.3.10, RFC 1812 §4.3.2.7); and each CPU
+/// sends at most `reject_limit::BURST` refusals at once, `reject_limit::PER_SEC` a second.
+#[inline(always)]
+fn withheld<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Option<i32> {
+    let tuple = &packet.tuple;
+    let group_frame = ctx.load::<u8>(0).map_or(true, |first| first & 1 != 0);
+    if packet.tcp_flags & TCP_RST != 0
+        || group_frame
+        || I::is_group(&tuple.saddr)
+        || I::is_group(&tuple.daddr)
+    {
+        metrics::count(reason::TC_REJECT_SUPPRESSED);
+        return Some(TC_ACT_SHOT);
+    }
+    if !take_token() {
+        metrics::count(reason::TC_REJECT_RATE_LIMITED);
+        return Some(TC_ACT_SHOT);
+    }
+    None
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Takes a token from this CPU's bucket, refilled at `reject_limit::PER_SEC` tokens a
+/// second up to `reject_limit::BURST`.
+#[inline(always)]
+fn take_token() -> bool {
+    let Some(bucket) = REJECT_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = ct::now_ns();
+    // SAFETY: the pointer comes from a successful per-CPU array lookup; only this CPU uses it
+    // and no BPF program is preempted, so nothing else touches it until we return.
+    let bucket = unsafe { &mut *bucket };
+    let elapsed = now.saturating_sub(bucket.refilled_ns).min(NS_PER_SEC);
+    let added = elapsed * reject_limit::PER_SEC / NS_PER_SEC;
+    if added > 0 {
+        bucket.tokens = (bucket.tokens + added).min(reject_limit::BURST);
+        bucket.refilled_ns = if elapsed >= NS_PER_SEC {
+            now
+        } else {
+            bucket.refilled_ns + added * NS_PER_SEC / reject_limit::PER_SEC
+        };
+    }
+    if bucket.tokens == 0 {
+        return false;
+    }
+    bucket.tokens -= 1;
+    true
 }
 
 #[inline(always)]

@@ -1,17 +1,23 @@
 //! IPv4 for the TC path.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "conntrack keys go to the map helpers by reference: passed by value they are copied onto a stack the TC stages have little of"
+)]
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
-    Backend4, Ct4Entry, Ct4Key, DatapathConfig, Service4Key, SourceRange4, config_flags, protocol,
+    Backend4, Ct4Entry, Ct4Key, DatapathConfig, Service4Key, SourceRange4, config_flags, ct_flags,
+    protocol,
 };
 
 use super::{
     csum::{Words, fold},
-    inet::{ETH_HLEN, Flow, IcmpError, Inet, Packet, Parsed, Tuple},
+    ct,
+    inet::{ETH_HLEN, Flow, IcmpError, Inet, Owner, Packet, Parsed, Tuple},
     reject::{reset_header, resize, swap_macs, tcp_payload_len},
 };
 use crate::{
     lb::V4,
-    maps::{CT4_V1, SRC_RANGE4_V1},
+    maps::{CT4_NEW_V1, CT4_V1, SRC_RANGE4_V1},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -187,8 +193,13 @@ impl Inet for V4 {
 
     #[inline(always)]
     fn ct_get(key: &Tuple<u32>) -> Option<Flow<u32>> {
+        let key_ = ct_key(key);
         // SAFETY: plain data, copied out at once.
-        let entry = unsafe { CT4_V1.get(ct_key(key)) }.copied()?;
+        let (entry, unreplied) = match unsafe { CT4_V1.get(&key_) } {
+            Some(entry) => (*entry, false),
+            // SAFETY: as above.
+            None => (*unsafe { CT4_NEW_V1.get(&key_) }?, true),
+        };
         Some(Flow {
             to: Tuple {
                 saddr: entry.saddr,
@@ -201,6 +212,7 @@ impl Inet for V4 {
             rev_nat_id: entry.rev_nat_id,
             backend_id: entry.backend_id,
             flags: entry.flags,
+            unreplied,
         })
     }
 
@@ -217,18 +229,28 @@ impl Inet for V4 {
             flags: flow.flags,
             pad: 0,
         };
-        CT4_V1.insert(ct_key(key), entry, flags).map_err(i64::from)
+        let map = if flow.unreplied { &CT4_NEW_V1 } else { &CT4_V1 };
+        map.insert(&ct_key(key), &entry, flags).map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_delete(key: &Tuple<u32>) {
         // A missing entry is fine: someone else removed it first.
-        let _ = CT4_V1.remove(ct_key(key));
+        let key = ct_key(key);
+        let _ = CT4_V1.remove(&key);
+        let _ = CT4_NEW_V1.remove(&key);
     }
 
     #[inline(always)]
-    fn ct_touch(key: &Tuple<u32>, expires_ns: u64, flags: u16) {
-        if let Some(entry) = CT4_V1.get_ptr_mut(ct_key(key)) {
+    fn ct_delete_in(key: &Tuple<u32>, unreplied: bool) {
+        let map = if unreplied { &CT4_NEW_V1 } else { &CT4_V1 };
+        let _ = map.remove(&ct_key(key));
+    }
+
+    #[inline(always)]
+    fn ct_touch(key: &Tuple<u32>, expires_ns: u64, flags: u16, unreplied: bool) {
+        let map = if unreplied { &CT4_NEW_V1 } else { &CT4_V1 };
+        if let Some(entry) = map.get_ptr_mut(&ct_key(key)) {
             // SAFETY: the pointer comes from a successful lookup and points at a map value;
             // racing writers only ever store whole, valid field values.
             unsafe {
@@ -236,6 +258,83 @@ impl Inet for V4 {
                 (*entry).flags = flags;
             }
         }
+    }
+
+    #[inline(always)]
+    fn ct_owner(key: &Tuple<u32>, now: u64) -> Owner {
+        let reply_key = ct_key(key);
+        let Some(reply) = CT4_V1
+            .get_ptr(&reply_key)
+            .or_else(|| CT4_NEW_V1.get_ptr(&reply_key))
+        else {
+            return Owner::Free;
+        };
+        // SAFETY: the pointer comes from a successful lookup and points at a map value; the
+        // fields are read one by one (a racing writer stores whole field values).
+        let (flags, forward_key) = unsafe {
+            (
+                (*reply).flags,
+                Ct4Key {
+                    saddr: (*reply).daddr,
+                    daddr: (*reply).saddr,
+                    sport_be: (*reply).dport_be,
+                    dport_be: (*reply).sport_be,
+                    protocol: key.proto,
+                    pad: [0; 3],
+                },
+            )
+        };
+        if flags & ct_flags::REPLY == 0 {
+            return Owner::Live;
+        }
+        let Some(forward) = CT4_V1
+            .get_ptr(&forward_key)
+            .or_else(|| CT4_NEW_V1.get_ptr(&forward_key))
+        else {
+            return Owner::Ended;
+        };
+        // SAFETY: as above.
+        let (flags, expires_ns, points_back) = unsafe {
+            (
+                (*forward).flags,
+                (*forward).expires_ns,
+                (*forward).saddr == key.daddr
+                    && (*forward).daddr == key.saddr
+                    && (*forward).sport_be == key.dport
+                    && (*forward).dport_be == key.sport,
+            )
+        };
+        let alive = flags & ct_flags::REPLY == 0 && expires_ns > now && points_back;
+        if alive && !(key.proto == protocol::TCP && ct::closed(flags)) {
+            Owner::Live
+        } else {
+            Owner::Ended
+        }
+    }
+
+    #[inline(always)]
+    fn ct_seq(key: &Tuple<u32>, owner: &Tuple<u32>) -> Option<(u64, u16, bool)> {
+        let entry = Self::ct_get(key)?;
+        let owned = entry.flags & ct_flags::REPLY != 0 && entry.to == *owner;
+        owned.then_some((entry.expires_ns, entry.flags, entry.unreplied))
+    }
+
+    #[inline(always)]
+    fn ct_set_seq(key: &Tuple<u32>, word: u64, flags: u16, unreplied: bool) {
+        Self::ct_touch(key, word, flags, unreplied);
+    }
+
+    #[inline(always)]
+    fn l4_len(ctx: &TcContext, packet: &Packet<u32>) -> Result<u32, i64> {
+        let total: u16 = ctx.load(packet.l3 + 2)?;
+        Ok(u32::from(u16::from_be(total)).saturating_sub((packet.l4 - packet.l3) as u32))
+    }
+
+    #[inline(always)]
+    fn is_group(addr: &u32) -> bool {
+        let host = u32::from_be(*addr);
+        // 0.0.0.0, 224.0.0.0/4 (multicast), 240.0.0.0/4 and 255.255.255.255 (broadcast).
+        host == 0 || host >> 28 >= 0xe
     }
 
     #[inline(always)]

@@ -330,27 +330,13 @@ fn program_error(action: &'static str) -> impl FnOnce(aya::programs::ProgramErro
 }
 
 /// Warns about node settings that would make the TC path fail quietly.
-pub fn check_node_settings(north_south: &NorthSouth) {
+/// (The masquerade ports are reserved, or refused, by `crate::node_ports`.)
+pub fn check_node_settings() {
     check_sysctl(
         "/proc/sys/net/ipv4/ip_forward",
         |value| value.trim() == "1",
         "IPv4 forwarding is off in this network namespace: north-south IPv4 traffic to remote endpoints cannot be forwarded",
     );
-    if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
-        let mut bounds = range
-            .split_whitespace()
-            .filter_map(|n| n.parse::<u16>().ok());
-        if let (Some(low), Some(high)) = (bounds.next(), bounds.next())
-            && low <= north_south.snat_ports.max
-            && north_south.snat_ports.min <= high
-        {
-            warn!(
-                ephemeral = %format!("{low}-{high}"),
-                snat = %north_south.snat_ports,
-                "--snat-port-range overlaps the node's ephemeral port range: a node connection and a masqueraded flow could share a port"
-            );
-        }
-    }
 }
 
 fn check_sysctl(path: &str, healthy: impl Fn(&str) -> bool, warning: &str) {

@@ -59,6 +59,7 @@ pub fn flag(setting: CapacitySetting) -> &'static str {
     match setting {
         CapacitySetting::LoadBalancer => "--bpf-lb-map-max",
         CapacitySetting::Conntrack => "--bpf-ct-global-max",
+        CapacitySetting::ConntrackUnreplied => "--bpf-ct-unreplied-max",
         CapacitySetting::SockRevNat => "--bpf-sock-rev-map-max",
         CapacitySetting::Affinity => "--bpf-affinity-map-max",
         CapacitySetting::SourceRanges => "--bpf-lb-source-range-map-max",

@@ -140,8 +140,9 @@ pub struct GcReport {
     pub live_flows: usize,
     /// Entries removed (expired forward entries and the reply entries left without one).
     pub removed: usize,
-    /// Entries left per family (IPv4, IPv6), live or not: the maps' fill, counted on the way.
-    pub entries: (usize, usize),
+    /// Entries left in each conntrack map (by name), live or not: the maps' fill, counted on
+    /// the way.
+    pub entries: [(&'static str, usize); 4],
 }
 
 /// One flow the TC path tracks (its forward entry), for `inspect conntrack`.
@@ -229,19 +230,18 @@ fn stale_udp<F: CtFamily>(
         .collect()
 }
 
-fn reconcile_udp<F: CtFamily>(
-    map: &mut HashMap<MapData, F::Key, F::Entry>,
-    serving: &UdpServing,
-) -> FamilyReconcile {
+fn reconcile_udp<F: CtFamily>(tables: &mut Tables<F>, serving: &UdpServing) -> FamilyReconcile {
     let started = std::time::Instant::now();
-    let snapshot = entries::<F>(map);
     let mut deleted = 0;
-    for key in stale_udp::<F>(&snapshot, serving) {
-        if let Some(entry) = snapshot.get(&key) {
-            let _ = map.remove(&F::partner_key(&key, entry));
-        }
-        if map.remove(&key).is_ok() {
-            deleted += 1;
+    for which in Which::BOTH {
+        let snapshot = entries::<F>(tables.map(which));
+        for key in stale_udp::<F>(&snapshot, serving) {
+            if let Some(entry) = snapshot.get(&key) {
+                tables.remove(&F::partner_key(&key, entry));
+            }
+            if tables.map_mut(which).remove(&key).is_ok() {
+                deleted += 1;
+            }
         }
     }
     FamilyReconcile {
@@ -250,10 +250,74 @@ fn reconcile_udp<F: CtFamily>(
     }
 }
 
+/// One of a family's two conntrack maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    /// Confirmed flows (`CT4_V1`/`CT6_V1`).
+    Main,
+    /// Flows not yet confirmed by both sides (`CT4_NEW_V1`/`CT6_NEW_V1`).
+    Unreplied,
+}
+
+impl Which {
+    const BOTH: [Self; 2] = [Self::Main, Self::Unreplied];
+}
+
+/// One family's conntrack maps. A flow's two entries live in the same map, except for the
+/// moment the datapath moves a confirmed flow to the main map: a partner is looked up in both.
+struct Tables<F: CtFamily> {
+    main: HashMap<MapData, F::Key, F::Entry>,
+    unreplied: HashMap<MapData, F::Key, F::Entry>,
+}
+
+impl<F: CtFamily> Tables<F> {
+    fn open(pins: &PinLayout, main: &str, unreplied: &str) -> Result<Self, MapError> {
+        Ok(Self {
+            main: open(&pins.map(main))?,
+            unreplied: open(&pins.map(unreplied))?,
+        })
+    }
+
+    fn map(&self, which: Which) -> &HashMap<MapData, F::Key, F::Entry> {
+        match which {
+            Which::Main => &self.main,
+            Which::Unreplied => &self.unreplied,
+        }
+    }
+
+    fn map_mut(&mut self, which: Which) -> &mut HashMap<MapData, F::Key, F::Entry> {
+        match which {
+            Which::Main => &mut self.main,
+            Which::Unreplied => &mut self.unreplied,
+        }
+    }
+
+    /// The entry under `key` as the datapath finds it: the main map's first.
+    fn get(&self, key: &F::Key) -> Option<F::Entry> {
+        self.main
+            .get(key, 0)
+            .ok()
+            .or_else(|| self.unreplied.get(key, 0).ok())
+    }
+
+    /// Removes `key` from both maps (missing is fine).
+    fn remove(&mut self, key: &F::Key) {
+        let _ = self.main.remove(key);
+        let _ = self.unreplied.remove(key);
+    }
+
+    /// Every entry of both maps (the main map's where a key is in both).
+    fn entries(&self) -> StdHashMap<F::Key, F::Entry> {
+        let mut all = entries::<F>(&self.unreplied);
+        all.extend(entries::<F>(&self.main));
+        all
+    }
+}
+
 /// Both families' conntrack maps, opened from their pins.
 pub struct Conntrack {
-    v4: HashMap<MapData, Ct4Key, Ct4Entry>,
-    v6: HashMap<MapData, Ct6Key, Ct6Entry>,
+    v4: Tables<V4>,
+    v6: Tables<V6>,
 }
 
 fn open<K: Pod, V: Pod>(path: &Path) -> Result<HashMap<MapData, K, V>, MapError> {
@@ -271,8 +335,8 @@ pub fn monotonic_now_ns() -> u64 {
 impl Conntrack {
     pub fn open_pinned(pins: &PinLayout) -> Result<Self, MapError> {
         Ok(Self {
-            v4: open(&pins.map(map_names::CT4))?,
-            v6: open(&pins.map(map_names::CT6))?,
+            v4: Tables::open(pins, map_names::CT4, map_names::CT4_UNREPLIED)?,
+            v6: Tables::open(pins, map_names::CT6, map_names::CT6_UNREPLIED)?,
         })
     }
 
@@ -283,7 +347,12 @@ impl Conntrack {
         GcReport {
             live_flows: v4.live_flows + v6.live_flows,
             removed: v4.removed + v6.removed,
-            entries: (v4.entries.0, v6.entries.0),
+            entries: [
+                (map_names::CT4, v4.left[0]),
+                (map_names::CT6, v6.left[0]),
+                (map_names::CT4_UNREPLIED, v4.left[1]),
+                (map_names::CT6_UNREPLIED, v6.left[1]),
+            ],
         }
     }
 
@@ -301,15 +370,26 @@ impl Conntrack {
 
     /// Every live flow of both families, ordered by protocol and client.
     pub fn flows(&self, now_ns: u64) -> Vec<TrackedFlow> {
-        let mut flows = live_flows::<V4>(&self.v4, now_ns);
-        flows.extend(live_flows::<V6>(&self.v6, now_ns));
+        let mut flows = flows_of::<V4>(self.v4.entries().into_iter(), now_ns);
+        flows.extend(flows_of::<V6>(self.v6.entries().into_iter(), now_ns));
         flows.sort();
         flows
     }
 
-    /// Entries (forward and reply, live or not yet collected) per family: the maps' fill.
-    pub fn entry_counts(&self) -> (usize, usize) {
-        (self.v4.keys().count(), self.v6.keys().count())
+    /// Entries (forward and reply, live or not yet collected) of each conntrack map, by name.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+        [
+            (map_names::CT4, keys_of::<V4>(&self.v4.main).len()),
+            (map_names::CT6, keys_of::<V6>(&self.v6.main).len()),
+            (
+                map_names::CT4_UNREPLIED,
+                keys_of::<V4>(&self.v4.unreplied).len(),
+            ),
+            (
+                map_names::CT6_UNREPLIED,
+                keys_of::<V6>(&self.v6.unreplied).len(),
+            ),
+        ]
     }
 
     /// Live flows per family (for `inspect` and metrics).
@@ -317,25 +397,18 @@ impl Conntrack {
         let live = |flags: u16, expires: u64| flags & ct_flags::REPLY == 0 && expires > now_ns;
         let v4 = self
             .v4
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| live(entry.flags, entry.expires_ns))
+            .entries()
+            .values()
+            .filter(|entry| live(entry.flags, entry.expires_ns))
             .count();
         let v6 = self
             .v6
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| live(entry.flags, entry.expires_ns))
+            .entries()
+            .values()
+            .filter(|entry| live(entry.flags, entry.expires_ns))
             .count();
         (v4, v6)
     }
-}
-
-fn live_flows<F: CtFamily>(
-    map: &HashMap<MapData, F::Key, F::Entry>,
-    now_ns: u64,
-) -> Vec<TrackedFlow> {
-    flows_of::<F>(map.iter().filter_map(Result::ok), now_ns)
 }
 
 /// The live forward entries among `entries`, as flows.
@@ -363,55 +436,106 @@ fn flows_of<F: CtFamily>(
         .collect()
 }
 
+/// How many times a walk over a map may start again from its first key before it gives up
+/// for this round (see [`keys_of`]).
+const WALK_RESTARTS: usize = 3;
+
+/// The keys of a map the datapath writes while we read. The kernel walks a hash map from key
+/// to key; when the key last read has been removed meanwhile (an LRU eviction, a flow the
+/// datapath ended), it starts again from the first key. Keys seen again are skipped, and
+/// after a few restarts the walk stops: what it missed waits for the next round.
+fn keys_of<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> Vec<F::Key> {
+    let mut seen = std::collections::HashSet::new();
+    let mut keys = Vec::new();
+    let mut restarts = 0;
+    for key in map.keys() {
+        let Ok(key) = key else {
+            break;
+        };
+        if seen.insert(key) {
+            keys.push(key);
+        } else if keys.first() == Some(&key) {
+            restarts += 1;
+            if restarts > WALK_RESTARTS {
+                break;
+            }
+        }
+    }
+    keys
+}
+
+/// The entries of a map, each read when its key comes (entries removed meanwhile are
+/// skipped).
 fn entries<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> StdHashMap<F::Key, F::Entry> {
-    map.iter().filter_map(Result::ok).collect()
+    keys_of::<F>(map)
+        .into_iter()
+        .filter_map(|key| map.get(&key, 0).ok().map(|entry| (key, entry)))
+        .collect()
+}
+
+/// Whether `entry`, found under `key`, is garbage at `now_ns`: an expired forward entry, or a
+/// reply entry whose forward entry is gone, expired or now rewrites to another tuple.
+/// `lookup` reads the current entry of a key.
+fn is_garbage<F: CtFamily>(
+    key: &F::Key,
+    entry: &F::Entry,
+    now_ns: u64,
+    lookup: impl Fn(&F::Key) -> Option<F::Entry>,
+) -> bool {
+    if F::flags(entry) & ct_flags::REPLY == 0 {
+        return F::expires_ns(entry) <= now_ns;
+    }
+    let forward_key = F::partner_key(key, entry);
+    let alive = lookup(&forward_key).is_some_and(|forward| {
+        F::flags(&forward) & ct_flags::REPLY == 0
+            && F::expires_ns(&forward) > now_ns
+            && F::partner_key(&forward_key, &forward) == *key
+    });
+    !alive
 }
 
 /// Which entries of a conntrack snapshot are garbage at `now_ns`.
+#[cfg(test)]
 fn garbage<F: CtFamily>(entries: &StdHashMap<F::Key, F::Entry>, now_ns: u64) -> Vec<F::Key> {
-    let alive = |key: &F::Key| {
-        entries.get(key).is_some_and(|entry| {
-            F::flags(entry) & ct_flags::REPLY == 0 && F::expires_ns(entry) > now_ns
-        })
-    };
     entries
         .iter()
-        .filter(|(key, entry)| {
-            if F::flags(entry) & ct_flags::REPLY == 0 {
-                return F::expires_ns(entry) <= now_ns;
-            }
-            let forward = F::partner_key(key, entry);
-            let points_back = entries
-                .get(&forward)
-                .is_some_and(|forward_entry| F::partner_key(&forward, forward_entry) == **key);
-            !(alive(&forward) && points_back)
-        })
+        .filter(|(key, entry)| is_garbage::<F>(key, entry, now_ns, |k| entries.get(k).copied()))
         .map(|(key, _)| *key)
         .collect()
 }
 
-fn collect<F: CtFamily>(map: &mut HashMap<MapData, F::Key, F::Entry>, now_ns: u64) -> GcReport {
-    let snapshot = entries::<F>(map);
-    let doomed = garbage::<F>(&snapshot, now_ns);
-    let forward_total = snapshot
-        .values()
-        .filter(|entry| F::flags(entry) & ct_flags::REPLY == 0)
-        .count();
-    let doomed_forward = doomed
-        .iter()
-        .filter(|key| {
-            snapshot
-                .get(key)
-                .is_some_and(|e| F::flags(e) & ct_flags::REPLY == 0)
-        })
-        .count();
-    // A key that vanished meanwhile (LRU eviction, the datapath) is not an error.
-    let removed = doomed.iter().filter(|key| map.remove(key).is_ok()).count();
-    GcReport {
-        live_flows: forward_total - doomed_forward,
-        removed,
-        entries: (snapshot.len().saturating_sub(removed), 0),
+/// Removes garbage entry by entry: each is judged on what it and its partner hold when its
+/// turn comes, never on an earlier reading (the datapath refreshes and re-creates flows while
+/// the collection runs), and a key that vanished meanwhile is skipped.
+/// What collecting one family did.
+#[derive(Default)]
+struct FamilyGc {
+    live_flows: usize,
+    removed: usize,
+    /// Entries left in the main and the unreplied map.
+    left: [usize; 2],
+}
+
+fn collect<F: CtFamily>(tables: &mut Tables<F>, now_ns: u64) -> FamilyGc {
+    let mut report = FamilyGc::default();
+    for (slot, which) in Which::BOTH.into_iter().enumerate() {
+        for key in keys_of::<F>(tables.map(which)) {
+            let Ok(entry) = tables.map(which).get(&key, 0) else {
+                continue;
+            };
+            if is_garbage::<F>(&key, &entry, now_ns, |k| tables.get(k)) {
+                if tables.map_mut(which).remove(&key).is_ok() {
+                    report.removed += 1;
+                }
+                continue;
+            }
+            report.left[slot] += 1;
+            if F::flags(&entry) & ct_flags::REPLY == 0 {
+                report.live_flows += 1;
+            }
+        }
     }
+    report
 }
 
 #[cfg(test)]

@@ -58,13 +58,13 @@ pub struct PinnedMap {
 fn entry_counts(
     image: &MapImage,
     sockets: &[SocketTranslation],
-    conntrack: (usize, usize),
+    conntrack: [(&'static str, usize); 4],
 ) -> BTreeMap<&'static str, usize> {
     let ipv6_sockets = sockets
         .iter()
         .filter(|s| s.backend.starts_with('['))
         .count();
-    BTreeMap::from([
+    let mut counts = BTreeMap::from([
         (map_names::SERVICES4, image.services4.len()),
         (map_names::SERVICES6, image.services6.len()),
         (map_names::BACKENDS4, image.backends4.len()),
@@ -77,9 +77,9 @@ fn entry_counts(
         (map_names::SOURCE_RANGES6, image.source_ranges6.len()),
         (map_names::SOCK_REV_NAT4, sockets.len() - ipv6_sockets),
         (map_names::SOCK_REV_NAT6, ipv6_sockets),
-        (map_names::CT4, conntrack.0),
-        (map_names::CT6, conntrack.1),
-    ])
+    ]);
+    counts.extend(conntrack);
+    counts
 }
 
 /// Every pinned map of the table, with its fill, capacity, allocation and memory.

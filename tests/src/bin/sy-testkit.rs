@@ -45,6 +45,36 @@ enum Command {
     Client(ClientArgs),
     /// Keep one TCP connection open and send a request on it every `--every-ms`.
     Hold(HoldArgs),
+    /// Send crafted IPv4 TCP segments (any source address, flags and numbers) through a raw
+    /// socket: spoofed SYNs and RSTs, and bounded SYN floods, between test namespaces only.
+    Spoof(SpoofArgs),
+}
+
+#[derive(Args)]
+struct SpoofArgs {
+    /// Network namespace (a name under /run/netns) to send from.
+    #[arg(long)]
+    netns: String,
+    #[arg(long)]
+    target: std::net::SocketAddrV4,
+    #[arg(long)]
+    source: std::net::SocketAddrV4,
+    /// TCP flags byte (SYN 2, RST 4, ACK 16).
+    #[arg(long)]
+    flags: u8,
+    #[arg(long, default_value_t = 0)]
+    seq: u32,
+    #[arg(long, default_value_t = 0)]
+    ack: u32,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=200_000))]
+    count: u32,
+    /// Vary the source: host 1-250 of the source's /24 and ports from the source port up,
+    /// and the sequence number, segment by segment (a flood from many spoofed clients).
+    #[arg(long)]
+    vary_source: bool,
+    /// Stop after this long even if not every segment was sent.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    max_ms: u64,
 }
 
 #[derive(Args)]
@@ -120,6 +150,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve(&args),
         Command::Client(args) => client(&args),
         Command::Hold(args) => hold(&args),
+        Command::Spoof(args) => spoof(&args),
     }
 }
 
@@ -583,4 +614,55 @@ fn hold_udp(args: &HoldArgs) {
         next += every;
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// spoof
+
+fn spoof(args: &SpoofArgs) -> Result<()> {
+    use nix::sys::socket::{MsgFlags, SockProtocol, SockaddrIn, sendto};
+    use switchyard_tests::packet::Packet;
+    join_netns(&args.netns)?;
+    // IPPROTO_RAW: we write the IP header ourselves (IP_HDRINCL is implied).
+    let raw = socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Raw,
+    )
+    .context("opening a raw IPv4 socket")?;
+    let deadline = Instant::now() + Duration::from_millis(args.max_ms);
+    let destination = SockaddrIn::from(args.target);
+    let mut sent: u32 = 0;
+    while sent < args.count && Instant::now() < deadline {
+        let (source, seq) = if args.vary_source {
+            let [a, b, c, _] = args.source.ip().octets();
+            let host = u8::try_from(sent % 250).expect("below 250") + 1;
+            let port = args
+                .source
+                .port()
+                .wrapping_add(u16::try_from(sent % 20_000).expect("below 20000"));
+            let seq = args.seq.wrapping_add(sent.wrapping_mul(7919));
+            (
+                std::net::SocketAddrV4::new(Ipv4Addr::new(a, b, c, host), port),
+                seq,
+            )
+        } else {
+            (args.source, args.seq)
+        };
+        let packet = Packet::tcp(source.into(), args.target.into(), args.flags, seq, args.ack);
+        match sendto(
+            raw.as_raw_fd(),
+            &packet.to_ip(),
+            &destination,
+            MsgFlags::empty(),
+        ) {
+            Ok(_) => sent += 1,
+            // The neighbour queue may be full for a moment during a flood.
+            Err(Errno::ENOBUFS | Errno::EAGAIN) => std::thread::sleep(Duration::from_micros(200)),
+            Err(error) => return Err(error).context("sending a crafted segment"),
+        }
+    }
+    println!("{sent}");
+    Ok(())
 }
