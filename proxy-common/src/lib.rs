@@ -193,11 +193,17 @@ pub mod reason {
     pub const HOST_EXTERNAL_IP_BYPASSED: u32 = 28;
     /// `switchyard monitor` is on but its ring buffer was full: an event was lost.
     pub const MONITOR_EVENTS_LOST: u32 = 29;
+    /// A bound socket's connect/sendmsg to a LoadBalancer IP from outside its
+    /// loadBalancerSourceRanges: failed with EPERM.
+    pub const SOCK_SOURCE_RANGE_DROPPED: u32 = 30;
+    /// An unbound socket's connect/sendmsg to a LoadBalancer IP with source ranges: left to
+    /// the TC path, which sees the source the kernel picked.
+    pub const SOCK_SOURCE_RANGE_DEFERRED: u32 = 31;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 30] = [
+    pub const NAMES: [&str; 32] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -228,6 +234,8 @@ pub mod reason {
         "tc_guard_dropped",
         "host_external_ip_bypassed",
         "monitor_events_lost",
+        "sock_source_range_dropped",
+        "sock_source_range_deferred",
     ];
 }
 
