@@ -223,11 +223,17 @@ pub mod reason {
     /// TC: a masqueraded flow took over the SNAT port of a flow that had ended (closed by
     /// FIN/RST or past its lifetime): ports return to the pool in the datapath.
     pub const TC_SNAT_PORT_REUSED: u32 = 36;
+    /// A bound socket's connect/sendmsg to a LoadBalancer IP from outside its
+    /// loadBalancerSourceRanges: failed with EPERM.
+    pub const SOCK_SOURCE_RANGE_DROPPED: u32 = 37;
+    /// An unbound socket's connect/sendmsg to a LoadBalancer IP with source ranges: left to
+    /// the TC path, which sees the source the kernel picked.
+    pub const SOCK_SOURCE_RANGE_DEFERRED: u32 = 38;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 48;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 37] = [
+    pub const NAMES: [&str; 39] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -265,6 +271,8 @@ pub mod reason {
         "tc_reject_rate_limited",
         "tc_snat_port_kept",
         "tc_snat_port_reused",
+        "sock_source_range_dropped",
+        "sock_source_range_deferred",
     ];
 }
 

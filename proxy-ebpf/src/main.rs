@@ -17,6 +17,7 @@ mod maps;
 mod metrics;
 mod monitor;
 mod sock;
+mod sock_source;
 mod tc;
 
 use aya_ebpf::{

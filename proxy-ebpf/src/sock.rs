@@ -20,6 +20,7 @@ use crate::{
     lb::{self, Selection, V4, V6},
     maps::{SOCK_CONFIG_V1, SOCK_NAT4_V1, SOCK_NAT6_V1},
     metrics, monitor,
+    sock_source::{SourceCheck, Verdict},
 };
 
 const AF_INET: u32 = 2;
@@ -120,7 +121,10 @@ impl<A: ServiceAddr> Call<'_, A> {
     /// Decides for the frontend `key`: `Err` is the syscall's result when it is not
     /// translated (proceed untouched, or fail), `Ok` the backend to translate to.
     #[inline(always)]
-    fn decide<F: lb::Family>(&self, key: F::Key) -> Result<(F::Backend, u32, u32), i32> {
+    fn decide<F: lb::Family + SourceCheck>(
+        &self,
+        key: F::Key,
+    ) -> Result<(F::Backend, u32, u32), i32> {
         let Some(master) = lb::master::<F>(key) else {
             return Err(self.not_a_service().unwrap_or(PROCEED));
         };
@@ -136,6 +140,26 @@ impl<A: ServiceAddr> Call<'_, A> {
             }
             metrics::count(reason::HOST_EXTERNAL_IP_BYPASSED);
             return Err(PROCEED);
+        }
+        if master.flags & service_flags::SOURCE_RANGES != 0
+            && master.flags & service_flags::LOAD_BALANCER != 0
+        {
+            match F::check(self.ctx, master.rev_nat_id) {
+                Verdict::Allowed => {}
+                // kube-proxy DROPs; failing at once tells the caller without a timeout.
+                Verdict::Outside => {
+                    return Err(self.fail(
+                        monitor_kind::SOCK_DROPPED,
+                        EPERM,
+                        reason::SOCK_SOURCE_RANGE_DROPPED,
+                        master.rev_nat_id,
+                    ));
+                }
+                Verdict::Unknown => {
+                    metrics::count(reason::SOCK_SOURCE_RANGE_DEFERRED);
+                    return Err(PROCEED);
+                }
+            }
         }
         match lb::select_from::<F>(key, &master, || client_cookie(self.ctx)) {
             Selection::NotAService => Err(PROCEED),

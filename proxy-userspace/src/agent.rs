@@ -7,12 +7,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{health, healthcheck, http, metrics, stats::StatsHandle},
     bpf::{
-        bpf_log, loader,
+        bpf_log, link_events, loader,
         lock::PinRootLock,
         mount_scope, mounts,
         north_south::{self, InterfaceFollower, NorthSouth},
@@ -103,6 +103,10 @@ struct Dataplane {
     fill: Arc<FillTracker>,
     /// Attaches the TC program to interfaces that appear later.
     follower: InterfaceFollower,
+    /// Wakes the follower on link, address and route changes (`None`: it polls).
+    link_events: Option<link_events::LinkEvents>,
+    /// Needed TC attachments missing after the first pass (keeps `/readyz` at 503).
+    tc_missing: north_south::MissingAttachments,
     /// The eBPF programs' log records (with `--bpf-log-level`).
     bpf_logger: Option<bpf_log::BpfLogger>,
 }
@@ -140,25 +144,31 @@ impl Dataplane {
             &crate::node_ports::PortSettings::default(),
             north_south.snat_ports,
         )?;
-        let (generation, tc_attachments) =
-            loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
+        // Subscribed before the first pass, so no change after it goes unnoticed.
+        let link_events = link_events::subscribe()
+            .inspect_err(|error| warn!("cannot follow rtnetlink events ({error}): interfaces are re-read every {INTERFACE_FALLBACK_PERIOD:?} instead"))
+            .ok();
+        let generation = loader::attach_all(&mut ebpf, &pins, &cgroup, &north_south)?;
+        let writer = KernelMaps::take_from(&mut ebpf)?;
+        let sockets = NetlinkReaper::take_from(&mut ebpf)?;
+        let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
+        // The loaded programs now only serve to attach the TC program to interfaces; the
+        // attached ones live on through their pinned links. The first pass attaches before
+        // the previous agent's links go (make before break).
+        let mut follower =
+            InterfaceFollower::new(ebpf, pins.clone(), generation.clone(), north_south);
+        let tc_missing = follower.follow();
+        info!(interfaces = ?follower.attached().keys().collect::<Vec<_>>(), "TC ingress attached");
         migration.after_attach();
         let retired = loader::retire_links(&pins, Some(&generation));
         if retired > 0 {
             info!(retired, "took over from a previous agent's links");
         }
         migration.finish();
-        let writer = KernelMaps::take_from(&mut ebpf)?;
-        let sockets = NetlinkReaper::take_from(&mut ebpf)?;
         let conntrack = Conntrack::open_pinned(&pins).context("opening the conntrack maps")?;
-        let counters = Arc::new(DatapathCounters::take_from(&mut ebpf)?);
         let datapath_maps =
             DatapathMaps::open_pinned(&pins).context("opening the socket and affinity maps")?;
         let fill = Arc::new(FillTracker::from_pins(&pins));
-        // The loaded programs now only serve to attach to interfaces that appear later; the
-        // attached ones live on through their pinned links.
-        let follower =
-            InterfaceFollower::new(ebpf, pins.clone(), generation, north_south, tc_attachments);
         Ok(Self {
             lock,
             pins,
@@ -171,6 +181,8 @@ impl Dataplane {
             datapath_maps,
             fill,
             follower,
+            link_events,
+            tc_missing,
             bpf_logger,
         })
     }
@@ -204,7 +216,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         spawn_version_takeover(dataplane.pins.clone(), stats.clone());
     }
 
-    spawn_interface_follower(dataplane.follower);
+    if !dataplane.tc_missing.is_empty() {
+        warn!(missing = ?dataplane.tc_missing, "TC ingress is missing on needed interfaces: /readyz answers 503 until it is attached");
+    }
+    let tc_missing = dataplane.tc_missing;
+    stats.update(|stats| stats.tc_missing = tc_missing);
+    spawn_interface_follower(dataplane.follower, dataplane.link_events, stats.clone());
     spawn_upkeep(
         dataplane.conntrack.clone(),
         dataplane.datapath_maps,
@@ -312,22 +329,37 @@ fn spawn_version_takeover(pins: PinLayout, stats: StatsHandle) {
     });
 }
 
-/// How often the node's interfaces are checked for new or re-created ones.
-const INTERFACE_FOLLOW_PERIOD: Duration = Duration::from_secs(2);
+/// How often interfaces are re-read when rtnetlink events cannot be received.
+const INTERFACE_FALLBACK_PERIOD: Duration = Duration::from_secs(2);
 
-fn spawn_interface_follower(mut follower: InterfaceFollower) {
+/// Runs the follower on every rtnetlink change (a burst coalesced into one pass) and
+/// publishes what is missing for `/readyz`.
+fn spawn_interface_follower(
+    mut follower: InterfaceFollower,
+    events: Option<link_events::LinkEvents>,
+    stats: StatsHandle,
+) {
+    let wake = events.map(link_events::LinkEvents::spawn_reader);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(INTERFACE_FOLLOW_PERIOD);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            match &wake {
+                Some(wake) => {
+                    wake.notified().await;
+                    // A pod's veth, address and route arrive as a burst of messages.
+                    tokio::time::sleep(link_events::COALESCE).await;
+                }
+                None => tokio::time::sleep(INTERFACE_FALLBACK_PERIOD).await,
+            }
             let pass = tokio::task::spawn_blocking(move || {
-                follower.follow();
-                follower
+                let missing = follower.follow();
+                (follower, missing)
             })
             .await;
             match pass {
-                Ok(back) => follower = back,
+                Ok((back, missing)) => {
+                    follower = back;
+                    stats.update(|stats| stats.tc_missing = missing);
+                }
                 Err(failure) => {
                     error!("following the node's interfaces stopped: {failure}");
                     return;

@@ -315,10 +315,12 @@ impl MapSizeArgs {
 /// Settings of the north-south (TC) datapath: traffic reaching the node from outside.
 #[derive(Debug, Args)]
 pub struct NorthSouthArgs {
-    /// Interfaces whose incoming traffic to NodePorts, externalIPs and LoadBalancer IPs is
-    /// load-balanced by the TC program (default: every interface of the agent's network
-    /// namespace that carries a node address, loopback excluded). Interfaces that replies of
-    /// local endpoints arrive on must be among them.
+    /// The node's external interfaces, whose incoming traffic to NodePorts, externalIPs and
+    /// LoadBalancer IPs is load-balanced by the TC program: names, prefixes (`eth+`) or globs
+    /// (`bond*`). Default: every interface of the agent's network namespace that carries a
+    /// node address, loopback excluded. The interfaces endpoints' replies arrive on (pod
+    /// veths with /32 routes, bridges and overlays inside --cluster-cidr) are added either way;
+    /// a named interface that does not exist yet is attached when it appears.
     #[arg(long, value_delimiter = ',', value_name = "IF[,IF...]")]
     pub interfaces: Vec<String>,
 

@@ -101,6 +101,24 @@ pub enum Offloads {
     Off,
 }
 
+/// How the local pod is wired to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The node's side of the pod link carries the pod network's gateway address (a bridged
+    /// CNI's layout, reduced to one veth).
+    Bridged,
+    /// A routed CNI's layout (Calico, AWS VPC CNI): the node's side of the pod link has no
+    /// address, the node routes the pod's /32 and /128 to it, answers ARP for the pod's
+    /// gateway by proxy ARP, and the pod's IPv6 gateway is that side's link-local address.
+    Routed,
+}
+
+/// The routed layout's pod gateway (Calico's), reached through proxy ARP / its MAC.
+pub const ROUTED_GATEWAY4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const ROUTED_HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The link-local address the kernel derives from [`ROUTED_HOST_MAC`] (EUI-64).
+const ROUTED_GATEWAY6: &str = "fe80::ecee:eeff:feee:eeee";
+
 /// Namespaces created so far, deleted in reverse order on drop.
 #[derive(Debug, Default)]
 struct Namespaces {
@@ -160,10 +178,15 @@ impl NorthSouth {
     /// Builds the topology (see the module documentation), starts the two backend servers and
     /// prepares cgroup, bpffs and manifests directory. The agent is not started.
     pub fn new(testkit: Testkit, offloads: Offloads) -> Self {
-        Self::build(testkit, offloads).expect("building the north-south topology")
+        Self::with_layout(testkit, offloads, Layout::Bridged)
     }
 
-    fn build(testkit: Testkit, offloads: Offloads) -> Result<Self> {
+    /// As [`NorthSouth::new`], with the local pod wired as `layout` says.
+    pub fn with_layout(testkit: Testkit, offloads: Offloads, layout: Layout) -> Self {
+        Self::build(testkit, offloads, layout).expect("building the north-south topology")
+    }
+
+    fn build(testkit: Testkit, offloads: Offloads, layout: Layout) -> Result<Self> {
         let node = Topology::new(0)?;
         let base = node.node_namespace().to_owned();
         let mut namespaces = Namespaces::default();
@@ -183,6 +206,7 @@ impl NorthSouth {
             node2,
             local,
             remote,
+            layout,
         };
         spaces.configure()?;
         let links = spaces.wire()?;
@@ -404,6 +428,23 @@ impl NorthSouth {
         recreate().expect("re-creating the node ↔ client link");
     }
 
+    /// Deletes the node ↔ client link (see [`NorthSouth::add_client_link`]).
+    pub fn remove_client_link(&self) {
+        ip_in(self.node_namespace(), &["link", "del", NODE_CLIENT_LINK])
+            .expect("deleting the node ↔ client link");
+    }
+
+    /// Creates the node ↔ client link (after [`NorthSouth::remove_client_link`]), with its
+    /// addresses and the client's routes.
+    pub fn add_client_link(&self) {
+        let add = || -> Result<()> {
+            let (node_end, client_end) = client_link_ends(self.node_namespace(), &self.client);
+            WorldBuilder { links: Vec::new() }.link(&node_end, &client_end)?;
+            route_client(&self.client)
+        };
+        add().expect("creating the node ↔ client link");
+    }
+
     /// `switchyard inspect TARGET --output json` on the agent's pins.
     pub fn inspect_json(&self, target: &str) -> Value {
         let dir = self.bpffs.agent_dir();
@@ -465,6 +506,7 @@ struct Spaces {
     node2: String,
     local: String,
     remote: String,
+    layout: Layout,
 }
 
 impl Spaces {
@@ -503,24 +545,27 @@ impl Spaces {
         let mut world = WorldBuilder { links: Vec::new() };
         let (node_end, client_end) = client_link_ends(&self.node, &self.client);
         world.link(&node_end, &client_end)?;
-        world.link(
-            &End {
-                netns: &self.node,
-                device: NODE_POD_LINK,
-                v4: NODE_POD_GW4,
-                prefix4: 24,
-                v6: NODE_POD_GW6,
-                prefix6: 64,
-            },
-            &End {
-                netns: &self.local,
-                device: "eth0",
-                v4: LOCAL_POD4,
-                prefix4: 24,
-                v6: LOCAL_POD6,
-                prefix6: 64,
-            },
-        )?;
+        match self.layout {
+            Layout::Bridged => world.link(
+                &End {
+                    netns: &self.node,
+                    device: NODE_POD_LINK,
+                    v4: NODE_POD_GW4,
+                    prefix4: 24,
+                    v6: NODE_POD_GW6,
+                    prefix6: 64,
+                },
+                &End {
+                    netns: &self.local,
+                    device: "eth0",
+                    v4: LOCAL_POD4,
+                    prefix4: 24,
+                    v6: LOCAL_POD6,
+                    prefix6: 64,
+                },
+            )?,
+            Layout::Routed => world.routed_pod_link(&self.node, &self.local)?,
+        }
         world.link(
             &End {
                 netns: &self.node,
@@ -594,10 +639,12 @@ impl Spaces {
             )?;
         }
         // Pods: default route via their node (which has none itself).
-        for (pod, gw4, gw6) in [
-            (&self.local, NODE_POD_GW4, NODE_POD_GW6),
-            (&self.remote, NODE2_POD_GW4, NODE2_POD_GW6),
-        ] {
+        let mut pods = vec![(&self.remote, NODE2_POD_GW4, NODE2_POD_GW6)];
+        match self.layout {
+            Layout::Bridged => pods.push((&self.local, NODE_POD_GW4, NODE_POD_GW6)),
+            Layout::Routed => route_routed_pod(&self.node, &self.local)?,
+        }
+        for (pod, gw4, gw6) in pods {
             ip_in(pod, &["route", "add", "default", "via", &gw4.to_string()])?;
             ip_in(
                 pod,
@@ -606,6 +653,70 @@ impl Spaces {
         }
         Ok(())
     }
+}
+
+/// The routed layout's routes: the node's /32 and /128 to the pod through its unnumbered
+/// link, the pod's default routes through the gateway the node answers for.
+fn route_routed_pod(node: &str, pod: &str) -> Result<()> {
+    ip_in(
+        node,
+        &[
+            "route",
+            "add",
+            &format!("{LOCAL_POD4}/32"),
+            "dev",
+            NODE_POD_LINK,
+        ],
+    )?;
+    ip_in(
+        node,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{LOCAL_POD6}/128"),
+            "dev",
+            NODE_POD_LINK,
+        ],
+    )?;
+    let gateway = ROUTED_GATEWAY4.to_string();
+    ip_in(
+        pod,
+        &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+    )?;
+    ip_in(
+        pod,
+        &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+    )?;
+    // Proxy ARP answers for the gateway only when the node has a route to it elsewhere,
+    // and this node has no default route: pin the answer, as a CNI may.
+    ip_in(
+        pod,
+        &[
+            "neigh",
+            "replace",
+            &gateway,
+            "lladdr",
+            ROUTED_HOST_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    ip_in(
+        pod,
+        &[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTED_GATEWAY6,
+            "dev",
+            "eth0",
+        ],
+    )
 }
 
 /// The client's routes: pods and external addresses via the node, nothing else.
@@ -647,6 +758,54 @@ struct WorldBuilder {
 }
 
 impl WorldBuilder {
+    /// The routed layout's pod link: the node's side without addresses (a fixed MAC, so its
+    /// link-local address is known, and proxy ARP on), the pod's side with its /32 and /128.
+    fn routed_pod_link(&mut self, node: &str, pod: &str) -> Result<()> {
+        ip_in(
+            node,
+            &[
+                "link",
+                "add",
+                NODE_POD_LINK,
+                "address",
+                ROUTED_HOST_MAC,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                pod,
+            ],
+        )?;
+        self.links.push((node.to_owned(), NODE_POD_LINK.to_owned()));
+        self.links.push((pod.to_owned(), "eth0".to_owned()));
+        sysctl(
+            node,
+            &[&format!("net.ipv4.conf.{NODE_POD_LINK}.proxy_arp=1")],
+        )?;
+        ip_in(
+            pod,
+            &["addr", "add", &format!("{LOCAL_POD4}/32"), "dev", "eth0"],
+        )?;
+        ip_in(
+            pod,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{LOCAL_POD6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        ip_in(node, &["link", "set", NODE_POD_LINK, "up"])?;
+        ip_in(pod, &["link", "set", "eth0", "up"])?;
+        wait_until_operational(node, NODE_POD_LINK)?;
+        wait_until_operational(pod, "eth0")
+    }
+
     /// Creates a veth pair inside `a`'s namespace with its peer moved straight into `b`'s,
     /// addresses both ends (IPv6 without DAD) and waits until both are operational.
     fn link(&mut self, a: &End<'_>, b: &End<'_>) -> Result<()> {

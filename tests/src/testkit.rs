@@ -1,7 +1,7 @@
 //! Typed front end to the `sy-testkit` helper binary: backend servers and clients that run in
 //! test namespaces (and, for clients, in the hooked test cgroup).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -59,6 +59,8 @@ pub struct ClientRequest {
     pub timeout: Duration,
     /// Bind to this local port before connecting (TCP with SO_REUSEADDR).
     pub source_port: Option<u16>,
+    /// Bind to this local address before connecting.
+    pub source_ip: Option<IpAddr>,
     /// Ask the backend for the client address it saw ([`Attempt::seen_as`]).
     pub ask_peer: bool,
 }
@@ -72,6 +74,7 @@ impl ClientRequest {
             interval: Duration::ZERO,
             timeout: Duration::from_secs(1),
             source_port: None,
+            source_ip: None,
             ask_peer: false,
         }
     }
@@ -79,6 +82,13 @@ impl ClientRequest {
     #[must_use]
     pub fn source_port(mut self, port: u16) -> Self {
         self.source_port = Some(port);
+        self
+    }
+
+    /// Binds the client's sockets to `ip` (a source address the socket hooks can see).
+    #[must_use]
+    pub fn source_ip(mut self, ip: IpAddr) -> Self {
+        self.source_ip = Some(ip);
         self
     }
 
@@ -220,6 +230,9 @@ impl Testkit {
         let mut command = self.placed("client", netns, cgroup, request.target);
         if let Some(port) = request.source_port {
             command.args(["--source-port", &port.to_string()]);
+        }
+        if let Some(ip) = request.source_ip {
+            command.args(["--source-ip", &ip.to_string()]);
         }
         if request.ask_peer {
             command.arg("--ask-peer");

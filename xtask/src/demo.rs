@@ -1,8 +1,11 @@
 //! `cargo xtask run` without arguments: a self-contained local demo.
 //!
-//! Three backend network namespaces answer with their own name; a node namespace runs the
-//! agent on the shipped manifests file; a client in a demo-owned cgroup connects to the VIPs and
-//! the spread over the backends is printed. Editing the manifests file re-runs the probes.
+//! Three backend network namespaces answer with their own name, wired as a routed CNI wires
+//! pods (unnumbered host veths, /32 and /128 routes, a link-local gateway); a node namespace
+//! runs the agent on the shipped manifests file with `--interfaces` naming only its external
+//! link; a client in a demo-owned cgroup connects to the VIPs (socket hooks), and a client in
+//! an "outside" namespace to a NodePort (TC path); the spread over the backends is printed.
+//! Editing the manifests file re-runs the probes.
 //! Everything (namespaces, cgroup, bpffs mount, pins) is removed on Ctrl-C or on failure.
 //! Traffic stays inside the demo namespaces, which have no route off the machine.
 use std::{
@@ -22,6 +25,19 @@ use anyhow::{Context, Result, bail};
 use crate::{run as run_command, switchyard_binary, workspace_root};
 
 const NODE_NS: &str = "sy-demo-node";
+/// A machine outside the cluster, on the node's external link.
+const OUTSIDE_NS: &str = "sy-demo-out";
+const EXTERNAL_LINK: &str = "sydemo-ext";
+/// The routed layout's pod gateway: every host veth has this MAC, so the pods' IPv4 gateway
+/// (a static neighbour, as proxy ARP would answer) and IPv6 gateway (its link-local) are fixed.
+const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
+const POD_GATEWAY4: &str = "169.254.1.1";
+const POD_GATEWAY6: &str = "fe80::ecee:eeff:feee:eeee";
+/// The NodePort of `demo/web`, probed from outside at the node's external address.
+const NODE_PORT_TARGET: (&str, &str) = (
+    "demo/web        TCP  192.0.2.1:30080 (NodePort)",
+    "192.0.2.1:30080",
+);
 const BACKENDS: usize = 3;
 const PROBES: usize = 60;
 
@@ -131,47 +147,86 @@ impl DemoEnv {
 
     fn build_topology(&mut self) -> Result<()> {
         self.add_namespace(NODE_NS)?;
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            run_command(
+                Command::new("ip")
+                    .args(["netns", "exec", NODE_NS, "sysctl", "-q", "-w", setting])
+                    .stdout(Stdio::null()),
+            )?;
+        }
         for index in 1..=BACKENDS {
             let ns = backend_ns(index);
             self.add_namespace(&ns)?;
-            let (node_if, backend_if) = (format!("sydemo-n{index}"), format!("sydemo-b{index}"));
-            ip(&[
-                "-n",
-                NODE_NS,
-                "link",
-                "add",
-                &node_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &backend_if,
-                "netns",
-                &ns,
-            ])?;
-            for (netns, link, host) in [(NODE_NS, &node_if, 1), (ns.as_str(), &backend_if, 2)] {
-                ip(&[
-                    "-n",
-                    netns,
-                    "addr",
-                    "add",
-                    &format!("10.244.{index}.{host}/24"),
-                    "dev",
-                    link,
-                ])?;
-                ip(&[
-                    "-n",
-                    netns,
-                    "addr",
-                    "add",
-                    &format!("fd00:244:{index}::{host}/64"),
-                    "dev",
-                    link,
-                    "nodad",
-                ])?;
-                ip(&["-n", netns, "link", "set", link, "up"])?;
-            }
+            wire_routed_pod(index, &ns)?;
         }
+        self.add_outside()
+    }
+
+    /// The outside machine: its own link to the node, and a route to nothing else.
+    fn add_outside(&mut self) -> Result<()> {
+        self.add_namespace(OUTSIDE_NS)?;
+        ip(&[
+            "-n",
+            NODE_NS,
+            "link",
+            "add",
+            EXTERNAL_LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            OUTSIDE_NS,
+        ])?;
+        ip(&[
+            "-n",
+            NODE_NS,
+            "addr",
+            "add",
+            "192.0.2.1/24",
+            "dev",
+            EXTERNAL_LINK,
+        ])?;
+        ip(&[
+            "-n",
+            OUTSIDE_NS,
+            "addr",
+            "add",
+            "192.0.2.2/24",
+            "dev",
+            "eth0",
+        ])?;
+        // Also the node's IPv6 address: its side of every pod veth has only a link-local one.
+        ip(&[
+            "-n",
+            NODE_NS,
+            "addr",
+            "add",
+            "2001:db8:d::1/64",
+            "dev",
+            EXTERNAL_LINK,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            OUTSIDE_NS,
+            "addr",
+            "add",
+            "2001:db8:d::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&["-n", NODE_NS, "link", "set", EXTERNAL_LINK, "up"])?;
+        ip(&["-n", OUTSIDE_NS, "link", "set", "eth0", "up"])?;
         Ok(())
     }
 
@@ -217,6 +272,8 @@ impl DemoEnv {
             .arg(bpffs.join("switchyard"))
             .arg("--node-name")
             .arg("demo-node")
+            // The external link only: the pods' host veths are found from their routes.
+            .args(["--interfaces", EXTERNAL_LINK])
             .spawn()
             .context("cannot start the agent")?;
         self.children.push(agent);
@@ -224,17 +281,62 @@ impl DemoEnv {
     }
 }
 
+/// Where a probe's client runs.
+#[derive(Clone, Copy)]
+enum ProbeFrom<'a> {
+    /// The node namespace, in the hooked cgroup (the socket hooks translate).
+    Hooked(&'a Path),
+    /// The outside namespace, in no hooked cgroup (the TC program translates).
+    Outside,
+}
+
+/// Wires backend `index` (namespace `ns`) as a routed CNI wires a pod: an unnumbered host veth
+/// with a fixed MAC, /32 and /128 routes to the pod, the pod's default routes via the gateway.
+fn wire_routed_pod(index: usize, ns: &str) -> Result<()> {
+    let (node_if, pod_if) = (format!("sydemo-n{index}"), format!("sydemo-b{index}"));
+    let (pod4, pod6) = (format!("10.244.{index}.2"), format!("fd00:244:{index}::2"));
+    let (gw4, gw6, mac) = (POD_GATEWAY4, POD_GATEWAY6, HOST_VETH_MAC);
+    for command in [
+        format!(
+            "-n {NODE_NS} link add {node_if} address {mac} type veth peer name {pod_if} netns {ns}"
+        ),
+        format!("-n {ns} addr add {pod4}/32 dev {pod_if}"),
+        format!("-n {ns} addr add {pod6}/128 dev {pod_if} nodad"),
+        format!("-n {NODE_NS} link set {node_if} up"),
+        format!("-n {ns} link set {pod_if} up"),
+        format!("-n {NODE_NS} route add {pod4}/32 dev {node_if}"),
+        format!("-n {NODE_NS} -6 route add {pod6}/128 dev {node_if}"),
+        format!("-n {ns} route add {gw4} dev {pod_if} scope link"),
+        format!("-n {ns} route add default via {gw4} dev {pod_if}"),
+        // What proxy ARP would answer (the node has no route to the gateway to proxy for).
+        format!("-n {ns} neigh replace {gw4} lladdr {mac} dev {pod_if} nud permanent"),
+        format!("-n {ns} -6 route add default via {gw6} dev {pod_if}"),
+    ] {
+        ip(&command.split_whitespace().collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
 /// Outcome counts of one probe run: backend name (or error) → count.
 fn probe(
-    cgroup: &Path,
+    from: ProbeFrom<'_>,
     target: &str,
     proto: &str,
     count: usize,
     timeout_ms: u32,
 ) -> Result<BTreeMap<String, usize>> {
-    let out = Command::new(testkit())
-        .args(["client", "--netns", NODE_NS, "--cgroup"])
-        .arg(cgroup)
+    let mut command = Command::new(testkit());
+    match from {
+        ProbeFrom::Hooked(cgroup) => {
+            command
+                .args(["client", "--netns", NODE_NS, "--cgroup"])
+                .arg(cgroup);
+        }
+        ProbeFrom::Outside => {
+            command.args(["client", "--netns", OUTSIDE_NS]);
+        }
+    }
+    let out = command
         .args([
             "--target",
             target,
@@ -265,12 +367,15 @@ fn probe(
 fn print_probes(cgroup: &Path) -> Result<()> {
     println!("\n== {PROBES} new connections per Service, from a process in the hooked cgroup ==");
     for (label, target, proto) in TARGETS {
-        let tally = probe(cgroup, target, proto, PROBES, 1000)?;
-        println!("{label}");
-        for (outcome, count) in tally {
-            println!("    {outcome:<24} {count:>3}  {}", "#".repeat(count));
-        }
+        let tally = probe(ProbeFrom::Hooked(cgroup), target, proto, PROBES, 1000)?;
+        print_tally(label, &tally);
     }
+    println!(
+        "\n== {PROBES} new connections from the outside namespace, through the node's TC program =="
+    );
+    let (label, target) = NODE_PORT_TARGET;
+    let tally = probe(ProbeFrom::Outside, target, "tcp", PROBES, 1000)?;
+    print_tally(label, &tally);
     println!(
         "\nEdit {} to see changes; Ctrl-C to stop and clean up.",
         manifests().display()
@@ -285,6 +390,13 @@ fn print_probes(cgroup: &Path) -> Result<()> {
     Ok(())
 }
 
+fn print_tally(label: &str, tally: &BTreeMap<String, usize>) {
+    println!("{label}");
+    for (outcome, count) in tally {
+        println!("    {outcome:<24} {count:>3}  {}", "#".repeat(*count));
+    }
+}
+
 fn wait_until_ready(cgroup: &Path, stop: &AtomicBool) -> Result<()> {
     // Fresh veth links resolve their first IPv6 neighbour slowly: talk to every backend
     // directly once (not a service address, so the hooks leave it alone) before measuring.
@@ -293,13 +405,23 @@ fn wait_until_ready(cgroup: &Path, stop: &AtomicBool) -> Result<()> {
             format!("10.244.{index}.2:8080"),
             format!("[fd00:244:{index}::2]:8080"),
         ] {
-            probe(cgroup, &address, "tcp", 1, 3000)?;
+            probe(ProbeFrom::Hooked(cgroup), &address, "tcp", 1, 3000)?;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
-        let tally = probe(cgroup, TARGETS[0].1, TARGETS[0].2, 1, 1000)?;
-        if tally.keys().any(|outcome| outcome.starts_with("backend-")) {
+        let hooked = probe(
+            ProbeFrom::Hooked(cgroup),
+            TARGETS[0].1,
+            TARGETS[0].2,
+            1,
+            1000,
+        )?;
+        let outside = probe(ProbeFrom::Outside, NODE_PORT_TARGET.1, "tcp", 1, 1000)?;
+        let served = |tally: &BTreeMap<String, usize>| {
+            tally.keys().any(|outcome| outcome.starts_with("backend-"))
+        };
+        if served(&hooked) && served(&outside) {
             return Ok(());
         }
         sleep(Duration::from_millis(200));

@@ -8,10 +8,12 @@
 //! - `/healthz` also needs this node to be eligible for load-balanced traffic (KEP-3836): not
 //!   while its Node object is being deleted or carries the cluster autoscaler's
 //!   `ToBeDeletedByClusterAutoscaler` taint, so load balancers drain it before it goes away.
-//! - `/readyz` is 200 once the first complete sync is done.
+//! - `/readyz` is 200 once the first complete sync is done, and while no interface that needs
+//!   the TC program lacks it.
 //!
 //! The bodies are kube-proxy's JSON; every answer is counted by status code
 //! (`kubeproxy_proxy_healthz_total{code}`, `kubeproxy_proxy_livez_total{code}`).
+use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use super::{http::Response, stats::SyncStats};
@@ -74,8 +76,16 @@ pub fn livez(stats: &SyncStats, now: SystemTime, timeout: Duration) -> Response 
     Response::new(status(fresh(stats, now, timeout)), "application/json", body)
 }
 
-/// `/readyz`: 200 once the first complete sync is done.
+/// `/readyz`: 200 once the first complete sync is done and every interface that needs the
+/// TC program has it.
 pub fn readyz(stats: &SyncStats) -> Response {
+    if !stats.tc_missing.is_empty() {
+        let mut body = String::from("TC ingress is missing on:\n");
+        for (interface, reason) in &stats.tc_missing {
+            let _ = writeln!(body, "  {interface}: {reason}");
+        }
+        return Response::new(503, "text/plain; charset=utf-8", body);
+    }
     if stats.syncs_total > 0 {
         Response::new(200, "text/plain; charset=utf-8", "ok\n")
     } else {
@@ -95,6 +105,24 @@ mod tests {
 
     fn json(response: &Response) -> serde_json::Value {
         serde_json::from_str(&response.body).expect("kube-proxy's body is JSON")
+    }
+
+    #[test]
+    fn not_ready_while_a_needed_tc_attachment_is_missing() {
+        let mut stats = SyncStats::default();
+        stats.record_sync(0, Duration::from_millis(1), None);
+        stats
+            .tc_missing
+            .insert("eth1".to_owned(), "does not exist (yet)".to_owned());
+        let answer = readyz(&stats);
+        assert_eq!(answer.status, 503);
+        assert!(
+            answer.body.contains("eth1: does not exist (yet)"),
+            "{}",
+            answer.body
+        );
+        stats.tc_missing.clear();
+        assert_eq!(readyz(&stats).status, 200);
     }
 
     #[test]

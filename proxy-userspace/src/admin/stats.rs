@@ -98,6 +98,9 @@ pub struct SyncStats {
     /// took, and the flows it removed (kube-proxy's `kubeproxy_conntrack_reconciler_*`).
     pub conntrack_reconcile_duration: [Histogram; 2],
     pub conntrack_reconcile_deleted: [u64; 2],
+    /// Interfaces that need the TC program and do not have it, with the reason (an
+    /// `--interfaces` name that does not exist yet, a failed attach).
+    pub tc_missing: BTreeMap<String, String>,
 }
 
 impl Default for SyncStats {
@@ -124,6 +127,7 @@ impl Default for SyncStats {
             livez_total: BTreeMap::new(),
             conntrack_reconcile_duration: [Histogram::sync_duration(), Histogram::sync_duration()],
             conntrack_reconcile_deleted: [0, 0],
+            tc_missing: BTreeMap::new(),
         }
     }
 }

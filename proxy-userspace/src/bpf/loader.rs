@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::{
     error::LoadError,
     migrate::{self, Migration},
-    north_south::{self, NorthSouth, TcAttachments},
+    north_south::{self, NorthSouth},
     pins::PinLayout,
     sizing::Capacities,
 };
@@ -121,14 +121,14 @@ fn new_generation() -> String {
     format!("{nanos}-{}", std::process::id())
 }
 
-/// Attaches every program (socket hooks to the cgroup, TC ingress to the node's interfaces)
-/// and pins the links; returns the generation and the interfaces TC is attached to.
+/// Attaches the socket hooks to the cgroup and pins their links, and loads the TC ingress
+/// program (the [`north_south::InterfaceFollower`] attaches it); returns the generation.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
     cgroup: &Path,
     north_south: &NorthSouth,
-) -> Result<(String, TcAttachments), LoadError> {
+) -> Result<String, LoadError> {
     let cgroup_dir = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -184,10 +184,10 @@ pub fn attach_all(
             )?;
         pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
         north_south::write_config(ebpf, north_south)?;
-        north_south::attach(ebpf, pins, &generation, north_south, &mut pinned)
+        north_south::load(ebpf)
     })();
-    let tc_attachments = match result {
-        Ok(tc_attachments) => tc_attachments,
+    match result {
+        Ok(()) => {}
         Err(error) => {
             // Nothing half-applied: detach what this attempt attached; older links stay.
             for link in pinned {
@@ -197,9 +197,9 @@ pub fn attach_all(
             }
             return Err(error);
         }
-    };
+    }
     info!(cgroup = %cgroup.display(), %generation, "socket hooks attached");
-    Ok((generation, tc_attachments))
+    Ok(generation)
 }
 
 /// Detaches the links of every generation but `keep` (all of them with `None`).

@@ -3,6 +3,8 @@
 //! migrating maps and links, forwarding the programs' logs, and removing it all again.
 pub mod bpf_log;
 pub mod error;
+pub mod interfaces;
+pub mod link_events;
 pub mod loader;
 pub mod lock;
 pub mod migrate;

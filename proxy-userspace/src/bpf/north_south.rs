@@ -16,8 +16,12 @@ use aya::{
 use proxy_common::{DatapathConfig, config_flags, map_names};
 use tracing::{info, warn};
 
-use super::{error::LoadError, pins::PinLayout};
-use crate::{model::Cidr, node::node_addresses_by_interface};
+use super::{
+    error::LoadError,
+    interfaces::{self, Choice, Pattern},
+    pins::PinLayout,
+};
+use crate::model::Cidr;
 
 /// The TC ingress program, by name.
 pub const TC_INGRESS_PROGRAM: &str = "sy_tc_ingress";
@@ -38,36 +42,24 @@ impl std::fmt::Display for PortRange {
 /// Where the TC program goes and what it is told.
 #[derive(Clone, Debug)]
 pub struct NorthSouth {
-    /// `--interfaces`; empty means every interface carrying a node address.
+    /// `--interfaces` (names or patterns); empty means every interface carrying a node
+    /// address. Endpoint-facing interfaces are added either way (see [`interfaces`]).
     pub interfaces: Vec<String>,
     pub cluster_cidrs: Vec<Cidr>,
     pub masquerade_all: bool,
     pub snat_ports: PortRange,
 }
 
-/// Interfaces of this network namespace that carry a node address (as `node_addresses`
-/// defines them: loopback and IPv6 link-local excluded).
-pub fn node_interfaces() -> std::io::Result<Vec<String>> {
-    let names: BTreeSet<String> = node_addresses_by_interface()?
-        .into_iter()
-        .map(|(name, _)| name)
-        .collect();
-    Ok(names.into_iter().collect())
-}
-
 impl NorthSouth {
-    /// The interfaces to attach to, and whether the operator named them (then a failure to
-    /// attach is fatal; for discovered ones it is a warning).
-    fn targets(&self) -> Result<(Vec<String>, bool), LoadError> {
-        if !self.interfaces.is_empty() {
-            return Ok((self.interfaces.clone(), true));
-        }
-        let found = node_interfaces().map_err(|error| LoadError::Program {
+    /// The interfaces to attach to now (see [`interfaces`]).
+    fn choose(&self) -> Result<Choice, LoadError> {
+        let facts = interfaces::read_facts().map_err(|error| LoadError::Program {
             name: TC_INGRESS_PROGRAM,
-            action: "listing the node's interfaces",
+            action: "listing the node's interfaces and routes",
             reason: error.to_string(),
         })?;
-        Ok((found, false))
+        let patterns: Vec<Pattern> = self.interfaces.iter().map(|e| Pattern::parse(e)).collect();
+        Ok(interfaces::choose(&patterns, &self.cluster_cidrs, &facts))
     }
 
     /// What the datapath reads from `CONFIG_V1`.
@@ -134,34 +126,34 @@ fn loaded_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
         .map_err(program_error("type check"))
 }
 
-/// Attaches the TC ingress program to the chosen interfaces and pins each link under this
-/// generation. Links already attached are pushed onto `pinned` so a failure can roll back.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    pins: &PinLayout,
-    generation: &str,
-    north_south: &NorthSouth,
-    pinned: &mut Vec<PinnedLink>,
-) -> Result<TcAttachments, LoadError> {
-    let (targets, explicit) = north_south.targets()?;
-    let program = loaded_program(ebpf)?;
-    program.load().map_err(program_error("loading"))?;
-    let mut attached = TcAttachments::new();
-    for interface in targets {
-        let index = interface_index(&interface);
-        match attach_one(program, pins, generation, &interface) {
-            Ok(link) => {
-                pinned.push(link);
-                attached.insert(interface, index.unwrap_or_default());
-            }
-            Err(error) if explicit => return Err(error),
-            Err(error) => {
-                warn!(%interface, "north-south traffic on this interface is not load-balanced: {error}");
-            }
-        }
-    }
-    info!(interfaces = ?attached.keys().collect::<Vec<_>>(), "TC ingress attached");
-    Ok(attached)
+/// Refuses kernels without TCX links (before Linux 6.6): aya would attach there through
+/// netlink, which needs a clsact qdisc and gives a link that cannot be pinned, so the
+/// attachment would die with the agent and "traffic keeps flowing when the agent dies" would
+/// be false.
+fn require_tcx() -> Result<(), LoadError> {
+    use aya::util::KernelVersion;
+    let version = match KernelVersion::current() {
+        Ok(version) if version >= KernelVersion::new(6, 6, 0) => return Ok(()),
+        Ok(version) => version.to_string(),
+        Err(error) => format!("unknown ({error})"),
+    };
+    Err(LoadError::Program {
+        name: TC_INGRESS_PROGRAM,
+        action: "checking the kernel",
+        reason: format!(
+            "the TC datapath needs TCX links (Linux 6.6 or later) so that its attachments outlive the agent; this kernel is {version}"
+        ),
+    })
+}
+
+/// Loads the TC ingress program; the first pass of the [`InterfaceFollower`] attaches it.
+/// Nothing here depends on an interface existing: an `--interfaces` entry that does not
+/// exist yet is attached when it appears.
+pub fn load(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    require_tcx()?;
+    loaded_program(ebpf)?
+        .load()
+        .map_err(program_error("loading"))
 }
 
 /// What one pass over the node's interfaces should do, given what is attached.
@@ -196,56 +188,65 @@ fn interface_changes(
     changes
 }
 
-/// Follows the node's interfaces after start: attaches the program to interfaces that appear
-/// (a bridge a CNI creates with the first pod, a hot-plugged NIC) or are re-created, and
-/// removes the defunct links of deleted ones. With `--interfaces`, only those names are
-/// followed. A failure is logged once per interface index, never fatal.
+/// Follows the node's interfaces and routes: attaches the program to interfaces that appear
+/// (a pod's host veth, a bridge a CNI creates with the first pod, a hot-plugged NIC) or are
+/// re-created, and removes the defunct links of deleted ones. Driven by rtnetlink events
+/// (see `link_events`). A failure is logged once per interface index, never fatal; what is
+/// missing is reported so `/readyz` can say so.
 pub struct InterfaceFollower {
     ebpf: Ebpf,
     pins: PinLayout,
     generation: String,
     north_south: NorthSouth,
     attached: TcAttachments,
-    /// Indexes an attach failed on, so a broken interface is reported once.
-    failed: BTreeSet<u32>,
+    /// Indexes an attach failed on, with the error, so a broken interface is reported once.
+    failed: BTreeMap<u32, String>,
+    /// Interfaces already reported as skipped.
+    skipped: BTreeSet<String>,
+    /// Whether the first pass (at start) is done: later attachments are new interfaces.
+    started: bool,
 }
 
+/// Interfaces a needed attachment is missing on, with the reason.
+pub type MissingAttachments = BTreeMap<String, String>;
+
 impl InterfaceFollower {
-    pub fn new(
-        ebpf: Ebpf,
-        pins: PinLayout,
-        generation: String,
-        north_south: NorthSouth,
-        attached: TcAttachments,
-    ) -> Self {
+    pub fn new(ebpf: Ebpf, pins: PinLayout, generation: String, north_south: NorthSouth) -> Self {
         Self {
             ebpf,
             pins,
             generation,
             north_south,
-            attached,
-            failed: BTreeSet::new(),
+            attached: TcAttachments::new(),
+            failed: BTreeMap::new(),
+            skipped: BTreeSet::new(),
+            started: false,
         }
     }
 
-    /// The interfaces wanted now, with their current index (missing ones left out).
-    fn wanted(&self) -> TcAttachments {
-        let names = match self.north_south.targets() {
-            Ok((names, _explicit)) => names,
+    /// One pass; returns what is missing afterwards (empty: every needed interface has the
+    /// program).
+    pub fn follow(&mut self) -> MissingAttachments {
+        let choice = match self.north_south.choose() {
+            Ok(choice) => choice,
             Err(error) => {
                 warn!("{error}");
-                return self.attached.clone();
+                return MissingAttachments::from([("(all)".to_owned(), error.to_string())]);
             }
         };
-        names
-            .into_iter()
-            .filter_map(|name| interface_index(&name).map(|index| (name, index)))
-            .collect()
-    }
-
-    /// One pass; returns the interfaces newly attached.
-    pub fn follow(&mut self) -> Vec<String> {
-        let changes = interface_changes(&self.wanted(), &self.attached, interface_index);
+        for (name, reason) in &choice.skipped {
+            if self.skipped.insert(name.clone()) {
+                info!(interface = %name, "not attaching the TC program: {reason}");
+            }
+        }
+        self.skipped
+            .retain(|name| choice.skipped.contains_key(name));
+        let wanted: TcAttachments = choice
+            .attach
+            .keys()
+            .filter_map(|name| interface_index(name).map(|index| (name.clone(), index)))
+            .collect();
+        let changes = interface_changes(&wanted, &self.attached, interface_index);
         for name in changes.forget {
             self.attached.remove(&name);
             let pin = self.pins.link(&pin_name(&name), &self.generation);
@@ -257,40 +258,59 @@ impl InterfaceFollower {
                 }
             }
         }
-        let mut attached_now = Vec::new();
-        if changes.attach.is_empty() {
-            return attached_now;
-        }
-        let program = match loaded_program(&mut self.ebpf) {
-            Ok(program) => program,
-            Err(error) => {
-                warn!("{error}");
-                return attached_now;
-            }
-        };
-        for (name, index) in changes.attach {
-            match attach_one(program, &self.pins, &self.generation, &name) {
-                Ok(_pinned) => {
-                    info!(interface = %name, "TC ingress attached to a new interface");
-                    self.failed.remove(&index);
-                    self.attached.insert(name.clone(), index);
-                    attached_now.push(name);
-                }
-                Err(error) => {
-                    if self.failed.insert(index) {
-                        warn!(interface = %name, "north-south traffic on this interface is not load-balanced: {error}");
+        let mut missing = choice.missing;
+        if !changes.attach.is_empty() {
+            match loaded_program(&mut self.ebpf) {
+                Ok(program) => {
+                    for (name, index) in changes.attach {
+                        let role = choice.attach.get(&name).copied();
+                        match attach_one(program, &self.pins, &self.generation, &name) {
+                            Ok(_pinned) => {
+                                if self.started {
+                                    info!(interface = %name, ?role, "TC ingress attached to a new interface");
+                                } else {
+                                    info!(interface = %name, ?role, "TC ingress attached");
+                                }
+                                self.failed.remove(&index);
+                                self.attached.insert(name, index);
+                            }
+                            Err(error) => {
+                                let error = error.to_string();
+                                if self.failed.insert(index, error.clone()).is_none() {
+                                    warn!(interface = %name, "north-south traffic on this interface is not load-balanced: {error}");
+                                }
+                            }
+                        }
                     }
                 }
+                Err(error) => warn!("{error}"),
             }
         }
-        attached_now
+        for (name, index) in &wanted {
+            if self.attached.get(name) != Some(index) {
+                let reason = self
+                    .failed
+                    .get(index)
+                    .cloned()
+                    .unwrap_or_else(|| "not attached".to_owned());
+                missing.insert(name.clone(), reason);
+            }
+        }
+        self.failed
+            .retain(|index, _| wanted.values().any(|i| i == index));
+        self.started = true;
+        missing
+    }
+
+    /// The interfaces the program is attached to now.
+    pub fn attached(&self) -> &TcAttachments {
+        &self.attached
     }
 }
 
-/// The link pin of `interface` (bpffs refuses names with dots, and interface names may have
-/// them, e.g. VLANs).
+/// The link pin of `interface` (collision-free, no dots: see [`interfaces::pin_name`]).
 fn pin_name(interface: &str) -> String {
-    format!("{TC_INGRESS_PROGRAM}-{}", interface.replace('.', "_"))
+    interfaces::pin_name(TC_INGRESS_PROGRAM, interface)
 }
 
 fn attach_one(
@@ -407,6 +427,6 @@ mod tests {
 
     #[test]
     fn dots_in_interface_names_never_reach_bpffs() {
-        assert_eq!(pin_name("eth0.100"), "sy_tc_ingress-eth0_100");
+        assert_eq!(pin_name("eth0.100"), "sy_tc_ingress-eth0_2e100");
     }
 }

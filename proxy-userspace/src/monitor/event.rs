@@ -166,7 +166,7 @@ pub fn explanation(record: &Record) -> String {
             "{} is inside a ServiceCIDR but no Service holds it (nftables mode's DROP)",
             record.frontend.ip()
         ),
-        "tc_dropped_source_range" => {
+        "tc_dropped_source_range" | "sock_source_range_dropped" => {
             "the client is outside the Service's loadBalancerSourceRanges".into()
         }
         "host_external_ip_bypassed" => format!(

@@ -5,7 +5,9 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -118,6 +120,9 @@ struct ClientArgs {
     /// Bind every socket to this local port (TCP with SO_REUSEADDR) before connecting.
     #[arg(long)]
     source_port: Option<u16>,
+    /// Bind every socket to this local address before connecting.
+    #[arg(long)]
+    source_ip: Option<IpAddr>,
     /// Ask the server for the client address it saw (reported as `seen_as`).
     #[arg(long)]
     ask_peer: bool,
@@ -292,6 +297,7 @@ fn parse_answer(answer: &str, ask_peer: bool) -> Result<(String, Option<SocketAd
 struct Options {
     timeout: Duration,
     source_port: Option<u16>,
+    source_ip: Option<IpAddr>,
     ask_peer: bool,
 }
 
@@ -300,6 +306,7 @@ fn client(args: &ClientArgs) -> Result<()> {
     let options = Options {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         source_port: args.source_port,
+        source_ip: args.source_ip,
         ask_peer: args.ask_peer,
     };
     for i in 0..args.count {
@@ -383,9 +390,9 @@ fn is_timeout(error: &std::io::Error) -> bool {
 }
 
 fn tcp_exchange(target: SocketAddr, options: Options) -> Result<Exchange, Failure> {
-    let stream = match options.source_port {
-        None => TcpStream::connect_timeout(&target, options.timeout).step("connect")?,
-        Some(port) => tcp_connect_from(target, port, options.timeout)?,
+    let stream = match (options.source_port, options.source_ip) {
+        (None, None) => TcpStream::connect_timeout(&target, options.timeout).step("connect")?,
+        (port, ip) => tcp_connect_from(target, port.unwrap_or(0), ip, options.timeout)?,
     };
     let peer = stream.peer_addr().step("getpeername")?;
     let answer = request_on(&stream, options.timeout, request_bytes(options.ask_peer))?;
@@ -404,6 +411,7 @@ fn tcp_exchange(target: SocketAddr, options: Options) -> Result<Exchange, Failur
 fn tcp_connect_from(
     target: SocketAddr,
     port: u16,
+    ip: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<TcpStream, Failure> {
     let family = match target {
@@ -427,6 +435,9 @@ fn tcp_connect_from(
     .step("setsockopt")?;
     let mut local = unspecified_for(target);
     local.set_port(port);
+    if let Some(ip) = ip {
+        local.set_ip(ip);
+    }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
         .map_err(std::io::Error::from)
         .step("bind")?;
@@ -488,6 +499,9 @@ fn unspecified_for(target: SocketAddr) -> SocketAddr {
 fn udp_socket(target: SocketAddr, options: Options) -> Result<UdpSocket, Failure> {
     let mut local = unspecified_for(target);
     local.set_port(options.source_port.unwrap_or(0));
+    if let Some(ip) = options.source_ip {
+        local.set_ip(ip);
+    }
     let socket = UdpSocket::bind(local).step("bind")?;
     socket
         .set_read_timeout(Some(options.timeout))
@@ -589,6 +603,7 @@ fn hold_udp(args: &HoldArgs) {
     let options = Options {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         source_port: None,
+        source_ip: None,
         ask_peer: args.ask_peer,
     };
     let every = Duration::from_millis(args.every_ms);
