@@ -208,8 +208,10 @@ pub mod reason {
     /// TC: a RST whose sequence number lies outside the sequence space its sender used on
     /// the flow was dropped (the flow's state is left alone).
     pub const TC_RST_OUT_OF_WINDOW: u32 = 31;
-    /// TC: a new flow's reply tuple belongs to another live flow (which is never overwritten):
-    /// the new flow's packet is dropped.
+    /// TC: a packet's tuple belongs to another live flow, which is never overwritten: a
+    /// non-service SYN on a live flow's reply tuple, or a flow whose confirmation found its
+    /// reply tuple taken (dropped). A new unmasqueraded flow in that case takes another port
+    /// instead ([`TC_CLIENT_PORT_REMAPPED`]).
     pub const TC_CT_COLLISION: u32 = 32;
     /// TC: a refusal was not sent because the packet must never be answered (a RST, or a
     /// broadcast or multicast source or destination); the packet is dropped.
@@ -229,11 +231,16 @@ pub mod reason {
     /// An unbound socket's connect/sendmsg to a LoadBalancer IP with source ranges: left to
     /// the TC path, which sees the source the kernel picked.
     pub const SOCK_SOURCE_RANGE_DEFERRED: u32 = 38;
+    /// TC: a new unmasqueraded flow's reply tuple belonged to another live flow (the same
+    /// client port reaching the same backend through another frontend): the flow keeps the
+    /// client's address but takes a source port of the SNAT range, as netfilter's NAT
+    /// resolves a clash.
+    pub const TC_CLIENT_PORT_REMAPPED: u32 = 39;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 48;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 39] = [
+    pub const NAMES: [&str; 40] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -273,6 +280,7 @@ pub mod reason {
         "tc_snat_port_reused",
         "sock_source_range_dropped",
         "sock_source_range_deferred",
+        "tc_client_port_remapped",
     ];
 }
 

@@ -115,6 +115,19 @@ pub enum BpfLogLevel {
 }
 
 impl BpfLogLevel {
+    /// The tracing directive that lets the forwarded records through whatever `--log-level`
+    /// says (they are logged under the target `switchyard::bpf`); `None` when off.
+    pub fn tracing_directive(self) -> Option<&'static str> {
+        match self {
+            Self::Off => None,
+            Self::Error => Some("switchyard::bpf=error"),
+            Self::Warn => Some("switchyard::bpf=warn"),
+            Self::Info => Some("switchyard::bpf=info"),
+            Self::Debug => Some("switchyard::bpf=debug"),
+            Self::Trace => Some("switchyard::bpf=trace"),
+        }
+    }
+
     /// aya-log's numbering (`aya_log_common::Level`; 0 = off).
     pub fn aya_level(self) -> u8 {
         match self {

@@ -25,13 +25,23 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// With `local`, externalTrafficPolicy is Local and the Service has a healthCheckNodePort (the
 /// API server allocates one only then, and clears it when the policy becomes Cluster).
 fn load_balancer(local: bool, endpoint: IpAddr, endpoint_node: &str) -> Manifests {
+    load_balancer_with(local, endpoint, endpoint_node, "{ready: true}")
+}
+
+/// [`load_balancer`] with the endpoint's `conditions`.
+fn load_balancer_with(
+    local: bool,
+    endpoint: IpAddr,
+    endpoint_node: &str,
+    conditions: &str,
+) -> Manifests {
     let policy = if local {
         format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_CHECK_PORT}\n")
     } else {
         "  externalTrafficPolicy: Cluster\n".to_owned()
     };
     Manifests::new().raw(&format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: hc}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.7.10\n  ports: [{{name: http, port: 80, nodePort: 31080}}]\n{policy}status:\n  loadBalancer:\n    ingress: [{{ip: 192.0.2.70}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: lb-1, namespace: hc, labels: {{kubernetes.io/service-name: lb}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints:\n  - {{addresses: ['{endpoint}'], nodeName: {endpoint_node}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: hc}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.7.10\n  ports: [{{name: http, port: 80, nodePort: 31080}}]\n{policy}status:\n  loadBalancer:\n    ingress: [{{ip: 192.0.2.70}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: lb-1, namespace: hc, labels: {{kubernetes.io/service-name: lb}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints:\n  - {{addresses: ['{endpoint}'], nodeName: {endpoint_node}, conditions: {conditions}}}\n"
     ))
 }
 
@@ -152,6 +162,34 @@ fn the_health_check_node_port_follows_local_endpoints_and_closes_with_the_policy
         ),
         0
     );
+
+    // The local endpoint terminates but still serves (kube-proxy's e2e "should fail health
+    // check node port if there are only terminating endpoints"): 503, so load balancers stop
+    // sending new flows here, though flows arriving meanwhile still reach it.
+    harness.write_manifests(&load_balancer_with(
+        true,
+        endpoint,
+        NODE,
+        "{ready: false, serving: true, terminating: true}",
+    ));
+    let (_, text) = wait_for(
+        &mut harness,
+        "a failing health check with only a terminating local endpoint",
+        || probe.ipv4(),
+        status_is(503),
+    )
+    .expect("accepted");
+    assert_eq!(body(&text)["localEndpoints"], 0, "{text}");
+    assert_eq!(body(&text)["serviceProxyHealthy"], true, "{text}");
+    assert_eq!(probe.ipv6().expect("IPv6 answers").0, 503);
+    harness.write_manifests(&load_balancer(true, endpoint, NODE));
+    wait_for(
+        &mut harness,
+        "a healthy health check again",
+        || probe.ipv4(),
+        status_is(200),
+    )
+    .expect("accepted");
 
     // The endpoint moves to another node: 503 with no local endpoint, same listener.
     harness.write_manifests(&load_balancer(true, endpoint, "node-b"));

@@ -10,7 +10,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{EndpointHints, EndpointSlice, ForZone};
 use switchyard_tests::apiserver::{ApiServer, Kind, OutageMode};
 use switchyard_tests::harness::{Harness, backend_name};
 use switchyard_tests::objects;
@@ -146,6 +146,52 @@ fn the_dataplane_follows_services_and_endpoint_slices_from_the_api_server() {
 
     assert!(cluster.api.delete(Kind::Service, NAMESPACE, "web"));
     cluster.untranslated(web, CONVERGE);
+}
+
+/// `slice` with each endpoint hinted to the zone at the same index (as the EndpointSlice
+/// controller writes hints for `trafficDistribution: PreferSameZone`).
+fn zone_hinted_slice(service: &str, backends: &[IpAddr], zones: &[&str]) -> EndpointSlice {
+    let mut slice = slice(service, backends);
+    for (endpoint, zone) in slice.endpoints.iter_mut().zip(zones) {
+        endpoint.zone = Some((*zone).to_owned());
+        endpoint.hints = Some(EndpointHints {
+            for_zones: Some(vec![ForZone {
+                name: (*zone).to_owned(),
+            }]),
+            ..EndpointHints::default()
+        });
+    }
+    slice
+}
+
+/// Zone hints narrow the backends to this node's zone, read from its Node object, and a change
+/// of the Node's zone label alone (no Service or slice event) moves the choice to the other
+/// zone's endpoints.
+#[test]
+fn zone_hints_follow_the_zone_label_of_this_nodes_node_object() {
+    require_root!();
+    let near = vip("10.96.2.30");
+    let cluster = Cluster::start(3, |api, ips| {
+        api.apply(&objects::node("node-a", Some("zone-a"), &[]));
+        api.apply(&service("near", near));
+        api.apply(&zone_hinted_slice(
+            "near",
+            ips,
+            &["zone-a", "zone-b", "zone-b"],
+        ));
+    });
+    cluster.serves_exactly(near, &[0], Duration::from_secs(10));
+
+    cluster
+        .api
+        .apply(&objects::node("node-a", Some("zone-b"), &[]));
+    cluster.serves_exactly(near, &[1, 2], CONVERGE);
+
+    // A zone no endpoint is hinted for: every endpoint (kube-proxy's fallback).
+    cluster
+        .api
+        .apply(&objects::node("node-a", Some("zone-c"), &[]));
+    cluster.serves_exactly(near, &[0, 1, 2], CONVERGE);
 }
 
 #[test]

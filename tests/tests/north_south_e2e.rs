@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use switchyard_tests::north_south::{
     BACKEND_PORT, CLIENT4, CLIENT6, ExternalService, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6,
-    NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_POD4,
-    REMOTE_POD6, SERVICE_NAMESPACE, ServiceType, manifests,
+    NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_NODE_NAME,
+    REMOTE_POD4, REMOTE_POD6, SERVICE_NAMESPACE, ServiceType, manifests,
 };
 use switchyard_tests::report::{Attempt, backend_counts};
 use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
@@ -934,6 +934,66 @@ fn node_port_addresses_and_snat_port_range_flags() {
             );
         }
     }
+}
+
+/// What the TC program logs (aya-log, debug) when a translated destination has no route.
+const NO_ROUTE_RECORD: &str = "no route to a translated destination";
+
+/// Sends one connection to `target` from outside (it cannot succeed) and returns the agent's
+/// log once the datapath counted a FIB failure for it.
+fn provoke_fib_failure(ns: &mut NorthSouth, target: SocketAddr) -> String {
+    let before = counter(ns, "tc_fib_failed");
+    let attempts =
+        ns.outside(&request(ClientProto::Tcp, target, 1).timeout(Duration::from_millis(500)));
+    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    assert!(
+        counter(ns, "tc_fib_failed") > before,
+        "no FIB failure counted: {:?}",
+        ns.datapath_counters()
+    );
+    ns.agent().log()
+}
+
+/// A rare datapath event (a NodePort whose only endpoint the node has no route to) is counted
+/// always, and logged by the eBPF program through aya-log into the agent's own log only with
+/// `--bpf-log-level`: at the record's level and under `switchyard::bpf`, though the agent's
+/// own level stays info.
+#[test]
+fn a_rare_datapath_event_reaches_the_agents_log_only_with_bpf_logging_on() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let unroutable = ExternalService::new(
+        "unroutable",
+        ServiceType::NodePort,
+        &[ip("10.96.50.40")],
+        SERVICE_PORT,
+    )
+    .node_port(30090)
+    .endpoint(ip("100.64.0.9"), REMOTE_NODE_NAME);
+    let target = sa(NODE_EXT4, 30090);
+    start(&mut ns, &[&web(), &unroutable], &[]);
+    let log = provoke_fib_failure(&mut ns, target);
+    assert!(!log.contains(NO_ROUTE_RECORD), "logged while off:\n{log}");
+
+    ns.agent()
+        .restart_with(&["--bpf-log-level", "debug"])
+        .expect("agent restarted");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = provoke_fib_failure(&mut ns, target);
+        if let Some(line) = log.lines().find(|line| line.contains(NO_ROUTE_RECORD)) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no aya-log record in the agent's log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        line.contains("DEBUG") && line.contains("switchyard::bpf"),
+        "{line}"
+    );
 }
 
 /// Link pins of the TC program on `device`, anywhere under the agent's bpffs directory.

@@ -2472,8 +2472,8 @@ fn snat_ports_of_ended_flows_return_in_the_datapath() {
 }
 
 /// Two frontends reaching the same backend without masquerade (externalTrafficPolicy Local)
-/// from the same client port share one reply tuple: the second flow is refused, the first
-/// keeps its reply entry; once the first ends, the second gets through.
+/// from the same client port would share one reply tuple: the first keeps its reply entry,
+/// the second keeps the client's address with another port, and both are answered.
 #[test]
 fn a_live_reply_entry_is_never_overwritten() {
     require_root!();
@@ -2513,23 +2513,42 @@ fn a_live_reply_entry_is_never_overwritten() {
         );
         let reply_key = Tuple::new(local[0].addr, client, TCP);
         let owned = fx.ct(&reply_key).unwrap();
-        drop_with(
-            &fx,
-            Packet::tcp(client, second_fe, SYN, 1000, 0),
-            reason::TC_CT_COLLISION,
-            &what("second flow"),
+        // The second flow's own tuple is live: it keeps the client's address with a port of
+        // the SNAT range, as netfilter's NAT resolves a clash.
+        let before = fx.counters().expect("counters");
+        let (sent, _, out) = inject(&fx, Packet::tcp(client, second_fe, SYN, 1000, 0));
+        let got = expect_redirect(&out, &what("second flow"));
+        assert_eq!(got.dst_socket(), local[0].addr, "{}", what("second flow"));
+        assert_eq!(
+            got.src,
+            sent.src,
+            "{}",
+            what("the client's address is kept")
         );
+        let remapped = got.src_socket();
+        assert!(
+            remapped.port() != client.port()
+                && (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&remapped.port()),
+            "{}: port {remapped}",
+            what("remapped into the SNAT range")
+        );
+        fx.counters()
+            .expect("counters")
+            .since(&before)
+            .assert_moved(
+                &[
+                    (reason::TC_NEW_FLOW, 1),
+                    (reason::TC_CLIENT_PORT_REMAPPED, 1),
+                ],
+                &what("second flow"),
+            );
         assert_eq!(
             fx.ct(&reply_key).unwrap(),
             owned,
             "{}",
             what("the reply entry was overwritten")
         );
-        assert!(
-            fx.ct(&Tuple::new(client, second_fe, TCP))
-                .unwrap()
-                .is_none()
-        );
+        // Each flow's answers go back to the client's own port from its own frontend.
         reply(
             &fx,
             Packet::tcp(local[0].addr, client, SYN | ACK, 9000, 1001),
@@ -2537,29 +2556,9 @@ fn a_live_reply_entry_is_never_overwritten() {
             client,
             &what("first flow's SYN-ACK"),
         );
-
-        // The first flow is reset: the second may take the tuple.
-        forward(
-            &fx,
-            Packet::tcp(client, first_fe, RST, 1001, 0),
-            client,
-            local[0].addr,
-            &what("first flow's RST"),
-        );
-        let expect = NewFlow {
-            rev_nat_id: 171,
-            counters: &[(reason::TC_NEW_FLOW, 1), (reason::TC_SNAT_PORT_REUSED, 1)],
-            ..expect
-        };
-        new_flow(
-            &fx,
-            Packet::tcp(client, second_fe, SYN, 5000, 0),
-            &expect,
-            &what("second flow after the first ended"),
-        );
         reply(
             &fx,
-            Packet::tcp(local[0].addr, client, SYN | ACK, 1, 5001),
+            Packet::tcp(local[0].addr, remapped, SYN | ACK, 7000, 1001),
             second_fe,
             client,
             &what("second flow's SYN-ACK"),

@@ -464,12 +464,6 @@ fn commit<I: Inet>(ctx: &TcContext) -> i32 {
             events::untranslated::<I>(DROPPED, reason::TC_SNAT_EXHAUSTED, tuple, rev_nat_id);
             return DROP;
         }
-        Reserved::Collision => {
-            // Another live flow answers on this very tuple (the same client port to the same
-            // backend through another frontend): its entry is never overwritten.
-            metrics::count(reason::TC_CT_COLLISION);
-            return DROP;
-        }
     }
     let to = pending.forward.to;
     if I::ct_put(tuple, &pending.forward, u64::from(BPF_ANY)).is_err() {
@@ -537,19 +531,18 @@ fn claim<I: Inet>(key: &Tuple<I::Addr>, reply: &Flow<I::Addr>, now: u64) -> Clai
 enum Reserved {
     /// `to.sport` is the flow's port and its reply entry is stored.
     Yes,
-    /// No masquerade port is free.
+    /// No port of the SNAT range is free.
     Exhausted,
-    /// The unmasqueraded flow's tuple belongs to another live flow.
-    Collision,
 }
 
-/// Claims the reply tuple of a new flow (`to` reversed). Unmasqueraded, the tuple is the
-/// client's own: a flow that ended on it gives way, a live one is kept. Masqueraded, as
-/// netfilter's masquerade does: the client's own port when it lies in the range and its tuple
-/// is free (or its flow ended: the same client reusing its port gets the same translation),
-/// else random ports of the range, free or of a flow that ended. So ports return to the pool
-/// as their flows end, with or without the agent. (One loop with one claim: the verifier
-/// walks every round.)
+/// Claims the reply tuple of a new flow (`to` reversed), as netfilter's NAT does: first the
+/// client's own port (unmasqueraded always; masqueraded when it lies in the range) if its
+/// tuple is free or its flow ended (the same client reusing its port gets the same
+/// translation), else random ports of the SNAT range, free or of a flow that ended. A live
+/// flow's tuple is never taken: an unmasqueraded flow that meets one (the same client port
+/// reaching the same backend through another frontend) keeps the client's address with
+/// another port. So ports return to the pool as their flows end, with or without the agent.
+/// (One loop with one claim: the verifier walks every round.)
 #[inline(always)]
 fn reserve_reply_tuple<I: Inet>(
     to: &mut Tuple<I::Addr>,
@@ -580,13 +573,14 @@ fn reserve_reply_tuple<I: Inet>(
             if claimed == Claim::Reused {
                 metrics::count(reason::TC_SNAT_PORT_REUSED);
             }
-            if snat && round == 0 {
-                metrics::count(reason::TC_SNAT_PORT_KEPT);
+            if round == 0 {
+                if snat {
+                    metrics::count(reason::TC_SNAT_PORT_KEPT);
+                }
+            } else if !snat {
+                metrics::count(reason::TC_CLIENT_PORT_REMAPPED);
             }
             return Reserved::Yes;
-        }
-        if !snat {
-            return Reserved::Collision;
         }
     }
     Reserved::Exhausted
