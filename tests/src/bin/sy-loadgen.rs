@@ -46,7 +46,8 @@ enum Command {
     Serve(ServeArgs),
     /// Sequential new connections (connect, request, full response, close), each timed.
     Latency(LatencyArgs),
-    /// New connections from a fixed number of concurrent workers, for a fixed time.
+    /// New connections from a fixed number of concurrent workers, for a fixed time (or until
+    /// `--count` connections were made, whichever comes first).
     Cps(CpsArgs),
     /// One long download.
     Throughput(ThroughputArgs),
@@ -103,6 +104,9 @@ struct CpsArgs {
     concurrency: usize,
     #[arg(long)]
     duration_ms: u64,
+    /// Stop after this many connections in all (spread over the workers).
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 #[derive(Args)]
@@ -372,7 +376,8 @@ fn cps(args: &CpsArgs) -> Result<Summary> {
     let targets = Arc::new(args.placement.targets.clone());
     let started = Instant::now();
     let end = started + bounded(args.duration_ms);
-    let per_worker = MAX_CONNECTIONS / args.concurrency as u64;
+    let connections = args.count.unwrap_or(MAX_CONNECTIONS).min(MAX_CONNECTIONS);
+    let per_worker = connections.div_ceil(args.concurrency as u64);
     let workers: Vec<_> = (0..args.concurrency)
         .map(|worker| {
             let targets = Arc::clone(&targets);

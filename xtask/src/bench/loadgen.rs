@@ -29,9 +29,12 @@ pub enum Load {
         connections: u64,
         max: Duration,
     },
+    /// New connections from `concurrency` loops for `duration`, or until `count` connections
+    /// were made when given (the duration then only bounds the run).
     Cps {
         concurrency: usize,
         duration: Duration,
+        count: Option<u64>,
     },
     Throughput {
         bytes: u64,
@@ -57,13 +60,20 @@ impl Load {
             Self::Cps {
                 concurrency,
                 duration,
-            } => vec![
-                "cps".into(),
-                "--concurrency".into(),
-                concurrency.to_string(),
-                "--duration-ms".into(),
-                ms(duration),
-            ],
+                count,
+            } => {
+                let mut args = vec![
+                    "cps".into(),
+                    "--concurrency".into(),
+                    concurrency.to_string(),
+                    "--duration-ms".into(),
+                    ms(duration),
+                ];
+                if let Some(count) = count {
+                    args.extend(["--count".into(), count.to_string()]);
+                }
+                args
+            }
             Self::Throughput { bytes, duration } => vec![
                 "throughput".into(),
                 "--bytes".into(),

@@ -167,6 +167,9 @@ struct Bench<'a> {
 /// Per-mode results of one repeated measurement, repetition by repetition.
 type Reps = BTreeMap<Mode, Vec<Option<Summary>>>;
 
+/// Upper bound of the sustained connections run (iptables at 0.2× direct still fits).
+const SUSTAINED_BOUND: Duration = Duration::from_mins(2);
+
 impl<'a> Bench<'a> {
     fn new(plan: &'a Plan, progress: &'a Progress) -> Result<Self> {
         let mut entries = Vec::new();
@@ -212,16 +215,7 @@ impl<'a> Bench<'a> {
                 max: Duration::from_mins(1),
             },
         )?;
-        let cps = self.repeat(
-            &set,
-            &active,
-            "connections/s",
-            self.plan.cps_reps,
-            Load::Cps {
-                concurrency: self.plan.cps_concurrency,
-                duration: self.plan.cps_duration,
-            },
-        )?;
+        let (cps, sustained) = self.connection_rates(&set, &active)?;
         let throughput = self.repeat(
             &set,
             &active,
@@ -276,6 +270,7 @@ impl<'a> Bench<'a> {
             m,
             latency,
             cps,
+            sustained,
             throughput,
             control,
             memory,
@@ -284,6 +279,33 @@ impl<'a> Bench<'a> {
         let records = results.records();
         self.say_point(&records);
         Ok(records)
+    }
+
+    /// The connections-per-second repetitions, then one sustained run per mode.
+    fn connection_rates(&self, set: &ServiceSet, active: &[usize]) -> Result<(Reps, Reps)> {
+        let cps = self.repeat(
+            set,
+            active,
+            "connections/s",
+            self.plan.cps_reps,
+            Load::Cps {
+                concurrency: self.plan.cps_concurrency,
+                duration: self.plan.cps_duration,
+                count: None,
+            },
+        )?;
+        let sustained = self.repeat(
+            set,
+            active,
+            "sustained connections",
+            1,
+            Load::Cps {
+                concurrency: self.plan.cps_concurrency,
+                duration: SUSTAINED_BOUND,
+                count: Some(self.plan.sustained_connections),
+            },
+        )?;
+        Ok((cps, sustained))
     }
 
     /// Programs every mode that is still in the run from empty; returns the indices of the
@@ -462,6 +484,7 @@ struct Results {
     m: usize,
     latency: Reps,
     cps: Reps,
+    sustained: Reps,
     throughput: Reps,
     control: BTreeMap<(Mode, Metric), f64>,
     memory: BTreeMap<(Mode, Metric), f64>,
@@ -479,6 +502,10 @@ impl Results {
                     Metric::ConnPerS => {
                         Self::rate_record(mode, &self.cps, |s| s.conn_per_s, &mut record);
                     }
+                    Metric::SustainedConnPerS => {
+                        Self::rate_record(mode, &self.sustained, |s| s.conn_per_s, &mut record);
+                    }
+                    Metric::ConnFailed => self.failed_record(mode, &mut record),
                     Metric::Throughput => {
                         Self::rate_record(mode, &self.throughput, |s| s.gbps, &mut record);
                     }
@@ -549,6 +576,26 @@ impl Results {
                 "{errors} of {} connections failed (first error: {first})",
                 errors + u64::try_from(pooled.len()).unwrap_or(u64::MAX)
             ));
+        }
+    }
+
+    /// Failed connections summed over the mode's connections-per-second runs; no value when
+    /// none of them ran.
+    fn failed_record(&self, mode: Mode, record: &mut Record) {
+        let runs: Vec<&Summary> = [&self.cps, &self.sustained]
+            .into_iter()
+            .filter_map(|reps| reps.get(&mode))
+            .flat_map(|reps| reps.iter().flatten())
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        let failed = runs.iter().map(|s| s.errors).sum::<u64>() as f64;
+        record.value = Some(failed);
+        record.reps = runs.len();
+        if let Some(first) = runs.iter().find_map(|s| s.first_error.clone()) {
+            record.note = Some(format!("first error: {first}"));
         }
     }
 
@@ -629,11 +676,13 @@ fn method(plan: &Plan) -> Vec<String> {
         ),
         format!(
             "Connections per second: {} concurrent connection loops for {:.1} s, {} repetitions, \
-             interleaved; throughput: one download for {:.1} s, {} repetitions, interleaved. \
-             Ratios are paired the same way.",
+             interleaved, then one sustained run of {} connections on as many loops per mode \
+             (every failed connection of these runs is counted); throughput: one download for \
+             {:.1} s, {} repetitions, interleaved. Ratios are paired the same way.",
             plan.cps_concurrency,
             plan.cps_duration.as_secs_f64(),
             plan.cps_reps,
+            plan.sustained_connections,
             plan.throughput_duration.as_secs_f64(),
             plan.throughput_reps
         ),

@@ -38,6 +38,9 @@ pub struct Plan {
     pub cps_reps: usize,
     pub cps_concurrency: usize,
     pub cps_duration: Duration,
+    /// One run of this many connections at `cps_concurrency` loops per mode and N: no
+    /// connection may fail (masquerade ports must never run dry).
+    pub sustained_connections: u64,
     pub throughput_reps: usize,
     pub throughput_duration: Duration,
     pub throughput_bytes: u64,
@@ -74,6 +77,7 @@ impl Plan {
                 cps_reps: 1,
                 cps_concurrency: 2,
                 cps_duration: Duration::from_millis(300),
+                sustained_connections: 200,
                 throughput_reps: 1,
                 throughput_duration: Duration::from_millis(300),
                 throughput_bytes: 1 << 30,
@@ -95,6 +99,7 @@ impl Plan {
                 cps_reps: 3,
                 cps_concurrency: 8,
                 cps_duration: Duration::from_secs(1),
+                sustained_connections: 50_000,
                 throughput_reps: 3,
                 throughput_duration: Duration::from_secs(1),
                 throughput_bytes: 1 << 40,
@@ -116,6 +121,7 @@ impl Plan {
                 cps_reps: 6,
                 cps_concurrency: 8,
                 cps_duration: Duration::from_secs(2),
+                sustained_connections: 50_000,
                 throughput_reps: 6,
                 throughput_duration: Duration::from_secs(2),
                 throughput_bytes: 1 << 40,

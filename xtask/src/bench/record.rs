@@ -9,6 +9,11 @@ use super::modes::Mode;
 pub enum Metric {
     ConnectLatency,
     ConnPerS,
+    /// Connections per second of one run of the profile's sustained connection count.
+    SustainedConnPerS,
+    /// Connections that failed over every connections-per-second run, the sustained one
+    /// included.
+    ConnFailed,
     Throughput,
     /// From empty to everything programmed, as the mode's user waits for it (the agent: from
     /// its start to its first `dataplane synced` line).
@@ -32,9 +37,11 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::ConnectLatency,
         Self::ConnPerS,
+        Self::SustainedConnPerS,
+        Self::ConnFailed,
         Self::Throughput,
         Self::ProgramAll,
         Self::UpdateOne,
@@ -51,6 +58,8 @@ impl Metric {
         match self {
             Self::ConnectLatency => "connect_latency_us",
             Self::ConnPerS => "conn_per_s",
+            Self::SustainedConnPerS => "sustained_conn_per_s",
+            Self::ConnFailed => "conn_failed",
             Self::Throughput => "throughput_gbps",
             Self::ProgramAll => "program_all_s",
             Self::UpdateOne => "update_one_s",
@@ -67,7 +76,8 @@ impl Metric {
     pub fn unit(self) -> &'static str {
         match self {
             Self::ConnectLatency => "us",
-            Self::ConnPerS => "1/s",
+            Self::ConnPerS | Self::SustainedConnPerS => "1/s",
+            Self::ConnFailed => "connections",
             Self::Throughput => "Gbit/s",
             Self::ProgramAll | Self::UpdateOne | Self::ProgramSync => "s",
             Self::ChangeSync | Self::ChangeCpu | Self::EventToMaps | Self::HealthzChurn => "ms",
@@ -79,9 +89,12 @@ impl Metric {
     /// with a note saying why).
     pub fn applies_to(self, mode: Mode) -> bool {
         match self {
-            Self::ConnectLatency | Self::ConnPerS | Self::Throughput | Self::UpdateOne => {
-                mode != Mode::SwitchyardApi
-            }
+            Self::ConnectLatency
+            | Self::ConnPerS
+            | Self::SustainedConnPerS
+            | Self::ConnFailed
+            | Self::Throughput
+            | Self::UpdateOne => mode != Mode::SwitchyardApi,
             Self::ProgramAll | Self::AgentRss | Self::MapMemory => true,
             Self::ProgramSync | Self::ChangeSync | Self::ChangeCpu => mode.is_switchyard(),
             Self::EventToMaps | Self::HealthzChurn => mode == Mode::SwitchyardApi,

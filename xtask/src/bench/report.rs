@@ -12,9 +12,11 @@ use super::record::{Metric, Record};
 
 /// The metrics that get a table of their own, one column per mode (the control-plane metrics
 /// are gathered in one table instead).
-const TABLE_METRICS: [Metric; 7] = [
+const TABLE_METRICS: [Metric; 9] = [
     Metric::ConnectLatency,
     Metric::ConnPerS,
+    Metric::SustainedConnPerS,
+    Metric::ConnFailed,
     Metric::Throughput,
     Metric::ProgramAll,
     Metric::UpdateOne,
@@ -29,6 +31,12 @@ fn title(metric: Metric) -> &'static str {
         }
         Metric::ConnPerS => {
             "Connections per second at fixed concurrency (median of repetitions), ×direct"
+        }
+        Metric::SustainedConnPerS => {
+            "Connections per second over one run of the sustained connection count, ×direct"
+        }
+        Metric::ConnFailed => {
+            "Failed connections over every connections-per-second run (the sustained one included)"
         }
         Metric::Throughput => {
             "Bulk throughput of one flow, Gbit/s (median of repetitions), ×direct"
