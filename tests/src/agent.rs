@@ -97,6 +97,25 @@ impl Agent {
         source: &Path,
         extra_args: &[&str],
     ) -> Result<Self> {
+        Self::start_in_netns(
+            topology.node_namespace(),
+            cgroup,
+            bpffs,
+            source_flag,
+            source,
+            extra_args,
+        )
+    }
+
+    /// Like `start_with_source`, in the network namespace `netns` (another node's).
+    pub fn start_in_netns(
+        netns: &str,
+        cgroup: &TestCgroup,
+        bpffs: &PrivateBpffs,
+        source_flag: &str,
+        source: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let log_dir = TempDir::new()?;
         let bpffs_dir = bpffs.agent_dir();
         let mut run_args: Vec<OsString> = vec![
@@ -114,7 +133,7 @@ impl Agent {
         run_args.extend(extra_args.iter().map(OsString::from));
         let mut agent = Self {
             bin: switchyard_bin(),
-            node_netns: topology.node_namespace().to_owned(),
+            node_netns: netns.to_owned(),
             run_args,
             base_args,
             bpffs_dir,

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -461,16 +461,15 @@ impl NorthSouth {
 
     /// The agent's datapath reason counters (`switchyard inspect stats`), by name.
     pub fn datapath_counters(&self) -> BTreeMap<String, u64> {
-        let value = self.inspect_json("stats");
-        value["datapath"]
-            .as_object()
-            .map(|counters| {
-                counters
-                    .iter()
-                    .filter_map(|(name, n)| Some((name.clone(), n.as_u64()?)))
-                    .collect()
-            })
-            .unwrap_or_default()
+        counters_of(&self.inspect_json("stats"))
+    }
+
+    /// Starts a second agent in the node2 namespace, as [`REMOTE_NODE_NAME`] with
+    /// [`CLUSTER_CIDR`], on its own manifests file, cgroup and pins (another node of the same
+    /// cluster), plus `extra_args`.
+    pub fn start_node2_agent(&self, manifests: &Manifests, extra_args: &[&str]) -> Node2Agent {
+        Node2Agent::start(&self.node2, manifests, extra_args)
+            .expect("starting the agent of the second node")
     }
 
     /// Checksum error counters (every nstat counter whose name contains `CsumErrors`) in
@@ -1194,6 +1193,72 @@ pub fn manifests(services: &[&ExternalService]) -> Manifests {
         .fold(Manifests::new(), |manifests, document| {
             manifests.raw(&document)
         })
+}
+
+/// The datapath reason counters of an `inspect stats --output json` answer, by name.
+fn counters_of(stats: &Value) -> BTreeMap<String, u64> {
+    stats["datapath"]
+        .as_object()
+        .map(|counters| {
+            counters
+                .iter()
+                .filter_map(|(name, n)| Some((name.clone(), n.as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The agent of the second node (node2), with everything it owns.
+pub struct Node2Agent {
+    // Declared first: the agent stops before its pins, cgroup and file go.
+    agent: Agent,
+    _manifests_dir: TempDir,
+    _cgroup: TestCgroup,
+    _bpffs: PrivateBpffs,
+}
+
+impl Node2Agent {
+    fn start(netns: &str, manifests: &Manifests, extra_args: &[&str]) -> Result<Self> {
+        let manifests_dir = TempDir::new()?;
+        let path = manifests_dir.path().join("manifests.yaml");
+        manifests.write_atomic(&path)?;
+        let cgroup = TestCgroup::new()?;
+        let bpffs = PrivateBpffs::new()?;
+        let mut args = vec![
+            "--node-name",
+            REMOTE_NODE_NAME,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+        ];
+        args.extend_from_slice(extra_args);
+        let agent = Agent::start_in_netns(netns, &cgroup, &bpffs, "--manifests", &path, &args)?;
+        Ok(Self {
+            agent,
+            _manifests_dir: manifests_dir,
+            _cgroup: cgroup,
+            _bpffs: bpffs,
+        })
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        &mut self.agent
+    }
+
+    /// Where this agent pins.
+    pub fn pins_dir(&self) -> &Path {
+        self.agent.bpffs_dir()
+    }
+
+    /// This agent's datapath reason counters, by name.
+    pub fn datapath_counters(&self) -> BTreeMap<String, u64> {
+        let output = self
+            .agent
+            .offline(&["inspect", "stats", "--output", "json"])
+            .unwrap_or_else(|e| panic!("node2: switchyard inspect stats: {e:#}"));
+        let stats: Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("node2: inspect stats output is not JSON: {e}"));
+        counters_of(&stats)
+    }
 }
 
 #[cfg(test)]

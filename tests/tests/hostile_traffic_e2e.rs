@@ -1,7 +1,8 @@
 //! The TC path under hostile traffic, end to end in network namespaces: spoofed SYNs and RSTs
 //! against a live NodePort flow, a SYN on the reversed tuple of a masqueraded flow, a bounded
 //! SYN flood while an idle established flow waits, refusals that never answer a RST and stay
-//! rate-limited, and SNAT ports that return in the datapath with the agent dead.
+//! rate-limited, no RST ping-pong between two nodes' agents, and SNAT ports that return in
+//! the datapath with the agent dead.
 //!
 //! Every crafted segment goes from the test's client namespace to the test's node namespace
 //! (a raw socket in `sy-testkit spoof`); floods are bounded in count and time.
@@ -16,7 +17,8 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{Ct4Entry, Ct4Key, ct_seq, map_names, reject_limit};
 use switchyard_tests::north_south::{
-    ExternalService, NODE_EXT4, NorthSouth, Offloads, ServiceType, manifests,
+    ExternalService, NODE_EXT4, NODE_TO_NODE2_4, NODE2_4, Node2Agent, NorthSouth, Offloads,
+    ServiceType, manifests,
 };
 use switchyard_tests::packet::tcp_flags::{ACK, RST, SYN};
 use switchyard_tests::report::Attempt;
@@ -301,6 +303,106 @@ fn refusals_never_answer_a_rst_and_stay_rate_limited() {
         moved("tc_rejected") + moved("tc_reject_rate_limited"),
         u64::from(sent),
         "every SYN is refused or rate-limited: {after_flood:?}"
+    );
+}
+
+/// Two nodes, each with its own agent, and a NodePort without endpoints on both: a SYN from
+/// node B's NodePort port to node A's NodePort is refused by A once, and B's agent drops that
+/// RST instead of refusing it in turn, so no RST ping-pong starts between the nodes.
+#[test]
+fn two_nodes_agents_never_ping_pong_refusals() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let service = web().without_endpoints();
+    start(&mut ns, &service, &[]);
+    let node_b = ns.start_node2_agent(&manifests(&[&service]), &[]);
+    let node_a_ns = ns.node_namespace().to_owned();
+    // Both datapaths refuse (not the nodes' own stacks): A from outside, B from node A.
+    let pins_a = ns.bpffs().agent_dir();
+    let pins_b = node_b.pins_dir().to_owned();
+    for (what, netns, target, refusals, pins) in [
+        (
+            "node A",
+            ns.client_namespace().to_owned(),
+            nodeport(),
+            None,
+            pins_a,
+        ),
+        (
+            "node B",
+            node_a_ns,
+            SocketAddrV4::new(NODE2_4, NODE_PORT),
+            Some(&node_b),
+            pins_b,
+        ),
+    ] {
+        let services = pins.join("v1/maps").join(map_names::SERVICES4);
+        let refused_by_the_datapath = (0..50).any(|_| {
+            let attempts = ns.unhooked_in(
+                &netns,
+                &ClientRequest::new(ClientProto::Tcp, SocketAddr::V4(target)),
+            );
+            assert!(
+                attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
+                "{what}: {attempts:?}"
+            );
+            // The node's own stack refuses too until the agent has programmed its maps.
+            let refused = services.exists() && {
+                let counters =
+                    refusals.map_or_else(|| ns.datapath_counters(), Node2Agent::datapath_counters);
+                counters.get("tc_rejected").copied().unwrap_or(0) > 0
+            };
+            if !refused {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            refused
+        });
+        assert!(
+            refused_by_the_datapath,
+            "{what}: the datapath never refused"
+        );
+    }
+
+    let (a_before, b_before) = (ns.datapath_counters(), node_b.datapath_counters());
+    // A SYN from B's NodePort port (as a B process bound there, or a spoofer, would send).
+    ns.testkit()
+        .spoof(
+            ns.node2_namespace(),
+            &Spoof::one(
+                SocketAddrV4::new(NODE2_4, NODE_PORT),
+                SocketAddrV4::new(NODE_TO_NODE2_4, NODE_PORT),
+                SYN,
+                7,
+                0,
+            ),
+        )
+        .expect("a SYN from node B");
+    // Long enough for many rounds of a ping-pong to show.
+    std::thread::sleep(Duration::from_millis(500));
+    let (a_after, b_after) = (ns.datapath_counters(), node_b.datapath_counters());
+    let moved =
+        |after: &std::collections::BTreeMap<String, u64>,
+         before: &std::collections::BTreeMap<String, u64>,
+         name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
+    assert_eq!(
+        moved(&a_after, &a_before, "tc_rejected"),
+        1,
+        "node A refuses the SYN once: {a_after:?}"
+    );
+    assert_eq!(
+        moved(&b_after, &b_before, "tc_reject_suppressed"),
+        1,
+        "node B drops A's RST: {b_after:?}"
+    );
+    assert_eq!(
+        moved(&b_after, &b_before, "tc_rejected"),
+        0,
+        "node B answered A's RST: {b_after:?}"
+    );
+    assert_eq!(
+        moved(&a_after, &a_before, "tc_reject_suppressed"),
+        0,
+        "nothing came back to node A: {a_after:?}"
     );
 }
 

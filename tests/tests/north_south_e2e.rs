@@ -936,6 +936,53 @@ fn node_port_addresses_and_snat_port_range_flags() {
     }
 }
 
+/// The ServiceCIDR guard on the TC path (KEP-1880, as nftables-mode kube-proxy): a packet
+/// that reaches the node for an active ClusterIP on a port it does not serve is refused with a
+/// RST, and one for an unallocated address inside a ServiceCIDR is dropped; the ClusterIP's
+/// own port still works. The client is a pod outside the hooked cgroup, so its packets go
+/// through the node, where only the TC program sees them.
+#[test]
+fn the_service_cidr_guard_refuses_and_drops_through_the_node() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let service = web();
+    ns.write_manifests(&manifests(&[&service]).raw(
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.50.0/24]}\n",
+    ));
+    ns.start_agent(&[]);
+    ns.wait_outside(
+        &request(ClientProto::Tcp, sa(NODE_EXT4, 30080), 1),
+        "an answer through the NodePort",
+        |a| a.ok,
+    );
+    let pod = ns.local_backend_namespace().to_owned();
+    let attempt = |target: &str| {
+        let target: SocketAddr = target.parse().expect("an address");
+        let request = request(ClientProto::Tcp, target, 1).timeout(Duration::from_millis(700));
+        ns.unhooked_in(&pod, &request).pop().expect("one attempt")
+    };
+    let served = attempt("10.96.50.10:80");
+    assert!(served.ok, "the ClusterIP's own port: {served:?}");
+
+    let before = ns.datapath_counters();
+    let refused = attempt("10.96.50.10:81");
+    assert_eq!(
+        refused.errno,
+        Some(libc::ECONNREFUSED),
+        "a port the ClusterIP does not serve: {refused:?}"
+    );
+    let dropped = attempt("10.96.50.99:80");
+    assert_eq!(
+        dropped.errno,
+        Some(ETIMEDOUT),
+        "an unallocated address of the ServiceCIDR: {dropped:?}"
+    );
+    let after = ns.datapath_counters();
+    let moved = |name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
+    assert!(moved("tc_guard_rejected") >= 1, "{after:?}");
+    assert!(moved("tc_guard_dropped") >= 1, "{after:?}");
+}
+
 /// What the TC program logs (aya-log, debug) when a translated destination has no route.
 const NO_ROUTE_RECORD: &str = "no route to a translated destination";
 

@@ -338,7 +338,12 @@ fn cell(record: &Record) -> String {
             "n/a".into()
         };
     };
-    let mut text = format_number(value);
+    // Counts are whole numbers.
+    let mut text = if record.unit == Metric::ConnFailed.unit() {
+        format!("{value:.0}")
+    } else {
+        format_number(value)
+    };
     if let (Some(p50), Some(p99)) = (record.p50, record.p99) {
         let _ = write!(text, " ({} / {})", format_number(p50), format_number(p99));
     }
