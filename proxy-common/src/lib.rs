@@ -209,9 +209,11 @@ pub mod reason {
     /// the flow was dropped (the flow's state is left alone).
     pub const TC_RST_OUT_OF_WINDOW: u32 = 31;
     /// TC: a packet's tuple belongs to another live flow, which is never overwritten: a
-    /// non-service SYN on a live flow's reply tuple, or a flow whose confirmation found its
-    /// reply tuple taken (dropped). A new unmasqueraded flow in that case takes another port
-    /// instead ([`TC_CLIENT_PORT_REMAPPED`]).
+    /// non-service SYN on a live flow's reply tuple, a flow whose confirmation found its reply
+    /// tuple taken, or the first packet of a flow whose reply tuple another CPU has just
+    /// claimed for that same flow (dropped; a retransmission finds the flow). A new
+    /// unmasqueraded flow whose tuple belongs to another flow takes another port instead
+    /// ([`TC_CLIENT_PORT_REMAPPED`]).
     pub const TC_CT_COLLISION: u32 = 32;
     /// TC: a refusal was not sent because the packet must never be answered (a RST, or a
     /// broadcast or multicast source or destination); the packet is dropped.

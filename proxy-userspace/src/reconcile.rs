@@ -111,6 +111,10 @@ type Groups = BTreeMap<Option<ServiceId>, Vec<FrontendKey>>;
 
 /// From this many addresses on, a sync first tries one plan over all of them.
 const WHOLE_PLAN_MIN: usize = 256;
+/// Addresses per plan of a many-address sync: the plan of 100 000 Services at once took more
+/// memory than the whole desired state. (Small in unit tests, so their many-Service syncs
+/// go through several chunks.)
+const WHOLE_PLAN_CHUNK: usize = if cfg!(test) { 64 } else { 8_192 };
 
 impl Reconciler {
     /// Adopts what the maps hold.
@@ -550,32 +554,34 @@ impl Reconciler {
     }
 
     /// Many addresses at once (the first sync, a full recomputation, a large change): one plan
-    /// over all of them, still make-before-break across the whole set, which costs far less
-    /// than a plan per Service. Only when a write fails does it fall back to one Service at a
-    /// time (which isolates the failing Service); what the whole plan applied until then is a
-    /// consistent state to continue from. Returns whether the whole plan was applied.
+    /// per chunk of whole Services (addresses no Service wants first), which costs far less
+    /// than a plan per Service and keeps the transient plan small whatever the cluster's size;
+    /// make-before-break holds within every Service. Only when a write fails does it fall back
+    /// to one Service at a time (which isolates the failing Service); what was applied until
+    /// then is a consistent state to continue from. Returns whether every chunk was applied.
     fn program_whole(&mut self, keys: &BTreeSet<FrontendKey>, report: &mut SyncReport) -> bool {
-        let ops = plan_keys(&self.mirror, keys, &self.desired);
-        if self.too_large(&ops).is_some() {
-            return false;
-        }
         let udp_keys: Vec<FrontendKey> = keys
             .iter()
             .filter(|key| key.protocol == crate::model::Protocol::Udp)
             .flat_map(|key| Scope::ALL.map(|scope| FrontendKey { scope, ..*key }))
             .collect();
         let udp_before = self.mirror.udp_pairs(&udp_keys);
-        let applied = match apply(self.writer.as_mut(), &mut self.mirror, &ops) {
-            Ok(()) => ops.len(),
-            Err(failure) => {
-                report.operations += failure.applied;
-                debug!(
-                    "writing every address at once stopped ({failure}); going one Service at a time"
-                );
+        for chunk in whole_service_chunks(keys, &self.desired) {
+            let ops = plan_keys(&self.mirror, &chunk, &self.desired);
+            if self.too_large(&ops).is_some() {
                 return false;
             }
-        };
-        report.operations += applied;
+            match apply(self.writer.as_mut(), &mut self.mirror, &ops) {
+                Ok(()) => report.operations += ops.len(),
+                Err(failure) => {
+                    report.operations += failure.applied;
+                    debug!(
+                        "writing every address at once stopped ({failure}); going one Service at a time"
+                    );
+                    return false;
+                }
+            }
+        }
         let udp_after = self.mirror.udp_pairs(&udp_keys);
         report
             .removed_udp
@@ -741,6 +747,30 @@ impl Reconciler {
 }
 
 /// Rebuilds the mirror from the maps (restore on start).
+/// `keys` cut into chunks of about [`WHOLE_PLAN_CHUNK`] addresses, never splitting one
+/// Service's addresses; addresses no Service wants come first.
+fn whole_service_chunks(
+    keys: &BTreeSet<FrontendKey>,
+    desired: &Desired,
+) -> Vec<BTreeSet<FrontendKey>> {
+    let mut groups = Groups::new();
+    for key in keys {
+        groups
+            .entry(desired.owner(key).cloned())
+            .or_default()
+            .push(identity(key));
+    }
+    // `None` (no owner) sorts first.
+    let mut chunks: Vec<BTreeSet<FrontendKey>> = Vec::new();
+    for group in groups.into_values() {
+        match chunks.last_mut() {
+            Some(chunk) if chunk.len() + group.len() <= WHOLE_PLAN_CHUNK => chunk.extend(group),
+            _ => chunks.push(group.into_iter().collect()),
+        }
+    }
+    chunks
+}
+
 pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
     let image = writer.read_image()?;
     let (programmed, unreadable) = programmed_from_image(&image);
@@ -1115,6 +1145,42 @@ mod tests {
             })
             .collect();
         snapshot(&yaml.join("---\n"))
+    }
+
+    #[test]
+    fn chunks_of_a_whole_plan_never_split_a_service_and_put_removals_first() {
+        let maps = Shared::new(FakeMaps::default());
+        let mut agent = agent(&maps);
+        agent.sync_snapshot(&lots(300, 2), &ModelConfig::default());
+        let mut keys: BTreeSet<FrontendKey> = agent.desired().keys().map(identity).collect();
+        let removed = FrontendKey {
+            ip: "10.200.0.1".parse().unwrap(),
+            ..*keys.first().unwrap()
+        };
+        keys.insert(removed);
+        let chunks = whole_service_chunks(&keys, agent.desired());
+        assert!(chunks.len() > 1, "{} chunks", chunks.len());
+        assert!(
+            chunks[0].contains(&removed),
+            "addresses nobody wants go first"
+        );
+        let mut seen = BTreeSet::new();
+        let mut owners_seen = BTreeSet::new();
+        for chunk in &chunks {
+            assert!(chunk.len() <= WHOLE_PLAN_CHUNK, "{}", chunk.len());
+            let owners: BTreeSet<_> = chunk
+                .iter()
+                .filter_map(|k| agent.desired().owner(k))
+                .collect();
+            for owner in owners {
+                assert!(
+                    owners_seen.insert(owner.clone()),
+                    "{owner} split over two chunks"
+                );
+            }
+            seen.extend(chunk.iter().copied());
+        }
+        assert_eq!(seen, keys);
     }
 
     #[test]

@@ -1136,8 +1136,15 @@ fn a_conntrack_capacity_change_migrates_established_flows_without_a_gap() {
 
     let attempts = running.finish().expect("connection loop");
     assert_eq!(attempts.len(), 120);
-    assert_all_ok(&attempts, "new NodePort connections across the migration");
-    assert_answers_come_from(&attempts, nodeport, "new NodePort connections");
+    // The README's one window: a connection the old programs set up in the instant between
+    // the last copy before their links go and the copy after may be reset. At most one of
+    // these 120 (one every 50 ms) falls into it; nothing else may fail.
+    let (ok, failed): (Vec<Attempt>, Vec<Attempt>) = attempts.into_iter().partition(|a| a.ok);
+    assert!(
+        failed.len() <= 1 && failed.iter().all(|a| a.errno == Some(libc::ECONNRESET)),
+        "new NodePort connections across the migration: {failed:?}"
+    );
+    assert_answers_come_from(&ok, nodeport, "new NodePort connections");
     for (what, hold) in holds {
         let attempts = hold.finish().expect("hold");
         assert!(

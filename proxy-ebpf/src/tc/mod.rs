@@ -464,6 +464,10 @@ fn commit<I: Inet>(ctx: &TcContext) -> i32 {
             events::untranslated::<I>(DROPPED, reason::TC_SNAT_EXHAUSTED, tuple, rev_nat_id);
             return DROP;
         }
+        Reserved::Collision => {
+            metrics::count(reason::TC_CT_COLLISION);
+            return DROP;
+        }
     }
     let to = pending.forward.to;
     if I::ct_put(tuple, &pending.forward, u64::from(BPF_ANY)).is_err() {
@@ -533,6 +537,8 @@ enum Reserved {
     Yes,
     /// No port of the SNAT range is free.
     Exhausted,
+    /// The unmasqueraded flow's own reply tuple is already claimed for this very flow.
+    Collision,
 }
 
 /// Claims the reply tuple of a new flow (`to` reversed), as netfilter's NAT does: first the
@@ -568,7 +574,13 @@ fn reserve_reply_tuple<I: Inet>(
             (config.snat_port_min + (random % span) as u16).to_be()
         };
         to.sport = port;
-        let claimed = claim::<I>(&to.reversed(), reply, now);
+        let key = to.reversed();
+        let claimed = claim::<I>(&key, reply, now);
+        if claimed == Claim::Taken && round == 0 && !snat && I::ct_seq(&key, &reply.to).is_some() {
+            // The tuple is this very flow's (a second CPU committing its retransmitted first
+            // packet, or entries a migration copied): not a clash to resolve with a new port.
+            return Reserved::Collision;
+        }
         if claimed != Claim::Taken {
             if claimed == Claim::Reused {
                 metrics::count(reason::TC_SNAT_PORT_REUSED);

@@ -43,7 +43,7 @@ pub struct PortRef<'a> {
 }
 
 fn address_type_matches(slice: &SliceInput, ipv4: bool) -> bool {
-    match slice.address_type.as_str() {
+    match slice.address_type.as_ref() {
         "IPv4" => ipv4,
         "IPv6" => !ipv4,
         _ => false,

@@ -3,6 +3,7 @@
 //! whole Kubernetes object (an EndpointSlice with ten endpoints is ~6 KiB as k8s-openapi
 //! types, a few hundred bytes here). Values stay as the API spells them (strings, optional
 //! flags): judging them is the model's job, which reports what it cannot use.
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use k8s_openapi::{
@@ -65,11 +66,47 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
+/// The value of an enumerated API field (protocol, type, policy, address type). The values
+/// Kubernetes defines are borrowed, not allocated: at 100 000 Services these fields were
+/// tens of megabytes of three-letter strings.
+pub type Word = Cow<'static, str>;
+
+const WORDS: [&str; 19] = [
+    "TCP",
+    "UDP",
+    "SCTP",
+    "ClusterIP",
+    "NodePort",
+    "LoadBalancer",
+    "ExternalName",
+    "Cluster",
+    "Local",
+    "None",
+    "ClientIP",
+    "IPv4",
+    "IPv6",
+    "FQDN",
+    "VIP",
+    "Proxy",
+    "PreferClose",
+    "PreferSameZone",
+    "PreferSameNode",
+];
+
+/// `value` as a [`Word`]: one of Kubernetes' own values borrowed, anything else owned.
+pub fn word(value: Option<&str>) -> Option<Word> {
+    let value = value?;
+    Some(WORDS.iter().find(|known| **known == value).map_or_else(
+        || Cow::Owned(value.to_owned()),
+        |known| Cow::Borrowed(*known),
+    ))
+}
+
 /// One port of a Service (`spec.ports[]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortInput {
     pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub protocol: Option<Word>,
     pub port: i32,
     pub node_port: Option<i32>,
 }
@@ -78,7 +115,7 @@ pub struct ServicePortInput {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngressInput {
     pub ip: Option<String>,
-    pub ip_mode: Option<String>,
+    pub ip_mode: Option<Word>,
 }
 
 /// What the model reads of a Service.
@@ -89,17 +126,17 @@ pub struct ServiceInput {
     pub proxy_name: Option<String>,
     /// Whether the object has a spec at all.
     pub has_spec: bool,
-    pub type_: Option<String>,
+    pub type_: Option<Word>,
     pub cluster_ip: Option<String>,
     pub cluster_ips: Vec<String>,
     pub ports: Vec<ServicePortInput>,
     pub external_ips: Vec<String>,
     pub load_balancer_ingress: Vec<IngressInput>,
     pub load_balancer_source_ranges: Vec<String>,
-    pub external_traffic_policy: Option<String>,
-    pub internal_traffic_policy: Option<String>,
+    pub external_traffic_policy: Option<Word>,
+    pub internal_traffic_policy: Option<Word>,
     pub health_check_node_port: Option<i32>,
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<Word>,
     pub affinity_timeout_seconds: Option<i32>,
     /// `spec.publishNotReadyAddresses`.
     pub publish_not_ready_addresses: bool,
@@ -129,7 +166,7 @@ impl From<&Service> for ServiceInput {
             },
             proxy_name: label(&service.metadata, SERVICE_PROXY_NAME_LABEL),
             has_spec: spec.is_some(),
-            type_: spec.and_then(|s| s.type_.clone()),
+            type_: spec.and_then(|s| word(s.type_.as_deref())),
             cluster_ip: spec.and_then(|s| s.cluster_ip.clone()),
             cluster_ips: spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default(),
             ports: spec
@@ -138,7 +175,7 @@ impl From<&Service> for ServiceInput {
                 .iter()
                 .map(|port| ServicePortInput {
                     name: port.name.clone(),
-                    protocol: port.protocol.clone(),
+                    protocol: word(port.protocol.as_deref()),
                     port: port.port,
                     node_port: port.node_port,
                 })
@@ -150,16 +187,16 @@ impl From<&Service> for ServiceInput {
                 .iter()
                 .map(|entry| IngressInput {
                     ip: entry.ip.clone(),
-                    ip_mode: entry.ip_mode.clone(),
+                    ip_mode: word(entry.ip_mode.as_deref()),
                 })
                 .collect(),
             load_balancer_source_ranges: spec
                 .and_then(|s| s.load_balancer_source_ranges.clone())
                 .unwrap_or_default(),
-            external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),
-            internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
+            external_traffic_policy: spec.and_then(|s| word(s.external_traffic_policy.as_deref())),
+            internal_traffic_policy: spec.and_then(|s| word(s.internal_traffic_policy.as_deref())),
             health_check_node_port: spec.and_then(|s| s.health_check_node_port),
-            session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+            session_affinity: spec.and_then(|s| word(s.session_affinity.as_deref())),
             affinity_timeout_seconds: spec
                 .and_then(|s| s.session_affinity_config.as_ref())
                 .and_then(|c| c.client_ip.as_ref())
@@ -175,7 +212,7 @@ impl From<&Service> for ServiceInput {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePortInput {
     pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub protocol: Option<Word>,
     pub port: Option<i32>,
 }
 
@@ -198,7 +235,7 @@ pub struct SliceInput {
     pub key: ObjectKey,
     /// The `kubernetes.io/service-name` label: the Service in the slice's namespace it serves.
     pub service_name: Option<String>,
-    pub address_type: String,
+    pub address_type: Word,
     pub ports: Vec<SlicePortInput>,
     pub endpoints: Vec<EndpointInput>,
 }
@@ -218,7 +255,7 @@ impl From<&EndpointSlice> for SliceInput {
         Self {
             key: ObjectKey::of(&slice.metadata),
             service_name: label(&slice.metadata, SERVICE_NAME_LABEL),
-            address_type: slice.address_type.clone(),
+            address_type: word(Some(&slice.address_type)).unwrap_or_default(),
             ports: slice
                 .ports
                 .as_deref()
@@ -226,7 +263,7 @@ impl From<&EndpointSlice> for SliceInput {
                 .iter()
                 .map(|port| SlicePortInput {
                     name: port.name.clone(),
-                    protocol: port.protocol.clone(),
+                    protocol: word(port.protocol.as_deref()),
                     port: port.port,
                 })
                 .collect(),
