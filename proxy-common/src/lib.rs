@@ -73,6 +73,9 @@ pub mod map_names {
     pub const MONITOR_CONFIG: &str = "MONITOR_CFG_V1";
     pub const MONITOR_EVENTS: &str = "MONITOR_EVT_V1";
     pub const AFFINITY_MATCH: &str = "AFF_MATCH_V1";
+    /// The TC path's IP fragments: which ports a fragmented datagram's first fragment carried.
+    pub const FRAGMENTS4: &str = "FRAG4_V1";
+    pub const FRAGMENTS6: &str = "FRAG6_V1";
 
     /// The TC path's per-CPU scratch space (not pinned, so not versioned).
     pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -238,11 +241,23 @@ pub mod reason {
     /// client's address but takes a source port of the SNAT range, as netfilter's NAT
     /// resolves a clash.
     pub const TC_CLIENT_PORT_REMAPPED: u32 = 39;
+    /// TC: a non-first fragment of a UDP datagram was translated as its first fragment was
+    /// (addresses only: later fragments carry no ports and no transport checksum).
+    pub const TC_FRAGMENT_TRANSLATED: u32 = 40;
+    /// TC: a non-first UDP fragment whose first fragment was not seen (lost, evicted from the
+    /// fragment map, or arriving after its later fragments): its ports are unknown, dropped.
+    pub const TC_FRAGMENT_UNTRACKED: u32 = 41;
+    /// TC: a translated packet larger than its route's MTU was answered with ICMP
+    /// "fragmentation needed" (IPv4, DF set) or ICMPv6 "packet too big".
+    pub const TC_FRAG_NEEDED_SENT: u32 = 42;
+    /// TC: a translated packet larger than its route's MTU was dropped without an answer
+    /// (IPv4 without DF, a header with options, or this CPU's refusal bucket empty).
+    pub const TC_MTU_EXCEEDED: u32 = 43;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 48;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 40] = [
+    pub const NAMES: [&str; 44] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -283,6 +298,10 @@ pub mod reason {
         "sock_source_range_dropped",
         "sock_source_range_deferred",
         "tc_client_port_remapped",
+        "tc_fragment_translated",
+        "tc_fragment_untracked",
+        "tc_frag_needed_sent",
+        "tc_mtu_exceeded",
     ];
 }
 
@@ -624,6 +643,41 @@ pub struct Ct4Entry {
     pub pad: u16,
 }
 assert_layout!(Ct4Entry, size = 32, align = 8);
+
+/// Key of the IPv4 fragment LRU: one fragmented datagram as its fragments arrive (RFC 791
+/// §3.2: source, destination, protocol and identification name a datagram).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frag4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id_be: u16,
+    pub protocol: u8,
+    pub pad: u8,
+}
+assert_layout!(Frag4Key, size = 12, align = 4);
+
+/// Key of the IPv6 fragment LRU (the Fragment header's 32-bit identification, RFC 8200 §4.5).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frag6Key {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub id_be: u32,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+assert_layout!(Frag6Key, size = 40, align = 4);
+
+/// Value of the fragment LRUs: the transport ports the datagram's first fragment carried, so
+/// its later fragments (which carry none) find the same conntrack entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+assert_layout!(FragPorts, size = 4, align = 2);
 
 /// Key of the IPv6 conntrack LRU (see [`Ct4Key`]).
 #[repr(C)]

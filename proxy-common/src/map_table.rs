@@ -10,10 +10,10 @@ use core::marker::PhantomData;
 
 use crate::{
     AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry,
-    Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, RevNat4, RevNat6, SOURCE_LAYOUT_VERSION, Service4Key,
-    Service6Key, ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue,
-    SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
-    SourceRange6, map_names, reason,
+    Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Frag4Key, Frag6Key, FragPorts, RevNat4, RevNat6,
+    SOURCE_LAYOUT_VERSION, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceName,
+    ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
+    SockRevNat6Key, SourceRange4, SourceRange6, map_names, reason,
 };
 
 /// The kernel map types the datapath uses.
@@ -361,6 +361,28 @@ pub const CT6_UNREPLIED: MapDef<Ct6Key, Ct6Entry> = MapDef::new(
     0,
     Writer::Datapath,
 );
+/// Entries of the fragment maps: datagrams being fragmented through the TC path at once. An
+/// entry lives until LRU eviction (a datagram's fragments arrive within microseconds, so
+/// 8 192 datagrams in flight is far beyond what a node forwards).
+pub const FRAGMENT_CAPACITY: u32 = 8_192;
+
+/// The TC path's IPv4 fragmented UDP datagrams: (source, destination, IP ID, protocol) →
+/// the ports of the first fragment, written when it passes, read by the later fragments.
+pub const FRAGMENTS4: MapDef<Frag4Key, FragPorts> = MapDef::new(
+    map_names::FRAGMENTS4,
+    MapKind::LruHash,
+    Sizing::Fixed(FRAGMENT_CAPACITY),
+    0,
+    Writer::Datapath,
+);
+/// The TC path's IPv6 fragmented UDP datagrams (the Fragment header's identification).
+pub const FRAGMENTS6: MapDef<Frag6Key, FragPorts> = MapDef::new(
+    map_names::FRAGMENTS6,
+    MapKind::LruHash,
+    Sizing::Fixed(FRAGMENT_CAPACITY),
+    0,
+    Writer::Datapath,
+);
 /// loadBalancerSourceRanges of IPv4 frontends: (rev-NAT id, prefix).
 pub const SOURCE_RANGES4: MapDef<SourceRange4, u32> = MapDef::new(
     map_names::SOURCE_RANGES4,
@@ -535,6 +557,8 @@ table! {
         CT6,
         CT4_UNREPLIED,
         CT6_UNREPLIED,
+        FRAGMENTS4,
+        FRAGMENTS6,
         SOURCE_RANGES4,
         SOURCE_RANGES6,
         DATAPATH_CONFIG,
@@ -716,6 +740,12 @@ mod tests {
         // The LPM key carries the 4-byte prefix length before the data.
         assert_eq!(SOURCE_RANGES6.spec.key_size, 4 + 20);
         assert_eq!(METRICS.spec.default_capacity(), reason::COUNT);
+        assert_eq!(FRAGMENTS4.spec.key_size, 12);
+        assert_eq!(FRAGMENTS6.spec.key_size, 40);
+        assert_eq!(FRAGMENTS4.spec.value_size, 4);
+        assert_eq!(FRAGMENTS6.spec.default_capacity(), FRAGMENT_CAPACITY);
+        assert!(FRAGMENTS4.spec.preallocated(), "an LRU map is preallocated");
+        assert_eq!(FRAGMENTS4.spec.writer, Writer::Datapath);
         assert!(!SERVICES4.spec.preallocated());
         assert!(CT4.spec.preallocated());
     }

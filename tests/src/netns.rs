@@ -206,3 +206,20 @@ fn ip_in(namespace: &str, args: &[&str]) -> Result<()> {
     )
     .map(drop)
 }
+
+/// Runs `work` on a thread of its own inside network namespace `netns` (setns affects only
+/// the calling thread), for tests that need sockets in a test namespace.
+pub fn run_in<T: Send + 'static>(
+    netns: &str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("{NETNS_DIR}/{netns}");
+    std::thread::spawn(move || -> Result<T> {
+        let namespace = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {path}"))?;
+        work()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread working in {netns} panicked"))?
+}

@@ -85,6 +85,8 @@ pub const EXTERNAL_NET6: &str = "2001:db8:5e::/64";
 pub const NODE_CLIENT_LINK: &str = "ext0";
 pub const NODE_POD_LINK: &str = "pod0";
 pub const NODE_NODE2_LINK: &str = "nn0";
+/// node2's end of that link.
+pub const NODE2_UP_LINK: &str = "up0";
 
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -445,6 +447,19 @@ impl NorthSouth {
         add().expect("creating the node ↔ client link");
     }
 
+    /// Sets the MTU of both ends of the node ↔ node2 link (the path to the remote backend),
+    /// for an MTU step down between the client and that backend.
+    pub fn set_node2_link_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        for (netns, device) in [
+            (self.node_namespace(), NODE_NODE2_LINK),
+            (self.node2.as_str(), NODE2_UP_LINK),
+        ] {
+            ip_in(netns, &["link", "set", "dev", device, "mtu", &mtu])
+                .unwrap_or_else(|e| panic!("setting the MTU of {device} in {netns}: {e:#}"));
+        }
+    }
+
     /// `switchyard inspect TARGET --output json` on the agent's pins.
     pub fn inspect_json(&self, target: &str) -> Value {
         let dir = self.bpffs.agent_dir();
@@ -576,7 +591,7 @@ impl Spaces {
             },
             &End {
                 netns: &self.node2,
-                device: "up0",
+                device: NODE2_UP_LINK,
                 v4: NODE2_4,
                 prefix4: 24,
                 v6: NODE2_6,

@@ -477,8 +477,9 @@ impl Packet {
     pub fn parse_ip(bytes: &[u8]) -> Result<Self> {
         let layout = IpLayout::parse(bytes)?;
         let l4_bytes = &bytes[layout.l4_offset..layout.end];
-        let first_fragment = layout.fragment.is_none_or(|f| f.offset == 0);
-        let l4 = if first_fragment {
+        // A fragment's transport bytes stay opaque: even a first fragment holds only part of
+        // its datagram (the transport length and checksum cover all of it).
+        let l4 = if layout.fragment.is_none() {
             parse_l4(layout.protocol, l4_bytes)?
         } else {
             L4::Other {

@@ -1230,54 +1230,304 @@ fn load_balancer_source_ranges() {
     }
 }
 
-/// IP fragments are passed on untouched (their ports are not in every fragment).
+/// A UDP datagram's transport bytes (header and `len` bytes of payload), checksummed for
+/// `src → dst`.
+fn udp_datagram(src: SocketAddr, dst: SocketAddr, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len)
+        .map(|i| u8::try_from(i * 7 % 251).expect("below 251"))
+        .collect();
+    let ip = Packet::udp(src, dst, &payload).to_ip();
+    let header = if src.is_ipv6() { 40 } else { 20 };
+    ip[header..].to_vec()
+}
+
+/// The two fragments of `datagram` (transport bytes), split at `at` (a multiple of 8), with
+/// the IPv4 identification / IPv6 fragment identification `ident`.
+fn fragments(src: IpAddr, dst: IpAddr, datagram: &[u8], at: usize, ident: u32) -> [Packet; 2] {
+    let offset = u16::try_from(at / 8).expect("small offset");
+    let mut first = Packet::other(src, dst, UDP, &datagram[..at]).with_fragment(0, true);
+    let mut later = Packet::other(src, dst, UDP, &datagram[at..]).with_fragment(offset, false);
+    first.ident = ident;
+    later.ident = ident;
+    [first, later]
+}
+
+/// A fragment's bytes after its IP header(s).
+#[track_caller]
+fn fragment_data(packet: &Packet, what: &str) -> Vec<u8> {
+    match &packet.l4 {
+        L4::Other { payload, .. } => payload.clone(),
+        other => panic!("{what}: not a fragment: {other:?}"),
+    }
+}
+
+/// The ports in a first fragment's transport header (source, destination).
+fn fragment_ports(first: &Packet, what: &str) -> (u16, u16) {
+    let data = fragment_data(first, what);
+    (
+        u16::from_be_bytes([data[0], data[1]]),
+        u16::from_be_bytes([data[2], data[3]]),
+    )
+}
+
+/// Sends a datagram's first and later fragment, in order; both must be forwarded to the same
+/// place, unchanged but for addresses (and ports in the first), with their fragment fields,
+/// and the datagram they reassemble to must carry a right UDP checksum for its new addresses.
+#[track_caller]
+fn translate_fragments(fx: &TcFixture, fragments: [Packet; 2], what: &str) -> [Packet; 2] {
+    let got = fragments.map(|fragment| {
+        let what = format!("{what}, fragment at {:?}", fragment.fragment);
+        let (sent, _, out) = inject(fx, fragment);
+        let got = expect_redirect(&out, &what);
+        assert_eq!(
+            (got.fragment, got.ident, got.ttl),
+            (sent.fragment, sent.ident, sent.ttl - 1),
+            "{what}: fragment fields and TTL"
+        );
+        (sent, got)
+    });
+    let [(first_sent, first), (later_sent, later)] = got;
+    assert_eq!(
+        (first.src, first.dst),
+        (later.src, later.dst),
+        "{what}: the fragments went different ways"
+    );
+    assert_eq!(
+        fragment_data(&first, what)[8..],
+        fragment_data(&first_sent, what)[8..],
+        "{what}: the first fragment's data changed"
+    );
+    assert_eq!(
+        fragment_data(&later, what),
+        fragment_data(&later_sent, what),
+        "{what}: the later fragment's data changed"
+    );
+    let mut whole = fragment_data(&first, what);
+    whole.extend(fragment_data(&later, what));
+    assert_eq!(
+        packet::pseudo_header_checksum(first.src, first.dst, UDP, &whole),
+        0,
+        "{what}: the reassembled datagram's UDP checksum is wrong"
+    );
+    [first, later]
+}
+
+/// A fragmented UDP datagram through a NodePort: the first fragment is translated as any
+/// datagram (new flow, masqueraded), the later one takes the same translation through the
+/// fragment map (addresses only), and so do the fragments of the backend's answer. A later
+/// fragment without its first is dropped; fragments not for a service and TCP fragments pass.
 #[test]
-fn fragments_pass_untouched() {
+fn udp_fragments_follow_their_first_fragment() {
     require_root!();
     for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} fragmented UDP: {step}");
         let mut fx = fixture();
         fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
-        let tcp_fe = sa(family.node(), 30080);
-        let udp_fe = sa(family.node(), 30053);
-        let pool = backends(family, &[2], 8080, 701);
+        let fe = sa(family.node(), 30054);
+        let pool = backends(family, &[2], 5353, 801);
+        let backend = pool[0].addr;
         fx.add_frontend(&frontend(
-            tcp_fe,
-            TCP,
-            scope::EXTERNAL,
-            80,
-            service_flags::NODE_PORT,
-            &pool,
-        ))
-        .unwrap();
-        fx.add_frontend(&frontend(
-            udp_fe,
+            fe,
             UDP,
             scope::EXTERNAL,
-            81,
+            82,
             service_flags::NODE_PORT,
             &pool,
         ))
         .unwrap();
-        let client = sa(family.client(), 40060);
-        for (name, offset, more) in [
-            ("first fragment", 0, true),
-            ("middle fragment", 100, true),
-            ("last fragment", 185, false),
-        ] {
-            for packet in [
-                Packet::tcp(client, tcp_fe, SYN, 1, 0).with_payload(&[7; 64]),
-                Packet::udp(client, udp_fe, &[7; 64]),
-            ] {
-                let what = format!("{family:?} {name} of protocol {}", packet.protocol());
-                let moved = pass(&fx, packet.with_fragment(offset, more), &what);
+        let client = sa(family.client(), 40070);
+
+        let before = fx.counters().unwrap();
+        let query = udp_datagram(client, fe, 200);
+        let [first, _] = translate_fragments(
+            &fx,
+            fragments(client.ip(), fe.ip(), &query, 64, 0x4242),
+            &what("query"),
+        );
+        fx.counters().unwrap().since(&before).assert_moved(
+            &[
+                (reason::TC_NEW_FLOW, 1),
+                (reason::TC_CT_FORWARD, 1),
+                (reason::TC_FRAGMENT_TRANSLATED, 1),
+            ],
+            &what("query"),
+        );
+        let (masq_port, backend_port) = fragment_ports(&first, &what("query"));
+        assert_eq!(
+            (first.src, first.dst, backend_port),
+            (family.masq(), backend.ip(), backend.port()),
+            "{}",
+            what("query translated to the backend, masqueraded")
+        );
+        assert!(
+            (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&masq_port),
+            "{}",
+            what("SNAT port in range")
+        );
+
+        let masq = sa(family.masq(), masq_port);
+        let before = fx.counters().unwrap();
+        let answer = udp_datagram(backend, masq, 300);
+        let [first, _] = translate_fragments(
+            &fx,
+            fragments(backend.ip(), masq.ip(), &answer, 128, 0x0099),
+            &what("answer"),
+        );
+        fx.counters().unwrap().since(&before).assert_moved(
+            &[
+                (reason::TC_CT_REPLY, 2),
+                (reason::TC_FRAGMENT_TRANSLATED, 1),
+            ],
+            &what("answer"),
+        );
+        assert_eq!(
+            (
+                first.src,
+                first.dst,
+                fragment_ports(&first, &what("answer"))
+            ),
+            (fe.ip(), client.ip(), (fe.port(), client.port())),
+            "{}",
+            what("answer translated back to the client")
+        );
+
+        let [_, stray] = fragments(client.ip(), fe.ip(), &query, 64, 0x4343);
+        drop_with(
+            &fx,
+            stray,
+            reason::TC_FRAGMENT_UNTRACKED,
+            &what("a later fragment whose first was not seen"),
+        );
+
+        let elsewhere = sa(family.node(), 9999);
+        let datagram = udp_datagram(client, elsewhere, 200);
+        for fragment in fragments(client.ip(), elsewhere.ip(), &datagram, 64, 0x5151) {
+            let name = what(&format!("not a service, fragment {:?}", fragment.fragment));
+            let before = fx.counters().unwrap();
+            let (_, frame, out) = inject(&fx, fragment);
+            expect_untouched(&out, &frame, &name);
+            let moved = fx.counters().unwrap().since(&before);
+            moved.assert_moved(&[(reason::TC_FRAGMENT_UNTRACKED, 0)], &name);
+        }
+
+        let tcp_fe = sa(family.node(), 30080);
+        for (offset, more) in [(0, true), (100, false)] {
+            let packet = Packet::tcp(client, tcp_fe, SYN, 1, 0)
+                .with_payload(&[7; 64])
+                .with_fragment(offset, more);
+            let name = what(&format!("TCP fragment at {offset}"));
+            let moved = pass(&fx, packet, &name);
+            assert_eq!(moved.get(reason::TC_FRAGMENT_PASSED), 1, "{name}: {moved}");
+        }
+        assert_ct_count(&fx, family, 2, &what("only the datagram's flow is tracked"));
+    }
+}
+
+/// Sets a link's MTU in the fixture's namespace (the calling thread's).
+fn set_mtu(link: &str, mtu: u32) {
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", "dev", link, "mtu", &mtu.to_string()])
+        .status()
+        .expect("running ip");
+    assert!(status.success(), "ip link set {link} mtu {mtu}: {status}");
+}
+
+/// A packet larger than its translated route's MTU (the backend link at 1280) is answered
+/// with ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big" carrying that
+/// MTU and quoting the packet as the client sent it, on a tracked flow and as a new flow
+/// (which is then not created). IPv4 without DF is dropped and counted.
+#[test]
+fn packets_too_big_for_the_route_are_answered_with_the_mtu() {
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} MTU 1280: {step}");
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        set_mtu(net::BACKEND_LINK, 1280);
+        let fe = sa(family.node(), 30055);
+        let pool = backends(family, &[2], 5353, 811);
+        fx.add_frontend(&frontend(
+            fe,
+            UDP,
+            scope::EXTERNAL,
+            83,
+            service_flags::NODE_PORT,
+            &pool,
+        ))
+        .unwrap();
+        let client = sa(family.client(), 40080);
+        let mut fits = Packet::udp(client, fe, &[1; 1000]);
+        fits.dont_fragment = true;
+        let expect = NewFlow {
+            backends: &pool,
+            snat: Some(SNAT_PORTS),
+            rev_nat_id: 83,
+            counters: NEW_FLOW,
+        };
+        new_flow(&fx, fits, &expect, &what("a datagram that fits"));
+
+        for (name, port) in [("tracked flow", 40080), ("new flow", 40081)] {
+            let name = what(name);
+            let mut big = Packet::udp(sa(client.ip(), port), fe, &[2; 1400]);
+            big.dont_fragment = true;
+            let before = fx.counters().unwrap();
+            let (sent, _, out) = inject(&fx, big);
+            let got = expect_redirect(&out, &name);
+            assert_eq!(
+                (got.src_mac, got.dst_mac),
+                (sent.dst_mac, sent.src_mac),
+                "{name}: sent back where it came from"
+            );
+            assert_eq!(
+                (got.src, got.dst),
+                (fe.ip(), client.ip()),
+                "{name}: ICMP (source, destination)"
+            );
+            let message = got
+                .icmp_message()
+                .unwrap_or_else(|| panic!("{name}: not ICMP: {got:?}"));
+            let original = sent.to_ip();
+            if family.is_v6() {
                 assert_eq!(
-                    moved.get(reason::TC_FRAGMENT_PASSED),
-                    1,
-                    "{what}: counters {moved}"
+                    (message.kind, message.code, message.rest),
+                    (icmp::V6_PACKET_TOO_BIG, 0, 1280_u32.to_be_bytes()),
+                    "{name}: ICMPv6 type, code and MTU"
+                );
+                assert!(
+                    message.body.len() >= 48 && original.starts_with(&message.body),
+                    "{name}: the quote is not a prefix of the datagram"
+                );
+            } else {
+                assert_eq!(
+                    (message.kind, message.code, message.rest),
+                    (
+                        icmp::V4_DEST_UNREACH,
+                        icmp::V4_CODE_FRAG_NEEDED,
+                        [0, 0, 0x05, 0x00]
+                    ),
+                    "{name}: ICMP type, code and next-hop MTU"
+                );
+                assert_eq!(
+                    message.body,
+                    original[..28],
+                    "{name}: the quote is not the IP header + 8 bytes"
                 );
             }
+            fx.counters()
+                .unwrap()
+                .since(&before)
+                .assert_moved(&[(reason::TC_FRAG_NEEDED_SENT, 1)], &name);
         }
-        assert_no_ct(&fx, family, &format!("{family:?} fragments"));
+        assert_ct_count(&fx, family, 2, &what("the big new flow was not created"));
+        if family == Family::V4 {
+            let big = Packet::udp(sa(client.ip(), 40082), fe, &[3; 1400]);
+            drop_with(
+                &fx,
+                big,
+                reason::TC_MTU_EXCEEDED,
+                &what("without DF (the TC path cannot fragment)"),
+            );
+        }
     }
 }
 

@@ -4,9 +4,9 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh,
-        bpf_redir_neigh__bindgen_ty_1,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
     helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -40,6 +40,15 @@ pub struct Route<A> {
     nexthop: A,
 }
 
+/// Why a translated packet cannot be forwarded.
+#[derive(Clone, Copy)]
+pub enum NoRoute {
+    /// Dropped or handed to the stack: the verdict to return.
+    Verdict(i32),
+    /// Larger than the route's MTU (the MTU): the sender is told, or it is dropped.
+    TooBig(u16),
+}
+
 /// The interface the packet arrived on.
 #[inline(always)]
 pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
@@ -47,18 +56,40 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Routes `src → dst` as the stack would forward it. With `want_src` the kernel also picks the
-/// source address for the route (the masquerade address). `Err` is the verdict to return.
+/// The length the route's MTU is checked against: the IP packet's; for a GSO packet (GRO on
+/// the ingress device, or TSO from a local veth peer), whose header carries the length of all
+/// its segments together, that of one segment, as the stack's forwarding checks it
+/// (`skb_gso_validate_network_len`). 0 ("check the skb against the device") if unreadable.
+#[inline(always)]
+fn checked_len<I: Inet>(ctx: &TcContext) -> u16 {
+    let Ok(total) = I::ip_len(ctx) else {
+        return 0;
+    };
+    // SAFETY: `skb` is the verifier-checked context of this TC program.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return total;
+    }
+    match I::headers_len(ctx) {
+        Ok(headers) => total.min(headers.saturating_add(gso_size.min(0xffff) as u16)),
+        Err(_) => 0,
+    }
+}
+
+/// Routes `src → dst` as the stack would forward it, checking the packet's length against
+/// the route's MTU (`tot_len`, so route and PMTU exceptions count, as when the stack forwards).
+/// With `want_src` the kernel also picks the source address for the route (the masquerade
+/// address).
 #[inline(always)]
 pub fn lookup<I: Inet>(
     ctx: &TcContext,
     src: &I::Addr,
     dst: &I::Addr,
     want_src: bool,
-) -> Result<Route<I::Addr>, i32> {
+) -> Result<Route<I::Addr>, NoRoute> {
     let Some(params) = FIB_SCRATCH.get_ptr_mut(0) else {
         metrics::count(reason::TC_FIB_FAILED);
-        return Err(TC_ACT_SHOT);
+        return Err(NoRoute::Verdict(TC_ACT_SHOT));
     };
     // SAFETY: the pointer comes from a successful per-CPU array lookup; only this CPU uses it
     // and no BPF program is preempted, so nothing else touches it until we return.
@@ -67,6 +98,7 @@ pub fn lookup<I: Inet>(
     *params = unsafe { core::mem::zeroed() };
     params.family = I::AF;
     params.ifindex = ingress_ifindex(ctx);
+    params.__bindgen_anon_1.tot_len = checked_len::<I>(ctx);
     I::fib_params(params, src, dst);
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: `params` is a map value of the size passed; ctx is this program's.
@@ -85,9 +117,15 @@ pub fn lookup<I: Inet>(
         // or drops it. Not for masqueraded flows: their source would be missing, and a local
         // source arriving from outside is a martian to the stack anyway.
         BPF_FIB_LKUP_RET_NOT_FWDED if result >= 0 && !want_src => Exit::Stack,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED if result >= 0 => {
+            // SAFETY: the kernel wrote the MTU over tot_len (a union) for this result.
+            return Err(NoRoute::TooBig(unsafe {
+                params.__bindgen_anon_1.mtu_result
+            }));
+        }
         _ => {
             metrics::count(reason::TC_FIB_FAILED);
-            return Err(TC_ACT_SHOT);
+            return Err(NoRoute::Verdict(TC_ACT_SHOT));
         }
     };
     Ok(Route {

@@ -52,7 +52,12 @@ pub fn translate_error<I: Inet>(ctx: &TcContext) -> i32 {
     };
     let route = match fib::lookup::<I>(ctx, &new_outer.saddr, &new_outer.daddr, false) {
         Ok(route) => route,
-        Err(verdict) => return verdict,
+        Err(fib::NoRoute::Verdict(verdict)) => return verdict,
+        Err(fib::NoRoute::TooBig(_)) => {
+            // An ICMP error is never answered with another.
+            metrics::count(reason::TC_MTU_EXCEEDED);
+            return TC_ACT_SHOT;
+        }
     };
     if rewrite_error::<I>(ctx, error, &to.reversed(), &new_outer).is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);

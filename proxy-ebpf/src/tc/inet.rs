@@ -1,7 +1,7 @@
 //! One address family as the TC path sees it: header layout, conntrack map, source ranges and
 //! the cluster CIDR. The flow logic in the sibling modules is written once over this trait.
 use aya_ebpf::{bindings::bpf_fib_lookup, helpers::bpf_csum_diff, programs::TcContext};
-use proxy_common::DatapathConfig;
+use proxy_common::{DatapathConfig, protocol};
 
 use crate::lb::Family;
 
@@ -57,6 +57,18 @@ pub enum Owner {
     Ended,
 }
 
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment of a UDP datagram: it carries the transport header.
+    First,
+    /// A later fragment of a UDP datagram: no transport header (`l4` is where its data
+    /// starts); its ports are those its first fragment carried (see `tc::frag`).
+    Later,
+}
+
 /// Where the headers of a parsed packet are.
 #[derive(Clone, Copy)]
 pub struct Packet<A> {
@@ -65,6 +77,7 @@ pub struct Packet<A> {
     pub tuple: Tuple<A>,
     /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    pub fragment: Fragment,
 }
 
 /// An ICMP error and the packet it quotes.
@@ -82,8 +95,10 @@ pub struct IcmpError<A> {
 pub enum Parsed<A> {
     /// Not IP, not TCP/UDP/ICMP error, or a header we do not translate: pass untouched.
     Pass,
-    /// An IP fragment: ports are not in every fragment, so it is passed untouched.
+    /// A fragment of something other than UDP: passed untouched.
     Fragment,
+    /// A later UDP fragment whose first fragment was not seen: its ports are unknown.
+    UntrackedFragment,
     Flow(Packet<A>),
     IcmpError(IcmpError<A>),
 }
@@ -130,6 +145,16 @@ pub trait Inet: Family {
     fn ct_set_seq(key: &Tuple<Self::Addr>, word: u64, flags: u16, unreplied: bool);
     /// The length of the IP payload (transport header included).
     fn l4_len(ctx: &TcContext, packet: &Packet<Self::Addr>) -> Result<u32, i64>;
+    /// The IP packet's length (header included), as the MTU is checked against.
+    fn ip_len(ctx: &TcContext) -> Result<u16, i64>;
+    /// The length of the IP and transport headers (what each segment of a GSO packet
+    /// carries before its share of the payload).
+    fn headers_len(ctx: &TcContext) -> Result<u16, i64>;
+    /// Whether a packet too big for its route must be answered rather than fragmented:
+    /// IPv4 with DF set; always for IPv6, where routers never fragment.
+    fn dont_fragment(ctx: &TcContext, l3: usize) -> Result<bool, i64>;
+    /// Remembers the ports of a first fragment for the later fragments of its datagram.
+    fn fragment_seen(ctx: &TcContext, packet: &Packet<Self::Addr>);
     /// A multicast, broadcast or unspecified address: never answered with a refusal.
     fn is_group(addr: &Self::Addr) -> bool;
 
@@ -147,6 +172,8 @@ pub trait Inet: Family {
     fn write_tcp_reset(ctx: &TcContext, packet: &Packet<Self::Addr>) -> Result<(), i64>;
     /// Builds an ICMP port unreachable answering the packet, in place.
     fn write_port_unreachable(ctx: &TcContext, packet: &Packet<Self::Addr>) -> Result<(), i64>;
+    /// Builds an ICMP "fragmentation needed" / ICMPv6 "packet too big" with `mtu`, in place.
+    fn write_too_big(ctx: &TcContext, packet: &Packet<Self::Addr>, mtu: u16) -> Result<(), i64>;
 }
 
 /// The checksum difference between two addresses (for `l3/l4_csum_replace` with size 0).
@@ -158,4 +185,15 @@ pub fn addr_diff<A: Copy>(old: &A, new: &A) -> i64 {
     // SAFETY: both pointers point at initialised stack copies of `size` bytes; addresses are
     // 4 or 16 bytes, the multiple of 4 the helper requires.
     unsafe { bpf_csum_diff((&raw mut old).cast(), size, (&raw mut new).cast(), size, 0) }
+}
+
+/// The length of the TCP (its data offset) or UDP (8 bytes) header at `l4`.
+#[inline(always)]
+pub fn transport_header_len(ctx: &TcContext, proto: u8, l4: usize) -> Result<usize, i64> {
+    if proto == protocol::TCP {
+        let data_offset: u8 = ctx.load(l4 + 12)?;
+        Ok(usize::from(data_offset >> 4) * 4)
+    } else {
+        Ok(8)
+    }
 }

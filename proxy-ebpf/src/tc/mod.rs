@@ -5,7 +5,9 @@
 //! Every packet first meets conntrack: a forward entry translates a known flow towards its
 //! backend, a reply entry translates the backend's answer back. Otherwise the destination is
 //! looked up in the services map; a new flow picks a backend, stores both entries and is
-//! translated. Translated packets are routed here and redirected (see `fib`).
+//! translated. Translated packets are routed here and redirected (see `fib`); one too big
+//! for its route is answered with the MTU (see `pmtu`). The later fragments of a UDP datagram
+//! carry no ports: they take those of its first fragment (see `Fragment`).
 mod csum;
 mod ct;
 mod events;
@@ -13,6 +15,7 @@ mod fib;
 mod guard;
 mod icmp;
 mod inet;
+mod pmtu;
 mod reject;
 mod rewrite;
 mod seq;
@@ -33,7 +36,8 @@ use crate::{
     maps::{CONFIG_V1, FLOW_SCRATCH},
     metrics,
 };
-use inet::{Flow, Inet, Owner, Packet, Parsed, Tuple};
+use fib::NoRoute;
+use inet::{Flow, Fragment, Inet, Owner, Packet, Parsed, Tuple};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -70,6 +74,8 @@ pub enum Step {
     IcmpError,
     /// A new flow is decided (in `FLOW_SCRATCH`): claim its reply tuple, store and translate.
     Commit,
+    /// The translated packet exceeds its route's MTU (this one).
+    TooBig(u16),
 }
 
 /// The stages are separate BPF functions called one after the other from here, never from
@@ -88,6 +94,7 @@ fn run<I: Inet>(ctx: &TcContext) -> i32 {
         Step::RefuseUdp => reject::refuse_udp::<I>(ctx),
         Step::IcmpError => icmp::translate_error::<I>(ctx),
         Step::Commit => commit::<I>(ctx),
+        Step::TooBig(mtu) => pmtu::too_big::<I>(ctx, mtu),
         Step::NewFlow => PASS,
     }
 }
@@ -105,11 +112,22 @@ fn parse_flow<I: Inet>(ctx: &TcContext) -> Option<Packet<I::Addr>> {
 #[inline(never)]
 fn tracked<I: Inet>(ctx: &TcContext) -> Step {
     match I::parse(ctx) {
-        Ok(Parsed::Flow(packet)) => flow::<I>(ctx, &packet),
+        Ok(Parsed::Flow(packet)) => {
+            if packet.fragment == Fragment::First {
+                // Every UDP first fragment, service or not: the later fragments of any
+                // datagram need its ports to be judged (and are dropped without them).
+                I::fragment_seen(ctx, &packet);
+            }
+            flow::<I>(ctx, &packet)
+        }
         Ok(Parsed::IcmpError(_)) => Step::IcmpError,
         Ok(Parsed::Fragment) => {
             metrics::count(reason::TC_FRAGMENT_PASSED);
             Step::Verdict(PASS)
+        }
+        Ok(Parsed::UntrackedFragment) => {
+            metrics::count(reason::TC_FRAGMENT_UNTRACKED);
+            Step::Verdict(DROP)
         }
         Ok(Parsed::Pass) | Err(_) => Step::Verdict(PASS),
     }
@@ -130,7 +148,7 @@ fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
     let now = ct::now_ns();
     if let Some(entry) = I::ct_get(&packet.tuple) {
         if entry.flags & ct_flags::REPLY != 0 {
-            return Step::Verdict(reply::<I>(ctx, packet, &entry, now));
+            return reply::<I>(ctx, packet, &entry, now);
         }
         if entry.expires_ns > now {
             let syn = if ct::is_syn(packet) {
@@ -140,11 +158,11 @@ fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
             };
             match syn {
                 ct::SynOnFlow::Retransmit => {
-                    return Step::Verdict(forward::<I>(ctx, packet, &entry, now));
+                    return forward::<I>(ctx, packet, &entry, now);
                 }
                 ct::SynOnFlow::Ignore => {
                     metrics::count(reason::TC_SYN_IGNORED);
-                    return Step::Verdict(translate::<I>(ctx, packet, &entry.to));
+                    return translate::<I>(ctx, packet, &entry.to);
                 }
                 ct::SynOnFlow::Restart => metrics::count(reason::TC_SYN_RESTARTED),
             }
@@ -161,12 +179,12 @@ fn forward<I: Inet>(
     packet: &Packet<I::Addr>,
     entry: &Flow<I::Addr>,
     now: u64,
-) -> i32 {
+) -> Step {
     let reply_key = entry.to.reversed();
     let owner = packet.tuple.reversed();
     if !seq::follow::<I>(ctx, packet, &reply_key, &owner, seq::Side::Forward) {
         metrics::count(reason::TC_RST_OUT_OF_WINDOW);
-        return DROP;
+        return Step::Verdict(DROP);
     }
     let flags = entry.flags | ct::tcp_bits(packet, ct_flags::FIN_FORWARD);
     let expires_ns = now + ct::lifetime_ns(packet.tuple.proto, flags);
@@ -182,7 +200,7 @@ fn forward<I: Inet>(
         };
         if !ct::promote::<I>(&packet.tuple, &confirmed, &reply_key) {
             metrics::count(reason::TC_CT_COLLISION);
-            return DROP;
+            return Step::Verdict(DROP);
         }
     } else {
         I::ct_touch(&packet.tuple, expires_ns, flags, entry.unreplied);
@@ -199,14 +217,14 @@ fn reply<I: Inet>(
     packet: &Packet<I::Addr>,
     entry: &Flow<I::Addr>,
     now: u64,
-) -> i32 {
+) -> Step {
     let Some((forward_key, forward)) = ct::forward_of::<I>(&packet.tuple, entry, now) else {
         I::ct_delete(&packet.tuple);
-        return PASS;
+        return Step::Verdict(PASS);
     };
     if !seq::follow::<I>(ctx, packet, &packet.tuple, &entry.to, seq::Side::Reply) {
         metrics::count(reason::TC_RST_OUT_OF_WINDOW);
-        return DROP;
+        return Step::Verdict(DROP);
     }
     let flags = forward.flags | ct_flags::SEEN_REPLY | ct::tcp_bits(packet, ct_flags::FIN_REPLY);
     let expires_ns = now + ct::lifetime_ns(packet.tuple.proto, flags);
@@ -219,7 +237,7 @@ fn reply<I: Inet>(
         };
         if !ct::promote::<I>(&forward_key, &confirmed, &packet.tuple) {
             metrics::count(reason::TC_CT_COLLISION);
-            return DROP;
+            return Step::Verdict(DROP);
         }
     } else {
         I::ct_touch(&forward_key, expires_ns, flags, forward.unreplied);
@@ -230,16 +248,28 @@ fn reply<I: Inet>(
 
 /// Rewrites the packet to `to`, routes it and redirects it.
 #[inline(always)]
-fn translate<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, to: &Tuple<I::Addr>) -> i32 {
+fn translate<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, to: &Tuple<I::Addr>) -> Step {
     let route = match fib::lookup::<I>(ctx, &to.saddr, &to.daddr, false) {
         Ok(route) => route,
-        Err(verdict) => return verdict,
+        Err(no_route) => return refused(no_route),
     };
     if rewrite::rewrite::<I>(ctx, packet, to).is_err() {
         metrics::count(reason::TC_REWRITE_FAILED);
-        return DROP;
+        return Step::Verdict(DROP);
     }
-    fib::redirect::<I>(ctx, &route)
+    if packet.fragment == Fragment::Later {
+        metrics::count(reason::TC_FRAGMENT_TRANSLATED);
+    }
+    Step::Verdict(fib::redirect::<I>(ctx, &route))
+}
+
+/// The next step for a packet that cannot be forwarded.
+#[inline(always)]
+fn refused(no_route: NoRoute) -> Step {
+    match no_route {
+        NoRoute::Verdict(verdict) => Step::Verdict(verdict),
+        NoRoute::TooBig(mtu) => Step::TooBig(mtu),
+    }
 }
 
 /// A non-service SYN whose reversed tuple is a reply entry: if that entry is left over from
@@ -333,8 +363,12 @@ fn frontend<I: Inet>(
 #[inline(never)]
 fn new_flow<I: Inet>(ctx: &TcContext) -> Step {
     match parse_flow::<I>(ctx) {
-        Some(packet) => establish::<I>(ctx, &packet, ct::now_ns()),
-        None => Step::Verdict(PASS),
+        // A later fragment never starts a flow: its datagram's first fragment was not
+        // translated, so the stack reassembles both.
+        Some(packet) if packet.fragment != Fragment::Later => {
+            establish::<I>(ctx, &packet, ct::now_ns())
+        }
+        _ => Step::Verdict(PASS),
     }
 }
 
@@ -391,7 +425,7 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> St
     let snat = frontend.snat || backend_addr == tuple.saddr;
     let route = match fib::lookup::<I>(ctx, &tuple.saddr, &backend_addr, snat) {
         Ok(route) => route,
-        Err(verdict) => return Step::Verdict(verdict),
+        Err(no_route) => return refused(no_route),
     };
     let Some(pending) = pending::<I>() else {
         metrics::count(reason::TC_CT_STORE_FAILED);
@@ -446,6 +480,15 @@ fn pending<I: Inet>() -> Option<&'static mut Pending<I::Addr>> {
 fn commit<I: Inet>(ctx: &TcContext) -> i32 {
     let (Some(packet), Some(pending)) = (parse_flow::<I>(ctx), pending::<I>()) else {
         return PASS;
+    };
+    if packet.fragment == Fragment::Later {
+        return PASS;
+    }
+    // A first fragment is rewritten as a whole packet is; one packet kind from here on keeps
+    // the verifier from walking the port search below once per kind.
+    let packet = Packet {
+        fragment: Fragment::Whole,
+        ..packet
     };
     let tuple = &packet.tuple;
     let now = ct::now_ns();

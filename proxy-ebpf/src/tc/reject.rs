@@ -48,13 +48,7 @@ pub fn refuse_udp<I: Inet>(ctx: &TcContext) -> i32 {
 /// sends at most `reject_limit::BURST` refusals at once, `reject_limit::PER_SEC` a second.
 #[inline(always)]
 fn withheld<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Option<i32> {
-    let tuple = &packet.tuple;
-    let group_frame = ctx.load::<u8>(0).map_or(true, |first| first & 1 != 0);
-    if packet.tcp_flags & TCP_RST != 0
-        || group_frame
-        || I::is_group(&tuple.saddr)
-        || I::is_group(&tuple.daddr)
-    {
+    if packet.tcp_flags & TCP_RST != 0 || group_traffic::<I>(ctx, packet) {
         metrics::count(reason::TC_REJECT_SUPPRESSED);
         return Some(TC_ACT_SHOT);
     }
@@ -70,7 +64,7 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// Takes a token from this CPU's bucket, refilled at `reject_limit::PER_SEC` tokens a
 /// second up to `reject_limit::BURST`.
 #[inline(always)]
-fn take_token() -> bool {
+pub fn take_token() -> bool {
     let Some(bucket) = REJECT_BUCKET.get_ptr_mut(0) else {
         return false;
     };
@@ -93,6 +87,13 @@ fn take_token() -> bool {
     }
     bucket.tokens -= 1;
     true
+}
+
+/// Whether the frame or either address is broadcast or multicast: never answered.
+#[inline(always)]
+pub fn group_traffic<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> bool {
+    let group_frame = ctx.load::<u8>(0).map_or(true, |first| first & 1 != 0);
+    group_frame || I::is_group(&packet.tuple.saddr) || I::is_group(&packet.tuple.daddr)
 }
 
 #[inline(always)]

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use proxy_common::protocol;
 
-use super::inet::{Inet, Packet, Tuple, addr_diff};
+use super::inet::{Fragment, Inet, Packet, Tuple, addr_diff};
 
 /// Where the transport checksum of a packet is and how to update it.
 #[derive(Clone, Copy)]
@@ -72,7 +72,9 @@ pub fn replace_port(
     ctx.store(offset, &new, 0)
 }
 
-/// Rewrites a TCP/UDP packet from its tuple to `to` and decrements its TTL.
+/// Rewrites a TCP/UDP packet from its tuple to `to` and decrements its TTL. A later fragment
+/// has no transport header: only its addresses (and the IPv4 header checksum) change; the
+/// datagram's transport checksum was fixed in its first fragment.
 #[inline(always)]
 pub fn rewrite<I: Inet>(
     ctx: &TcContext,
@@ -80,7 +82,8 @@ pub fn rewrite<I: Inet>(
     to: &Tuple<I::Addr>,
 ) -> Result<(), i64> {
     let from = &packet.tuple;
-    let csum = l4_csum(packet);
+    let later = packet.fragment == Fragment::Later;
+    let csum = if later { None } else { l4_csum(packet) };
     let ip_csum = I::ip_csum(packet.l3);
     if from.saddr != to.saddr {
         replace_addr::<I>(
@@ -103,6 +106,9 @@ pub fn rewrite<I: Inet>(
             csum,
             true,
         )?;
+    }
+    if later {
+        return I::decrement_ttl(ctx, packet.l3);
     }
     if from.sport != to.sport {
         replace_port(ctx, packet.l4, from.sport, to.sport, csum)?;

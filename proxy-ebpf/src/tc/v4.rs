@@ -5,19 +5,22 @@
 )]
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
-    Backend4, Ct4Entry, Ct4Key, DatapathConfig, Service4Key, SourceRange4, config_flags, ct_flags,
-    protocol,
+    Backend4, Ct4Entry, Ct4Key, DatapathConfig, Frag4Key, FragPorts, Service4Key, SourceRange4,
+    config_flags, ct_flags, protocol,
 };
 
 use super::{
     csum::{Words, fold},
     ct,
-    inet::{ETH_HLEN, Flow, IcmpError, Inet, Owner, Packet, Parsed, Tuple},
+    inet::{
+        ETH_HLEN, Flow, Fragment, IcmpError, Inet, Owner, Packet, Parsed, Tuple,
+        transport_header_len,
+    },
     reject::{reset_header, resize, swap_macs, tcp_payload_len},
 };
 use crate::{
     lb::V4,
-    maps::{CT4_NEW_V1, CT4_V1, SRC_RANGE4_V1},
+    maps::{CT4_NEW_V1, CT4_V1, FRAG4_V1, SRC_RANGE4_V1},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -25,6 +28,11 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// Flags and fragment offset: Don't Fragment, More Fragments, the offset's bits.
+const IP_DF: u16 = 0x4000;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const IP_HLEN: usize = 20;
 const DEFAULT_TTL: u8 = 64;
 
@@ -36,11 +44,28 @@ fn header_len(ctx: &TcContext, l3: usize) -> Result<Option<usize>, i64> {
     Ok((version_ihl >> 4 == 4 && len >= IP_HLEN).then_some(len))
 }
 
+/// The header's flags and fragment offset word, host order.
+#[inline(always)]
+fn fragment_word(ctx: &TcContext, l3: usize) -> Result<u16, i64> {
+    Ok(u16::from_be(ctx.load(l3 + 6)?))
+}
+
 /// Whether the header at `l3` is a fragment (MF set or a non-zero offset).
 #[inline(always)]
 fn is_fragment(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
-    let frag: u16 = ctx.load(l3 + 6)?;
-    Ok(u16::from_be(frag) & 0x3fff != 0)
+    Ok(fragment_word(ctx, l3)? & (IP_MF | IP_OFFSET) != 0)
+}
+
+/// The fragment map's key for the datagram of the header at `l3`.
+#[inline(always)]
+fn fragment_key(ctx: &TcContext, l3: usize, saddr: u32, daddr: u32) -> Result<Frag4Key, i64> {
+    Ok(Frag4Key {
+        saddr,
+        daddr,
+        id_be: ctx.load(l3 + 4)?,
+        protocol: protocol::UDP,
+        pad: 0,
+    })
 }
 
 #[inline(always)]
@@ -76,13 +101,39 @@ impl Inet for V4 {
         let Some(ihl) = header_len(ctx, l3)? else {
             return Ok(Parsed::Pass);
         };
-        if is_fragment(ctx, l3)? {
-            return Ok(Parsed::Fragment);
-        }
         let proto: u8 = ctx.load(l3 + 9)?;
         let saddr: u32 = ctx.load(l3 + Self::SADDR)?;
         let daddr: u32 = ctx.load(l3 + Self::DADDR)?;
         let l4 = l3 + ihl;
+        let frag = fragment_word(ctx, l3)?;
+        let mut fragment = Fragment::Whole;
+        if frag & (IP_MF | IP_OFFSET) != 0 {
+            if proto != protocol::UDP {
+                return Ok(Parsed::Fragment);
+            }
+            if frag & IP_OFFSET == 0 {
+                fragment = Fragment::First;
+            } else {
+                let key = fragment_key(ctx, l3, saddr, daddr)?;
+                // SAFETY: plain data, copied out at once.
+                let Some(ports) = unsafe { FRAG4_V1.get(&key) }.copied() else {
+                    return Ok(Parsed::UntrackedFragment);
+                };
+                return Ok(Parsed::Flow(Packet {
+                    l3,
+                    l4,
+                    tuple: Tuple {
+                        saddr,
+                        daddr,
+                        sport: ports.sport_be,
+                        dport: ports.dport_be,
+                        proto,
+                    },
+                    tcp_flags: 0,
+                    fragment: Fragment::Later,
+                }));
+            }
+        }
         match proto {
             protocol::TCP | protocol::UDP => {
                 let (sport, dport) = ports(ctx, l4)?;
@@ -102,6 +153,7 @@ impl Inet for V4 {
                         proto,
                     },
                     tcp_flags,
+                    fragment,
                 }))
             }
             IPPROTO_ICMP => {
@@ -136,6 +188,7 @@ impl Inet for V4 {
                             proto,
                         },
                         tcp_flags: 0,
+                        fragment,
                     },
                     inner_l3,
                     inner_l4,
@@ -331,6 +384,40 @@ impl Inet for V4 {
     }
 
     #[inline(always)]
+    fn ip_len(ctx: &TcContext) -> Result<u16, i64> {
+        Ok(u16::from_be(ctx.load(ETH_HLEN + 2)?))
+    }
+
+    #[inline(always)]
+    fn headers_len(ctx: &TcContext) -> Result<u16, i64> {
+        let Some(ihl) = header_len(ctx, ETH_HLEN)? else {
+            return Err(-1);
+        };
+        let proto: u8 = ctx.load(ETH_HLEN + 9)?;
+        Ok((ihl + transport_header_len(ctx, proto, ETH_HLEN + ihl)?) as u16)
+    }
+
+    #[inline(always)]
+    fn dont_fragment(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
+        Ok(fragment_word(ctx, l3)? & IP_DF != 0)
+    }
+
+    #[inline(always)]
+    fn fragment_seen(ctx: &TcContext, packet: &Packet<u32>) {
+        let tuple = &packet.tuple;
+        let Ok(key) = fragment_key(ctx, packet.l3, tuple.saddr, tuple.daddr) else {
+            return;
+        };
+        let ports = FragPorts {
+            sport_be: tuple.sport,
+            dport_be: tuple.dport,
+        };
+        // A full map evicts its oldest datagram; a failed write only costs the later
+        // fragments of this one (counted when they are dropped).
+        let _ = FRAG4_V1.insert(&key, &ports, 0);
+    }
+
+    #[inline(always)]
     fn is_group(addr: &u32) -> bool {
         let host = u32::from_be(*addr);
         // 0.0.0.0, 224.0.0.0/4 (multicast), 240.0.0.0/4 and 255.255.255.255 (broadcast).
@@ -414,23 +501,43 @@ impl Inet for V4 {
 
     #[inline(always)]
     fn write_port_unreachable(ctx: &TcContext, packet: &Packet<u32>) -> Result<(), i64> {
-        if packet.l4 - packet.l3 != IP_HLEN {
-            // Quoting a header with options would need a variable-length copy.
-            return Err(-1);
-        }
-        let mut icmp = Words::<36>::zeroed();
-        icmp.put(0, &[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]);
-        // The quote: the original IP header and the first 8 bytes of its payload.
-        icmp.load::<8, 28>(ctx, packet.l3)?;
-        let csum = fold(icmp.sum(0)?);
-        icmp.put(2, &csum.to_ne_bytes());
-        let (client, frontend) = (packet.tuple.saddr, packet.tuple.daddr);
-        let ip = ip_header(frontend, client, IPPROTO_ICMP, (IP_HLEN + 36) as u16)?;
-        swap_macs(ctx)?;
-        resize(ctx, (ETH_HLEN + IP_HLEN + 36) as u32)?;
-        ctx.store(ETH_HLEN, &ip.0, 0)?;
-        ctx.store(ETH_HLEN + IP_HLEN, &icmp.0, 0)
+        write_unreachable(ctx, packet, ICMP_PORT_UNREACH, [0; 4])
     }
+
+    #[inline(always)]
+    fn write_too_big(ctx: &TcContext, packet: &Packet<u32>, mtu: u16) -> Result<(), i64> {
+        // RFC 1191 §4: the next-hop MTU in the low 16 bits of the second word.
+        let [high, low] = mtu.to_be_bytes();
+        write_unreachable(ctx, packet, ICMP_FRAG_NEEDED, [0, 0, high, low])
+    }
+}
+
+/// Builds an ICMP destination unreachable with `code` answering the packet, in place: the
+/// original IP header and the first 8 bytes of its payload quoted.
+#[inline(always)]
+fn write_unreachable(
+    ctx: &TcContext,
+    packet: &Packet<u32>,
+    code: u8,
+    rest: [u8; 4],
+) -> Result<(), i64> {
+    if packet.l4 - packet.l3 != IP_HLEN {
+        // Quoting a header with options would need a variable-length copy.
+        return Err(-1);
+    }
+    let mut icmp = Words::<36>::zeroed();
+    icmp.put(0, &[ICMP_DEST_UNREACH, code]);
+    icmp.put(4, &rest);
+    // The quote: the original IP header and the first 8 bytes of its payload.
+    icmp.load::<8, 28>(ctx, packet.l3)?;
+    let csum = fold(icmp.sum(0)?);
+    icmp.put(2, &csum.to_ne_bytes());
+    let (client, frontend) = (packet.tuple.saddr, packet.tuple.daddr);
+    let ip = ip_header(frontend, client, IPPROTO_ICMP, (IP_HLEN + 36) as u16)?;
+    swap_macs(ctx)?;
+    resize(ctx, (ETH_HLEN + IP_HLEN + 36) as u32)?;
+    ctx.store(ETH_HLEN, &ip.0, 0)?;
+    ctx.store(ETH_HLEN + IP_HLEN, &icmp.0, 0)
 }
 
 #[inline(always)]

@@ -1,24 +1,28 @@
 //! IPv6 for the TC path. Extension headers are not walked: a packet whose next header is not
-//! TCP, UDP or ICMPv6 directly is passed untouched, a Fragment header counts as a fragment.
+//! TCP, UDP or ICMPv6 directly is passed untouched; a Fragment header directly followed by
+//! UDP is a UDP fragment (`tc::frag`), any other fragment is passed untouched.
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "conntrack keys go to the map helpers by reference: passed by value they are copied onto a stack the TC stages have little of"
 )]
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
-    Backend6, Ct6Entry, Ct6Key, DatapathConfig, Service6Key, SourceRange6, config_flags, ct_flags,
-    protocol,
+    Backend6, Ct6Entry, Ct6Key, DatapathConfig, Frag6Key, FragPorts, Service6Key, SourceRange6,
+    config_flags, ct_flags, protocol,
 };
 
 use super::{
     csum::{Words, fold},
     ct,
-    inet::{ETH_HLEN, Flow, IcmpError, Inet, Owner, Packet, Parsed, Tuple},
+    inet::{
+        ETH_HLEN, Flow, Fragment, IcmpError, Inet, Owner, Packet, Parsed, Tuple,
+        transport_header_len,
+    },
     reject::{reset_header, resize, swap_macs, tcp_payload_len},
 };
 use crate::{
     lb::V6,
-    maps::{CT6_NEW_V1, CT6_V1, SRC_RANGE6_V1},
+    maps::{CT6_NEW_V1, CT6_V1, FRAG6_V1, SRC_RANGE6_V1},
 };
 
 const IPPROTO_ICMPV6: u8 = 58;
@@ -29,6 +33,9 @@ const ICMPV6_TIME_EXCEED: u8 = 3;
 const ICMPV6_PARAMPROB: u8 = 4;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 const IP6_HLEN: usize = 40;
+/// The Fragment header (RFC 8200 §4.5): next header, reserved, offset and M flag, identification.
+const FRAG_HLEN: usize = 8;
+const FRAG_OFFSET: u16 = 0xfff8;
 const DEFAULT_HOP_LIMIT: u8 = 64;
 
 type Addr = [u32; 4];
@@ -57,6 +64,18 @@ fn is_ipv6(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
 #[inline(always)]
 fn ports(ctx: &TcContext, l4: usize) -> Result<(u16, u16), i64> {
     Ok((ctx.load(l4)?, ctx.load(l4 + 2)?))
+}
+
+/// The fragment map's key for the datagram whose Fragment header follows the header at `l3`.
+#[inline(always)]
+fn fragment_key(ctx: &TcContext, l3: usize, saddr: &Addr, daddr: &Addr) -> Result<Frag6Key, i64> {
+    Ok(Frag6Key {
+        saddr: *saddr,
+        daddr: *daddr,
+        id_be: ctx.load(l3 + IP6_HLEN + 4)?,
+        protocol: protocol::UDP,
+        pad: [0; 3],
+    })
 }
 
 /// An IPv6 header from `src` to `dst`.
@@ -95,12 +114,43 @@ impl Inet for V6 {
         if !is_ipv6(ctx, l3)? {
             return Ok(Parsed::Pass);
         }
-        let next: u8 = ctx.load(l3 + 6)?;
+        let mut next: u8 = ctx.load(l3 + 6)?;
         let saddr: Addr = ctx.load(l3 + Self::SADDR)?;
         let daddr: Addr = ctx.load(l3 + Self::DADDR)?;
-        let l4 = l3 + IP6_HLEN;
+        let mut l4 = l3 + IP6_HLEN;
+        let mut fragment = Fragment::Whole;
+        if next == NEXTHDR_FRAGMENT {
+            let inner: u8 = ctx.load(l4)?;
+            if inner != protocol::UDP {
+                return Ok(Parsed::Fragment);
+            }
+            let offset = u16::from_be(ctx.load(l4 + 2)?) & FRAG_OFFSET;
+            next = inner;
+            l4 += FRAG_HLEN;
+            if offset == 0 {
+                fragment = Fragment::First;
+            } else {
+                let key = fragment_key(ctx, l3, &saddr, &daddr)?;
+                // SAFETY: plain data, copied out at once.
+                let Some(ports) = unsafe { FRAG6_V1.get(&key) }.copied() else {
+                    return Ok(Parsed::UntrackedFragment);
+                };
+                return Ok(Parsed::Flow(Packet {
+                    l3,
+                    l4,
+                    tuple: Tuple {
+                        saddr,
+                        daddr,
+                        sport: ports.sport_be,
+                        dport: ports.dport_be,
+                        proto: next,
+                    },
+                    tcp_flags: 0,
+                    fragment: Fragment::Later,
+                }));
+            }
+        }
         match next {
-            NEXTHDR_FRAGMENT => Ok(Parsed::Fragment),
             protocol::TCP | protocol::UDP => {
                 let (sport, dport) = ports(ctx, l4)?;
                 let tcp_flags = if next == protocol::TCP {
@@ -119,6 +169,7 @@ impl Inet for V6 {
                         proto: next,
                     },
                     tcp_flags,
+                    fragment,
                 }))
             }
             IPPROTO_ICMPV6 => {
@@ -151,6 +202,7 @@ impl Inet for V6 {
                             proto: next,
                         },
                         tcp_flags: 0,
+                        fragment,
                     },
                     inner_l3,
                     inner_l4,
@@ -343,6 +395,38 @@ impl Inet for V6 {
     }
 
     #[inline(always)]
+    fn ip_len(ctx: &TcContext) -> Result<u16, i64> {
+        let payload = u16::from_be(ctx.load(ETH_HLEN + 4)?);
+        Ok(payload.saturating_add(IP6_HLEN as u16))
+    }
+
+    #[inline(always)]
+    fn headers_len(ctx: &TcContext) -> Result<u16, i64> {
+        let next: u8 = ctx.load(ETH_HLEN + 6)?;
+        let l4 = ETH_HLEN + IP6_HLEN;
+        Ok((IP6_HLEN + transport_header_len(ctx, next, l4)?) as u16)
+    }
+
+    #[inline(always)]
+    fn dont_fragment(_ctx: &TcContext, _l3: usize) -> Result<bool, i64> {
+        Ok(true)
+    }
+
+    #[inline(always)]
+    fn fragment_seen(ctx: &TcContext, packet: &Packet<Addr>) {
+        let tuple = &packet.tuple;
+        let Ok(key) = fragment_key(ctx, packet.l3, &tuple.saddr, &tuple.daddr) else {
+            return;
+        };
+        let ports = FragPorts {
+            sport_be: tuple.sport,
+            dport_be: tuple.dport,
+        };
+        // As for IPv4: a failed write only costs this datagram's later fragments.
+        let _ = FRAG6_V1.insert(&key, &ports, 0);
+    }
+
+    #[inline(always)]
     fn is_group(addr: &Addr) -> bool {
         // ff00::/8 (multicast; IPv6 has no broadcast) and :: (unspecified).
         u32::from_be(addr[0]) >> 24 == 0xff || (addr[0] | addr[1] | addr[2] | addr[3]) == 0
@@ -430,20 +514,39 @@ impl Inet for V6 {
 
     #[inline(always)]
     fn write_port_unreachable(ctx: &TcContext, packet: &Packet<Addr>) -> Result<(), i64> {
-        let mut icmp = Words::<56>::zeroed();
-        icmp.put(0, &[ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH]);
-        // The quote: the original IPv6 header and the first 8 bytes of its payload.
-        icmp.load::<8, 48>(ctx, packet.l3)?;
-        let (client, frontend) = (&packet.tuple.saddr, &packet.tuple.daddr);
-        let mut pseudo = pseudo_header(frontend, client, IPPROTO_ICMPV6, 56);
-        let csum = fold(icmp.sum(pseudo.sum(0)?)?);
-        icmp.put(2, &csum.to_ne_bytes());
-        let ip = ip_header(frontend, client, IPPROTO_ICMPV6, 56);
-        swap_macs(ctx)?;
-        resize(ctx, (ETH_HLEN + IP6_HLEN + 56) as u32)?;
-        ctx.store(ETH_HLEN, &ip.0, 0)?;
-        ctx.store(ETH_HLEN + IP6_HLEN, &icmp.0, 0)
+        write_error(ctx, packet, [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH], 0)
     }
+
+    #[inline(always)]
+    fn write_too_big(ctx: &TcContext, packet: &Packet<Addr>, mtu: u16) -> Result<(), i64> {
+        // RFC 4443 §3.2: the MTU of the next-hop link in the second word.
+        write_error(ctx, packet, [ICMPV6_PKT_TOOBIG, 0], u32::from(mtu))
+    }
+}
+
+/// Builds an ICMPv6 error of `kind` (type and code) with `word` as its second word answering
+/// the packet, in place.
+#[inline(always)]
+fn write_error(
+    ctx: &TcContext,
+    packet: &Packet<Addr>,
+    kind: [u8; 2],
+    word: u32,
+) -> Result<(), i64> {
+    let mut icmp = Words::<56>::zeroed();
+    icmp.put(0, &kind);
+    icmp.put(4, &word.to_be_bytes());
+    // The quote: the original IPv6 header and the first 8 bytes of its payload.
+    icmp.load::<8, 48>(ctx, packet.l3)?;
+    let (client, frontend) = (&packet.tuple.saddr, &packet.tuple.daddr);
+    let mut pseudo = pseudo_header(frontend, client, IPPROTO_ICMPV6, 56);
+    let csum = fold(icmp.sum(pseudo.sum(0)?)?);
+    icmp.put(2, &csum.to_ne_bytes());
+    let ip = ip_header(frontend, client, IPPROTO_ICMPV6, 56);
+    swap_macs(ctx)?;
+    resize(ctx, (ETH_HLEN + IP6_HLEN + 56) as u32)?;
+    ctx.store(ETH_HLEN, &ip.0, 0)?;
+    ctx.store(ETH_HLEN + IP6_HLEN, &icmp.0, 0)
 }
 
 #[inline(always)]

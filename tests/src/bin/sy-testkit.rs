@@ -4,7 +4,7 @@
 //! because the latter remounts /sys and would hide the cgroup2 hierarchy a client must join.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
 };
@@ -28,6 +28,10 @@ use switchyard_tests::testkit::{ClientProto, READY_LINE};
 const REQUEST: &[u8] = b"hi\n";
 /// A request asking the server to add the client address it saw to its answer.
 const PEER_REQUEST: &[u8] = b"peer\n";
+/// A UDP datagram starting with this is echoed whole after the server's name and a space.
+const ECHO_REQUEST: &[u8] = b"ECHO";
+/// `SINK <n>` on a TCP connection: `n` bytes follow, answered with `<name> <n received>`.
+const SINK_REQUEST: &str = "SINK ";
 /// A server connection idle this long is dropped, so forgotten connections cannot pile up.
 const SERVER_IDLE_TIMEOUT: Duration = Duration::from_mins(1);
 
@@ -240,6 +244,14 @@ fn answer_lines(stream: TcpStream, name: &str) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     while reader.read_line(&mut line)? > 0 {
+        if let Some(count) = sink_request(&line) {
+            // Bulk data: take exactly `count` bytes, then say how many arrived.
+            let mut rest = (&mut reader).take(count);
+            let received = std::io::copy(&mut rest, &mut std::io::sink())?;
+            writer.write_all(format!("{name} {received}\n").as_bytes())?;
+            line.clear();
+            continue;
+        }
         let answer = answer_for(line.as_bytes(), name, peer);
         writer.write_all(format!("{answer}\n").as_bytes())?;
         line.clear();
@@ -247,11 +259,26 @@ fn answer_lines(stream: TcpStream, name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `SINK <bytes>`: the client sends that many bytes of bulk data next (at most 1 GiB).
+fn sink_request(line: &str) -> Option<u64> {
+    let count: u64 = line.trim_ascii().strip_prefix(SINK_REQUEST)?.parse().ok()?;
+    (count <= 1 << 30).then_some(count)
+}
+
 fn answer_datagrams(socket: &UdpSocket, name: &str) {
-    let mut buffer = [0_u8; 2048];
+    // Large enough for any UDP datagram (big ones arrive as IP fragments).
+    let mut buffer = vec![0_u8; 65_536];
     loop {
         if let Ok((n, sender)) = socket.recv_from(&mut buffer) {
-            let answer = answer_for(&buffer[..n], name, sender);
+            let request = &buffer[..n];
+            if request.starts_with(ECHO_REQUEST) {
+                // `name ` and the whole datagram back.
+                let mut answer = format!("{name} ").into_bytes();
+                answer.extend_from_slice(request);
+                let _ = socket.send_to(&answer, sender);
+                continue;
+            }
+            let answer = answer_for(request, name, sender);
             let _ = socket.send_to(answer.as_bytes(), sender);
         }
     }
