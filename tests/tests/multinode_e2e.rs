@@ -189,6 +189,21 @@ impl Load {
             "LB IP from outside".into(),
             cluster.spawn_outside_client(&request(sa(LB_IP, PORT))),
         ));
+        // UDP too: a new connected socket per exchange.
+        let udp = |target| {
+            ClientRequest::new(ClientProto::UdpConnected, target)
+                .count(count)
+                .timeout(ATTEMPT_TIMEOUT)
+                .interval(LOAD_INTERVAL)
+        };
+        clients.push((
+            "UDP ClusterIP from node 2".into(),
+            cluster.spawn_pod_client(2, &udp(sa(WEB_VIP, PORT))),
+        ));
+        clients.push((
+            "UDP NodePort of node 2 from outside".into(),
+            cluster.spawn_outside_client(&udp(sa(cluster.node_address(2), WEB_NODE_PORT))),
+        ));
         Self { clients }
     }
 

@@ -541,9 +541,9 @@ impl Cluster {
         self.nodes[node].agent.is_some()
     }
 
-    /// Waits until every running agent programs, for every TCP frontend of every Service
-    /// (ClusterIP, NodePorts, LB IPs, and their node-local entries), the backends kube-proxy
-    /// would pick on that node (see [`Self::expected_backends`]).
+    /// Waits until every running agent programs, for every frontend of every Service
+    /// (ClusterIP, NodePorts, LB IPs and their node-local entries; TCP and UDP), the
+    /// backends kube-proxy would pick on that node (see [`Self::expected_backends`]).
     pub fn wait_converged(&mut self) {
         self.try_wait_converged(CONVERGE_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e:#}"));
@@ -584,11 +584,6 @@ impl Cluster {
                         entry["service"]
                             .as_str()
                             .is_some_and(|s| s.starts_with(&prefix))
-                    })
-                    .filter(|entry| {
-                        entry["frontend"]
-                            .as_str()
-                            .is_some_and(|f| f.ends_with("/TCP"))
                     })
                     .collect();
                 let has_cluster_ip = mine
