@@ -6,28 +6,35 @@
 //! update.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use switchyard_tests::cluster::workload::{ClusterService, PodPhase};
-use switchyard_tests::cluster::{CLIENT, Cluster, ClusterConfig, failed, reached};
+use switchyard_tests::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig, failed, reached};
 use switchyard_tests::north_south::{ExternalService, ServiceType};
 use switchyard_tests::report::Attempt;
 use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
 use switchyard_tests::{require_root, testkit};
 
 const PORT: u16 = 80;
-/// The eTP Cluster NodePort Service.
+/// The eTP Cluster NodePort Service (dual-stack).
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const WEB_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const WEB_NODE_PORT: u16 = 30080;
-/// The eTP Local LoadBalancer Service.
+/// The eTP Local LoadBalancer Service (dual-stack).
 const LB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const LB_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
 const LB_NODE_PORT: u16 = 30081;
 const LB_HEALTH_PORT: u16 = 32081;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x5e, 0, 0, 0, 0, 0x10);
 const NODES: usize = 3;
+/// The agent counts distinct local ready endpoint addresses across families in
+/// `localEndpoints` (its model test says so): a dual-stack pod counts twice. (kube-proxy runs one
+/// proxier per family, sharing one health server, and reports one family's count.)
+const LOCAL_ENDPOINT_ADDRESSES_PER_POD: usize = 2;
 const PODS_PER_NODE: usize = 2;
 /// Connections of a burst that must reach every one of up to 6 backends (each missed with
 /// probability (5/6)^60 < 2e-5).
@@ -37,8 +44,8 @@ const LOAD_INTERVAL: Duration = Duration::from_millis(25);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_secs(10);
 
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
 }
 
 fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
@@ -50,18 +57,29 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
 /// `web`: NodePort, externalTrafficPolicy Cluster.
 fn web() -> ClusterService {
     ClusterService::new(
-        ExternalService::new("web", ServiceType::NodePort, &[WEB_VIP.into()], PORT)
-            .node_port(WEB_NODE_PORT),
+        ExternalService::new(
+            "web",
+            ServiceType::NodePort,
+            &[WEB_VIP.into(), WEB_VIP6.into()],
+            PORT,
+        )
+        .node_port(WEB_NODE_PORT),
     )
 }
 
 /// `web-lb`: LoadBalancer at [`LB_IP`], externalTrafficPolicy Local.
 fn web_lb() -> ClusterService {
     ClusterService::new(
-        ExternalService::new("web-lb", ServiceType::LoadBalancer, &[LB_VIP.into()], PORT)
-            .node_port(LB_NODE_PORT)
-            .ingress_ip(LB_IP.into())
-            .local(LB_HEALTH_PORT),
+        ExternalService::new(
+            "web-lb",
+            ServiceType::LoadBalancer,
+            &[LB_VIP.into(), LB_VIP6.into()],
+            PORT,
+        )
+        .node_port(LB_NODE_PORT)
+        .ingress_ip(LB_IP.into())
+        .ingress_ip(LB_IP6.into())
+        .local(LB_HEALTH_PORT),
     )
 }
 
@@ -104,55 +122,77 @@ fn the_cluster_harness_wires_nodes_pods_router_client_and_balancer() {
     assert_eq!(every_pod.len(), NODES * PODS_PER_NODE);
 
     // Each node's own agent serves its client pod; pods on the other nodes answer through the
-    // router.
+    // router. Both families.
     for node in 0..NODES {
-        let attempts = cluster.pod_client(node, &tcp(sa(WEB_VIP, PORT), BURST));
-        all_ok(&attempts, &format!("ClusterIP from node {node}"));
-        assert_eq!(reached(&attempts), every_pod, "ClusterIP from node {node}");
+        for vip in [IpAddr::V4(WEB_VIP), IpAddr::V6(WEB_VIP6)] {
+            let attempts = cluster.pod_client(node, &tcp(sa(vip, PORT), BURST));
+            all_ok(&attempts, &format!("ClusterIP {vip} from node {node}"));
+            assert_eq!(reached(&attempts), every_pod, "{vip} from node {node}");
+        }
     }
     // The external client reaches every node's NodePort, and through it every pod (masqueraded
     // to other nodes).
     for node in 0..NODES {
-        let target = sa(cluster.node_address(node), WEB_NODE_PORT);
-        let attempts = cluster.outside_client(&tcp(target, BURST));
-        all_ok(&attempts, &format!("NodePort of node {node}"));
-        assert_eq!(reached(&attempts), every_pod, "NodePort of node {node}");
+        let addresses = [
+            IpAddr::V4(cluster.node_address(node)),
+            IpAddr::V6(cluster.node_address6(node)),
+        ];
+        for address in addresses {
+            let attempts = cluster.outside_client(&tcp(sa(address, WEB_NODE_PORT), BURST));
+            all_ok(&attempts, &format!("NodePort {address} of node {node}"));
+            assert_eq!(reached(&attempts), every_pod, "NodePort {address}");
+        }
     }
     // Every node has local endpoints of the eTP Local Service: each health check answers 200
-    // for its own two, and the balancer spreads the LB IP over all three nodes, keeping the
-    // client's address.
+    // for its own two pods, and the balancer spreads the LB IP over all three nodes, keeping
+    // the client's address.
     for node in 0..NODES {
         let (status, body) = cluster.health_check(node, LB_HEALTH_PORT);
         assert_eq!(status, 200, "health check of node {node}: {body}");
         let body: serde_json::Value = serde_json::from_str(&body).expect("JSON health check");
-        assert_eq!(body["localEndpoints"], 2, "node {node}: {body}");
+        assert_eq!(
+            body["localEndpoints"],
+            LOCAL_ENDPOINT_ADDRESSES_PER_POD * PODS_PER_NODE,
+            "node {node}: {body}"
+        );
     }
     cluster
         .balancer()
         .wait_for(&[0, 1, 2], SETTLE)
         .expect("balancer");
-    let attempts = cluster.outside_client(&tcp(sa(LB_IP, PORT), BURST).ask_peer());
-    all_ok(&attempts, "LB IP");
-    assert_eq!(reached(&attempts), every_pod, "LB IP through the balancer");
-    assert!(
-        attempts
-            .iter()
-            .all(|a| a.seen_as.map(|s| s.ip()) == Some(IpAddr::V4(CLIENT))),
-        "eTP Local keeps the client's address: {attempts:?}"
-    );
+    for (lb_ip, client) in [
+        (IpAddr::V4(LB_IP), IpAddr::V4(CLIENT)),
+        (IpAddr::V6(LB_IP6), IpAddr::V6(CLIENT6)),
+    ] {
+        let attempts = cluster.outside_client(&tcp(sa(lb_ip, PORT), BURST).ask_peer());
+        all_ok(&attempts, &format!("LB IP {lb_ip}"));
+        assert_eq!(
+            reached(&attempts),
+            every_pod,
+            "{lb_ip} through the balancer"
+        );
+        assert!(
+            attempts
+                .iter()
+                .all(|a| a.seen_as.map(|s| s.ip()) == Some(client)),
+            "eTP Local keeps the client's address: {attempts:?}"
+        );
+    }
 
     // Only pods have a default route (to their node, which has none): nothing leaves the
     // machine.
     for netns in cluster.infrastructure_namespaces() {
-        let output = Command::new("ip")
-            .args(["-n", &netns, "route", "show", "default"])
-            .output()
-            .expect("ip route");
-        let routes = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success() && routes.trim().is_empty(),
-            "{netns} has a default route: {routes}"
-        );
+        for family in ["-4", "-6"] {
+            let output = Command::new("ip")
+                .args([family, "-n", &netns, "route", "show", "default"])
+                .output()
+                .expect("ip route");
+            let routes = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success() && routes.trim().is_empty(),
+                "{netns} has a default route ({family}): {routes}"
+            );
+        }
     }
     let namespaces: Vec<String> = cluster.namespaces().to_vec();
     drop(cluster);
@@ -188,6 +228,15 @@ impl Load {
         clients.push((
             "LB IP from outside".into(),
             cluster.spawn_outside_client(&request(sa(LB_IP, PORT))),
+        ));
+        // IPv6 too (the Services are dual-stack).
+        clients.push((
+            "IPv6 ClusterIP from node 1".into(),
+            cluster.spawn_pod_client(1, &request(sa(WEB_VIP6, PORT))),
+        ));
+        clients.push((
+            "IPv6 LB IP from outside".into(),
+            cluster.spawn_outside_client(&request(sa(LB_IP6, PORT))),
         ));
         // UDP too: a new connected socket per exchange.
         let udp = |target| {
@@ -540,7 +589,8 @@ fn topology_and_traffic_policies_hold_across_nodes() {
     }
 
     // Each node's health-check node port answers for its own endpoints.
-    for (node, expected) in [(0, 2), (1, 2), (2, 0)] {
+    let per_node = LOCAL_ENDPOINT_ADDRESSES_PER_POD * PODS_PER_NODE;
+    for (node, expected) in [(0, per_node), (1, per_node), (2, 0)] {
         let (status, body) = cluster.health_check(node, LB_HEALTH_PORT);
         let body: serde_json::Value = serde_json::from_str(&body).expect("JSON health check");
         assert_eq!(body["localEndpoints"], expected, "node {node}: {body}");

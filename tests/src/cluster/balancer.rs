@@ -12,7 +12,7 @@
 //! another node. It stops on drop.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -42,31 +42,34 @@ struct State {
     error: Option<String>,
 }
 
-/// A running load balancer for one LoadBalancer IP.
+/// A running load balancer for the LoadBalancer IPs (IPv4 and IPv6) of one Service.
 pub struct Balancer {
     stop: Arc<AtomicBool>,
     state: Arc<Mutex<State>>,
     thread: Option<JoinHandle<()>>,
-    pub address: Ipv4Addr,
+    pub addresses: Vec<IpAddr>,
     pub health_check_port: u16,
 }
 
 impl Balancer {
-    /// Starts probing `nodes`' health-check node port `health_check_port` from namespace
-    /// `netns` and steering `address` to the healthy ones.
+    /// Starts probing `nodes`' health-check node port `health_check_port` (on their IPv4
+    /// address) from namespace `netns` and steering `addresses` to the healthy ones.
     pub fn start(
         netns: &str,
-        address: Ipv4Addr,
+        addresses: Vec<IpAddr>,
         health_check_port: u16,
         nodes: Vec<usize>,
     ) -> Result<Self> {
-        steer(netns, address, &[])?;
+        for address in &addresses {
+            steer(netns, *address, &[])?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(Mutex::new(State::default()));
         let handle = std::fs::File::open(format!("{NETNS_DIR}/{netns}"))
             .with_context(|| format!("opening netns {netns}"))?;
         let thread = {
             let (stop, state, netns) = (Arc::clone(&stop), Arc::clone(&state), netns.to_owned());
+            let addresses = addresses.clone();
             std::thread::Builder::new()
                 .name("cluster-balancer".into())
                 .spawn(move || {
@@ -75,7 +78,7 @@ impl Balancer {
                         lock(&state).error = Some(format!("joining netns {netns}: {e}"));
                         return;
                     }
-                    probe_loop(&netns, address, health_check_port, &nodes, &stop, &state);
+                    probe_loop(&netns, &addresses, health_check_port, &nodes, &stop, &state);
                 })
                 .context("spawning the balancer thread")?
         };
@@ -83,7 +86,7 @@ impl Balancer {
             stop,
             state,
             thread: Some(thread),
-            address,
+            addresses,
             health_check_port,
         })
     }
@@ -146,7 +149,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 fn probe_loop(
     netns: &str,
-    address: Ipv4Addr,
+    addresses: &[IpAddr],
     port: u16,
     nodes: &[usize],
     stop: &AtomicBool,
@@ -170,7 +173,9 @@ fn probe_loop(
         }
         let changed = lock(state).healthy != healthy;
         if changed {
-            let steered = steer(netns, address, &healthy);
+            let steered = addresses
+                .iter()
+                .try_for_each(|address| steer(netns, *address, &healthy));
             let mut state = lock(state);
             match steered {
                 Ok(()) => {

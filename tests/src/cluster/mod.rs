@@ -3,6 +3,11 @@
 //! unnumbered host veths; a router joining the nodes; an external client; and a load balancer
 //! that steers a LoadBalancer IP to the nodes whose health-check node port answers 200.
 //!
+//! IPv4 addresses shown; every link also carries IPv6 (fd00:172:16:i::2 for a node's uplink,
+//! fd00:172:17:i::2 towards the balancer, fd00:240:0:i::HOST/128 for pods, 2001:db8:c::2 for
+//! the client, 2001:db8:5e::/64 for LB addresses; pods route IPv6 through their host side's
+//! link-local address).
+//!
 //! ```text
 //!                       client 203.0.113.2
 //!                          │
@@ -15,7 +20,7 @@
 //!
 //! Routing, and why nothing can leave the machine: only pods have a default route (to their
 //! node); nodes route the other nodes, every pod network and the client's link through the
-//! router, their own pods by /32 routes; the router knows each node's pod network and sends
+//! router, their own pods by /32 and /128 routes; the router knows each node's pod network and sends
 //! the LB addresses to the balancer; the client routes only node addresses and LB addresses to
 //! the router; the balancer's route for a LoadBalancer IP names the healthy nodes as equal-cost
 //! next hops (L4 hash), and is `unreachable` when there is none. Replies of LB traffic go from
@@ -23,7 +28,8 @@
 //!
 //! The API server listens on 127.0.0.1 inside every node namespace; each agent has its own
 //! kubeconfig, cgroup (the node's pods' cgroup: its socket hooks serve the node's client pod)
-//! and bpffs. Node objects carry the InternalIP and the `topology.kubernetes.io/zone` label.
+//! and bpffs. Node objects carry the InternalIPs (both families) and the
+//! `topology.kubernetes.io/zone` label.
 //! Every pod runs `sy-testkit serve` answering its own name on [`BACKEND_PORT`] (TCP and UDP).
 //! Dropping the [`Cluster`] stops the balancer, the agents, the servers and the API server and
 //! deletes every namespace (with their links), also when the test panics.
@@ -33,7 +39,7 @@ pub mod network;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -42,10 +48,10 @@ use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
 use serde_json::Value;
 
 use self::balancer::Balancer;
-pub use self::network::{CLIENT, node_balancer_address};
+pub use self::network::{CLIENT, CLIENT6, node_balancer_address};
 use self::network::{
     CLIENT_POD_HOST, CLUSTER_CIDR, Fabric, MAX_NODES, NODE_BALANCER_LINK, NODE_UPLINK, Namespaces,
-    PodAddresses, node_address, pod_address, wire_pod,
+    PodAddresses, node_address, node_address6, pod_address, pod_address6, wire_pod,
 };
 use self::workload::{ClusterService, PodPhase, PodRecord};
 use crate::agent::Agent;
@@ -247,9 +253,14 @@ impl Cluster {
         &self.nodes[node].zone
     }
 
-    /// A node's InternalIP (where the external client reaches NodePorts).
+    /// A node's IPv4 InternalIP (where the external client reaches NodePorts).
     pub fn node_address(&self, node: usize) -> Ipv4Addr {
         node_address(node)
+    }
+
+    /// A node's IPv6 InternalIP.
+    pub fn node_address6(&self, node: usize) -> Ipv6Addr {
+        node_address6(node)
     }
 
     pub fn client_netns(&self) -> &str {
@@ -334,12 +345,14 @@ impl Cluster {
         let name = format!("n{node}-p{host}");
         let netns = format!("{}p{node}x{host}", self.base);
         let address = pod_address(node, host);
+        let address6 = pod_address6(node, host);
         self.namespaces.add(&netns)?;
         wire_pod(
             &self.nodes[node].netns,
             &format!("p{host}"),
             &netns,
             address,
+            address6,
         )?;
         let server = self.testkit.serve(&netns, &name, &[BACKEND_PORT])?;
         self.servers.insert(name.clone(), server);
@@ -348,6 +361,7 @@ impl Cluster {
             name: name.clone(),
             node,
             address,
+            address6,
             phase: PodPhase::Starting,
         });
         Ok(name)
@@ -361,6 +375,7 @@ impl Cluster {
             "cp0",
             &netns,
             pod_address(node, CLIENT_POD_HOST),
+            pod_address6(node, CLIENT_POD_HOST),
         )
     }
 
@@ -368,9 +383,14 @@ impl Cluster {
         format!("{}q{node}", self.base)
     }
 
-    /// The address of pod `name`.
+    /// The IPv4 address of pod `name`.
     pub fn pod_address(&self, name: &str) -> Ipv4Addr {
         self.pod(name).address
+    }
+
+    /// The IPv6 address of pod `name`.
+    pub fn pod_address6(&self, name: &str) -> Ipv6Addr {
+        self.pod(name).address6
     }
 
     fn pod(&self, name: &str) -> &PodRecord {
@@ -419,13 +439,15 @@ impl Cluster {
 
     fn try_publish(&self) -> Result<()> {
         for service in &self.services {
-            let (object, slice) = service.objects(
+            let (object, slices) = service.objects(
                 &self.pods,
                 |node| self.nodes[node].name.clone(),
                 |node| self.nodes[node].zone.clone(),
             )?;
             self.api.apply(&object);
-            self.api.apply(&slice);
+            for slice in &slices {
+                self.api.apply(slice);
+            }
         }
         Ok(())
     }
@@ -437,10 +459,16 @@ impl Cluster {
             &[],
         );
         object.status = Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                address: node_address(node).to_string(),
-                type_: "InternalIP".into(),
-            }]),
+            addresses: Some(vec![
+                NodeAddress {
+                    address: node_address(node).to_string(),
+                    type_: "InternalIP".into(),
+                },
+                NodeAddress {
+                    address: node_address6(node).to_string(),
+                    type_: "InternalIP".into(),
+                },
+            ]),
             ..NodeStatus::default()
         });
         self.api.apply(&object);
@@ -576,7 +604,7 @@ impl Cluster {
                 .with_context(|| format!("node {node}: inspect services is not JSON"))?;
             let entries = programmed.as_array().cloned().unwrap_or_default();
             for service in &self.services {
-                let cluster_ip = service.template.cluster_ips.first().copied();
+                let cluster_ips = &service.template.cluster_ips;
                 let prefix = format!("{NAMESPACE}/{}:", service.name());
                 let mine: Vec<&Value> = entries
                     .iter()
@@ -586,24 +614,28 @@ impl Cluster {
                             .is_some_and(|s| s.starts_with(&prefix))
                     })
                     .collect();
-                let has_cluster_ip = mine
-                    .iter()
-                    .any(|entry| frontend_ip(entry) == cluster_ip && entry["scope"] == "cluster");
-                if !has_cluster_ip {
-                    return Ok(Some(format!(
-                        "node {node} has no ClusterIP frontend of {}",
-                        service.name()
-                    )));
+                for cluster_ip in cluster_ips {
+                    let programmed = mine.iter().any(|entry| {
+                        frontend_ip(entry) == Some(*cluster_ip) && entry["scope"] == "cluster"
+                    });
+                    if !programmed {
+                        return Ok(Some(format!(
+                            "node {node} has no frontend at ClusterIP {cluster_ip} of {}",
+                            service.name()
+                        )));
+                    }
                 }
                 for entry in mine {
+                    let ip = frontend_ip(entry);
                     let set = if entry["scope"] == "local" {
                         BackendSet::NodeLocal
-                    } else if frontend_ip(entry) == cluster_ip {
+                    } else if ip.is_some_and(|ip| cluster_ips.contains(&ip)) {
                         BackendSet::Internal
                     } else {
                         BackendSet::External
                     };
-                    let expected = self.expected_backends(service, node, set);
+                    let ipv6 = ip.is_some_and(|ip| ip.is_ipv6());
+                    let expected = self.expected_backends(service, node, set, ipv6);
                     let actual = backends_of(entry);
                     if actual.as_ref() != Some(&expected) {
                         return Ok(Some(format!(
@@ -622,13 +654,14 @@ impl Cluster {
     /// ready endpoints, else the serving terminating ones; then, for the ClusterIP with
     /// internalTrafficPolicy Local only this node's, else with PreferClose only its zone's
     /// when that zone has some. The node-local set of an eTP Local frontend is this node's
-    /// ready endpoints, else its serving terminating ones.
+    /// ready endpoints, else its serving terminating ones. IPv6 addresses with `ipv6`.
     pub fn expected_backends(
         &self,
         service: &ClusterService,
         node: usize,
         set: BackendSet,
-    ) -> BTreeSet<Ipv4Addr> {
+        ipv6: bool,
+    ) -> BTreeSet<IpAddr> {
         let only_here = match set {
             BackendSet::NodeLocal => true,
             BackendSet::Internal => service.internal_local,
@@ -662,22 +695,24 @@ impl Cluster {
                 chosen = near;
             }
         }
-        chosen.iter().map(|pod| pod.address).collect()
+        chosen
+            .iter()
+            .map(|pod| {
+                if ipv6 {
+                    IpAddr::V6(pod.address6)
+                } else {
+                    IpAddr::V4(pod.address)
+                }
+            })
+            .collect()
     }
 
-    /// The LoadBalancer IP and health-check node port the balancer serves.
-    fn balanced_frontend(&self) -> Option<(Ipv4Addr, u16)> {
+    /// The LoadBalancer IPs and health-check node port the balancer serves.
+    fn balanced_frontend(&self) -> Option<(Vec<IpAddr>, u16)> {
         self.services.iter().find_map(|service| {
             let port = service.template.health_check_node_port?;
-            let address = service
-                .template
-                .ingress_ips
-                .iter()
-                .find_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })?;
-            Some((address, port))
+            let addresses = service.template.ingress_ips.clone();
+            (!addresses.is_empty()).then_some((addresses, port))
         })
     }
 
@@ -767,23 +802,23 @@ pub enum BackendSet {
     NodeLocal,
 }
 
-/// The IP of an `inspect services` entry's frontend (`IP:PORT/PROTO`).
+/// The IP of an `inspect services` entry's frontend (`IP:PORT/PROTO`, `[IPv6]:PORT/PROTO`).
 fn frontend_ip(entry: &Value) -> Option<IpAddr> {
-    let frontend = entry["frontend"].as_str()?;
-    let (address, _) = frontend.split_once('/')?;
+    entry["frontend"].as_str().and_then(socket_ip)
+}
+
+/// The IP of `ADDRESS:PORT/PROTO`.
+fn socket_ip(text: &str) -> Option<IpAddr> {
+    let (address, _) = text.split_once('/')?;
     address.parse::<SocketAddr>().ok().map(|sa| sa.ip())
 }
 
 /// The backend addresses of an `inspect services` entry.
-fn backends_of(entry: &Value) -> Option<BTreeSet<Ipv4Addr>> {
+fn backends_of(entry: &Value) -> Option<BTreeSet<IpAddr>> {
     entry["backends"]
         .as_array()?
         .iter()
-        .map(|backend| {
-            let address = backend["address"].as_str()?;
-            let (ip, _) = address.split_once(':')?;
-            ip.parse().ok()
-        })
+        .map(|backend| socket_ip(backend["address"].as_str()?))
         .collect()
 }
 

@@ -2,7 +2,7 @@
 //! [`ExternalService`]) and the EndpointSlices the EndpointSlice controller would write for the
 //! pods backing them, with their conditions (a Deployment's rolling update), zones and hints.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Service;
@@ -30,6 +30,7 @@ pub struct PodRecord {
     pub name: String,
     pub node: usize,
     pub address: Ipv4Addr,
+    pub address6: Ipv6Addr,
     pub phase: PodPhase,
 }
 
@@ -84,13 +85,14 @@ impl ClusterService {
             .is_none_or(|nodes| nodes.contains(&pod.node))
     }
 
-    /// The Service and its EndpointSlice for `pods` (`zone_of(node)` names each node's zone).
+    /// The Service and its EndpointSlices (one per family of its ClusterIPs) for `pods`
+    /// (`zone_of(node)` names each node's zone).
     pub fn objects(
         &self,
         pods: &[PodRecord],
         node_name: impl Fn(usize) -> String,
         zone_of: impl Fn(usize) -> String,
-    ) -> Result<(Service, EndpointSlice)> {
+    ) -> Result<(Service, Vec<EndpointSlice>)> {
         let listed: Vec<&PodRecord> = pods
             .iter()
             .filter(|pod| self.backs(pod))
@@ -98,18 +100,16 @@ impl ClusterService {
             .collect();
         let mut template = self.template.clone();
         for pod in &listed {
-            template = template.endpoint(IpAddr::V4(pod.address), &node_name(pod.node));
+            template = template
+                .endpoint(IpAddr::V4(pod.address), &node_name(pod.node))
+                .endpoint(IpAddr::V6(pod.address6), &node_name(pod.node));
         }
         let documents = template.documents();
-        ensure!(
-            documents.len() == 2,
-            "{}: the cluster harness is IPv4 only (one EndpointSlice)",
-            self.name()
-        );
-        let mut service: Service = serde_yaml::from_str(&documents[0])
+        let (service_document, slice_documents) = documents
+            .split_first()
+            .with_context(|| format!("{}: nothing rendered", self.name()))?;
+        let mut service: Service = serde_yaml::from_str(service_document)
             .with_context(|| format!("{}: the rendered Service", self.name()))?;
-        let mut slice: EndpointSlice = serde_yaml::from_str(&documents[1])
-            .with_context(|| format!("{}: the rendered EndpointSlice", self.name()))?;
         let spec = service.spec.get_or_insert_default();
         if self.internal_local {
             spec.internal_traffic_policy = Some("Local".into());
@@ -117,29 +117,49 @@ impl ClusterService {
         if self.prefer_close {
             spec.traffic_distribution = Some("PreferClose".into());
         }
-        for (endpoint, pod) in slice.endpoints.iter_mut().zip(&listed) {
-            ensure!(
-                endpoint.addresses == [pod.address.to_string()],
-                "{}: endpoints out of order",
-                self.name()
-            );
-            let zone = zone_of(pod.node);
-            if pod.phase == PodPhase::Terminating {
-                endpoint.conditions = Some(EndpointConditions {
-                    ready: Some(false),
-                    serving: Some(true),
-                    terminating: Some(true),
-                });
+        let mut slices = Vec::with_capacity(slice_documents.len());
+        for document in slice_documents {
+            let mut slice: EndpointSlice = serde_yaml::from_str(document)
+                .with_context(|| format!("{}: a rendered EndpointSlice", self.name()))?;
+            for endpoint in &mut slice.endpoints {
+                let pod = listed
+                    .iter()
+                    .find(|pod| {
+                        endpoint.addresses == [pod.address.to_string()]
+                            || endpoint.addresses == [pod.address6.to_string()]
+                    })
+                    .with_context(|| {
+                        format!(
+                            "{}: endpoint {:?} of no pod",
+                            self.name(),
+                            endpoint.addresses
+                        )
+                    })?;
+                ensure!(
+                    endpoint.node_name.as_deref() == Some(node_name(pod.node).as_str()),
+                    "{}: endpoint {} on the wrong node",
+                    self.name(),
+                    pod.name
+                );
+                let zone = zone_of(pod.node);
+                if pod.phase == PodPhase::Terminating {
+                    endpoint.conditions = Some(EndpointConditions {
+                        ready: Some(false),
+                        serving: Some(true),
+                        terminating: Some(true),
+                    });
+                }
+                if self.prefer_close {
+                    endpoint.hints = Some(EndpointHints {
+                        for_zones: Some(vec![ForZone { name: zone.clone() }]),
+                        ..EndpointHints::default()
+                    });
+                }
+                endpoint.zone = Some(zone);
             }
-            if self.prefer_close {
-                endpoint.hints = Some(EndpointHints {
-                    for_zones: Some(vec![ForZone { name: zone.clone() }]),
-                    ..EndpointHints::default()
-                });
-            }
-            endpoint.zone = Some(zone);
+            slices.push(slice);
         }
-        Ok((service, slice))
+        Ok((service, slices))
     }
 }
 
@@ -153,6 +173,16 @@ mod tests {
             name: name.into(),
             node,
             address: Ipv4Addr::new(10, 240, u8::try_from(node).unwrap(), host),
+            address6: Ipv6Addr::new(
+                0xfd00,
+                0x240,
+                0,
+                u16::try_from(node).unwrap(),
+                0,
+                0,
+                0,
+                host.into(),
+            ),
             phase,
         }
     }
@@ -179,9 +209,11 @@ mod tests {
             pod("d", 0, 11, PodPhase::Removed),
             pod("e", 2, 10, PodPhase::Ready),
         ];
-        let (svc, slice) = service
+        let (svc, slices) = service
             .objects(&pods, |n| format!("node-{n}"), |n| format!("zone-{n}"))
             .unwrap();
+        assert_eq!(slices.len(), 1, "an IPv4-only Service has one slice");
+        let slice = &slices[0];
         let spec = svc.spec.unwrap();
         assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
         assert_eq!(spec.traffic_distribution.as_deref(), Some("PreferClose"));
@@ -206,5 +238,23 @@ mod tests {
         assert_eq!(slice.endpoints[0].zone.as_deref(), Some("zone-0"));
         let hints = slice.endpoints[0].hints.clone().unwrap();
         assert_eq!(hints.for_zones.unwrap()[0].name, "zone-0");
+
+        // Dual-stack: one slice per family, each pod in both.
+        let dual = ClusterService::new(ExternalService::new(
+            "dual",
+            ServiceType::ClusterIp,
+            &[
+                "10.96.0.12".parse().unwrap(),
+                "fd00:96::12".parse().unwrap(),
+            ],
+            80,
+        ));
+        let (_, slices) = dual
+            .objects(&pods, |n| format!("node-{n}"), |n| format!("zone-{n}"))
+            .unwrap();
+        let families: Vec<&str> = slices.iter().map(|s| s.address_type.as_str()).collect();
+        assert_eq!(families, ["IPv4", "IPv6"]);
+        assert_eq!(slices[1].endpoints[0].addresses, ["fd00:240::a"]);
+        assert_eq!(slices[1].endpoints.len(), 3);
     }
 }
