@@ -630,3 +630,46 @@ fn topology_and_traffic_policies_hold_across_nodes() {
         "node 2 has no local endpoint, yet: {attempts:?}"
     );
 }
+
+/// A client port whose SYN went to a pod of the lost node (unanswered) and that connects again
+/// from the same port once the pod left the slices must get a live pod: a new connection never
+/// goes to a deleted pod, even when its tuple matches an unanswered flow's.
+#[test]
+fn a_client_port_that_met_a_lost_pod_reaches_a_live_pod_after_the_slices_change() {
+    const LOST: usize = 2;
+    const PORTS: u16 = 24;
+    require_root!();
+    let mut cluster = cluster_with(vec![web()]);
+    let lost_pods = names_on(&cluster, &[LOST]);
+    cluster.lose_node(LOST);
+    let target = sa(cluster.node_address(0), WEB_NODE_PORT);
+    let first: Vec<(u16, RunningClient)> = (0..PORTS)
+        .map(|i| {
+            let port = 50_000 + i;
+            let request = tcp(target, 1).source_port(port);
+            (port, cluster.spawn_outside_client(&request))
+        })
+        .collect();
+    let unanswered: Vec<u16> = first
+        .into_iter()
+        .filter_map(|(port, client)| {
+            let attempts = client.finish().expect("client");
+            attempts.iter().any(|a| !a.ok).then_some(port)
+        })
+        .collect();
+    // Each port met one of the lost node's 2 pods out of 6 with probability 1/3.
+    assert!(
+        !unanswered.is_empty(),
+        "no port met a lost pod; the check below would prove nothing"
+    );
+    cluster.forget_node(LOST);
+    cluster.wait_converged();
+    for port in unanswered {
+        let attempts = cluster.outside_client(&tcp(target, 1).source_port(port));
+        all_ok(
+            &attempts,
+            &format!("client port {port} after the slices changed"),
+        );
+        assert!(reached(&attempts).is_disjoint(&lost_pods));
+    }
+}
