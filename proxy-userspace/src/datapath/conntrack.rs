@@ -186,6 +186,13 @@ impl TrackedFlow {
     pub fn masqueraded(&self) -> bool {
         self.flags & ct_flags::SNAT != 0
     }
+
+    /// A Direct Server Return flow: sent to another node's endpoint with the client's address
+    /// and the frontend option; its replies never pass this node (so its state is what the
+    /// client's packets show).
+    pub fn direct_server_return(&self) -> bool {
+        self.flags & ct_flags::DSR != 0
+    }
 }
 
 /// The serving endpoints of each UDP frontend, by its rev-NAT id; `None` when its Service

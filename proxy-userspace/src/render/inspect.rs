@@ -316,6 +316,7 @@ pub fn conntrack(inspection: &Inspection) -> Vec<Value> {
             "translated_source": flow.translated_source.to_string(),
             "backend": flow.backend.to_string(),
             "masqueraded": flow.masqueraded(),
+            "direct_server_return": flow.direct_server_return(),
             "state": flow.state(),
             "expires_in_seconds": flow.expires_in_ns / 1_000_000_000,
         })
@@ -793,6 +794,7 @@ mod tests {
         assert_eq!(flow["translated_source"], "10.240.1.1:61001");
         assert_eq!(flow["backend"], "10.240.1.2:8080");
         assert_eq!(flow["masqueraded"], true);
+        assert_eq!(flow["direct_server_return"], false);
         assert_eq!(flow["state"], "established");
         assert_eq!(flow["expires_in_seconds"], 86_399);
         let table = render_table("conntrack", &inspection);
