@@ -130,7 +130,7 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
             IpAddr::from(cluster.node_address6(INGRESS)),
         ),
     ] {
-        for proto in [ClientProto::Tcp, ClientProto::Udp] {
+        for proto in [ClientProto::Tcp, ClientProto::UdpConnected] {
             let what = format!("{family} {proto:?} through node {INGRESS}");
             let ingress_before = link_packets(&ingress_netns, "up0");
             let client_before = link_packets(&client_netns, "eth0");
@@ -208,7 +208,7 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
 
     // Hybrid on node 0: TCP keeps DSR, UDP is masqueraded to node 0's address.
     cluster.restart_agent_with(INGRESS, &["--lb-mode", "hybrid"]);
-    let udp = cluster.outside_client(&request(ClientProto::Udp, target));
+    let udp = cluster.outside_client(&request(ClientProto::UdpConnected, target));
     assert_served_by_node1(&cluster, &udp, "hybrid UDP");
     assert!(
         udp.iter()
