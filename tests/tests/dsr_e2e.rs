@@ -104,6 +104,59 @@ fn assert_served_by_node1(cluster: &Cluster, attempts: &[Attempt], what: &str) {
     }
 }
 
+/// `COUNT` exchanges from the client through node 0 (IPv6 when `ipv6`): served by node 1's
+/// pods, which see the client's address, and node 0's uplink receives the client's packets
+/// but not the replies.
+fn exchange_bypassing_the_ingress_node(cluster: &Cluster, ipv6: bool, proto: ClientProto) {
+    let (family, client, frontend) = if ipv6 {
+        (
+            "IPv6",
+            IpAddr::from(CLIENT6),
+            IpAddr::from(cluster.node_address6(INGRESS)),
+        )
+    } else {
+        (
+            "IPv4",
+            IpAddr::from(CLIENT),
+            IpAddr::from(cluster.node_address(INGRESS)),
+        )
+    };
+    let ingress_netns = cluster.node_netns(INGRESS);
+    let client_netns = cluster.client_netns();
+    let what = format!("{family} {proto:?} through node {INGRESS}");
+    let ingress_before = link_packets(ingress_netns, "up0");
+    let client_before = link_packets(client_netns, "eth0");
+    let attempts = cluster.outside_client(&request(proto, sa(frontend, NODE_PORT)));
+    let ingress_after = link_packets(ingress_netns, "up0");
+    let client_after = link_packets(client_netns, "eth0");
+    assert_served_by_node1(cluster, &attempts, &what);
+    for attempt in &attempts {
+        assert_eq!(
+            attempt.seen_as.map(|seen| seen.ip()),
+            Some(client),
+            "{what}: the backend sees the client's address"
+        );
+        assert_eq!(
+            attempt.peer.map(|peer| peer.ip()),
+            Some(frontend),
+            "{what}: the client talks to the frontend"
+        );
+    }
+    let received_by_ingress = ingress_after.0 - ingress_before.0;
+    let (client_rx, client_tx) = (
+        client_after.0 - client_before.0,
+        client_after.1 - client_before.1,
+    );
+    assert!(
+        client_rx >= u64::from(COUNT),
+        "{what}: the client received {client_rx} packets"
+    );
+    assert!(
+        received_by_ingress <= client_tx + BACKGROUND_PACKETS,
+        "{what}: node {INGRESS}'s uplink received {received_by_ingress} packets, the client sent {client_tx} and received {client_rx}: replies came back through the ingress node"
+    );
+}
+
 #[test]
 fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_agent_restart() {
     require_root!();
@@ -113,56 +166,12 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
             .service(service())
             .agent_args(&["--lb-mode", "dsr"]),
     );
-    let ingress_netns = cluster.node_netns(INGRESS).to_owned();
-    let client_netns = cluster.client_netns().to_owned();
     let encoded_before = counter(&mut cluster, INGRESS, "tc_dsr_encoded");
     let replies_before = counter(&mut cluster, ENDPOINTS, "tc_dsr_reply");
 
-    for (family, client, frontend) in [
-        (
-            "IPv4",
-            IpAddr::from(CLIENT),
-            IpAddr::from(cluster.node_address(INGRESS)),
-        ),
-        (
-            "IPv6",
-            IpAddr::from(CLIENT6),
-            IpAddr::from(cluster.node_address6(INGRESS)),
-        ),
-    ] {
+    for family in [false, true] {
         for proto in [ClientProto::Tcp, ClientProto::UdpConnected] {
-            let what = format!("{family} {proto:?} through node {INGRESS}");
-            let ingress_before = link_packets(&ingress_netns, "up0");
-            let client_before = link_packets(&client_netns, "eth0");
-            let attempts = cluster.outside_client(&request(proto, sa(frontend, NODE_PORT)));
-            let ingress_after = link_packets(&ingress_netns, "up0");
-            let client_after = link_packets(&client_netns, "eth0");
-            assert_served_by_node1(&cluster, &attempts, &what);
-            for attempt in &attempts {
-                assert_eq!(
-                    attempt.seen_as.map(|seen| seen.ip()),
-                    Some(client),
-                    "{what}: the backend sees the client's address"
-                );
-                assert_eq!(
-                    attempt.peer.map(|peer| peer.ip()),
-                    Some(frontend),
-                    "{what}: the client talks to the frontend"
-                );
-            }
-            let received_by_ingress = ingress_after.0 - ingress_before.0;
-            let (client_rx, client_tx) = (
-                client_after.0 - client_before.0,
-                client_after.1 - client_before.1,
-            );
-            assert!(
-                client_rx >= u64::from(COUNT),
-                "{what}: the client received {client_rx} packets"
-            );
-            assert!(
-                received_by_ingress <= client_tx + BACKGROUND_PACKETS,
-                "{what}: node {INGRESS}'s uplink received {received_by_ingress} packets, the client sent {client_tx} and received {client_rx}: replies came back through the ingress node"
-            );
+            exchange_bypassing_the_ingress_node(&cluster, family, proto);
         }
     }
     let encoded = counter(&mut cluster, INGRESS, "tc_dsr_encoded") - encoded_before;

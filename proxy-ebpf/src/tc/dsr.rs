@@ -9,6 +9,10 @@
 //! pinned LRU (so it outlives the agent), removes the option and lets the stack deliver the
 //! packet. The pod's reply, entering the node from the pod's host veth, finds that entry
 //! and leaves with the frontend as its source, straight to the client.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go to the helpers by reference: passed by value they are copied onto a stack the TC stages have little of"
+)]
 use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
 use proxy_common::{
     Ct4Key, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry, config_flags, ct_flags, ct_lifetime,
