@@ -22,6 +22,8 @@ const NODES: usize = 3;
 /// Node 0 takes the traffic; node 1 has the endpoints.
 const INGRESS: usize = 0;
 const ENDPOINTS: usize = 1;
+/// The node switched to `--lb-mode hybrid`.
+const HYBRID: usize = 2;
 /// Exchanges per protocol and family.
 const COUNT: u32 = 20;
 /// Packets node 0's uplink may receive beyond the client's own (neighbour discovery and the
@@ -215,8 +217,10 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
         "held connection: the client's address throughout"
     );
 
-    // Hybrid on node 0: TCP keeps DSR, UDP is masqueraded to node 0's address.
-    cluster.restart_agent_with(INGRESS, &["--lb-mode", "hybrid"]);
+    // Hybrid on node 2 (whose conntrack holds no DSR flow that a reused client port could
+    // meet: a tracked flow keeps its mode): TCP keeps DSR, UDP is masqueraded.
+    cluster.restart_agent_with(HYBRID, &["--lb-mode", "hybrid"]);
+    let target = sa(cluster.node_address(HYBRID), NODE_PORT);
     let udp = cluster.outside_client(&request(ClientProto::UdpConnected, target));
     assert_served_by_node1(&cluster, &udp, "hybrid UDP");
     assert!(
