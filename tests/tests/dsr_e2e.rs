@@ -159,6 +159,39 @@ fn exchange_bypassing_the_ingress_node(cluster: &Cluster, ipv6: bool, proto: Cli
     );
 }
 
+/// `inspect conntrack` on both nodes: node 0's flows are marked DSR, node 1 lists the reply
+/// entries of its pods with the client and the frontend.
+fn assert_inspect_shows_dsr(cluster: &mut Cluster) {
+    let frontend = sa(cluster.node_address(INGRESS), NODE_PORT).to_string();
+    let mut items = |node: usize| -> Vec<Value> {
+        let output = cluster
+            .agent(node)
+            .offline(&["inspect", "conntrack", "--output", "json"])
+            .expect("inspect conntrack");
+        serde_json::from_slice::<Value>(&output.stdout)
+            .expect("inspect conntrack JSON")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let ingress = items(INGRESS);
+    assert!(
+        ingress.iter().any(|item| item["kind"] == "tc"
+            && item["direct_server_return"] == true
+            && item["frontend"] == frontend.as_str()),
+        "node {INGRESS}: no DSR flow in {ingress:#?}"
+    );
+    let endpoints = items(ENDPOINTS);
+    assert!(
+        endpoints.iter().any(|item| item["kind"] == "dsr-reply"
+            && item["frontend"] == frontend.as_str()
+            && item["client"]
+                .as_str()
+                .is_some_and(|client| client.starts_with(&CLIENT.to_string()))),
+        "node {ENDPOINTS}: no DSR reply entry in {endpoints:#?}"
+    );
+}
+
 #[test]
 fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_agent_restart() {
     require_root!();
@@ -186,6 +219,7 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
         replies >= 4 * u64::from(COUNT),
         "node {ENDPOINTS} sent {replies} DSR replies"
     );
+    assert_inspect_shows_dsr(&mut cluster);
     assert_eq!(
         counter(&mut cluster, INGRESS, "tc_ct_reply"),
         0,
