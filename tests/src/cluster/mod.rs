@@ -158,10 +158,12 @@ impl Cluster {
     /// agent and waits until each serves them, and starts the balancer for the first Service
     /// with a LoadBalancer IP and a health-check node port.
     pub fn start(testkit: Testkit, config: ClusterConfig) -> Self {
-        Self::build(testkit, config).expect("building the multi-node cluster")
+        Self::try_start(testkit, config).expect("building the multi-node cluster")
     }
 
-    fn build(testkit: Testkit, config: ClusterConfig) -> Result<Self> {
+    /// [`Self::start`], returning the error instead of panicking (for callers that are not
+    /// tests, such as the benchmark).
+    pub fn try_start(testkit: Testkit, config: ClusterConfig) -> Result<Self> {
         let count = config.zones.len();
         ensure!(
             (3..=MAX_NODES).contains(&count),
@@ -395,6 +397,11 @@ impl Cluster {
 
     fn client_pod_netns(&self, node: usize) -> String {
         format!("{}q{node}", self.base)
+    }
+
+    /// The namespace of pod `name`, while it exists.
+    pub fn pod_netns(&self, name: &str) -> Option<&str> {
+        self.pod_netns.get(name).map(String::as_str)
     }
 
     /// The IPv4 address of pod `name`.

@@ -2,6 +2,7 @@
 //! [`ExternalService`]) and the EndpointSlices the EndpointSlice controller would write for the
 //! pods backing them, with their conditions (a Deployment's rolling update), zones and hints.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
@@ -45,6 +46,8 @@ pub struct ClusterService {
     pub prefer_close: bool,
     /// Only the pods on these nodes back it (all pods when `None`).
     pub nodes: Option<Vec<usize>>,
+    /// Annotations of the Service object (e.g. `switchyard.dev/forwarding-mode`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl ClusterService {
@@ -54,6 +57,7 @@ impl ClusterService {
             internal_local: false,
             prefer_close: false,
             nodes: None,
+            annotations: BTreeMap::new(),
         }
     }
 
@@ -72,6 +76,13 @@ impl ClusterService {
     #[must_use]
     pub fn on_nodes(mut self, nodes: &[usize]) -> Self {
         self.nodes = Some(nodes.to_vec());
+        self
+    }
+
+    /// Sets an annotation of the Service object.
+    #[must_use]
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.to_owned(), value.to_owned());
         self
     }
 
@@ -110,6 +121,13 @@ impl ClusterService {
             .with_context(|| format!("{}: nothing rendered", self.name()))?;
         let mut service: Service = serde_yaml::from_str(service_document)
             .with_context(|| format!("{}: the rendered Service", self.name()))?;
+        if !self.annotations.is_empty() {
+            service
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .extend(self.annotations.clone());
+        }
         let spec = service.spec.get_or_insert_default();
         if self.internal_local {
             spec.internal_traffic_policy = Some("Local".into());

@@ -18,6 +18,12 @@ use super::services::{CLUSTER_CIDR, SERVICE_CIDR};
 /// The client is wired like backend number 199 would be: 10.240.200.2, inside the pod network.
 const CLIENT_INDEX: usize = 199;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// Many short connections from one client: a wide port range, and TIME_WAIT ports reused for
+/// new outgoing connections (the client closes first, so it holds them).
+pub const CLIENT_SYSCTLS: [&str; 2] = [
+    "net.ipv4.ip_local_port_range=1024 65000",
+    "net.ipv4.tcp_tw_reuse=1",
+];
 
 /// Fields drop in declaration order: servers first, namespaces last.
 pub struct Lane {
@@ -41,15 +47,7 @@ impl Lane {
                 "net.ipv4.conf.default.rp_filter=0",
             ],
         )?;
-        // Many short connections from one client: a wide port range, and TIME_WAIT ports
-        // reused for new outgoing connections (the client closes first, so it holds them).
-        sysctl(
-            &client.namespace,
-            &[
-                "net.ipv4.ip_local_port_range=1024 65000",
-                "net.ipv4.tcp_tw_reuse=1",
-            ],
-        )?;
+        sysctl(&client.namespace, &CLIENT_SYSCTLS)?;
         for prefix in [CLUSTER_CIDR, SERVICE_CIDR] {
             route(&client.namespace, prefix, client.node_ipv4)?;
         }
@@ -86,7 +84,7 @@ impl Lane {
     }
 }
 
-fn sysctl(namespace: &str, settings: &[&str]) -> Result<()> {
+pub fn sysctl(namespace: &str, settings: &[&str]) -> Result<()> {
     run_checked(
         Command::new("ip")
             .args(["netns", "exec", namespace, "sysctl", "-q", "-w"])

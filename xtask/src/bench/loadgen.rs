@@ -156,15 +156,14 @@ pub struct Server {
 
 /// Starts a server on [`BACKEND_PORT`] in `netns` and waits until it listens.
 pub fn serve(netns: &str) -> Result<Server> {
+    serve_on(netns, BACKEND_PORT)
+}
+
+/// Starts a server on `port` (TCP and UDP) in `netns` and waits until it listens.
+pub fn serve_on(netns: &str, port: u16) -> Result<Server> {
     let mut command = Command::new(binary());
     command
-        .args([
-            "serve",
-            "--netns",
-            netns,
-            "--port",
-            &BACKEND_PORT.to_string(),
-        ])
+        .args(["serve", "--netns", netns, "--port", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: Switchyard side by side with kube-proxy's iptables (nft and legacy
 //! backends) and nftables modes, on this machine, in one run, written to
 //! `target/bench/report.{json,md}` with SVG plots. This module runs the data-plane scale points
-//! (one lane per mode) and then the control-plane phase (the agent fed by the test API server,
+//! (one lane per mode; at the first point also the two-node cluster of `switchyard-dsr` and
+//! its masqueraded twin, `two_node`) and then the control-plane phase (the agent fed by the test API server,
 //! `control`), and turns the measurements into records; the other modules build the lanes,
 //! rules, load and report.
 
@@ -24,8 +25,10 @@ mod services;
 mod stats;
 mod sync_log;
 mod tools;
+mod two_node;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -39,6 +42,7 @@ use progress::{Progress, check_stop};
 use record::{Metric, Record};
 use report::Report;
 use services::ServiceSet;
+use two_node::TwoNode;
 
 pub fn run(profile: Profile, scope: Scope) -> Result<()> {
     if !switchyard_tests::is_root() {
@@ -128,12 +132,22 @@ fn expected(record: &Record) -> bool {
     })
 }
 
-/// A mode's lane and data plane, and what the run learnt about it so far.
+/// Where a mode is measured.
+enum Site {
+    /// A lane of its own, programmed by the mode's data plane.
+    Lane {
+        // Declared before the lane: the data plane (agent, rules) goes before its namespaces.
+        plane: Box<dyn Dataplane>,
+        lane: Lane,
+    },
+    /// A Service of the two-node cluster ([`Bench::two_node`]), programmed once by its agents.
+    TwoNode,
+}
+
+/// A mode's site, and what the run learnt about it so far.
 struct Entry {
     mode: Mode,
-    // Declared before the lane: the data plane (agent, rules) goes before its namespaces.
-    plane: Box<dyn Dataplane>,
-    lane: Lane,
+    site: Site,
     /// Set once the mode cannot go on to larger scale points.
     stopped: Option<String>,
     /// (N, seconds) of each successful program-everything.
@@ -162,6 +176,11 @@ struct Bench<'a> {
     progress: &'a Progress,
     entries: Vec<Entry>,
     backend_ips: Vec<std::net::Ipv4Addr>,
+    /// The two-node modes' cluster: it lives for the first scale point only (three agents,
+    /// an API server and a router are not worth keeping idle through the others).
+    two_node: Option<TwoNode>,
+    /// The scale point the two-node modes are measured at.
+    two_node_at: usize,
 }
 
 /// Per-mode results of one repeated measurement, repetition by repetition.
@@ -173,6 +192,7 @@ const SUSTAINED_BOUND: Duration = Duration::from_mins(2);
 impl<'a> Bench<'a> {
     fn new(plan: &'a Plan, progress: &'a Progress) -> Result<Self> {
         let mut entries = Vec::new();
+        let mut backend_ips = Vec::new();
         for mode in Mode::LANES {
             check_stop()?;
             progress.say(&format!(
@@ -181,20 +201,53 @@ impl<'a> Bench<'a> {
             ));
             let lane = Lane::new(plan.max_endpoints)
                 .with_context(|| format!("creating the {mode} lane"))?;
+            backend_ips = lane.backend_ips();
             entries.push(Entry {
                 mode,
-                plane: mode.dataplane(&lane)?,
-                lane,
+                site: Site::Lane {
+                    plane: mode.dataplane(&lane)?,
+                    lane,
+                },
                 stopped: None,
                 program_history: Vec::new(),
             });
         }
-        let backend_ips = entries[0].lane.backend_ips();
+        check_stop()?;
+        let two_node_at = *plan
+            .scale
+            .first()
+            .context("the profile has no scale point")?;
+        let endpoints = plan.endpoints_at(two_node_at);
+        progress.say(&format!(
+            "creating the two-node cluster of {} (3 nodes with their agents, router, client; \
+             {endpoints} pods per node)",
+            Mode::TWO_NODE.map(Mode::name).join(" and ")
+        ));
+        // A cluster that cannot be built costs these two modes their measurements (with the
+        // reason in the report), not the whole run.
+        let (two_node, failure) = match TwoNode::new(endpoints) {
+            Ok(world) => (Some(world), None),
+            Err(error) => {
+                let reason = format!("the two-node cluster failed: {error:#}");
+                progress.say(&reason);
+                (None, Some(reason))
+            }
+        };
+        for mode in Mode::TWO_NODE {
+            entries.push(Entry {
+                mode,
+                site: Site::TwoNode,
+                stopped: failure.clone(),
+                program_history: Vec::new(),
+            });
+        }
         Ok(Self {
             plan,
             progress,
             entries,
             backend_ips,
+            two_node,
+            two_node_at,
         })
     }
 
@@ -203,6 +256,7 @@ impl<'a> Bench<'a> {
         let set = ServiceSet::new(n, self.backend_ips[..m].to_vec());
         let mut notes: BTreeMap<Mode, String> = BTreeMap::new();
         let mut control: BTreeMap<(Mode, Metric), f64> = BTreeMap::new();
+        let two_node_here = n == self.two_node_at;
         let mut active = self.program_all(&set, &mut control, &mut notes)?;
         self.warm_up(&set, &mut active, &mut notes)?;
         let latency = self.repeat(
@@ -230,7 +284,10 @@ impl<'a> Bench<'a> {
         for &index in &active {
             check_stop()?;
             let entry = &mut self.entries[index];
-            match entry.plane.update_one(entry.lane.topology(), &set) {
+            let Site::Lane { plane, lane } = &mut entry.site else {
+                continue;
+            };
+            match plane.update_one(lane.topology(), &set) {
                 Ok(Some(elapsed)) => {
                     control.insert((entry.mode, Metric::UpdateOne), elapsed.as_secs_f64());
                 }
@@ -239,7 +296,7 @@ impl<'a> Bench<'a> {
                     notes.insert(entry.mode, format!("endpoint update failed: {error:#}"));
                 }
             }
-            let costs = entry.plane.sync_costs();
+            let costs = plane.sync_costs();
             for (metric, value) in [
                 (
                     Metric::ProgramSync,
@@ -258,14 +315,22 @@ impl<'a> Bench<'a> {
                     control.insert((entry.mode, metric), value);
                 }
             }
-            if let Some(usage) = entry.plane.agent_memory() {
+            if let Some(usage) = plane.agent_memory() {
                 memory.insert((entry.mode, Metric::AgentRss), usage.peak_rss_mib);
                 if let Some(maps) = usage.maps_mib {
                     memory.insert((entry.mode, Metric::MapMemory), maps);
                 }
             }
         }
+        if two_node_here {
+            self.two_node = None;
+        }
+        let mut modes = Mode::LANES.to_vec();
+        if two_node_here {
+            modes.extend(Mode::TWO_NODE);
+        }
         let results = Results {
+            modes,
             n,
             m,
             latency,
@@ -320,20 +385,27 @@ impl<'a> Bench<'a> {
         let mut active = Vec::new();
         for (index, entry) in self.entries.iter_mut().enumerate() {
             check_stop()?;
+            let two_node = matches!(entry.site, Site::TwoNode);
+            if two_node && n != self.two_node_at {
+                continue;
+            }
             if let Some(reason) = entry.skip_reason(n, self.plan) {
                 self.progress
                     .say(&format!("N={n}: {}: {reason}", entry.mode));
                 notes.insert(entry.mode, reason);
                 continue;
             }
+            // Programmed once, when the cluster started.
+            let Site::Lane { plane, lane } = &mut entry.site else {
+                active.push(index);
+                continue;
+            };
             self.progress
                 .say(&format!("N={n} M={m}: programming {}", entry.mode));
-            let topology = entry.lane.topology();
-            let programmed = entry.plane.clear(topology).and_then(|()| {
-                entry
-                    .plane
-                    .program_all(topology, set, self.plan.program_timeout)
-            });
+            let topology = lane.topology();
+            let programmed = plane
+                .clear(topology)
+                .and_then(|()| plane.program_all(topology, set, self.plan.program_timeout));
             match programmed {
                 Ok(elapsed) => {
                     if let Some(elapsed) = elapsed {
@@ -373,7 +445,7 @@ impl<'a> Bench<'a> {
         for &index in active.iter() {
             check_stop()?;
             let entry = &self.entries[index];
-            match Self::measure(entry, set, &load) {
+            match self.measure(entry, set, &load) {
                 Ok(summary) if summary.ok > 0 => working.push(index),
                 Ok(summary) => {
                     notes.insert(
@@ -396,7 +468,7 @@ impl<'a> Bench<'a> {
                 datagrams: 2 * set.endpoints.len() as u64,
                 max: Duration::from_secs(10),
             };
-            let summary = Self::measure(entry, set, &udp)?;
+            let summary = self.measure(entry, set, &udp)?;
             if summary.ok == 0 {
                 bail!(
                     "no backend answered the UDP echo: {}",
@@ -408,14 +480,26 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
-    fn measure(entry: &Entry, set: &ServiceSet, load: &Load) -> Result<Summary> {
-        entry.plane.reset_connection_state(entry.lane.topology())?;
-        loadgen::run(
-            entry.lane.client_namespace(),
-            entry.plane.cgroup(),
-            &entry.plane.targets(set),
-            load,
-        )
+    fn measure(&self, entry: &Entry, set: &ServiceSet, load: &Load) -> Result<Summary> {
+        match &entry.site {
+            Site::Lane { plane, lane } => {
+                plane.reset_connection_state(lane.topology())?;
+                loadgen::run(
+                    lane.client_namespace(),
+                    plane.cgroup(),
+                    &plane.targets(set),
+                    load,
+                )
+            }
+            Site::TwoNode => {
+                let world = self
+                    .two_node
+                    .as_ref()
+                    .context("the two-node cluster is gone")?;
+                let target: SocketAddr = world.target(entry.mode)?;
+                loadgen::run(world.client_namespace(), None, &[target], load)
+            }
+        }
     }
 
     /// `reps` repetitions of `load` on every active mode, interleaved (A B C, B C A, ...) so
@@ -438,7 +522,7 @@ impl<'a> Bench<'a> {
             for index in order {
                 check_stop()?;
                 let entry = &self.entries[index];
-                let summary = match Self::measure(entry, set, &load) {
+                let summary = match self.measure(entry, set, &load) {
                     Ok(summary) => Some(summary),
                     Err(error) => {
                         self.progress.say(&format!(
@@ -465,7 +549,7 @@ impl<'a> Bench<'a> {
             .filter(|r| r.metric == Metric::ConnectLatency.name() && r.value.is_some())
         {
             self.progress.say(&format!(
-                "N={}: {:<18} latency mean {:>7.1} µs  p99 {:>7.1} µs  ×direct {}",
+                "N={}: {:<19} latency mean {:>7.1} µs  p99 {:>7.1} µs  ×direct {}",
                 record.services,
                 record.mode,
                 record.value.unwrap_or_default(),
@@ -480,6 +564,8 @@ impl<'a> Bench<'a> {
 
 /// Everything measured at one scale point.
 struct Results {
+    /// The modes with records at this point.
+    modes: Vec<Mode>,
     n: usize,
     m: usize,
     latency: Reps,
@@ -494,7 +580,7 @@ struct Results {
 impl Results {
     fn records(&self) -> Vec<Record> {
         let mut records = Vec::new();
-        for mode in Mode::LANES {
+        for &mode in &self.modes {
             for metric in Metric::ALL.into_iter().filter(|m| m.applies_to(mode)) {
                 let mut record = Record::new(mode, self.n, self.m, metric);
                 match metric {
@@ -565,6 +651,11 @@ impl Results {
         {
             set_ratio(record, &stats::paired_ratios(&means, &per_rep(direct)));
         }
+        if let Some(twin) = mode.masqueraded_twin()
+            && let Some(base) = self.latency.get(&twin)
+        {
+            set_twin_ratio(record, &stats::paired_ratios(&means, &per_rep(base)));
+        }
         let errors: u64 = reps.iter().flatten().map(|s| s.errors).sum();
         if errors > 0 {
             let first = reps
@@ -608,21 +699,24 @@ impl Results {
         let Some(reps) = measured.get(&mode) else {
             return;
         };
-        let values: Vec<Option<f64>> = reps
-            .iter()
-            .map(|s| s.as_ref().filter(|s| s.ok > 0).and_then(&value))
-            .collect();
+        let values_of = |reps: &[Option<Summary>]| -> Vec<Option<f64>> {
+            reps.iter()
+                .map(|s| s.as_ref().filter(|s| s.ok > 0).and_then(&value))
+                .collect()
+        };
+        let values = values_of(reps);
         let present: Vec<f64> = values.iter().flatten().copied().collect();
         record.value = stats::median(&present);
         record.reps = present.len();
         if let Some(direct) = measured.get(&Mode::Direct)
             && mode != Mode::Direct
         {
-            let base: Vec<Option<f64>> = direct
-                .iter()
-                .map(|s| s.as_ref().filter(|s| s.ok > 0).and_then(&value))
-                .collect();
-            set_ratio(record, &stats::paired_ratios(&values, &base));
+            set_ratio(record, &stats::paired_ratios(&values, &values_of(direct)));
+        }
+        if let Some(twin) = mode.masqueraded_twin()
+            && let Some(base) = measured.get(&twin)
+        {
+            set_twin_ratio(record, &stats::paired_ratios(&values, &values_of(base)));
         }
         let errors: u64 = reps.iter().flatten().map(|s| s.errors).sum();
         if errors > 0 {
@@ -638,6 +732,14 @@ fn set_ratio(record: &mut Record, ratios: &[f64]) {
         record.ratio_to_direct = Some(summary.median);
         record.ratio_min = Some(summary.min);
         record.ratio_max = Some(summary.max);
+    }
+}
+
+fn set_twin_ratio(record: &mut Record, ratios: &[f64]) {
+    if let Some(summary) = stats::summarize_ratios(ratios) {
+        record.ratio_to_masquerade = Some(summary.median);
+        record.ratio_to_masquerade_min = Some(summary.min);
+        record.ratio_to_masquerade_max = Some(summary.max);
     }
 }
 
@@ -706,6 +808,27 @@ fn method(plan: &Plan) -> Vec<String> {
          agent's garbage collection, as on a live node). Its ×direct ratio is the issue's \
          target: new-connection latency within noise of plain routing."
             .to_owned(),
+        format!(
+            "switchyard-tc-2node and switchyard-dsr: measured at the first scale point only \
+             (N = {first}: their layout takes seconds to build and runs three agents, and \
+             Switchyard's lookups do not depend on N, as switchyard-tc shows); their records \
+             sit at that N, but their cluster holds just their two Services. The layout is the \
+             tests crate's multi-node cluster: three node namespaces (node 2 idle: the \
+             harness's minimum), each running its own agent following the test API server \
+             (`--cluster-cidr` set, default `--lb-mode snat`), joined by a router, and an \
+             external client outside the cluster CIDR. The client connects to a NodePort on \
+             node 0 whose M endpoints are all pods on node 1: client → router → node 0 → \
+             router → node 1 → pod. The two Services differ only in their \
+             `switchyard.dev/forwarding-mode` annotation: `snat` (switchyard-tc-2node: node 0 \
+             masquerades, replies return through node 0) and `dsr` (node 0 keeps the client's \
+             address and encodes the frontend in an IP option; node 1 replies straight to the \
+             client through the router). Before measuring, {check} connections per Service \
+             check that node 0 encodes DSR packets for the `dsr` one only. Their ×direct \
+             compares with the one-hop direct lane (more hops here); the DSR table pairs \
+             switchyard-dsr with switchyard-tc-2node repetition by repetition.",
+            first = plan.scale.first().copied().unwrap_or_default(),
+            check = two_node::CHECK_CONNECTIONS,
+        ),
     ];
     for mode in [
         Mode::IptablesNft,
@@ -727,18 +850,19 @@ fn print_headline(report: &Report) {
         .iter()
         .filter(|r| r.metric == Metric::ConnectLatency.name());
     if let Some(largest) = lanes.map(|r| r.services).max() {
-        println!("\nheadline at N = {largest}:");
-        for mode in Mode::LANES {
+        println!("\nheadline at N = {largest} (the two-node modes where they were measured):");
+        for mode in Mode::LANES.into_iter().chain(Mode::TWO_NODE) {
+            // The two-node modes have records at one point only.
             let get = |metric: Metric| {
                 report
                     .records
                     .iter()
-                    .find(|r| r.is(mode, metric) && r.services == largest)
+                    .find(|r| r.is(mode, metric) && (mode.is_two_node() || r.services == largest))
             };
             let latency = get(Metric::ConnectLatency);
             let program = get(Metric::ProgramAll).and_then(|r| r.value);
             println!(
-                "  {:<18} latency {:>9}  ×direct {:>5}  program {:>9}",
+                "  {:<19} latency {:>9}  ×direct {:>5}  program {:>9}",
                 mode.name(),
                 latency
                     .and_then(|r| r.value)
@@ -774,5 +898,18 @@ mod tests {
         assert!(expected(&record(Mode::SwitchyardApi, Metric::EventToMaps)));
         assert!(expected(&record(Mode::SwitchyardSocket, Metric::ChangeCpu)));
         assert!(!expected(&record(Mode::Nftables, Metric::ChangeSync)));
+        assert!(expected(&record(
+            Mode::SwitchyardDsr,
+            Metric::ConnectLatency
+        )));
+        assert!(expected(&record(
+            Mode::SwitchyardTc2Node,
+            Metric::ConnFailed
+        )));
+        assert!(!expected(&record(Mode::SwitchyardDsr, Metric::UpdateOne)));
+        assert!(!expected(&record(
+            Mode::SwitchyardTc2Node,
+            Metric::AgentRss
+        )));
     }
 }

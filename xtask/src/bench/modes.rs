@@ -44,19 +44,27 @@ pub enum Mode {
     /// NodePort (externalTrafficPolicy Cluster) from a client outside the node, through
     /// Switchyard's TC program on the node's interfaces: conntrack, DNAT and masquerade.
     SwitchyardTc,
+    /// switchyard-tc's masquerading over two nodes: an external client through node 0's
+    /// NodePort to endpoints on node 1 (`two_node`), replies back through node 0.
+    SwitchyardTc2Node,
+    /// The same two nodes with Direct Server Return: node 1's replies go straight to the
+    /// client.
+    SwitchyardDsr,
     /// The agent fed by the test API server (`--kubeconfig`, the production path): control
     /// plane only. Its maps and hooks are switchyard-socket's, so it has no lane of its own.
     SwitchyardApi,
 }
 
 impl Mode {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Direct,
         Self::IptablesNft,
         Self::IptablesLegacy,
         Self::Nftables,
         Self::SwitchyardSocket,
         Self::SwitchyardTc,
+        Self::SwitchyardTc2Node,
+        Self::SwitchyardDsr,
         Self::SwitchyardApi,
     ];
 
@@ -70,6 +78,9 @@ impl Mode {
         Self::SwitchyardTc,
     ];
 
+    /// The modes measured in the two-node cluster, at the first data-plane scale point only.
+    pub const TWO_NODE: [Self; 2] = [Self::SwitchyardTc2Node, Self::SwitchyardDsr];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
@@ -78,6 +89,8 @@ impl Mode {
             Self::Nftables => "nftables",
             Self::SwitchyardSocket => "switchyard-socket",
             Self::SwitchyardTc => "switchyard-tc",
+            Self::SwitchyardTc2Node => "switchyard-tc-2node",
+            Self::SwitchyardDsr => "switchyard-dsr",
             Self::SwitchyardApi => "switchyard-api",
         }
     }
@@ -112,15 +125,29 @@ impl Mode {
                 "the agent follows the test API server (`--kubeconfig`, kube-rs list/watch over \
                  the node namespace's loopback), see the control-plane method",
             ),
-            Self::Direct => None,
+            Self::Direct | Self::SwitchyardTc2Node | Self::SwitchyardDsr => None,
         }
     }
 
     pub fn is_switchyard(self) -> bool {
         matches!(
             self,
-            Self::SwitchyardSocket | Self::SwitchyardTc | Self::SwitchyardApi
+            Self::SwitchyardSocket
+                | Self::SwitchyardTc
+                | Self::SwitchyardTc2Node
+                | Self::SwitchyardDsr
+                | Self::SwitchyardApi
         )
+    }
+
+    /// The mode that takes the same path but masquerades, which this one is paired with.
+    pub fn masqueraded_twin(self) -> Option<Self> {
+        (self == Self::SwitchyardDsr).then_some(Self::SwitchyardTc2Node)
+    }
+
+    /// Whether the mode is measured in the two-node cluster rather than in a lane.
+    pub fn is_two_node(self) -> bool {
+        Self::TWO_NODE.contains(&self)
     }
 
     /// Builds the mode's data plane for `lane`.
@@ -128,6 +155,9 @@ impl Mode {
         Ok(match self {
             Self::SwitchyardApi => {
                 bail!("{self} is measured in the control-plane phase and has no lane")
+            }
+            Self::SwitchyardTc2Node | Self::SwitchyardDsr => {
+                bail!("{self} is measured in the two-node cluster and has no lane")
             }
             Self::Direct => Box::new(Direct),
             Self::IptablesNft | Self::IptablesLegacy | Self::Nftables => {

@@ -88,6 +88,18 @@ impl Metric {
     /// Whether `mode` has a record of this metric at all (a record may still lack a value,
     /// with a note saying why).
     pub fn applies_to(self, mode: Mode) -> bool {
+        // The two-node modes are programmed once by agents following the API server: only
+        // their connections are measured.
+        if mode.is_two_node() {
+            return matches!(
+                self,
+                Self::ConnectLatency
+                    | Self::ConnPerS
+                    | Self::SustainedConnPerS
+                    | Self::ConnFailed
+                    | Self::Throughput
+            );
+        }
         match self {
             Self::ConnectLatency
             | Self::ConnPerS
@@ -130,6 +142,11 @@ pub struct Record {
     pub ratio_to_direct: Option<f64>,
     pub ratio_min: Option<f64>,
     pub ratio_max: Option<f64>,
+    /// For `switchyard-dsr`: median over repetitions of its value / `switchyard-tc-2node`'s
+    /// in the same repetition (same path, masqueraded), and the range.
+    pub ratio_to_masquerade: Option<f64>,
+    pub ratio_to_masquerade_min: Option<f64>,
+    pub ratio_to_masquerade_max: Option<f64>,
     pub note: Option<String>,
 }
 
@@ -148,6 +165,9 @@ impl Record {
             ratio_to_direct: None,
             ratio_min: None,
             ratio_max: None,
+            ratio_to_masquerade: None,
+            ratio_to_masquerade_min: None,
+            ratio_to_masquerade_max: None,
             note: None,
         }
     }
@@ -186,6 +206,14 @@ mod tests {
         }
         assert!(!Metric::ConnectLatency.applies_to(Mode::SwitchyardApi));
         assert!(!Metric::UpdateOne.applies_to(Mode::SwitchyardApi));
+        for mode in Mode::TWO_NODE {
+            assert!(Metric::ConnectLatency.expected_for(mode));
+            assert!(Metric::SustainedConnPerS.expected_for(mode));
+            assert!(Metric::Throughput.expected_for(mode));
+            assert!(!Metric::ProgramAll.applies_to(mode));
+            assert!(!Metric::AgentRss.applies_to(mode));
+            assert!(!Metric::ChangeSync.applies_to(mode));
+        }
     }
 
     #[test]

@@ -175,6 +175,57 @@ impl Report {
         rows
     }
 
+    /// What Direct Server Return saves over masquerading on the same two nodes: one row per
+    /// connection metric, with the ratio paired repetition by repetition (empty without
+    /// `switchyard-dsr` records).
+    fn dsr_table(&self) -> String {
+        let dsr = Mode::SwitchyardDsr;
+        let Some(twin) = dsr.masqueraded_twin() else {
+            return String::new();
+        };
+        let mut rows = String::new();
+        for (metric, what) in [
+            (Metric::ConnectLatency, "new-connection latency, mean µs"),
+            (Metric::ConnPerS, "connections/s"),
+            (Metric::SustainedConnPerS, "sustained connections/s"),
+            (Metric::ConnFailed, "failed connections"),
+            (Metric::Throughput, "throughput, Gbit/s"),
+        ] {
+            for record in self.records.iter().filter(|r| r.is(dsr, metric)) {
+                let n = record.services;
+                let ratio = match (
+                    record.ratio_to_masquerade,
+                    record.ratio_to_masquerade_min,
+                    record.ratio_to_masquerade_max,
+                ) {
+                    (Some(ratio), Some(low), Some(high)) => {
+                        format!("{ratio:.2} [{low:.2}–{high:.2}]")
+                    }
+                    _ => "—".to_owned(),
+                };
+                let _ = writeln!(
+                    rows,
+                    "| {what} | {n} ({}) | {} | {} | {ratio} |",
+                    self.endpoints_at(n),
+                    self.find(twin, n, metric).map_or_else(absent, plain),
+                    plain(record),
+                );
+            }
+        }
+        if rows.is_empty() {
+            return String::new();
+        }
+        format!(
+            "\n## Direct Server Return vs masquerading over the same two nodes\n\n\
+             External client → node 0's NodePort → endpoints on node 1; {twin} masquerades \
+             (replies return through node 0), {dsr} does not (node 1 replies straight to the \
+             client). Ratio: median over repetitions of {dsr} / {twin} in the same repetition \
+             [min–max]; below 1 is faster for latency, above 1 is more for rates.\n\n\
+             | metric | services (endpoints) | {twin} | {dsr} | {dsr} ÷ {twin} |\n\
+             |---|---|---|---|---|\n{rows}"
+        )
+    }
+
     /// The control-plane table as aligned plain text (for the terminal).
     pub fn control_plane_text(&self) -> String {
         let rows = self.control_rows();
@@ -248,6 +299,7 @@ impl Report {
                 );
             }
         }
+        out.push_str(&self.dsr_table());
         let rows = self.control_rows();
         if !rows.is_empty() {
             let _ = write!(
@@ -302,6 +354,18 @@ fn absent() -> String {
 fn noted(record: &Record, text: Option<String>) -> String {
     let mark = if record.note.is_some() { "*" } else { "" };
     text.map_or_else(|| format!("n/a{mark}"), |text| format!("{text}{mark}"))
+}
+
+/// The value alone (counts as whole numbers), marked when a note applies.
+fn plain(record: &Record) -> String {
+    let text = record.value.map(|v| {
+        if record.unit == Metric::ConnFailed.unit() {
+            format!("{v:.0}")
+        } else {
+            format_number(v)
+        }
+    });
+    noted(record, text)
 }
 
 /// The value, times `scale` (unit conversion).
@@ -398,6 +462,43 @@ mod tests {
         assert!(markdown.contains("| 100 (10) | 187 (180 / 320) ×1.23 [1.10–1.30] |"));
         assert!(markdown.contains("- kernel: 6.18"));
         assert!(!markdown.contains("Control plane"));
+    }
+
+    #[test]
+    fn dsr_is_set_against_its_masqueraded_twin() {
+        let mut twin = Record::new(Mode::SwitchyardTc2Node, 1, 10, Metric::ConnectLatency);
+        twin.value = Some(120.0);
+        let mut dsr = Record::new(Mode::SwitchyardDsr, 1, 10, Metric::ConnectLatency);
+        dsr.value = Some(96.0);
+        (
+            dsr.ratio_to_masquerade,
+            dsr.ratio_to_masquerade_min,
+            dsr.ratio_to_masquerade_max,
+        ) = (Some(0.8), Some(0.75), Some(0.9));
+        let mut rates = Record::new(Mode::SwitchyardDsr, 1, 10, Metric::ConnPerS);
+        rates.note = Some("the two-node cluster failed".into());
+        let mut failed = Record::new(Mode::SwitchyardDsr, 1, 10, Metric::ConnFailed);
+        failed.value = Some(0.0);
+        let report = Report {
+            machine: serde_json::json!({}),
+            records: vec![twin, dsr, rates, failed],
+        };
+        let markdown = report.markdown(&[], &[]);
+        assert!(markdown.contains("## Direct Server Return vs masquerading"));
+        assert!(
+            markdown.contains(
+                "| new-connection latency, mean µs | 1 (10) | 120 | 96.0 | 0.80 [0.75–0.90] |"
+            ),
+            "{markdown}"
+        );
+        // A missing twin and value stay visible, not silently dropped.
+        assert!(markdown.contains("| connections/s | 1 (10) |  | n/a* | — |"));
+        assert!(markdown.contains("| failed connections | 1 (10) |  | 0 | — |"));
+        let without = Report {
+            machine: serde_json::json!({}),
+            records: Vec::new(),
+        };
+        assert!(without.dsr_table().is_empty());
     }
 
     #[test]
