@@ -2,9 +2,9 @@
 //! backends) and nftables modes, on this machine, in one run, written to
 //! `target/bench/report.{json,md}` with SVG plots. This module runs the data-plane scale points
 //! (one lane per mode; at the first point also the two-node cluster of `switchyard-dsr` and
-//! its masqueraded twin, `two_node`) and then the control-plane phase (the agent fed by the test API server,
-//! `control`), and turns the measurements into records; the other modules build the lanes,
-//! rules, load and report.
+//! its masqueraded twin, `two_node`) and then the control-plane phase (the agent fed by the
+//! test API server, `control`), and turns the measurements into records; the other modules
+//! build the lanes, rules, load and report.
 
 mod agent_usage;
 mod api_feed;
@@ -28,7 +28,6 @@ mod tools;
 mod two_node;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -385,8 +384,7 @@ impl<'a> Bench<'a> {
         let mut active = Vec::new();
         for (index, entry) in self.entries.iter_mut().enumerate() {
             check_stop()?;
-            let two_node = matches!(entry.site, Site::TwoNode);
-            if two_node && n != self.two_node_at {
+            if matches!(entry.site, Site::TwoNode) && n != self.two_node_at {
                 continue;
             }
             if let Some(reason) = entry.skip_reason(n, self.plan) {
@@ -496,8 +494,12 @@ impl<'a> Bench<'a> {
                     .two_node
                     .as_ref()
                     .context("the two-node cluster is gone")?;
-                let target: SocketAddr = world.target(entry.mode)?;
-                loadgen::run(world.client_namespace(), None, &[target], load)
+                loadgen::run(
+                    world.client_namespace(),
+                    None,
+                    &[world.target(entry.mode)?],
+                    load,
+                )
             }
         }
     }
