@@ -76,6 +76,10 @@ pub mod map_names {
     /// The TC path's IP fragments: which ports a fragmented datagram's first fragment carried.
     pub const FRAGMENTS4: &str = "FRAG4_V1";
     pub const FRAGMENTS6: &str = "FRAG6_V1";
+    /// The Maglev lookup tables, one after the other (see `map_table::MAGLEV`).
+    pub const MAGLEV: &str = "MAGLEV_V1";
+    /// The Maglev tables' size and the flow hash's seed (one entry).
+    pub const MAGLEV_CONFIG: &str = "MAGLEV_CFG_V1";
 
     /// The TC path's per-CPU scratch space (not pinned, so not versioned).
     pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -131,6 +135,11 @@ pub mod service_flags {
     /// never translated for sockets of the host's network namespace (the agent itself and
     /// every host process), which must keep reaching the real address.
     pub const NOT_FOR_HOST: u16 = 1 << 7;
+
+    /// On an external frontend (NodePort, externalIP, LoadBalancer IP): new flows through the
+    /// TC path take their backend from the Maglev table whose number is the master entry's
+    /// `backend_id` (see [`crate::maglev`]); otherwise a random slot.
+    pub const MAGLEV: u16 = 1 << 8;
 
     /// Any externally reachable frontend kind.
     pub const EXTERNAL: u16 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
@@ -253,11 +262,17 @@ pub mod reason {
     /// TC: a translated packet larger than its route's MTU was dropped without an answer
     /// (IPv4 without DF, a header with options, or this CPU's refusal bucket empty).
     pub const TC_MTU_EXCEEDED: u32 = 43;
+    /// TC: a new flow of a Maglev frontend took the backend its Maglev table gives the flow's
+    /// hash.
+    pub const TC_MAGLEV_PICKED: u32 = 44;
+    /// TC: a new flow of a Maglev frontend went to a random backend: the agent had not (yet)
+    /// given the datapath the table's settings, or the table slot was empty.
+    pub const TC_MAGLEV_UNAVAILABLE: u32 = 45;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 48;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 44] = [
+    pub const NAMES: [&str; 46] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -302,6 +317,8 @@ pub mod reason {
         "tc_fragment_untracked",
         "tc_frag_needed_sent",
         "tc_mtu_exceeded",
+        "tc_maglev_picked",
+        "tc_maglev_unavailable",
     ];
 }
 
@@ -316,6 +333,9 @@ macro_rules! assert_layout {
         unsafe impl aya::Pod for $ty {}
     };
 }
+
+// After the macro: its layout assertions use it.
+pub mod maglev;
 
 /// Key of the IPv4 services map. `backend_slot` 0 is the master entry of the frontend; slots
 /// `1..=count` hold its backends.
@@ -344,8 +364,9 @@ pub struct Service6Key {
 }
 assert_layout!(Service6Key, size = 24, align = 4);
 
-/// Value of both services maps. In the master entry (slot 0) `backend_id` is 0 and `count`,
-/// `rev_nat_id`, `flags` and `affinity_timeout_secs` describe the frontend; in a backend slot
+/// Value of both services maps. In the master entry (slot 0) `count`, `rev_nat_id`, `flags`
+/// and `affinity_timeout_secs` describe the frontend, and `backend_id` is the number of its
+/// Maglev table when `flags` has `service_flags::MAGLEV` (0 otherwise); in a backend slot
 /// `backend_id` names the backend and `rev_nat_id` repeats the frontend's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
