@@ -18,7 +18,7 @@ const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
 
 /// One MurmurHash3 (x86, 32-bit) block round.
-#[inline(always)]
+#[inline]
 const fn round(hash: u32, word: u32) -> u32 {
     let k = word.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
     (hash ^ k)
@@ -28,7 +28,7 @@ const fn round(hash: u32, word: u32) -> u32 {
 }
 
 /// MurmurHash3's finaliser: every input bit reaches every output bit.
-#[inline(always)]
+#[inline]
 const fn finish(hash: u32, len_bytes: u32) -> u32 {
     let mut h = hash ^ len_bytes;
     h ^= h >> 16;
@@ -90,7 +90,7 @@ pub fn backend_offset_skip(identity: &[u8], seed: u32, table_size: u32) -> (u32,
 
 /// The hash of an IPv4 flow (addresses and ports as the packet carries them: network byte
 /// order read into native integers), from which a Maglev Service's table index is taken.
-#[inline(always)]
+#[inline]
 pub const fn flow_hash4(
     seed: u32,
     saddr: u32,
@@ -107,7 +107,7 @@ pub const fn flow_hash4(
 }
 
 /// The hash of an IPv6 flow (see [`flow_hash4`]).
-#[inline(always)]
+#[inline]
 pub const fn flow_hash6(
     seed: u32,
     saddr: &[u32; 4],
@@ -130,7 +130,7 @@ pub const fn flow_hash6(
     finish(hash, 40)
 }
 
-#[inline(always)]
+#[inline]
 const fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
     ((sport_be as u32) << 16) | dport_be as u32
 }
