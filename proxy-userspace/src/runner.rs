@@ -19,7 +19,7 @@ use crate::{
     admin::{healthcheck::HealthCheckServer, stats::StatsHandle},
     datapath::{affinity::AffinityMatches, conntrack::ReconcileReport, udp_reaper::SocketReaper},
     maps::WriteError,
-    model::{HealthCheck, ModelConfig, cluster::Touched},
+    model::{HealthCheck, ModelConfig},
     node::ModelConfigSource,
     plan::mirror::Fill,
     reconcile::{Reconciler, SyncReport},
@@ -59,7 +59,9 @@ struct Step {
 
 /// The state after a step, for the statistics.
 struct Summary {
-    touched: Touched,
+    /// Services and EndpointSlices that changed (kube-proxy's change counters).
+    service_changes: u64,
+    slice_changes: u64,
     elapsed: Duration,
     fill: Fill,
     no_local_endpoints: usize,
@@ -93,9 +95,13 @@ impl Engine {
 
     fn step(&mut self, deltas: Vec<Delta>, full: bool) -> Step {
         let started = Instant::now();
-        let mut touched = Touched::default();
+        // Only the counts outlive the absorption: the touched Services are the reconciler's
+        // dirty set now, and a second copy through a many-Service sync costs memory.
+        let (mut service_changes, mut slice_changes) = (0, 0);
         for delta in deltas {
-            touched.merge(self.reconciler.absorb(delta));
+            let touched = self.reconciler.absorb(delta);
+            service_changes += touched.service_changes;
+            slice_changes += touched.slice_changes;
         }
         let config = self.config();
         let nodeport_addresses = config.nodeport_addresses.clone();
@@ -149,7 +155,8 @@ impl Engine {
         Step {
             report,
             summary: Summary {
-                touched,
+                service_changes,
+                slice_changes,
                 elapsed: started.elapsed(),
                 fill: Fill {
                     affinity_matches: self.follow_up.matches.len() as u64,
@@ -234,8 +241,8 @@ pub async fn run(
             last_full = Instant::now();
         }
         stats.update(|stats| {
-            stats.service_changes_total += step.summary.touched.service_changes;
-            stats.endpoint_changes_total += step.summary.touched.slice_changes;
+            stats.service_changes_total += step.summary.service_changes;
+            stats.endpoint_changes_total += step.summary.slice_changes;
             stats.node_eligible = step.summary.node_eligible;
         });
         match step.report {

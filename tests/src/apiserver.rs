@@ -174,6 +174,9 @@ pub struct ApiServerConfig {
     /// Listen on 127.0.0.1 inside this network namespace (a name under /run/netns) instead of
     /// the test's own one. Needs root.
     pub netns: Option<String>,
+    /// Also listen on 127.0.0.1 inside each of these network namespaces, for the agents of
+    /// several nodes following one server (see [`ApiServer::addr_in`]).
+    pub extra_netns: Vec<String>,
     /// How many changes the watch history keeps; a watch from an older resourceVersion gets
     /// 410 Expired.
     pub history_limit: usize,
@@ -194,6 +197,7 @@ impl Default for ApiServerConfig {
     fn default() -> Self {
         Self {
             netns: None,
+            extra_netns: Vec::new(),
             history_limit: 10_000,
             watch_buffer: 1_000,
             bookmark_interval: Duration::from_secs(1),
@@ -208,6 +212,9 @@ impl Default for ApiServerConfig {
 pub struct ApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The listeners in named namespaces ([`ApiServerConfig::netns`] and
+    /// [`ApiServerConfig::extra_netns`]).
+    netns_addrs: Vec<(String, SocketAddr)>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -230,6 +237,9 @@ impl ApiServer {
     /// Starts a server with `config`; returns once it accepts connections.
     pub fn start_with(config: ApiServerConfig) -> Result<Self> {
         let shared = Arc::new(Shared::new(&config));
+        let named: Vec<Option<String>> = std::iter::once(config.netns.clone())
+            .chain(config.extra_netns.iter().cloned().map(Some))
+            .collect();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let thread_shared = Arc::clone(&shared);
@@ -237,17 +247,26 @@ impl ApiServer {
             .name("test-apiserver".into())
             .spawn(move || http::run(&config, thread_shared, &ready_tx, shutdown_rx))
             .context("spawning the test API server thread")?;
-        let addr = match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(addr)) => addr,
+        let addrs = match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(addrs)) => addrs,
             Ok(Err(e)) => {
                 let _ = thread.join();
                 return Err(e.context("starting the test API server"));
             }
             Err(e) => anyhow::bail!("the test API server did not start: {e}"),
         };
+        let addr = *addrs
+            .first()
+            .context("the test API server reported no address")?;
+        let netns_addrs = named
+            .into_iter()
+            .zip(addrs)
+            .filter_map(|(netns, addr)| Some((netns?, addr)))
+            .collect();
         Ok(Self {
             shared,
             addr,
+            netns_addrs,
             shutdown: Some(shutdown_tx),
             thread: Some(thread),
         })
@@ -258,6 +277,15 @@ impl ApiServer {
         self.addr
     }
 
+    /// The listening address inside network namespace `netns`, one of
+    /// [`ApiServerConfig::extra_netns`] or the main one ([`ApiServerConfig::netns`]).
+    pub fn addr_in(&self, netns: &str) -> Option<SocketAddr> {
+        self.netns_addrs
+            .iter()
+            .find(|(name, _)| name == netns)
+            .map(|(_, addr)| *addr)
+    }
+
     /// The base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -266,22 +294,16 @@ impl ApiServer {
     /// Writes `dir/kubeconfig`: one cluster at [`Self::url`], one user without credentials and
     /// one context (namespace `default`) set as current. Returns its path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        let text = format!(
-            "apiVersion: v1\n\
-             kind: Config\n\
-             clusters:\n\
-             - name: switchyard-test\n  cluster:\n    server: {}\n\
-             users:\n\
-             - name: switchyard-test\n  user: {{}}\n\
-             contexts:\n\
-             - name: switchyard-test\n  context:\n    cluster: switchyard-test\n    user: switchyard-test\n    namespace: default\n\
-             current-context: switchyard-test\n\
-             preferences: {{}}\n",
-            self.url()
-        );
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        path
+        write_kubeconfig_at(dir, &self.url())
+    }
+
+    /// Like [`Self::write_kubeconfig`], for a client in network namespace `netns` (see
+    /// [`Self::addr_in`]).
+    pub fn write_kubeconfig_in(&self, netns: &str, dir: &Path) -> Result<PathBuf> {
+        let addr = self
+            .addr_in(netns)
+            .with_context(|| format!("the test API server does not listen in netns {netns}"))?;
+        Ok(write_kubeconfig_at(dir, &format!("http://{addr}")))
     }
 
     /// Creates or replaces an object (keyed by kind, namespace and name; a namespaced object
@@ -600,6 +622,25 @@ impl Drop for ApiServer {
             eprintln!("warning: the test API server thread panicked");
         }
     }
+}
+
+/// Writes `dir/kubeconfig` pointing at `server` (see [`ApiServer::write_kubeconfig`]).
+fn write_kubeconfig_at(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: switchyard-test\n  cluster:\n    server: {server}\n\
+         users:\n\
+         - name: switchyard-test\n  user: {{}}\n\
+         contexts:\n\
+         - name: switchyard-test\n  context:\n    cluster: switchyard-test\n    user: switchyard-test\n    namespace: default\n\
+         current-context: switchyard-test\n\
+         preferences: {{}}\n"
+    );
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path
 }
 
 /// The current time as the API serializes a `Time`.

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cluster;
 pub mod harness;
 pub mod http;
 pub mod layout;

@@ -682,6 +682,23 @@ impl TcFixture {
         Ok(())
     }
 
+    /// Deletes backend `id` from its family's backends map, as the agent does once no Service
+    /// uses the endpoint (missing is fine).
+    pub fn remove_backend(&mut self, id: u32, ipv6: bool) -> Result<()> {
+        if ipv6 {
+            let mut map = self.hash_mut::<u32, Backend6>(map_names::BACKENDS6)?;
+            if optional(map.get(&id, 0))?.is_some() {
+                map.remove(&id)?;
+            }
+        } else {
+            let mut map = self.hash_mut::<u32, Backend4>(map_names::BACKENDS4)?;
+            if optional(map.get(&id, 0))?.is_some() {
+                map.remove(&id)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the datapath configuration (index 0 of the config array).
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
         let map = self

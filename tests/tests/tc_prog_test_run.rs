@@ -1938,6 +1938,57 @@ fn syn_after_close_starts_a_new_flow_and_syn_on_a_live_flow_is_ignored() {
     }
 }
 
+/// A SYN on the tuple of an unanswered flow whose backend was deleted meanwhile (gone from the
+/// backends map, or its id given to another endpoint) starts a new flow to a current backend:
+/// a client retrying from the same port must not be sent to an endpoint that no longer
+/// exists (found by the multi-node node-loss test).
+#[test]
+fn syn_on_an_unanswered_flow_to_a_deleted_backend_picks_a_current_one() {
+    require_root!();
+    for family in Family::ALL {
+        for id_reused in [false, true] {
+            let what = |step: &str| format!("{family:?} id reused {id_reused}: {step}");
+            let mut fx = fixture();
+            fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+            let fe = sa(family.node(), 30080);
+            let old = backends(family, &[2], 8080, 1201);
+            let np = service_flags::NODE_PORT;
+            fx.add_frontend(&frontend(fe, TCP, scope::EXTERNAL, 130, np, &old))
+                .unwrap();
+            let client = sa(family.client(), 40400);
+            let expect = NewFlow {
+                backends: &old,
+                snat: Some(SNAT_PORTS),
+                rev_nat_id: 130,
+                counters: NEW_FLOW,
+            };
+            let syn = Packet::tcp(client, fe, SYN, 1000, 0);
+            new_flow(&fx, syn, &expect, &what("first SYN"));
+
+            // The endpoint is deleted: the Service gets another one, and the old backend's
+            // entry goes (or its id now names the new endpoint).
+            let new_id = if id_reused { 1201 } else { 1202 };
+            let new = backends(family, &[3], 8080, new_id);
+            if !id_reused {
+                fx.remove_backend(1201, family.is_v6()).unwrap();
+            }
+            fx.add_frontend(&frontend(fe, TCP, scope::EXTERNAL, 130, np, &new))
+                .unwrap();
+            let expect = NewFlow {
+                backends: &new,
+                snat: Some(SNAT_PORTS),
+                rev_nat_id: 130,
+                counters: &[(reason::TC_SYN_RESTARTED, 1)],
+            };
+            let syn = Packet::tcp(client, fe, SYN, 1000, 0);
+            let (backend, renewed) = new_flow(&fx, syn, &expect, &what("SYN again"));
+            assert_eq!(backend.addr, new[0].addr, "{}", what("the new endpoint"));
+            let synack = Packet::tcp(new[0].addr, renewed.src_socket(), SYN | ACK, 1, 1001);
+            reply(&fx, synack, fe, client, &what("SYN-ACK of the new flow"));
+        }
+    }
+}
+
 /// A reply whose forward entry expired, or is gone, is not rewritten.
 #[test]
 fn reply_of_expired_or_missing_flow_is_not_rewritten() {

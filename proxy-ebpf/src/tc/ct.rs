@@ -96,6 +96,15 @@ pub fn syn_on_flow(forward_flags: u16) -> SynOnFlow {
     }
 }
 
+/// Whether the flow's backend is still a backend at the address and port the flow goes to: it
+/// leaves the backends map when no Service uses the endpoint any more, and a freed id may be
+/// given to another endpoint later.
+#[inline(always)]
+pub fn backend_current<I: Inet>(forward: &Flow<I::Addr>) -> bool {
+    I::backend(forward.backend_id)
+        .is_some_and(|backend| I::backend_target(&backend) == (forward.to.daddr, forward.to.dport))
+}
+
 /// A TCP flow that ended: reset, or closed from both sides.
 #[inline(always)]
 pub fn closed(forward_flags: u16) -> bool {

@@ -152,7 +152,15 @@ fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
         }
         if entry.expires_ns > now {
             let syn = if ct::is_syn(packet) {
-                ct::syn_on_flow(entry.flags)
+                match ct::syn_on_flow(entry.flags) {
+                    // An unanswered flow whose endpoint was deleted meanwhile: the SYN
+                    // (retransmitted, or a new connection from the same client port) must
+                    // not go to an endpoint that no longer exists; it starts afresh.
+                    ct::SynOnFlow::Retransmit if !ct::backend_current::<I>(&entry) => {
+                        ct::SynOnFlow::Restart
+                    }
+                    syn => syn,
+                }
             } else {
                 ct::SynOnFlow::Retransmit
             };

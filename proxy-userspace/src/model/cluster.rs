@@ -7,6 +7,8 @@ use std::{
     sync::Arc,
 };
 
+use smallvec::SmallVec;
+
 use crate::hash::{FastMap, FastSet};
 
 use super::{
@@ -58,8 +60,8 @@ pub struct Cluster {
     services: FastMap<ServiceId, Arc<ServiceInput>>,
     slices: FastMap<ObjectKey, Arc<SliceInput>>,
     /// Slices by the Service their label names, in name order (a stable merge order; a sorted
-    /// vector, since most Services have one or two).
-    slices_by_service: FastMap<ServiceId, Vec<ObjectKey>>,
+    /// vector, since most Services have one or two, and the first one inline).
+    slices_by_service: FastMap<ServiceId, SmallVec<[ObjectKey; 1]>>,
     nodes: BTreeMap<String, Arc<NodeInput>>,
     /// Slices without a `kubernetes.io/service-name` label (they serve nothing).
     unlabelled: BTreeSet<ObjectKey>,

@@ -9,6 +9,7 @@ use std::{
 };
 
 use proxy_common::guard_flags;
+use smallvec::SmallVec;
 
 use crate::hash::{FastMap, FastSet};
 
@@ -28,9 +29,9 @@ struct Claim {
 }
 
 /// Claimants of one address, best first. Almost every address has exactly one, so a sorted
-/// vector (one small allocation) rather than a tree (a node for eleven).
+/// vector with room for one inline (no allocation) rather than a tree (a node for eleven).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Queue(Vec<Claim>);
+struct Queue(SmallVec<[Claim; 1]>);
 
 impl Queue {
     fn insert(&mut self, claim: Claim) {

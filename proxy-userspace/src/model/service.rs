@@ -646,6 +646,7 @@ pub fn service_output(
     // Outputs live as long as their Service: no room for growth (a vector that grew by push
     // holds four candidates' worth for one).
     output.candidates.shrink_to_fit();
+    output.cluster_ips.shrink_to_fit();
     output
 }
 

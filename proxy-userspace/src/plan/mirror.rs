@@ -17,9 +17,79 @@ use crate::model::{BackendAddr, Cidr, FrontendKey, Protocol};
 pub struct ProgrammedFrontend {
     pub master: Option<Master>,
     /// Slot number (1-based) → backend id.
-    pub slots: BTreeMap<u16, u32>,
+    pub slots: Slots,
     /// The rev-NAT id the slots carry (the datapath reads the master's; the slots repeat it).
     pub slot_rev_nat_id: u32,
+}
+
+/// A frontend's slots: slot number → backend id, in slot order. A sorted vector, because a
+/// frontend has a handful of slots and 100 000 frontends hold one tree node each otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slots(Vec<(u16, u32)>);
+
+impl Slots {
+    pub fn get(&self, slot: &u16) -> Option<&u32> {
+        let at = self.0.binary_search_by_key(slot, |(s, _)| *s).ok()?;
+        Some(&self.0[at].1)
+    }
+
+    pub fn contains_key(&self, slot: &u16) -> bool {
+        self.get(slot).is_some()
+    }
+
+    /// Sets a slot; returns the backend id it held.
+    pub fn insert(&mut self, slot: u16, backend_id: u32) -> Option<u32> {
+        match self.0.binary_search_by_key(&slot, |(s, _)| *s) {
+            Ok(at) => Some(std::mem::replace(&mut self.0[at].1, backend_id)),
+            Err(at) => {
+                self.0.insert(at, (slot, backend_id));
+                None
+            }
+        }
+    }
+
+    /// Clears a slot; returns the backend id it held.
+    pub fn remove(&mut self, slot: &u16) -> Option<u32> {
+        let at = self.0.binary_search_by_key(slot, |(s, _)| *s).ok()?;
+        Some(self.0.remove(at).1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// (slot, backend id) in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (&u16, &u32)> {
+        self.0.iter().map(|(slot, id)| (slot, id))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &u16> {
+        self.0.iter().map(|(slot, _)| slot)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &u32> {
+        self.0.iter().map(|(_, id)| id)
+    }
+}
+
+impl<'a> IntoIterator for &'a Slots {
+    type Item = (&'a u16, &'a u32);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (u16, u32)>, fn(&'a (u16, u32)) -> (&'a u16, &'a u32)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(slot, id)| (slot, id))
+    }
+}
+
+impl FromIterator<(u16, u32)> for Slots {
+    fn from_iter<I: IntoIterator<Item = (u16, u32)>>(pairs: I) -> Self {
+        let mut slots = Self::default();
+        for (slot, id) in pairs {
+            slots.insert(slot, id);
+        }
+        slots
+    }
 }
 
 /// Entries the agent holds in each of its maps, per family where the maps are per family.
@@ -547,6 +617,26 @@ pub type UdpPair = (u32, std::net::SocketAddr);
 mod tests {
     use super::*;
     use crate::model::Scope;
+
+    #[test]
+    fn slots_stay_in_slot_order_and_report_what_they_held() {
+        let mut slots: Slots = [(3, 30), (1, 10)].into_iter().collect();
+        assert_eq!(slots.insert(2, 20), None);
+        assert_eq!(slots.insert(3, 33), Some(30));
+        assert_eq!(slots.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(slots.get(&3), Some(&33));
+        assert_eq!(slots.remove(&1), Some(10));
+        assert_eq!(slots.remove(&1), None);
+        assert!(!slots.contains_key(&1));
+        assert_eq!(
+            (&slots).into_iter().collect::<Vec<_>>(),
+            [(&2, &20), (&3, &33)]
+        );
+        assert_eq!(slots.values().copied().collect::<Vec<_>>(), [20, 33]);
+        assert_eq!(slots.remove(&2), Some(20));
+        assert_eq!(slots.remove(&3), Some(33));
+        assert!(slots.is_empty());
+    }
 
     fn key(ip: &str) -> FrontendKey {
         FrontendKey {

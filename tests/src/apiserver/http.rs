@@ -31,24 +31,24 @@ type Body = UnsyncBoxBody<Bytes, io::Error>;
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_mins(30);
 const MIN_BOOKMARK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The server thread's body: binds, reports the address (or the error) on `ready`, then serves
-/// until `shutdown` fires.
+/// The server thread's body: binds, reports the addresses (or the error) on `ready`, then
+/// serves until `shutdown` fires.
 pub(super) fn run(
     config: &ApiServerConfig,
     shared: Arc<Shared>,
-    ready: &std::sync::mpsc::Sender<Result<SocketAddr>>,
+    ready: &std::sync::mpsc::Sender<Result<Vec<SocketAddr>>>,
     shutdown: oneshot::Receiver<()>,
 ) {
-    let started = bind(config).and_then(|listener| {
+    let started = bind_all(config).and_then(|listeners| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("test-apiserver-rt")
             .enable_all()
             .build()
             .context("building the test API server runtime")?;
-        Ok((listener, runtime))
+        Ok((listeners, runtime))
     });
-    let (listener, runtime) = match started {
+    let (listeners, runtime) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -56,26 +56,54 @@ pub(super) fn run(
         }
     };
     runtime.block_on(async {
-        let listener = match TcpListener::from_std(listener).context("registering the listener") {
-            Ok(listener) => listener,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
+        let mut registered = Vec::with_capacity(listeners.len());
+        for listener in listeners {
+            match TcpListener::from_std(listener).context("registering the listener") {
+                Ok(listener) => registered.push(listener),
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
             }
-        };
-        let addr = listener
-            .local_addr()
-            .expect("a bound listener has an address");
+        }
+        let addrs = registered
+            .iter()
+            .map(|listener| {
+                listener
+                    .local_addr()
+                    .expect("a bound listener has an address")
+            })
+            .collect();
         tokio::spawn(bookmarks(Arc::clone(&shared)));
-        let _ = ready.send(Ok(addr));
-        serve(listener, shared, shutdown).await;
+        let mut listeners = registered.into_iter();
+        let main = listeners.next().expect("bind_all binds at least one");
+        // The other namespaces' listeners serve until the runtime goes (below).
+        for extra in listeners {
+            tokio::spawn(serve(
+                extra,
+                Arc::clone(&shared),
+                std::future::pending::<()>(),
+            ));
+        }
+        let _ = ready.send(Ok(addrs));
+        serve(main, shared, shutdown).await;
     });
     // Open connections (watch streams) are cut when the runtime goes.
     runtime.shutdown_timeout(Duration::from_secs(2));
 }
 
-fn bind(config: &ApiServerConfig) -> Result<StdListener> {
-    if let Some(netns) = &config.netns {
+/// The main listener (in `config.netns` or the caller's namespace), then one per
+/// `config.extra_netns`, in that order.
+fn bind_all(config: &ApiServerConfig) -> Result<Vec<StdListener>> {
+    let mut listeners = vec![bind(config.netns.as_deref())?];
+    for netns in &config.extra_netns {
+        listeners.push(bind(Some(netns))?);
+    }
+    Ok(listeners)
+}
+
+fn bind(netns: Option<&str>) -> Result<StdListener> {
+    if let Some(netns) = netns {
         // Only this thread moves; sockets keep the namespace they were created in.
         let path = std::path::Path::new(crate::netns::NETNS_DIR).join(netns);
         let handle =
@@ -83,12 +111,18 @@ fn bind(config: &ApiServerConfig) -> Result<StdListener> {
         nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("joining netns {netns}"))?;
     }
-    let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
+    let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .with_context(|| format!("binding 127.0.0.1:0 in netns {netns:?}"))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: oneshot::Receiver<()>) {
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future + Send,
+) {
+    tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => return,

@@ -103,7 +103,8 @@ impl Mode {
                 "program: from starting the agent on the manifests file (load and attach the \
                  programs, parse, plan, write the maps) to its `dataplane synced` log line; \
                  update: from rewriting the file to the next `dataplane synced` line (includes \
-                 the file source's poll of up to 200 ms and re-parsing the whole file); the \
+                 the file source's poll every 100 ms, the one extra poll that proves the file complete \
+                 and re-parsing the documents that changed); the \
                  agent-side durations are the `elapsed` of those lines, the CPU time is the \
                  agent's from rewriting the file until it is idle again after the sync",
             ),

@@ -77,8 +77,8 @@ const CONTROL_LEGEND: &str = "switchyard-api: the agent following the test API s
     API watch event → new backends readable in the pinned map; program from empty = agent-side \
     sync; /healthz = GET /healthz every 20 ms while 10 endpoint changes a second go through the \
     API server). switchyard-socket / switchyard-tc: the agent on a manifests file, one change (change \
-    → maps = rewriting the file → its `dataplane synced` line, including the file poll of up \
-    to 200 ms). iptables-*, nftables: kube-proxy's rules, one change (sync = the partial-sync \
+    → maps = rewriting the file → its `dataplane synced` line, including the file poll every \
+    100 ms and the one extra poll that proves the file complete). iptables-*, nftables: kube-proxy's rules, one change (sync = the partial-sync \
     restore's wall time) and program from empty = the full restore's wall time. — = not \
     applicable.";
 
