@@ -80,6 +80,10 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV_V1";
     /// The Maglev tables' size and the flow hash's seed (one entry).
     pub const MAGLEV_CONFIG: &str = "MAGLEV_CFG_V1";
+    /// Direct Server Return on an endpoint's node: reply tuple → the frontend the reply
+    /// leaves with (see `map_table::DSR_REV4`).
+    pub const DSR_REV4: &str = "DSR_REV4_V1";
+    pub const DSR_REV6: &str = "DSR_REV6_V1";
 
     /// The TC path's per-CPU scratch space (not pinned, so not versioned).
     pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
@@ -135,11 +139,16 @@ pub mod service_flags {
     /// never translated for sockets of the host's network namespace (the agent itself and
     /// every host process), which must keep reaching the real address.
     pub const NOT_FOR_HOST: u16 = 1 << 7;
+    /// The Service's `switchyard.dev/forwarding-mode: dsr` annotation: flows of this external
+    /// frontend to remote endpoints use Direct Server Return whatever `--lb-mode` says.
+    pub const FORWARD_DSR: u16 = 1 << 8;
+    /// The Service's `switchyard.dev/forwarding-mode: snat` annotation: always masqueraded.
+    pub const FORWARD_SNAT: u16 = 1 << 9;
 
     /// On an external frontend (NodePort, externalIP, LoadBalancer IP): new flows through the
     /// TC path take their backend from the Maglev table whose number is the master entry's
     /// `backend_id` (see [`crate::maglev`]); otherwise a random slot.
-    pub const MAGLEV: u16 = 1 << 8;
+    pub const MAGLEV: u16 = 1 << 10;
 
     /// Any externally reachable frontend kind.
     pub const EXTERNAL: u16 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
@@ -262,17 +271,29 @@ pub mod reason {
     /// TC: a translated packet larger than its route's MTU was dropped without an answer
     /// (IPv4 without DF, a header with options, or this CPU's refusal bucket empty).
     pub const TC_MTU_EXCEEDED: u32 = 43;
+    /// TC, ingress node: a packet of a Direct Server Return flow was sent to its remote
+    /// endpoint with the client's address and the frontend option.
+    pub const TC_DSR_ENCODED: u32 = 44;
+    /// TC, endpoint's node: a packet carrying the frontend option of a frontend this node
+    /// serves had the option removed (and its reply tuple recorded) on the way to its pod.
+    pub const TC_DSR_DECODED: u32 = 45;
+    /// TC, endpoint's node: a pod's reply of a Direct Server Return flow left for the client
+    /// with the frontend as its source.
+    pub const TC_DSR_REPLY: u32 = 46;
+    /// TC, endpoint's node: a packet whose frontend option names no frontend this node serves
+    /// (spoofed or garbled), or is malformed, was dropped.
+    pub const TC_DSR_REFUSED: u32 = 47;
     /// TC: a new flow of a Maglev frontend took the backend its Maglev table gives the flow's
     /// hash.
-    pub const TC_MAGLEV_PICKED: u32 = 44;
+    pub const TC_MAGLEV_PICKED: u32 = 48;
     /// TC: a new flow of a Maglev frontend went to a random backend: the agent had not (yet)
     /// given the datapath the table's settings, or the table slot was empty.
-    pub const TC_MAGLEV_UNAVAILABLE: u32 = 45;
+    pub const TC_MAGLEV_UNAVAILABLE: u32 = 49;
     /// Number of reason slots (size of the metrics array).
-    pub const COUNT: u32 = 48;
+    pub const COUNT: u32 = 64;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 46] = [
+    pub const NAMES: [&str; 50] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -317,6 +338,10 @@ pub mod reason {
         "tc_fragment_untracked",
         "tc_frag_needed_sent",
         "tc_mtu_exceeded",
+        "tc_dsr_encoded",
+        "tc_dsr_decoded",
+        "tc_dsr_reply",
+        "tc_dsr_refused",
         "tc_maglev_picked",
         "tc_maglev_unavailable",
     ];
@@ -555,6 +580,9 @@ pub mod ct_flags {
     pub const SEQ_FORWARD: u16 = 1 << 6;
     /// On the reply entry of a TCP flow: the backend's half of the sequence ends is set.
     pub const SEQ_REPLY: u16 = 1 << 7;
+    /// On a forward entry: the flow uses Direct Server Return (the endpoint's node answers the
+    /// client directly; this node never sees a reply and keeps no reply entry).
+    pub const DSR: u16 = 1 << 8;
 }
 
 /// The sequence space a TCP flow has used, kept on its reply entry: a reply entry has no
@@ -729,6 +757,49 @@ pub struct Ct6Entry {
 }
 assert_layout!(Ct6Entry, size = 56, align = 8);
 
+/// Value of the IPv4 Direct Server Return map on an endpoint's node (key: [`Ct4Key`], the
+/// tuple the pod replies with): the frontend the reply's source is rewritten to, until
+/// `expires_ns` (`bpf_ktime_get_ns`), which packets carrying the option push forward.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Dsr4Entry {
+    pub expires_ns: u64,
+    pub address: u32,
+    pub port_be: u16,
+    pub pad: u16,
+}
+assert_layout!(Dsr4Entry, size = 16, align = 8);
+
+/// Value of the IPv6 Direct Server Return map (key: [`Ct6Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Dsr6Entry {
+    pub expires_ns: u64,
+    pub address: [u32; 4],
+    pub port_be: u16,
+    pub pad: [u16; 3],
+}
+assert_layout!(Dsr6Entry, size = 32, align = 8);
+
+/// The wire encoding of Direct Server Return: the ingress node inserts the frontend (address
+/// and port) as an IPv4 option or an IPv6 destination option; the endpoint's node removes it.
+pub mod dsr_option {
+    /// IPv4 option type: copied on fragmentation (0x80), class 0, number 0x1a (the number
+    /// Cilium uses for the same purpose; not assigned by IANA).
+    pub const IPV4_TYPE: u8 = 0x9a;
+    /// IPv4 option length: type, length, port (2), address (4).
+    pub const IPV4_LEN: u8 = 8;
+    /// IPv6 destination option type: the two high bits 00 ("skip if unrecognised"), an
+    /// experimental number (RFC 4727 reserves 0x1e for experiments).
+    pub const IPV6_TYPE: u8 = 0x1e;
+    /// The destination options header: next header, length (2 = 24 bytes), option type,
+    /// option length (20), address (16), port (2), and a PadN option of 2 bytes.
+    pub const IPV6_HEADER_LEN: u8 = 24;
+    pub const IPV6_OPTION_LEN: u8 = 20;
+    /// The IPv6 next-header number of a destination options header.
+    pub const NEXTHDR_DEST: u8 = 60;
+}
+
 /// Data of an IPv4 source-ranges LPM key; the trie's prefix length is `32 + prefix`, so the
 /// service id always matches exactly and the address by the range's prefix.
 #[repr(C)]
@@ -757,6 +828,11 @@ pub mod config_flags {
     pub const CLUSTER_CIDR6: u8 = 1 << 1;
     /// `--masquerade-all`: every ClusterIP flow through TC is masqueraded.
     pub const MASQUERADE_ALL: u8 = 1 << 2;
+    /// `--lb-mode dsr` or `hybrid`: external TCP flows to remote endpoints use Direct Server
+    /// Return (unless their Service's annotation says `snat`).
+    pub const DSR_TCP: u8 = 1 << 3;
+    /// `--lb-mode dsr`: external UDP flows to remote endpoints use Direct Server Return.
+    pub const DSR_UDP: u8 = 1 << 4;
 }
 
 /// The agent's settings for the TC path (index 0 of the config array).

@@ -10,10 +10,11 @@ use core::marker::PhantomData;
 
 use crate::{
     AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_NO_PREALLOC, Backend4, Backend6, Ct4Entry,
-    Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Frag4Key, Frag6Key, FragPorts, RevNat4, RevNat6,
-    SOURCE_LAYOUT_VERSION, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceName,
-    ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
-    SockRevNat6Key, SourceRange4, SourceRange6, maglev::MaglevConfig, map_names, reason,
+    Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry, Frag4Key, Frag6Key, FragPorts,
+    RevNat4, RevNat6, SOURCE_LAYOUT_VERSION, Service4Key, Service6Key, ServiceGuard4,
+    ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, maglev::MaglevConfig,
+    map_names, reason,
 };
 
 /// The kernel map types the datapath uses.
@@ -370,6 +371,25 @@ pub const CT6_UNREPLIED: MapDef<Ct6Key, Ct6Entry> = MapDef::new(
     0,
     Writer::Datapath,
 );
+/// Direct Server Return on an endpoint's node: the tuple a pod replies with (pod → client) →
+/// the frontend the reply leaves with. Written by the TC path when a packet carrying the
+/// frontend option arrives (so it survives the agent), one entry per DSR flow served here;
+/// sized like the conntrack map (`--bpf-ct-global-max`).
+pub const DSR_REV4: MapDef<Ct4Key, Dsr4Entry> = MapDef::new(
+    map_names::DSR_REV4,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::Conntrack),
+    0,
+    Writer::Datapath,
+);
+/// Direct Server Return reverse entries of IPv6 flows.
+pub const DSR_REV6: MapDef<Ct6Key, Dsr6Entry> = MapDef::new(
+    map_names::DSR_REV6,
+    MapKind::LruHash,
+    Sizing::Setting(CapacitySetting::Conntrack),
+    0,
+    Writer::Datapath,
+);
 /// Entries of the fragment maps: datagrams being fragmented through the TC path at once. An
 /// entry lives until LRU eviction (a datagram's fragments arrive within microseconds, so
 /// 8 192 datagrams in flight is far beyond what a node forwards).
@@ -599,6 +619,8 @@ table! {
         MONITOR_CONFIG,
         MAGLEV,
         MAGLEV_CONFIG,
+        DSR_REV4,
+        DSR_REV6,
     ],
     untyped: [FIB_SCRATCH, FLOW_SCRATCH, REJECT_BUCKET, MONITOR_EVENTS, AYA_LOGS],
 }
@@ -796,6 +818,14 @@ mod tests {
         assert_eq!(FRAGMENTS4.spec.writer, Writer::Datapath);
         assert!(!SERVICES4.spec.preallocated());
         assert!(CT4.spec.preallocated());
+        // Direct Server Return: keyed like conntrack, sized with it, written by the datapath.
+        assert_eq!(DSR_REV4.spec.key_size, CT4.spec.key_size);
+        assert_eq!(DSR_REV6.spec.key_size, CT6.spec.key_size);
+        assert_eq!(DSR_REV4.spec.value_size, 16);
+        assert_eq!(DSR_REV6.spec.value_size, 32);
+        assert_eq!(DSR_REV6.spec.sizing, CT6.spec.sizing);
+        assert_eq!(DSR_REV4.spec.writer, Writer::Datapath);
+        assert!(DSR_REV4.spec.pinned && DSR_REV4.spec.preallocated());
     }
 
     #[test]

@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry,
-    Ct6Key, DatapathConfig, Frag4Key, Frag6Key, FragPorts, RejectBucket, RevNat4, RevNat6,
-    Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus,
-    ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
-    SourceRange4, SourceRange6,
+    Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry, Frag4Key, Frag6Key, FragPorts, RejectBucket,
+    RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceName,
+    ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
+    SockRevNat6Key, SourceRange4, SourceRange6,
     maglev::MaglevConfig,
     map_table::{self, MapDef, MapKind, MapSpec},
 };
@@ -115,6 +115,11 @@ table_map!(
     FRAG4_V1: LruHashMap<Frag4Key, FragPorts> = lru(map_table::FRAGMENTS4)
 );
 table_map!(FRAG6_V1: LruHashMap<Frag6Key, FragPorts> = lru(map_table::FRAGMENTS6));
+table_map!(
+    /// Direct Server Return on an endpoint's node: a pod's reply tuple → its frontend.
+    DSR_REV4_V1: LruHashMap<Ct4Key, Dsr4Entry> = lru(map_table::DSR_REV4)
+);
+table_map!(DSR_REV6_V1: LruHashMap<Ct6Key, Dsr6Entry> = lru(map_table::DSR_REV6));
 table_map!(
     /// loadBalancerSourceRanges per frontend.
     SRC_RANGE4_V1: LpmTrie<SourceRange4, u32> = trie(map_table::SOURCE_RANGES4)

@@ -15,7 +15,7 @@ use crate::{
         bpf_log, link_events, loader,
         lock::PinRootLock,
         mount_scope, mounts,
-        north_south::{self, InterfaceFollower, NorthSouth},
+        north_south::{self, Dsr, InterfaceFollower, NorthSouth},
         pins::PinLayout,
         versions,
     },
@@ -432,6 +432,11 @@ fn north_south_settings(args: &RunArgs) -> NorthSouth {
         interfaces: flags.interfaces.clone(),
         cluster_cidrs: flags.cluster_cidr.clone(),
         masquerade_all: flags.masquerade_all,
+        dsr: match flags.lb_mode {
+            crate::cli::LbMode::Snat => Dsr::Off,
+            crate::cli::LbMode::Dsr => Dsr::TcpAndUdp,
+            crate::cli::LbMode::Hybrid => Dsr::TcpOnly,
+        },
         snat_ports: flags.snat_port_range,
     }
 }

@@ -420,6 +420,24 @@ pub struct NorthSouthArgs {
     /// ports; if it cannot, a range overlapping net.ipv4.ip_local_port_range is refused.
     #[arg(long, default_value = "46000-65535", value_parser = port_range, value_name = "MIN-MAX")]
     pub snat_port_range: crate::bpf::north_south::PortRange,
+
+    /// How external traffic (NodePort, externalIPs, LoadBalancer IPs) with
+    /// externalTrafficPolicy Cluster reaches an endpoint on another node: `snat` masquerades
+    /// it to this node's address (replies come back through this node); `dsr` keeps the
+    /// client's address and carries the frontend to the endpoint's node in an IP option,
+    /// whose Switchyard answers the client directly (Direct Server Return); `hybrid` is DSR
+    /// for TCP and SNAT for UDP. A Service's `switchyard.dev/forwarding-mode: snat|dsr`
+    /// annotation overrides it. DSR needs Switchyard with DSR support on every node.
+    #[arg(long, value_enum, default_value_t = LbMode::Snat)]
+    pub lb_mode: LbMode,
+}
+
+/// `--lb-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbMode {
+    Snat,
+    Dsr,
+    Hybrid,
 }
 
 fn cidr(text: &str) -> Result<crate::model::Cidr, String> {
@@ -490,6 +508,7 @@ mod tests {
         assert!(args.north_south.interfaces.is_empty());
         assert!(args.north_south.cluster_cidr.is_empty());
         assert!(!args.north_south.masquerade_all);
+        assert_eq!(args.north_south.lb_mode, LbMode::Snat);
         assert_eq!(
             args.north_south.snat_port_range,
             PortRange {

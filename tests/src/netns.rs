@@ -184,7 +184,8 @@ fn wire(node: &str, backend: &Backend) -> Result<()> {
     Ok(())
 }
 
-fn wait_until_operational(namespace: &str, device: &str) -> Result<()> {
+/// Waits until `device` in `namespace` is operationally up.
+pub(crate) fn wait_until_operational(namespace: &str, device: &str) -> Result<()> {
     let is_up = || {
         let output = run_checked(
             Command::new("ip").args(["-n", namespace, "-o", "link", "show", "dev", device]),

@@ -37,9 +37,9 @@ use aya::{Ebpf, EbpfLoader, Pod};
 use nix::sched::{CloneFlags, setns};
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
-    Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, RevNat4, RevNat6,
-    Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceValue, SourceRange4,
-    SourceRange6, backend_state, config_flags, maglev::MaglevConfig, map_names, reason,
+    Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry,
+    RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceValue,
+    SourceRange4, SourceRange6, backend_state, config_flags, maglev::MaglevConfig, map_names, reason,
 };
 
 use crate::names;
@@ -819,6 +819,47 @@ impl TcFixture {
             }
         }
         Ok(None)
+    }
+
+    /// The Direct Server Return reverse entry under `key` (a pod's reply tuple): the frontend
+    /// its replies leave with and when the entry expires.
+    pub fn dsr_reverse(&self, key: &Tuple) -> Result<Option<(SocketAddr, u64)>> {
+        Ok(match (key.src.ip(), key.dst.ip()) {
+            (IpAddr::V4(_), IpAddr::V4(_)) => {
+                let map = self.hash::<Ct4Key, Dsr4Entry>(map_names::DSR_REV4)?;
+                optional(map.get(&ct4_key(key), 0))?.map(|entry| {
+                    let addr = IpAddr::V4(v4_from_word(entry.address));
+                    (
+                        SocketAddr::new(addr, u16::from_be(entry.port_be)),
+                        entry.expires_ns,
+                    )
+                })
+            }
+            (IpAddr::V6(_), IpAddr::V6(_)) => {
+                let map = self.hash::<Ct6Key, Dsr6Entry>(map_names::DSR_REV6)?;
+                optional(map.get(&ct6_key(key), 0))?.map(|entry| {
+                    let addr = IpAddr::V6(v6_from_words(entry.address));
+                    (
+                        SocketAddr::new(addr, u16::from_be(entry.port_be)),
+                        entry.expires_ns,
+                    )
+                })
+            }
+            _ => bail!("mixed-family tuple {key}"),
+        })
+    }
+
+    /// The number of Direct Server Return reverse entries of one family.
+    pub fn dsr_reverse_count(&self, ipv6: bool) -> Result<usize> {
+        Ok(if ipv6 {
+            self.hash::<Ct6Key, Dsr6Entry>(map_names::DSR_REV6)?
+                .keys()
+                .count()
+        } else {
+            self.hash::<Ct4Key, Dsr4Entry>(map_names::DSR_REV4)?
+                .keys()
+                .count()
+        })
     }
 
     /// Every conntrack entry of one family, in both maps (the main map's where a key is in

@@ -87,6 +87,20 @@ pub fn lookup<I: Inet>(
     dst: &I::Addr,
     want_src: bool,
 ) -> Result<Route<I::Addr>, NoRoute> {
+    lookup_grown::<I>(ctx, src, dst, want_src, 0)
+}
+
+/// [`lookup`] for a packet that grows by `room` bytes before it leaves (the Direct Server
+/// Return option): the MTU is checked against the grown length, and a packet too big is
+/// answered with the MTU less `room`, what the sender's packets may then carry.
+#[inline(always)]
+pub fn lookup_grown<I: Inet>(
+    ctx: &TcContext,
+    src: &I::Addr,
+    dst: &I::Addr,
+    want_src: bool,
+    room: u16,
+) -> Result<Route<I::Addr>, NoRoute> {
     let Some(params) = FIB_SCRATCH.get_ptr_mut(0) else {
         metrics::count(reason::TC_FIB_FAILED);
         return Err(NoRoute::Verdict(TC_ACT_SHOT));
@@ -98,7 +112,12 @@ pub fn lookup<I: Inet>(
     *params = unsafe { core::mem::zeroed() };
     params.family = I::AF;
     params.ifindex = ingress_ifindex(ctx);
-    params.__bindgen_anon_1.tot_len = checked_len::<I>(ctx);
+    let checked = checked_len::<I>(ctx);
+    params.__bindgen_anon_1.tot_len = if checked == 0 {
+        0
+    } else {
+        checked.saturating_add(room)
+    };
     I::fib_params(params, src, dst);
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: `params` is a map value of the size passed; ctx is this program's.
@@ -119,9 +138,8 @@ pub fn lookup<I: Inet>(
         BPF_FIB_LKUP_RET_NOT_FWDED if result >= 0 && !want_src => Exit::Stack,
         BPF_FIB_LKUP_RET_FRAG_NEEDED if result >= 0 => {
             // SAFETY: the kernel wrote the MTU over tot_len (a union) for this result.
-            return Err(NoRoute::TooBig(unsafe {
-                params.__bindgen_anon_1.mtu_result
-            }));
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            return Err(NoRoute::TooBig(mtu.saturating_sub(room)));
         }
         _ => {
             metrics::count(reason::TC_FIB_FAILED);
@@ -136,6 +154,16 @@ pub fn lookup<I: Inet>(
         src: I::fib_src(params),
         nexthop: I::fib_dst(params),
     })
+}
+
+impl<A: PartialEq> Route<A> {
+    /// Whether the route to `dst` goes through a gateway (another node reaches it), rather
+    /// than to a directly connected neighbour (a pod behind this node's own host veth) or
+    /// this node itself.
+    #[inline(always)]
+    pub fn via_gateway(&self, dst: &A) -> bool {
+        self.exit != Exit::Stack && self.nexthop != *dst
+    }
 }
 
 /// Sends the (already rewritten) packet out of the route's interface.

@@ -10,6 +10,7 @@
 //! carry no ports: they take those of its first fragment (see `Fragment`).
 mod csum;
 mod ct;
+mod dsr;
 mod events;
 mod fib;
 mod guard;
@@ -76,6 +77,12 @@ pub enum Step {
     Commit,
     /// The translated packet exceeds its route's MTU (this one).
     TooBig(u16),
+    /// A new Direct Server Return flow is decided (in `FLOW_SCRATCH`): store and send it.
+    DsrCommit,
+    /// A packet of a tracked Direct Server Return flow: send it with the frontend option.
+    DsrForward,
+    /// A pod's reply of a Direct Server Return flow served on this node.
+    DsrReply,
 }
 
 /// The stages are separate BPF functions called one after the other from here, never from
@@ -83,9 +90,18 @@ pub enum Step {
 /// stage (IPv6 especially) needs most of that. Each stage parses the headers again (a few
 /// loads) rather than receive them on the stack.
 #[inline(always)]
-fn run<I: Inet>(ctx: &TcContext) -> i32 {
+fn run<I: dsr::Encoding>(ctx: &TcContext) -> i32 {
+    if let Some(verdict) = dsr::arriving::<I>(ctx) {
+        return verdict;
+    }
     let step = match tracked::<I>(ctx) {
         Step::NewFlow => new_flow::<I>(ctx, new_flow_hash::<I>(ctx)),
+        other => other,
+    };
+    let step = match step {
+        Step::DsrCommit => dsr::commit::<I>(ctx),
+        Step::DsrForward => dsr::forward::<I>(ctx),
+        Step::DsrReply => dsr::reply::<I>(ctx),
         other => other,
     };
     match step {
@@ -95,7 +111,7 @@ fn run<I: Inet>(ctx: &TcContext) -> i32 {
         Step::IcmpError => icmp::translate_error::<I>(ctx),
         Step::Commit => commit::<I>(ctx),
         Step::TooBig(mtu) => pmtu::too_big::<I>(ctx, mtu),
-        Step::NewFlow => PASS,
+        Step::NewFlow | Step::DsrCommit | Step::DsrForward | Step::DsrReply => PASS,
     }
 }
 
@@ -110,7 +126,7 @@ fn parse_flow<I: Inet>(ctx: &TcContext) -> Option<Packet<I::Addr>> {
 
 /// First stage: parsing and the packets of tracked flows.
 #[inline(never)]
-fn tracked<I: Inet>(ctx: &TcContext) -> Step {
+fn tracked<I: dsr::Encoding>(ctx: &TcContext) -> Step {
     match I::parse(ctx) {
         Ok(Parsed::Flow(packet)) => {
             if packet.fragment == Fragment::First {
@@ -144,9 +160,12 @@ fn config() -> DatapathConfig {
 }
 
 #[inline(always)]
-fn flow<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
+fn flow<I: dsr::Encoding>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
     let now = ct::now_ns();
     if let Some(entry) = I::ct_get(&packet.tuple) {
+        if entry.flags & ct_flags::DSR != 0 {
+            return dsr::track::<I>(packet, &entry, now);
+        }
         if entry.flags & ct_flags::REPLY != 0 {
             return reply::<I>(ctx, packet, &entry, now);
         }
@@ -378,7 +397,7 @@ fn frontend<I: Inet>(
 
 /// Second stage: a packet that starts a flow (or is not for a service at all).
 #[inline(never)]
-fn new_flow<I: Inet>(ctx: &TcContext, flow_hash: u32) -> Step {
+fn new_flow<I: dsr::Encoding>(ctx: &TcContext, flow_hash: u32) -> Step {
     match parse_flow::<I>(ctx) {
         // A later fragment never starts a flow: its datagram's first fragment was not
         // translated, so the stack reassembles both.
@@ -390,10 +409,18 @@ fn new_flow<I: Inet>(ctx: &TcContext, flow_hash: u32) -> Step {
 }
 
 #[inline(always)]
-fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64, flow_hash: u32) -> Step {
+fn establish<I: dsr::Encoding>(
+    ctx: &TcContext,
+    packet: &Packet<I::Addr>,
+    now: u64,
+    flow_hash: u32,
+) -> Step {
     let tuple = &packet.tuple;
     let key = I::service_key(tuple.daddr, tuple.dport, tuple.proto, scope::EXTERNAL);
     let Some(master) = lb::master::<I>(key) else {
+        if dsr::is_reply::<I>(tuple) {
+            return Step::DsrReply;
+        }
         purge_stale_reply::<I>(packet, now);
         return guard::not_a_service::<I>(packet);
     };
@@ -442,16 +469,41 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64, flow_
     };
     let (backend_addr, backend_port) = I::backend_target(&backend);
     // Hairpin: a client reaching itself through the service must see another source.
-    let snat = frontend.snat || backend_addr == tuple.saddr;
-    let route = match fib::lookup::<I>(ctx, &tuple.saddr, &backend_addr, snat) {
+    let hairpin = backend_addr == tuple.saddr;
+    let snat = frontend.snat || hairpin;
+    // Direct Server Return: external traffic policy Cluster, to an endpoint another node
+    // reaches (whose route goes through a gateway); local endpoints are masqueraded as ever.
+    let dsr_candidate = frontend.snat
+        && !hairpin
+        && frontend.master.flags & service_flags::EXTERNAL != 0
+        && packet.fragment == Fragment::Whole
+        && dsr::wanted(frontend.master.flags, tuple.proto, &config)
+        && I::encodable(packet);
+    let route = match fib::lookup::<I>(ctx, &tuple.saddr, &backend_addr, snat && !dsr_candidate) {
         Ok(route) => route,
         Err(no_route) => return refused(no_route),
     };
+    let dsr = dsr_candidate && route.via_gateway(&backend_addr);
+    let route = if dsr_candidate && !dsr {
+        match fib::lookup::<I>(ctx, &tuple.saddr, &backend_addr, snat) {
+            Ok(route) => route,
+            Err(no_route) => return refused(no_route),
+        }
+    } else {
+        route
+    };
+    let snat = snat && !dsr;
     let Some(pending) = pending::<I>() else {
         metrics::count(reason::TC_CT_STORE_FAILED);
         return Step::Verdict(DROP);
     };
-    let snat_flag = if snat { ct_flags::SNAT } else { 0 };
+    let snat_flag = if snat {
+        ct_flags::SNAT
+    } else if dsr {
+        ct_flags::DSR
+    } else {
+        0
+    };
     let (seq_word, seq_flag) = seq::first::<I>(ctx, packet);
     pending.reply = Flow {
         to: tuple.reversed(),
@@ -479,7 +531,7 @@ fn establish<I: Inet>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64, flow_
     pending.route = route;
     pending.config = config;
     pending.snat = snat;
-    Step::Commit
+    if dsr { Step::DsrCommit } else { Step::Commit }
 }
 
 /// The new flow being committed, in this CPU's scratch space.

@@ -48,6 +48,17 @@ pub struct NorthSouth {
     pub cluster_cidrs: Vec<Cidr>,
     pub masquerade_all: bool,
     pub snat_ports: PortRange,
+    /// Which external flows to remote endpoints use Direct Server Return (`--lb-mode`).
+    pub dsr: Dsr,
+}
+
+/// Direct Server Return by protocol (`--lb-mode snat | dsr | hybrid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Dsr {
+    #[default]
+    Off,
+    TcpAndUdp,
+    TcpOnly,
 }
 
 impl NorthSouth {
@@ -72,6 +83,11 @@ impl NorthSouth {
         if self.masquerade_all {
             config.flags |= config_flags::MASQUERADE_ALL;
         }
+        config.flags |= match self.dsr {
+            Dsr::Off => 0,
+            Dsr::TcpAndUdp => config_flags::DSR_TCP | config_flags::DSR_UDP,
+            Dsr::TcpOnly => config_flags::DSR_TCP,
+        };
         for cidr in &self.cluster_cidrs {
             match cidr.ip() {
                 IpAddr::V4(v4) => {
@@ -376,6 +392,30 @@ mod tests {
             .iter()
             .map(|(name, index)| ((*name).to_owned(), *index))
             .collect()
+    }
+
+    #[test]
+    fn lb_mode_sets_the_dsr_protocols_and_snat_sets_none() {
+        let settings = |dsr| NorthSouth {
+            interfaces: Vec::new(),
+            cluster_cidrs: Vec::new(),
+            masquerade_all: false,
+            snat_ports: PortRange {
+                min: 46000,
+                max: 65535,
+            },
+            dsr,
+        };
+        let both = config_flags::DSR_TCP | config_flags::DSR_UDP;
+        assert_eq!(settings(Dsr::Off).datapath_config().flags & both, 0);
+        assert_eq!(
+            settings(Dsr::TcpAndUdp).datapath_config().flags & both,
+            both
+        );
+        assert_eq!(
+            settings(Dsr::TcpOnly).datapath_config().flags & both,
+            config_flags::DSR_TCP
+        );
     }
 
     #[test]

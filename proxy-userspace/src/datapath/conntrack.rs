@@ -14,7 +14,9 @@ use aya::{
     Pod,
     maps::{HashMap, MapData, MapError},
 };
-use proxy_common::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, ct_flags, map_names, protocol};
+use proxy_common::{
+    Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Dsr4Entry, Dsr6Entry, ct_flags, map_names, protocol,
+};
 
 use crate::bpf::pins::PinLayout;
 
@@ -186,6 +188,13 @@ impl TrackedFlow {
     pub fn masqueraded(&self) -> bool {
         self.flags & ct_flags::SNAT != 0
     }
+
+    /// A Direct Server Return flow: sent to another node's endpoint with the client's address
+    /// and the frontend option; its replies never pass this node (so its state is what the
+    /// client's packets show).
+    pub fn direct_server_return(&self) -> bool {
+        self.flags & ct_flags::DSR != 0
+    }
 }
 
 /// The serving endpoints of each UDP frontend, by its rev-NAT id; `None` when its Service
@@ -322,6 +331,53 @@ pub struct Conntrack {
 
 fn open<K: Pod, V: Pod>(path: &Path) -> Result<HashMap<MapData, K, V>, MapError> {
     HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(path)?))
+}
+
+/// A Direct Server Return flow served on this node (an entry of `DSR_REV4_V1`/`DSR_REV6_V1`):
+/// its pod's replies leave for the client with the frontend as their source.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DsrReply {
+    pub protocol: u8,
+    pub client: SocketAddr,
+    pub pod: SocketAddr,
+    pub frontend: SocketAddr,
+    pub expires_in_ns: u64,
+}
+
+/// The live Direct Server Return reply entries of both families (none when the maps are not
+/// pinned, as under an agent without DSR support).
+pub fn dsr_replies(pins: &PinLayout, now_ns: u64) -> Vec<DsrReply> {
+    let mut replies = Vec::new();
+    if let Ok(map) = open::<Ct4Key, Dsr4Entry>(&pins.map(map_names::DSR_REV4)) {
+        for (key, entry) in map.iter().flatten() {
+            if entry.expires_ns > now_ns {
+                let (pod, client) = V4::ends(&key);
+                replies.push(DsrReply {
+                    protocol: key.protocol,
+                    client,
+                    pod,
+                    frontend: v4_socket(entry.address, entry.port_be),
+                    expires_in_ns: entry.expires_ns - now_ns,
+                });
+            }
+        }
+    }
+    if let Ok(map) = open::<Ct6Key, Dsr6Entry>(&pins.map(map_names::DSR_REV6)) {
+        for (key, entry) in map.iter().flatten() {
+            if entry.expires_ns > now_ns {
+                let (pod, client) = V6::ends(&key);
+                replies.push(DsrReply {
+                    protocol: key.protocol,
+                    client,
+                    pod,
+                    frontend: v6_socket(entry.address, entry.port_be),
+                    expires_in_ns: entry.expires_ns - now_ns,
+                });
+            }
+        }
+    }
+    replies.sort();
+    replies
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 
 use proxy_common::service_flags::{
-    CLUSTER_IP, EXTERNAL_IP, EXTERNAL_LOCAL, LOAD_BALANCER, NO_LOCAL_ENDPOINTS, NODE_PORT,
-    SOURCE_RANGES,
+    CLUSTER_IP, EXTERNAL_IP, EXTERNAL_LOCAL, FORWARD_DSR, FORWARD_SNAT, LOAD_BALANCER,
+    NO_LOCAL_ENDPOINTS, NODE_PORT, SOURCE_RANGES,
 };
 
 use super::{Frontend, ModelConfig, ModelOutput, Scope, build};
@@ -514,4 +514,48 @@ fn a_headless_service_has_no_external_frontends() {
     );
     let output = build_yaml(&yaml);
     assert!(output.desired.frontends.is_empty());
+}
+
+/// A Service with the forwarding-mode annotation `mode` (a NodePort and an LB IP).
+fn annotated(name: &str, mode: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: p, annotations: {{switchyard.dev/forwarding-mode: {mode}}}}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.{}, ports: [{{name: http, port: 80, nodePort: {}}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 1.2.3.{}}}]}}}}\n",
+        name.len(),
+        30000 + name.len(),
+        name.len()
+    )
+}
+
+#[test]
+fn forwarding_mode_annotation_marks_external_frontends_and_a_bad_value_is_one_services_problem() {
+    let yaml = annotated("d", "dsr") + &annotated("sn", "snat") + &annotated("bad", "direct");
+    let output = build_yaml(&yaml);
+    assert_eq!(
+        get(&output, "1.2.3.1:80/TCP", Scope::Cluster).flags,
+        LOAD_BALANCER | FORWARD_DSR
+    );
+    assert_eq!(
+        get(&output, "192.168.0.2:30001/TCP", Scope::Cluster).flags,
+        NODE_PORT | FORWARD_DSR
+    );
+    assert_eq!(
+        get(&output, "10.96.0.1:80/TCP", Scope::Cluster).flags,
+        CLUSTER_IP,
+        "ClusterIPs never use DSR"
+    );
+    assert_eq!(
+        get(&output, "1.2.3.2:80/TCP", Scope::Cluster).flags,
+        LOAD_BALANCER | FORWARD_SNAT
+    );
+    // An invalid value: reported for that Service only, which follows --lb-mode.
+    assert_eq!(
+        get(&output, "1.2.3.3:80/TCP", Scope::Cluster).flags,
+        LOAD_BALANCER
+    );
+    let problems = reasons(&output);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("p/bad") && problems[0].contains("\"direct\""),
+        "{problems:?}"
+    );
 }

@@ -21,6 +21,9 @@ use super::problems::ServiceId;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label that hands a Service to another proxy (kube-proxy skips such Services too).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service's forwarding mode for external traffic to remote endpoints (`snat` or `dsr`),
+/// overriding `--lb-mode` (Cilium's `service.cilium.io/forwarding-mode` is the precedent).
+pub const FORWARDING_MODE_ANNOTATION: &str = "switchyard.dev/forwarding-mode";
 /// The node label carrying its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The taint the cluster autoscaler puts on a node it is about to remove (KEP-3836: load
@@ -124,6 +127,8 @@ pub struct ServiceInput {
     pub id: ServiceId,
     /// The `service.kubernetes.io/service-proxy-name` label.
     pub proxy_name: Option<String>,
+    /// The [`FORWARDING_MODE_ANNOTATION`] annotation.
+    pub forwarding_mode: Option<String>,
     /// Whether the object has a spec at all.
     pub has_spec: bool,
     pub type_: Option<Word>,
@@ -173,6 +178,11 @@ impl From<&Service> for ServiceInput {
                 .as_ref()
                 .and_then(|annotations| annotations.get(super::LB_ALGORITHM_ANNOTATION))
                 .cloned(),
+            forwarding_mode: service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(FORWARDING_MODE_ANNOTATION).cloned()),
             has_spec: spec.is_some(),
             type_: spec.and_then(|s| word(s.type_.as_deref())),
             cluster_ip: spec.and_then(|s| s.cluster_ip.clone()),

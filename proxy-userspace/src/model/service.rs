@@ -166,6 +166,22 @@ struct Policies {
     affinity_timeout_secs: u32,
     /// `service_flags::MAGLEV` for the Service's external frontends, or 0.
     external_algorithm_flag: u16,
+    /// `FORWARD_DSR` / `FORWARD_SNAT` from the forwarding-mode annotation (0: `--lb-mode`).
+    forward_flag: u16,
+}
+
+/// The service flag the forwarding-mode annotation asks for; `Err` names a value that is
+/// neither `snat` nor `dsr` (the Service then follows `--lb-mode`).
+fn forwarding_flag(service: &ServiceInput) -> Result<u16, String> {
+    match service.forwarding_mode.as_deref().map(str::trim) {
+        None => Ok(0),
+        Some(mode) if mode.eq_ignore_ascii_case("snat") => Ok(service_flags::FORWARD_SNAT),
+        Some(mode) if mode.eq_ignore_ascii_case("dsr") => Ok(service_flags::FORWARD_DSR),
+        Some(other) => Err(format!(
+            "annotation {}: {other:?} is neither \"snat\" nor \"dsr\"; --lb-mode applies",
+            super::input::FORWARDING_MODE_ANNOTATION
+        )),
+    }
 }
 
 /// The Service's algorithm: its annotation's, or `--lb-algorithm` when it has none or one
@@ -209,6 +225,7 @@ fn policies(service: &ServiceInput, config: &ModelConfig, problems: &mut Problem
         internal_local: service.internal_traffic_policy.as_deref() == Some("Local"),
         affinity_timeout_secs,
         external_algorithm_flag,
+        forward_flag: forwarding_flag(service).unwrap_or(0),
     }
 }
 
@@ -443,7 +460,8 @@ impl ServiceContext<'_> {
             let key = key_for(ip, number);
             // loadBalancerSourceRanges guard load-balancer IPs only, never NodePorts.
             let ranges = lb_ranges.as_ref().filter(|_| kind == Kind::LoadBalancer);
-            let mut flags = kind.flag() | self.policies.external_algorithm_flag;
+            let mut flags =
+                kind.flag() | self.policies.external_algorithm_flag | self.policies.forward_flag;
             if ranges.is_some() {
                 flags |= service_flags::SOURCE_RANGES;
             }
@@ -576,6 +594,9 @@ pub fn service_output(
         policies: policies(service, config, &mut problems),
         exposure,
     };
+    if let Err(reason) = forwarding_flag(service) {
+        service.id.report(&mut problems, reason);
+    }
     context.report_foreign_families(&ips, &mut problems);
     context.report_host_external_ips(&mut problems);
     let node = config.node_name.as_deref();

@@ -37,6 +37,8 @@ pub struct Inspection {
     pub sockets: Vec<SocketTranslation>,
     /// The TC path's live flows.
     pub flows: Vec<TrackedFlow>,
+    /// Direct Server Return flows whose endpoints are on this node.
+    pub dsr_replies: Vec<crate::datapath::conntrack::DsrReply>,
     /// Every pinned map as the kernel holds it.
     pub maps: Vec<PinnedMap>,
 }
@@ -168,6 +170,7 @@ pub fn read(
         counters,
         sockets,
         flows: conntrack.flows(monotonic_now_ns()),
+        dsr_replies: crate::datapath::conntrack::dsr_replies(pins, monotonic_now_ns()),
         maps: pinned_maps(pins, &entries),
     })
 }
@@ -316,11 +319,22 @@ pub fn conntrack(inspection: &Inspection) -> Vec<Value> {
             "translated_source": flow.translated_source.to_string(),
             "backend": flow.backend.to_string(),
             "masqueraded": flow.masqueraded(),
+            "direct_server_return": flow.direct_server_return(),
             "state": flow.state(),
             "expires_in_seconds": flow.expires_in_ns / 1_000_000_000,
         })
     });
-    sockets.chain(flows).collect()
+    let dsr_replies = inspection.dsr_replies.iter().map(|reply| {
+        json!({
+            "kind": "dsr-reply",
+            "protocol": protocol_name(reply.protocol),
+            "client": reply.client.to_string(),
+            "frontend": reply.frontend.to_string(),
+            "backend": reply.pod.to_string(),
+            "expires_in_seconds": reply.expires_in_ns / 1_000_000_000,
+        })
+    });
+    sockets.chain(flows).chain(dsr_replies).collect()
 }
 
 fn protocol_name(number: u8) -> String {
@@ -414,9 +428,12 @@ fn rows(items: &[Value], fields: &[&str]) -> Vec<Vec<String>> {
 
 /// Socket translations, then TC flows, as two tables.
 fn conntrack_table(inspection: &Inspection) -> String {
-    let (sockets, flows): (Vec<Value>, Vec<Value>) = conntrack(inspection)
+    let (sockets, others): (Vec<Value>, Vec<Value>) = conntrack(inspection)
         .into_iter()
         .partition(|item| item["kind"] == "socket");
+    let (dsr_replies, flows): (Vec<Value>, Vec<Value>) = others
+        .into_iter()
+        .partition(|item| item["kind"] == "dsr-reply");
     let mut out = String::from(
         "# socket translations (the socket load balancer: one per connected socket)\n",
     );
@@ -455,6 +472,24 @@ fn conntrack_table(inspection: &Inspection) -> String {
             ],
         ),
     ));
+    if !dsr_replies.is_empty() {
+        out.push_str(
+            "\n# Direct Server Return replies (endpoints on this node answer the client from the frontend)\n",
+        );
+        out.push_str(&table(
+            &["PROTO", "CLIENT", "FRONTEND", "BACKEND", "EXPIRES(S)"],
+            &rows(
+                &dsr_replies,
+                &[
+                    "protocol",
+                    "client",
+                    "frontend",
+                    "backend",
+                    "expires_in_seconds",
+                ],
+            ),
+        ));
+    }
     out
 }
 
@@ -612,6 +647,7 @@ mod tests {
             counters: Vec::new(),
             sockets: Vec::new(),
             flows: Vec::new(),
+            dsr_replies: Vec::new(),
             maps: Vec::new(),
         }
     }
@@ -794,6 +830,7 @@ mod tests {
         assert_eq!(flow["translated_source"], "10.240.1.1:61001");
         assert_eq!(flow["backend"], "10.240.1.2:8080");
         assert_eq!(flow["masqueraded"], true);
+        assert_eq!(flow["direct_server_return"], false);
         assert_eq!(flow["state"], "established");
         assert_eq!(flow["expires_in_seconds"], 86_399);
         let table = render_table("conntrack", &inspection);
@@ -809,5 +846,44 @@ mod tests {
         ] {
             assert!(flow_line.contains(cell), "{cell} missing from {flow_line}");
         }
+    }
+
+    #[test]
+    fn conntrack_lists_dsr_flows_on_both_nodes_distinguishably() {
+        let mut inspection = inspection(&[]);
+        inspection.flows.push(TrackedFlow {
+            protocol: proxy_common::protocol::TCP,
+            client: "192.0.2.9:40000".parse().unwrap(),
+            frontend: "192.0.2.1:30080".parse().unwrap(),
+            translated_source: "192.0.2.9:40000".parse().unwrap(),
+            backend: "10.240.2.2:8080".parse().unwrap(),
+            rev_nat_id: 7,
+            flags: proxy_common::ct_flags::DSR | proxy_common::ct_flags::SEEN_REPLY,
+            expires_in_ns: 10_000_000_000,
+        });
+        inspection
+            .dsr_replies
+            .push(crate::datapath::conntrack::DsrReply {
+                protocol: proxy_common::protocol::UDP,
+                client: "192.0.2.8:41000".parse().unwrap(),
+                pod: "10.240.1.3:8080".parse().unwrap(),
+                frontend: "192.0.2.7:30081".parse().unwrap(),
+                expires_in_ns: 120_000_000_000,
+            });
+        let items = conntrack(&inspection);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0]["direct_server_return"], true);
+        assert_eq!(items[0]["masqueraded"], false);
+        assert_eq!(items[1]["kind"], "dsr-reply");
+        assert_eq!(items[1]["frontend"], "192.0.2.7:30081");
+        assert_eq!(items[1]["backend"], "10.240.1.3:8080");
+        assert_eq!(items[1]["expires_in_seconds"], 120);
+        let table = render_table("conntrack", &inspection);
+        let reply_line = table
+            .lines()
+            .skip_while(|line| !line.starts_with("# Direct Server Return"))
+            .find(|line| line.starts_with("udp"))
+            .unwrap_or_else(|| panic!("no DSR reply row in\n{table}"));
+        assert!(reply_line.contains("192.0.2.7:30081"), "{reply_line}");
     }
 }

@@ -82,6 +82,8 @@ pub struct ClusterConfig {
     pub pods_per_node: usize,
     /// The Services, all backed by the pods (of the nodes each names).
     pub services: Vec<ClusterService>,
+    /// Extra arguments of every node's agent (e.g. `--lb-mode dsr`).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterConfig {
@@ -97,7 +99,16 @@ impl ClusterConfig {
             zones,
             pods_per_node,
             services: Vec::new(),
+            agent_args: Vec::new(),
         }
+    }
+
+    /// Adds arguments to every node's agent command line.
+    #[must_use]
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args
+            .extend(args.iter().map(|arg| (*arg).to_owned()));
+        self
     }
 
     #[must_use]
@@ -138,6 +149,8 @@ pub struct Cluster {
     addresses: PodAddresses,
     services: Vec<ClusterService>,
     testkit: Testkit,
+    /// Extra arguments of each node's agent, by node.
+    agent_args: Vec<Vec<String>>,
 }
 
 impl Cluster {
@@ -208,6 +221,7 @@ impl Cluster {
             addresses: PodAddresses::default(),
             services: config.services,
             testkit,
+            agent_args: vec![config.agent_args; count],
         };
         for node in 0..count {
             cluster.add_client_pod(node)?;
@@ -485,13 +499,15 @@ impl Cluster {
 
     fn try_start_agent(&mut self, node: usize) -> Result<()> {
         let entry = &mut self.nodes[node];
+        let mut args = vec!["--node-name", &entry.name, "--cluster-cidr", CLUSTER_CIDR];
+        args.extend(self.agent_args[node].iter().map(String::as_str));
         let agent = Agent::start_in_netns(
             &entry.netns,
             &entry.cgroup,
             &entry.bpffs,
             "--kubeconfig",
             &entry.kubeconfig,
-            &["--node-name", &entry.name, "--cluster-cidr", CLUSTER_CIDR],
+            &args,
         )?;
         entry.agent = Some(agent);
         Ok(())
@@ -527,6 +543,20 @@ impl Cluster {
     pub fn restart_agent(&mut self, node: usize) {
         self.agent(node)
             .restart()
+            .and_then(|()| self.wait_ready(node))
+            .unwrap_or_else(|e| panic!("restarting the agent of node {node}: {e:#}"));
+    }
+
+    /// SIGKILLs the agent of `node` and starts it with `extra_args` in place of its extra
+    /// arguments (its pins stay); returns once it is ready.
+    pub fn restart_agent_with(&mut self, node: usize, extra_args: &[&str]) {
+        if let Some(mut agent) = self.nodes[node].agent.take() {
+            agent
+                .kill()
+                .unwrap_or_else(|e| panic!("stopping the agent of node {node}: {e:#}"));
+        }
+        self.agent_args[node] = extra_args.iter().map(|arg| (*arg).to_owned()).collect();
+        self.try_start_agent(node)
             .and_then(|()| self.wait_ready(node))
             .unwrap_or_else(|e| panic!("restarting the agent of node {node}: {e:#}"));
     }

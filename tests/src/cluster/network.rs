@@ -9,13 +9,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 
-use crate::netns::delete_namespace;
-use crate::process::{run_checked, wait_until};
+use crate::netns::{delete_namespace, wait_until_operational};
+use crate::process::run_checked;
 
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
-const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// At most this many nodes (a node's index is an octet of its addresses).
 pub const MAX_NODES: usize = 50;
@@ -518,21 +517,6 @@ fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
         IP_TIMEOUT,
     )
     .map(drop)
-}
-
-fn wait_until_operational(netns: &str, device: &str) -> Result<()> {
-    let is_up = || {
-        let output = run_checked(
-            Command::new("ip").args(["-n", netns, "-o", "link", "show", "dev", device]),
-            IP_TIMEOUT,
-        )
-        .ok()?;
-        String::from_utf8_lossy(&output.stdout)
-            .contains(" state UP ")
-            .then_some(())
-    };
-    wait_until(LINK_UP_TIMEOUT, Duration::from_millis(5), is_up)
-        .with_context(|| format!("{device} in {netns} did not come up"))
 }
 
 pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
