@@ -3252,6 +3252,8 @@ fn a_syn_flood_never_evicts_an_established_flow() {
 /// A Maglev NodePort: each new flow goes to the backend the agent's table (built by the agent's
 /// own code from the backends' addresses) gives the flow's hash, and different flows spread
 /// over the backends. Until the agent has written the table's settings, flows go at random.
+/// A mid-stream segment of a flow this node has never seen (its ingress node changed) is
+/// picked up the same way: the node it moved to sends it to the same backend.
 #[test]
 fn maglev_nodeport_flows_go_where_the_agents_table_says() {
     use proxy_userspace::{maglev, model};
@@ -3301,8 +3303,14 @@ fn maglev_nodeport_flows_go_where_the_agents_table_says() {
             let tuple = Tuple::new(client, fe, TCP);
             let hash = flow_hash(&tuple, settings.seed);
             let predicted = table[(hash % settings.table_size) as usize];
-            let (_, _, out) = inject(&fx, Packet::tcp(client, fe, SYN, 1000, 0));
-            let translated = expect_redirect(&out, &what(&format!("SYN from port {port}")));
+            // Every fourth flow arrives mid-stream (data, no SYN).
+            let (segment, flags, ack) = if port % 4 == 3 {
+                ("mid-stream ACK", ACK, 7000)
+            } else {
+                ("SYN", SYN, 0)
+            };
+            let (_, _, out) = inject(&fx, Packet::tcp(client, fe, flags, 1000, ack));
+            let translated = expect_redirect(&out, &what(&format!("{segment} from port {port}")));
             assert_eq!(
                 translated.dst_socket(),
                 SocketAddr::new(predicted.ip, predicted.port),
