@@ -76,6 +76,10 @@ pub mod map_names {
     /// The TC path's IP fragments: which ports a fragmented datagram's first fragment carried.
     pub const FRAGMENTS4: &str = "FRAG4_V1";
     pub const FRAGMENTS6: &str = "FRAG6_V1";
+    /// The Maglev lookup tables, one after the other (see `map_table::MAGLEV`).
+    pub const MAGLEV: &str = "MAGLEV_V1";
+    /// The Maglev tables' size and the flow hash's seed (one entry).
+    pub const MAGLEV_CONFIG: &str = "MAGLEV_CFG_V1";
     /// Direct Server Return on an endpoint's node: reply tuple → the frontend the reply
     /// leaves with (see `map_table::DSR_REV4`).
     pub const DSR_REV4: &str = "DSR_REV4_V1";
@@ -140,6 +144,11 @@ pub mod service_flags {
     pub const FORWARD_DSR: u16 = 1 << 8;
     /// The Service's `switchyard.dev/forwarding-mode: snat` annotation: always masqueraded.
     pub const FORWARD_SNAT: u16 = 1 << 9;
+
+    /// On an external frontend (NodePort, externalIP, LoadBalancer IP): new flows through the
+    /// TC path take their backend from the Maglev table whose number is the master entry's
+    /// `backend_id` (see [`crate::maglev`]); otherwise a random slot.
+    pub const MAGLEV: u16 = 1 << 10;
 
     /// Any externally reachable frontend kind.
     pub const EXTERNAL: u16 = NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
@@ -274,11 +283,17 @@ pub mod reason {
     /// TC, endpoint's node: a packet whose frontend option names no frontend this node serves
     /// (spoofed or garbled), or is malformed, was dropped.
     pub const TC_DSR_REFUSED: u32 = 47;
+    /// TC: a new flow of a Maglev frontend took the backend its Maglev table gives the flow's
+    /// hash.
+    pub const TC_MAGLEV_PICKED: u32 = 48;
+    /// TC: a new flow of a Maglev frontend went to a random backend: the agent had not (yet)
+    /// given the datapath the table's settings, or the table slot was empty.
+    pub const TC_MAGLEV_UNAVAILABLE: u32 = 49;
     /// Number of reason slots (size of the metrics array).
-    pub const COUNT: u32 = 48;
+    pub const COUNT: u32 = 64;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 48] = [
+    pub const NAMES: [&str; 50] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -327,6 +342,8 @@ pub mod reason {
         "tc_dsr_decoded",
         "tc_dsr_reply",
         "tc_dsr_refused",
+        "tc_maglev_picked",
+        "tc_maglev_unavailable",
     ];
 }
 
@@ -341,6 +358,9 @@ macro_rules! assert_layout {
         unsafe impl aya::Pod for $ty {}
     };
 }
+
+// After the macro: its layout assertions use it.
+pub mod maglev;
 
 /// Key of the IPv4 services map. `backend_slot` 0 is the master entry of the frontend; slots
 /// `1..=count` hold its backends.
@@ -369,8 +389,9 @@ pub struct Service6Key {
 }
 assert_layout!(Service6Key, size = 24, align = 4);
 
-/// Value of both services maps. In the master entry (slot 0) `backend_id` is 0 and `count`,
-/// `rev_nat_id`, `flags` and `affinity_timeout_secs` describe the frontend; in a backend slot
+/// Value of both services maps. In the master entry (slot 0) `count`, `rev_nat_id`, `flags`
+/// and `affinity_timeout_secs` describe the frontend, and `backend_id` is the number of its
+/// Maglev table when `flags` has `service_flags::MAGLEV` (0 otherwise); in a backend slot
 /// `backend_id` names the backend and `rev_nat_id` repeats the frontend's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -13,7 +13,8 @@ use crate::{
     Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry, Frag4Key, Frag6Key, FragPorts,
     RevNat4, RevNat6, SOURCE_LAYOUT_VERSION, Service4Key, Service6Key, ServiceGuard4,
     ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SockConfig, SockRevNat4,
-    SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, map_names, reason,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, maglev::MaglevConfig,
+    map_names, reason,
 };
 
 /// The kernel map types the datapath uses.
@@ -103,16 +104,23 @@ pub enum CapacitySetting {
     Affinity,
     /// loadBalancerSourceRanges prefixes (`--bpf-lb-source-range-map-max`).
     SourceRanges,
+    /// Slots of every Maglev table together (`--bpf-maglev-tables-max` times
+    /// `--maglev-table-size`).
+    Maglev,
 }
 
+/// The number of Maglev tables the default capacity holds.
+pub const DEFAULT_MAGLEV_TABLES: u32 = 64;
+
 impl CapacitySetting {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::LoadBalancer,
         Self::Conntrack,
         Self::ConntrackUnreplied,
         Self::SockRevNat,
         Self::Affinity,
         Self::SourceRanges,
+        Self::Maglev,
     ];
 
     /// The default capacity of every map this setting sizes.
@@ -137,6 +145,8 @@ impl CapacitySetting {
             Self::Affinity => 65_536,
             // Prefixes of every Service's loadBalancerSourceRanges together, per family.
             Self::SourceRanges => 65_536,
+            // 64 tables of the default size: 4 MiB, preallocated.
+            Self::Maglev => DEFAULT_MAGLEV_TABLES * crate::maglev::DEFAULT_TABLE_SIZE,
         }
     }
 }
@@ -436,6 +446,27 @@ pub const DATAPATH_CONFIG: MapDef<u32, DatapathConfig> = MapDef::new(
     Writer::Agent,
 );
 
+/// The Maglev lookup tables, `table_size` slots each, one after the other: table `n` (1-based,
+/// as a master entry's `backend_id` names it) holds slots `(n - 1) * table_size ..
+/// n * table_size`, each a backend id. A flat array (as Katran's) rather than a map of maps:
+/// aya-ebpf 0.2.1 declares no map-of-maps. Its size is set by the agent's flags, and the agent
+/// rewrites every table it uses at start, so a resized map is never copied.
+pub const MAGLEV: MapDef<u32, u32> = MapDef::new(
+    map_names::MAGLEV,
+    MapKind::Array,
+    Sizing::Setting(CapacitySetting::Maglev),
+    0,
+    Writer::Agent,
+);
+/// The Maglev tables' size and the flow hash's seed (one slot).
+pub const MAGLEV_CONFIG: MapDef<u32, MaglevConfig> = MapDef::new(
+    map_names::MAGLEV_CONFIG,
+    MapKind::Array,
+    Sizing::Fixed(1),
+    0,
+    Writer::Agent,
+);
+
 /// The service-CIDR guard, IPv4: ServiceCIDR prefixes and every ClusterIP, with `guard_flags`.
 pub const SERVICE_GUARD4: MapDef<ServiceGuard4, u32> = MapDef::new(
     map_names::SERVICE_GUARD4,
@@ -586,6 +617,8 @@ table! {
         SERVICE_GUARD6,
         SOCK_CONFIG,
         MONITOR_CONFIG,
+        MAGLEV,
+        MAGLEV_CONFIG,
         DSR_REV4,
         DSR_REV6,
     ],
@@ -671,9 +704,13 @@ const fn well_formed(spec: &MapSpec) -> bool {
         // The kernel refuses LRU maps without preallocation, and LPM tries with it.
         MapKind::LruHash => !no_prealloc,
         MapKind::LpmTrie => no_prealloc,
-        // Arrays are indexed by u32 and their size is part of the layout.
+        // Arrays are indexed by u32 and their size is part of the layout, except the Maglev
+        // tables' (the agent's flags size it, and it is never copied).
         MapKind::Array | MapKind::PerCpuArray => {
-            spec.key_size == 4 && matches!(spec.sizing, Sizing::Fixed(_)) && !no_prealloc
+            spec.key_size == 4
+                && (matches!(spec.sizing, Sizing::Fixed(_))
+                    || matches!(spec.sizing, Sizing::Setting(CapacitySetting::Maglev)))
+                && !no_prealloc
         }
         // A byte ring of a fixed size, no keys or values.
         MapKind::RingBuf => {
@@ -765,6 +802,18 @@ mod tests {
         assert_eq!(FRAGMENTS6.spec.key_size, 40);
         assert_eq!(FRAGMENTS4.spec.value_size, 4);
         assert_eq!(FRAGMENTS6.spec.default_capacity(), FRAGMENT_CAPACITY);
+        assert_eq!(MAGLEV.spec.value_size, 4, "a backend id per slot");
+        assert_eq!(MAGLEV_CONFIG.spec.value_size, 8);
+        assert_eq!(
+            MAGLEV.spec.default_capacity(),
+            DEFAULT_MAGLEV_TABLES * crate::maglev::DEFAULT_TABLE_SIZE
+        );
+        let mut sized_array = DATAPATH_CONFIG.spec;
+        sized_array.sizing = Sizing::Setting(CapacitySetting::Conntrack);
+        assert!(
+            !well_formed(&sized_array),
+            "only the Maglev array is sized by a setting"
+        );
         assert!(FRAGMENTS4.spec.preallocated(), "an LRU map is preallocated");
         assert_eq!(FRAGMENTS4.spec.writer, Writer::Datapath);
         assert!(!SERVICES4.spec.preallocated());

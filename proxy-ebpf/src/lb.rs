@@ -1,5 +1,7 @@
 //! Backend selection: the slot layout of the services map gives an O(1) random choice; an
-//! affinity LRU keeps ClientIP-affine clients on their backend until the timeout.
+//! affinity LRU keeps ClientIP-affine clients on their backend until the timeout; a Maglev
+//! frontend's new TC flows take the backend its table gives the flow's hash (one hash, one
+//! array lookup).
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend4, Backend6, Service4Key, Service6Key,
@@ -7,7 +9,10 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{AFF_MATCH_V1, AFFINITY_V1, BACKEND4_V1, BACKEND6_V1, SVC4_V1, SVC6_V1},
+    maps::{
+        AFF_MATCH_V1, AFFINITY_V1, BACKEND4_V1, BACKEND6_V1, MAGLEV_CFG_V1, MAGLEV_V1, SVC4_V1,
+        SVC6_V1,
+    },
     metrics,
 };
 
@@ -110,6 +115,50 @@ fn pick_random<F: Family>(key: F::Key, count: u16) -> Option<(u32, F::Backend)> 
     Some((slot.backend_id, F::backend(slot.backend_id)?))
 }
 
+/// The backend id the frontend's Maglev table (number `table`, 1-based) gives a flow of this
+/// hash; 0 when the agent has not given the datapath the tables' settings, or the slot is
+/// empty or out of the map.
+#[inline(always)]
+fn maglev_backend_id(table: u32, flow_hash: u32) -> u32 {
+    let Some(config) = MAGLEV_CFG_V1.get(0).copied() else {
+        return 0;
+    };
+    let size = config.table_size;
+    if size == 0 || table == 0 {
+        return 0;
+    }
+    let Some(index) = (table - 1)
+        .checked_mul(size)
+        .and_then(|base| base.checked_add(flow_hash % size))
+    else {
+        return 0;
+    };
+    MAGLEV_V1.get(index).copied().unwrap_or(0)
+}
+
+/// A new flow's backend: the Maglev table's choice for a Maglev frontend when the caller has a
+/// flow to hash (the TC path), else a random slot.
+#[inline(always)]
+fn pick<F: Family>(
+    key: F::Key,
+    master: &ServiceValue,
+    flow_hash: Option<u32>,
+) -> Option<(u32, F::Backend)> {
+    if master.flags & service_flags::MAGLEV != 0
+        && let Some(flow_hash) = flow_hash
+    {
+        let backend_id = maglev_backend_id(master.backend_id, flow_hash);
+        if backend_id != 0
+            && let Some(backend) = F::backend(backend_id)
+        {
+            metrics::count(reason::TC_MAGLEV_PICKED);
+            return Some((backend_id, backend));
+        }
+        metrics::count(reason::TC_MAGLEV_UNAVAILABLE);
+    }
+    pick_random::<F>(key, master.count)
+}
+
 /// The backend this client's affinity entry names, if it is still fresh and still serves the
 /// Service: the (backend, rev-NAT id) pair must be in the match map the agent keeps, so an
 /// entry left behind (the agent prunes them only at its full syncs) never sends a client to a
@@ -141,11 +190,14 @@ pub fn master<F: Family>(key: F::Key) -> Option<ServiceValue> {
 }
 
 /// Chooses the backend of the frontend `key` whose master entry the caller already read.
+/// `flow_hash` is the new flow's Maglev hash (the TC path; the socket hooks have no tuple yet
+/// and pass `None`).
 #[inline(always)]
 pub fn select_from<F: Family>(
     key: F::Key,
     master: &ServiceValue,
     client_cookie: impl FnOnce() -> u64,
+    flow_hash: Option<u32>,
 ) -> Selection<F::Backend> {
     if master.count == 0 {
         return if master.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
@@ -156,7 +208,7 @@ pub fn select_from<F: Family>(
     }
     let rev_nat_id = master.rev_nat_id;
     if master.affinity_timeout_secs == 0 {
-        return match pick_random::<F>(key, master.count) {
+        return match pick::<F>(key, master, flow_hash) {
             Some((backend_id, backend)) => Selection::Backend {
                 backend,
                 backend_id,
@@ -179,7 +231,7 @@ pub fn select_from<F: Family>(
             metrics::count(reason::AFFINITY_HIT);
             Some(found)
         }
-        None => pick_random::<F>(key, master.count),
+        None => pick::<F>(key, master, flow_hash),
     };
     let Some((backend_id, backend)) = chosen else {
         metrics::count(reason::BACKEND_LOOKUP_FAILED);

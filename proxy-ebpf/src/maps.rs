@@ -13,6 +13,7 @@ use proxy_common::{
     RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceName,
     ServiceStatus, ServiceValue, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6,
     SockRevNat6Key, SourceRange4, SourceRange6,
+    maglev::MaglevConfig,
     map_table::{self, MapDef, MapKind, MapSpec},
 };
 
@@ -160,4 +161,13 @@ table_map!(
 table_map!(
     /// `switchyard monitor`: the datapath's decisions, written only while it is on.
     untyped MONITOR_EVT_V1: RingBuf = ring_buf(map_table::MONITOR_EVENTS)
+);
+table_map!(
+    /// The Maglev lookup tables, one after the other (written by the agent; see
+    /// `map_table::MAGLEV`).
+    MAGLEV_V1: Array<u32> = array(map_table::MAGLEV)
+);
+table_map!(
+    /// The Maglev tables' size and the flow hash's seed (one entry; size 0: not in use).
+    MAGLEV_CFG_V1: Array<MaglevConfig> = array(map_table::MAGLEV_CONFIG)
 );

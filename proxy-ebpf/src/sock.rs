@@ -161,7 +161,8 @@ impl<A: ServiceAddr> Call<'_, A> {
                 }
             }
         }
-        match lb::select_from::<F>(key, &master, || client_cookie(self.ctx)) {
+        // No flow tuple at connect time: sockets always pick at random (Maglev is north-south).
+        match lb::select_from::<F>(key, &master, || client_cookie(self.ctx), None) {
             Selection::NotAService => Err(PROCEED),
             // kube-proxy REJECTs a service without endpoints: the caller learns at once.
             Selection::Refuse => Err(self.fail(

@@ -129,7 +129,7 @@ impl Dataplane {
         let (mut ebpf, mut migration) = loader::load_object(
             EBPF_OBJECT,
             &pins,
-            &args.map_sizes.capacities(),
+            &args.capacities(),
             args.bpf_log_level.aya_level(),
         )?;
         let bpf_logger = if args.bpf_log_level == BpfLogLevel::Off {
@@ -255,6 +255,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             service_proxy_name: args.service_proxy_name.clone(),
             ignore_external_ips: !args.allow_service_external_ips,
             api_server_addresses,
+            lb_algorithm: args.maglev.lb_algorithm,
             ..ModelConfig::default()
         },
         args.nodeport_addresses.clone(),
@@ -266,7 +267,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let synced = runner::run(
         deltas,
         Box::new(node),
-        Reconciler::new(Box::new(dataplane.writer))?,
+        Reconciler::new(Box::new(dataplane.writer))?.with_maglev(args.maglev.settings()),
         runner::FollowUp {
             reaper: Box::new(reaper),
             matches: AffinityMatches::new(Box::new(

@@ -255,6 +255,72 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub map_sizes: MapSizeArgs,
+
+    #[command(flatten)]
+    pub maglev: MaglevArgs,
+}
+
+impl RunArgs {
+    /// The capacity of every group of maps, the Maglev tables' included.
+    pub fn capacities(&self) -> Capacities {
+        self.map_sizes.capacities().with(
+            CapacitySetting::Maglev,
+            self.maglev.bpf_maglev_tables_max * self.maglev.maglev_table_size,
+        )
+    }
+}
+
+fn maglev_seed(text: &str) -> Result<String, String> {
+    crate::maglev::parse_seed(text).map(|_| text.to_owned())
+}
+
+fn lb_algorithm(text: &str) -> Result<crate::model::LbAlgorithm, String> {
+    crate::model::LbAlgorithm::parse(text)
+        .ok_or_else(|| format!("{text:?} is not an algorithm (random or maglev)"))
+}
+
+/// How north-south flows choose their backend, and the Maglev tables' shape. The table size
+/// and the seed must be identical on every node, or nodes pick different backends for the
+/// same flow.
+#[derive(Debug, Args)]
+pub struct MaglevArgs {
+    /// Backend choice of north-south flows (NodePorts, externalIPs, LoadBalancer IPs through
+    /// the TC path) for Services without a `switchyard.dev/lb-algorithm` annotation: `random`
+    /// (kube-proxy's) or `maglev` (consistent hashing: every node picks the same backend for
+    /// a flow). Socket-level (east-west) choices are always random.
+    #[arg(long, default_value = "random", value_parser = lb_algorithm, value_name = "random|maglev")]
+    pub lb_algorithm: crate::model::LbAlgorithm,
+
+    /// Slots of each Maglev lookup table: a prime from 251 to 131071 (each backend's share is
+    /// within about 1 % of even up to a hundredth of this many backends). Same on every node.
+    #[arg(long, default_value_t = proxy_common::maglev::DEFAULT_TABLE_SIZE,
+          value_parser = crate::maglev::parse_table_size, value_name = "PRIME")]
+    pub maglev_table_size: u32,
+
+    /// Any text; its MurmurHash3 seeds the Maglev hashes. Must be identical on every node
+    /// (put it in the DaemonSet's configuration, never generate it per node).
+    #[arg(long, default_value = crate::maglev::DEFAULT_SEED, value_parser = maglev_seed, value_name = "TEXT")]
+    pub maglev_hash_seed: String,
+
+    /// Maglev tables the agent can hold (one per distinct backend set of a Maglev Service's
+    /// external frontends, plus one free while a set changes). Preallocated: each takes
+    /// 4 bytes per slot (64 KiB at the default table size).
+    #[arg(long, default_value_t = proxy_common::map_table::DEFAULT_MAGLEV_TABLES,
+          value_parser = clap::value_parser!(u32).range(2..=MAX_MAGLEV_TABLES), value_name = "TABLES")]
+    pub bpf_maglev_tables_max: u32,
+}
+
+/// The most Maglev tables: 256 at the largest table size stay within the largest capacity.
+const MAX_MAGLEV_TABLES: i64 = 256;
+
+impl MaglevArgs {
+    /// The seed and table size.
+    pub fn settings(&self) -> crate::maglev::Settings {
+        crate::maglev::Settings {
+            table_size: self.maglev_table_size,
+            seed: proxy_common::maglev::seed_of(&self.maglev_hash_seed),
+        }
+    }
 }
 
 fn capacity() -> clap::builder::RangedI64ValueParser<u32> {
@@ -495,6 +561,57 @@ mod tests {
             assert!(
                 run_args(&["--bpf-lb-map-max", bad]).is_err(),
                 "--bpf-lb-map-max {bad} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn maglev_flags_default_to_random_and_refuse_nonsense_by_name() {
+        let defaults = run_args(&[]).expect("parses");
+        assert_eq!(
+            defaults.maglev.lb_algorithm,
+            crate::model::LbAlgorithm::Random
+        );
+        assert_eq!(
+            defaults.maglev.settings(),
+            crate::maglev::Settings::default()
+        );
+        assert_eq!(
+            defaults.capacities().setting(CapacitySetting::Maglev),
+            CapacitySetting::Maglev.default_capacity()
+        );
+        let set = run_args(&[
+            "--lb-algorithm",
+            "maglev",
+            "--maglev-table-size",
+            "251",
+            "--maglev-hash-seed",
+            "cluster-7",
+            "--bpf-maglev-tables-max",
+            "8",
+        ])
+        .expect("parses");
+        assert_eq!(set.maglev.lb_algorithm, crate::model::LbAlgorithm::Maglev);
+        assert_eq!(
+            set.maglev.settings(),
+            crate::maglev::Settings {
+                table_size: 251,
+                seed: proxy_common::maglev::seed_of("cluster-7"),
+            }
+        );
+        assert_eq!(set.capacities().setting(CapacitySetting::Maglev), 8 * 251);
+        for (flag, bad, says) in [
+            ("--lb-algorithm", "ring-hash", "not an algorithm"),
+            ("--maglev-table-size", "16383", "not a prime"),
+            ("--maglev-table-size", "13", "outside 251..=131071"),
+            ("--maglev-hash-seed", "", "must not be empty"),
+            ("--bpf-maglev-tables-max", "1", "1"),
+            ("--bpf-maglev-tables-max", "257", "257"),
+        ] {
+            let error = run_args(&[flag, bad]).expect_err(bad).to_string();
+            assert!(
+                error.contains(flag) && error.contains(says),
+                "{flag} {bad}: {error}"
             );
         }
     }

@@ -15,6 +15,7 @@ pub mod bpf;
 pub mod cli;
 pub mod datapath;
 pub mod hash;
+pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod monitor;

@@ -10,12 +10,13 @@ use std::{
     net::IpAddr,
 };
 
-use proxy_common::{guard_flags, map_names};
+use proxy_common::{guard_flags, maglev::MaglevConfig, map_names};
 use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{affinity::stale_affinity, conntrack::UdpServing},
     hash::FastSet,
+    maglev,
     maps::{
         MapWriter, WriteError, apply, apply_all_or_nothing,
         encode::{
@@ -32,6 +33,7 @@ use crate::{
         service::service_output,
     },
     node::ModelConfigSource,
+    plan::WithMaglev,
     plan::{
         identity,
         mirror::{Programmed, UdpPair},
@@ -103,6 +105,10 @@ pub struct Reconciler {
     guard_retry: BTreeSet<Cidr>,
     /// Unreadable ServiceCIDR ranges already warned about.
     guard_unreadable: BTreeSet<(String, String)>,
+    /// The Maglev tables' size and seed.
+    maglev: maglev::Settings,
+    /// The Maglev settings the datapath has (`None`: never written).
+    maglev_config: Option<MaglevConfig>,
 }
 
 /// The frontend addresses a plan covers, grouped by the Service they belong to now (`None`:
@@ -130,6 +136,8 @@ impl Reconciler {
             guard_cidrs_dirty: true,
             guard_retry: BTreeSet::new(),
             guard_unreadable: BTreeSet::new(),
+            maglev: maglev::Settings::default(),
+            maglev_config: image.maglev_config,
             cluster: Cluster::default(),
             desired: Desired::default(),
             mirror,
@@ -141,6 +149,67 @@ impl Reconciler {
             reported: HashMap::new(),
             unlabelled: BTreeSet::new(),
         })
+    }
+
+    /// Uses these Maglev settings. When the datapath indexes tables of another size, it is
+    /// told to stop using them at once (new flows of Maglev Services are spread at random)
+    /// until every Maglev master points at a table of the new size.
+    #[must_use]
+    pub fn with_maglev(mut self, settings: maglev::Settings) -> Self {
+        self.maglev = settings;
+        if let Some(pinned) = self.maglev_config
+            && pinned.table_size != 0
+            && pinned.table_size != settings.table_size
+        {
+            let paused = MaglevConfig {
+                table_size: 0,
+                seed: pinned.seed,
+            };
+            match self.writer.write(&MapWrite::MaglevConfig(paused)) {
+                Ok(()) => self.maglev_config = Some(paused),
+                Err(error) => warn!("cannot pause the Maglev tables of another size: {error}"),
+            }
+        }
+        self
+    }
+
+    /// Gives the datapath the Maglev settings once every Maglev master points at a table
+    /// built with them (so it never indexes a table with another table's size).
+    fn publish_maglev_config(&mut self) {
+        let wanted = MaglevConfig {
+            table_size: self.maglev.table_size,
+            seed: self.maglev.seed,
+        };
+        if self.maglev_config == Some(wanted)
+            || (self.maglev_config.is_none() && self.mirror.maglev.tables.is_empty())
+        {
+            return;
+        }
+        let size = self.maglev.table_size as usize;
+        let consistent = self.mirror.frontends.values().all(|frontend| {
+            frontend.master.is_none_or(|master| {
+                master.maglev_table == 0
+                    || self
+                        .mirror
+                        .maglev
+                        .tables
+                        .get(&master.maglev_table)
+                        .is_some_and(|table| table.len() == size)
+            })
+        });
+        if !consistent {
+            return;
+        }
+        match self.writer.write(&MapWrite::MaglevConfig(wanted)) {
+            Ok(()) => {
+                info!(
+                    table_size = wanted.table_size,
+                    "Maglev tables in use by the datapath"
+                );
+                self.maglev_config = Some(wanted);
+            }
+            Err(error) => warn!("cannot write the Maglev settings: {error}"),
+        }
     }
 
     /// Records what a source reported; the Services it touched are synced next time.
@@ -256,6 +325,7 @@ impl Reconciler {
         report.udp_touched = keys.iter().any(|key| key.protocol == Protocol::Udp);
         keys.append(&mut self.retry);
         self.program(keys, &mut report);
+        self.publish_maglev_config();
         self.program_guard(changed.guard_ips, false);
         for id in &dirty {
             if self.cluster.service(id).is_none()
@@ -329,6 +399,7 @@ impl Reconciler {
             warn!("leaving an entry this agent cannot interpret: {entry}");
         }
         self.mirror = mirror;
+        self.maglev_config = image.maglev_config;
         let affinity = std::mem::take(&mut image.affinity);
         let statuses = std::mem::take(&mut image.service_status);
         let guard = guard_from_image(&image);
@@ -361,6 +432,7 @@ impl Reconciler {
             .chain(std::mem::take(&mut self.retry))
             .collect();
         self.program(keys, &mut report);
+        self.publish_maglev_config();
         self.guard = guard;
         self.program_guard(BTreeSet::new(), true);
         for id in all {
@@ -567,7 +639,11 @@ impl Reconciler {
             .collect();
         let udp_before = self.mirror.udp_pairs(&udp_keys);
         for chunk in whole_service_chunks(keys, &self.desired) {
-            let ops = plan_keys(&self.mirror, &chunk, &self.desired);
+            let desired = WithMaglev {
+                desired: &self.desired,
+                settings: self.maglev,
+            };
+            let ops = plan_keys(&self.mirror, &chunk, &desired);
             if self.too_large(&ops).is_some() {
                 return false;
             }
@@ -618,7 +694,11 @@ impl Reconciler {
         keys: &[FrontendKey],
         report: &mut SyncReport,
     ) -> Result<(), NotProgrammed> {
-        let ops = plan_keys(&self.mirror, keys, &self.desired);
+        let desired = WithMaglev {
+            desired: &self.desired,
+            settings: self.maglev,
+        };
+        let ops = plan_keys(&self.mirror, keys, &desired);
         let outcome = if ops.is_empty() {
             Ok(())
         } else if let Some(too_large) = self.too_large(&ops) {
@@ -862,7 +942,7 @@ mod tests {
     fn replay_checking(start: &MapImage, journal: &[MapWrite], context: &str) {
         let mut image = start.clone();
         for (index, write) in journal.iter().enumerate() {
-            image.apply(*write);
+            image.apply(write.clone());
             assert_datapath_consistent(&image, &format!("{context}, after write {index}"));
         }
     }
@@ -945,6 +1025,126 @@ mod tests {
                 "{context}: retried"
             );
         }
+    }
+
+    /// A Service `name` with the Maglev annotation, an externalIP 198.51.100.`index` and
+    /// the given IPv4 endpoints.
+    fn maglev_service(name: &str, index: u8, backends: &[&str]) -> String {
+        service_yaml(name, index, backends).replacen(
+            &format!("metadata: {{name: {name}}}\nspec: {{"),
+            &format!(
+                "metadata: {{name: {name}, annotations: {{switchyard.dev/lb-algorithm: maglev}}}}\nspec: {{externalIPs: [198.51.100.{index}], "
+            ),
+            1,
+        )
+    }
+
+    fn small_tables() -> maglev::Settings {
+        maglev::Settings {
+            table_size: 251,
+            ..maglev::Settings::default()
+        }
+    }
+
+    #[test]
+    fn maglev_tables_are_adopted_at_restart_and_published_to_the_datapath_once() {
+        let state = snapshot(&maglev_service("web", 10, &["10.0.0.1", "10.0.0.2"]));
+        let maps = Shared::new(FakeMaps::default());
+        let mut first = agent(&maps).with_maglev(small_tables());
+        first.sync_snapshot(&state, &ModelConfig::default());
+        {
+            let image = &maps.lock().image;
+            assert_eq!(image.maglev.len(), 1, "one table for the externalIP");
+            assert_eq!(image.maglev.values().next().unwrap().len(), 251);
+            let config = image.maglev_config.expect("settings published");
+            assert_eq!(config.table_size, 251);
+            assert_eq!(config.seed, small_tables().seed);
+        }
+        maps.lock().journal.clear();
+        let mut restarted = agent(&maps).with_maglev(small_tables());
+        for delta in lists_of(&state) {
+            restarted.absorb(delta);
+        }
+        let report = restarted.resync(&ModelConfig::default()).expect("reads");
+        assert_eq!(report.operations, 0, "{report:?}");
+        assert!(maps.lock().journal.is_empty(), "{:?}", maps.lock().journal);
+    }
+
+    #[test]
+    fn another_table_size_pauses_maglev_until_every_master_has_a_table_of_that_size() {
+        let state = snapshot(&maglev_service("web", 10, &["10.0.0.1", "10.0.0.2"]));
+        let maps = Shared::new(FakeMaps::default());
+        agent(&maps)
+            .with_maglev(small_tables())
+            .sync_snapshot(&state, &ModelConfig::default());
+        maps.lock().journal.clear();
+        let bigger = maglev::Settings {
+            table_size: 257,
+            ..small_tables()
+        };
+        let mut restarted = agent(&maps).with_maglev(bigger);
+        assert_eq!(
+            maps.lock().journal.first(),
+            Some(&MapWrite::MaglevConfig(MaglevConfig {
+                table_size: 0,
+                seed: bigger.seed
+            })),
+            "paused before anything else"
+        );
+        for delta in lists_of(&state) {
+            restarted.absorb(delta);
+        }
+        restarted.resync(&ModelConfig::default()).expect("reads");
+        let maps = maps.lock();
+        let config_at = maps
+            .journal
+            .iter()
+            .rposition(|write| matches!(write, MapWrite::MaglevConfig(c) if c.table_size == 257))
+            .expect("the new size is published");
+        let last_master = maps
+            .journal
+            .iter()
+            .rposition(
+                |write| matches!(write, MapWrite::Service4(key, Some(_)) if key.backend_slot == 0),
+            )
+            .expect("masters repointed");
+        assert!(last_master < config_at, "{:?}", maps.journal);
+        assert!(maps.image.maglev.values().all(|table| table.len() == 257));
+    }
+
+    #[test]
+    fn a_full_maglev_map_refuses_only_the_service_that_needs_another_table() {
+        let maps = Shared::new(FakeMaps::default().with_capacity(map_names::MAGLEV, 1));
+        let mut agent = agent(&maps).with_maglev(small_tables());
+        agent.sync_snapshot(
+            &snapshot(&format!(
+                "{}---\n{}---\n{}",
+                maglev_service("a", 10, &["10.0.0.1"]),
+                maglev_service("b", 11, &["10.0.0.2"]),
+                service_yaml("plain", 12, &["10.0.0.3"])
+            )),
+            &ModelConfig::default(),
+        );
+        let refused: Vec<String> = agent
+            .not_programmed()
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(refused, ["default/b"]);
+        let status = &agent.not_programmed()[&ServiceId::new("default", "b")];
+        assert_eq!(status.reason, "map_full");
+        assert!(
+            status.message.contains(map_names::MAGLEV),
+            "{}",
+            status.message
+        );
+        let programmed = dump::render(agent.mirror());
+        assert!(programmed.contains("198.51.100.10"), "{programmed}");
+        assert!(
+            !programmed.contains("198.51.100.11"),
+            "nothing half-applied: {programmed}"
+        );
+        assert!(programmed.contains("10.96.0.12"), "{programmed}");
     }
 
     #[test]

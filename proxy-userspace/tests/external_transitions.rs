@@ -142,7 +142,7 @@ fn replay_checking(
 ) {
     let mut image = start.clone();
     for (write_index, write) in journal.iter().enumerate() {
-        image.apply(*write);
+        image.apply(write.clone());
         assert_safe(
             &image,
             before,

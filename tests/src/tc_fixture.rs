@@ -39,7 +39,8 @@ use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
     Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry,
     RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceValue,
-    SourceRange4, SourceRange6, backend_state, config_flags, map_names, reason,
+    SourceRange4, SourceRange6, backend_state, config_flags, maglev::MaglevConfig, map_names,
+    reason,
 };
 
 use crate::names;
@@ -531,9 +532,57 @@ impl TcFixture {
     /// Writes (or rewrites) a frontend as the agent does, make-before-break: backends,
     /// reverse NAT, slots, then the master entry publishing the count, then surplus slots.
     pub fn add_frontend(&mut self, frontend: &Frontend) -> Result<()> {
+        self.add_frontend_with_table(frontend, 0)
+    }
+
+    /// Writes Maglev table `table` (1-based) of `backend_ids.len()` slots and the Maglev
+    /// settings, then `frontend` as a Maglev frontend reading it (its master's `backend_id` is
+    /// the table number), as the agent does: the table before the master.
+    pub fn add_maglev_frontend(
+        &mut self,
+        frontend: &Frontend,
+        table: u32,
+        backend_ids: &[u32],
+        seed: u32,
+    ) -> Result<()> {
+        let size = u32::try_from(backend_ids.len()).context("table size")?;
+        {
+            let map = self
+                .ebpf
+                .map_mut(map_names::MAGLEV)
+                .context("the object has no Maglev map")?;
+            let mut array: Array<&mut MapData, u32> = Array::try_from(map)?;
+            let base = (table - 1) * size;
+            for (offset, id) in (0..size).zip(backend_ids) {
+                array.set(base + offset, id, 0)?;
+            }
+        }
+        {
+            let map = self
+                .ebpf
+                .map_mut(map_names::MAGLEV_CONFIG)
+                .context("the object has no Maglev config map")?;
+            let mut array: Array<&mut MapData, MaglevConfig> = Array::try_from(map)?;
+            array.set(
+                0,
+                MaglevConfig {
+                    table_size: size,
+                    seed,
+                },
+                0,
+            )?;
+        }
+        let maglev = Frontend {
+            flags: frontend.flags | proxy_common::service_flags::MAGLEV,
+            ..frontend.clone()
+        };
+        self.add_frontend_with_table(&maglev, table)
+    }
+
+    fn add_frontend_with_table(&mut self, frontend: &Frontend, maglev_table: u32) -> Result<()> {
         let count = u16::try_from(frontend.backends.len()).context("too many backends")?;
         let master = ServiceValue {
-            backend_id: 0,
+            backend_id: maglev_table,
             count,
             flags: frontend.flags,
             rev_nat_id: frontend.rev_nat_id,

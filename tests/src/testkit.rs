@@ -283,6 +283,42 @@ impl Testkit {
             .with_context(|| format!("sy-testkit spoof printed {text:?}"))
     }
 
+    /// Sends one UDP datagram to `target` from each of `ports` source ports (from
+    /// `first_port` up) of each of `source_ips`, in `netns` (see `sy-testkit scatter`);
+    /// returns how many were sent (fewer when `max` ran out).
+    pub fn scatter(
+        &self,
+        netns: &str,
+        target: SocketAddr,
+        source_ips: &[IpAddr],
+        first_port: u16,
+        ports: u32,
+        max: Duration,
+    ) -> Result<u32> {
+        let mut command = Command::new(&self.bin);
+        command.args([
+            "scatter",
+            "--netns",
+            netns,
+            "--target",
+            &target.to_string(),
+            "--first-port",
+            &first_port.to_string(),
+            "--count",
+            &ports.to_string(),
+            "--max-ms",
+            &millis(max),
+        ]);
+        for ip in source_ips {
+            command.args(["--source-ip", &ip.to_string()]);
+        }
+        let output = crate::process::run_checked(&mut command, max + CLIENT_SLACK)?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.trim()
+            .parse()
+            .with_context(|| format!("sy-testkit scatter printed {text:?}"))
+    }
+
     /// Opens one TCP connection and sends a request on it every `every` for `duration`.
     pub fn hold(
         &self,

@@ -3248,3 +3248,109 @@ fn a_syn_flood_never_evicts_an_established_flow() {
         );
     }
 }
+
+/// A Maglev NodePort: each new flow goes to the backend the agent's table (built by the agent's
+/// own code from the backends' addresses) gives the flow's hash, and different flows spread
+/// over the backends. Until the agent has written the table's settings, flows go at random.
+/// A mid-stream segment of a flow this node has never seen (its ingress node changed) is
+/// picked up the same way: the node it moved to sends it to the same backend.
+#[test]
+fn maglev_nodeport_flows_go_where_the_agents_table_says() {
+    use proxy_userspace::{maglev, model};
+    require_root!();
+    for family in Family::ALL {
+        let what = |step: &str| format!("{family:?} Maglev NodePort: {step}");
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        let fe = sa(family.node(), 30080);
+        let pool = backends(family, &[2, 3, 4, 5, 6], 8080, 101);
+        let settings = maglev::Settings {
+            table_size: 251,
+            seed: proxy_common::maglev::seed_of("prog-test-run"),
+        };
+        let addrs: Vec<model::BackendAddr> = pool
+            .iter()
+            .map(|backend| model::BackendAddr {
+                ip: backend.addr.ip(),
+                port: backend.addr.port(),
+                protocol: model::Protocol::Tcp,
+            })
+            .collect();
+        let table = maglev::table(&addrs, settings).unwrap();
+        let ids: Vec<u32> = table
+            .iter()
+            .map(|slot| pool[addrs.iter().position(|a| a == slot).unwrap()].id)
+            .collect();
+        fx.add_maglev_frontend(
+            &frontend(
+                fe,
+                TCP,
+                scope::EXTERNAL,
+                10,
+                service_flags::NODE_PORT,
+                &pool,
+            ),
+            3,
+            &ids,
+            settings.seed,
+        )
+        .unwrap();
+        let before = fx.counters().unwrap();
+        let flows = 64u16;
+        let mut chosen = std::collections::BTreeSet::new();
+        for port in 0..flows {
+            let client = sa(family.client(), 41_000 + port);
+            let tuple = Tuple::new(client, fe, TCP);
+            let hash = flow_hash(&tuple, settings.seed);
+            let predicted = table[(hash % settings.table_size) as usize];
+            // Every fourth flow arrives mid-stream (data, no SYN).
+            let (segment, flags, ack) = if port % 4 == 3 {
+                ("mid-stream ACK", ACK, 7000)
+            } else {
+                ("SYN", SYN, 0)
+            };
+            let (_, _, out) = inject(&fx, Packet::tcp(client, fe, flags, 1000, ack));
+            let translated = expect_redirect(&out, &what(&format!("{segment} from port {port}")));
+            assert_eq!(
+                translated.dst_socket(),
+                SocketAddr::new(predicted.ip, predicted.port),
+                "{}",
+                what(&format!("flow {tuple}"))
+            );
+            chosen.insert(translated.dst_socket());
+        }
+        assert!(chosen.len() >= 4, "{}: {chosen:?}", what("spread"));
+        fx.counters().unwrap().since(&before).assert_moved(
+            &[
+                (reason::TC_NEW_FLOW, u64::from(flows)),
+                (reason::TC_MAGLEV_PICKED, u64::from(flows)),
+            ],
+            &what("counters"),
+        );
+    }
+}
+
+/// The flow hash the datapath computes (`proxy_common::maglev`), from a test tuple: addresses
+/// and ports as the packet carries them.
+fn flow_hash(tuple: &Tuple, seed: u32) -> u32 {
+    let (sport, dport) = (tuple.src.port().to_be(), tuple.dst.port().to_be());
+    match (tuple.src.ip(), tuple.dst.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => proxy_common::maglev::flow_hash4(
+            seed,
+            switchyard_tests::tc_fixture::v4_word(src),
+            switchyard_tests::tc_fixture::v4_word(dst),
+            sport,
+            dport,
+            tuple.protocol,
+        ),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => proxy_common::maglev::flow_hash6(
+            seed,
+            &switchyard_tests::tc_fixture::v6_words(src),
+            &switchyard_tests::tc_fixture::v6_words(dst),
+            sport,
+            dport,
+            tuple.protocol,
+        ),
+        _ => unreachable!("one family per tuple"),
+    }
+}

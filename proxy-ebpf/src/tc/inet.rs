@@ -163,6 +163,8 @@ pub trait Inet: Family {
     fn source_allowed(rev_nat_id: u32, addr: &Self::Addr) -> bool;
     /// The client identity for session affinity on the TC path: its address.
     fn client_cookie(addr: &Self::Addr) -> u64;
+    /// The flow's Maglev hash (`proxy_common::maglev`): the same on every node.
+    fn flow_hash(tuple: &Tuple<Self::Addr>, seed: u32) -> u32;
 
     fn fib_params(params: &mut bpf_fib_lookup, src: &Self::Addr, dst: &Self::Addr);
     fn fib_src(params: &bpf_fib_lookup) -> Self::Addr;

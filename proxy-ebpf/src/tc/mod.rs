@@ -34,7 +34,7 @@ use proxy_common::{
 
 use crate::{
     lb::{self, Selection, V4, V6},
-    maps::{CONFIG_V1, FLOW_SCRATCH},
+    maps::{CONFIG_V1, FLOW_SCRATCH, MAGLEV_CFG_V1},
     metrics,
 };
 use fib::NoRoute;
@@ -95,7 +95,7 @@ fn run<I: dsr::Encoding>(ctx: &TcContext) -> i32 {
         return verdict;
     }
     let step = match tracked::<I>(ctx) {
-        Step::NewFlow => new_flow::<I>(ctx),
+        Step::NewFlow => new_flow::<I>(ctx, new_flow_hash::<I>(ctx)),
         other => other,
     };
     let step = match step {
@@ -197,6 +197,15 @@ fn flow<I: dsr::Encoding>(ctx: &TcContext, packet: &Packet<I::Addr>) -> Step {
         ct::forget::<I>(&packet.tuple, &entry);
     }
     Step::NewFlow
+}
+
+/// A stage between the first and the new-flow stage: the Maglev hash of the packet's flow,
+/// with the seed the agent configured (0 before it did). A stage of its own because neither
+/// neighbour has the stack to spare.
+#[inline(never)]
+fn new_flow_hash<I: Inet>(ctx: &TcContext) -> u32 {
+    let seed = MAGLEV_CFG_V1.get(0).map_or(0, |config| config.seed);
+    parse_flow::<I>(ctx).map_or(0, |packet| I::flow_hash(&packet.tuple, seed))
 }
 
 /// A packet of a tracked flow, client → frontend.
@@ -388,19 +397,24 @@ fn frontend<I: Inet>(
 
 /// Second stage: a packet that starts a flow (or is not for a service at all).
 #[inline(never)]
-fn new_flow<I: dsr::Encoding>(ctx: &TcContext) -> Step {
+fn new_flow<I: dsr::Encoding>(ctx: &TcContext, flow_hash: u32) -> Step {
     match parse_flow::<I>(ctx) {
         // A later fragment never starts a flow: its datagram's first fragment was not
         // translated, so the stack reassembles both.
         Some(packet) if packet.fragment != Fragment::Later => {
-            establish::<I>(ctx, &packet, ct::now_ns())
+            establish::<I>(ctx, &packet, ct::now_ns(), flow_hash)
         }
         _ => Step::Verdict(PASS),
     }
 }
 
 #[inline(always)]
-fn establish<I: dsr::Encoding>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u64) -> Step {
+fn establish<I: dsr::Encoding>(
+    ctx: &TcContext,
+    packet: &Packet<I::Addr>,
+    now: u64,
+    flow_hash: u32,
+) -> Step {
     let tuple = &packet.tuple;
     let key = I::service_key(tuple.daddr, tuple.dport, tuple.proto, scope::EXTERNAL);
     let Some(master) = lb::master::<I>(key) else {
@@ -421,9 +435,12 @@ fn establish<I: dsr::Encoding>(ctx: &TcContext, packet: &Packet<I::Addr>, now: u
         );
         return Step::Verdict(DROP);
     };
-    let selection = lb::select_from::<I>(frontend.key, &frontend.master, || {
-        I::client_cookie(&tuple.saddr)
-    });
+    let selection = lb::select_from::<I>(
+        frontend.key,
+        &frontend.master,
+        || I::client_cookie(&tuple.saddr),
+        Some(flow_hash),
+    );
     let (backend, backend_id, rev_nat_id) = match selection {
         Selection::NotAService => return Step::Verdict(PASS),
         Selection::Refuse => {

@@ -456,6 +456,18 @@ impl Inet for V4 {
     }
 
     #[inline(always)]
+    fn flow_hash(tuple: &Tuple<u32>, seed: u32) -> u32 {
+        proxy_common::maglev::flow_hash4(
+            seed,
+            tuple.saddr,
+            tuple.daddr,
+            tuple.sport,
+            tuple.dport,
+            tuple.proto,
+        )
+    }
+
+    #[inline(always)]
     fn client_cookie(addr: &u32) -> u64 {
         (1 << 63) | u64::from(u32::from_be(*addr))
     }

@@ -472,6 +472,18 @@ impl Inet for V6 {
     }
 
     #[inline(always)]
+    fn flow_hash(tuple: &Tuple<Addr>, seed: u32) -> u32 {
+        proxy_common::maglev::flow_hash6(
+            seed,
+            &tuple.saddr,
+            &tuple.daddr,
+            tuple.sport,
+            tuple.dport,
+            tuple.proto,
+        )
+    }
+
+    #[inline(always)]
     fn client_cookie(addr: &Addr) -> u64 {
         let high = (u64::from(addr[0]) << 32) | u64::from(addr[1]);
         let low = (u64::from(addr[2]) << 32) | u64::from(addr[3]);

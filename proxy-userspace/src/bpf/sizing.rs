@@ -63,6 +63,7 @@ pub fn flag(setting: CapacitySetting) -> &'static str {
         CapacitySetting::SockRevNat => "--bpf-sock-rev-map-max",
         CapacitySetting::Affinity => "--bpf-affinity-map-max",
         CapacitySetting::SourceRanges => "--bpf-lb-source-range-map-max",
+        CapacitySetting::Maglev => "--bpf-maglev-tables-max",
     }
 }
 

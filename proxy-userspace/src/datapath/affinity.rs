@@ -261,6 +261,7 @@ mod tests {
                 rev_nat_id,
                 flags: 0,
                 affinity_timeout_secs: affinity,
+                maglev_table: 0,
             },
         });
     }

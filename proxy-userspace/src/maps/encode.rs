@@ -4,12 +4,13 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
     ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SourceRange4,
-    SourceRange6, backend_state, map_names, protocol, scope,
+    SourceRange6, backend_state, maglev::MaglevConfig, map_names, protocol, scope, service_flags,
 };
 
 use crate::{
@@ -30,7 +31,7 @@ pub struct LpmKey<D> {
 }
 
 /// One map entry to write (`Some`) or delete (`None`), in the kernel's layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[expect(
     clippy::large_enum_variant,
     reason = "a write is built and handed to the kernel at once; boxing would cost an allocation per entry"
@@ -54,6 +55,11 @@ pub enum MapWrite {
     /// A service-guard prefix with its `guard_flags`.
     Guard4(LpmKey<ServiceGuard4>, Option<u32>),
     Guard6(LpmKey<ServiceGuard6>, Option<u32>),
+    /// A whole Maglev table (1-based number): its slots' backend ids. Freeing one (`None`)
+    /// writes nothing to the kernel: no master points at it any more.
+    Maglev(u32, Option<Arc<[u32]>>),
+    /// The Maglev tables' size and the flow hash's seed.
+    MaglevConfig(MaglevConfig),
 }
 
 /// The content of the maps the agent owns (not the datapath's own LRUs).
@@ -73,6 +79,10 @@ pub struct MapImage {
     pub source_ranges6: BTreeMap<LpmKey<SourceRange6>, u32>,
     pub guard4: BTreeMap<LpmKey<ServiceGuard4>, u32>,
     pub guard6: BTreeMap<LpmKey<ServiceGuard6>, u32>,
+    /// The Maglev tables masters point at (the kernel writer reads only those), by number.
+    pub maglev: BTreeMap<u32, Arc<[u32]>>,
+    /// The Maglev settings the datapath uses (`None`: maps without Maglev).
+    pub maglev_config: Option<MaglevConfig>,
 }
 
 fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
@@ -99,6 +109,8 @@ impl MapWrite {
             Self::SourceRange6(..) => map_names::SOURCE_RANGES6,
             Self::Guard4(..) => map_names::SERVICE_GUARD4,
             Self::Guard6(..) => map_names::SERVICE_GUARD6,
+            Self::Maglev(..) => map_names::MAGLEV,
+            Self::MaglevConfig(..) => map_names::MAGLEV_CONFIG,
         }
     }
 
@@ -117,6 +129,8 @@ impl MapWrite {
             | Self::SourceRange6(_, value)
             | Self::Guard4(_, value)
             | Self::Guard6(_, value) => value.is_none(),
+            Self::Maglev(_, content) => content.is_none(),
+            Self::MaglevConfig(_) => false,
         }
     }
 }
@@ -138,6 +152,8 @@ impl MapImage {
             MapWrite::SourceRange6(key, _) => self.source_ranges6.contains_key(key),
             MapWrite::Guard4(key, _) => self.guard4.contains_key(key),
             MapWrite::Guard6(key, _) => self.guard6.contains_key(key),
+            MapWrite::Maglev(table, _) => self.maglev.contains_key(table),
+            MapWrite::MaglevConfig(_) => true,
         }
     }
 
@@ -157,6 +173,8 @@ impl MapImage {
             MapWrite::SourceRange6(..) => self.source_ranges6.len(),
             MapWrite::Guard4(..) => self.guard4.len(),
             MapWrite::Guard6(..) => self.guard6.len(),
+            MapWrite::Maglev(..) => self.maglev.len(),
+            MapWrite::MaglevConfig(_) => 1,
         }
     }
 
@@ -176,6 +194,8 @@ impl MapImage {
             MapWrite::SourceRange6(key, value) => put(&mut self.source_ranges6, key, value),
             MapWrite::Guard4(key, value) => put(&mut self.guard4, key, value),
             MapWrite::Guard6(key, value) => put(&mut self.guard6, key, value),
+            MapWrite::Maglev(table, content) => put(&mut self.maglev, table, content),
+            MapWrite::MaglevConfig(config) => self.maglev_config = Some(config),
         }
     }
 }
@@ -493,7 +513,7 @@ pub fn encode(op: &Op) -> MapWrite {
             frontend,
             0,
             Some(ServiceValue {
-                backend_id: 0,
+                backend_id: master.maglev_table,
                 count: master.count,
                 flags: master.flags,
                 rev_nat_id: master.rev_nat_id,
@@ -506,6 +526,10 @@ pub fn encode(op: &Op) -> MapWrite {
         Op::DeleteSourceRange { rev_nat_id, range } => {
             source_range_write(*rev_nat_id, range, false)
         }
+        Op::UpsertMaglevTable { table, backend_ids } => {
+            MapWrite::Maglev(*table, Some(backend_ids.clone()))
+        }
+        Op::DeleteMaglevTable { table } => MapWrite::Maglev(*table, None),
     }
 }
 
@@ -546,6 +570,15 @@ fn decode_into(image: &MapImage, sink: &mut impl Extend<Op>) -> Unreadable {
         name: decode_name(name),
     }));
     decode_source_ranges(image, sink, &mut unreadable);
+    sink.extend(
+        image
+            .maglev
+            .iter()
+            .map(|(table, content)| Op::UpsertMaglevTable {
+                table: *table,
+                backend_ids: content.clone(),
+            }),
+    );
     decode_services(image, sink, &mut unreadable);
     unreadable
 }
@@ -589,6 +622,11 @@ fn decode_services(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut
                     rev_nat_id: value.rev_nat_id,
                     flags: value.flags,
                     affinity_timeout_secs: value.affinity_timeout_secs,
+                    maglev_table: if value.flags & service_flags::MAGLEV == 0 {
+                        0
+                    } else {
+                        value.backend_id
+                    },
                 },
             }
         } else {
@@ -726,6 +764,7 @@ mod tests {
                     rev_nat_id: 3,
                     flags: 1,
                     affinity_timeout_secs: 0,
+                    maglev_table: 0,
                 },
             },
         ];
@@ -817,6 +856,7 @@ mod tests {
                     rev_nat_id: 3,
                     flags: proxy_common::service_flags::LOAD_BALANCER,
                     affinity_timeout_secs: 0,
+                    maglev_table: 0,
                 },
             },
         ];

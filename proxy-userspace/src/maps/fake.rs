@@ -38,8 +38,8 @@ impl MapWriter for FakeMaps {
                 entry: format!("{write:?}"),
             });
         }
-        self.image.apply(*write);
-        self.journal.push(*write);
+        self.image.apply(write.clone());
+        self.journal.push(write.clone());
         Ok(())
     }
 

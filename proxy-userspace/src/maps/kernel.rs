@@ -4,14 +4,14 @@ use std::{fmt::Debug, io};
 use aya::{
     Ebpf,
     maps::{
-        HashMap, IterableMap, LpmTrie, Map, MapData, MapError,
+        Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError,
         lpm_trie::{self, Key},
     },
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
     ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SourceRange4,
-    SourceRange6, map_names,
+    SourceRange6, maglev::MaglevConfig, map_names, service_flags,
 };
 
 use super::{
@@ -43,6 +43,120 @@ pub struct KernelMaps {
     /// `None` when the object or the pins predate the service-CIDR guard.
     guard4: Option<SourceRanges<ServiceGuard4>>,
     guard6: Option<SourceRanges<ServiceGuard6>>,
+    /// `None` when the object or the pins predate Maglev.
+    maglev: Option<MaglevMaps>,
+}
+
+/// The Maglev tables and their settings.
+struct MaglevMaps {
+    tables: Array<MapData, u32>,
+    config: Array<MapData, MaglevConfig>,
+}
+
+impl MaglevMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Option<Self>, WriteError> {
+        let (Some(tables), Some(config)) = (
+            ebpf.take_map(map_names::MAGLEV),
+            ebpf.take_map(map_names::MAGLEV_CONFIG),
+        ) else {
+            return Ok(None);
+        };
+        Self::of(tables, config).map(Some)
+    }
+
+    fn open(pins: &PinLayout) -> Result<Option<Self>, WriteError> {
+        let (tables, config) = (
+            pins.map(map_names::MAGLEV),
+            pins.map(map_names::MAGLEV_CONFIG),
+        );
+        if !tables.exists() || !config.exists() {
+            return Ok(None);
+        }
+        let open = |path: &std::path::Path, name: &'static str| {
+            MapData::from_pin(path)
+                .map(Map::Array)
+                .map_err(|error| WriteError::Read {
+                    map: name,
+                    reason: error.to_string(),
+                })
+        };
+        Self::of(
+            open(&tables, map_names::MAGLEV)?,
+            open(&config, map_names::MAGLEV_CONFIG)?,
+        )
+        .map(Some)
+    }
+
+    fn of(tables: Map, config: Map) -> Result<Self, WriteError> {
+        Ok(Self {
+            tables: Array::try_from(tables).map_err(read_error(map_names::MAGLEV))?,
+            config: Array::try_from(config).map_err(read_error(map_names::MAGLEV_CONFIG))?,
+        })
+    }
+
+    fn config(&self) -> Result<MaglevConfig, WriteError> {
+        self.config
+            .get(&0, 0)
+            .map_err(read_error(map_names::MAGLEV_CONFIG))
+    }
+
+    /// Writes table `table` (1-based) slot by slot; the datapath reads it only once a master
+    /// points at it.
+    fn write_table(&mut self, table: u32, content: &[u32]) -> Result<(), WriteError> {
+        let size = u32::try_from(content.len()).unwrap_or(u32::MAX);
+        let capacity = self.tables.len();
+        let full = || WriteError::MapFull {
+            map: map_names::MAGLEV,
+            capacity,
+            entry: format!(
+                "Maglev table {table} ({} tables of {size} slots fit)",
+                capacity / size.max(1)
+            ),
+        };
+        let base = table
+            .checked_sub(1)
+            .and_then(|index| index.checked_mul(size))
+            .ok_or_else(full)?;
+        if base.checked_add(size).is_none_or(|end| end > capacity) {
+            return Err(full());
+        }
+        for (offset, backend_id) in (0..size).zip(content) {
+            self.tables
+                .set(base + offset, *backend_id, 0)
+                .map_err(|error| WriteError::Kernel {
+                    map: map_names::MAGLEV,
+                    action: "writing",
+                    entry: format!("slot {offset} of Maglev table {table}"),
+                    source: io_error(error),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Table `table` as `size` slots, if the map holds it.
+    fn read_table(&self, table: u32, size: u32) -> Result<Option<Vec<u32>>, WriteError> {
+        let Some(base) = table
+            .checked_sub(1)
+            .and_then(|index| index.checked_mul(size))
+        else {
+            return Ok(None);
+        };
+        if size == 0
+            || base
+                .checked_add(size)
+                .is_none_or(|end| end > self.tables.len())
+        {
+            return Ok(None);
+        }
+        (base..base + size)
+            .map(|index| {
+                self.tables
+                    .get(&index, 0)
+                    .map_err(read_error(map_names::MAGLEV))
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
+    }
 }
 
 /// Takes a hash (or LRU hash) map out of a loaded object.
@@ -276,6 +390,7 @@ impl KernelMaps {
             source_ranges6: take_trie(ebpf, map_names::SOURCE_RANGES6)?,
             guard4: take_trie(ebpf, map_names::SERVICE_GUARD4)?,
             guard6: take_trie(ebpf, map_names::SERVICE_GUARD6)?,
+            maglev: MaglevMaps::take(ebpf)?,
             capacities: std::collections::BTreeMap::new(),
         }))
     }
@@ -300,6 +415,7 @@ impl KernelMaps {
             source_ranges6: open_trie(pins, map_names::SOURCE_RANGES6)?,
             guard4: open_trie(pins, map_names::SERVICE_GUARD4)?,
             guard6: open_trie(pins, map_names::SERVICE_GUARD6)?,
+            maglev: MaglevMaps::open(pins)?,
             capacities: std::collections::BTreeMap::new(),
         }))
     }
@@ -401,13 +517,73 @@ impl MapWriter for KernelMaps {
             MapWrite::Guard6(key, value) => {
                 write_range(self.guard6.as_mut(), map_names::SERVICE_GUARD6, key, *value)
             }
+            // A freed table keeps its slots: no master points at it, and its number is
+            // refilled completely before one does again.
+            MapWrite::Maglev(_, None) => Ok(()),
+            MapWrite::Maglev(table, Some(content)) => match self.maglev.as_mut() {
+                Some(maps) => maps.write_table(*table, content),
+                None => Err(WriteError::MissingMap {
+                    map: map_names::MAGLEV,
+                    entry: format!("Maglev table {table}"),
+                }),
+            },
+            MapWrite::MaglevConfig(config) => match self.maglev.as_mut() {
+                Some(maps) => maps
+                    .config
+                    .set(0, *config, 0)
+                    .map_err(|error| WriteError::Kernel {
+                        map: map_names::MAGLEV_CONFIG,
+                        action: "writing",
+                        entry: format!("{config:?}"),
+                        source: io_error(error),
+                    }),
+                None => Err(WriteError::MissingMap {
+                    map: map_names::MAGLEV_CONFIG,
+                    entry: "the Maglev settings".into(),
+                }),
+            },
         }
     }
 
     fn read_image(&self) -> Result<MapImage, WriteError> {
+        let services4 = read_all(&self.services4, map_names::SERVICES4)?;
+        let services6 = read_all(&self.services6, map_names::SERVICES6)?;
+        let (maglev, maglev_config) = match &self.maglev {
+            Some(maps) => {
+                let config = maps.config()?;
+                // Only the tables masters point at, read at the size the datapath indexes them
+                // with (a table of another size is not what the datapath reads: left out, so
+                // the first plan writes a new one).
+                let in_use: std::collections::BTreeSet<u32> = services4
+                    .iter()
+                    .filter(|(key, _)| key.backend_slot == 0)
+                    .map(|(_, value)| value)
+                    .chain(
+                        services6
+                            .iter()
+                            .filter(|(key, _)| key.backend_slot == 0)
+                            .map(|(_, value)| value),
+                    )
+                    .filter(|value| {
+                        value.flags & service_flags::MAGLEV != 0 && value.backend_id != 0
+                    })
+                    .map(|value| value.backend_id)
+                    .collect();
+                let mut tables = std::collections::BTreeMap::new();
+                for table in in_use {
+                    if let Some(content) = maps.read_table(table, config.table_size)? {
+                        tables.insert(table, content.into());
+                    }
+                }
+                (tables, Some(config))
+            }
+            None => (std::collections::BTreeMap::new(), None),
+        };
         Ok(MapImage {
-            services4: read_all(&self.services4, map_names::SERVICES4)?,
-            services6: read_all(&self.services6, map_names::SERVICES6)?,
+            services4,
+            services6,
+            maglev,
+            maglev_config,
             backends4: read_all(&self.backends4, map_names::BACKENDS4)?,
             backends6: read_all(&self.backends6, map_names::BACKENDS6)?,
             rev_nat4: read_all(&self.rev_nat4, map_names::REV_NAT4)?,

@@ -145,6 +145,8 @@ pub struct ServiceInput {
     pub affinity_timeout_seconds: Option<i32>,
     /// `spec.publishNotReadyAddresses`.
     pub publish_not_ready_addresses: bool,
+    /// The `switchyard.dev/lb-algorithm` annotation, as written.
+    pub lb_algorithm: Option<String>,
 }
 
 impl ServiceInput {
@@ -170,6 +172,12 @@ impl From<&Service> for ServiceInput {
                 name: key.name,
             },
             proxy_name: label(&service.metadata, SERVICE_PROXY_NAME_LABEL),
+            lb_algorithm: service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(super::LB_ALGORITHM_ANNOTATION))
+                .cloned(),
             forwarding_mode: service
                 .metadata
                 .annotations

@@ -13,6 +13,7 @@ mod external;
 mod external_tests;
 pub mod input;
 mod ip;
+pub mod lb_algorithm;
 pub mod problems;
 #[cfg(test)]
 mod semantics_tests;
@@ -20,6 +21,7 @@ pub mod service;
 
 pub use input::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL};
 pub use ip::{parse_cidr_lenient, parse_ip_lenient};
+pub use lb_algorithm::{LB_ALGORITHM_ANNOTATION, LbAlgorithm};
 pub use problems::{ObjectKind, Problem, ServiceId};
 
 use std::{
@@ -68,6 +70,9 @@ pub struct ModelConfig {
     /// The API server's addresses: an externalIP equal to one (or to a node address) is never
     /// translated for the host's own processes (CVE-2020-8554).
     pub api_server_addresses: Vec<IpAddr>,
+    /// `--lb-algorithm`: how north-south flows of Services without (a valid)
+    /// `switchyard.dev/lb-algorithm` annotation choose their backend.
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// L4 protocols the dataplane translates.

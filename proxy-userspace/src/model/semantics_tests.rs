@@ -309,3 +309,105 @@ fn the_guard_learns_our_cluster_ips_and_another_proxys() {
     assert_eq!(flag("10.96.0.71"), Some(guard_flags::OTHER_PROXY));
     assert_eq!(flag("10.96.0.72"), None);
 }
+
+fn nodeport_service(name: &str, annotation: Option<&str>) -> String {
+    let annotations = annotation.map_or_else(String::new, |value| {
+        format!(", annotations: {{switchyard.dev/lb-algorithm: {value}}}")
+    });
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: s{annotations}}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.1.{n}\n  externalIPs: [198.51.100.{n}]\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 3200{n}\n  ports: [{{port: 80, nodePort: 3100{n}}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.{n}}}]}}}}\n{slice}",
+        n = name.len(),
+        slice = slice(
+            name,
+            "[{port: 8080}]",
+            "[{addresses: [10.0.0.1], nodeName: node-a}]"
+        ),
+    )
+}
+
+#[test]
+fn the_lb_algorithm_annotation_marks_external_frontends_maglev_and_never_cluster_ips() {
+    let yaml = nodeport_service("mag", Some("maglev"));
+    let output = build_with(&yaml, &config());
+    assert!(output.problems.is_empty(), "{:?}", output.problems);
+    for external in [
+        "192.168.0.2:31003/TCP",
+        "203.0.113.3:80/TCP",
+        "198.51.100.3:80/TCP",
+    ] {
+        assert_ne!(
+            flags(&output, external) & service_flags::MAGLEV,
+            0,
+            "{external}"
+        );
+        let local = output
+            .desired
+            .frontends
+            .iter()
+            .find(|(key, _)| key.to_string() == external && key.scope == Scope::Local)
+            .map(|(_, frontend)| frontend.flags)
+            .unwrap();
+        assert_ne!(local & service_flags::MAGLEV, 0, "{external} (local scope)");
+    }
+    assert_eq!(
+        flags(&output, "10.96.1.3:80/TCP") & service_flags::MAGLEV,
+        0
+    );
+}
+
+#[test]
+fn the_lb_algorithm_flag_is_the_default_and_the_annotation_overrides_it() {
+    let maglev_default = ModelConfig {
+        lb_algorithm: super::LbAlgorithm::Maglev,
+        ..config()
+    };
+    let plain = build_with(&nodeport_service("plain", None), &maglev_default);
+    assert_ne!(
+        flags(&plain, "203.0.113.5:80/TCP") & service_flags::MAGLEV,
+        0
+    );
+    let random = build_with(&nodeport_service("rand", Some("random")), &maglev_default);
+    assert_eq!(
+        flags(&random, "203.0.113.4:80/TCP") & service_flags::MAGLEV,
+        0
+    );
+    let default = build_with(&nodeport_service("plain", None), &config());
+    assert_eq!(
+        flags(&default, "203.0.113.5:80/TCP") & service_flags::MAGLEV,
+        0
+    );
+}
+
+#[test]
+fn an_unknown_lb_algorithm_is_reported_and_the_default_applies_to_that_service_only() {
+    let maglev_default = ModelConfig {
+        lb_algorithm: super::LbAlgorithm::Maglev,
+        ..config()
+    };
+    let yaml = format!(
+        "{}{}",
+        nodeport_service("bad", Some("ring-hash")),
+        nodeport_service("good1", Some("random"))
+    );
+    let output = build_with(&yaml, &maglev_default);
+    let reasons: Vec<String> = output.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        reasons,
+        [
+            "Service s/bad: annotation switchyard.dev/lb-algorithm: unknown value \"ring-hash\" \
+             (maglev or random); the default maglev applies"
+        ]
+    );
+    assert_ne!(
+        flags(&output, "203.0.113.3:80/TCP") & service_flags::MAGLEV,
+        0
+    );
+    assert_eq!(
+        flags(&output, "203.0.113.5:80/TCP") & service_flags::MAGLEV,
+        0
+    );
+    assert_eq!(
+        backends(&output, "203.0.113.3:80/TCP", Scope::Cluster),
+        ["10.0.0.1:8080/TCP"]
+    );
+}

@@ -8,8 +8,8 @@ use std::{collections::BTreeSet, net::IpAddr};
 use proxy_common::service_flags;
 
 use super::{
-    BackendAddr, Cidr, Frontend, FrontendKey, HealthCheck, ModelConfig, Protocol, Scope,
-    ServicePortName,
+    BackendAddr, Cidr, Frontend, FrontendKey, HealthCheck, LB_ALGORITHM_ANNOTATION, LbAlgorithm,
+    ModelConfig, Protocol, Scope, ServicePortName,
     endpoints::{self, Categorized, Endpoint, PortRef, categorize},
     external::{self, Exposure},
     input::{ServiceInput, SliceInput},
@@ -164,6 +164,8 @@ const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 struct Policies {
     internal_local: bool,
     affinity_timeout_secs: u32,
+    /// `service_flags::MAGLEV` for the Service's external frontends, or 0.
+    external_algorithm_flag: u16,
     /// `FORWARD_DSR` / `FORWARD_SNAT` from the forwarding-mode annotation (0: `--lb-mode`).
     forward_flag: u16,
 }
@@ -182,7 +184,30 @@ fn forwarding_flag(service: &ServiceInput) -> Result<u16, String> {
     }
 }
 
-fn policies(service: &ServiceInput) -> Policies {
+/// The Service's algorithm: its annotation's, or `--lb-algorithm` when it has none or one
+/// the agent does not know (reported; the rest of the Service is programmed as usual).
+fn lb_algorithm(
+    service: &ServiceInput,
+    config: &ModelConfig,
+    problems: &mut Problems,
+) -> LbAlgorithm {
+    let Some(text) = service.lb_algorithm.as_deref() else {
+        return config.lb_algorithm;
+    };
+    LbAlgorithm::parse(text).unwrap_or_else(|| {
+        service.id.report(
+            problems,
+            format!(
+                "annotation {LB_ALGORITHM_ANNOTATION}: unknown value {text:?} (maglev or \
+                 random); the default {} applies",
+                config.lb_algorithm
+            ),
+        );
+        config.lb_algorithm
+    })
+}
+
+fn policies(service: &ServiceInput, config: &ModelConfig, problems: &mut Problems) -> Policies {
     let affinity_timeout_secs = if service.session_affinity.as_deref() == Some("ClientIP") {
         service
             .affinity_timeout_seconds
@@ -192,9 +217,14 @@ fn policies(service: &ServiceInput) -> Policies {
     } else {
         0
     };
+    let external_algorithm_flag = match lb_algorithm(service, config, problems) {
+        LbAlgorithm::Maglev => service_flags::MAGLEV,
+        LbAlgorithm::Random => 0,
+    };
     Policies {
         internal_local: service.internal_traffic_policy.as_deref() == Some("Local"),
         affinity_timeout_secs,
+        external_algorithm_flag,
         forward_flag: forwarding_flag(service).unwrap_or(0),
     }
 }
@@ -430,7 +460,8 @@ impl ServiceContext<'_> {
             let key = key_for(ip, number);
             // loadBalancerSourceRanges guard load-balancer IPs only, never NodePorts.
             let ranges = lb_ranges.as_ref().filter(|_| kind == Kind::LoadBalancer);
-            let mut flags = kind.flag() | self.policies.forward_flag;
+            let mut flags =
+                kind.flag() | self.policies.external_algorithm_flag | self.policies.forward_flag;
             if ranges.is_some() {
                 flags |= service_flags::SOURCE_RANGES;
             }
@@ -560,7 +591,7 @@ pub fn service_output(
     let context = ServiceContext {
         service,
         config,
-        policies: policies(service),
+        policies: policies(service, config, &mut problems),
         exposure,
     };
     if let Err(reason) = forwarding_flag(service) {

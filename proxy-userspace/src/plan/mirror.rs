@@ -8,6 +8,7 @@ use std::{
     net::IpAddr,
 };
 
+use super::maglev_tables::MaglevTables;
 use super::op::{Master, Op, RevNatTarget};
 use crate::model::{BackendAddr, Cidr, FrontendKey, Protocol};
 
@@ -117,6 +118,8 @@ pub struct Programmed {
     pub names: BTreeMap<u32, String>,
     /// (rev-NAT id, range): the loadBalancerSourceRanges of the frontends with that id.
     pub source_ranges: BTreeSet<(u32, Cidr)>,
+    /// The Maglev tables and the masters pointing at them.
+    pub maglev: MaglevTables,
     backend_ids: HashMap<BackendAddr, u32>,
     /// Slots pointing at each backend id.
     backend_refs: HashMap<u32, u32>,
@@ -142,6 +145,7 @@ impl PartialEq for Programmed {
             && self.rev_nats == other.rev_nats
             && self.names == other.names
             && self.source_ranges == other.source_ranges
+            && self.maglev == other.maglev
     }
 }
 
@@ -353,6 +357,15 @@ impl Programmed {
                     range: *range,
                 }
             }
+            Op::UpsertMaglevTable { table, .. } | Op::DeleteMaglevTable { table } => {
+                match self.maglev.tables.get(table) {
+                    Some(content) => Op::UpsertMaglevTable {
+                        table: *table,
+                        backend_ids: content.clone(),
+                    },
+                    None => Op::DeleteMaglevTable { table: *table },
+                }
+            }
             Op::UpsertSlot { frontend, slot, .. } | Op::DeleteSlot { frontend, slot } => {
                 let current = self.frontends.get(frontend);
                 match current.and_then(|f| f.slots.get(slot)) {
@@ -454,6 +467,8 @@ impl Programmed {
                 }
                 self.recheck_rev_nat(*rev_nat_id);
             }
+            Op::UpsertMaglevTable { table, backend_ids } => self.maglev.upsert(*table, backend_ids),
+            Op::DeleteMaglevTable { table } => self.maglev.delete(*table),
             _ => {}
         }
     }
@@ -522,6 +537,8 @@ impl Programmed {
                     self.recheck_rev_nat(master.rev_nat_id);
                 }
                 self.next_rev_nat_id = self.next_rev_nat_id.max(master.rev_nat_id.wrapping_add(1));
+                self.maglev
+                    .repoint(old.map_or(0, |m| m.maglev_table), master.maglev_table);
             }
             Op::DeleteMaster { frontend } => {
                 let old = self
@@ -532,6 +549,7 @@ impl Programmed {
                     self.fill.services[family(frontend.ip)] -= 1;
                     bump(&mut self.master_refs, old.rev_nat_id, false);
                     self.recheck_rev_nat(old.rev_nat_id);
+                    self.maglev.repoint(old.maglev_table, 0);
                 }
                 self.drop_if_empty(frontend);
             }
@@ -677,6 +695,7 @@ mod tests {
                 rev_nat_id: 7,
                 flags: 0,
                 affinity_timeout_secs: 0,
+                maglev_table: 0,
             },
         });
         assert!(mirror.orphan_backends().is_empty());
@@ -725,6 +744,7 @@ mod tests {
                     rev_nat_id: 3,
                     flags: 0,
                     affinity_timeout_secs: 0,
+                    maglev_table: 0,
                 },
             },
         ];

@@ -11,13 +11,20 @@
 //! A frontend's rev-NAT id is its identity (VIP, port, protocol): the two entries of an
 //! externalTrafficPolicy Local frontend (scopes Cluster and Local) share it, so replies,
 //! session affinity and source ranges are the same whichever entry a flow went through.
+pub mod maglev_tables;
 pub mod mirror;
 pub mod op;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
-use crate::model::{
-    BackendAddr, Cidr, DesiredState, Frontend, FrontendKey, Scope, desired::Desired,
+use proxy_common::service_flags;
+
+use crate::{
+    maglev,
+    model::{BackendAddr, Cidr, DesiredState, Frontend, FrontendKey, Scope, desired::Desired},
 };
 use mirror::Programmed;
 use op::{Master, Op, RevNatTarget};
@@ -25,6 +32,27 @@ use op::{Master, Op, RevNatTarget};
 /// Where the plan asks what a frontend should look like.
 pub trait DesiredFrontends {
     fn frontend(&self, key: &FrontendKey) -> Option<&Frontend>;
+
+    /// The shape of the Maglev tables of frontends with flag `MAGLEV`.
+    fn maglev_settings(&self) -> maglev::Settings {
+        maglev::Settings::default()
+    }
+}
+
+/// Desired frontends with the agent's Maglev settings.
+pub struct WithMaglev<'a, D> {
+    pub desired: &'a D,
+    pub settings: maglev::Settings,
+}
+
+impl<D: DesiredFrontends> DesiredFrontends for WithMaglev<'_, D> {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.desired.frontend(key)
+    }
+
+    fn maglev_settings(&self) -> maglev::Settings {
+        self.settings
+    }
 }
 
 impl DesiredFrontends for DesiredState {
@@ -107,8 +135,21 @@ pub fn plan_keys<'k>(
     let backend_ids = assign_backend_ids(programmed, &addresses, &mut ops);
     let rev_nat_ids = assign_rev_nat_ids(programmed, &addresses, &mut ops);
     let source_ranges = add_source_ranges(programmed, &addresses, &rev_nat_ids, &mut ops);
-    publish_frontends(programmed, &addresses, &backend_ids, &rev_nat_ids, &mut ops);
+    let tables = assign_maglev_tables(
+        programmed,
+        &addresses,
+        &backend_ids,
+        desired.maglev_settings(),
+        &mut ops,
+    );
+    let ids = Ids {
+        backends: &backend_ids,
+        rev_nats: &rev_nat_ids,
+        tables: &tables,
+    };
+    publish_frontends(programmed, &addresses, &ids, &mut ops);
     remove_frontends(programmed, &addresses, &mut ops);
+    remove_unused_tables(programmed, &addresses, &tables, &mut ops);
     remove_unused(
         programmed,
         &addresses,
@@ -162,6 +203,13 @@ pub fn sweep(programmed: &Programmed) -> Vec<Op> {
             ops.push(Op::DeleteName { id: *id });
         }
     }
+    ops.extend(
+        programmed
+            .maglev
+            .orphans()
+            .iter()
+            .map(|table| Op::DeleteMaglevTable { table: *table }),
+    );
     for id in programmed.orphan_backends() {
         if let Some(backend) = programmed.backends.get(id) {
             ops.push(Op::DeleteBackend {
@@ -200,6 +248,97 @@ fn assign_backend_ids(
         }
     }
     backend_ids
+}
+
+/// Maglev tables: each Maglev frontend's table is found by its content among the programmed
+/// ones, or written under a fresh number before any master points at it (make-before-break).
+/// Frontends with the same backends share a table; a table is computed once per backend set.
+fn assign_maglev_tables(
+    programmed: &Programmed,
+    addresses: &[Address<'_>],
+    backend_ids: &HashMap<BackendAddr, u32>,
+    settings: maglev::Settings,
+    ops: &mut Vec<Op>,
+) -> HashMap<FrontendKey, u32> {
+    let mut tables = HashMap::new();
+    let mut by_set: HashMap<Vec<BackendAddr>, u32> = HashMap::new();
+    let mut next = programmed.maglev.cursor();
+    for (key, frontend) in addresses.iter().flat_map(Address::wanted) {
+        if frontend.flags & service_flags::MAGLEV == 0 {
+            continue;
+        }
+        let mut set = frontend.backends.clone();
+        set.sort_unstable();
+        set.dedup();
+        if let Some(table) = by_set.get(&set) {
+            tables.insert(key, *table);
+            continue;
+        }
+        let Some(slots) = maglev::table(&set, settings) else {
+            continue;
+        };
+        let content: Arc<[u32]> = slots.iter().map(|backend| backend_ids[backend]).collect();
+        let table = programmed.maglev.with_content(&content).unwrap_or_else(|| {
+            let table = next;
+            next = next.checked_add(1).unwrap_or(1);
+            while programmed.maglev.in_use(next) {
+                next = next.checked_add(1).unwrap_or(1);
+            }
+            ops.push(Op::UpsertMaglevTable {
+                table,
+                backend_ids: content,
+            });
+            table
+        });
+        by_set.insert(set, table);
+        tables.insert(key, table);
+    }
+    tables
+}
+
+/// Tables no master will point at once the plan's masters are written (after them).
+fn remove_unused_tables(
+    programmed: &Programmed,
+    addresses: &[Address<'_>],
+    tables: &HashMap<FrontendKey, u32>,
+    ops: &mut Vec<Op>,
+) {
+    let mut delta: BTreeMap<u32, i64> = BTreeMap::new();
+    for address in addresses {
+        for scope in Scope::ALL {
+            let key = FrontendKey {
+                scope,
+                ..address.identity
+            };
+            let old = programmed
+                .frontends
+                .get(&key)
+                .and_then(|frontend| frontend.master)
+                .map_or(0, |master| master.maglev_table);
+            if old != 0 {
+                *delta.entry(old).or_default() -= 1;
+            }
+        }
+    }
+    for table in tables.values() {
+        *delta.entry(*table).or_default() += 1;
+    }
+    ops.extend(
+        delta
+            .into_iter()
+            .filter(|(table, change)| {
+                i64::from(programmed.maglev.refs(*table)) + change <= 0
+                    && programmed.maglev.tables.contains_key(table)
+            })
+            .map(|(table, _)| Op::DeleteMaglevTable { table }),
+    );
+}
+
+/// The ids a plan gave its backends, addresses and Maglev frontends.
+struct Ids<'a> {
+    backends: &'a HashMap<BackendAddr, u32>,
+    rev_nats: &'a BTreeMap<FrontendKey, u32>,
+    tables: &'a HashMap<FrontendKey, u32>,
 }
 
 /// Reverse NAT: an address keeps the id its master entries carry (the cluster scope's,
@@ -275,10 +414,10 @@ fn add_source_ranges(
 fn publish_frontends(
     programmed: &Programmed,
     addresses: &[Address<'_>],
-    backend_ids: &HashMap<BackendAddr, u32>,
-    rev_nat_ids: &BTreeMap<FrontendKey, u32>,
+    ids: &Ids<'_>,
     ops: &mut Vec<Op>,
 ) {
+    let (backend_ids, rev_nat_ids) = (ids.backends, ids.rev_nats);
     let mut surplus = Vec::new();
     let mut wanted: Vec<(FrontendKey, &Frontend)> =
         addresses.iter().flat_map(Address::wanted).collect();
@@ -307,6 +446,7 @@ fn publish_frontends(
             rev_nat_id,
             flags: frontend.flags,
             affinity_timeout_secs: frontend.affinity_timeout_secs,
+            maglev_table: ids.tables.get(&key).copied().unwrap_or(0),
         };
         if current.and_then(|f| f.master) != Some(master) {
             ops.push(Op::UpsertMaster {
@@ -523,6 +663,152 @@ mod tests {
                 "backend", "backend", "rev_nat", "name", "slot", "slot", "master"
             ]
         );
+    }
+
+    /// `desired` with every frontend a Maglev NodePort.
+    fn maglev(mut want: DesiredState) -> DesiredState {
+        for frontend in want.frontends.values_mut() {
+            frontend.flags = service_flags::NODE_PORT | service_flags::MAGLEV;
+        }
+        want
+    }
+
+    fn table_of(programmed: &Programmed, key: &FrontendKey) -> u32 {
+        programmed.frontends[key].master.unwrap().maglev_table
+    }
+
+    #[test]
+    fn a_maglev_table_is_complete_before_its_master_points_at_it() {
+        let want = maglev(desired(&[(
+            key("192.168.0.2", 30080),
+            &["10.0.0.1", "10.0.0.2"],
+        )]));
+        let ops = plan(&Programmed::default(), &want);
+        let table = ops
+            .iter()
+            .position(|op| matches!(op, Op::UpsertMaglevTable { .. }))
+            .expect("a table is written");
+        let master = ops
+            .iter()
+            .position(|op| matches!(op, Op::UpsertMaster { .. }))
+            .unwrap();
+        let last_backend = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::UpsertBackend { .. }))
+            .unwrap();
+        assert!(last_backend < table && table < master, "{ops:#?}");
+        let Op::UpsertMaglevTable { table, backend_ids } = &ops[table] else {
+            unreachable!()
+        };
+        assert_eq!(
+            backend_ids.len(),
+            maglev::Settings::default().table_size as usize
+        );
+        let after = applied(&Programmed::default(), &ops);
+        assert_eq!(table_of(&after, &key("192.168.0.2", 30080)), *table);
+        let mut used: Vec<u32> = backend_ids.to_vec();
+        used.sort_unstable();
+        used.dedup();
+        let mut ids: Vec<u32> = after.backends.keys().copied().collect();
+        ids.sort_unstable();
+        assert_eq!(used, ids, "every backend has slots, nothing else has");
+        assert!(plan(&after, &want).is_empty(), "idempotent");
+    }
+
+    #[test]
+    fn frontends_with_the_same_backends_share_a_table_and_random_ones_have_none() {
+        let mut want = maglev(desired(&[
+            (key("192.168.0.2", 30080), &["10.0.0.1", "10.0.0.2"]),
+            (key("192.168.0.3", 30080), &["10.0.0.2", "10.0.0.1"]),
+            (key("192.168.0.4", 30080), &["10.0.0.3"]),
+        ]));
+        want.frontends
+            .get_mut(&key("192.168.0.4", 30080))
+            .unwrap()
+            .flags = service_flags::NODE_PORT;
+        let after = applied(&Programmed::default(), &plan(&Programmed::default(), &want));
+        assert_eq!(after.maglev.tables.len(), 1);
+        assert_eq!(
+            table_of(&after, &key("192.168.0.2", 30080)),
+            table_of(&after, &key("192.168.0.3", 30080))
+        );
+        assert_eq!(table_of(&after, &key("192.168.0.4", 30080)), 0);
+    }
+
+    #[test]
+    fn a_changed_backend_set_gets_a_new_table_and_the_old_one_is_freed_after_the_switch() {
+        let frontend = key("192.168.0.2", 30080);
+        let before = maglev(desired(&[(
+            frontend,
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+        )]));
+        let programmed = applied(
+            &Programmed::default(),
+            &plan(&Programmed::default(), &before),
+        );
+        let old = table_of(&programmed, &frontend);
+        let after_want = maglev(desired(&[(frontend, &["10.0.0.1", "10.0.0.3"])]));
+        let ops = plan(&programmed, &after_want);
+        let position = |wanted: fn(&Op) -> bool| ops.iter().position(wanted).unwrap();
+        let new_table = position(|op| matches!(op, Op::UpsertMaglevTable { .. }));
+        let master = position(|op| matches!(op, Op::UpsertMaster { .. }));
+        let freed = position(|op| matches!(op, Op::DeleteMaglevTable { .. }));
+        let backend_gone = position(|op| matches!(op, Op::DeleteBackend { .. }));
+        assert!(
+            new_table < master && master < freed && freed < backend_gone,
+            "{ops:#?}"
+        );
+        assert!(matches!(ops[freed], Op::DeleteMaglevTable { table } if table == old));
+        let after = applied(&programmed, &ops);
+        let new = table_of(&after, &frontend);
+        assert_ne!(
+            new, old,
+            "a new number, never the one the datapath may be reading"
+        );
+        assert_eq!(
+            after.maglev.tables.keys().copied().collect::<Vec<_>>(),
+            [new]
+        );
+        // Only the removed backend's slots moved.
+        let (before_ids, after_ids) = (&programmed.maglev.tables[&old], &after.maglev.tables[&new]);
+        let removed = programmed.backend_id(&backend("10.0.0.2")).unwrap();
+        let moved = before_ids
+            .iter()
+            .zip(after_ids.iter())
+            .filter(|(a, b)| a != b)
+            .count();
+        let owned = before_ids.iter().filter(|id| **id == removed).count();
+        assert!(
+            moved >= owned && moved <= owned + before_ids.len() / 100,
+            "{moved} {owned}"
+        );
+        // Back to random: the table goes with the flag.
+        let random = desired(&[(frontend, &["10.0.0.1", "10.0.0.3"])]);
+        let back = applied(&after, &plan(&after, &random));
+        assert!(back.maglev.tables.is_empty());
+        assert_eq!(table_of(&back, &frontend), 0);
+    }
+
+    #[test]
+    fn undoing_a_maglev_plan_restores_the_mirror() {
+        let frontend = key("192.168.0.2", 30080);
+        let before = maglev(desired(&[(frontend, &["10.0.0.1", "10.0.0.2"])]));
+        let programmed = applied(
+            &Programmed::default(),
+            &plan(&Programmed::default(), &before),
+        );
+        let after_want = maglev(desired(&[(frontend, &["10.0.0.1", "10.0.0.5"])]));
+        let mut mirror = programmed.clone();
+        let mut undo = Vec::new();
+        for op in plan(&programmed, &after_want) {
+            undo.extend(mirror.inverse(&op));
+            mirror.apply(&op);
+        }
+        for op in undo.iter().rev() {
+            mirror.apply(op);
+        }
+        assert_eq!(mirror, programmed);
+        assert_eq!(mirror.maglev, programmed.maglev);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The plan's vocabulary: one change to the maps, in domain terms (addresses, ids, slots).
 //! `maps::encode` turns each operation into the map entry it writes.
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use crate::model::{BackendAddr, Cidr, FrontendKey};
 
@@ -11,6 +11,8 @@ pub struct Master {
     pub rev_nat_id: u32,
     pub flags: u16,
     pub affinity_timeout_secs: u32,
+    /// With flag `MAGLEV`: the number (1-based) of the frontend's Maglev table; else 0.
+    pub maglev_table: u32,
 }
 
 /// Address of a reverse-NAT entry: the service address replies must show.
@@ -73,6 +75,15 @@ pub enum Op {
         rev_nat_id: u32,
         range: Cidr,
     },
+    /// Fills Maglev table `table` (1-based): slot `i` sends flows to `backend_ids[i]`.
+    UpsertMaglevTable {
+        table: u32,
+        backend_ids: Arc<[u32]>,
+    },
+    /// Frees Maglev table `table` (no master points at it any more).
+    DeleteMaglevTable {
+        table: u32,
+    },
 }
 
 impl Op {
@@ -86,6 +97,7 @@ impl Op {
                 | Self::DeleteBackend { .. }
                 | Self::DeleteName { .. }
                 | Self::DeleteSourceRange { .. }
+                | Self::DeleteMaglevTable { .. }
         )
     }
 }

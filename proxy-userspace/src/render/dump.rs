@@ -12,7 +12,7 @@ use crate::{
 use proxy_common::{guard_flags, service_flags};
 
 /// The service flags by name: the frontend's kind first, then how it behaves.
-const FLAG_NAMES: [(u16, &str); 8] = [
+const FLAG_NAMES: [(u16, &str); 9] = [
     (service_flags::CLUSTER_IP, "cluster-ip"),
     (service_flags::NODE_PORT, "node-port"),
     (service_flags::EXTERNAL_IP, "external-ip"),
@@ -21,6 +21,7 @@ const FLAG_NAMES: [(u16, &str); 8] = [
     (service_flags::SOURCE_RANGES, "source-ranges"),
     (service_flags::NO_LOCAL_ENDPOINTS, "no-local-endpoints"),
     (service_flags::NOT_FOR_HOST, "not-for-host"),
+    (service_flags::MAGLEV, "maglev"),
 ];
 
 /// The names of the flags set, unknown bits in hex.
@@ -248,6 +249,7 @@ mod tests {
                     rev_nat_id: 7,
                     flags: service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES,
                     affinity_timeout_secs: 0,
+                    maglev_table: 0,
                 },
             },
         ] {

@@ -687,6 +687,7 @@ mod tests {
             rev_nat_id: 1,
             flags,
             affinity_timeout_secs: 0,
+            maglev_table: 0,
         };
         let lb = service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES;
         let inspection = inspection(&[

@@ -54,6 +54,30 @@ enum Command {
     /// Send crafted IPv4 TCP segments (any source address, flags and numbers) through a raw
     /// socket: spoofed SYNs and RSTs, and bounded SYN floods, between test namespaces only.
     Spoof(SpoofArgs),
+    /// Send one UDP datagram from each of COUNT source ports (from `--first-port` up) of each
+    /// `--source-ip` to TARGET, without waiting for answers: many one-shot flows with distinct
+    /// tuples, e.g. to compare the backends two nodes choose for them.
+    Scatter(ScatterArgs),
+}
+
+#[derive(Args)]
+struct ScatterArgs {
+    /// Network namespace (a name under /run/netns) to send from.
+    #[arg(long)]
+    netns: String,
+    #[arg(long)]
+    target: SocketAddr,
+    /// Local addresses to send from (each must be configured in the namespace).
+    #[arg(long = "source-ip", required = true)]
+    source_ips: Vec<IpAddr>,
+    #[arg(long)]
+    first_port: u16,
+    /// Source ports per address.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    count: u32,
+    /// Stop after this long even if not every datagram was sent.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    max_ms: u64,
 }
 
 #[derive(Args)]
@@ -160,6 +184,7 @@ fn main() -> Result<()> {
         Command::Client(args) => client(&args),
         Command::Hold(args) => hold(&args),
         Command::Spoof(args) => spoof(&args),
+        Command::Scatter(args) => scatter(&args),
     }
 }
 
@@ -703,6 +728,50 @@ fn spoof(args: &SpoofArgs) -> Result<()> {
             // The neighbour queue may be full for a moment during a flood.
             Err(Errno::ENOBUFS | Errno::EAGAIN) => std::thread::sleep(Duration::from_micros(200)),
             Err(error) => return Err(error).context("sending a crafted segment"),
+        }
+    }
+    println!("{sent}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// scatter
+
+/// Sends the datagrams of `sy-testkit scatter` and prints how many went out. A socket per
+/// tuple, closed at once: the flows are one-shot, their answers (if any) meet a closed port.
+fn scatter(args: &ScatterArgs) -> Result<()> {
+    join_netns(&args.netns)?;
+    let last_port = u16::try_from(u32::from(args.first_port) + args.count - 1)
+        .ok()
+        .with_context(|| format!("{} ports from {} do not fit", args.count, args.first_port))?;
+    let deadline = Instant::now() + Duration::from_millis(args.max_ms);
+    let mut sent: u32 = 0;
+    'all: for &ip in &args.source_ips {
+        for port in args.first_port..=last_port {
+            if Instant::now() >= deadline {
+                break 'all;
+            }
+            let socket = UdpSocket::bind(SocketAddr::new(ip, port))
+                .with_context(|| format!("binding {ip} port {port}"))?;
+            loop {
+                match socket.send_to(REQUEST, args.target) {
+                    Ok(_) => break,
+                    // The neighbour queue may be full for a moment.
+                    Err(error)
+                        if error.kind() == std::io::ErrorKind::WouldBlock
+                            || error.raw_os_error() == Some(Errno::ENOBUFS as i32) =>
+                    {
+                        if Instant::now() >= deadline {
+                            break 'all;
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(error) => {
+                        return Err(error).with_context(|| format!("sending from {ip}:{port}"));
+                    }
+                }
+            }
+            sent += 1;
         }
     }
     println!("{sent}");

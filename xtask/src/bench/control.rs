@@ -129,7 +129,7 @@ impl Point {
     fn records(&self, n: usize, m: usize) -> Vec<Record> {
         let mut records = Vec::new();
         for metric in Metric::ALL {
-            if !metric.applies_to(Mode::SwitchyardApi) {
+            if !metric.applies_to(Mode::SwitchyardApi) || !metric.per_scale_point() {
                 continue;
             }
             let mut record = Record::new(Mode::SwitchyardApi, n, m, metric);

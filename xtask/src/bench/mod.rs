@@ -14,6 +14,7 @@ mod kube_nftables;
 mod lanes;
 mod loadgen;
 mod machine;
+mod maglev;
 mod modes;
 mod pinned_maps;
 mod plot;
@@ -79,6 +80,8 @@ pub fn run(profile: Profile, scope: Scope) -> Result<()> {
         drop(bench);
     }
     records.extend(control::run(&plan, &progress)?);
+    check_stop()?;
+    records.push(maglev::run(&plan, &progress)?);
     let report = Report {
         machine: machine::facts(profile, scope, progress.started().elapsed()),
         records,
@@ -583,7 +586,10 @@ impl Results {
     fn records(&self) -> Vec<Record> {
         let mut records = Vec::new();
         for &mode in &self.modes {
-            for metric in Metric::ALL.into_iter().filter(|m| m.applies_to(mode)) {
+            for metric in Metric::ALL
+                .into_iter()
+                .filter(|m| m.applies_to(mode) && m.per_scale_point())
+            {
                 let mut record = Record::new(mode, self.n, self.m, metric);
                 match metric {
                     Metric::ConnectLatency => self.latency_record(mode, &mut record),
@@ -611,6 +617,7 @@ impl Results {
                         record.value = self.memory.get(&(mode, metric)).copied();
                         record.reps = usize::from(record.value.is_some());
                     }
+                    Metric::MaglevRebuild => unreachable!("not measured per scale point"),
                 }
                 if record.value.is_none() && record.note.is_none() {
                     record.note = self.notes.get(&mode).cloned();
@@ -843,6 +850,7 @@ fn method(plan: &Plan) -> Vec<String> {
         }
     }
     lines.extend(control::method(plan));
+    lines.push(maglev::method(plan));
     lines
 }
 
@@ -878,6 +886,9 @@ fn print_headline(report: &Report) {
     }
     println!("\ncontrol plane (legend in report.md):");
     print!("{}", report.control_plane_text());
+    if let Some(line) = report.maglev_rebuild_text() {
+        println!("\nMaglev table rebuild (agent side): {line}");
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,8 @@ pub struct Plan {
     pub control_budget: Duration,
     /// How long /healthz is probed at each control-plane point while endpoints churn.
     pub healthz_churn: Duration,
+    /// Timed builds of the Maglev rebuild figure (`maglev`).
+    pub maglev_rounds: usize,
     pub out_dir: PathBuf,
     /// What the run is expected to take, printed at the start.
     pub expected: &'static str,
@@ -88,6 +90,7 @@ impl Plan {
                 control_changes: 5,
                 control_budget: Duration::from_mins(1),
                 healthz_churn: Duration::from_secs(2),
+                maglev_rounds: 20,
                 out_dir: root.join("bench-smoke"),
                 expected: "about 20 seconds",
             },
@@ -110,6 +113,7 @@ impl Plan {
                 control_changes: 50,
                 control_budget: Duration::from_mins(2),
                 healthz_churn: Duration::from_secs(10),
+                maglev_rounds: 200,
                 out_dir: root.join("bench"),
                 expected: "about 8 to 10 minutes on 2 cores, the control plane 1 to 2 of them",
             },
@@ -132,6 +136,7 @@ impl Plan {
                 control_changes: 100,
                 control_budget: Duration::from_mins(20),
                 healthz_churn: Duration::from_secs(30),
+                maglev_rounds: 500,
                 out_dir: root.join("bench"),
                 expected: "40 to 90 minutes on 2 cores for the data plane (nftables programming \
                            grows super-linearly and is skipped at a scale where it is predicted \

@@ -34,10 +34,13 @@ pub enum Metric {
     EventToMaps,
     /// Latency of GET /healthz while endpoints change ten times a second.
     HealthzChurn,
+    /// The agent's Maglev table build for one backend set (1 000 backends, M = 16381), run
+    /// on its own: one record per run, not per scale point.
+    MaglevRebuild,
 }
 
 impl Metric {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::ConnectLatency,
         Self::ConnPerS,
         Self::SustainedConnPerS,
@@ -52,6 +55,7 @@ impl Metric {
         Self::ChangeCpu,
         Self::EventToMaps,
         Self::HealthzChurn,
+        Self::MaglevRebuild,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Metric {
             Self::ChangeCpu => "change_cpu_ms",
             Self::EventToMaps => "event_to_maps_ms",
             Self::HealthzChurn => "healthz_churn_ms",
+            Self::MaglevRebuild => "maglev_rebuild_ms",
         }
     }
 
@@ -80,7 +85,11 @@ impl Metric {
             Self::ConnFailed => "connections",
             Self::Throughput => "Gbit/s",
             Self::ProgramAll | Self::UpdateOne | Self::ProgramSync => "s",
-            Self::ChangeSync | Self::ChangeCpu | Self::EventToMaps | Self::HealthzChurn => "ms",
+            Self::ChangeSync
+            | Self::ChangeCpu
+            | Self::EventToMaps
+            | Self::HealthzChurn
+            | Self::MaglevRebuild => "ms",
             Self::AgentRss | Self::MapMemory => "MiB",
         }
     }
@@ -109,8 +118,16 @@ impl Metric {
             | Self::UpdateOne => mode != Mode::SwitchyardApi,
             Self::ProgramAll | Self::AgentRss | Self::MapMemory => true,
             Self::ProgramSync | Self::ChangeSync | Self::ChangeCpu => mode.is_switchyard(),
-            Self::EventToMaps | Self::HealthzChurn => mode == Mode::SwitchyardApi,
+            Self::EventToMaps | Self::HealthzChurn | Self::MaglevRebuild => {
+                mode == Mode::SwitchyardApi
+            }
         }
+    }
+
+    /// Whether the metric is measured at every scale point (all but the Maglev rebuild,
+    /// which does not depend on the number of Services).
+    pub fn per_scale_point(self) -> bool {
+        self != Self::MaglevRebuild
     }
 
     /// Whether a record of this metric for `mode` must carry a value when nothing failed

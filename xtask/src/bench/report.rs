@@ -50,6 +50,7 @@ fn title(metric: Metric) -> &'static str {
         Metric::ChangeCpu => "Agent CPU time per endpoint change, ms",
         Metric::EventToMaps => "API event → maps written, ms",
         Metric::HealthzChurn => "GET /healthz while endpoints change 10 times a second, ms",
+        Metric::MaglevRebuild => "Agent-side Maglev table build, ms",
     }
 }
 
@@ -226,6 +227,24 @@ impl Report {
         )
     }
 
+    /// The Maglev rebuild figure as one sentence, if it was measured.
+    pub fn maglev_rebuild_text(&self) -> Option<String> {
+        let record = self
+            .records
+            .iter()
+            .find(|r| r.metric == Metric::MaglevRebuild.name())?;
+        let ms = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+        Some(format!(
+            "{} backends, M = {}: p50 {} ms, p99 {} ms, mean {} ms over {} builds.",
+            record.endpoints_per_service,
+            super::maglev::TABLE_SIZE,
+            ms(record.p50),
+            ms(record.p99),
+            ms(record.value),
+            record.reps
+        ))
+    }
+
     /// The control-plane table as aligned plain text (for the terminal).
     pub fn control_plane_text(&self) -> String {
         let rows = self.control_rows();
@@ -312,6 +331,9 @@ impl Report {
             for (n, m, mode, cells) in rows {
                 let _ = writeln!(out, "| {n} ({m}) | {mode} | {} |", cells.join(" | "));
             }
+        }
+        if let Some(line) = self.maglev_rebuild_text() {
+            let _ = write!(out, "\n## {}\n\n{line}\n", title(Metric::MaglevRebuild));
         }
         // One line per (mode, note), listing where it applies: notes repeat across metrics.
         let mut notes: Vec<(&str, &str, Vec<String>)> = Vec::new();
@@ -593,5 +615,28 @@ mod tests {
         let text = report.control_plane_text();
         assert_eq!(text.lines().count(), 3, "{text}");
         assert!(text.contains("switchyard-api"));
+    }
+
+    #[test]
+    fn the_maglev_rebuild_gets_a_section_and_no_control_plane_row() {
+        let mut change = Record::new(Mode::SwitchyardApi, 10, 2, Metric::ChangeSync);
+        (change.value, change.p50, change.p99) = (Some(3.5), Some(3.0), Some(9.0));
+        let mut rebuild = Record::new(Mode::SwitchyardApi, 1, 1_000, Metric::MaglevRebuild);
+        (rebuild.value, rebuild.p50, rebuild.p99, rebuild.reps) =
+            (Some(1.3), Some(1.25), Some(2.5), 200);
+        let report = Report {
+            machine: serde_json::json!({}),
+            records: vec![change, rebuild],
+        };
+        let markdown = report.markdown(&[], &[]);
+        assert!(
+            markdown.contains(
+                "## Agent-side Maglev table build, ms\n\n1000 backends, M = 16381: p50 1.25 ms, \
+                 p99 2.50 ms, mean 1.30 ms over 200 builds."
+            ),
+            "{markdown}"
+        );
+        assert!(!markdown.contains("| 1 (1000) |"), "{markdown}");
+        assert_eq!(report.control_plane_text().lines().count(), 2);
     }
 }
