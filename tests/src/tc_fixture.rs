@@ -39,7 +39,8 @@ use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
     Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry,
     RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceValue,
-    SourceRange4, SourceRange6, backend_state, config_flags, maglev::MaglevConfig, map_names, reason,
+    SourceRange4, SourceRange6, backend_state, config_flags, maglev::MaglevConfig, map_names,
+    reason,
 };
 
 use crate::names;
