@@ -74,16 +74,6 @@ fn link_packets(netns: &str, link: &str) -> (u64, u64) {
     (read("rx"), read("tx"))
 }
 
-/// A node agent's datapath reason counter (`inspect stats`).
-fn counter(cluster: &mut Cluster, node: usize, name: &str) -> u64 {
-    let output = cluster
-        .agent(node)
-        .offline(&["inspect", "stats", "--output", "json"])
-        .expect("inspect stats");
-    let stats: Value = serde_json::from_slice(&output.stdout).expect("inspect stats JSON");
-    stats["datapath"][name].as_u64().unwrap_or(0)
-}
-
 fn node1_pods(cluster: &Cluster) -> Vec<String> {
     cluster.pods_on(ENDPOINTS, PodPhase::Ready)
 }
@@ -201,16 +191,16 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
             .service(service())
             .agent_args(&["--lb-mode", "dsr"]),
     );
-    let encoded_before = counter(&mut cluster, INGRESS, "tc_dsr_encoded");
-    let replies_before = counter(&mut cluster, ENDPOINTS, "tc_dsr_reply");
+    let encoded_before = cluster.datapath_counter(INGRESS, "tc_dsr_encoded");
+    let replies_before = cluster.datapath_counter(ENDPOINTS, "tc_dsr_reply");
 
     for family in [false, true] {
         for proto in [ClientProto::Tcp, ClientProto::UdpConnected] {
             exchange_bypassing_the_ingress_node(&cluster, family, proto);
         }
     }
-    let encoded = counter(&mut cluster, INGRESS, "tc_dsr_encoded") - encoded_before;
-    let replies = counter(&mut cluster, ENDPOINTS, "tc_dsr_reply") - replies_before;
+    let encoded = cluster.datapath_counter(INGRESS, "tc_dsr_encoded") - encoded_before;
+    let replies = cluster.datapath_counter(ENDPOINTS, "tc_dsr_reply") - replies_before;
     assert!(
         encoded >= 4 * u64::from(COUNT),
         "node {INGRESS} encoded {encoded} packets"
@@ -221,7 +211,7 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
     );
     assert_inspect_shows_dsr(&mut cluster);
     assert_eq!(
-        counter(&mut cluster, INGRESS, "tc_ct_reply"),
+        cluster.datapath_counter(INGRESS, "tc_ct_reply"),
         0,
         "no reply passed node {INGRESS}"
     );

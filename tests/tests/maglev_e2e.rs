@@ -103,20 +103,10 @@ fn settled_flows(
     }
 }
 
-/// A node agent's datapath reason counter (`inspect stats`).
-fn counter(cluster: &mut Cluster, node: usize, name: &str) -> u64 {
-    let output = cluster
-        .agent(node)
-        .offline(&["inspect", "stats", "--output", "json"])
-        .expect("inspect stats");
-    let stats: Value = serde_json::from_slice(&output.stdout).expect("inspect stats JSON");
-    stats["datapath"][name].as_u64().unwrap_or(0)
-}
-
 /// Every tuple sent through `node`: client → backend, with Maglev's choice counted.
 fn scatter_through(cluster: &mut Cluster, node: usize) -> BTreeMap<String, String> {
     steer(cluster.balancer_netns(), LB_IP.into(), &[node]).expect("steering the LB IP");
-    let picked_before = counter(cluster, node, "tc_maglev_picked");
+    let picked_before = cluster.datapath_counter(node, "tc_maglev_picked");
     let sent = cluster
         .testkit()
         .scatter(
@@ -130,7 +120,7 @@ fn scatter_through(cluster: &mut Cluster, node: usize) -> BTreeMap<String, Strin
         .expect("scattering UDP flows");
     assert_eq!(sent as usize, FLOWS, "datagrams sent through node {node}");
     let flows = settled_flows(cluster, node, "udp", FLOWS);
-    let picked = counter(cluster, node, "tc_maglev_picked") - picked_before;
+    let picked = cluster.datapath_counter(node, "tc_maglev_picked") - picked_before;
     assert!(
         picked >= FLOWS as u64,
         "node {node}: Maglev picked {picked} backends for {FLOWS} new flows"

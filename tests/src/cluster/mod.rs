@@ -545,6 +545,16 @@ impl Cluster {
             .unwrap_or_else(|| panic!("node {node} has no agent"))
     }
 
+    /// A datapath reason counter of `node`'s agent (`inspect stats`), 0 when absent.
+    pub fn datapath_counter(&mut self, node: usize, name: &str) -> u64 {
+        let output = self
+            .agent(node)
+            .offline(&["inspect", "stats", "--output", "json"])
+            .expect("inspect stats");
+        let stats: Value = serde_json::from_slice(&output.stdout).expect("inspect stats JSON");
+        stats["datapath"][name].as_u64().unwrap_or(0)
+    }
+
     /// SIGKILLs the agent of `node` and starts it again with the same command line (its pins
     /// stay: the dataplane keeps serving meanwhile); returns once it is ready.
     pub fn restart_agent(&mut self, node: usize) {
