@@ -32,7 +32,6 @@ use kube::{
     client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        WatchStreamExt,
         utils::Backoff,
         watcher::{self, DefaultBackoff},
     },
@@ -183,14 +182,37 @@ impl ServerHint {
 pub struct ApiBackoff {
     exponential: DefaultBackoff,
     hint: Arc<ServerHint>,
+    last_prompt_relist: Option<Instant>,
 }
+
+/// How often a watcher may relist at once after 410 Gone instead of backing off.
+const PROMPT_RELIST_EVERY: Duration = Duration::from_mins(1);
 
 impl ApiBackoff {
     pub fn new(hint: Arc<ServerHint>) -> Self {
         Self {
             exponential: DefaultBackoff::default(),
             hint,
+            last_prompt_relist: None,
         }
+    }
+
+    /// The wait before the next attempt after `error`. A 410 Gone comes from a server that
+    /// answers again but no longer holds our resourceVersion, typically right after an
+    /// outage: the relist it needs starts at once (once a minute at most, so a server that
+    /// keeps answering 410 is still paced), instead of a backoff grown during the outage.
+    pub fn after(&mut self, error: &watcher::Error) -> Duration {
+        let gone = matches!(error, watcher::Error::WatchError(status) if status.code == 410);
+        let now = Instant::now();
+        let prompt_allowed = self
+            .last_prompt_relist
+            .is_none_or(|last| now.duration_since(last) >= PROMPT_RELIST_EVERY);
+        if gone && prompt_allowed {
+            self.last_prompt_relist = Some(now);
+            self.exponential.reset();
+            return self.hint.remaining();
+        }
+        self.next().unwrap_or(Duration::from_secs(30))
     }
 }
 
@@ -337,12 +359,13 @@ fn spawn_watcher<K: Watched>(
     first_lists: Arc<FirstLists>,
     hint: Arc<ServerHint>,
 ) {
-    let stream = watcher::watcher(api, config).backoff(ApiBackoff::new(hint));
-    tokio::spawn(follow(stream, sender, first_lists));
+    let stream = watcher::watcher(api, config);
+    tokio::spawn(follow(stream, ApiBackoff::new(hint), sender, first_lists));
 }
 
 async fn follow<K: Watched>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    mut backoff: ApiBackoff,
     sender: DeltaSender,
     first_lists: Arc<FirstLists>,
 ) {
@@ -353,7 +376,19 @@ async fn follow<K: Watched>(
     // Objects of a (re)list in progress (already cut down); the runner sees them only once
     // the list is complete.
     let mut relist: Vec<Arc<K::Input>> = Vec::new();
-    while let Some(event) = stream.next().await {
+    // The wait after a failure comes before the next attempt, after the failure was handled.
+    let mut pause = None;
+    loop {
+        if let Some(wait) = pause.take() {
+            tokio::time::sleep(wait).await;
+        }
+        let Some(event) = stream.next().await else {
+            return;
+        };
+        match &event {
+            Ok(_) => backoff.reset(),
+            Err(error) => pause = Some(backoff.after(error)),
+        }
         let delta = match event {
             Ok(watcher::Event::Init) => {
                 relist.clear();
@@ -452,6 +487,8 @@ pub async fn start(
 
 #[cfg(test)]
 mod tests {
+    use kube::core::Status;
+
     use super::*;
 
     fn headers(retry_after: &str) -> http::HeaderMap {
@@ -481,6 +518,32 @@ mod tests {
         );
         backoff.reset();
         assert!(backoff.next().expect("a delay") <= Duration::from_millis(1600));
+    }
+
+    #[test]
+    fn a_410_relists_at_once_but_only_once_a_minute() {
+        let mut backoff = ApiBackoff::new(Arc::new(ServerHint::default()));
+        let refused = watcher::Error::NoResourceVersion;
+        let gone = watcher::Error::WatchError(
+            Status::failure("too old", "Expired").with_code(410).boxed(),
+        );
+        for _ in 0..4 {
+            assert!(backoff.after(&refused) >= Duration::from_millis(800));
+        }
+        assert_eq!(
+            backoff.after(&gone),
+            Duration::ZERO,
+            "the relist starts at once"
+        );
+        let next = backoff.after(&refused);
+        assert!(
+            next <= Duration::from_millis(1600),
+            "the outage's backoff starts over: {next:?}"
+        );
+        assert!(
+            backoff.after(&gone) >= Duration::from_millis(800),
+            "a second 410 within a minute backs off"
+        );
     }
 
     #[test]
