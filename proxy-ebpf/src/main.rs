@@ -24,61 +24,84 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
-use proxy_common::monitor_hook;
+use proxy_common::{map_table::same_name, monitor_hook, program};
 
 /// Return value that lets the syscall proceed (for recvmsg/getpeername the only valid one).
 const PROCEED: i32 = 1;
 
+/// Checks that an entry point is named as the agent loads it (`proxy_common::program`).
+macro_rules! named_as {
+    ($function:ident, $name:expr) => {
+        const _: () = assert!(
+            same_name(stringify!($function), $name),
+            concat!(
+                stringify!($function),
+                " is not named as in proxy_common::program"
+            ),
+        );
+    };
+}
+
+named_as!(sy_connect4, program::CONNECT4);
 #[cgroup_sock_addr(connect4)]
 pub fn sy_connect4(ctx: SockAddrContext) -> i32 {
     sock::translate_forward4(&ctx, monitor_hook::CONNECT)
 }
 
+named_as!(sy_sendmsg4, program::SENDMSG4);
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sy_sendmsg4(ctx: SockAddrContext) -> i32 {
     sock::translate_forward4(&ctx, monitor_hook::SENDMSG)
 }
 
+named_as!(sy_recvmsg4, program::RECVMSG4);
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sy_recvmsg4(ctx: SockAddrContext) -> i32 {
     sock::translate_reverse4(&ctx);
     PROCEED
 }
 
+named_as!(sy_getpeername4, program::GETPEERNAME4);
 #[cgroup_sock_addr(getpeername4)]
 pub fn sy_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::translate_reverse4(&ctx);
     PROCEED
 }
 
+named_as!(sy_connect6, program::CONNECT6);
 #[cgroup_sock_addr(connect6)]
 pub fn sy_connect6(ctx: SockAddrContext) -> i32 {
     sock::translate_forward6(&ctx, monitor_hook::CONNECT)
 }
 
+named_as!(sy_sendmsg6, program::SENDMSG6);
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sy_sendmsg6(ctx: SockAddrContext) -> i32 {
     sock::translate_forward6(&ctx, monitor_hook::SENDMSG)
 }
 
+named_as!(sy_recvmsg6, program::RECVMSG6);
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sy_recvmsg6(ctx: SockAddrContext) -> i32 {
     sock::translate_reverse6(&ctx);
     PROCEED
 }
 
+named_as!(sy_getpeername6, program::GETPEERNAME6);
 #[cgroup_sock_addr(getpeername6)]
 pub fn sy_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::translate_reverse6(&ctx);
     PROCEED
 }
 
+named_as!(sy_sock_release, program::SOCK_RELEASE);
 #[cgroup_sock(sock_release)]
 pub fn sy_sock_release(ctx: SockContext) -> i32 {
     sock::forget_released_socket(&ctx);
     PROCEED
 }
 
+named_as!(sy_tc_ingress, program::TC_INGRESS);
 /// TC ingress on the node's interfaces: the north-south load balancer.
 #[classifier]
 pub fn sy_tc_ingress(ctx: TcContext) -> i32 {

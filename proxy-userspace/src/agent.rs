@@ -270,11 +270,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Reconciler::new(Box::new(dataplane.writer))?.with_maglev(args.maglev.settings()),
         runner::FollowUp {
             reaper: Box::new(reaper),
-            matches: AffinityMatches::new(Box::new(
-                PinnedMatches::open(&dataplane.pins).map_err(|reason| {
-                    anyhow::anyhow!("opening the affinity match map: {reason}")
-                })?,
-            )),
+            matches: AffinityMatches::new(Box::new(PinnedMatches::open(&dataplane.pins)?)),
         },
         health_checks.clone(),
         SyncConfig {

@@ -1423,6 +1423,46 @@ fn udp_fragments_follow_their_first_fragment() {
     }
 }
 
+#[test]
+fn a_packet_cut_short_inside_its_headers_passes_untouched_and_is_counted() {
+    require_root!();
+    for family in Family::ALL {
+        let mut fx = fixture();
+        fx.set_config(&cluster_config(0, SNAT_PORTS)).unwrap();
+        let fe = sa(family.node(), 30080);
+        let pool = backends(family, &[2, 3], 8080, 101);
+        fx.add_frontend(&frontend(
+            fe,
+            TCP,
+            scope::EXTERNAL,
+            10,
+            service_flags::NODE_PORT,
+            &pool,
+        ))
+        .unwrap();
+        let client = sa(family.client(), 40001);
+        let (src_mac, dst_mac) = macs_from(client.ip());
+        let frame = Packet::tcp(client, fe, SYN, 1000, 0)
+            .with_macs(src_mac, dst_mac)
+            .to_frame();
+        let ip_header = match family {
+            Family::V4 => 20,
+            Family::V6 => 40,
+        };
+        // Ends inside the TCP header, before the ports can be read in full.
+        let cut = &frame[..14 + ip_header + 3];
+        let what = format!("{family:?}: a SYN to a NodePort cut inside its TCP header");
+        let before = fx.counters().expect("counters");
+        let out = fx
+            .run_on(fx.client_ifindex(), cut)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        expect_untouched(&out, cut, &what);
+        let moved = fx.counters().expect("counters").since(&before);
+        moved.assert_moved(&[(reason::TC_TRUNCATED_PASSED, 1)], &what);
+        assert_no_ct(&fx, family, &what);
+    }
+}
+
 /// Sets a link's MTU in the fixture's namespace (the calling thread's).
 fn set_mtu(link: &str, mtu: u32) {
     let status = std::process::Command::new("ip")

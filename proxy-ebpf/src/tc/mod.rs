@@ -56,6 +56,7 @@ const DROPPED: u8 = proxy_common::monitor_kind::TC_DROPPED;
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
+        metrics::count(reason::TC_TRUNCATED_PASSED);
         return PASS;
     };
     match u16::from_be(ethertype) {
@@ -145,7 +146,11 @@ fn tracked<I: dsr::Encoding>(ctx: &TcContext) -> Step {
             metrics::count(reason::TC_FRAGMENT_UNTRACKED);
             Step::Verdict(DROP)
         }
-        Ok(Parsed::Pass) | Err(_) => Step::Verdict(PASS),
+        Ok(Parsed::Pass) => Step::Verdict(PASS),
+        Err(_) => {
+            metrics::count(reason::TC_TRUNCATED_PASSED);
+            Step::Verdict(PASS)
+        }
     }
 }
 

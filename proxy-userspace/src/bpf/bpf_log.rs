@@ -38,11 +38,7 @@ impl BpfLogger {
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
         EbpfLogger::init_with_logger(ebpf, ToTracing)
             .map(Self)
-            .map_err(|error| LoadError::Program {
-                name: "aya-log",
-                action: "opening the log ring buffer",
-                reason: error.to_string(),
-            })
+            .map_err(LoadError::Log)
     }
 
     /// Forwards records whenever the ring buffer has some, until an error (blocks: run it on

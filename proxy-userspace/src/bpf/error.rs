@@ -15,21 +15,84 @@ pub enum LoadError {
     },
     #[error("{}", refusals_text(.0))]
     IncompatibleMaps(Vec<Refusal>),
-    #[error("migrating pinned map {map} failed, nothing was attached: {reason}")]
-    Migration { map: &'static str, reason: String },
+    #[error("migrating pinned map {map} failed, nothing was attached: {source}")]
+    Migration {
+        map: &'static str,
+        #[source]
+        source: MigrationError,
+    },
     #[error("cannot load the eBPF object: {0}")]
     Object(#[source] aya::EbpfError),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
-    #[error("program {name}: {action} failed: {reason}")]
+    #[error("program {name}: {action} failed: {source}")]
     Program {
         name: &'static str,
         action: &'static str,
-        reason: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
     },
+    #[error("program {name} on interface {interface}: {action} failed: {source}")]
+    OnInterface {
+        name: &'static str,
+        interface: String,
+        action: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("program {name}: converting its link failed: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("program {name}: pinning its link at {path} failed: {source}")]
+    LinkPin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    MissingMap { map: &'static str },
+    #[error("map {map}: {action} failed: {source}")]
+    Map {
+        map: &'static str,
+        action: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot list the node's interfaces and routes: {0}")]
+    Interfaces(#[source] std::io::Error),
+    #[error(
+        "the TC datapath needs TCX links (Linux 6.6 or later) so that its attachments outlive the agent; this kernel is {version}"
+    )]
+    KernelTooOld { version: String },
+    #[error(
+        "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14 or later): {0}"
+    )]
+    NetnsCookie(#[source] std::io::Error),
+    #[error("cannot open the eBPF programs' log ring buffer: {0}")]
+    Log(#[source] aya_log::Error),
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why copying a pinned map into its migrated successor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("the map table has no typed definition of it")]
+    Untyped,
+    #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    #[error("moving its pin from {from} to {to}: {source}")]
+    MovePin {
+        from: PathBuf,
+        to: PathBuf,
         #[source]
         source: std::io::Error,
     },

@@ -16,7 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
-use proxy_common::map_table;
+use proxy_common::{map_table, program};
 use tracing::{info, warn};
 
 use super::{
@@ -26,20 +26,6 @@ use super::{
     pins::PinLayout,
     sizing::Capacities,
 };
-
-/// The socket-address hooks, by program name.
-const SOCK_ADDR_PROGRAMS: [&str; 8] = [
-    "sy_connect4",
-    "sy_sendmsg4",
-    "sy_recvmsg4",
-    "sy_getpeername4",
-    "sy_connect6",
-    "sy_sendmsg6",
-    "sy_recvmsg6",
-    "sy_getpeername6",
-];
-/// The socket-lifetime hook that cleans socket reverse-NAT entries.
-const SOCK_RELEASE_PROGRAM: &str = "sy_sock_release";
 
 fn create_dir(path: &Path) -> Result<(), LoadError> {
     std::fs::create_dir_all(path).map_err(|source| LoadError::PinDir {
@@ -98,18 +84,18 @@ fn program_error(
     name: &'static str,
     action: &'static str,
 ) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
-    move |error| LoadError::Program {
+    move |source| LoadError::Program {
         name,
         action,
-        reason: error.to_string(),
+        source: Box::new(source),
     }
 }
 
 fn pin_link(link: FdLink, name: &'static str, path: &Path) -> Result<PinnedLink, LoadError> {
-    link.pin(path).map_err(|error| LoadError::Program {
+    link.pin(path).map_err(|source| LoadError::LinkPin {
         name,
-        action: "pinning its link",
-        reason: error.to_string(),
+        path: path.to_owned(),
+        source,
     })
 }
 
@@ -138,7 +124,7 @@ pub fn attach_all(
     let result = (|| {
         // Before the hooks run: they must know the host from their first call.
         super::sock_config::write(ebpf)?;
-        for name in SOCK_ADDR_PROGRAMS {
+        for name in program::SOCK_ADDR {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram { name })?
@@ -152,16 +138,13 @@ pub fn attach_all(
                 .take_link(id)
                 .map_err(program_error(name, "taking its link"))?
                 .try_into()
-                .map_err(
-                    |error: aya::programs::links::LinkError| LoadError::Program {
-                        name,
-                        action: "converting its link",
-                        reason: error.to_string(),
-                    },
-                )?;
+                .map_err(|source: aya::programs::links::LinkError| LoadError::Link {
+                    name,
+                    source,
+                })?;
             pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
         }
-        let name = SOCK_RELEASE_PROGRAM;
+        let name = program::SOCK_RELEASE;
         let program: &mut CgroupSock = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram { name })?
@@ -175,13 +158,7 @@ pub fn attach_all(
             .take_link(id)
             .map_err(program_error(name, "taking its link"))?
             .try_into()
-            .map_err(
-                |error: aya::programs::links::LinkError| LoadError::Program {
-                    name,
-                    action: "converting its link",
-                    reason: error.to_string(),
-                },
-            )?;
+            .map_err(|source: aya::programs::links::LinkError| LoadError::Link { name, source })?;
         pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
         north_south::write_config(ebpf, north_south)?;
         north_south::load(ebpf)

@@ -18,8 +18,12 @@ pub enum LockError {
         "another switchyard agent ({holder}) is running on the pins under {root}: only one agent may run per pin root (stop it first, or give this one another --bpffs)"
     )]
     Held { root: PathBuf, holder: String },
-    #[error("cannot lock the pin root {root}: {reason}")]
-    Io { root: PathBuf, reason: String },
+    #[error("cannot lock the pin root {root}: {source}")]
+    Io {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The exclusive lock on a pin root, held until dropped.
@@ -32,19 +36,19 @@ impl PinRootLock {
     /// Takes the lock on `root` (created if missing), failing at once if another process holds
     /// it.
     pub fn acquire(root: &Path) -> Result<Self, LockError> {
-        let io = |reason: String| LockError::Io {
+        let io = |source: std::io::Error| LockError::Io {
             root: root.to_owned(),
-            reason,
+            source,
         };
-        std::fs::create_dir_all(root).map_err(|error| io(error.to_string()))?;
-        let directory = File::open(root).map_err(|error| io(error.to_string()))?;
+        std::fs::create_dir_all(root).map_err(io)?;
+        let directory = File::open(root).map_err(io)?;
         match Flock::lock(directory, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(Self { _lock: lock }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(LockError::Held {
                 root: root.to_owned(),
                 holder: describe_holder(holder(root)),
             }),
-            Err((_, errno)) => Err(io(errno.desc().to_owned())),
+            Err((_, errno)) => Err(io(errno.into())),
         }
     }
 }

@@ -27,7 +27,7 @@ use proxy_common::map_table::{self, MapDef, MapKind, MapSpec, Sizing, TypedVisit
 use tracing::{info, warn};
 
 use super::{
-    error::{LoadError, Refusal},
+    error::{LoadError, MigrationError, Refusal},
     pins::PinLayout,
     sizing::{self, Capacities, MapShape, Verdict},
 };
@@ -198,9 +198,9 @@ impl MapCheck {
         let mut maps = Vec::new();
         for pending in self.pending {
             let name = pending.spec.name;
-            let failed = |reason: String| LoadError::Migration { map: name, reason };
+            let failed = |source: MigrationError| LoadError::Migration { map: name, source };
             let staged = staging_pin(pins, pending.spec);
-            let mut new = open(&staged).map_err(|error| failed(error.to_string()))?;
+            let mut new = open(&staged).map_err(|error| failed(error.into()))?;
             let copied = copy(pending.spec, &pending.old, &mut new).map_err(failed)?;
             info!(
                 map = name,
@@ -219,13 +219,13 @@ impl MapCheck {
         // Every map is filled before any pin moves: a failure above leaves the old pins.
         for map in &maps {
             let pin = pins.map(map.spec.name);
-            std::fs::rename(&map.staged, &pin).map_err(|error| LoadError::Migration {
+            std::fs::rename(&map.staged, &pin).map_err(|source| LoadError::Migration {
                 map: map.spec.name,
-                reason: format!(
-                    "moving its pin from {} to {}: {error}",
-                    map.staged.display(),
-                    pin.display()
-                ),
+                source: MigrationError::MovePin {
+                    from: map.staged.clone(),
+                    to: pin.clone(),
+                    source,
+                },
             })?;
         }
         Ok(Migration {
@@ -289,10 +289,9 @@ impl Migration {
 }
 
 /// Copies every entry of `from` into `to` (both of `spec`'s layout); returns how many.
-pub(super) fn copy(spec: &MapSpec, from: &Map, to: &mut Map) -> Result<usize, String> {
-    map_table::with_types(spec.name, CopyEntries { from, to })
-        .ok_or_else(|| format!("{} has no typed definition in the map table", spec.name))?
-        .map_err(|error| error.to_string())
+pub(super) fn copy(spec: &MapSpec, from: &Map, to: &mut Map) -> Result<usize, MigrationError> {
+    Ok(map_table::with_types(spec.name, CopyEntries { from, to })
+        .ok_or(MigrationError::Untyped)??)
 }
 
 /// No key is visited more than this many times the capacity while copying: an LRU map the
@@ -447,8 +446,8 @@ mod tests {
         let old = services(64, 5);
         let mut new = services(128, 0);
         let spec = &map_table::SERVICES4.spec;
-        assert_eq!(copy(spec, &old, &mut new), Ok(5));
-        assert_eq!(copy(spec, &old, &mut new), Ok(5), "idempotent");
+        assert_eq!(copy(spec, &old, &mut new).expect("copied"), 5);
+        assert_eq!(copy(spec, &old, &mut new).expect("copied"), 5, "idempotent");
         let copied =
             HashMap::<&MapData, Service4Key, ServiceValue>::try_from(&new).expect("typed view");
         assert_eq!(copied.keys().count(), 5);
@@ -496,8 +495,8 @@ mod tests {
         };
         let mut new = trie(0);
         assert_eq!(
-            copy(&map_table::SOURCE_RANGES4.spec, &trie(3), &mut new),
-            Ok(3)
+            copy(&map_table::SOURCE_RANGES4.spec, &trie(3), &mut new).expect("copied"),
+            3
         );
 
         let config = |value: u16| {
@@ -520,8 +519,9 @@ mod tests {
                 &map_table::DATAPATH_CONFIG.spec,
                 &config(61_000),
                 &mut new_config
-            ),
-            Ok(1)
+            )
+            .expect("copied"),
+            1
         );
         let copied = Array::<&MapData, DatapathConfig>::try_from(&new_config).expect("view");
         assert_eq!(copied.get(&0, 0).expect("slot 0").snat_port_min, 61_000);
@@ -543,8 +543,8 @@ mod tests {
         };
         let mut longer = counters(8, 0);
         assert_eq!(
-            copy(&map_table::METRICS.spec, &counters(4, 7), &mut longer),
-            Ok(4)
+            copy(&map_table::METRICS.spec, &counters(4, 7), &mut longer).expect("copied"),
+            4
         );
         let copied = PerCpuArray::<&MapData, u64>::try_from(&longer).expect("view");
         assert!(copied.get(&3, 0).expect("slot 3").iter().all(|v| *v == 7));

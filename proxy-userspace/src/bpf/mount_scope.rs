@@ -44,8 +44,12 @@ pub enum ScopeError {
         fix = CGROUP_FIX
     )]
     NotHierarchyRoot { cgroup: PathBuf },
-    #[error("cannot check the mount of {path}: {reason}")]
-    Unreadable { path: PathBuf, reason: String },
+    #[error("cannot check the mount of {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why the pins outlive the agent.
@@ -77,9 +81,9 @@ fn namespace(kind: &str) -> Option<String> {
 fn read_table(path: &Path) -> Result<Vec<MountEntry>, ScopeError> {
     std::fs::read_to_string(path)
         .map(|text| mountinfo::parse(&text))
-        .map_err(|error| ScopeError::Unreadable {
+        .map_err(|source| ScopeError::Unreadable {
             path: path.to_owned(),
-            reason: error.to_string(),
+            source,
         })
 }
 
@@ -98,7 +102,7 @@ fn device_of(path: &Path) -> Result<(u32, u32), ScopeError> {
         .unwrap_or(path);
     let stat = nix::sys::stat::stat(existing).map_err(|errno| ScopeError::Unreadable {
         path: existing.to_owned(),
-        reason: errno.desc().to_owned(),
+        source: errno.into(),
     })?;
     let major = nix::sys::stat::major(stat.st_dev);
     let minor = nix::sys::stat::minor(stat.st_dev);

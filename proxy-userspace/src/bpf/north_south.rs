@@ -24,7 +24,7 @@ use super::{
 use crate::model::Cidr;
 
 /// The TC ingress program, by name.
-pub const TC_INGRESS_PROGRAM: &str = "sy_tc_ingress";
+pub const TC_INGRESS_PROGRAM: &str = proxy_common::program::TC_INGRESS;
 
 /// An inclusive range of ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,11 +64,7 @@ pub enum Dsr {
 impl NorthSouth {
     /// The interfaces to attach to now (see [`interfaces`]).
     fn choose(&self) -> Result<Choice, LoadError> {
-        let facts = interfaces::read_facts().map_err(|error| LoadError::Program {
-            name: TC_INGRESS_PROGRAM,
-            action: "listing the node's interfaces and routes",
-            reason: error.to_string(),
-        })?;
+        let facts = interfaces::read_facts().map_err(LoadError::Interfaces)?;
         let patterns: Vec<Pattern> = self.interfaces.iter().map(|e| Pattern::parse(e)).collect();
         Ok(interfaces::choose(&patterns, &self.cluster_cidrs, &facts))
     }
@@ -111,19 +107,19 @@ impl NorthSouth {
 
 /// Writes the datapath settings before any program that reads them is attached.
 pub fn write_config(ebpf: &mut Ebpf, north_south: &NorthSouth) -> Result<(), LoadError> {
-    let map_error = |reason: String| LoadError::Program {
-        name: TC_INGRESS_PROGRAM,
-        action: "writing its settings",
-        reason,
+    let name = map_names::DATAPATH_CONFIG;
+    let map_error = |source| LoadError::Map {
+        map: name,
+        action: "writing the datapath settings",
+        source,
     };
     let map = ebpf
-        .map_mut(map_names::DATAPATH_CONFIG)
-        .ok_or_else(|| map_error(format!("map {} is missing", map_names::DATAPATH_CONFIG)))?;
-    let mut config: Array<_, DatapathConfig> =
-        Array::try_from(map).map_err(|error| map_error(error.to_string()))?;
+        .map_mut(name)
+        .ok_or(LoadError::MissingMap { map: name })?;
+    let mut config: Array<_, DatapathConfig> = Array::try_from(map).map_err(map_error)?;
     config
         .set(0, north_south.datapath_config(), 0)
-        .map_err(|error| map_error(error.to_string()))
+        .map_err(map_error)
 }
 
 /// The interfaces the TC program is attached to, by name, with the index each had then (a
@@ -153,13 +149,7 @@ fn require_tcx() -> Result<(), LoadError> {
         Ok(version) => version.to_string(),
         Err(error) => format!("unknown ({error})"),
     };
-    Err(LoadError::Program {
-        name: TC_INGRESS_PROGRAM,
-        action: "checking the kernel",
-        reason: format!(
-            "the TC datapath needs TCX links (Linux 6.6 or later) so that its attachments outlive the agent; this kernel is {version}"
-        ),
-    })
+    Err(LoadError::KernelTooOld { version })
 }
 
 /// Loads the TC ingress program; the first pass of the [`InterfaceFollower`] attaches it.
@@ -336,32 +326,37 @@ fn attach_one(
     interface: &str,
 ) -> Result<PinnedLink, LoadError> {
     let action_error = |action: &'static str| {
-        move |reason: String| LoadError::Program {
+        move |source| LoadError::OnInterface {
             name: TC_INGRESS_PROGRAM,
+            interface: interface.to_owned(),
             action,
-            reason: format!("interface {interface}: {reason}"),
+            source: Box::new(source),
         }
     };
     let id = program
         .attach(interface, TcAttachType::Ingress)
-        .map_err(|error| action_error("attaching")(error.to_string()))?;
+        .map_err(action_error("attaching"))?;
     let link: FdLink = program
         .take_link(id)
-        .map_err(|error| action_error("taking its link")(error.to_string()))?
+        .map_err(action_error("taking its link"))?
         .try_into()
-        .map_err(|error: aya::programs::links::LinkError| {
-            action_error("converting its link")(error.to_string())
+        .map_err(|source| LoadError::Link {
+            name: TC_INGRESS_PROGRAM,
+            source,
         })?;
     let path = pins.link(&pin_name(interface), generation);
-    link.pin(&path)
-        .map_err(|error| action_error("pinning its link")(error.to_string()))
+    link.pin(&path).map_err(|source| LoadError::LinkPin {
+        name: TC_INGRESS_PROGRAM,
+        path,
+        source,
+    })
 }
 
 fn program_error(action: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
-    move |error| LoadError::Program {
+    move |source| LoadError::Program {
         name: TC_INGRESS_PROGRAM,
         action,
-        reason: error.to_string(),
+        source: Box::new(source),
     }
 }
 

@@ -4,7 +4,17 @@
 //! and taken over (see `versions`).
 use std::path::{Path, PathBuf};
 
+use aya::maps::{MapData, MapError};
 use proxy_common::MAP_LAYOUT_VERSION;
+
+/// A pinned map that could not be opened, by name.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open pinned map {map}: {source}")]
+pub struct OpenPinError {
+    pub map: &'static str,
+    #[source]
+    pub source: MapError,
+}
 
 #[derive(Clone, Debug)]
 pub struct PinLayout {
@@ -41,6 +51,11 @@ impl PinLayout {
 
     pub fn map(&self, name: &str) -> PathBuf {
         self.maps_dir().join(name)
+    }
+
+    /// Opens the pinned map `name` of this layout.
+    pub fn open_map(&self, name: &'static str) -> Result<MapData, OpenPinError> {
+        MapData::from_pin(self.map(name)).map_err(|source| OpenPinError { map: name, source })
     }
 
     pub fn link(&self, program: &str, generation: &str) -> PathBuf {

@@ -54,21 +54,20 @@ fn netns_cookie(fd: RawFd) -> io::Result<u64> {
 
 /// Writes the socket hooks' settings into the pinned map.
 pub fn write(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    let failed = |reason: String| LoadError::Program {
-        name: "sy_connect4",
+    let name = map_names::SOCK_CONFIG;
+    let failed = |source| LoadError::Map {
+        map: name,
         action: "writing the socket hooks' settings",
-        reason,
+        source,
     };
-    let host_netns_cookie =
-        own_netns_cookie().map_err(|error| failed(format!("SO_NETNS_COOKIE: {error}")))?;
+    let host_netns_cookie = own_netns_cookie().map_err(LoadError::NetnsCookie)?;
     let map = ebpf
-        .map_mut(map_names::SOCK_CONFIG)
-        .ok_or_else(|| failed(format!("map {} is missing", map_names::SOCK_CONFIG)))?;
-    let mut config: Array<_, SockConfig> =
-        Array::try_from(map).map_err(|error| failed(error.to_string()))?;
+        .map_mut(name)
+        .ok_or(LoadError::MissingMap { map: name })?;
+    let mut config: Array<_, SockConfig> = Array::try_from(map).map_err(failed)?;
     config
         .set(0, SockConfig { host_netns_cookie }, 0)
-        .map_err(|error| failed(error.to_string()))
+        .map_err(failed)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use aya::maps::{HashMap as AyaHashMap, Map, MapData, MapError};
 use proxy_common::{AffinityKey, AffinityMatchKey, AffinityValue, map_names};
 
 use crate::{
-    bpf::pins::PinLayout,
+    bpf::pins::{OpenPinError, PinLayout},
     model::FrontendKey,
     plan::mirror::{Programmed, ProgrammedFrontend},
 };
@@ -42,43 +42,38 @@ pub fn stale_affinity(
 
 /// Where the affinity match pairs are stored (the pinned map; in memory in tests).
 pub trait MatchStore: Send {
-    fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), String>;
-    fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), String>;
+    fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), MapError>;
+    fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), MapError>;
     /// Every pair stored now.
-    fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, String>;
+    fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, MapError>;
 }
 
 /// The pinned match map.
 pub struct PinnedMatches(AyaHashMap<MapData, AffinityMatchKey, u32>);
 
 impl PinnedMatches {
-    pub fn open(pins: &PinLayout) -> Result<Self, String> {
-        let path = pins.map(map_names::AFFINITY_MATCH);
-        let data =
-            MapData::from_pin(&path).map_err(|error| format!("{}: {error}", path.display()))?;
-        AyaHashMap::try_from(Map::HashMap(data))
+    pub fn open(pins: &PinLayout) -> Result<Self, OpenPinError> {
+        let map = map_names::AFFINITY_MATCH;
+        AyaHashMap::try_from(Map::HashMap(pins.open_map(map)?))
             .map(Self)
-            .map_err(|error| format!("{}: {error}", path.display()))
+            .map_err(|source| OpenPinError { map, source })
     }
 }
 
 impl MatchStore for PinnedMatches {
-    fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), String> {
-        self.0.insert(pair, 0, 0).map_err(|error| error.to_string())
+    fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), MapError> {
+        self.0.insert(pair, 0, 0)
     }
 
-    fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), String> {
+    fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), MapError> {
         match self.0.remove(pair) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         }
     }
 
-    fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, String> {
-        self.0
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|error| error.to_string())
+    fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, MapError> {
+        self.0.keys().collect()
     }
 }
 
@@ -87,17 +82,17 @@ impl MatchStore for PinnedMatches {
 pub struct MemoryMatches(pub HashSet<AffinityMatchKey>);
 
 impl MatchStore for MemoryMatches {
-    fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), String> {
+    fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), MapError> {
         self.0.insert(pair);
         Ok(())
     }
 
-    fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), String> {
+    fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), MapError> {
         self.0.remove(pair);
         Ok(())
     }
 
-    fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, String> {
+    fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, MapError> {
         Ok(self.0.clone())
     }
 }
@@ -155,7 +150,7 @@ impl AffinityMatches {
     }
 
     /// Recounts every frontend and makes the stored pairs exactly the wanted ones.
-    pub fn reconcile_all(&mut self, mirror: &Programmed) -> Result<usize, String> {
+    pub fn reconcile_all(&mut self, mirror: &Programmed) -> Result<usize, MapError> {
         self.of_frontend.clear();
         self.refs.clear();
         for (key, frontend) in &mirror.frontends {
@@ -186,7 +181,7 @@ impl AffinityMatches {
         &mut self,
         mirror: &Programmed,
         touched: impl IntoIterator<Item = FrontendKey>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, MapError> {
         let mut changed = 0;
         for key in touched {
             let new = mirror
@@ -276,15 +271,15 @@ mod tests {
     struct Stored(std::sync::Arc<std::sync::Mutex<HashSet<AffinityMatchKey>>>);
 
     impl MatchStore for Stored {
-        fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), String> {
+        fn insert(&mut self, pair: AffinityMatchKey) -> Result<(), MapError> {
             self.0.lock().unwrap().insert(pair);
             Ok(())
         }
-        fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), String> {
+        fn remove(&mut self, pair: &AffinityMatchKey) -> Result<(), MapError> {
             self.0.lock().unwrap().remove(pair);
             Ok(())
         }
-        fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, String> {
+        fn pairs(&self) -> Result<HashSet<AffinityMatchKey>, MapError> {
             Ok(self.0.lock().unwrap().clone())
         }
     }

@@ -7,18 +7,17 @@ use std::{
     collections::HashMap as StdHashMap,
     hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
 };
 
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapError},
+    maps::{HashMap, MapData},
 };
 use proxy_common::{
     Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Dsr4Entry, Dsr6Entry, ct_flags, map_names, protocol,
 };
 
-use crate::bpf::pins::PinLayout;
+use crate::bpf::pins::{OpenPinError, PinLayout};
 
 /// One family's conntrack layout.
 trait CtFamily {
@@ -280,10 +279,14 @@ struct Tables<F: CtFamily> {
 }
 
 impl<F: CtFamily> Tables<F> {
-    fn open(pins: &PinLayout, main: &str, unreplied: &str) -> Result<Self, MapError> {
+    fn open(
+        pins: &PinLayout,
+        main: &'static str,
+        unreplied: &'static str,
+    ) -> Result<Self, OpenPinError> {
         Ok(Self {
-            main: open(&pins.map(main))?,
-            unreplied: open(&pins.map(unreplied))?,
+            main: open(pins, main)?,
+            unreplied: open(pins, unreplied)?,
         })
     }
 
@@ -329,8 +332,12 @@ pub struct Conntrack {
     v6: Tables<V6>,
 }
 
-fn open<K: Pod, V: Pod>(path: &Path) -> Result<HashMap<MapData, K, V>, MapError> {
-    HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(path)?))
+fn open<K: Pod, V: Pod>(
+    pins: &PinLayout,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, OpenPinError> {
+    HashMap::try_from(aya::maps::Map::LruHashMap(pins.open_map(name)?))
+        .map_err(|source| OpenPinError { map: name, source })
 }
 
 /// A Direct Server Return flow served on this node (an entry of `DSR_REV4_V1`/`DSR_REV6_V1`):
@@ -348,7 +355,7 @@ pub struct DsrReply {
 /// pinned, as under an agent without DSR support).
 pub fn dsr_replies(pins: &PinLayout, now_ns: u64) -> Vec<DsrReply> {
     let mut replies = Vec::new();
-    if let Ok(map) = open::<Ct4Key, Dsr4Entry>(&pins.map(map_names::DSR_REV4)) {
+    if let Ok(map) = open::<Ct4Key, Dsr4Entry>(pins, map_names::DSR_REV4) {
         for (key, entry) in map.iter().flatten() {
             if entry.expires_ns > now_ns {
                 let (pod, client) = V4::ends(&key);
@@ -362,7 +369,7 @@ pub fn dsr_replies(pins: &PinLayout, now_ns: u64) -> Vec<DsrReply> {
             }
         }
     }
-    if let Ok(map) = open::<Ct6Key, Dsr6Entry>(&pins.map(map_names::DSR_REV6)) {
+    if let Ok(map) = open::<Ct6Key, Dsr6Entry>(pins, map_names::DSR_REV6) {
         for (key, entry) in map.iter().flatten() {
             if entry.expires_ns > now_ns {
                 let (pod, client) = V6::ends(&key);
@@ -389,7 +396,7 @@ pub fn monotonic_now_ns() -> u64 {
 }
 
 impl Conntrack {
-    pub fn open_pinned(pins: &PinLayout) -> Result<Self, MapError> {
+    pub fn open_pinned(pins: &PinLayout) -> Result<Self, OpenPinError> {
         Ok(Self {
             v4: Tables::open(pins, map_names::CT4, map_names::CT4_UNREPLIED)?,
             v6: Tables::open(pins, map_names::CT6, map_names::CT6_UNREPLIED)?,

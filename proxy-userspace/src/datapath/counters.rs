@@ -3,7 +3,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Map, MapData, PerCpuArray},
+    maps::{Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{map_names, reason};
 
@@ -11,16 +11,21 @@ use proxy_common::{map_names, reason};
 pub struct DatapathCounters(PerCpuArray<MapData, u64>);
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the datapath counters map {map}: {reason}")]
-pub struct CountersError {
-    map: &'static str,
-    reason: String,
+pub enum CountersError {
+    #[error("the datapath counters map {map} is not in the eBPF object")]
+    NotInObject { map: &'static str },
+    #[error("cannot open the datapath counters map {map}: {source}")]
+    Open {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
 }
 
-fn error(reason: &impl ToString) -> CountersError {
-    CountersError {
+fn error(source: MapError) -> CountersError {
+    CountersError::Open {
         map: map_names::METRICS,
-        reason: reason.to_string(),
+        source,
     }
 }
 
@@ -29,16 +34,18 @@ impl DatapathCounters {
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, CountersError> {
         let map = ebpf
             .take_map(map_names::METRICS)
-            .ok_or_else(|| error(&"not in the eBPF object"))?;
-        PerCpuArray::try_from(map).map(Self).map_err(|e| error(&e))
+            .ok_or(CountersError::NotInObject {
+                map: map_names::METRICS,
+            })?;
+        PerCpuArray::try_from(map).map(Self).map_err(error)
     }
 
     /// Opens the pinned map (works with the agent stopped).
     pub fn open_pinned(path: &Path) -> Result<Self, CountersError> {
-        let data = MapData::from_pin(path).map_err(|e| error(&e))?;
+        let data = MapData::from_pin(path).map_err(error)?;
         PerCpuArray::try_from(Map::PerCpuArray(data))
             .map(Self)
-            .map_err(|e| error(&e))
+            .map_err(error)
     }
 
     /// Every named reason with its total; unreadable slots count as 0.

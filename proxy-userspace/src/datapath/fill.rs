@@ -12,7 +12,7 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, MapInfo};
+use aya::maps::{HashMap, Map, MapData, MapInfo};
 use proxy_common::{
     AffinityKey, AffinityValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
     map_names,
@@ -22,7 +22,10 @@ use tracing::{info, warn};
 
 use crate::{
     admin::stats::MapEntries,
-    bpf::{pins::PinLayout, sizing},
+    bpf::{
+        pins::{OpenPinError, PinLayout},
+        sizing,
+    },
 };
 
 /// One map's fill.
@@ -128,14 +131,15 @@ pub struct DatapathMaps {
 
 fn open_lru<K: aya::Pod, V: aya::Pod>(
     pins: &PinLayout,
-    name: &str,
-) -> Result<HashMap<MapData, K, V>, MapError> {
-    HashMap::try_from(Map::LruHashMap(MapData::from_pin(pins.map(name))?))
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, OpenPinError> {
+    HashMap::try_from(Map::LruHashMap(pins.open_map(name)?))
+        .map_err(|source| OpenPinError { map: name, source })
 }
 
 impl DatapathMaps {
     /// Opens the pinned maps (handles of their own, beside the agent's).
-    pub fn open_pinned(pins: &PinLayout) -> Result<Self, MapError> {
+    pub fn open_pinned(pins: &PinLayout) -> Result<Self, OpenPinError> {
         Ok(Self {
             sock4: open_lru(pins, map_names::SOCK_REV_NAT4)?,
             sock6: open_lru(pins, map_names::SOCK_REV_NAT6)?,

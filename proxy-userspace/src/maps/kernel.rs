@@ -75,10 +75,7 @@ impl MaglevMaps {
         let open = |path: &std::path::Path, name: &'static str| {
             MapData::from_pin(path)
                 .map(Map::Array)
-                .map_err(|error| WriteError::Read {
-                    map: name,
-                    reason: error.to_string(),
-                })
+                .map_err(read_error(name))
         };
         Self::of(
             open(&tables, map_names::MAGLEV)?,
@@ -164,34 +161,24 @@ pub(crate) fn take<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, WriteError> {
-    let map = ebpf.take_map(name).ok_or(WriteError::Read {
-        map: name,
-        reason: "not in the eBPF object".into(),
-    })?;
-    HashMap::try_from(map).map_err(|error| WriteError::Read {
-        map: name,
-        reason: error.to_string(),
-    })
+    let map = ebpf
+        .take_map(name)
+        .ok_or(WriteError::NotInObject { map: name })?;
+    HashMap::try_from(map).map_err(read_error(name))
 }
 
 fn open<K: aya::Pod, V: aya::Pod>(
     pins: &PinLayout,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, WriteError> {
-    let data = MapData::from_pin(pins.map(name)).map_err(|error| WriteError::Read {
-        map: name,
-        reason: error.to_string(),
-    })?;
-    HashMap::try_from(Map::HashMap(data)).map_err(|error| WriteError::Read {
-        map: name,
-        reason: error.to_string(),
-    })
+    let data = MapData::from_pin(pins.map(name)).map_err(read_error(name))?;
+    HashMap::try_from(Map::HashMap(data)).map_err(read_error(name))
 }
 
 fn read_error(name: &'static str) -> impl Fn(MapError) -> WriteError {
-    move |error| WriteError::Read {
+    move |source| WriteError::Read {
         map: name,
-        reason: error.to_string(),
+        source: Box::new(source),
     }
 }
 
@@ -214,10 +201,7 @@ fn open_trie<D: aya::Pod>(
     if !path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(path).map_err(|error| WriteError::Read {
-        map: name,
-        reason: error.to_string(),
-    })?;
+    let data = MapData::from_pin(path).map_err(read_error(name))?;
     LpmTrie::try_from(Map::LpmTrie(data))
         .map(Some)
         .map_err(read_error(name))
@@ -363,12 +347,7 @@ fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     name: &'static str,
 ) -> Result<std::collections::BTreeMap<K, V>, WriteError> {
     map.iter()
-        .map(|entry| {
-            entry.map_err(|error| WriteError::Read {
-                map: name,
-                reason: error.to_string(),
-            })
-        })
+        .map(|entry| entry.map_err(read_error(name)))
         .collect()
 }
 

@@ -32,8 +32,14 @@ pub enum WriteError {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading map {map} failed: {reason}")]
-    Read { map: &'static str, reason: String },
+    #[error("reading map {map} failed: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {map} is not in the loaded eBPF object")]
+    NotInObject { map: &'static str },
     #[error(
         "cannot add {entry}: map {map} is not in the loaded eBPF object (built before the TC path?)"
     )]
@@ -49,7 +55,7 @@ impl WriteError {
             Self::MapFull { .. } => "map_full",
             Self::Kernel { .. } => "kernel",
             Self::Read { .. } => "read",
-            Self::MissingMap { .. } => "missing_map",
+            Self::MissingMap { .. } | Self::NotInObject { .. } => "missing_map",
             Self::Injected { .. } => "injected",
         }
     }

@@ -155,13 +155,7 @@ pub fn read(
     programmed: Programmed,
 ) -> anyhow::Result<Inspection> {
     let counters = DatapathCounters::open_pinned(&pins.map(map_names::METRICS))?.read();
-    let conntrack = Conntrack::open_pinned(pins).map_err(|error| {
-        anyhow::anyhow!(
-            "opening the pinned conntrack maps {} and {}: {error}",
-            map_names::CT4,
-            map_names::CT6
-        )
-    })?;
+    let conntrack = Conntrack::open_pinned(pins)?;
     let sockets = socket_translations(pins)?;
     let entries = entry_counts(&image, &sockets, conntrack.entry_counts());
     Ok(Inspection {

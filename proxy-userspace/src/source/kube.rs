@@ -48,14 +48,18 @@ use crate::model::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
-    #[error("cannot read kubeconfig {path}: {reason}")]
-    Kubeconfig { path: String, reason: String },
+    #[error("cannot read kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
     #[error(
         "no Kubernetes configuration found (not in a cluster, no KUBECONFIG): {0}; pass --kubeconfig PATH or --manifests PATH"
     )]
-    Infer(String),
+    Infer(#[source] kube::config::InferConfigError),
     #[error("cannot create the Kubernetes client: {0}")]
-    Client(String),
+    Client(#[source] kube::Error),
 }
 
 /// The API server's addresses, from the client's URL (a name is resolved once): an externalIP
@@ -92,26 +96,23 @@ async fn client(
 ) -> Result<(Client, Vec<IpAddr>), KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
-            let fail = |reason: String| KubeSourceError::Kubeconfig {
+            let fail = |source| KubeSourceError::Kubeconfig {
                 path: path.display().to_string(),
-                reason,
+                source,
             };
-            let file = Kubeconfig::read_from(path).map_err(|error| fail(error.to_string()))?;
+            let file = Kubeconfig::read_from(path).map_err(fail)?;
             Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
                 .await
-                .map_err(|error| fail(error.to_string()))?
+                .map_err(fail)?
         }
-        None => Config::infer()
-            .await
-            .map_err(|error| KubeSourceError::Infer(error.to_string()))?,
+        None => Config::infer().await.map_err(KubeSourceError::Infer)?,
     };
     // The client's own retry of 429/503/504 would hide an outage from the watchers (and
     // multiply their requests); the watchers' backoff paces every retry instead.
     let mut config = config;
     config.default_retry = false;
     let addresses = api_server_addresses(&config).await;
-    let builder = ClientBuilder::try_from(config)
-        .map_err(|error| KubeSourceError::Client(error.to_string()))?;
+    let builder = ClientBuilder::try_from(config).map_err(KubeSourceError::Client)?;
     // Every response passes by the server hint, which keeps the latest Retry-After.
     let layer = tower::util::MapResponseLayer::new(move |response: http::Response<_>| {
         server_hint.observe(response.status().as_u16(), response.headers());
