@@ -8,7 +8,10 @@
 //! [`SOURCE_LAYOUT_VERSION`] so a new agent never adopts maps written with the old layout.
 #![cfg_attr(not(test), no_std)]
 
+pub mod addr;
 pub mod map_table;
+
+pub use addr::{Addr4, Addr6, WireAddr};
 
 /// The map layout version of this source: bumped (and every pinned map renamed `_V<N>`) when a
 /// key or value changes.
@@ -351,6 +354,20 @@ pub mod reason {
 }
 
 macro_rules! assert_layout {
+    // A type generic over the address: both instantiations are checked, and it is `Pod` for
+    // both (`WireAddr` is sealed: there is no third).
+    ($generic:ident<$a4:ty, $a6:ty>, size = ($size4:expr, $size6:expr), align = ($align4:expr, $align6:expr)) => {
+        const _: () = assert!(core::mem::size_of::<$generic<$a4>>() == $size4);
+        const _: () = assert!(core::mem::align_of::<$generic<$a4>>() == $align4);
+        const _: () = assert!(core::mem::size_of::<$generic<$a6>>() == $size6);
+        const _: () = assert!(core::mem::align_of::<$generic<$a6>>() == $align6);
+        #[cfg(feature = "user")]
+        // SAFETY: `#[repr(C)]`, made only of integers, and neither instantiation has implicit
+        // padding (the size assertions above pin that down; `WireAddr` has no other
+        // implementations), so every bit pattern is a valid value.
+        #[allow(unsafe_code)]
+        unsafe impl<A: WireAddr> aya::Pod for $generic<A> {}
+    };
     ($ty:ty, size = $size:expr, align = $align:expr) => {
         const _: () = assert!(core::mem::size_of::<$ty>() == $size);
         const _: () = assert!(core::mem::align_of::<$ty>() == $align);
@@ -365,32 +382,21 @@ macro_rules! assert_layout {
 // After the macro: its layout assertions use it.
 pub mod maglev;
 
-/// Key of the IPv4 services map. `backend_slot` 0 is the master entry of the frontend; slots
+/// Key of the services maps. `backend_slot` 0 is the master entry of the frontend; slots
 /// `1..=count` hold its backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Service4Key {
-    pub address: u32,
+pub struct ServiceKey<A: WireAddr> {
+    pub address: A,
     pub port_be: u16,
     pub backend_slot: u16,
     pub protocol: u8,
     pub scope: u8,
     pub pad: [u8; 2],
 }
-assert_layout!(Service4Key, size = 12, align = 4);
-
-/// Key of the IPv6 services map (see [`Service4Key`]).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Service6Key {
-    pub address: [u32; 4],
-    pub port_be: u16,
-    pub backend_slot: u16,
-    pub protocol: u8,
-    pub scope: u8,
-    pub pad: [u8; 2],
-}
-assert_layout!(Service6Key, size = 24, align = 4);
+pub type Service4Key = ServiceKey<Addr4>;
+pub type Service6Key = ServiceKey<Addr6>;
+assert_layout!(ServiceKey<Addr4, Addr6>, size = (12, 24), align = (4, 4));
 
 /// Value of both services maps. In the master entry (slot 0) `count`, `rev_nat_id`, `flags`
 /// and `affinity_timeout_secs` describe the frontend, and `backend_id` is the number of its
@@ -407,91 +413,56 @@ pub struct ServiceValue {
 }
 assert_layout!(ServiceValue, size = 16, align = 4);
 
-/// Value of the IPv4 backends map (key: `u32` backend id, never 0).
+/// Value of the backends maps (key: `u32` backend id, never 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend4 {
-    pub address: u32,
+pub struct Backend<A: WireAddr> {
+    pub address: A,
     pub port_be: u16,
     pub protocol: u8,
     pub state: u8,
 }
-assert_layout!(Backend4, size = 8, align = 4);
+pub type Backend4 = Backend<Addr4>;
+pub type Backend6 = Backend<Addr6>;
+assert_layout!(Backend<Addr4, Addr6>, size = (8, 20), align = (4, 4));
 
-/// Value of the IPv6 backends map (key: `u32` backend id, never 0).
+/// Value of the reverse-NAT maps (key: `u32` rev-NAT id): the service identity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend6 {
-    pub address: [u32; 4],
-    pub port_be: u16,
-    pub protocol: u8,
-    pub state: u8,
-}
-assert_layout!(Backend6, size = 20, align = 4);
-
-/// Value of the IPv4 reverse-NAT map (key: `u32` rev-NAT id): the service identity.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat4 {
-    pub address: u32,
+pub struct RevNat<A: WireAddr> {
+    pub address: A,
     pub port_be: u16,
     pub pad: u16,
 }
-assert_layout!(RevNat4, size = 8, align = 4);
+pub type RevNat4 = RevNat<Addr4>;
+pub type RevNat6 = RevNat<Addr6>;
+assert_layout!(RevNat<Addr4, Addr6>, size = (8, 20), align = (4, 4));
 
-/// Value of the IPv6 reverse-NAT map (key: `u32` rev-NAT id).
+/// Key of the socket reverse-NAT LRUs: which backend a socket was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat6 {
-    pub address: [u32; 4],
-    pub port_be: u16,
-    pub pad: u16,
-}
-assert_layout!(RevNat6, size = 20, align = 4);
-
-/// Key of the IPv4 socket reverse-NAT LRU: which backend a socket was sent to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNat4Key {
+pub struct SockRevNatKey<A: WireAddr> {
     pub cookie: u64,
-    pub address: u32,
+    pub address: A,
     pub port_be: u16,
-    pub pad: u16,
+    pub pad: A::TailPad,
 }
-assert_layout!(SockRevNat4Key, size = 16, align = 8);
+pub type SockRevNat4Key = SockRevNatKey<Addr4>;
+pub type SockRevNat6Key = SockRevNatKey<Addr6>;
+assert_layout!(SockRevNatKey<Addr4, Addr6>, size = (16, 32), align = (8, 8));
 
-/// Value of the IPv4 socket reverse-NAT LRU: the service address the application asked for.
+/// Value of the socket reverse-NAT LRUs: the service address the application asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNat4 {
-    pub address: u32,
+pub struct SockRevNat<A: WireAddr> {
+    pub address: A,
     pub port_be: u16,
     pub pad: u16,
     pub rev_nat_id: u32,
 }
-assert_layout!(SockRevNat4, size = 12, align = 4);
-
-/// Key of the IPv6 socket reverse-NAT LRU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNat6Key {
-    pub cookie: u64,
-    pub address: [u32; 4],
-    pub port_be: u16,
-    pub pad: [u16; 3],
-}
-assert_layout!(SockRevNat6Key, size = 32, align = 8);
-
-/// Value of the IPv6 socket reverse-NAT LRU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevNat6 {
-    pub address: [u32; 4],
-    pub port_be: u16,
-    pub pad: u16,
-    pub rev_nat_id: u32,
-}
-assert_layout!(SockRevNat6, size = 24, align = 4);
+pub type SockRevNat4 = SockRevNat<Addr4>;
+pub type SockRevNat6 = SockRevNat<Addr6>;
+assert_layout!(SockRevNat<Addr4, Addr6>, size = (12, 24), align = (4, 4));
 
 /// Key of the session-affinity LRU: which client, which service. Clients are identified by
 /// their network namespace cookie: each pod has its own network namespace, so this stands for
@@ -662,31 +633,33 @@ pub mod ct_lifetime {
     pub const UDP_SECS: u64 = 120;
 }
 
-/// Key of the IPv4 conntrack LRU: the packet's 5-tuple as it arrives (addresses and ports in
+/// Key of the conntrack LRUs: the packet's 5-tuple as it arrives (addresses and ports in
 /// network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ct4Key {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey<A: WireAddr> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub protocol: u8,
     pub pad: [u8; 3],
 }
-assert_layout!(Ct4Key, size = 16, align = 4);
+pub type Ct4Key = CtKey<Addr4>;
+pub type Ct6Key = CtKey<Addr6>;
+assert_layout!(CtKey<Addr4, Addr6>, size = (16, 40), align = (4, 4));
 
-/// Value of the IPv4 conntrack LRU: the tuple a matching packet is rewritten to. A forward
+/// Value of the conntrack LRUs: the tuple a matching packet is rewritten to. A forward
 /// entry (client → frontend) rewrites to (client or node address → backend); its reply entry,
 /// keyed by the tuple the backend answers with, rewrites back to (frontend → client).
 /// `expires_ns` (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) is kept on the forward entry only; a
 /// reply entry lives as long as its forward entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ct4Entry {
+pub struct CtEntry<A: WireAddr> {
     pub expires_ns: u64,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub rev_nat_id: u32,
@@ -694,7 +667,44 @@ pub struct Ct4Entry {
     pub flags: u16,
     pub pad: u16,
 }
-assert_layout!(Ct4Entry, size = 32, align = 8);
+pub type Ct4Entry = CtEntry<Addr4>;
+pub type Ct6Entry = CtEntry<Addr6>;
+assert_layout!(CtEntry<Addr4, Addr6>, size = (32, 56), align = (8, 8));
+
+impl<A: WireAddr> CtKey<A> {
+    /// (source, destination) of the packets the key matches.
+    pub fn ends(&self) -> (core::net::SocketAddr, core::net::SocketAddr) {
+        (
+            self.saddr.socket(self.sport_be),
+            self.daddr.socket(self.dport_be),
+        )
+    }
+}
+
+impl<A: WireAddr> CtEntry<A> {
+    /// The key of the packets that answer those this entry rewrites (its rewrite tuple,
+    /// reversed): for a forward entry its reply entry, for a reply entry its forward entry.
+    pub fn partner_key(&self, protocol: u8) -> CtKey<A> {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            protocol,
+            pad: [0; 3],
+        }
+    }
+
+    /// Where a forward entry sends the flow.
+    pub fn destination(&self) -> core::net::SocketAddr {
+        self.daddr.socket(self.dport_be)
+    }
+
+    /// The source a forward entry gives the flow (a node address when masqueraded).
+    pub fn source(&self) -> core::net::SocketAddr {
+        self.saddr.socket(self.sport_be)
+    }
+}
 
 /// Key of the IPv4 fragment LRU: one fragmented datagram as its fragments arrive (RFC 791
 /// §3.2: source, destination, protocol and identification name a datagram).
@@ -731,58 +741,20 @@ pub struct FragPorts {
 }
 assert_layout!(FragPorts, size = 4, align = 2);
 
-/// Key of the IPv6 conntrack LRU (see [`Ct4Key`]).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ct6Key {
-    pub saddr: [u32; 4],
-    pub daddr: [u32; 4],
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub protocol: u8,
-    pub pad: [u8; 3],
-}
-assert_layout!(Ct6Key, size = 40, align = 4);
-
-/// Value of the IPv6 conntrack LRU (see [`Ct4Entry`]).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ct6Entry {
-    pub expires_ns: u64,
-    pub saddr: [u32; 4],
-    pub daddr: [u32; 4],
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub rev_nat_id: u32,
-    pub backend_id: u32,
-    pub flags: u16,
-    pub pad: u16,
-}
-assert_layout!(Ct6Entry, size = 56, align = 8);
-
-/// Value of the IPv4 Direct Server Return map on an endpoint's node (key: [`Ct4Key`], the
+/// Value of the Direct Server Return maps on an endpoint's node (key: [`Ct4Key`], the
 /// tuple the pod replies with): the frontend the reply's source is rewritten to, until
 /// `expires_ns` (`bpf_ktime_get_ns`), which packets carrying the option push forward.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Dsr4Entry {
+pub struct DsrEntry<A: WireAddr> {
     pub expires_ns: u64,
-    pub address: u32,
+    pub address: A,
     pub port_be: u16,
-    pub pad: u16,
+    pub pad: A::TailPad,
 }
-assert_layout!(Dsr4Entry, size = 16, align = 8);
-
-/// Value of the IPv6 Direct Server Return map (key: [`Ct6Key`]).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Dsr6Entry {
-    pub expires_ns: u64,
-    pub address: [u32; 4],
-    pub port_be: u16,
-    pub pad: [u16; 3],
-}
-assert_layout!(Dsr6Entry, size = 32, align = 8);
+pub type Dsr4Entry = DsrEntry<Addr4>;
+pub type Dsr6Entry = DsrEntry<Addr6>;
+assert_layout!(DsrEntry<Addr4, Addr6>, size = (16, 32), align = (8, 8));
 
 /// The wire encoding of Direct Server Return: the ingress node inserts the frontend (address
 /// and port) as an IPv4 option or an IPv6 destination option; the endpoint's node removes it.
@@ -803,25 +775,18 @@ pub mod dsr_option {
     pub const NEXTHDR_DEST: u8 = 60;
 }
 
-/// Data of an IPv4 source-ranges LPM key; the trie's prefix length is `32 + prefix`, so the
+/// Data of a source-ranges LPM key; the trie's prefix length is `32 + prefix`, so the
 /// service id always matches exactly and the address by the range's prefix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRange4 {
+pub struct SourceRange<A: WireAddr> {
     /// The frontend's rev-NAT id, big-endian (the trie matches bytes from the first).
     pub rev_nat_id_be: u32,
-    pub address: u32,
+    pub address: A,
 }
-assert_layout!(SourceRange4, size = 8, align = 4);
-
-/// Data of an IPv6 source-ranges LPM key (prefix length `32 + prefix`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRange6 {
-    pub rev_nat_id_be: u32,
-    pub address: [u32; 4],
-}
-assert_layout!(SourceRange6, size = 20, align = 4);
+pub type SourceRange4 = SourceRange<Addr4>;
+pub type SourceRange6 = SourceRange<Addr6>;
+assert_layout!(SourceRange<Addr4, Addr6>, size = (8, 20), align = (4, 4));
 
 /// Flags of [`DatapathConfig`].
 pub mod config_flags {
@@ -872,22 +837,16 @@ pub mod guard_flags {
     pub const OTHER_PROXY: u32 = 1 << 2;
 }
 
-/// Data of an IPv4 service-guard LPM key (prefix length 0..=32).
+/// Data of a service-guard LPM key (prefix length 0..=32 or 0..=128).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceGuard4 {
+pub struct ServiceGuard<A: WireAddr> {
     /// Network byte order, as `user_ip4` and packet headers carry it.
-    pub address: u32,
+    pub address: A,
 }
-assert_layout!(ServiceGuard4, size = 4, align = 4);
-
-/// Data of an IPv6 service-guard LPM key (prefix length 0..=128).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceGuard6 {
-    pub address: [u32; 4],
-}
-assert_layout!(ServiceGuard6, size = 16, align = 4);
+pub type ServiceGuard4 = ServiceGuard<Addr4>;
+pub type ServiceGuard6 = ServiceGuard<Addr6>;
+assert_layout!(ServiceGuard<Addr4, Addr6>, size = (4, 16), align = (4, 4));
 
 /// The socket hooks' settings (index 0 of the socket config array).
 #[repr(C)]

@@ -5,7 +5,7 @@
 //!
 //! Addresses are those of the agent's network namespace (the node's, in a DaemonSet with
 //! `hostNetwork`), loopback and IPv6 link-local excluded: localhost NodePorts exist only in
-//! kube-proxy's iptables mode (service-semantics §3.2), and a link-local address is not
+//! kube-proxy's iptables mode (its nftables mode has none), and a link-local address is not
 //! reachable from off the link.
 use std::{io, net::IpAddr};
 

@@ -864,7 +864,7 @@ pub fn restore(writer: &dyn MapWriter) -> Result<Programmed, WriteError> {
 mod tests {
     use std::sync::Arc;
 
-    use proxy_common::{AffinityKey, AffinityValue};
+    use proxy_common::{AffinityKey, AffinityValue, WireAddr};
 
     use super::*;
     use crate::{
@@ -1501,9 +1501,7 @@ mod tests {
             .journal
             .iter()
             .filter_map(|write| match write {
-                MapWrite::Service4(key, _) => {
-                    Some(crate::maps::encode::v4_from_word(key.address).to_string())
-                }
+                MapWrite::Service4(key, _) => Some(key.address.to_ip().to_string()),
                 _ => None,
             })
             .collect();

@@ -343,8 +343,10 @@ struct Frontend<K> {
     snat: bool,
 }
 
-/// Which frontend entry serves this source, and whether its flows are masqueraded
-/// (service-semantics §3.6, §3.11). `None`: the source is outside loadBalancerSourceRanges.
+/// Which frontend entry serves this source, and whether its flows are masqueraded (kube-proxy
+/// masquerades external traffic unless externalTrafficPolicy is Local; README "What the agent
+/// programs for external frontends").
+/// `None`: the source is outside loadBalancerSourceRanges.
 #[inline(always)]
 fn frontend<I: Inet>(
     key: I::Key,

@@ -1,138 +1,20 @@
 //! The TC path's connection tracking, from userspace: garbage collection of expired flows (the
 //! datapath only refreshes lifetimes; an LRU alone would keep dead flows until pressure),
-//! kube-proxy's UDP conntrack reconciler (service-semantics §3.13: UDP flows whose backend is
-//! not a serving endpoint of their frontend go, for every frontend kind), and the live flows
+//! kube-proxy's UDP conntrack reconciler (UDP flows whose backend is not a serving endpoint of
+//! their frontend go, for every frontend kind, as kube-proxy's conntrack cleanup does), and the live flows
 //! for `inspect conntrack`.
-use std::{
-    collections::HashMap as StdHashMap,
-    hash::Hash,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::{collections::HashMap as StdHashMap, net::SocketAddr};
 
 use aya::{
     Pod,
     maps::{HashMap, MapData},
 };
 use proxy_common::{
-    Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Dsr4Entry, Dsr6Entry, ct_flags, map_names, protocol,
+    Addr4, Addr6, Ct4Key, Ct6Key, CtEntry, CtKey, Dsr4Entry, Dsr6Entry, WireAddr, ct_flags,
+    map_names, protocol,
 };
 
 use crate::bpf::pins::{OpenPinError, PinLayout};
-
-/// One family's conntrack layout.
-trait CtFamily {
-    type Key: Pod + Hash + Eq;
-    type Entry: Pod;
-    fn protocol(key: &Self::Key) -> u8;
-    fn flags(entry: &Self::Entry) -> u16;
-    fn expires_ns(entry: &Self::Entry) -> u64;
-    fn rev_nat_id(entry: &Self::Entry) -> u32;
-    /// The key of the packets that answer those rewritten by `entry` (its rewrite tuple,
-    /// reversed): for a forward entry its reply entry, for a reply entry its forward entry.
-    fn partner_key(key: &Self::Key, entry: &Self::Entry) -> Self::Key;
-    /// Where a forward entry sends the flow.
-    fn destination(entry: &Self::Entry) -> SocketAddr;
-    /// The source a forward entry gives the flow (a node address when masqueraded).
-    fn source(entry: &Self::Entry) -> SocketAddr;
-    /// (source, destination) of the packets a key matches.
-    fn ends(key: &Self::Key) -> (SocketAddr, SocketAddr);
-}
-
-fn v4_socket(word: u32, port_be: u16) -> SocketAddr {
-    SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::from(word.to_ne_bytes())),
-        u16::from_be(port_be),
-    )
-}
-
-fn v6_socket(words: [u32; 4], port_be: u16) -> SocketAddr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), u16::from_be(port_be))
-}
-
-struct V4;
-struct V6;
-
-impl CtFamily for V4 {
-    type Key = Ct4Key;
-    type Entry = Ct4Entry;
-    fn protocol(key: &Ct4Key) -> u8 {
-        key.protocol
-    }
-    fn flags(entry: &Ct4Entry) -> u16 {
-        entry.flags
-    }
-    fn expires_ns(entry: &Ct4Entry) -> u64 {
-        entry.expires_ns
-    }
-    fn rev_nat_id(entry: &Ct4Entry) -> u32 {
-        entry.rev_nat_id
-    }
-    fn partner_key(key: &Ct4Key, entry: &Ct4Entry) -> Ct4Key {
-        Ct4Key {
-            saddr: entry.daddr,
-            daddr: entry.saddr,
-            sport_be: entry.dport_be,
-            dport_be: entry.sport_be,
-            protocol: key.protocol,
-            pad: [0; 3],
-        }
-    }
-    fn destination(entry: &Ct4Entry) -> SocketAddr {
-        v4_socket(entry.daddr, entry.dport_be)
-    }
-    fn source(entry: &Ct4Entry) -> SocketAddr {
-        v4_socket(entry.saddr, entry.sport_be)
-    }
-    fn ends(key: &Ct4Key) -> (SocketAddr, SocketAddr) {
-        (
-            v4_socket(key.saddr, key.sport_be),
-            v4_socket(key.daddr, key.dport_be),
-        )
-    }
-}
-
-impl CtFamily for V6 {
-    type Key = Ct6Key;
-    type Entry = Ct6Entry;
-    fn protocol(key: &Ct6Key) -> u8 {
-        key.protocol
-    }
-    fn flags(entry: &Ct6Entry) -> u16 {
-        entry.flags
-    }
-    fn expires_ns(entry: &Ct6Entry) -> u64 {
-        entry.expires_ns
-    }
-    fn rev_nat_id(entry: &Ct6Entry) -> u32 {
-        entry.rev_nat_id
-    }
-    fn partner_key(key: &Ct6Key, entry: &Ct6Entry) -> Ct6Key {
-        Ct6Key {
-            saddr: entry.daddr,
-            daddr: entry.saddr,
-            sport_be: entry.dport_be,
-            dport_be: entry.sport_be,
-            protocol: key.protocol,
-            pad: [0; 3],
-        }
-    }
-    fn destination(entry: &Ct6Entry) -> SocketAddr {
-        v6_socket(entry.daddr, entry.dport_be)
-    }
-    fn source(entry: &Ct6Entry) -> SocketAddr {
-        v6_socket(entry.saddr, entry.sport_be)
-    }
-    fn ends(key: &Ct6Key) -> (SocketAddr, SocketAddr) {
-        (
-            v6_socket(key.saddr, key.sport_be),
-            v6_socket(key.daddr, key.dport_be),
-        )
-    }
-}
 
 /// What one garbage collection did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,17 +102,15 @@ pub struct ReconcileReport {
 /// The UDP forward entries whose flow must go: a frontend that has serving endpoints but not
 /// this flow's backend, or a frontend that is gone. Traffic policy, topology and terminating
 /// state are not looked at, so UDP flows keep working like TCP connections.
-fn stale_udp<F: CtFamily>(
-    entries: &StdHashMap<F::Key, F::Entry>,
+fn stale_udp<A: WireAddr>(
+    entries: &StdHashMap<CtKey<A>, CtEntry<A>>,
     serving: &UdpServing,
-) -> Vec<F::Key> {
+) -> Vec<CtKey<A>> {
     entries
         .iter()
-        .filter(|(key, entry)| {
-            F::protocol(key) == protocol::UDP && F::flags(entry) & ct_flags::REPLY == 0
-        })
-        .filter(|(_, entry)| match serving.get(&F::rev_nat_id(entry)) {
-            Some(Some(endpoints)) => !endpoints.contains(&F::destination(entry)),
+        .filter(|(key, entry)| key.protocol == protocol::UDP && entry.flags & ct_flags::REPLY == 0)
+        .filter(|(_, entry)| match serving.get(&entry.rev_nat_id) {
+            Some(Some(endpoints)) => !endpoints.contains(&entry.destination()),
             Some(None) => false,
             None => true,
         })
@@ -238,14 +118,14 @@ fn stale_udp<F: CtFamily>(
         .collect()
 }
 
-fn reconcile_udp<F: CtFamily>(tables: &mut Tables<F>, serving: &UdpServing) -> FamilyReconcile {
+fn reconcile_udp<A: WireAddr>(tables: &mut Tables<A>, serving: &UdpServing) -> FamilyReconcile {
     let started = std::time::Instant::now();
     let mut deleted = 0;
     for which in Which::BOTH {
-        let snapshot = entries::<F>(tables.map(which));
-        for key in stale_udp::<F>(&snapshot, serving) {
+        let snapshot = entries::<A>(tables.map(which));
+        for key in stale_udp::<A>(&snapshot, serving) {
             if let Some(entry) = snapshot.get(&key) {
-                tables.remove(&F::partner_key(&key, entry));
+                tables.remove(&entry.partner_key(key.protocol));
             }
             if tables.map_mut(which).remove(&key).is_ok() {
                 deleted += 1;
@@ -273,12 +153,12 @@ impl Which {
 
 /// One family's conntrack maps. A flow's two entries live in the same map, except for the
 /// moment the datapath moves a confirmed flow to the main map: a partner is looked up in both.
-struct Tables<F: CtFamily> {
-    main: HashMap<MapData, F::Key, F::Entry>,
-    unreplied: HashMap<MapData, F::Key, F::Entry>,
+struct Tables<A: WireAddr> {
+    main: HashMap<MapData, CtKey<A>, CtEntry<A>>,
+    unreplied: HashMap<MapData, CtKey<A>, CtEntry<A>>,
 }
 
-impl<F: CtFamily> Tables<F> {
+impl<A: WireAddr> Tables<A> {
     fn open(
         pins: &PinLayout,
         main: &'static str,
@@ -290,14 +170,14 @@ impl<F: CtFamily> Tables<F> {
         })
     }
 
-    fn map(&self, which: Which) -> &HashMap<MapData, F::Key, F::Entry> {
+    fn map(&self, which: Which) -> &HashMap<MapData, CtKey<A>, CtEntry<A>> {
         match which {
             Which::Main => &self.main,
             Which::Unreplied => &self.unreplied,
         }
     }
 
-    fn map_mut(&mut self, which: Which) -> &mut HashMap<MapData, F::Key, F::Entry> {
+    fn map_mut(&mut self, which: Which) -> &mut HashMap<MapData, CtKey<A>, CtEntry<A>> {
         match which {
             Which::Main => &mut self.main,
             Which::Unreplied => &mut self.unreplied,
@@ -305,7 +185,7 @@ impl<F: CtFamily> Tables<F> {
     }
 
     /// The entry under `key` as the datapath finds it: the main map's first.
-    fn get(&self, key: &F::Key) -> Option<F::Entry> {
+    fn get(&self, key: &CtKey<A>) -> Option<CtEntry<A>> {
         self.main
             .get(key, 0)
             .ok()
@@ -313,23 +193,23 @@ impl<F: CtFamily> Tables<F> {
     }
 
     /// Removes `key` from both maps (missing is fine).
-    fn remove(&mut self, key: &F::Key) {
+    fn remove(&mut self, key: &CtKey<A>) {
         let _ = self.main.remove(key);
         let _ = self.unreplied.remove(key);
     }
 
     /// Every entry of both maps (the main map's where a key is in both).
-    fn entries(&self) -> StdHashMap<F::Key, F::Entry> {
-        let mut all = entries::<F>(&self.unreplied);
-        all.extend(entries::<F>(&self.main));
+    fn entries(&self) -> StdHashMap<CtKey<A>, CtEntry<A>> {
+        let mut all = entries::<A>(&self.unreplied);
+        all.extend(entries::<A>(&self.main));
         all
     }
 }
 
 /// Both families' conntrack maps, opened from their pins.
 pub struct Conntrack {
-    v4: Tables<V4>,
-    v6: Tables<V6>,
+    v4: Tables<Addr4>,
+    v6: Tables<Addr6>,
 }
 
 fn open<K: Pod, V: Pod>(
@@ -358,12 +238,12 @@ pub fn dsr_replies(pins: &PinLayout, now_ns: u64) -> Vec<DsrReply> {
     if let Ok(map) = open::<Ct4Key, Dsr4Entry>(pins, map_names::DSR_REV4) {
         for (key, entry) in map.iter().flatten() {
             if entry.expires_ns > now_ns {
-                let (pod, client) = V4::ends(&key);
+                let (pod, client) = key.ends();
                 replies.push(DsrReply {
                     protocol: key.protocol,
                     client,
                     pod,
-                    frontend: v4_socket(entry.address, entry.port_be),
+                    frontend: entry.address.socket(entry.port_be),
                     expires_in_ns: entry.expires_ns - now_ns,
                 });
             }
@@ -372,12 +252,12 @@ pub fn dsr_replies(pins: &PinLayout, now_ns: u64) -> Vec<DsrReply> {
     if let Ok(map) = open::<Ct6Key, Dsr6Entry>(pins, map_names::DSR_REV6) {
         for (key, entry) in map.iter().flatten() {
             if entry.expires_ns > now_ns {
-                let (pod, client) = V6::ends(&key);
+                let (pod, client) = key.ends();
                 replies.push(DsrReply {
                     protocol: key.protocol,
                     client,
                     pod,
-                    frontend: v6_socket(entry.address, entry.port_be),
+                    frontend: entry.address.socket(entry.port_be),
                     expires_in_ns: entry.expires_ns - now_ns,
                 });
             }
@@ -405,8 +285,8 @@ impl Conntrack {
 
     /// Removes expired flows and reply entries whose forward entry is gone or has moved on.
     pub fn collect_garbage(&mut self, now_ns: u64) -> GcReport {
-        let v4 = collect::<V4>(&mut self.v4, now_ns);
-        let v6 = collect::<V6>(&mut self.v6, now_ns);
+        let v4 = collect::<Addr4>(&mut self.v4, now_ns);
+        let v6 = collect::<Addr6>(&mut self.v6, now_ns);
         GcReport {
             live_flows: v4.live_flows + v6.live_flows,
             removed: v4.removed + v6.removed,
@@ -425,16 +305,16 @@ impl Conntrack {
     pub fn reconcile_udp(&mut self, serving: &UdpServing) -> ReconcileReport {
         ReconcileReport {
             families: [
-                reconcile_udp::<V4>(&mut self.v4, serving),
-                reconcile_udp::<V6>(&mut self.v6, serving),
+                reconcile_udp::<Addr4>(&mut self.v4, serving),
+                reconcile_udp::<Addr6>(&mut self.v6, serving),
             ],
         }
     }
 
     /// Every live flow of both families, ordered by protocol and client.
     pub fn flows(&self, now_ns: u64) -> Vec<TrackedFlow> {
-        let mut flows = flows_of::<V4>(self.v4.entries().into_iter(), now_ns);
-        flows.extend(flows_of::<V6>(self.v6.entries().into_iter(), now_ns));
+        let mut flows = flows_of::<Addr4>(self.v4.entries().into_iter(), now_ns);
+        flows.extend(flows_of::<Addr6>(self.v6.entries().into_iter(), now_ns));
         flows.sort();
         flows
     }
@@ -442,15 +322,15 @@ impl Conntrack {
     /// Entries (forward and reply, live or not yet collected) of each conntrack map, by name.
     pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
         [
-            (map_names::CT4, keys_of::<V4>(&self.v4.main).len()),
-            (map_names::CT6, keys_of::<V6>(&self.v6.main).len()),
+            (map_names::CT4, keys_of::<Addr4>(&self.v4.main).len()),
+            (map_names::CT6, keys_of::<Addr6>(&self.v6.main).len()),
             (
                 map_names::CT4_UNREPLIED,
-                keys_of::<V4>(&self.v4.unreplied).len(),
+                keys_of::<Addr4>(&self.v4.unreplied).len(),
             ),
             (
                 map_names::CT6_UNREPLIED,
-                keys_of::<V6>(&self.v6.unreplied).len(),
+                keys_of::<Addr6>(&self.v6.unreplied).len(),
             ),
         ]
     }
@@ -475,25 +355,23 @@ impl Conntrack {
 }
 
 /// The live forward entries among `entries`, as flows.
-fn flows_of<F: CtFamily>(
-    entries: impl Iterator<Item = (F::Key, F::Entry)>,
+fn flows_of<A: WireAddr>(
+    entries: impl Iterator<Item = (CtKey<A>, CtEntry<A>)>,
     now_ns: u64,
 ) -> Vec<TrackedFlow> {
     entries
-        .filter(|(_, entry)| {
-            F::flags(entry) & ct_flags::REPLY == 0 && F::expires_ns(entry) > now_ns
-        })
+        .filter(|(_, entry)| entry.flags & ct_flags::REPLY == 0 && entry.expires_ns > now_ns)
         .map(|(key, entry)| {
-            let (client, frontend) = F::ends(&key);
+            let (client, frontend) = key.ends();
             TrackedFlow {
-                protocol: F::protocol(&key),
+                protocol: key.protocol,
                 client,
                 frontend,
-                translated_source: F::source(&entry),
-                backend: F::destination(&entry),
-                rev_nat_id: F::rev_nat_id(&entry),
-                flags: F::flags(&entry),
-                expires_in_ns: F::expires_ns(&entry) - now_ns,
+                translated_source: entry.source(),
+                backend: entry.destination(),
+                rev_nat_id: entry.rev_nat_id,
+                flags: entry.flags,
+                expires_in_ns: entry.expires_ns - now_ns,
             }
         })
         .collect()
@@ -507,7 +385,7 @@ const WALK_RESTARTS: usize = 3;
 /// to key; when the key last read has been removed meanwhile (an LRU eviction, a flow the
 /// datapath ended), it starts again from the first key. Keys seen again are skipped, and
 /// after a few restarts the walk stops: what it missed waits for the next round.
-fn keys_of<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> Vec<F::Key> {
+fn keys_of<A: WireAddr>(map: &HashMap<MapData, CtKey<A>, CtEntry<A>>) -> Vec<CtKey<A>> {
     let mut seen = std::collections::HashSet::new();
     let mut keys = Vec::new();
     let mut restarts = 0;
@@ -529,8 +407,10 @@ fn keys_of<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> Vec<F::Key>
 
 /// The entries of a map, each read when its key comes (entries removed meanwhile are
 /// skipped).
-fn entries<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> StdHashMap<F::Key, F::Entry> {
-    keys_of::<F>(map)
+fn entries<A: WireAddr>(
+    map: &HashMap<MapData, CtKey<A>, CtEntry<A>>,
+) -> StdHashMap<CtKey<A>, CtEntry<A>> {
+    keys_of::<A>(map)
         .into_iter()
         .filter_map(|key| map.get(&key, 0).ok().map(|entry| (key, entry)))
         .collect()
@@ -539,30 +419,30 @@ fn entries<F: CtFamily>(map: &HashMap<MapData, F::Key, F::Entry>) -> StdHashMap<
 /// Whether `entry`, found under `key`, is garbage at `now_ns`: an expired forward entry, or a
 /// reply entry whose forward entry is gone, expired or now rewrites to another tuple.
 /// `lookup` reads the current entry of a key.
-fn is_garbage<F: CtFamily>(
-    key: &F::Key,
-    entry: &F::Entry,
+fn is_garbage<A: WireAddr>(
+    key: &CtKey<A>,
+    entry: &CtEntry<A>,
     now_ns: u64,
-    lookup: impl Fn(&F::Key) -> Option<F::Entry>,
+    lookup: impl Fn(&CtKey<A>) -> Option<CtEntry<A>>,
 ) -> bool {
-    if F::flags(entry) & ct_flags::REPLY == 0 {
-        return F::expires_ns(entry) <= now_ns;
+    if entry.flags & ct_flags::REPLY == 0 {
+        return entry.expires_ns <= now_ns;
     }
-    let forward_key = F::partner_key(key, entry);
+    let forward_key = entry.partner_key(key.protocol);
     let alive = lookup(&forward_key).is_some_and(|forward| {
-        F::flags(&forward) & ct_flags::REPLY == 0
-            && F::expires_ns(&forward) > now_ns
-            && F::partner_key(&forward_key, &forward) == *key
+        forward.flags & ct_flags::REPLY == 0
+            && forward.expires_ns > now_ns
+            && forward.partner_key(forward_key.protocol) == *key
     });
     !alive
 }
 
 /// Which entries of a conntrack snapshot are garbage at `now_ns`.
 #[cfg(test)]
-fn garbage<F: CtFamily>(entries: &StdHashMap<F::Key, F::Entry>, now_ns: u64) -> Vec<F::Key> {
+fn garbage<A: WireAddr>(entries: &StdHashMap<CtKey<A>, CtEntry<A>>, now_ns: u64) -> Vec<CtKey<A>> {
     entries
         .iter()
-        .filter(|(key, entry)| is_garbage::<F>(key, entry, now_ns, |k| entries.get(k).copied()))
+        .filter(|(key, entry)| is_garbage::<A>(key, entry, now_ns, |k| entries.get(k).copied()))
         .map(|(key, _)| *key)
         .collect()
 }
@@ -579,21 +459,21 @@ struct FamilyGc {
     left: [usize; 2],
 }
 
-fn collect<F: CtFamily>(tables: &mut Tables<F>, now_ns: u64) -> FamilyGc {
+fn collect<A: WireAddr>(tables: &mut Tables<A>, now_ns: u64) -> FamilyGc {
     let mut report = FamilyGc::default();
     for (slot, which) in Which::BOTH.into_iter().enumerate() {
-        for key in keys_of::<F>(tables.map(which)) {
+        for key in keys_of::<A>(tables.map(which)) {
             let Ok(entry) = tables.map(which).get(&key, 0) else {
                 continue;
             };
-            if is_garbage::<F>(&key, &entry, now_ns, |k| tables.get(k)) {
+            if is_garbage::<A>(&key, &entry, now_ns, |k| tables.get(k)) {
                 if tables.map_mut(which).remove(&key).is_ok() {
                     report.removed += 1;
                 }
                 continue;
             }
             report.left[slot] += 1;
-            if F::flags(&entry) & ct_flags::REPLY == 0 {
+            if entry.flags & ct_flags::REPLY == 0 {
                 report.live_flows += 1;
             }
         }
@@ -603,6 +483,10 @@ fn collect<F: CtFamily>(tables: &mut Tables<F>, now_ns: u64) -> FamilyGc {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use proxy_common::Ct4Entry;
+
     use super::*;
 
     fn forward(client_port: u16, backend_port: u16, expires_ns: u64) -> (Ct4Key, Ct4Entry) {
@@ -626,7 +510,7 @@ mod tests {
     }
 
     fn reply_of(key: &Ct4Key, entry: &Ct4Entry) -> (Ct4Key, Ct4Entry) {
-        let reply_key = V4::partner_key(key, entry);
+        let reply_key = entry.partner_key(key.protocol);
         let reply = Ct4Entry {
             saddr: key.daddr,
             daddr: key.saddr,
@@ -652,7 +536,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let mut doomed = garbage::<V4>(&entries, 100);
+        let mut doomed = garbage::<Addr4>(&entries, 100);
         doomed.sort();
         let mut expected = vec![dead_key, dead_reply_key];
         expected.sort();
@@ -669,7 +553,7 @@ mod tests {
             ..entry
         };
         let entries: StdHashMap<_, _> = [(key, moved), (reply_key, reply)].into_iter().collect();
-        assert_eq!(garbage::<V4>(&entries, 100), vec![reply_key]);
+        assert_eq!(garbage::<Addr4>(&entries, 100), vec![reply_key]);
     }
 
     #[test]
@@ -679,7 +563,7 @@ mod tests {
         let (dead_key, dead) = forward(1001, 8080, 50);
         let (reply_key, reply) = reply_of(&live_key, &live);
         let entries = [(live_key, live), (dead_key, dead), (reply_key, reply)];
-        let flows = flows_of::<V4>(entries.into_iter(), 100);
+        let flows = flows_of::<Addr4>(entries.into_iter(), 100);
         assert_eq!(flows.len(), 1, "{flows:?}");
         let flow = &flows[0];
         let word = |n: u32| IpAddr::V4(Ipv4Addr::from(n.to_ne_bytes()));
@@ -729,7 +613,7 @@ mod tests {
             entry.rev_nat_id = rev_nat_id;
             (key, entry)
         };
-        let backend = |port: u16| V4::destination(&udp(1, 1, port).1);
+        let backend = |port: u16| udp(1, 1, port).1.destination();
         let (kept, kept_entry) = udp(1000, 1, 8080);
         let (departed, departed_entry) = udp(1001, 1, 9090);
         let (waiting, waiting_entry) = udp(1002, 2, 9090);
@@ -752,7 +636,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let mut stale = stale_udp::<V4>(&entries, &serving);
+        let mut stale = stale_udp::<Addr4>(&entries, &serving);
         stale.sort();
         let mut expected = vec![departed, gone];
         expected.sort();
@@ -764,6 +648,6 @@ mod tests {
         let (key, entry) = forward(1000, 8080, 500);
         let (reply_key, reply) = reply_of(&key, &entry);
         let entries: StdHashMap<_, _> = [(reply_key, reply)].into_iter().collect();
-        assert_eq!(garbage::<V4>(&entries, 100), vec![reply_key]);
+        assert_eq!(garbage::<Addr4>(&entries, 100), vec![reply_key]);
     }
 }

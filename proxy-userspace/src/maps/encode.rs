@@ -1,16 +1,13 @@
 //! The wire encoding: plan operations into map entries in the kernel's layout, and map content
 //! back into the operations that recreate it (restore). Encoding lives only here, so the real
 //! writer, the fake writer and restore all agree on the layout.
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key, Service6Key,
-    ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue, SourceRange4,
-    SourceRange6, backend_state, maglev::MaglevConfig, map_names, protocol, scope, service_flags,
+    Addr4, Addr6, AffinityKey, AffinityValue, Backend4, Backend6, RevNat4, RevNat6, Service4Key,
+    Service6Key, ServiceGuard4, ServiceGuard6, ServiceName, ServiceStatus, ServiceValue,
+    SourceRange4, SourceRange6, WireAddr, backend_state, maglev::MaglevConfig, map_names, protocol,
+    scope, service_flags,
 };
 
 use crate::{
@@ -202,28 +199,6 @@ impl MapImage {
 
 // --- encoding -----------------------------------------------------------------------------
 
-pub(crate) fn v4_word(ip: Ipv4Addr) -> u32 {
-    // The kernel's user_ip4 is network order in memory: keep the octets' memory order.
-    u32::from_ne_bytes(ip.octets())
-}
-
-pub(crate) fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-}
-
-pub(crate) fn v4_from_word(word: u32) -> Ipv4Addr {
-    Ipv4Addr::from(word.to_ne_bytes())
-}
-
-pub(crate) fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    Ipv6Addr::from(octets)
-}
-
 fn protocol_byte(protocol: Protocol) -> u8 {
     match protocol {
         Protocol::Tcp => protocol::TCP,
@@ -269,7 +244,7 @@ fn source_range_write(rev_nat_id: u32, range: &Cidr, keep: bool) -> MapWrite {
                 prefix_len,
                 data: SourceRange4 {
                     rev_nat_id_be,
-                    address: v4_word(ip),
+                    address: Addr4::from_ip(ip),
                 },
             },
             value,
@@ -279,7 +254,7 @@ fn source_range_write(rev_nat_id: u32, range: &Cidr, keep: bool) -> MapWrite {
                 prefix_len,
                 data: SourceRange6 {
                     rev_nat_id_be,
-                    address: v6_words(ip),
+                    address: Addr6::from_ip(ip),
                 },
             },
             value,
@@ -295,7 +270,7 @@ pub fn guard_write(range: &Cidr, flags: Option<u32>) -> MapWrite {
             LpmKey {
                 prefix_len,
                 data: ServiceGuard4 {
-                    address: v4_word(ip),
+                    address: Addr4::from_ip(ip),
                 },
             },
             flags,
@@ -304,7 +279,7 @@ pub fn guard_write(range: &Cidr, flags: Option<u32>) -> MapWrite {
             LpmKey {
                 prefix_len,
                 data: ServiceGuard6 {
-                    address: v6_words(ip),
+                    address: Addr6::from_ip(ip),
                 },
             },
             flags,
@@ -318,14 +293,14 @@ pub fn guard_from_image(image: &MapImage) -> BTreeMap<Cidr, u32> {
     let v4 = image.guard4.iter().filter_map(|(key, flags)| {
         let prefix = u8::try_from(key.prefix_len).ok()?;
         Some((
-            Cidr::new(IpAddr::V4(v4_from_word(key.data.address)), prefix)?,
+            Cidr::new(IpAddr::V4(key.data.address.to_ip()), prefix)?,
             *flags,
         ))
     });
     let v6 = image.guard6.iter().filter_map(|(key, flags)| {
         let prefix = u8::try_from(key.prefix_len).ok()?;
         Some((
-            Cidr::new(IpAddr::V6(v6_from_words(key.data.address)), prefix)?,
+            Cidr::new(IpAddr::V6(key.data.address.to_ip()), prefix)?,
             *flags,
         ))
     });
@@ -353,7 +328,7 @@ fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
     let scope = scope_byte(frontend.scope);
     match frontend.ip {
         IpAddr::V4(ip) => ServiceKey::V4(Service4Key {
-            address: v4_word(ip),
+            address: Addr4::from_ip(ip),
             port_be,
             backend_slot: slot,
             protocol,
@@ -361,7 +336,7 @@ fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
             pad: [0; 2],
         }),
         IpAddr::V6(ip) => ServiceKey::V6(Service6Key {
-            address: v6_words(ip),
+            address: Addr6::from_ip(ip),
             port_be,
             backend_slot: slot,
             protocol,
@@ -386,7 +361,7 @@ fn backend_write(id: u32, backend: &BackendAddr, keep: bool) -> MapWrite {
         IpAddr::V4(ip) => MapWrite::Backend4(
             id,
             keep.then_some(Backend4 {
-                address: v4_word(ip),
+                address: Addr4::from_ip(ip),
                 port_be,
                 protocol,
                 state,
@@ -395,7 +370,7 @@ fn backend_write(id: u32, backend: &BackendAddr, keep: bool) -> MapWrite {
         IpAddr::V6(ip) => MapWrite::Backend6(
             id,
             keep.then_some(Backend6 {
-                address: v6_words(ip),
+                address: Addr6::from_ip(ip),
                 port_be,
                 protocol,
                 state,
@@ -410,7 +385,7 @@ fn rev_nat_write(id: u32, target: &RevNatTarget, keep: bool) -> MapWrite {
         IpAddr::V4(ip) => MapWrite::RevNat4(
             id,
             keep.then_some(RevNat4 {
-                address: v4_word(ip),
+                address: Addr4::from_ip(ip),
                 port_be,
                 pad: 0,
             }),
@@ -418,7 +393,7 @@ fn rev_nat_write(id: u32, target: &RevNatTarget, keep: bool) -> MapWrite {
         IpAddr::V6(ip) => MapWrite::RevNat6(
             id,
             keep.then_some(RevNat6 {
-                address: v6_words(ip),
+                address: Addr6::from_ip(ip),
                 port_be,
                 pad: 0,
             }),
@@ -551,11 +526,11 @@ fn decode_into(image: &MapImage, sink: &mut impl Extend<Op>) -> Unreadable {
     let mut unreadable = Unreadable::default();
     decode_backends(image, sink, &mut unreadable);
     let v4 = image.rev_nat4.iter().map(|(id, rev)| {
-        let ip = IpAddr::V4(v4_from_word(rev.address));
+        let ip = IpAddr::V4(rev.address.to_ip());
         (*id, ip, rev.port_be)
     });
     let v6 = image.rev_nat6.iter().map(|(id, rev)| {
-        let ip = IpAddr::V6(v6_from_words(rev.address));
+        let ip = IpAddr::V6(rev.address.to_ip());
         (*id, ip, rev.port_be)
     });
     sink.extend(v4.chain(v6).map(|(id, ip, port_be)| Op::UpsertRevNat {
@@ -592,11 +567,11 @@ pub fn programmed_from_image(image: &MapImage) -> (Programmed, Unreadable) {
 
 fn decode_services(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut Unreadable) {
     let v4 = image.services4.iter().map(|(k, v)| {
-        let ip = IpAddr::V4(v4_from_word(k.address));
+        let ip = IpAddr::V4(k.address.to_ip());
         (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
     });
     let v6 = image.services6.iter().map(|(k, v)| {
-        let ip = IpAddr::V6(v6_from_words(k.address));
+        let ip = IpAddr::V6(k.address.to_ip());
         (ip, k.port_be, k.protocol, k.scope, k.backend_slot, v)
     });
     for (ip, port_be, protocol, scope, slot, value) in v4.chain(v6) {
@@ -642,11 +617,11 @@ fn decode_services(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut
 
 fn decode_source_ranges(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut Unreadable) {
     let v4 = image.source_ranges4.keys().map(|key| {
-        let ip = IpAddr::V4(v4_from_word(key.data.address));
+        let ip = IpAddr::V4(key.data.address.to_ip());
         (key.prefix_len, key.data.rev_nat_id_be, ip)
     });
     let v6 = image.source_ranges6.keys().map(|key| {
-        let ip = IpAddr::V6(v6_from_words(key.data.address));
+        let ip = IpAddr::V6(key.data.address.to_ip());
         (key.prefix_len, key.data.rev_nat_id_be, ip)
     });
     for (prefix_len, rev_nat_id_be, ip) in v4.chain(v6) {
@@ -663,22 +638,14 @@ fn decode_source_ranges(image: &MapImage, ops: &mut impl Extend<Op>, unreadable:
 }
 
 fn decode_backends(image: &MapImage, ops: &mut impl Extend<Op>, unreadable: &mut Unreadable) {
-    let v4 = image.backends4.iter().map(|(id, b)| {
-        (
-            *id,
-            IpAddr::V4(v4_from_word(b.address)),
-            b.port_be,
-            b.protocol,
-        )
-    });
-    let v6 = image.backends6.iter().map(|(id, b)| {
-        (
-            *id,
-            IpAddr::V6(v6_from_words(b.address)),
-            b.port_be,
-            b.protocol,
-        )
-    });
+    let v4 = image
+        .backends4
+        .iter()
+        .map(|(id, b)| (*id, IpAddr::V4(b.address.to_ip()), b.port_be, b.protocol));
+    let v6 = image
+        .backends6
+        .iter()
+        .map(|(id, b)| (*id, IpAddr::V6(b.address.to_ip()), b.port_be, b.protocol));
     for (id, ip, port_be, protocol) in v4.chain(v6) {
         match protocol_from_byte(protocol) {
             Some(protocol) => {

@@ -3,11 +3,11 @@
 //! row or a JSON line.
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
-use proxy_common::{MonitorEvent, monitor_hook, monitor_kind, protocol, reason};
+use proxy_common::{MonitorEvent, WireAddr, monitor_hook, monitor_kind, protocol, reason};
 use serde_json::json;
 
 use crate::cli::Verdict;
@@ -44,15 +44,10 @@ pub struct Process {
 }
 
 fn address(family: u8, words: [u32; 4], port_be: u16) -> SocketAddr {
-    let port = u16::from_be(port_be);
     if family == 6 {
-        let mut octets = [0u8; 16];
-        for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
+        words.socket(port_be)
     } else {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes())), port)
+        words[0].socket(port_be)
     }
 }
 

@@ -4,7 +4,8 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use proxy_common::{
-    BPF_F_NO_PREALLOC, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names,
+    BPF_F_NO_PREALLOC, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, WireAddr,
+    map_names,
     map_table::{self, MapKind},
     service_flags,
 };
@@ -18,7 +19,7 @@ use crate::{
         counters::DatapathCounters,
         fill,
     },
-    maps::encode::{MapImage, decode_status, v4_from_word, v6_from_words},
+    maps::encode::{MapImage, decode_status},
     plan::{mirror::Programmed, op::RevNatTarget},
 };
 
@@ -119,11 +120,7 @@ fn socket_translations(pins: &PinLayout) -> anyhow::Result<Vec<SocketTranslation
         open_lru(pins, map_names::SOCK_REV_NAT4)?;
     for entry in &nat4 {
         let (key, value) = entry?;
-        let backend = format!(
-            "{}:{}",
-            v4_from_word(key.address),
-            u16::from_be(key.port_be)
-        );
+        let backend = format!("{}:{}", key.address.to_ip(), u16::from_be(key.port_be));
         sockets.push(SocketTranslation {
             cookie: key.cookie,
             backend,
@@ -134,11 +131,7 @@ fn socket_translations(pins: &PinLayout) -> anyhow::Result<Vec<SocketTranslation
         open_lru(pins, map_names::SOCK_REV_NAT6)?;
     for entry in &nat6 {
         let (key, value) = entry?;
-        let backend = format!(
-            "[{}]:{}",
-            v6_from_words(key.address),
-            u16::from_be(key.port_be)
-        );
+        let backend = format!("[{}]:{}", key.address.to_ip(), u16::from_be(key.port_be));
         sockets.push(SocketTranslation {
             cookie: key.cookie,
             backend,

@@ -25,16 +25,14 @@ use aya::{
     maps::{HashMap, MapData},
 };
 use nix::sched::{CloneFlags, setns};
-use proxy_common::{SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, map_names};
+use proxy_common::{
+    Addr4, Addr6, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, WireAddr, map_names,
+};
 use tracing::{debug, info, warn};
 
 use super::conntrack::{ReconcileReport, UdpServing};
 use crate::{
-    maps::{
-        WriteError,
-        encode::{v4_word, v6_words},
-        take,
-    },
+    maps::{WriteError, take},
     plan::mirror::UdpPair,
 };
 use sock_diag::UdpSocketId;
@@ -167,7 +165,7 @@ impl NetlinkReaper {
             IpAddr::V4(ip) => {
                 let key = SockRevNat4Key {
                     cookie: socket.cookie(),
-                    address: v4_word(ip),
+                    address: Addr4::from_ip(ip),
                     port_be,
                     pad: 0,
                 };
@@ -176,7 +174,7 @@ impl NetlinkReaper {
             IpAddr::V6(ip) => {
                 let key = SockRevNat6Key {
                     cookie: socket.cookie(),
-                    address: v6_words(ip),
+                    address: Addr6::from_ip(ip),
                     port_be,
                     pad: [0; 3],
                 };
