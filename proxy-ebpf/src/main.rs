@@ -24,6 +24,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
+use lb::{V4, V6};
 use proxy_common::{map_table::same_name, monitor_hook, program};
 
 /// Return value that lets the syscall proceed (for recvmsg/getpeername the only valid one).
@@ -57,14 +58,14 @@ pub fn sy_sendmsg4(ctx: SockAddrContext) -> i32 {
 named_as!(sy_recvmsg4, program::RECVMSG4);
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sy_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_reverse4(&ctx);
+    sock::translate_reverse::<V4>(&ctx);
     PROCEED
 }
 
 named_as!(sy_getpeername4, program::GETPEERNAME4);
 #[cgroup_sock_addr(getpeername4)]
 pub fn sy_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::translate_reverse4(&ctx);
+    sock::translate_reverse::<V4>(&ctx);
     PROCEED
 }
 
@@ -83,14 +84,14 @@ pub fn sy_sendmsg6(ctx: SockAddrContext) -> i32 {
 named_as!(sy_recvmsg6, program::RECVMSG6);
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sy_recvmsg6(ctx: SockAddrContext) -> i32 {
-    sock::translate_reverse6(&ctx);
+    sock::translate_reverse::<V6>(&ctx);
     PROCEED
 }
 
 named_as!(sy_getpeername6, program::GETPEERNAME6);
 #[cgroup_sock_addr(getpeername6)]
 pub fn sy_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock::translate_reverse6(&ctx);
+    sock::translate_reverse::<V6>(&ctx);
     PROCEED
 }
 

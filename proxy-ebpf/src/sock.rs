@@ -6,12 +6,14 @@
 //! must be accessed with 4-byte loads and stores.
 use aya_ebpf::{
     EbpfContext,
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    maps::LruHashMap,
     programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
-    Service4Key, Service6Key, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
-    monitor_kind, protocol, reason, scope, service_flags,
+    Addr4, Addr6, ServiceKey, SockRevNat, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
+    SockRevNatKey, WireAddr, monitor_kind, protocol, reason, scope, service_flags,
 };
 
 use crate::{
@@ -199,77 +201,167 @@ impl<A: ServiceAddr> Call<'_, A> {
     }
 }
 
+/// What differs between the IPv4 and IPv6 hooks: where the address sits in the context, and
+/// which socket reverse-NAT map remembers it.
+pub trait SockFamily {
+    type Addr: WireAddr;
+    /// The context's address and port (`user_ip6` read word by word, as the kernel requires).
+    fn read(addr: *mut bpf_sock_addr) -> (Self::Addr, u16);
+    /// Points the context at `ip`:`port_be` (4-byte stores).
+    fn write(addr: *mut bpf_sock_addr, ip: Self::Addr, port_be: u16);
+    fn rev_nat() -> &'static LruHashMap<SockRevNatKey<Self::Addr>, SockRevNat<Self::Addr>>;
+}
+
+impl SockFamily for V4 {
+    type Addr = Addr4;
+
+    #[inline(always)]
+    fn read(addr: *mut bpf_sock_addr) -> (Addr4, u16) {
+        // SAFETY: `addr` is the verifier-checked context of a sock_addr program.
+        unsafe { ((*addr).user_ip4, (*addr).user_port as u16) }
+    }
+
+    #[inline(always)]
+    fn write(addr: *mut bpf_sock_addr, ip: Addr4, port_be: u16) {
+        // SAFETY: as above; 4-byte stores into writable context fields.
+        unsafe {
+            (*addr).user_ip4 = ip;
+            (*addr).user_port = u32::from(port_be);
+        }
+    }
+
+    #[inline(always)]
+    fn rev_nat() -> &'static LruHashMap<SockRevNat4Key, SockRevNat4> {
+        &SOCK_NAT4_V1
+    }
+}
+
+impl SockFamily for V6 {
+    type Addr = Addr6;
+
+    #[inline(always)]
+    fn read(addr: *mut bpf_sock_addr) -> (Addr6, u16) {
+        // SAFETY: `addr` is the verifier-checked context of a sock_addr program; the address
+        // is read word by word as the kernel requires.
+        unsafe {
+            (
+                [
+                    (*addr).user_ip6[0],
+                    (*addr).user_ip6[1],
+                    (*addr).user_ip6[2],
+                    (*addr).user_ip6[3],
+                ],
+                (*addr).user_port as u16,
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn write(addr: *mut bpf_sock_addr, ip: Addr6, port_be: u16) {
+        // SAFETY: as above; 4-byte stores into writable context fields.
+        unsafe {
+            (*addr).user_ip6[0] = ip[0];
+            (*addr).user_ip6[1] = ip[1];
+            (*addr).user_ip6[2] = ip[2];
+            (*addr).user_ip6[3] = ip[3];
+            (*addr).user_port = u32::from(port_be);
+        }
+    }
+
+    #[inline(always)]
+    fn rev_nat() -> &'static LruHashMap<SockRevNat6Key, SockRevNat6> {
+        &SOCK_NAT6_V1
+    }
+}
+
+/// The socket's protocol, when it is one we translate.
+#[inline(always)]
+fn call_protocol(ctx: &SockAddrContext) -> Option<u8> {
+    // SAFETY: `sock_addr` is the verifier-checked context of a sock_addr program.
+    socket_protocol(unsafe { (*ctx.sock_addr).protocol })
+}
+
+/// Points a translated socket at its backend, remembering what the application asked for so
+/// that recvmsg/getpeername can show it.
+#[inline(always)]
+fn redirect<F: SockFamily>(
+    ctx: &SockAddrContext,
+    (asked, asked_port_be): (F::Addr, u16),
+    (backend, backend_port_be): (F::Addr, u16),
+    rev_nat_id: u32,
+) {
+    let nat_key = SockRevNatKey {
+        cookie: socket_cookie(ctx),
+        address: backend,
+        port_be: backend_port_be,
+        pad: Default::default(),
+    };
+    let nat = SockRevNat {
+        address: asked,
+        port_be: asked_port_be,
+        pad: 0,
+        rev_nat_id,
+    };
+    if F::rev_nat().insert(nat_key, nat, 0).is_err() {
+        metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
+    }
+    F::write(ctx.sock_addr, backend, backend_port_be);
+    metrics::count(reason::TRANSLATED);
+}
+
+/// The frontend key of a destination.
+#[inline(always)]
+fn frontend_key<A: WireAddr>(address: A, port_be: u16, protocol: u8) -> ServiceKey<A> {
+    ServiceKey {
+        address,
+        port_be,
+        backend_slot: 0,
+        protocol,
+        scope: scope::EXTERNAL,
+        pad: [0; 2],
+    }
+}
+
 /// connect4/sendmsg4: translate VIP:port to a backend chosen at random.
 pub fn translate_forward4(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let addr = ctx.sock_addr;
-    // SAFETY: `addr` is the verifier-checked context of a sock_addr program.
-    let (ip, port_raw, proto_raw) =
-        unsafe { ((*addr).user_ip4, (*addr).user_port, (*addr).protocol) };
-    let Some(protocol) = socket_protocol(proto_raw) else {
+    let Some(protocol) = call_protocol(ctx) else {
         return PROCEED;
     };
+    let (ip, port_be) = V4::read(ctx.sock_addr);
     let call = Call {
         ctx,
         hook,
         protocol,
         dst: ip,
-        port_be: port_raw as u16,
+        port_be,
     };
-    let key = Service4Key {
-        address: ip,
-        port_be: call.port_be,
-        backend_slot: 0,
-        protocol,
-        scope: scope::EXTERNAL,
-        pad: [0; 2],
-    };
-    let (backend, backend_id, rev_nat_id) = match call.decide::<V4>(key) {
-        Ok(chosen) => chosen,
-        Err(result) => return result,
-    };
-    let nat_key = SockRevNat4Key {
-        cookie: socket_cookie(ctx),
-        address: backend.address,
-        port_be: backend.port_be,
-        pad: 0,
-    };
-    let nat = SockRevNat4 {
-        address: ip,
-        port_be: key.port_be,
-        pad: 0,
+    let (backend, backend_id, rev_nat_id) =
+        match call.decide::<V4>(frontend_key(ip, port_be, protocol)) {
+            Ok(chosen) => chosen,
+            Err(result) => return result,
+        };
+    redirect::<V4>(
+        ctx,
+        (ip, port_be),
+        (backend.address, backend.port_be),
         rev_nat_id,
-    };
-    if SOCK_NAT4_V1.insert(nat_key, nat, 0).is_err() {
-        metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
-    }
-    // SAFETY: as above; 4-byte stores into writable context fields.
-    unsafe {
-        (*addr).user_ip4 = backend.address;
-        (*addr).user_port = u32::from(backend.port_be);
-    }
-    metrics::count(reason::TRANSLATED);
+    );
     call.translated(&backend.address, backend.port_be, (backend_id, rev_nat_id));
     PROCEED
 }
 
-/// recvmsg4/getpeername4: show the VIP instead of the backend the socket really talks to.
-pub fn translate_reverse4(ctx: &SockAddrContext) {
-    let addr = ctx.sock_addr;
-    // SAFETY: `addr` is the verifier-checked context of a sock_addr program.
-    let (ip, port_raw) = unsafe { ((*addr).user_ip4, (*addr).user_port) };
-    let key = SockRevNat4Key {
+/// recvmsg/getpeername: show the VIP instead of the backend the socket really talks to.
+pub fn translate_reverse<F: SockFamily>(ctx: &SockAddrContext) {
+    let (ip, port_be) = F::read(ctx.sock_addr);
+    let key = SockRevNatKey {
         cookie: socket_cookie(ctx),
         address: ip,
-        port_be: port_raw as u16,
-        pad: 0,
+        port_be,
+        pad: Default::default(),
     };
     // SAFETY: plain data, copied out at once.
-    if let Some(nat) = unsafe { SOCK_NAT4_V1.get(key) }.copied() {
-        // SAFETY: 4-byte stores into writable context fields.
-        unsafe {
-            (*addr).user_ip4 = nat.address;
-            (*addr).user_port = u32::from(nat.port_be);
-        }
+    if let Some(nat) = unsafe { F::rev_nat().get(key) }.copied() {
+        F::write(ctx.sock_addr, nat.address, nat.port_be);
         metrics::count(reason::REV_NAT_APPLIED);
     }
 }
@@ -286,25 +378,10 @@ const V4_MAPPED_PREFIX_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// sockets reach IPv4 services through IPv4-mapped addresses, so those are looked up in the
 /// IPv4 map and answered mapped.
 pub fn translate_forward6(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let addr = ctx.sock_addr;
-    // SAFETY: `addr` is the verifier-checked context of a sock_addr program; the address is
-    // read word by word as the kernel requires.
-    let (ip, port_raw, proto_raw) = unsafe {
-        (
-            [
-                (*addr).user_ip6[0],
-                (*addr).user_ip6[1],
-                (*addr).user_ip6[2],
-                (*addr).user_ip6[3],
-            ],
-            (*addr).user_port,
-            (*addr).protocol,
-        )
-    };
-    let Some(protocol) = socket_protocol(proto_raw) else {
+    let Some(protocol) = call_protocol(ctx) else {
         return PROCEED;
     };
-    let port_be = port_raw as u16;
+    let (ip, port_be) = V6::read(ctx.sock_addr);
     let (backend_address, backend_port_be, rev_nat_id) = if let Some(ip4) = v4_mapped(&ip) {
         let call = Call {
             ctx,
@@ -313,15 +390,7 @@ pub fn translate_forward6(ctx: &SockAddrContext, hook: u8) -> i32 {
             dst: ip4,
             port_be,
         };
-        let key = Service4Key {
-            address: ip4,
-            port_be,
-            backend_slot: 0,
-            protocol,
-            scope: scope::EXTERNAL,
-            pad: [0; 2],
-        };
-        match call.decide::<V4>(key) {
+        match call.decide::<V4>(frontend_key(ip4, port_be, protocol)) {
             Ok((backend, backend_id, rev_nat_id)) => {
                 call.translated(&backend.address, backend.port_be, (backend_id, rev_nat_id));
                 (
@@ -340,15 +409,7 @@ pub fn translate_forward6(ctx: &SockAddrContext, hook: u8) -> i32 {
             dst: ip,
             port_be,
         };
-        let key = Service6Key {
-            address: ip,
-            port_be,
-            backend_slot: 0,
-            protocol,
-            scope: scope::EXTERNAL,
-            pad: [0; 2],
-        };
-        match call.decide::<V6>(key) {
+        match call.decide::<V6>(frontend_key(ip, port_be, protocol)) {
             Ok((backend, backend_id, rev_nat_id)) => {
                 call.translated(&backend.address, backend.port_be, (backend_id, rev_nat_id));
                 (backend.address, backend.port_be, rev_nat_id)
@@ -356,66 +417,13 @@ pub fn translate_forward6(ctx: &SockAddrContext, hook: u8) -> i32 {
             Err(result) => return result,
         }
     };
-    let nat_key = SockRevNat6Key {
-        cookie: socket_cookie(ctx),
-        address: backend_address,
-        port_be: backend_port_be,
-        pad: [0; 3],
-    };
-    let nat = SockRevNat6 {
-        address: ip,
-        port_be,
-        pad: 0,
+    redirect::<V6>(
+        ctx,
+        (ip, port_be),
+        (backend_address, backend_port_be),
         rev_nat_id,
-    };
-    if SOCK_NAT6_V1.insert(nat_key, nat, 0).is_err() {
-        metrics::count(reason::SOCK_REV_NAT_STORE_FAILED);
-    }
-    // SAFETY: 4-byte stores into writable context fields.
-    unsafe {
-        (*addr).user_ip6[0] = backend_address[0];
-        (*addr).user_ip6[1] = backend_address[1];
-        (*addr).user_ip6[2] = backend_address[2];
-        (*addr).user_ip6[3] = backend_address[3];
-        (*addr).user_port = u32::from(backend_port_be);
-    }
-    metrics::count(reason::TRANSLATED);
+    );
     PROCEED
-}
-
-/// recvmsg6/getpeername6: show the VIP instead of the backend.
-pub fn translate_reverse6(ctx: &SockAddrContext) {
-    let addr = ctx.sock_addr;
-    // SAFETY: as in `translate_forward6`.
-    let (ip, port_raw) = unsafe {
-        (
-            [
-                (*addr).user_ip6[0],
-                (*addr).user_ip6[1],
-                (*addr).user_ip6[2],
-                (*addr).user_ip6[3],
-            ],
-            (*addr).user_port,
-        )
-    };
-    let key = SockRevNat6Key {
-        cookie: socket_cookie(ctx),
-        address: ip,
-        port_be: port_raw as u16,
-        pad: [0; 3],
-    };
-    // SAFETY: plain data, copied out at once.
-    if let Some(nat) = unsafe { SOCK_NAT6_V1.get(key) }.copied() {
-        // SAFETY: 4-byte stores into writable context fields.
-        unsafe {
-            (*addr).user_ip6[0] = nat.address[0];
-            (*addr).user_ip6[1] = nat.address[1];
-            (*addr).user_ip6[2] = nat.address[2];
-            (*addr).user_ip6[3] = nat.address[3];
-            (*addr).user_port = u32::from(nat.port_be);
-        }
-        metrics::count(reason::REV_NAT_APPLIED);
-    }
 }
 
 /// sock_release: drop the reverse-NAT entry of a connected socket that goes away. Unconnected
