@@ -22,9 +22,9 @@ use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config, ResourceExt};
 use serde_json::Value;
-use switchyard_tests::apiserver::{ApiServer, ApiServerConfig, Kind, OutageMode};
-use switchyard_tests::netns::{NETNS_DIR, Topology};
-use switchyard_tests::tempdir::TempDir;
+use switchyard_tests::env::netns::{NETNS_DIR, Topology};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::apiserver::{ApiServer, ApiServerConfig, Kind, OutageMode};
 
 const TEST_TIMEOUT: Duration = Duration::from_mins(1);
 const CONVERGE: Duration = Duration::from_secs(15);

@@ -8,15 +8,15 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::bpffs::pinned_objects;
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::manifests::{
+use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::bpffs::pinned_objects;
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
     TargetPort,
 };
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 const SERVICE_PORT: u16 = 80;

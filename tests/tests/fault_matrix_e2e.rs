@@ -12,13 +12,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::manifests::{
+use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{
     AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
 };
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 /// Services whose backend flips at every step: a large sync each time.

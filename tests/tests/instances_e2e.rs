@@ -6,14 +6,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::layout::agent_with_layout_version;
-use switchyard_tests::manifests::{
+use switchyard_tests::agent::layout::agent_with_layout_version;
+use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{
     AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
 };
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 fn at(vip: &str) -> SocketAddr {

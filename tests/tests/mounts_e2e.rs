@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use libc::ENETUNREACH;
 use switchyard_tests::agent::switchyard_bin;
-use switchyard_tests::harness::{BACKEND_PORT, Harness};
-use switchyard_tests::manifests::{
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::process::{ChildGuard, run_bounded, run_checked};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::manifests::{
     AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
 };
-use switchyard_tests::process::{ChildGuard, run_bounded, run_checked};
-use switchyard_tests::tempdir::TempDir;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness};
 use switchyard_tests::{require_root, testkit};
 
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -9,14 +9,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::manifests::{
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{
     AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
 };
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 fn vip(index: usize) -> IpAddr {

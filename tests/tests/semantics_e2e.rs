@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::thread::sleep;
 use std::time::Duration;
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::manifests::Manifests;
-use switchyard_tests::report::{Attempt, backend_counts};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::report::{Attempt, backend_counts};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::manifests::Manifests;
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 const NODE: &str = "node-a";

@@ -1,5 +1,5 @@
 //! The cluster's network namespaces, links and routes (see the module documentation of
-//! [`crate::cluster`] for the picture and the addresses).
+//! [`crate::world::cluster`] for the picture and the addresses).
 //!
 //! Every veth is created inside a test namespace with its peer moved straight into another, never
 //! in the root namespace, and no namespace has a default route except pods (via their node, which
@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 
-use crate::netns::{delete_namespace, wait_until_operational};
-use crate::process::run_checked;
+use crate::env::netns::{delete_namespace, wait_until_operational};
+use crate::env::process::run_checked;
 
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -20,7 +20,7 @@
 //! Everything is created inside namespaces: each veth is created in one test namespace with its
 //! peer moved straight into another, never in the root namespace. The node namespace is a
 //! [`Topology`] without backends (so [`Agent`] can run in it); the other four namespaces are
-//! uniquely named ([`crate::names`]) and swept like the rest when a test process died. Dropping
+//! uniquely named ([`crate::env::names`]) and swept like the rest when a test process died. Dropping
 //! a [`NorthSouth`] stops the agent and the servers, removes the cgroup, the bpffs and every
 //! namespace (with their links), also when the test panics.
 
@@ -35,15 +35,15 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::agent::{Agent, switchyard_bin};
-use crate::bpffs::PrivateBpffs;
-use crate::cgroup::TestCgroup;
-use crate::manifests::Manifests;
-use crate::names;
-use crate::netns::{Topology, delete_namespace};
-use crate::process::{run_bounded, run_checked, wait_until};
-use crate::report::Attempt;
-use crate::tempdir::TempDir;
-use crate::testkit::{ClientRequest, RunningClient, Server, Testkit};
+use crate::client::report::Attempt;
+use crate::client::testkit::{ClientRequest, RunningClient, Server, Testkit};
+use crate::env::bpffs::PrivateBpffs;
+use crate::env::cgroup::TestCgroup;
+use crate::env::names;
+use crate::env::netns::{Topology, delete_namespace};
+use crate::env::process::{run_bounded, run_checked, wait_until};
+use crate::env::tempdir::TempDir;
+use crate::k8s::manifests::Manifests;
 
 /// The port both backend servers listen on (TCP and UDP).
 pub const BACKEND_PORT: u16 = 8080;

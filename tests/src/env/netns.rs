@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::names;
-use crate::process::{run_checked, wait_until};
+use crate::env::names;
+use crate::env::process::{run_checked, wait_until};
 
 /// Where `ip netns add` puts its namespace handles.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -46,7 +46,7 @@ pub struct Topology {
 impl Topology {
     pub fn new(backends: usize) -> Result<Self> {
         ensure!(backends <= MAX_BACKENDS, "at most {MAX_BACKENDS} backends");
-        crate::stale::sweep_once();
+        crate::env::stale::sweep_once();
         let node = names::unique('n');
         let mut topology = Self {
             node: node.clone(),

@@ -43,9 +43,9 @@ use proxy_common::{
     reason,
 };
 
-use crate::names;
-use crate::packet::{Mac, Packet};
-use crate::process::run_checked;
+use crate::datapath::packet::{Mac, Packet};
+use crate::env::names;
+use crate::env::process::run_checked;
 
 /// The program under test.
 pub const PROGRAM: &str = "sy_tc_ingress";
@@ -357,7 +357,7 @@ struct NetnsGuard {
 
 impl NetnsGuard {
     fn create() -> Result<Self> {
-        crate::stale::sweep_once();
+        crate::env::stale::sweep_once();
         let name = names::unique('n');
         run_checked(Command::new("ip").args(["netns", "add", &name]), IP_TIMEOUT)?;
         Ok(Self {
@@ -377,7 +377,7 @@ impl NetnsGuard {
     fn enter(&mut self) -> Result<()> {
         let previous =
             File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-        let path = format!("{}/{}", crate::netns::NETNS_DIR, self.name);
+        let path = format!("{}/{}", crate::env::netns::NETNS_DIR, self.name);
         let target = File::open(&path).with_context(|| format!("opening {path}"))?;
         setns(&target, CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering network namespace {}", self.name))?;
@@ -393,7 +393,7 @@ impl Drop for NetnsGuard {
         {
             eprintln!("warning: returning to the previous network namespace: {e}");
         }
-        if let Err(e) = crate::netns::delete_namespace(&self.name) {
+        if let Err(e) = crate::env::netns::delete_namespace(&self.name) {
             eprintln!("warning: {e:#}");
         }
     }

@@ -531,7 +531,7 @@ mod tests {
 
     #[test]
     fn atomic_write_replaces_the_file() {
-        let dir = crate::tempdir::TempDir::new().unwrap();
+        let dir = crate::env::tempdir::TempDir::new().unwrap();
         let path = dir.path().join("manifests.yaml");
         Manifests::new().raw("a: 1").write_atomic(&path).unwrap();
         Manifests::new().raw("b: 2").write_atomic(&path).unwrap();

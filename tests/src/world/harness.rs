@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::Agent;
-use crate::bpffs::PrivateBpffs;
-use crate::cgroup::TestCgroup;
-use crate::manifests::Manifests;
-use crate::netns::{Backend, Topology};
-use crate::process::wait_until;
-use crate::report::Attempt;
-use crate::tempdir::TempDir;
-use crate::testkit::{ClientProto, ClientRequest, RunningClient, Server, Testkit};
+use crate::client::report::Attempt;
+use crate::client::testkit::{ClientProto, ClientRequest, RunningClient, Server, Testkit};
+use crate::env::bpffs::PrivateBpffs;
+use crate::env::cgroup::TestCgroup;
+use crate::env::netns::{Backend, Topology};
+use crate::env::process::wait_until;
+use crate::env::tempdir::TempDir;
+use crate::k8s::manifests::Manifests;
 
 /// The port every backend server listens on (TCP and UDP).
 pub const BACKEND_PORT: u16 = 8080;

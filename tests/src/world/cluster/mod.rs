@@ -55,17 +55,17 @@ use self::network::{
 };
 use self::workload::{ClusterService, PodPhase, PodRecord};
 use crate::agent::Agent;
-use crate::apiserver::{ApiServer, ApiServerConfig, Kind};
-use crate::bpffs::PrivateBpffs;
-use crate::cgroup::TestCgroup;
-use crate::http::get_in_netns;
-use crate::names;
-use crate::north_south::{BACKEND_PORT, SERVICE_NAMESPACE};
-use crate::objects;
-use crate::process::wait_until;
-use crate::report::Attempt;
-use crate::tempdir::TempDir;
-use crate::testkit::{ClientRequest, RunningClient, Server, Testkit};
+use crate::client::http::get_in_netns;
+use crate::client::report::Attempt;
+use crate::client::testkit::{ClientRequest, RunningClient, Server, Testkit};
+use crate::env::bpffs::PrivateBpffs;
+use crate::env::cgroup::TestCgroup;
+use crate::env::names;
+use crate::env::process::wait_until;
+use crate::env::tempdir::TempDir;
+use crate::k8s::apiserver::{ApiServer, ApiServerConfig, Kind};
+use crate::k8s::objects;
+use crate::world::north_south::{BACKEND_PORT, SERVICE_NAMESPACE};
 
 /// How long agents may take to start and serve the first state.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,7 +169,7 @@ impl Cluster {
             (3..=MAX_NODES).contains(&count),
             "a cluster has 3 to {MAX_NODES} nodes, not {count}"
         );
-        crate::stale::sweep_once();
+        crate::env::stale::sweep_once();
         let base = names::unique('n');
         let mut namespaces = Namespaces::default();
         let router = format!("{base}r");

@@ -1,0 +1,5 @@
+//! Test topologies: the single-node harness, the north-south world and the multi-node cluster.
+
+pub mod cluster;
+pub mod harness;
+pub mod north_south;
