@@ -16,7 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use switchyard_tests::world::cluster::network::{ip_in, steer};
+use switchyard_tests::env::netns::ip_in;
+use switchyard_tests::world::cluster::network::steer;
 use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
 use switchyard_tests::world::cluster::{CLIENT, Cluster, ClusterConfig, failed};
 use switchyard_tests::world::north_south::{ExternalService, ServiceType};

@@ -22,19 +22,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::File;
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader, Pod};
-use nix::sched::{CloneFlags, setns};
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
     Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry,
@@ -45,7 +41,7 @@ use proxy_common::{
 
 use crate::datapath::packet::{Mac, Packet};
 use crate::env::names;
-use crate::env::process::run_checked;
+use crate::env::netns::{Namespaces, ThreadNetns, ip_in, sysctl};
 
 /// The program under test.
 pub const PROGRAM: &str = "sy_tc_ingress";
@@ -64,7 +60,6 @@ const SK_BUFF_INGRESS_IFINDEX: usize = 36;
 const SK_BUFF_IFINDEX: usize = 40;
 /// Output buffer: room for any packet the program may grow (an ICMP error quoting a frame).
 const DATA_OUT: usize = 2048;
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The fixture namespace's addresses and links.
 pub mod net {
@@ -347,65 +342,14 @@ impl fmt::Debug for Counters {
     }
 }
 
-/// A network namespace of this test process that the calling thread has entered; dropping
-/// it returns the thread to its previous namespace and deletes the namespace.
-#[derive(Debug)]
-struct NetnsGuard {
-    name: String,
-    previous: Option<File>,
-}
-
-impl NetnsGuard {
-    fn create() -> Result<Self> {
-        crate::env::stale::sweep_once();
-        let name = names::unique('n');
-        run_checked(Command::new("ip").args(["netns", "add", &name]), IP_TIMEOUT)?;
-        Ok(Self {
-            name,
-            previous: None,
-        })
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<()> {
-        run_checked(
-            Command::new("ip").args(["-n", &self.name]).args(args),
-            IP_TIMEOUT,
-        )
-        .map(drop)
-    }
-
-    fn enter(&mut self) -> Result<()> {
-        let previous =
-            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-        let path = format!("{}/{}", crate::env::netns::NETNS_DIR, self.name);
-        let target = File::open(&path).with_context(|| format!("opening {path}"))?;
-        setns(&target, CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering network namespace {}", self.name))?;
-        self.previous = Some(previous);
-        Ok(())
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        if let Some(previous) = self.previous.take()
-            && let Err(e) = setns(&previous, CloneFlags::CLONE_NEWNET)
-        {
-            eprintln!("warning: returning to the previous network namespace: {e}");
-        }
-        if let Err(e) = crate::env::netns::delete_namespace(&self.name) {
-            eprintln!("warning: {e:#}");
-        }
-    }
-}
-
 /// The loaded object in its own namespace. Fields drop in order: the object (program and
-/// maps) first, then the namespace.
+/// maps) first, then the thread returns to its namespace, then the namespace goes.
 pub struct TcFixture {
     ebpf: Ebpf,
     client_ifindex: u32,
     backend_ifindex: u32,
-    netns: NetnsGuard,
+    _entered: ThreadNetns,
+    netns: Namespaces,
     /// Pinned to the thread that entered the namespace.
     _not_send: PhantomData<*const ()>,
 }
@@ -413,7 +357,7 @@ pub struct TcFixture {
 impl fmt::Debug for TcFixture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcFixture")
-            .field("netns", &self.netns.name)
+            .field("netns", &self.netns.all())
             .field("client_ifindex", &self.client_ifindex)
             .field("backend_ifindex", &self.backend_ifindex)
             .finish_non_exhaustive()
@@ -431,9 +375,12 @@ impl TcFixture {
     pub fn with_capacities(capacities: &[(&str, u32)]) -> Result<Self> {
         let path = object_path();
         let bytes = std::fs::read(&path).with_context(|| missing_object(&path))?;
-        let mut netns = NetnsGuard::create()?;
-        build_namespace(&netns).with_context(|| format!("setting up netns {}", netns.name))?;
-        netns.enter()?;
+        crate::env::stale::sweep_once();
+        let netns_name = names::unique('n');
+        let mut netns = Namespaces::default();
+        netns.add(&netns_name)?;
+        build_namespace(&netns_name).with_context(|| format!("setting up netns {netns_name}"))?;
+        let entered = ThreadNetns::enter(&netns_name)?;
         let client_ifindex = nix::net::if_::if_nametoindex(net::CLIENT_LINK)
             .with_context(|| format!("ifindex of {}", net::CLIENT_LINK))?;
         let backend_ifindex = nix::net::if_::if_nametoindex(net::BACKEND_LINK)
@@ -466,6 +413,7 @@ impl TcFixture {
             ebpf,
             client_ifindex,
             backend_ifindex,
+            _entered: entered,
             netns,
             _not_send: PhantomData,
         })
@@ -1112,8 +1060,8 @@ fn mac_string(mac: Mac) -> String {
 }
 
 /// Links, addresses, neighbours, routes and forwarding inside the fixture namespace.
-fn build_namespace(ns: &NetnsGuard) -> Result<()> {
-    ns.ip(&["link", "set", "lo", "up"])?;
+fn build_namespace(netns: &str) -> Result<()> {
+    let ip = |args: &[&str]| ip_in(netns, args);
     for (link, mac, v4, v6) in [
         (
             net::CLIENT_LINK,
@@ -1129,19 +1077,19 @@ fn build_namespace(ns: &NetnsGuard) -> Result<()> {
         ),
     ] {
         let peer = format!("{link}p");
-        ns.ip(&["link", "add", link, "type", "veth", "peer", "name", &peer])?;
-        ns.ip(&["link", "set", link, "address", &mac_string(mac)])?;
-        ns.ip(&["addr", "add", &v4, "dev", link])?;
+        ip(&["link", "add", link, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", link, "address", &mac_string(mac)])?;
+        ip(&["addr", "add", &v4, "dev", link])?;
         // nodad: a tentative address is never a FIB source.
-        ns.ip(&["-6", "addr", "add", &v6, "dev", link, "nodad"])?;
-        ns.ip(&["link", "set", &peer, "up"])?;
-        ns.ip(&["link", "set", link, "up"])?;
+        ip(&["-6", "addr", "add", &v6, "dev", link, "nodad"])?;
+        ip(&["link", "set", &peer, "up"])?;
+        ip(&["link", "set", link, "up"])?;
     }
-    let neighbour = |ip: IpAddr, mac: Mac, link: &str| {
-        ns.ip(&[
+    let neighbour = |address: IpAddr, mac: Mac, link: &str| {
+        ip(&[
             "neigh",
             "replace",
-            &ip.to_string(),
+            &address.to_string(),
             "lladdr",
             &mac_string(mac),
             "dev",
@@ -1159,7 +1107,7 @@ fn build_namespace(ns: &NetnsGuard) -> Result<()> {
     }
     let (remote4, prefix4) = net::REMOTE_NET_V4;
     let (remote6, prefix6) = net::REMOTE_NET_V6;
-    ns.ip(&[
+    ip(&[
         "route",
         "add",
         &format!("{remote4}/{prefix4}"),
@@ -1168,7 +1116,7 @@ fn build_namespace(ns: &NetnsGuard) -> Result<()> {
         "dev",
         net::CLIENT_LINK,
     ])?;
-    ns.ip(&[
+    ip(&[
         "-6",
         "route",
         "add",
@@ -1179,21 +1127,14 @@ fn build_namespace(ns: &NetnsGuard) -> Result<()> {
         net::CLIENT_LINK,
     ])?;
     // bpf_fib_lookup answers "forwarding disabled" on an ingress device without forwarding.
-    run_checked(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-q",
-            "-w",
+    sysctl(
+        netns,
+        &[
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
             "net.ipv6.conf.default.forwarding=1",
-        ]),
-        IP_TIMEOUT,
-    )?;
-    Ok(())
+        ],
+    )
 }
 
 #[cfg(test)]

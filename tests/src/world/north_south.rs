@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::agent::{Agent, switchyard_bin};
@@ -40,7 +40,9 @@ use crate::client::testkit::{ClientRequest, RunningClient, Server, Testkit};
 use crate::env::bpffs::PrivateBpffs;
 use crate::env::cgroup::TestCgroup;
 use crate::env::names;
-use crate::env::netns::{Topology, delete_namespace};
+use crate::env::netns::{
+    Namespaces, Topology, VethEnd, ip_in, sysctl, veth, wait_until_operational,
+};
 use crate::env::process::{run_bounded, run_checked, wait_until};
 use crate::env::tempdir::TempDir;
 use crate::k8s::manifests::Manifests;
@@ -89,7 +91,6 @@ pub const NODE_NODE2_LINK: &str = "nn0";
 pub const NODE2_UP_LINK: &str = "up0";
 
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
-const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the agent may take to serve a frontend after it starts.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
@@ -120,40 +121,6 @@ pub const ROUTED_GATEWAY4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const ROUTED_HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The link-local address the kernel derives from [`ROUTED_HOST_MAC`] (EUI-64).
 const ROUTED_GATEWAY6: &str = "fe80::ecee:eeff:feee:eeee";
-
-/// Namespaces created so far, deleted in reverse order on drop.
-#[derive(Debug, Default)]
-struct Namespaces {
-    created: Vec<String>,
-}
-
-impl Namespaces {
-    fn add(&mut self, name: &str) -> Result<()> {
-        run_checked(Command::new("ip").args(["netns", "add", name]), IP_TIMEOUT)?;
-        self.created.push(name.to_owned());
-        ip_in(name, &["link", "set", "lo", "up"])
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for namespace in self.created.iter().rev() {
-            if let Err(e) = delete_namespace(namespace) {
-                eprintln!("warning: {e:#}");
-            }
-        }
-    }
-}
-
-/// One end of a veth link.
-struct End<'a> {
-    netns: &'a str,
-    device: &'a str,
-    v4: Ipv4Addr,
-    prefix4: u8,
-    v6: Ipv6Addr,
-    prefix6: u8,
-}
 
 /// The north-south test world: namespaces and links, backend servers, the hooked test cgroup
 /// (for in-cluster clients only), a private bpffs, the manifests file and the agent.
@@ -272,7 +239,7 @@ impl NorthSouth {
     /// Every namespace of the topology.
     pub fn namespaces(&self) -> Vec<&str> {
         let mut all = vec![self.node_namespace()];
-        all.extend(self.namespaces.created.iter().map(String::as_str));
+        all.extend(self.namespaces.all().iter().map(String::as_str));
         all
     }
 
@@ -561,59 +528,47 @@ impl Spaces {
         world.link(&node_end, &client_end)?;
         match self.layout {
             Layout::Bridged => world.link(
-                &End {
+                &VethEnd {
                     netns: &self.node,
                     device: NODE_POD_LINK,
-                    v4: NODE_POD_GW4,
-                    prefix4: 24,
-                    v6: NODE_POD_GW6,
-                    prefix6: 64,
+                    v4: (NODE_POD_GW4, 24),
+                    v6: (NODE_POD_GW6, 64),
                 },
-                &End {
+                &VethEnd {
                     netns: &self.local,
                     device: "eth0",
-                    v4: LOCAL_POD4,
-                    prefix4: 24,
-                    v6: LOCAL_POD6,
-                    prefix6: 64,
+                    v4: (LOCAL_POD4, 24),
+                    v6: (LOCAL_POD6, 64),
                 },
             )?,
             Layout::Routed => world.routed_pod_link(&self.node, &self.local)?,
         }
         world.link(
-            &End {
+            &VethEnd {
                 netns: &self.node,
                 device: NODE_NODE2_LINK,
-                v4: NODE_TO_NODE2_4,
-                prefix4: 24,
-                v6: NODE_TO_NODE2_6,
-                prefix6: 64,
+                v4: (NODE_TO_NODE2_4, 24),
+                v6: (NODE_TO_NODE2_6, 64),
             },
-            &End {
+            &VethEnd {
                 netns: &self.node2,
                 device: NODE2_UP_LINK,
-                v4: NODE2_4,
-                prefix4: 24,
-                v6: NODE2_6,
-                prefix6: 64,
+                v4: (NODE2_4, 24),
+                v6: (NODE2_6, 64),
             },
         )?;
         world.link(
-            &End {
+            &VethEnd {
                 netns: &self.node2,
                 device: "pod0",
-                v4: NODE2_POD_GW4,
-                prefix4: 24,
-                v6: NODE2_POD_GW6,
-                prefix6: 64,
+                v4: (NODE2_POD_GW4, 24),
+                v6: (NODE2_POD_GW6, 64),
             },
-            &End {
+            &VethEnd {
                 netns: &self.remote,
                 device: "eth0",
-                v4: REMOTE_POD4,
-                prefix4: 24,
-                v6: REMOTE_POD6,
-                prefix6: 64,
+                v4: (REMOTE_POD4, 24),
+                v6: (REMOTE_POD6, 64),
             },
         )?;
         Ok(world.links)
@@ -746,23 +701,19 @@ fn route_client(client: &str) -> Result<()> {
 }
 
 /// The node ↔ client link's two ends.
-fn client_link_ends<'a>(node: &'a str, client: &'a str) -> (End<'a>, End<'a>) {
+fn client_link_ends<'a>(node: &'a str, client: &'a str) -> (VethEnd<'a>, VethEnd<'a>) {
     (
-        End {
+        VethEnd {
             netns: node,
             device: NODE_CLIENT_LINK,
-            v4: NODE_EXT4,
-            prefix4: 24,
-            v6: NODE_EXT6,
-            prefix6: 64,
+            v4: (NODE_EXT4, 24),
+            v6: (NODE_EXT6, 64),
         },
-        End {
+        VethEnd {
             netns: client,
             device: "eth0",
-            v4: CLIENT4,
-            prefix4: 24,
-            v6: CLIENT6,
-            prefix6: 64,
+            v4: (CLIENT4, 24),
+            v6: (CLIENT6, 64),
         },
     )
 }
@@ -820,57 +771,13 @@ impl WorldBuilder {
         wait_until_operational(pod, "eth0")
     }
 
-    /// Creates a veth pair inside `a`'s namespace with its peer moved straight into `b`'s,
-    /// addresses both ends (IPv6 without DAD) and waits until both are operational.
-    fn link(&mut self, a: &End<'_>, b: &End<'_>) -> Result<()> {
-        ip_in(
-            a.netns,
-            &[
-                "link", "add", a.device, "type", "veth", "peer", "name", b.device, "netns", b.netns,
-            ],
-        )?;
+    /// A veth pair between `a` and `b` (see [`veth`]), recorded among the links.
+    fn link(&mut self, a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<()> {
+        veth(a, b)?;
         self.links.push((a.netns.to_owned(), a.device.to_owned()));
         self.links.push((b.netns.to_owned(), b.device.to_owned()));
-        for end in [a, b] {
-            ip_in(
-                end.netns,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/{}", end.v4, end.prefix4),
-                    "dev",
-                    end.device,
-                ],
-            )?;
-            ip_in(
-                end.netns,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{}/{}", end.v6, end.prefix6),
-                    "dev",
-                    end.device,
-                    "nodad",
-                ],
-            )?;
-            ip_in(end.netns, &["link", "set", end.device, "up"])?;
-        }
-        for end in [a, b] {
-            wait_until_operational(end.netns, end.device)?;
-        }
         Ok(())
     }
-}
-
-fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
-    run_checked(
-        Command::new("ip")
-            .args(["netns", "exec", netns, "sysctl", "-q", "-w"])
-            .args(settings),
-        IP_TIMEOUT,
-    )
-    .map(drop)
 }
 
 /// `ethtool -K DEV rx off tx off`, then checks that it took.
@@ -920,29 +827,6 @@ fn checksum_errors(netns: &str) -> Result<BTreeMap<String, u64>> {
         }
     }
     Ok(counters)
-}
-
-fn wait_until_operational(netns: &str, device: &str) -> Result<()> {
-    let is_up = || {
-        let output = run_checked(
-            Command::new("ip").args(["-n", netns, "-o", "link", "show", "dev", device]),
-            IP_TIMEOUT,
-        )
-        .ok()?;
-        String::from_utf8_lossy(&output.stdout)
-            .contains(" state UP ")
-            .then_some(())
-    };
-    wait_until(LINK_UP_TIMEOUT, Duration::from_millis(5), is_up)
-        .with_context(|| format!("{device} in {netns} did not come up"))
-}
-
-fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
-    run_checked(
-        Command::new("ip").args(["-n", netns]).args(args),
-        IP_TIMEOUT,
-    )
-    .map(drop)
 }
 
 // ---------------------------------------------------------------------------------------------

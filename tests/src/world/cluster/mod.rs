@@ -50,8 +50,8 @@ use serde_json::Value;
 use self::balancer::Balancer;
 pub use self::network::{CLIENT, CLIENT6, node_balancer_address};
 use self::network::{
-    CLIENT_POD_HOST, CLUSTER_CIDR, Fabric, MAX_NODES, NODE_BALANCER_LINK, NODE_UPLINK, Namespaces,
-    PodAddresses, node_address, node_address6, pod_address, pod_address6, wire_pod,
+    CLIENT_POD_HOST, CLUSTER_CIDR, Fabric, MAX_NODES, NODE_BALANCER_LINK, NODE_UPLINK,
+    PodAddresses, add_namespace, node_address, node_address6, pod_address, pod_address6, wire_pod,
 };
 use self::workload::{ClusterService, PodPhase, PodRecord};
 use crate::agent::Agent;
@@ -61,6 +61,7 @@ use crate::client::testkit::{ClientRequest, RunningClient, Server, Testkit};
 use crate::env::bpffs::PrivateBpffs;
 use crate::env::cgroup::TestCgroup;
 use crate::env::names;
+use crate::env::netns::Namespaces;
 use crate::env::process::wait_until;
 use crate::env::tempdir::TempDir;
 use crate::k8s::apiserver::{ApiServer, ApiServerConfig, Kind};
@@ -180,7 +181,7 @@ impl Cluster {
             .into_iter()
             .chain(&node_netns)
         {
-            namespaces.add(name)?;
+            add_namespace(&mut namespaces, name)?;
         }
         Fabric {
             router: &router,
@@ -362,7 +363,7 @@ impl Cluster {
         let netns = format!("{}p{node}x{host}", self.base);
         let address = pod_address(node, host);
         let address6 = pod_address6(node, host);
-        self.namespaces.add(&netns)?;
+        add_namespace(&mut self.namespaces, &netns)?;
         wire_pod(
             &self.nodes[node].netns,
             &format!("p{host}"),
@@ -385,7 +386,7 @@ impl Cluster {
 
     fn add_client_pod(&mut self, node: usize) -> Result<()> {
         let netns = self.client_pod_netns(node);
-        self.namespaces.add(&netns)?;
+        add_namespace(&mut self.namespaces, &netns)?;
         wire_pod(
             &self.nodes[node].netns,
             "cp0",
