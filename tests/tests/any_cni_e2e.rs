@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use switchyard_tests::client::http::get_in_netns;
 use switchyard_tests::client::report::{Attempt, backend_counts};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType, manifests};
 use switchyard_tests::world::north_south::{
-    CLIENT4, CLIENT6, CLUSTER_CIDR, ExternalService, LOCAL_BACKEND, Layout, NODE_EXT4, NODE_EXT6,
-    NODE_NAME, NorthSouth, Offloads, REMOTE_BACKEND, ServiceType, manifests,
+    CLIENT4, CLIENT6, CLUSTER_CIDR, LOCAL_BACKEND, Layout, NODE_EXT4, NODE_EXT6, NODE_NAME,
+    NorthSouth, Offloads, REMOTE_BACKEND,
 };
 use switchyard_tests::{require_root, testkit};
 

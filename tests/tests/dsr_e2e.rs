@@ -11,9 +11,9 @@ use std::time::Duration;
 use serde_json::Value;
 use switchyard_tests::client::report::Attempt;
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
 use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
 use switchyard_tests::world::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig, failed};
-use switchyard_tests::world::north_south::{ExternalService, ServiceType};
 use switchyard_tests::{require_root, testkit};
 
 const PORT: u16 = 80;

@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::env::netns::run_in;
-use switchyard_tests::world::north_south::ExternalService;
+use switchyard_tests::k8s::external_service::ExternalService;
+use switchyard_tests::k8s::external_service::{ServiceType, manifests};
 use switchyard_tests::world::north_south::{
-    LOCAL_BACKEND, NODE_EXT4, NODE_EXT6, NorthSouth, Offloads, REMOTE_BACKEND, ServiceType,
-    manifests,
+    LOCAL_BACKEND, NODE_EXT4, NODE_EXT6, NorthSouth, Offloads, REMOTE_BACKEND,
 };
 use switchyard_tests::{require_root, testkit};
 

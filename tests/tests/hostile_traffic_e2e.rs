@@ -19,9 +19,9 @@ use proxy_common::{Ct4Entry, Ct4Key, ct_seq, map_names, reject_limit};
 use switchyard_tests::client::report::Attempt;
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest, Spoof};
 use switchyard_tests::datapath::packet::tcp_flags::{ACK, RST, SYN};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType, manifests};
 use switchyard_tests::world::north_south::{
-    ExternalService, NODE_EXT4, NODE_TO_NODE2_4, NODE2_4, Node2Agent, NorthSouth, Offloads,
-    ServiceType, manifests,
+    NODE_EXT4, NODE_TO_NODE2_4, NODE2_4, Node2Agent, NorthSouth, Offloads,
 };
 use switchyard_tests::{require_root, testkit};
 

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use switchyard_tests::env::netns::ip_in;
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
 use switchyard_tests::world::cluster::network::steer;
 use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
 use switchyard_tests::world::cluster::{CLIENT, Cluster, ClusterConfig, failed};
-use switchyard_tests::world::north_south::{ExternalService, ServiceType};
 use switchyard_tests::{require_root, testkit};
 
 const NODES: usize = 3;

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use switchyard_tests::client::report::Attempt;
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
 use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
 use switchyard_tests::world::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig, failed, reached};
-use switchyard_tests::world::north_south::{ExternalService, ServiceType};
 use switchyard_tests::{require_root, testkit};
 
 const PORT: u16 = 80;

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use switchyard_tests::client::report::{Attempt, backend_counts};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::k8s::external_service::{
+    ExternalService, SERVICE_NAMESPACE, ServiceType, manifests,
+};
 use switchyard_tests::world::north_south::{
-    BACKEND_PORT, CLIENT4, CLIENT6, ExternalService, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6,
-    NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_NODE_NAME,
-    REMOTE_POD4, REMOTE_POD6, SERVICE_NAMESPACE, ServiceType, manifests,
+    BACKEND_PORT, CLIENT4, CLIENT6, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6, NODE_EXT4, NODE_EXT6,
+    NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_NODE_NAME, REMOTE_POD4, REMOTE_POD6,
 };
 use switchyard_tests::{require_root, testkit};
 

@@ -12,6 +12,9 @@ use clap::ValueEnum;
 use crate::client::report::{Attempt, parse_attempts};
 use crate::env::process::{ChildGuard, LineCollector};
 
+/// The port the test backends' servers listen on (TCP and UDP) in every world.
+pub const BACKEND_PORT: u16 = 8080;
+
 /// The line `serve` prints once all its sockets are bound.
 pub const READY_LINE: &str = "ready";
 

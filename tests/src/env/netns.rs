@@ -23,7 +23,8 @@ use crate::env::process::{run_checked, wait_until};
 /// Where `ip netns add` puts its namespace handles.
 pub const NETNS_DIR: &str = "/run/netns";
 
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one `ip` or `sysctl` command may take.
+pub const IP_TIMEOUT: Duration = Duration::from_secs(10);
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The third octet (and the fourth IPv6 group) numbers the backend, so at most this many.
 const MAX_BACKENDS: usize = 250;

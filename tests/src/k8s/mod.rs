@@ -2,5 +2,6 @@
 //! API server.
 
 pub mod apiserver;
+pub mod external_service;
 pub mod manifests;
 pub mod objects;

@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use switchyard_tests::client::testkit::Testkit;
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
 use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
 use switchyard_tests::world::cluster::{Cluster, ClusterConfig};
-use switchyard_tests::world::north_south::{ExternalService, ServiceType};
 
 use super::lanes::{CLIENT_SYSCTLS, sysctl};
 use super::loadgen::{self, Load, Server};

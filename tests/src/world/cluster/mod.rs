@@ -57,6 +57,7 @@ use self::workload::{ClusterService, PodPhase, PodRecord};
 use crate::agent::Agent;
 use crate::client::http::get_in_netns;
 use crate::client::report::Attempt;
+use crate::client::testkit::BACKEND_PORT;
 use crate::client::testkit::{ClientRequest, RunningClient, Server, Testkit};
 use crate::env::bpffs::PrivateBpffs;
 use crate::env::cgroup::TestCgroup;
@@ -65,8 +66,8 @@ use crate::env::netns::Namespaces;
 use crate::env::process::wait_until;
 use crate::env::tempdir::TempDir;
 use crate::k8s::apiserver::{ApiServer, ApiServerConfig, Kind};
+use crate::k8s::external_service::SERVICE_NAMESPACE;
 use crate::k8s::objects;
-use crate::world::north_south::{BACKEND_PORT, SERVICE_NAMESPACE};
 
 /// How long agents may take to start and serve the first state.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
