@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -39,9 +39,18 @@ use proxy_common::{
     reason,
 };
 
-use crate::datapath::packet::{Mac, Packet};
+use crate::datapath::packet::Packet;
 use crate::env::names;
-use crate::env::netns::{Namespaces, ThreadNetns, ip_in, sysctl};
+use crate::env::netns::{Namespaces, ThreadNetns};
+
+mod counters;
+pub mod net;
+mod wire;
+
+pub use self::counters::{Counters, FAILURE_REASONS, reason_name};
+use self::net::build_namespace;
+pub use self::wire::{CtValue, Tuple, v4_from_word, v4_word, v6_from_words, v6_words};
+use self::wire::{ct4_entry, ct4_key, ct4_value, ct6_entry, ct6_key, ct6_value, tuple4, tuple6};
 
 /// The program under test.
 pub const PROGRAM: &str = "sy_tc_ingress";
@@ -60,63 +69,6 @@ const SK_BUFF_INGRESS_IFINDEX: usize = 36;
 const SK_BUFF_IFINDEX: usize = 40;
 /// Output buffer: room for any packet the program may grow (an ICMP error quoting a frame).
 const DATA_OUT: usize = 2048;
-
-/// The fixture namespace's addresses and links.
-pub mod net {
-    use super::{Ipv4Addr, Ipv6Addr, Mac};
-
-    /// The node's client-facing link (a node address is the NodePort frontend).
-    pub const CLIENT_LINK: &str = "cl0";
-    /// The node's backend-facing link (the pod network).
-    pub const BACKEND_LINK: &str = "be0";
-
-    pub const NODE_CLIENT_MAC: Mac = [0x02, 0x5e, 0, 0, 1, 1];
-    pub const CLIENT_MAC: Mac = [0x02, 0x5e, 0, 0, 1, 2];
-    pub const NODE_BACKEND_MAC: Mac = [0x02, 0x5e, 0, 0, 2, 1];
-
-    pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-    pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-    /// The on-link client, and the gateway to the remote networks below.
-    pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-    pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
-    /// Routed through the client: remote (external) sources.
-    pub const REMOTE_NET_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 51, 100, 0), 24);
-    pub const REMOTE_NET_V6: (Ipv6Addr, u8) =
-        (Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 0), 64);
-
-    /// The node's address on the backend link: the masquerade source the FIB picks.
-    pub const NODE_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 1);
-    pub const NODE_BACKEND_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, 1);
-    /// Hosts on the backend link with a permanent neighbour entry.
-    pub const NEIGHBOUR_HOSTS: [u8; 9] = [2, 3, 4, 5, 6, 7, 8, 9, POD_HOST];
-    /// A pod that is a client (not a backend) on the backend link.
-    pub const POD_HOST: u8 = 50;
-    /// An on-link host without a neighbour entry (the FIB answers "no neighbour").
-    pub const UNRESOLVED_HOST: u8 = 20;
-    /// The cluster CIDRs: the whole backend side is the pod network.
-    pub const CLUSTER_CIDR4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 240, 0, 0), 16);
-    pub const CLUSTER_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0), 32);
-
-    pub const fn backend_v4(host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 240, 1, host)
-    }
-
-    pub const fn backend_v6(host: u8) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, host as u16)
-    }
-
-    pub const fn backend_mac(host: u8) -> Mac {
-        [0x02, 0x5e, 0, 0, 2, host]
-    }
-
-    pub const fn remote_v4(host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, host)
-    }
-
-    pub const fn remote_v6(host: u8) -> Ipv6Addr {
-        Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, host as u16)
-    }
-}
 
 /// How much of a verifier rejection to show.
 const VERIFIER_LOG_LINES: usize = 30;
@@ -161,28 +113,6 @@ pub fn monotonic_ns() -> u64 {
     secs * 1_000_000_000 + nanos
 }
 
-/// Address in the encoding of the maps: network byte order kept in memory.
-pub fn v4_word(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-pub fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-}
-
-pub fn v4_from_word(word: u32) -> Ipv4Addr {
-    Ipv4Addr::from(word.to_ne_bytes())
-}
-
-pub fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    Ipv6Addr::from(octets)
-}
-
 /// A backend of a frontend: its global id and address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -201,49 +131,6 @@ pub struct Frontend {
     pub backends: Vec<Backend>,
 }
 
-/// A conntrack key or the tuple of a conntrack value, family-neutral.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Tuple {
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub protocol: u8,
-}
-
-impl Tuple {
-    pub fn new(src: SocketAddr, dst: SocketAddr, protocol: u8) -> Self {
-        Self { src, dst, protocol }
-    }
-
-    /// The tuple of a packet (as it is in the frame).
-    pub fn of(packet: &Packet) -> Self {
-        Self::new(packet.src_socket(), packet.dst_socket(), packet.protocol())
-    }
-
-    #[must_use]
-    pub fn reversed(&self) -> Self {
-        Self::new(self.dst, self.src, self.protocol)
-    }
-}
-
-impl fmt::Display for Tuple {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} -> {} proto {}", self.src, self.dst, self.protocol)
-    }
-}
-
-/// A conntrack value, family-neutral.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtValue {
-    pub expires_ns: u64,
-    /// The rewritten source and destination.
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub rev_nat_id: u32,
-    pub backend_id: u32,
-    pub flags: u16,
-    pub pad: u16,
-}
-
 /// The outcome of one test run.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -257,88 +144,6 @@ impl Outcome {
     pub fn packet(&self) -> Packet {
         Packet::parse(&self.data)
             .unwrap_or_else(|e| panic!("output does not parse ({e:#}): {:02x?}", self.data))
-    }
-}
-
-/// Reason counters summed over CPUs (index: `proxy_common::reason`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Counters(pub [u64; reason::COUNT as usize]);
-
-impl Counters {
-    pub fn get(&self, reason: u32) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// The increase since `before`.
-    #[must_use]
-    pub fn since(&self, before: &Self) -> Self {
-        let mut delta = *self;
-        for (value, old) in delta.0.iter_mut().zip(before.0) {
-            *value = value.wrapping_sub(old);
-        }
-        delta
-    }
-}
-
-/// Reasons that say a packet could not be handled: no test expects them unless it names them.
-pub const FAILURE_REASONS: [u32; 5] = [
-    reason::TC_FIB_FAILED,
-    reason::TC_SNAT_EXHAUSTED,
-    reason::TC_CT_STORE_FAILED,
-    reason::TC_REWRITE_FAILED,
-    reason::BACKEND_LOOKUP_FAILED,
-];
-
-impl Counters {
-    /// Asserts that each listed reason moved by exactly its count and that no failure reason
-    /// (see [`FAILURE_REASONS`]) moved unless listed.
-    pub fn assert_moved(&self, expected: &[(u32, u64)], context: &str) {
-        for &(reason, count) in expected {
-            assert_eq!(
-                self.get(reason),
-                count,
-                "{context}: counter {} moved by {}, expected {count} (all moves: {self})",
-                reason_name(reason),
-                self.get(reason)
-            );
-        }
-        for reason in FAILURE_REASONS {
-            if !expected.iter().any(|(r, _)| *r == reason) {
-                assert_eq!(
-                    self.get(reason),
-                    0,
-                    "{context}: failure counter {} moved (all moves: {self})",
-                    reason_name(reason)
-                );
-            }
-        }
-    }
-}
-
-pub fn reason_name(reason: u32) -> &'static str {
-    reason::NAMES.get(reason as usize).copied().unwrap_or("?")
-}
-
-impl fmt::Display for Counters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for (index, value) in self.0.iter().enumerate() {
-            if *value != 0 {
-                let name = reason::NAMES.get(index).copied().unwrap_or("?");
-                write!(f, "{}{name}={value}", if first { "" } else { ", " })?;
-                first = false;
-            }
-        }
-        if first {
-            write!(f, "none")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Counters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counters({self})")
     }
 }
 
@@ -912,130 +717,6 @@ fn optional<T>(result: Result<T, aya::maps::MapError>) -> Result<Option<T>> {
     }
 }
 
-fn v4(addr: SocketAddr) -> Ipv4Addr {
-    match addr.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => panic!("{ip} where IPv4 was expected"),
-    }
-}
-
-fn v6(addr: SocketAddr) -> Ipv6Addr {
-    match addr.ip() {
-        IpAddr::V6(ip) => ip,
-        IpAddr::V4(ip) => panic!("{ip} where IPv6 was expected"),
-    }
-}
-
-fn ct4_key(tuple: &Tuple) -> Ct4Key {
-    Ct4Key {
-        saddr: v4_word(v4(tuple.src)),
-        daddr: v4_word(v4(tuple.dst)),
-        sport_be: tuple.src.port().to_be(),
-        dport_be: tuple.dst.port().to_be(),
-        protocol: tuple.protocol,
-        pad: [0; 3],
-    }
-}
-
-fn ct6_key(tuple: &Tuple) -> Ct6Key {
-    Ct6Key {
-        saddr: v6_words(v6(tuple.src)),
-        daddr: v6_words(v6(tuple.dst)),
-        sport_be: tuple.src.port().to_be(),
-        dport_be: tuple.dst.port().to_be(),
-        protocol: tuple.protocol,
-        pad: [0; 3],
-    }
-}
-
-fn tuple4(key: &Ct4Key) -> Tuple {
-    Tuple::new(
-        SocketAddr::new(v4_from_word(key.saddr).into(), u16::from_be(key.sport_be)),
-        SocketAddr::new(v4_from_word(key.daddr).into(), u16::from_be(key.dport_be)),
-        key.protocol,
-    )
-}
-
-fn tuple6(key: &Ct6Key) -> Tuple {
-    Tuple::new(
-        SocketAddr::new(v6_from_words(key.saddr).into(), u16::from_be(key.sport_be)),
-        SocketAddr::new(v6_from_words(key.daddr).into(), u16::from_be(key.dport_be)),
-        key.protocol,
-    )
-}
-
-fn ct4_value(entry: Ct4Entry) -> CtValue {
-    CtValue {
-        expires_ns: entry.expires_ns,
-        src: SocketAddr::new(
-            v4_from_word(entry.saddr).into(),
-            u16::from_be(entry.sport_be),
-        ),
-        dst: SocketAddr::new(
-            v4_from_word(entry.daddr).into(),
-            u16::from_be(entry.dport_be),
-        ),
-        rev_nat_id: entry.rev_nat_id,
-        backend_id: entry.backend_id,
-        flags: entry.flags,
-        pad: entry.pad,
-    }
-}
-
-fn ct6_value(entry: Ct6Entry) -> CtValue {
-    CtValue {
-        expires_ns: entry.expires_ns,
-        src: SocketAddr::new(
-            v6_from_words(entry.saddr).into(),
-            u16::from_be(entry.sport_be),
-        ),
-        dst: SocketAddr::new(
-            v6_from_words(entry.daddr).into(),
-            u16::from_be(entry.dport_be),
-        ),
-        rev_nat_id: entry.rev_nat_id,
-        backend_id: entry.backend_id,
-        flags: entry.flags,
-        pad: entry.pad,
-    }
-}
-
-fn ct4_entry(value: &CtValue) -> Result<Ct4Entry> {
-    ensure!(
-        value.src.is_ipv4() && value.dst.is_ipv4(),
-        "IPv4 entry expected"
-    );
-    Ok(Ct4Entry {
-        expires_ns: value.expires_ns,
-        saddr: v4_word(v4(value.src)),
-        daddr: v4_word(v4(value.dst)),
-        sport_be: value.src.port().to_be(),
-        dport_be: value.dst.port().to_be(),
-        rev_nat_id: value.rev_nat_id,
-        backend_id: value.backend_id,
-        flags: value.flags,
-        pad: value.pad,
-    })
-}
-
-fn ct6_entry(value: &CtValue) -> Result<Ct6Entry> {
-    ensure!(
-        value.src.is_ipv6() && value.dst.is_ipv6(),
-        "IPv6 entry expected"
-    );
-    Ok(Ct6Entry {
-        expires_ns: value.expires_ns,
-        saddr: v6_words(v6(value.src)),
-        daddr: v6_words(v6(value.dst)),
-        sport_be: value.src.port().to_be(),
-        dport_be: value.dst.port().to_be(),
-        rev_nat_id: value.rev_nat_id,
-        backend_id: value.backend_id,
-        flags: value.flags,
-        pad: value.pad,
-    })
-}
-
 /// The configuration of a cluster whose pod network is the backend side
 /// ([`net::CLUSTER_CIDR4`], [`net::CLUSTER_CIDR6`]), with `flags` added and SNAT ports
 /// `snat_ports`.
@@ -1052,91 +733,6 @@ pub fn cluster_config(extra_flags: u8, snat_ports: (u16, u16)) -> DatapathConfig
     }
 }
 
-fn mac_string(mac: Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Links, addresses, neighbours, routes and forwarding inside the fixture namespace.
-fn build_namespace(netns: &str) -> Result<()> {
-    let ip = |args: &[&str]| ip_in(netns, args);
-    for (link, mac, v4, v6) in [
-        (
-            net::CLIENT_LINK,
-            net::NODE_CLIENT_MAC,
-            format!("{}/24", net::NODE_V4),
-            format!("{}/64", net::NODE_V6),
-        ),
-        (
-            net::BACKEND_LINK,
-            net::NODE_BACKEND_MAC,
-            format!("{}/24", net::NODE_BACKEND_V4),
-            format!("{}/64", net::NODE_BACKEND_V6),
-        ),
-    ] {
-        let peer = format!("{link}p");
-        ip(&["link", "add", link, "type", "veth", "peer", "name", &peer])?;
-        ip(&["link", "set", link, "address", &mac_string(mac)])?;
-        ip(&["addr", "add", &v4, "dev", link])?;
-        // nodad: a tentative address is never a FIB source.
-        ip(&["-6", "addr", "add", &v6, "dev", link, "nodad"])?;
-        ip(&["link", "set", &peer, "up"])?;
-        ip(&["link", "set", link, "up"])?;
-    }
-    let neighbour = |address: IpAddr, mac: Mac, link: &str| {
-        ip(&[
-            "neigh",
-            "replace",
-            &address.to_string(),
-            "lladdr",
-            &mac_string(mac),
-            "dev",
-            link,
-            "nud",
-            "permanent",
-        ])
-    };
-    neighbour(net::CLIENT_V4.into(), net::CLIENT_MAC, net::CLIENT_LINK)?;
-    neighbour(net::CLIENT_V6.into(), net::CLIENT_MAC, net::CLIENT_LINK)?;
-    for host in net::NEIGHBOUR_HOSTS {
-        let mac = net::backend_mac(host);
-        neighbour(net::backend_v4(host).into(), mac, net::BACKEND_LINK)?;
-        neighbour(net::backend_v6(host).into(), mac, net::BACKEND_LINK)?;
-    }
-    let (remote4, prefix4) = net::REMOTE_NET_V4;
-    let (remote6, prefix6) = net::REMOTE_NET_V6;
-    ip(&[
-        "route",
-        "add",
-        &format!("{remote4}/{prefix4}"),
-        "via",
-        &net::CLIENT_V4.to_string(),
-        "dev",
-        net::CLIENT_LINK,
-    ])?;
-    ip(&[
-        "-6",
-        "route",
-        "add",
-        &format!("{remote6}/{prefix6}"),
-        "via",
-        &net::CLIENT_V6.to_string(),
-        "dev",
-        net::CLIENT_LINK,
-    ])?;
-    // bpf_fib_lookup answers "forwarding disabled" on an ingress device without forwarding.
-    sysctl(
-        netns,
-        &[
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv6.conf.default.forwarding=1",
-        ],
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1149,22 +745,5 @@ mod tests {
             last_lines(&log.join("\n"), 3),
             "0\n[... 6 lines of the verifier log ...]\n7\n8\n9"
         );
-    }
-
-    #[test]
-    fn map_encodings_round_trip() {
-        let v4 = Ipv4Addr::new(10, 240, 1, 2);
-        assert_eq!(v4_word(v4).to_ne_bytes(), [10, 240, 1, 2]);
-        assert_eq!(v4_from_word(v4_word(v4)), v4);
-        let v6 = net::backend_v6(2);
-        assert_eq!(v6_from_words(v6_words(v6)), v6);
-        let tuple = Tuple::new(
-            SocketAddr::new(v4.into(), 40000),
-            SocketAddr::new(net::NODE_V4.into(), 30080),
-            6,
-        );
-        let key = ct4_key(&tuple);
-        assert_eq!(key.sport_be, 40000_u16.to_be());
-        assert_eq!(tuple4(&key), tuple);
     }
 }
