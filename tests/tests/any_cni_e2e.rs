@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use switchyard_tests::client::http::get_in_netns;
-use switchyard_tests::client::report::{Attempt, backend_counts};
+use switchyard_tests::client::report::{Attempt, reached};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::k8s::external_service::{ExternalService, ServiceType, manifests};
 use switchyard_tests::world::north_south::{
@@ -104,10 +104,6 @@ fn request(proto: ClientProto, target: SocketAddr, count: u32) -> ClientRequest 
         .count(count)
         .timeout(Duration::from_millis(1500))
         .ask_peer()
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 /// Every protocol to every frontend of `service` from outside, all at once: every exchange

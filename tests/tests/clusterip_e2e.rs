@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::report::{Attempt, assert_all_ok, backend_counts, reached};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::env::bpffs::pinned_objects;
 use switchyard_tests::env::process::wait_until;
@@ -87,25 +87,10 @@ fn start_and_wait(harness: &mut Harness, manifests: &Manifests, vip: IpAddr) {
     harness.wait_until_translated(ClientProto::Tcp, at(vip));
 }
 
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
-}
-
 fn assert_peers_are(attempts: &[Attempt], expected: SocketAddr, what: &str) {
     for attempt in attempts {
         assert_eq!(attempt.peer, Some(expected), "{what}: peer of {attempt:?}");
     }
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 fn all_backends(harness: &Harness) -> BTreeSet<String> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use switchyard_tests::agent::layout::agent_with_layout_version;
-use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::report::{assert_all_ok, backend_counts, reached};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::env::process::wait_until;
 use switchyard_tests::k8s::manifests::{
@@ -35,21 +35,6 @@ fn manifests(vip: &str, backends: &[IpAddr]) -> Manifests {
 
 fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target).count(count)
-}
-
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 /// The layout versions with a directory under the agent's pin root.

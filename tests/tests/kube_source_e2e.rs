@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{EndpointHints, EndpointSlice, ForZone};
-use switchyard_tests::client::report::{Attempt, backend_counts};
+use switchyard_tests::client::report::{Attempt, reached};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::env::tempdir::TempDir;
 use switchyard_tests::k8s::apiserver::{ApiServer, Kind, OutageMode};
@@ -45,10 +45,6 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target)
         .count(count)
         .timeout(Duration::from_secs(1))
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 fn names(indexes: &[usize]) -> BTreeSet<String> {

@@ -16,11 +16,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use switchyard_tests::client::report::failures;
 use switchyard_tests::env::netns::ip_in;
 use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
 use switchyard_tests::world::cluster::network::steer;
 use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
-use switchyard_tests::world::cluster::{CLIENT, Cluster, ClusterConfig, failed};
+use switchyard_tests::world::cluster::{CLIENT, Cluster, ClusterConfig};
 use switchyard_tests::{require_root, testkit};
 
 const NODES: usize = 3;
@@ -227,9 +228,9 @@ fn connection_survives_a_change_of_ingress_node(cluster: &mut Cluster) {
     let on_b = settled_flows(cluster, NODE_B, "tcp", 1);
     let attempts = hold.finish().expect("held connection");
     assert!(
-        failed(&attempts).is_empty(),
+        failures(&attempts).is_empty(),
         "the connection across the change of node: {:?}",
-        failed(&attempts)
+        failures(&attempts)
     );
     assert!(
         attempts.len() >= before + 10,

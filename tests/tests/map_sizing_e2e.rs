@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use proxy_common::{BPF_F_NO_PREALLOC, RevNat4, Service4Key, ServiceName, ServiceValue, map_names};
 use switchyard_tests::client::http::get_in_netns;
-use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::report::{assert_all_ok, backend_counts};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::datapath::pinned_maps::{self, Shape};
 use switchyard_tests::env::bpffs::pinned_objects;
@@ -33,17 +33,6 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target)
         .count(count)
         .timeout(Duration::from_secs(1))
-}
-
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
 }
 
 /// The Service `web`: TCP port `http` and UDP port `dns`, both to [`BACKEND_PORT`].

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 use switchyard_tests::client::http::get_in_netns;
-use switchyard_tests::client::report::{Attempt, backend_counts, failures};
+use switchyard_tests::client::report::{assert_all_ok, backend_counts};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::env::process::wait_until;
 use switchyard_tests::k8s::manifests::{
@@ -50,17 +50,6 @@ fn services(count: usize, backends: &[IpAddr]) -> Manifests {
 
 fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target).count(count)
-}
-
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
 }
 
 #[test]

@@ -98,6 +98,16 @@ impl AgentHost {
         self.agent.as_ref()
     }
 
+    /// The agent, if it was started, for changes.
+    pub fn started_agent_mut(&mut self) -> Option<&mut Agent> {
+        self.agent.as_mut()
+    }
+
+    /// Takes the agent out (to stop it for good, or before starting another).
+    pub fn take_agent(&mut self) -> Option<Agent> {
+        self.agent.take()
+    }
+
     pub fn bpffs(&self) -> &PrivateBpffs {
         &self.bpffs
     }
