@@ -75,9 +75,15 @@ fn slice(service: &str, family: AddressType, backends: &[IpAddr]) -> EndpointSli
 
 /// One IPv4 Service `name` at `vip` with `backends` behind it.
 fn ipv4_service(name: &str, vip: &str, backends: &[IpAddr]) -> Manifests {
-    Manifests::new()
-        .with(service(name, &[ip(vip)], BACKEND_PORT))
-        .with(slice(name, AddressType::IPv4, backends))
+    Manifests::new().backed_service(
+        name,
+        &[ip(vip)],
+        &[
+            (TCP_PORT_NAME, Protocol::Tcp, SERVICE_PORT),
+            (UDP_PORT_NAME, Protocol::Udp, SERVICE_PORT),
+        ],
+        backends,
+    )
 }
 
 /// Starts the agent and waits (bounded) until `vip` is translated over TCP.

@@ -15,10 +15,8 @@ use std::time::{Duration, Instant};
 use switchyard_tests::client::report::{assert_all_ok, backend_counts, reached};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
 use switchyard_tests::env::process::wait_until;
-use switchyard_tests::k8s::manifests::{
-    AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
-};
-use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
+use switchyard_tests::k8s::manifests::{Manifests, Protocol};
+use switchyard_tests::world::harness::{Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 /// Services whose backend flips at every step: a large sync each time.
@@ -54,18 +52,12 @@ fn at(ip: IpAddr) -> SocketAddr {
 }
 
 fn service(manifests: Manifests, name: &str, vip: IpAddr, backends: &[IpAddr]) -> Manifests {
-    manifests
-        .with(
-            Service::cluster_ip(name, &[vip])
-                .port(ServicePort::new("http", Protocol::Tcp, 80, BACKEND_PORT))
-                .port(ServicePort::new("dns", Protocol::Udp, 80, BACKEND_PORT)),
-        )
-        .with(
-            EndpointSlice::new(&format!("{name}-v4"), name, AddressType::IPv4)
-                .ready_endpoints(backends.iter().copied())
-                .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT))
-                .port(EndpointPort::new("dns", Protocol::Udp, BACKEND_PORT)),
-        )
+    manifests.backed_service(
+        name,
+        &[vip],
+        &[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 80)],
+        backends,
+    )
 }
 
 /// The stable Services on every backend, and the churned ones on backend `churned_to` only.
