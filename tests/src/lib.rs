@@ -1,29 +1,22 @@
-//! Support library for the Switchyard end-to-end tests: isolated network namespaces, a test
-//! cgroup, a private bpffs, the agent process, Kubernetes manifests and the `sy-testkit`
-//! helper. Every resource is released by a guard's Drop, also when a test panics.
+//! Support library for the Switchyard end-to-end tests, by role:
+//!
+//! - [`env`]: what a test creates on the machine (network namespaces and veths, the test
+//!   cgroup, a private bpffs, temporary directories, child processes, mount checks);
+//! - [`world`]: topologies built from it (the single-node [`world::harness`], the
+//!   [`world::north_south`] world, the multi-node [`world::cluster`]);
+//! - [`k8s`]: Kubernetes objects (typed builders, manifests files, the test API server);
+//! - [`datapath`]: the BPF_PROG_TEST_RUN fixture, packet builders and pinned-map readers;
+//! - [`client`]: traffic (the `sy-testkit` helper, its reports, HTTP);
+//! - [`agent`]: the agent process under test.
+//!
+//! Every resource is released by a guard's Drop, also when a test panics.
 
 pub mod agent;
-pub mod apiserver;
-pub mod bpffs;
-pub mod cgroup;
-pub mod cluster;
-pub mod harness;
-pub mod http;
-pub mod layout;
-pub mod manifests;
-pub mod mounts;
-pub mod names;
-pub mod netns;
-pub mod north_south;
-pub mod objects;
-pub mod packet;
-pub mod pinned_maps;
-pub mod process;
-pub mod report;
-pub mod stale;
-pub mod tc_fixture;
-pub mod tempdir;
-pub mod testkit;
+pub mod client;
+pub mod datapath;
+pub mod env;
+pub mod k8s;
+pub mod world;
 
 /// Whether this process may create namespaces, cgroups and mounts.
 pub fn is_root() -> bool {

@@ -1,5 +1,5 @@
 //! End-to-end tests of the north-south datapath on a routed CNI's layout (see
-//! `switchyard_tests::north_south::Layout::Routed`: the local pod sits behind an unnumbered
+//! `switchyard_tests::world::north_south::Layout::Routed`: the local pod sits behind an unnumbered
 //! host veth with /32 and /128 routes and proxy ARP), with `--interfaces` naming only the
 //! external device, as a pattern, or left to its default; interfaces that appear after the
 //! agent started; and loadBalancerSourceRanges for pods, whose sockets meet the socket hooks.
@@ -8,13 +8,14 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::north_south::{
-    CLIENT4, CLIENT6, CLUSTER_CIDR, ExternalService, LOCAL_BACKEND, Layout, NODE_EXT4, NODE_EXT6,
-    NODE_NAME, NorthSouth, Offloads, REMOTE_BACKEND, ServiceType, manifests,
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::client::report::{Attempt, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType, manifests};
+use switchyard_tests::world::north_south::{
+    CLIENT4, CLIENT6, CLUSTER_CIDR, LOCAL_BACKEND, Layout, NODE_EXT4, NODE_EXT6, NODE_NAME,
+    NorthSouth, Offloads, REMOTE_BACKEND,
 };
-use switchyard_tests::report::{Attempt, backend_counts};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::{require_root, testkit};
 
 const SERVICE_PORT: u16 = 80;
@@ -103,10 +104,6 @@ fn request(proto: ClientProto, target: SocketAddr, count: u32) -> ClientRequest 
         .count(count)
         .timeout(Duration::from_millis(1500))
         .ask_peer()
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 /// Every protocol to every frontend of `service` from outside, all at once: every exchange

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
@@ -22,9 +21,10 @@ use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config, ResourceExt};
 use serde_json::Value;
-use switchyard_tests::apiserver::{ApiServer, ApiServerConfig, Kind, OutageMode};
-use switchyard_tests::netns::{NETNS_DIR, Topology};
-use switchyard_tests::tempdir::TempDir;
+use switchyard_tests::env::netns::{NETNS_DIR, Topology};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::apiserver::{ApiServer, ApiServerConfig, Kind, OutageMode};
+use switchyard_tests::k8s::objects::meta;
 
 const TEST_TIMEOUT: Duration = Duration::from_mins(1);
 const CONVERGE: Duration = Duration::from_secs(15);
@@ -134,20 +134,6 @@ fn rv<K: kube::Resource>(object: &K) -> String {
 
 fn keys<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> BTreeSet<String> {
     store.state().iter().map(|o| key(&**o)).collect()
-}
-
-fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: namespace.map(str::to_owned),
-        labels: (!labels.is_empty()).then(|| {
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
-        }),
-        ..ObjectMeta::default()
-    }
 }
 
 fn service(namespace: &str, name: &str, labels: &[(&str, &str)], port: i32) -> Service {

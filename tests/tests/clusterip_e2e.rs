@@ -8,15 +8,15 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::bpffs::pinned_objects;
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::manifests::{
+use switchyard_tests::client::report::{Attempt, assert_all_ok, backend_counts, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::bpffs::pinned_objects;
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
     TargetPort,
 };
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 const SERVICE_PORT: u16 = 80;
@@ -75,9 +75,15 @@ fn slice(service: &str, family: AddressType, backends: &[IpAddr]) -> EndpointSli
 
 /// One IPv4 Service `name` at `vip` with `backends` behind it.
 fn ipv4_service(name: &str, vip: &str, backends: &[IpAddr]) -> Manifests {
-    Manifests::new()
-        .with(service(name, &[ip(vip)], BACKEND_PORT))
-        .with(slice(name, AddressType::IPv4, backends))
+    Manifests::new().backed_service(
+        name,
+        &[ip(vip)],
+        &[
+            (TCP_PORT_NAME, Protocol::Tcp, SERVICE_PORT),
+            (UDP_PORT_NAME, Protocol::Udp, SERVICE_PORT),
+        ],
+        backends,
+    )
 }
 
 /// Starts the agent and waits (bounded) until `vip` is translated over TCP.
@@ -87,25 +93,10 @@ fn start_and_wait(harness: &mut Harness, manifests: &Manifests, vip: IpAddr) {
     harness.wait_until_translated(ClientProto::Tcp, at(vip));
 }
 
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
-}
-
 fn assert_peers_are(attempts: &[Attempt], expected: SocketAddr, what: &str) {
     for attempt in attempts {
         assert_eq!(attempt.peer, Some(expected), "{what}: peer of {attempt:?}");
     }
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 fn all_backends(harness: &Harness) -> BTreeSet<String> {

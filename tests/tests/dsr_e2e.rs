@@ -1,4 +1,4 @@
-//! Direct Server Return end to end in the multi-node world (`switchyard_tests::cluster`): an
+//! Direct Server Return end to end in the multi-node world (`switchyard_tests::world::cluster`): an
 //! external client reaches a NodePort on node 0 whose only endpoints are pods on node 1.
 //! Node 0 sends the requests on with the client's address and the frontend option; node 1
 //! delivers them and its pods' replies go from node 1 straight to the client, with node 0's
@@ -9,11 +9,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_tests::cluster::workload::{ClusterService, PodPhase};
-use switchyard_tests::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig, failed};
-use switchyard_tests::north_south::{ExternalService, ServiceType};
-use switchyard_tests::report::Attempt;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::report::{Attempt, failures};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
+use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
+use switchyard_tests::world::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig};
 use switchyard_tests::{require_root, testkit};
 
 const PORT: u16 = 80;
@@ -81,9 +81,9 @@ fn node1_pods(cluster: &Cluster) -> Vec<String> {
 #[track_caller]
 fn assert_served_by_node1(cluster: &Cluster, attempts: &[Attempt], what: &str) {
     assert!(
-        failed(attempts).is_empty(),
+        failures(attempts).is_empty(),
         "{what}: failures {:?}",
-        failed(attempts)
+        failures(attempts)
     );
     assert_eq!(attempts.len(), COUNT as usize, "{what}: attempts");
     let pods = node1_pods(cluster);
@@ -230,9 +230,9 @@ fn dsr_replies_bypass_the_ingress_node_keep_the_client_address_and_survive_an_ag
         attempts.len()
     );
     assert!(
-        failed(&attempts).is_empty(),
+        failures(&attempts).is_empty(),
         "held connection across the restart: {:?}",
-        failed(&attempts)
+        failures(&attempts)
     );
     assert!(
         attempts

@@ -12,12 +12,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use proxy_common::{
     DatapathConfig, config_flags, ct_flags, dsr_option, protocol, reason, scope, service_flags,
 };
-use switchyard_tests::packet::{L4, Packet, internet_checksum, tcp_flags, verify_checksums};
-use switchyard_tests::require_root;
-use switchyard_tests::tc_fixture::{
+use switchyard_tests::datapath::packet::{
+    L4, Packet, internet_checksum, tcp_flags, verify_checksums,
+};
+use switchyard_tests::datapath::tc_fixture::{
     Backend, Counters, Frontend, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TcFixture,
     Tuple, cluster_config, monotonic_ns, net,
 };
+use switchyard_tests::require_root;
 
 const TCP: u8 = protocol::TCP;
 const UDP: u8 = protocol::UDP;

@@ -12,13 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::manifests::{
-    AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
-};
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::client::report::{assert_all_ok, backend_counts, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{Manifests, Protocol};
+use switchyard_tests::world::harness::{Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 /// Services whose backend flips at every step: a large sync each time.
@@ -54,18 +52,12 @@ fn at(ip: IpAddr) -> SocketAddr {
 }
 
 fn service(manifests: Manifests, name: &str, vip: IpAddr, backends: &[IpAddr]) -> Manifests {
-    manifests
-        .with(
-            Service::cluster_ip(name, &[vip])
-                .port(ServicePort::new("http", Protocol::Tcp, 80, BACKEND_PORT))
-                .port(ServicePort::new("dns", Protocol::Udp, 80, BACKEND_PORT)),
-        )
-        .with(
-            EndpointSlice::new(&format!("{name}-v4"), name, AddressType::IPv4)
-                .ready_endpoints(backends.iter().copied())
-                .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT))
-                .port(EndpointPort::new("dns", Protocol::Udp, BACKEND_PORT)),
-        )
+    manifests.backed_service(
+        name,
+        &[vip],
+        &[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 80)],
+        backends,
+    )
 }
 
 /// The stable Services on every backend, and the churned ones on backend `churned_to` only.
@@ -207,21 +199,6 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target).count(count)
 }
 
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
-}
-
-fn assert_no_failure(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
-}
-
 /// A new TCP connection to each stable Service every 20 ms, for as long as the test needs
 /// (the clients are stopped early by dropping them).
 fn stable_loops(harness: &Harness, within: Duration) -> Vec<RunningClient> {
@@ -326,7 +303,7 @@ impl Matrix {
         drop(udp);
         for index in [0, CHURNED / 2, CHURNED - 1] {
             let attempts = self.harness.client(&tcp(at(churned_vip(index)), 4));
-            assert_no_failure(&attempts, &format!("{what}: churn-{index}"));
+            assert_all_ok(&attempts, &format!("{what}: churn-{index}"));
             assert_eq!(
                 reached(&attempts),
                 BTreeSet::from([backend_name(to)]),
@@ -378,7 +355,7 @@ fn sigkill_during_sync_reaping_and_attach_always_converges() {
     for (index, running) in loops.iter().enumerate() {
         let attempts = running.attempts_so_far();
         assert!(attempts.len() > 100, "the loop to stable-{index} ran");
-        assert_no_failure(&attempts, &format!("stable-{index} across {kills} kills"));
+        assert_all_ok(&attempts, &format!("stable-{index} across {kills} kills"));
         eprintln!(
             "MEASURED: stable-{index}: {} connections across {kills} kills, none failed",
             attempts.len()
@@ -422,7 +399,7 @@ fn a_minute_without_the_agent_fails_no_connection() {
             "{name}: only {} attempts",
             attempts.len()
         );
-        assert_no_failure(&attempts, &format!("{name} with the agent down for 60 s"));
+        assert_all_ok(&attempts, &format!("{name} with the agent down for 60 s"));
         assert_eq!(
             reached(&attempts),
             BTreeSet::from([backend_name(0), backend_name(1)]),

@@ -1,5 +1,5 @@
 //! End-to-end tests of IP fragments and path MTU discovery through the north-south (TC)
-//! datapath, in the topology of `switchyard_tests::north_south` (client → node with the agent
+//! datapath, in the topology of `switchyard_tests::world::north_south` (client → node with the agent
 //! → local backend, or → node2 → remote backend), with veth checksum offloads off so that a
 //! wrong checksum shows as a drop. Every loop is bounded in count and time.
 
@@ -8,13 +8,13 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use switchyard_tests::netns::run_in;
-use switchyard_tests::north_south::ExternalService;
-use switchyard_tests::north_south::{
-    LOCAL_BACKEND, NODE_EXT4, NODE_EXT6, NorthSouth, Offloads, REMOTE_BACKEND, ServiceType,
-    manifests,
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::netns::run_in;
+use switchyard_tests::k8s::external_service::ExternalService;
+use switchyard_tests::k8s::external_service::{ServiceType, manifests};
+use switchyard_tests::world::north_south::{
+    LOCAL_BACKEND, NODE_EXT4, NODE_EXT6, NorthSouth, Offloads, REMOTE_BACKEND,
 };
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
 use switchyard_tests::{require_root, testkit};
 
 /// The datagram size the issue names: more than two 1500-byte fragments' worth.

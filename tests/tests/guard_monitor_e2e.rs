@@ -13,11 +13,11 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness};
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::manifests::Manifests;
-use switchyard_tests::report::Attempt;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::client::report::Attempt;
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::manifests::Manifests;
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness};
 use switchyard_tests::{require_root, testkit};
 
 fn at(text: &str) -> SocketAddr {
@@ -211,7 +211,7 @@ fn localhost_nodeports_serve_tcp_and_udp_on_both_families() {
     harness.start_agent(&["--nodeport-addresses", "localhost"]);
     harness.wait_until_translated(ClientProto::Tcp, at("127.0.0.1:30080"));
     let names: BTreeSet<String> = (0..2)
-        .map(switchyard_tests::harness::backend_name)
+        .map(switchyard_tests::world::harness::backend_name)
         .collect();
     for (proto, target) in [
         (ClientProto::Tcp, "127.0.0.1:30080"),

@@ -5,12 +5,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use switchyard_tests::bpffs::PrivateBpffs;
-use switchyard_tests::cgroup::TestCgroup;
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::netns::{NETNS_DIR, Topology};
-use switchyard_tests::report::failures;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::report::failures;
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::bpffs::PrivateBpffs;
+use switchyard_tests::env::cgroup::TestCgroup;
+use switchyard_tests::env::netns::{NETNS_DIR, Topology};
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 #[test]
@@ -68,7 +68,7 @@ fn guards_remove_everything_they_created() {
             assert!(Path::new(NETNS_DIR).join(ns).exists());
         }
         assert!(cgroup.path().join("cgroup.procs").exists());
-        assert!(switchyard_tests::bpffs::holds_mount(bpffs.path()));
+        assert!(switchyard_tests::env::bpffs::holds_mount(bpffs.path()));
         (
             namespaces,
             cgroup.path().to_owned(),
@@ -79,6 +79,6 @@ fn guards_remove_everything_they_created() {
         assert!(!Path::new(NETNS_DIR).join(ns).exists(), "{ns} left behind");
     }
     assert!(!cgroup.exists(), "{} left behind", cgroup.display());
-    assert!(!switchyard_tests::bpffs::holds_mount(&bpffs));
+    assert!(!switchyard_tests::env::bpffs::holds_mount(&bpffs));
     assert!(!bpffs.exists(), "{} left behind", bpffs.display());
 }

@@ -10,9 +10,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use switchyard_tests::harness::{BACKEND_PORT, Harness};
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::manifests::Manifests;
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::k8s::manifests::Manifests;
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness};
 use switchyard_tests::{require_root, testkit};
 
 const NODE: &str = "node-a";

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{Ct4Entry, Ct4Key, ct_seq, map_names, reject_limit};
-use switchyard_tests::north_south::{
-    ExternalService, NODE_EXT4, NODE_TO_NODE2_4, NODE2_4, Node2Agent, NorthSouth, Offloads,
-    ServiceType, manifests,
+use switchyard_tests::client::report::Attempt;
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest, Spoof};
+use switchyard_tests::datapath::packet::tcp_flags::{ACK, RST, SYN};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType, manifests};
+use switchyard_tests::world::north_south::{
+    NODE_EXT4, NODE_TO_NODE2_4, NODE2_4, Node2Agent, NorthSouth, Offloads,
 };
-use switchyard_tests::packet::tcp_flags::{ACK, RST, SYN};
-use switchyard_tests::report::Attempt;
-use switchyard_tests::testkit::{ClientProto, ClientRequest, Spoof};
 use switchyard_tests::{require_root, testkit};
 
 const SERVICE_PORT: u16 = 80;

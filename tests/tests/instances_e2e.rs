@@ -6,14 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::layout::agent_with_layout_version;
-use switchyard_tests::manifests::{
-    AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
-};
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::agent::layout::agent_with_layout_version;
+use switchyard_tests::client::report::{assert_all_ok, backend_counts, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{Manifests, Protocol};
+use switchyard_tests::world::harness::{Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 fn at(vip: &str) -> SocketAddr {
@@ -21,35 +19,16 @@ fn at(vip: &str) -> SocketAddr {
 }
 
 fn manifests(vip: &str, backends: &[IpAddr]) -> Manifests {
-    Manifests::new()
-        .with(
-            Service::cluster_ip("web", &[vip.parse::<IpAddr>().expect("an IP")])
-                .port(ServicePort::new("http", Protocol::Tcp, 80, BACKEND_PORT)),
-        )
-        .with(
-            EndpointSlice::new("web-v4", "web", AddressType::IPv4)
-                .ready_endpoints(backends.iter().copied())
-                .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT)),
-        )
+    Manifests::new().backed_service(
+        "web",
+        &[vip.parse::<IpAddr>().expect("an IP")],
+        &[("http", Protocol::Tcp, 80)],
+        backends,
+    )
 }
 
 fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target).count(count)
-}
-
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 /// The layout versions with a directory under the agent's pin root.

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{EndpointHints, EndpointSlice, ForZone};
-use switchyard_tests::apiserver::{ApiServer, Kind, OutageMode};
-use switchyard_tests::harness::{Harness, backend_name};
-use switchyard_tests::objects;
-use switchyard_tests::report::{Attempt, backend_counts};
-use switchyard_tests::tempdir::TempDir;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::report::{Attempt, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::apiserver::{ApiServer, Kind, OutageMode};
+use switchyard_tests::k8s::objects;
+use switchyard_tests::world::harness::{Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 const NAMESPACE: &str = "shop";
@@ -45,10 +45,6 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target)
         .count(count)
         .timeout(Duration::from_secs(1))
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 fn names(indexes: &[usize]) -> BTreeSet<String> {
@@ -301,10 +297,10 @@ fn service_cidrs_follow_the_api_server_and_an_older_server_without_them_still_sy
     require_root!();
     for served in [true, false] {
         let mut harness = Harness::new(testkit!(), 1);
-        let api = ApiServer::start_with(switchyard_tests::apiserver::ApiServerConfig {
+        let api = ApiServer::start_with(switchyard_tests::k8s::apiserver::ApiServerConfig {
             netns: Some(harness.topology().node_namespace().to_owned()),
             service_cidr_api: served,
-            ..switchyard_tests::apiserver::ApiServerConfig::default()
+            ..switchyard_tests::k8s::apiserver::ApiServerConfig::default()
         })
         .expect("test API server");
         let web = vip("10.96.70.10");

@@ -1,4 +1,4 @@
-//! Maglev across nodes, end to end in the multi-node world (`switchyard_tests::cluster`):
+//! Maglev across nodes, end to end in the multi-node world (`switchyard_tests::world::cluster`):
 //! every agent runs `--lb-algorithm maglev` with the same `--maglev-hash-seed`, and a
 //! LoadBalancer IP (externalTrafficPolicy Cluster) is steered by the balancer to node 0 or
 //! node 1, while the Service's endpoints are node 2's pods. With `--lb-mode dsr` the client's
@@ -16,10 +16,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use switchyard_tests::cluster::network::{ip_in, steer};
-use switchyard_tests::cluster::workload::{ClusterService, PodPhase};
-use switchyard_tests::cluster::{CLIENT, Cluster, ClusterConfig, failed};
-use switchyard_tests::north_south::{ExternalService, ServiceType};
+use switchyard_tests::client::report::failures;
+use switchyard_tests::env::netns::ip_in;
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
+use switchyard_tests::world::cluster::network::steer;
+use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
+use switchyard_tests::world::cluster::{CLIENT, Cluster, ClusterConfig};
 use switchyard_tests::{require_root, testkit};
 
 const NODES: usize = 3;
@@ -226,9 +228,9 @@ fn connection_survives_a_change_of_ingress_node(cluster: &mut Cluster) {
     let on_b = settled_flows(cluster, NODE_B, "tcp", 1);
     let attempts = hold.finish().expect("held connection");
     assert!(
-        failed(&attempts).is_empty(),
+        failures(&attempts).is_empty(),
         "the connection across the change of node: {:?}",
-        failed(&attempts)
+        failures(&attempts)
     );
     assert!(
         attempts.len() >= before + 10,

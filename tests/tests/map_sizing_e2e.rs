@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use proxy_common::{BPF_F_NO_PREALLOC, RevNat4, Service4Key, ServiceName, ServiceValue, map_names};
-use switchyard_tests::apiserver::ApiServer;
-use switchyard_tests::bpffs::pinned_objects;
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::manifests::Manifests;
-use switchyard_tests::objects;
-use switchyard_tests::pinned_maps::{self, Shape};
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::tempdir::TempDir;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::client::report::{assert_all_ok, backend_counts};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::datapath::pinned_maps::{self, Shape};
+use switchyard_tests::env::bpffs::pinned_objects;
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::apiserver::ApiServer;
+use switchyard_tests::k8s::manifests::Manifests;
+use switchyard_tests::k8s::objects;
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 const NAMESPACE: &str = "sizing";
@@ -33,17 +33,6 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target)
         .count(count)
         .timeout(Duration::from_secs(1))
-}
-
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
 }
 
 /// The Service `web`: TCP port `http` and UDP port `dns`, both to [`BACKEND_PORT`].

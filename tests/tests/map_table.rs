@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use aya_obj::{EbpfSectionKind, Object};
 use proxy_common::map_table::{self, MapKind};
-use switchyard_tests::tc_fixture::object_path;
+use switchyard_tests::datapath::tc_fixture::object_path;
 
 /// (kind, key size, value size, max entries, flags) of each map of the object, by name.
 type Declared = BTreeMap<String, (Option<MapKind>, u32, u32, u32, u32)>;

@@ -11,13 +11,11 @@ use std::time::Duration;
 
 use libc::ENETUNREACH;
 use switchyard_tests::agent::switchyard_bin;
-use switchyard_tests::harness::{BACKEND_PORT, Harness};
-use switchyard_tests::manifests::{
-    AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
-};
-use switchyard_tests::process::{ChildGuard, run_bounded, run_checked};
-use switchyard_tests::tempdir::TempDir;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::process::{ChildGuard, run_bounded, run_checked};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::manifests::{Manifests, Protocol};
+use switchyard_tests::world::harness::Harness;
 use switchyard_tests::{require_root, testkit};
 
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,20 +25,12 @@ fn target() -> SocketAddr {
 }
 
 fn manifests(backends: &[IpAddr]) -> Manifests {
-    Manifests::new()
-        .with(
-            Service::cluster_ip("web", &[target().ip()]).port(ServicePort::new(
-                "http",
-                Protocol::Tcp,
-                80,
-                BACKEND_PORT,
-            )),
-        )
-        .with(
-            EndpointSlice::new("web-v4", "web", AddressType::IPv4)
-                .ready_endpoints(backends.iter().copied())
-                .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT)),
-        )
+    Manifests::new().backed_service(
+        "web",
+        &[target().ip()],
+        &[("http", Protocol::Tcp, 80)],
+        backends,
+    )
 }
 
 fn harness() -> Harness {

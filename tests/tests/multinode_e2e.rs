@@ -1,4 +1,4 @@
-//! End-to-end tests of a cluster on one machine (`switchyard_tests::cluster`): three nodes, each
+//! End-to-end tests of a cluster on one machine (`switchyard_tests::world::cluster`): three nodes, each
 //! with its own agent following one test API server, pods on every node behind a routed CNI's
 //! host veths, a router between the nodes, an external client and a load balancer that follows
 //! the health-check node ports. Scenarios: the harness itself, a rolling update under load, node
@@ -11,11 +11,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use switchyard_tests::cluster::workload::{ClusterService, PodPhase};
-use switchyard_tests::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig, failed, reached};
-use switchyard_tests::north_south::{ExternalService, ServiceType};
-use switchyard_tests::report::Attempt;
-use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::client::report::{Attempt, failures, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
+use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
+use switchyard_tests::world::cluster::{CLIENT, CLIENT6, Cluster, ClusterConfig};
 use switchyard_tests::{require_root, testkit};
 
 const PORT: u16 = 80;
@@ -522,7 +522,7 @@ fn a_lost_node_is_routed_around_by_the_other_nodes_and_the_balancer() {
         eprintln!(
             "{what}: {} connections, {} failed while the node was lost and still listed, 0 after",
             attempts.len(),
-            failed(&attempts).len()
+            failures(&attempts).len()
         );
     }
     let attempts = lb_load.finish().expect("LB load");

@@ -1,7 +1,7 @@
 //! End-to-end tests of the north-south (TC) datapath with real packets: a client outside the
 //! cluster (its own namespace, not in the hooked cgroup) reaches NodePorts, externalIPs and
 //! LoadBalancer IPs of the node running the agent, whose backends are a local pod and a pod
-//! behind a second node. See `switchyard_tests::north_south` for the topology; no namespace
+//! behind a second node. See `switchyard_tests::world::north_south` for the topology; no namespace
 //! has a route off the machine.
 //!
 //! Every wait is bounded; the slowest checks are the DROP ones, which need a client timeout.
@@ -11,13 +11,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use switchyard_tests::north_south::{
-    BACKEND_PORT, CLIENT4, CLIENT6, ExternalService, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6,
-    NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_NODE_NAME,
-    REMOTE_POD4, REMOTE_POD6, SERVICE_NAMESPACE, ServiceType, manifests,
+use switchyard_tests::client::report::{Attempt, backend_counts};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::k8s::external_service::{
+    ExternalService, SERVICE_NAMESPACE, ServiceType, manifests,
 };
-use switchyard_tests::report::{Attempt, backend_counts};
-use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::world::north_south::{
+    BACKEND_PORT, CLIENT4, CLIENT6, LOCAL_BACKEND, LOCAL_POD4, LOCAL_POD6, NODE_EXT4, NODE_EXT6,
+    NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_NODE_NAME, REMOTE_POD4, REMOTE_POD6,
+};
 use switchyard_tests::{require_root, testkit};
 
 const ETIMEDOUT: i32 = libc::ETIMEDOUT;
@@ -1249,7 +1251,7 @@ fn udp_flows_of_departed_endpoints_are_removed_for_every_frontend_kind() {
     for (_, hold) in holds {
         drop(hold);
     }
-    let (_, metrics) = switchyard_tests::http::get_in_netns(
+    let (_, metrics) = switchyard_tests::client::http::get_in_netns(
         ns.node_namespace(),
         sa(ip("127.0.0.1"), 10_249),
         "/metrics",

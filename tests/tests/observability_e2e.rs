@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use switchyard_tests::apiserver::{ApiServer, Kind};
-use switchyard_tests::harness::{BACKEND_PORT, Harness};
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::manifests::Manifests;
-use switchyard_tests::objects;
-use switchyard_tests::tempdir::TempDir;
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::apiserver::{ApiServer, Kind};
+use switchyard_tests::k8s::manifests::Manifests;
+use switchyard_tests::k8s::objects;
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness};
 use switchyard_tests::{require_root, testkit};
 
 const METRICS: &str = "127.0.0.1:10249";

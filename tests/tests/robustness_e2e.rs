@@ -9,14 +9,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::http::get_in_netns;
-use switchyard_tests::manifests::{
-    AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
-};
-use switchyard_tests::process::wait_until;
-use switchyard_tests::report::{Attempt, backend_counts, failures};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::http::get_in_netns;
+use switchyard_tests::client::report::{assert_all_ok, backend_counts};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::env::process::wait_until;
+use switchyard_tests::k8s::manifests::{Manifests, Protocol};
+use switchyard_tests::world::harness::{Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 fn vip(index: usize) -> IpAddr {
@@ -32,35 +30,18 @@ fn services(count: usize, backends: &[IpAddr]) -> Manifests {
     let mut manifests = Manifests::new();
     for index in 0..count {
         let name = format!("svc-{index}");
-        manifests = manifests
-            .with(
-                Service::cluster_ip(&name, &[vip(index)])
-                    .port(ServicePort::new("http", Protocol::Tcp, 80, BACKEND_PORT))
-                    .port(ServicePort::new("dns", Protocol::Udp, 80, BACKEND_PORT)),
-            )
-            .with(
-                EndpointSlice::new(&format!("{name}-v4"), &name, AddressType::IPv4)
-                    .ready_endpoints(backends.iter().copied())
-                    .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT))
-                    .port(EndpointPort::new("dns", Protocol::Udp, BACKEND_PORT)),
-            );
+        manifests = manifests.backed_service(
+            &name,
+            &[vip(index)],
+            &[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 80)],
+            backends,
+        );
     }
     manifests
 }
 
 fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target).count(count)
-}
-
-fn assert_all_ok(attempts: &[Attempt], what: &str) {
-    let failed = failures(attempts);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} attempts failed, e.g. {:?}",
-        failed.len(),
-        attempts.len(),
-        failed.first()
-    );
 }
 
 #[test]

@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::thread::sleep;
 use std::time::Duration;
 
-use switchyard_tests::harness::{BACKEND_PORT, Harness, backend_name};
-use switchyard_tests::manifests::Manifests;
-use switchyard_tests::report::{Attempt, backend_counts};
-use switchyard_tests::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::client::report::{Attempt, reached};
+use switchyard_tests::client::testkit::{ClientProto, ClientRequest};
+use switchyard_tests::k8s::manifests::Manifests;
+use switchyard_tests::world::harness::{BACKEND_PORT, Harness, backend_name};
 use switchyard_tests::{require_root, testkit};
 
 const NODE: &str = "node-a";
@@ -49,10 +49,6 @@ fn tcp(target: SocketAddr, count: u32) -> ClientRequest {
     ClientRequest::new(ClientProto::Tcp, target)
         .count(count)
         .timeout(Duration::from_millis(1500))
-}
-
-fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    backend_counts(attempts).into_keys().collect()
 }
 
 fn start(harness: &mut Harness, manifests: &Manifests) {

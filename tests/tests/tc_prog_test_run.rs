@@ -1,7 +1,7 @@
 //! Table tests of the TC program `sy_tc_ingress` through BPF_PROG_TEST_RUN: crafted frames in,
 //! the return code, the rewritten bytes (with every checksum verified), the conntrack entries
 //! and the reason counters out. Each test loads the object with fresh maps in a network
-//! namespace of its own (see `switchyard_tests::tc_fixture` for its addresses); nothing is
+//! namespace of its own (see `switchyard_tests::datapath::tc_fixture` for its addresses); nothing is
 //! transmitted. IPv4 and IPv6 run the same tables.
 //!
 //! Run as root after `cargo xtask build`:
@@ -13,12 +13,14 @@ use proxy_common::{
     DatapathConfig, config_flags, ct_flags, ct_lifetime, guard_flags, protocol, reason, scope,
     service_flags,
 };
-use switchyard_tests::packet::{self, L4, Mac, Packet, icmp, tcp_flags, verify_checksums};
-use switchyard_tests::require_root;
-use switchyard_tests::tc_fixture::{
+use switchyard_tests::datapath::packet::{
+    self, L4, Mac, Packet, icmp, tcp_flags, verify_checksums,
+};
+use switchyard_tests::datapath::tc_fixture::{
     Backend, Counters, CtValue, Frontend, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     TcFixture, Tuple, cluster_config, monotonic_ns, net,
 };
+use switchyard_tests::require_root;
 
 const SEC: u64 = 1_000_000_000;
 /// What the program uses when the configuration entry is all zero.
@@ -3377,16 +3379,16 @@ fn flow_hash(tuple: &Tuple, seed: u32) -> u32 {
     match (tuple.src.ip(), tuple.dst.ip()) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => proxy_common::maglev::flow_hash4(
             seed,
-            switchyard_tests::tc_fixture::v4_word(src),
-            switchyard_tests::tc_fixture::v4_word(dst),
+            switchyard_tests::datapath::tc_fixture::v4_word(src),
+            switchyard_tests::datapath::tc_fixture::v4_word(dst),
             sport,
             dport,
             tuple.protocol,
         ),
         (IpAddr::V6(src), IpAddr::V6(dst)) => proxy_common::maglev::flow_hash6(
             seed,
-            &switchyard_tests::tc_fixture::v6_words(src),
-            &switchyard_tests::tc_fixture::v6_words(dst),
+            &switchyard_tests::datapath::tc_fixture::v6_words(src),
+            &switchyard_tests::datapath::tc_fixture::v6_words(dst),
             sport,
             dport,
             tuple.protocol,

@@ -22,8 +22,8 @@ use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, SockaddrStorage, bind, connect,
     listen, setsockopt, socket, sockopt,
 };
-use switchyard_tests::report::Attempt;
-use switchyard_tests::testkit::{ClientProto, READY_LINE};
+use switchyard_tests::client::report::Attempt;
+use switchyard_tests::client::testkit::{ClientProto, READY_LINE};
 
 const REQUEST: &[u8] = b"hi\n";
 /// A request asking the server to add the client address it saw to its answer.
@@ -688,7 +688,7 @@ fn hold_udp(args: &HoldArgs) {
 
 fn spoof(args: &SpoofArgs) -> Result<()> {
     use nix::sys::socket::{MsgFlags, SockProtocol, SockaddrIn, sendto};
-    use switchyard_tests::packet::Packet;
+    use switchyard_tests::datapath::packet::Packet;
     join_netns(&args.netns)?;
     // IPPROTO_RAW: we write the IP header ourselves (IP_HDRINCL is implied).
     let raw = socket(

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use switchyard_tests::apiserver::ApiServer;
-use switchyard_tests::objects;
-use switchyard_tests::tempdir::TempDir;
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::apiserver::ApiServer;
+use switchyard_tests::k8s::objects;
 
 use super::services::{NAMESPACE, SERVICE_PORT, ServiceSet};
 

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use switchyard_tests::agent::Agent;
-use switchyard_tests::bpffs::PrivateBpffs;
-use switchyard_tests::cgroup::TestCgroup;
-use switchyard_tests::netns::Topology;
+use switchyard_tests::env::bpffs::PrivateBpffs;
+use switchyard_tests::env::cgroup::TestCgroup;
+use switchyard_tests::env::netns::Topology;
 
 use super::agent_usage::{self, CpuSample};
 use super::api_feed::ApiFeed;

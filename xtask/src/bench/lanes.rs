@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use switchyard_tests::netns::{Backend, Topology};
-use switchyard_tests::process::run_checked;
+use switchyard_tests::env::netns::{Backend, Topology};
+use switchyard_tests::env::process::run_checked;
 
 use super::loadgen::{self, Server};
 use super::services::{CLUSTER_CIDR, SERVICE_CIDR};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use switchyard_tests::process::{ChildGuard, LineCollector, run_bounded};
+use switchyard_tests::env::process::{ChildGuard, LineCollector, run_bounded};
 
 use super::services::BACKEND_PORT;
 

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use switchyard_tests::agent::Agent;
-use switchyard_tests::bpffs::PrivateBpffs;
-use switchyard_tests::cgroup::TestCgroup;
-use switchyard_tests::manifests::{
+use switchyard_tests::env::bpffs::PrivateBpffs;
+use switchyard_tests::env::cgroup::TestCgroup;
+use switchyard_tests::env::netns::Topology;
+use switchyard_tests::env::process::{run_bounded, run_checked, wait_until};
+use switchyard_tests::env::tempdir::TempDir;
+use switchyard_tests::k8s::manifests::{
     AddressType, EndpointPort, EndpointSlice, Manifests, Protocol, Service, ServicePort,
 };
-use switchyard_tests::netns::Topology;
-use switchyard_tests::process::{run_bounded, run_checked, wait_until};
-use switchyard_tests::tempdir::TempDir;
 
 use super::agent_usage::{self, CpuSample};
 use super::lanes::Lane;

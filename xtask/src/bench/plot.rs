@@ -294,7 +294,7 @@ mod tests {
         );
         assert_eq!(lines[0].points, [(100.0, 1.5), (10_000.0, 3.0)]);
         assert_eq!(lines[1].points, [(100.0, 50.0), (10_000.0, 900.0)]);
-        let dir = switchyard_tests::tempdir::TempDir::new().unwrap();
+        let dir = switchyard_tests::env::tempdir::TempDir::new().unwrap();
         let written = write_all(dir.path(), &records).unwrap();
         assert_eq!(written, ["change_latency_vs_services.svg"]);
         let svg = std::fs::read_to_string(dir.path().join(&written[0])).unwrap();

@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn a_tail_returns_each_complete_line_once() {
-        let dir = switchyard_tests::tempdir::TempDir::new().unwrap();
+        let dir = switchyard_tests::env::tempdir::TempDir::new().unwrap();
         let path = dir.path().join("agent.log");
         let mut log = File::create(&path).unwrap();
         write!(

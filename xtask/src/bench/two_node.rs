@@ -1,5 +1,5 @@
 //! The layout of `switchyard-dsr` and its masqueraded twin `switchyard-tc-2node`: the tests
-//! crate's multi-node cluster (`switchyard_tests::cluster`: node namespaces each running its
+//! crate's multi-node cluster (`switchyard_tests::world::cluster`: node namespaces each running its
 //! own agent from the test API server, a router, an external client; no route off the
 //! machine; everything removed on drop). The external client connects to a NodePort on node 0
 //! whose endpoints are all pods on node 1. Two Services differ only in their
@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use switchyard_tests::cluster::workload::{ClusterService, PodPhase};
-use switchyard_tests::cluster::{Cluster, ClusterConfig};
-use switchyard_tests::north_south::{ExternalService, ServiceType};
-use switchyard_tests::testkit::Testkit;
+use switchyard_tests::client::testkit::Testkit;
+use switchyard_tests::k8s::external_service::{ExternalService, ServiceType};
+use switchyard_tests::world::cluster::workload::{ClusterService, PodPhase};
+use switchyard_tests::world::cluster::{Cluster, ClusterConfig};
 
 use super::lanes::{CLIENT_SYSCTLS, sysctl};
 use super::loadgen::{self, Load, Server};

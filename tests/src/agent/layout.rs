@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::process::run_bounded;
+use crate::env::process::run_bounded;
 
 /// A full first build of the agent's dependency tree on two busy cores.
 const BUILD_TIMEOUT: Duration = Duration::from_mins(25);

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
 
+use crate::client::testkit::BACKEND_PORT;
+
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +367,49 @@ impl Manifests {
         self.with(Document::Raw(text.to_owned()))
     }
 
+    /// Adds a ClusterIP Service `name` at `vips` with one port per `(name, protocol, port)`
+    /// of `ports`, each targeting [`BACKEND_PORT`], and per family of `vips` the EndpointSlice
+    /// `<name>-v4` or `<name>-v6` listing that family's `backends` as ready on
+    /// [`BACKEND_PORT`] under the same port names.
+    #[must_use]
+    pub fn backed_service(
+        self,
+        name: &str,
+        vips: &[IpAddr],
+        ports: &[(&str, Protocol, u16)],
+        backends: &[IpAddr],
+    ) -> Self {
+        let service = ports.iter().fold(
+            Service::cluster_ip(name, vips),
+            |service, &(port_name, protocol, port)| {
+                service.port(ServicePort::new(port_name, protocol, port, BACKEND_PORT))
+            },
+        );
+        let mut manifests = self.with(service);
+        for family in [AddressType::IPv4, AddressType::IPv6] {
+            if !vips.iter().any(|vip| AddressType::of(vip) == family) {
+                continue;
+            }
+            let suffix = match family {
+                AddressType::IPv4 => "v4",
+                AddressType::IPv6 => "v6",
+            };
+            let ready = backends
+                .iter()
+                .copied()
+                .filter(|backend| AddressType::of(backend) == family);
+            let slice = ports.iter().fold(
+                EndpointSlice::new(&format!("{name}-{suffix}"), name, family)
+                    .ready_endpoints(ready),
+                |slice, &(port_name, protocol, _)| {
+                    slice.port(EndpointPort::new(port_name, protocol, BACKEND_PORT))
+                },
+            );
+            manifests = manifests.with(slice);
+        }
+        manifests
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         for document in &self.documents {
@@ -531,11 +576,47 @@ mod tests {
 
     #[test]
     fn atomic_write_replaces_the_file() {
-        let dir = crate::tempdir::TempDir::new().unwrap();
+        let dir = crate::env::tempdir::TempDir::new().unwrap();
         let path = dir.path().join("manifests.yaml");
         Manifests::new().raw("a: 1").write_atomic(&path).unwrap();
         Manifests::new().raw("b: 2").write_atomic(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "---\nb: 2\n");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_backed_service_has_one_slice_per_family_with_its_backends_under_the_port_names() {
+        let v4: IpAddr = "10.96.0.10".parse().unwrap();
+        let v6: IpAddr = "fd00:96::10".parse().unwrap();
+        let backends: Vec<IpAddr> =
+            vec!["10.240.1.2".parse().unwrap(), "fd00:5e::2".parse().unwrap()];
+        let ports = [("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 53)];
+        let expected = Manifests::new()
+            .with(
+                Service::cluster_ip("web", &[v4, v6])
+                    .port(ServicePort::new("http", Protocol::Tcp, 80, BACKEND_PORT))
+                    .port(ServicePort::new("dns", Protocol::Udp, 53, BACKEND_PORT)),
+            )
+            .with(
+                EndpointSlice::new("web-v4", "web", AddressType::IPv4)
+                    .ready_endpoints([backends[0]])
+                    .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT))
+                    .port(EndpointPort::new("dns", Protocol::Udp, BACKEND_PORT)),
+            )
+            .with(
+                EndpointSlice::new("web-v6", "web", AddressType::IPv6)
+                    .ready_endpoints([backends[1]])
+                    .port(EndpointPort::new("http", Protocol::Tcp, BACKEND_PORT))
+                    .port(EndpointPort::new("dns", Protocol::Udp, BACKEND_PORT)),
+            );
+        let built = Manifests::new().backed_service("web", &[v4, v6], &ports, &backends);
+        assert_eq!(built.render(), expected.render());
+        let v4_only = Manifests::new().backed_service("web", &[v4], &ports[..1], &[]);
+        assert_eq!(v4_only.documents.len(), 2, "{}", v4_only.render());
+        assert!(
+            v4_only.render().contains("name: web-v4"),
+            "{}",
+            v4_only.render()
+        );
     }
 }

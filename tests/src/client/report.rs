@@ -1,6 +1,6 @@
 //! The JSON lines `sy-testkit` prints, one per attempt, and summaries over them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
@@ -57,6 +57,23 @@ pub fn backend_counts(attempts: &[Attempt]) -> BTreeMap<String, usize> {
 
 pub fn failures(attempts: &[Attempt]) -> Vec<&Attempt> {
     attempts.iter().filter(|a| !a.ok).collect()
+}
+
+/// The backends that answered.
+pub fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
+    backend_counts(attempts).into_keys().collect()
+}
+
+/// Fails the test, naming `what` and the first failure, unless every attempt succeeded.
+pub fn assert_all_ok(attempts: &[Attempt], what: &str) {
+    let failed = failures(attempts);
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} attempts failed, e.g. {:?}",
+        failed.len(),
+        attempts.len(),
+        failed.first()
+    );
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointHints, EndpointSlice, ForZone};
 
-use crate::north_south::ExternalService;
+use crate::k8s::external_service::ExternalService;
 
 /// Where a pod is in its life, as its endpoint's conditions say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +184,7 @@ impl ClusterService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::north_south::ServiceType;
+    use crate::k8s::external_service::ServiceType;
 
     fn pod(name: &str, node: usize, host: u8, phase: PodPhase) -> PodRecord {
         PodRecord {

@@ -105,7 +105,7 @@ fn bind_all(config: &ApiServerConfig) -> Result<Vec<StdListener>> {
 fn bind(netns: Option<&str>) -> Result<StdListener> {
     if let Some(netns) = netns {
         // Only this thread moves; sockets keep the namespace they were created in.
-        let path = std::path::Path::new(crate::netns::NETNS_DIR).join(netns);
+        let path = std::path::Path::new(crate::env::netns::NETNS_DIR).join(netns);
         let handle =
             std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)

@@ -22,19 +22,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::File;
 use std::marker::PhantomData;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader, Pod};
-use nix::sched::{CloneFlags, setns};
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
     Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry,
@@ -43,9 +39,18 @@ use proxy_common::{
     reason,
 };
 
-use crate::names;
-use crate::packet::{Mac, Packet};
-use crate::process::run_checked;
+use crate::datapath::packet::Packet;
+use crate::env::names;
+use crate::env::netns::{Namespaces, ThreadNetns};
+
+mod counters;
+pub mod net;
+mod wire;
+
+pub use self::counters::{Counters, FAILURE_REASONS, reason_name};
+use self::net::build_namespace;
+pub use self::wire::{CtValue, Tuple, v4_from_word, v4_word, v6_from_words, v6_words};
+use self::wire::{ct4_entry, ct4_key, ct4_value, ct6_entry, ct6_key, ct6_value, tuple4, tuple6};
 
 /// The program under test.
 pub const PROGRAM: &str = "sy_tc_ingress";
@@ -64,64 +69,6 @@ const SK_BUFF_INGRESS_IFINDEX: usize = 36;
 const SK_BUFF_IFINDEX: usize = 40;
 /// Output buffer: room for any packet the program may grow (an ICMP error quoting a frame).
 const DATA_OUT: usize = 2048;
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The fixture namespace's addresses and links.
-pub mod net {
-    use super::{Ipv4Addr, Ipv6Addr, Mac};
-
-    /// The node's client-facing link (a node address is the NodePort frontend).
-    pub const CLIENT_LINK: &str = "cl0";
-    /// The node's backend-facing link (the pod network).
-    pub const BACKEND_LINK: &str = "be0";
-
-    pub const NODE_CLIENT_MAC: Mac = [0x02, 0x5e, 0, 0, 1, 1];
-    pub const CLIENT_MAC: Mac = [0x02, 0x5e, 0, 0, 1, 2];
-    pub const NODE_BACKEND_MAC: Mac = [0x02, 0x5e, 0, 0, 2, 1];
-
-    pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-    pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-    /// The on-link client, and the gateway to the remote networks below.
-    pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-    pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
-    /// Routed through the client: remote (external) sources.
-    pub const REMOTE_NET_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 51, 100, 0), 24);
-    pub const REMOTE_NET_V6: (Ipv6Addr, u8) =
-        (Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 0), 64);
-
-    /// The node's address on the backend link: the masquerade source the FIB picks.
-    pub const NODE_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 1);
-    pub const NODE_BACKEND_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, 1);
-    /// Hosts on the backend link with a permanent neighbour entry.
-    pub const NEIGHBOUR_HOSTS: [u8; 9] = [2, 3, 4, 5, 6, 7, 8, 9, POD_HOST];
-    /// A pod that is a client (not a backend) on the backend link.
-    pub const POD_HOST: u8 = 50;
-    /// An on-link host without a neighbour entry (the FIB answers "no neighbour").
-    pub const UNRESOLVED_HOST: u8 = 20;
-    /// The cluster CIDRs: the whole backend side is the pod network.
-    pub const CLUSTER_CIDR4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 240, 0, 0), 16);
-    pub const CLUSTER_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0), 32);
-
-    pub const fn backend_v4(host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 240, 1, host)
-    }
-
-    pub const fn backend_v6(host: u8) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, host as u16)
-    }
-
-    pub const fn backend_mac(host: u8) -> Mac {
-        [0x02, 0x5e, 0, 0, 2, host]
-    }
-
-    pub const fn remote_v4(host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, host)
-    }
-
-    pub const fn remote_v6(host: u8) -> Ipv6Addr {
-        Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, host as u16)
-    }
-}
 
 /// How much of a verifier rejection to show.
 const VERIFIER_LOG_LINES: usize = 30;
@@ -166,28 +113,6 @@ pub fn monotonic_ns() -> u64 {
     secs * 1_000_000_000 + nanos
 }
 
-/// Address in the encoding of the maps: network byte order kept in memory.
-pub fn v4_word(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-pub fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-}
-
-pub fn v4_from_word(word: u32) -> Ipv4Addr {
-    Ipv4Addr::from(word.to_ne_bytes())
-}
-
-pub fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    Ipv6Addr::from(octets)
-}
-
 /// A backend of a frontend: its global id and address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -206,49 +131,6 @@ pub struct Frontend {
     pub backends: Vec<Backend>,
 }
 
-/// A conntrack key or the tuple of a conntrack value, family-neutral.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Tuple {
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub protocol: u8,
-}
-
-impl Tuple {
-    pub fn new(src: SocketAddr, dst: SocketAddr, protocol: u8) -> Self {
-        Self { src, dst, protocol }
-    }
-
-    /// The tuple of a packet (as it is in the frame).
-    pub fn of(packet: &Packet) -> Self {
-        Self::new(packet.src_socket(), packet.dst_socket(), packet.protocol())
-    }
-
-    #[must_use]
-    pub fn reversed(&self) -> Self {
-        Self::new(self.dst, self.src, self.protocol)
-    }
-}
-
-impl fmt::Display for Tuple {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} -> {} proto {}", self.src, self.dst, self.protocol)
-    }
-}
-
-/// A conntrack value, family-neutral.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtValue {
-    pub expires_ns: u64,
-    /// The rewritten source and destination.
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub rev_nat_id: u32,
-    pub backend_id: u32,
-    pub flags: u16,
-    pub pad: u16,
-}
-
 /// The outcome of one test run.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -265,147 +147,14 @@ impl Outcome {
     }
 }
 
-/// Reason counters summed over CPUs (index: `proxy_common::reason`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Counters(pub [u64; reason::COUNT as usize]);
-
-impl Counters {
-    pub fn get(&self, reason: u32) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// The increase since `before`.
-    #[must_use]
-    pub fn since(&self, before: &Self) -> Self {
-        let mut delta = *self;
-        for (value, old) in delta.0.iter_mut().zip(before.0) {
-            *value = value.wrapping_sub(old);
-        }
-        delta
-    }
-}
-
-/// Reasons that say a packet could not be handled: no test expects them unless it names them.
-pub const FAILURE_REASONS: [u32; 5] = [
-    reason::TC_FIB_FAILED,
-    reason::TC_SNAT_EXHAUSTED,
-    reason::TC_CT_STORE_FAILED,
-    reason::TC_REWRITE_FAILED,
-    reason::BACKEND_LOOKUP_FAILED,
-];
-
-impl Counters {
-    /// Asserts that each listed reason moved by exactly its count and that no failure reason
-    /// (see [`FAILURE_REASONS`]) moved unless listed.
-    pub fn assert_moved(&self, expected: &[(u32, u64)], context: &str) {
-        for &(reason, count) in expected {
-            assert_eq!(
-                self.get(reason),
-                count,
-                "{context}: counter {} moved by {}, expected {count} (all moves: {self})",
-                reason_name(reason),
-                self.get(reason)
-            );
-        }
-        for reason in FAILURE_REASONS {
-            if !expected.iter().any(|(r, _)| *r == reason) {
-                assert_eq!(
-                    self.get(reason),
-                    0,
-                    "{context}: failure counter {} moved (all moves: {self})",
-                    reason_name(reason)
-                );
-            }
-        }
-    }
-}
-
-pub fn reason_name(reason: u32) -> &'static str {
-    reason::NAMES.get(reason as usize).copied().unwrap_or("?")
-}
-
-impl fmt::Display for Counters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for (index, value) in self.0.iter().enumerate() {
-            if *value != 0 {
-                let name = reason::NAMES.get(index).copied().unwrap_or("?");
-                write!(f, "{}{name}={value}", if first { "" } else { ", " })?;
-                first = false;
-            }
-        }
-        if first {
-            write!(f, "none")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Counters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counters({self})")
-    }
-}
-
-/// A network namespace of this test process that the calling thread has entered; dropping
-/// it returns the thread to its previous namespace and deletes the namespace.
-#[derive(Debug)]
-struct NetnsGuard {
-    name: String,
-    previous: Option<File>,
-}
-
-impl NetnsGuard {
-    fn create() -> Result<Self> {
-        crate::stale::sweep_once();
-        let name = names::unique('n');
-        run_checked(Command::new("ip").args(["netns", "add", &name]), IP_TIMEOUT)?;
-        Ok(Self {
-            name,
-            previous: None,
-        })
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<()> {
-        run_checked(
-            Command::new("ip").args(["-n", &self.name]).args(args),
-            IP_TIMEOUT,
-        )
-        .map(drop)
-    }
-
-    fn enter(&mut self) -> Result<()> {
-        let previous =
-            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-        let path = format!("{}/{}", crate::netns::NETNS_DIR, self.name);
-        let target = File::open(&path).with_context(|| format!("opening {path}"))?;
-        setns(&target, CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering network namespace {}", self.name))?;
-        self.previous = Some(previous);
-        Ok(())
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        if let Some(previous) = self.previous.take()
-            && let Err(e) = setns(&previous, CloneFlags::CLONE_NEWNET)
-        {
-            eprintln!("warning: returning to the previous network namespace: {e}");
-        }
-        if let Err(e) = crate::netns::delete_namespace(&self.name) {
-            eprintln!("warning: {e:#}");
-        }
-    }
-}
-
 /// The loaded object in its own namespace. Fields drop in order: the object (program and
-/// maps) first, then the namespace.
+/// maps) first, then the thread returns to its namespace, then the namespace goes.
 pub struct TcFixture {
     ebpf: Ebpf,
     client_ifindex: u32,
     backend_ifindex: u32,
-    netns: NetnsGuard,
+    _entered: ThreadNetns,
+    netns: Namespaces,
     /// Pinned to the thread that entered the namespace.
     _not_send: PhantomData<*const ()>,
 }
@@ -413,7 +162,7 @@ pub struct TcFixture {
 impl fmt::Debug for TcFixture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcFixture")
-            .field("netns", &self.netns.name)
+            .field("netns", &self.netns.all())
             .field("client_ifindex", &self.client_ifindex)
             .field("backend_ifindex", &self.backend_ifindex)
             .finish_non_exhaustive()
@@ -431,9 +180,12 @@ impl TcFixture {
     pub fn with_capacities(capacities: &[(&str, u32)]) -> Result<Self> {
         let path = object_path();
         let bytes = std::fs::read(&path).with_context(|| missing_object(&path))?;
-        let mut netns = NetnsGuard::create()?;
-        build_namespace(&netns).with_context(|| format!("setting up netns {}", netns.name))?;
-        netns.enter()?;
+        crate::env::stale::sweep_once();
+        let netns_name = names::unique('n');
+        let mut netns = Namespaces::default();
+        netns.add(&netns_name)?;
+        build_namespace(&netns_name).with_context(|| format!("setting up netns {netns_name}"))?;
+        let entered = ThreadNetns::enter(&netns_name)?;
         let client_ifindex = nix::net::if_::if_nametoindex(net::CLIENT_LINK)
             .with_context(|| format!("ifindex of {}", net::CLIENT_LINK))?;
         let backend_ifindex = nix::net::if_::if_nametoindex(net::BACKEND_LINK)
@@ -466,6 +218,7 @@ impl TcFixture {
             ebpf,
             client_ifindex,
             backend_ifindex,
+            _entered: entered,
             netns,
             _not_send: PhantomData,
         })
@@ -964,130 +717,6 @@ fn optional<T>(result: Result<T, aya::maps::MapError>) -> Result<Option<T>> {
     }
 }
 
-fn v4(addr: SocketAddr) -> Ipv4Addr {
-    match addr.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => panic!("{ip} where IPv4 was expected"),
-    }
-}
-
-fn v6(addr: SocketAddr) -> Ipv6Addr {
-    match addr.ip() {
-        IpAddr::V6(ip) => ip,
-        IpAddr::V4(ip) => panic!("{ip} where IPv6 was expected"),
-    }
-}
-
-fn ct4_key(tuple: &Tuple) -> Ct4Key {
-    Ct4Key {
-        saddr: v4_word(v4(tuple.src)),
-        daddr: v4_word(v4(tuple.dst)),
-        sport_be: tuple.src.port().to_be(),
-        dport_be: tuple.dst.port().to_be(),
-        protocol: tuple.protocol,
-        pad: [0; 3],
-    }
-}
-
-fn ct6_key(tuple: &Tuple) -> Ct6Key {
-    Ct6Key {
-        saddr: v6_words(v6(tuple.src)),
-        daddr: v6_words(v6(tuple.dst)),
-        sport_be: tuple.src.port().to_be(),
-        dport_be: tuple.dst.port().to_be(),
-        protocol: tuple.protocol,
-        pad: [0; 3],
-    }
-}
-
-fn tuple4(key: &Ct4Key) -> Tuple {
-    Tuple::new(
-        SocketAddr::new(v4_from_word(key.saddr).into(), u16::from_be(key.sport_be)),
-        SocketAddr::new(v4_from_word(key.daddr).into(), u16::from_be(key.dport_be)),
-        key.protocol,
-    )
-}
-
-fn tuple6(key: &Ct6Key) -> Tuple {
-    Tuple::new(
-        SocketAddr::new(v6_from_words(key.saddr).into(), u16::from_be(key.sport_be)),
-        SocketAddr::new(v6_from_words(key.daddr).into(), u16::from_be(key.dport_be)),
-        key.protocol,
-    )
-}
-
-fn ct4_value(entry: Ct4Entry) -> CtValue {
-    CtValue {
-        expires_ns: entry.expires_ns,
-        src: SocketAddr::new(
-            v4_from_word(entry.saddr).into(),
-            u16::from_be(entry.sport_be),
-        ),
-        dst: SocketAddr::new(
-            v4_from_word(entry.daddr).into(),
-            u16::from_be(entry.dport_be),
-        ),
-        rev_nat_id: entry.rev_nat_id,
-        backend_id: entry.backend_id,
-        flags: entry.flags,
-        pad: entry.pad,
-    }
-}
-
-fn ct6_value(entry: Ct6Entry) -> CtValue {
-    CtValue {
-        expires_ns: entry.expires_ns,
-        src: SocketAddr::new(
-            v6_from_words(entry.saddr).into(),
-            u16::from_be(entry.sport_be),
-        ),
-        dst: SocketAddr::new(
-            v6_from_words(entry.daddr).into(),
-            u16::from_be(entry.dport_be),
-        ),
-        rev_nat_id: entry.rev_nat_id,
-        backend_id: entry.backend_id,
-        flags: entry.flags,
-        pad: entry.pad,
-    }
-}
-
-fn ct4_entry(value: &CtValue) -> Result<Ct4Entry> {
-    ensure!(
-        value.src.is_ipv4() && value.dst.is_ipv4(),
-        "IPv4 entry expected"
-    );
-    Ok(Ct4Entry {
-        expires_ns: value.expires_ns,
-        saddr: v4_word(v4(value.src)),
-        daddr: v4_word(v4(value.dst)),
-        sport_be: value.src.port().to_be(),
-        dport_be: value.dst.port().to_be(),
-        rev_nat_id: value.rev_nat_id,
-        backend_id: value.backend_id,
-        flags: value.flags,
-        pad: value.pad,
-    })
-}
-
-fn ct6_entry(value: &CtValue) -> Result<Ct6Entry> {
-    ensure!(
-        value.src.is_ipv6() && value.dst.is_ipv6(),
-        "IPv6 entry expected"
-    );
-    Ok(Ct6Entry {
-        expires_ns: value.expires_ns,
-        saddr: v6_words(v6(value.src)),
-        daddr: v6_words(v6(value.dst)),
-        sport_be: value.src.port().to_be(),
-        dport_be: value.dst.port().to_be(),
-        rev_nat_id: value.rev_nat_id,
-        backend_id: value.backend_id,
-        flags: value.flags,
-        pad: value.pad,
-    })
-}
-
 /// The configuration of a cluster whose pod network is the backend side
 /// ([`net::CLUSTER_CIDR4`], [`net::CLUSTER_CIDR6`]), with `flags` added and SNAT ports
 /// `snat_ports`.
@@ -1104,98 +733,6 @@ pub fn cluster_config(extra_flags: u8, snat_ports: (u16, u16)) -> DatapathConfig
     }
 }
 
-fn mac_string(mac: Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Links, addresses, neighbours, routes and forwarding inside the fixture namespace.
-fn build_namespace(ns: &NetnsGuard) -> Result<()> {
-    ns.ip(&["link", "set", "lo", "up"])?;
-    for (link, mac, v4, v6) in [
-        (
-            net::CLIENT_LINK,
-            net::NODE_CLIENT_MAC,
-            format!("{}/24", net::NODE_V4),
-            format!("{}/64", net::NODE_V6),
-        ),
-        (
-            net::BACKEND_LINK,
-            net::NODE_BACKEND_MAC,
-            format!("{}/24", net::NODE_BACKEND_V4),
-            format!("{}/64", net::NODE_BACKEND_V6),
-        ),
-    ] {
-        let peer = format!("{link}p");
-        ns.ip(&["link", "add", link, "type", "veth", "peer", "name", &peer])?;
-        ns.ip(&["link", "set", link, "address", &mac_string(mac)])?;
-        ns.ip(&["addr", "add", &v4, "dev", link])?;
-        // nodad: a tentative address is never a FIB source.
-        ns.ip(&["-6", "addr", "add", &v6, "dev", link, "nodad"])?;
-        ns.ip(&["link", "set", &peer, "up"])?;
-        ns.ip(&["link", "set", link, "up"])?;
-    }
-    let neighbour = |ip: IpAddr, mac: Mac, link: &str| {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &ip.to_string(),
-            "lladdr",
-            &mac_string(mac),
-            "dev",
-            link,
-            "nud",
-            "permanent",
-        ])
-    };
-    neighbour(net::CLIENT_V4.into(), net::CLIENT_MAC, net::CLIENT_LINK)?;
-    neighbour(net::CLIENT_V6.into(), net::CLIENT_MAC, net::CLIENT_LINK)?;
-    for host in net::NEIGHBOUR_HOSTS {
-        let mac = net::backend_mac(host);
-        neighbour(net::backend_v4(host).into(), mac, net::BACKEND_LINK)?;
-        neighbour(net::backend_v6(host).into(), mac, net::BACKEND_LINK)?;
-    }
-    let (remote4, prefix4) = net::REMOTE_NET_V4;
-    let (remote6, prefix6) = net::REMOTE_NET_V6;
-    ns.ip(&[
-        "route",
-        "add",
-        &format!("{remote4}/{prefix4}"),
-        "via",
-        &net::CLIENT_V4.to_string(),
-        "dev",
-        net::CLIENT_LINK,
-    ])?;
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        &format!("{remote6}/{prefix6}"),
-        "via",
-        &net::CLIENT_V6.to_string(),
-        "dev",
-        net::CLIENT_LINK,
-    ])?;
-    // bpf_fib_lookup answers "forwarding disabled" on an ingress device without forwarding.
-    run_checked(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv6.conf.default.forwarding=1",
-        ]),
-        IP_TIMEOUT,
-    )?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1208,22 +745,5 @@ mod tests {
             last_lines(&log.join("\n"), 3),
             "0\n[... 6 lines of the verifier log ...]\n7\n8\n9"
         );
-    }
-
-    #[test]
-    fn map_encodings_round_trip() {
-        let v4 = Ipv4Addr::new(10, 240, 1, 2);
-        assert_eq!(v4_word(v4).to_ne_bytes(), [10, 240, 1, 2]);
-        assert_eq!(v4_from_word(v4_word(v4)), v4);
-        let v6 = net::backend_v6(2);
-        assert_eq!(v6_from_words(v6_words(v6)), v6);
-        let tuple = Tuple::new(
-            SocketAddr::new(v4.into(), 40000),
-            SocketAddr::new(net::NODE_V4.into(), 30080),
-            6,
-        );
-        let key = ct4_key(&tuple);
-        assert_eq!(key.sport_be, 40000_u16.to_be());
-        assert_eq!(tuple4(&key), tuple);
     }
 }

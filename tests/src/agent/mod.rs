@@ -1,5 +1,7 @@
 //! The Switchyard agent under test, run in the node namespace with its output in a log file.
 
+pub mod layout;
+
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -10,11 +12,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 
-use crate::bpffs::PrivateBpffs;
-use crate::cgroup::TestCgroup;
-use crate::netns::Topology;
-use crate::process::{ChildGuard, run_bounded};
-use crate::tempdir::TempDir;
+use crate::env::bpffs::PrivateBpffs;
+use crate::env::cgroup::TestCgroup;
+use crate::env::netns::Topology;
+use crate::env::process::{ChildGuard, run_bounded};
+use crate::env::tempdir::TempDir;
 
 /// Environment variable naming the agent binary (xtask points it at the release build).
 pub const BIN_ENV: &str = "SWITCHYARD_BIN";

@@ -50,22 +50,22 @@ use serde_json::Value;
 use self::balancer::Balancer;
 pub use self::network::{CLIENT, CLIENT6, node_balancer_address};
 use self::network::{
-    CLIENT_POD_HOST, CLUSTER_CIDR, Fabric, MAX_NODES, NODE_BALANCER_LINK, NODE_UPLINK, Namespaces,
-    PodAddresses, node_address, node_address6, pod_address, pod_address6, wire_pod,
+    CLIENT_POD_HOST, CLUSTER_CIDR, Fabric, MAX_NODES, NODE_BALANCER_LINK, NODE_UPLINK,
+    PodAddresses, add_namespace, node_address, node_address6, pod_address, pod_address6, wire_pod,
 };
 use self::workload::{ClusterService, PodPhase, PodRecord};
 use crate::agent::Agent;
-use crate::apiserver::{ApiServer, ApiServerConfig, Kind};
-use crate::bpffs::PrivateBpffs;
-use crate::cgroup::TestCgroup;
-use crate::http::get_in_netns;
-use crate::names;
-use crate::north_south::{BACKEND_PORT, SERVICE_NAMESPACE};
-use crate::objects;
-use crate::process::wait_until;
-use crate::report::Attempt;
-use crate::tempdir::TempDir;
-use crate::testkit::{ClientRequest, RunningClient, Server, Testkit};
+use crate::client::http::get_in_netns;
+use crate::client::report::Attempt;
+use crate::client::testkit::BACKEND_PORT;
+use crate::client::testkit::{ClientRequest, RunningClient, Server, Testkit};
+use crate::env::names;
+use crate::env::netns::Namespaces;
+use crate::env::process::wait_until;
+use crate::k8s::apiserver::{ApiServer, ApiServerConfig, Kind};
+use crate::k8s::external_service::SERVICE_NAMESPACE;
+use crate::k8s::objects;
+use crate::world::agent_host::AgentHost;
 
 /// How long agents may take to start and serve the first state.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -118,17 +118,14 @@ impl ClusterConfig {
     }
 }
 
-/// One node: its namespace and its agent with everything the agent owns.
+/// One node: its namespace and its agent with everything the agent owns (the kubeconfig in
+/// the host's files).
 struct Node {
-    // Declared first: the agent stops before its pins, cgroup and kubeconfig go.
-    agent: Option<Agent>,
+    host: AgentHost,
     netns: String,
     name: String,
     zone: String,
-    cgroup: TestCgroup,
-    bpffs: PrivateBpffs,
     kubeconfig: PathBuf,
-    _kubeconfig_dir: TempDir,
 }
 
 /// The multi-node test world (see the module documentation).
@@ -169,7 +166,7 @@ impl Cluster {
             (3..=MAX_NODES).contains(&count),
             "a cluster has 3 to {MAX_NODES} nodes, not {count}"
         );
-        crate::stale::sweep_once();
+        crate::env::stale::sweep_once();
         let base = names::unique('n');
         let mut namespaces = Namespaces::default();
         let router = format!("{base}r");
@@ -180,7 +177,7 @@ impl Cluster {
             .into_iter()
             .chain(&node_netns)
         {
-            namespaces.add(name)?;
+            add_namespace(&mut namespaces, name)?;
         }
         Fabric {
             router: &router,
@@ -195,17 +192,14 @@ impl Cluster {
         })?;
         let mut nodes = Vec::with_capacity(count);
         for (index, (netns, zone)) in node_netns.iter().zip(&config.zones).enumerate() {
-            let kubeconfig_dir = TempDir::new()?;
-            let kubeconfig = api.write_kubeconfig_in(netns, kubeconfig_dir.path())?;
+            let host = AgentHost::new(netns)?;
+            let kubeconfig = api.write_kubeconfig_in(netns, host.files_dir())?;
             nodes.push(Node {
-                agent: None,
+                host,
                 netns: netns.clone(),
                 name: format!("node-{index}"),
                 zone: zone.clone(),
-                cgroup: TestCgroup::new()?,
-                bpffs: PrivateBpffs::new()?,
                 kubeconfig,
-                _kubeconfig_dir: kubeconfig_dir,
             });
         }
         let mut cluster = Self {
@@ -362,7 +356,7 @@ impl Cluster {
         let netns = format!("{}p{node}x{host}", self.base);
         let address = pod_address(node, host);
         let address6 = pod_address6(node, host);
-        self.namespaces.add(&netns)?;
+        add_namespace(&mut self.namespaces, &netns)?;
         wire_pod(
             &self.nodes[node].netns,
             &format!("p{host}"),
@@ -385,7 +379,7 @@ impl Cluster {
 
     fn add_client_pod(&mut self, node: usize) -> Result<()> {
         let netns = self.client_pod_netns(node);
-        self.namespaces.add(&netns)?;
+        add_namespace(&mut self.namespaces, &netns)?;
         wire_pod(
             &self.nodes[node].netns,
             "cp0",
@@ -505,25 +499,21 @@ impl Cluster {
     // Agents
 
     fn try_start_agent(&mut self, node: usize) -> Result<()> {
-        let entry = &mut self.nodes[node];
-        let mut args = vec!["--node-name", &entry.name, "--cluster-cidr", CLUSTER_CIDR];
+        let Node {
+            host,
+            name,
+            kubeconfig,
+            ..
+        } = &mut self.nodes[node];
+        let mut args = vec!["--node-name", name, "--cluster-cidr", CLUSTER_CIDR];
         args.extend(self.agent_args[node].iter().map(String::as_str));
-        let agent = Agent::start_in_netns(
-            &entry.netns,
-            &entry.cgroup,
-            &entry.bpffs,
-            "--kubeconfig",
-            &entry.kubeconfig,
-            &args,
-        )?;
-        entry.agent = Some(agent);
-        Ok(())
+        host.start_agent_with_source("--kubeconfig", kubeconfig, &args)
     }
 
     fn wait_ready(&mut self, node: usize) -> Result<()> {
         let netns = self.nodes[node].netns.clone();
         let ready = wait_until(START_TIMEOUT, Duration::from_millis(50), || {
-            if let Some(agent) = self.nodes[node].agent.as_mut()
+            if let Some(agent) = self.nodes[node].host.started_agent_mut()
                 && let Err(e) = agent.ensure_running()
             {
                 return Some(Err(e));
@@ -540,8 +530,8 @@ impl Cluster {
     /// The agent of `node` (panics when it was stopped for good).
     pub fn agent(&mut self, node: usize) -> &mut Agent {
         self.nodes[node]
-            .agent
-            .as_mut()
+            .host
+            .started_agent_mut()
             .unwrap_or_else(|| panic!("node {node} has no agent"))
     }
 
@@ -567,7 +557,7 @@ impl Cluster {
     /// SIGKILLs the agent of `node` and starts it with `extra_args` in place of its extra
     /// arguments (its pins stay); returns once it is ready.
     pub fn restart_agent_with(&mut self, node: usize, extra_args: &[&str]) {
-        if let Some(mut agent) = self.nodes[node].agent.take() {
+        if let Some(mut agent) = self.nodes[node].host.take_agent() {
             agent
                 .kill()
                 .unwrap_or_else(|e| panic!("stopping the agent of node {node}: {e:#}"));
@@ -582,7 +572,7 @@ impl Cluster {
     /// then the control plane notices: its pods leave the slices (their servers stop) and its
     /// Node object is deleted.
     pub fn lose_node(&mut self, node: usize) {
-        if let Some(mut agent) = self.nodes[node].agent.take() {
+        if let Some(mut agent) = self.nodes[node].host.take_agent() {
             agent
                 .kill()
                 .unwrap_or_else(|e| panic!("killing the agent of node {node}: {e:#}"));
@@ -613,7 +603,7 @@ impl Cluster {
 
     /// Whether `node` has a running agent.
     pub fn has_agent(&self, node: usize) -> bool {
-        self.nodes[node].agent.is_some()
+        self.nodes[node].host.started_agent().is_some()
     }
 
     /// Waits until every running agent programs, for every frontend of every Service
@@ -640,7 +630,7 @@ impl Cluster {
     /// The first difference between what an agent programs and what it should, if any.
     fn mismatch(&mut self) -> Result<Option<String>> {
         for node in 0..self.nodes.len() {
-            let Some(agent) = self.nodes[node].agent.as_mut() else {
+            let Some(agent) = self.nodes[node].host.started_agent_mut() else {
                 continue;
             };
             agent
@@ -787,7 +777,7 @@ impl Cluster {
         self.testkit
             .spawn_client(
                 &self.client_pod_netns(node),
-                self.nodes[node].cgroup.path(),
+                self.nodes[node].host.cgroup().path(),
                 request,
             )
             .unwrap_or_else(|e| panic!("starting a client on node {node}: {e:#}"))
@@ -804,7 +794,7 @@ impl Cluster {
         self.testkit
             .hold(
                 &self.client_pod_netns(node),
-                self.nodes[node].cgroup.path(),
+                self.nodes[node].host.cgroup().path(),
                 target,
                 duration,
                 every,
@@ -867,19 +857,6 @@ fn backends_of(entry: &Value) -> Option<BTreeSet<IpAddr>> {
         .iter()
         .map(|backend| socket_ip(backend["address"].as_str()?))
         .collect()
-}
-
-/// Names of the backends that answered `attempts`.
-pub fn reached(attempts: &[Attempt]) -> BTreeSet<String> {
-    attempts
-        .iter()
-        .filter_map(|attempt| attempt.backend.clone())
-        .collect()
-}
-
-/// The attempts that failed, for assertion messages.
-pub fn failed(attempts: &[Attempt]) -> Vec<&Attempt> {
-    attempts.iter().filter(|attempt| !attempt.ok).collect()
 }
 
 /// `SERVICE_NAMESPACE`, where the cluster's Services live.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::names;
+use crate::env::names;
 
 /// A directory under the system temp dir, removed with its contents on drop.
 #[derive(Debug)]
@@ -14,7 +14,7 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new() -> Result<Self> {
-        crate::stale::sweep_once();
+        crate::env::stale::sweep_once();
         let path = std::env::temp_dir().join(names::unique('t'));
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path })

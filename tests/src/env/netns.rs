@@ -1,23 +1,30 @@
-//! Isolated network namespaces: one "node" namespace wired to N backend namespaces.
+//! Network namespaces: [`Namespaces`], the one owner of the namespaces a test creates (every
+//! world and fixture holds one), the calling thread moved into a namespace ([`ThreadNetns`],
+//! [`run_in`]), commands inside a namespace ([`ip_in`], [`sysctl`]), veth pairs between two
+//! namespaces ([`veth`]), and the simplest topology built from them, [`Topology`]: one "node"
+//! namespace wired to N backend namespaces.
 //!
-//! Nothing here touches the root namespace: the veth pairs are created inside the node namespace
-//! with their peer moved straight into a backend namespace, and no namespace has a default
-//! route, so traffic to any address that is not on a test link fails with ENETUNREACH instead of
-//! leaving the machine.
+//! Nothing here touches the root namespace: a veth pair is created inside one test namespace
+//! with its peer moved straight into another, and no namespace of a [`Topology`] has a default
+//! route, so traffic to any address that is not on a test link fails with ENETUNREACH instead
+//! of leaving the machine.
 
+use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use nix::sched::{CloneFlags, setns};
 
-use crate::names;
-use crate::process::{run_checked, wait_until};
+use crate::env::names;
+use crate::env::process::{run_checked, wait_until};
 
 /// Where `ip netns add` puts its namespace handles.
 pub const NETNS_DIR: &str = "/run/netns";
 
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one `ip` or `sysctl` command may take.
+pub const IP_TIMEOUT: Duration = Duration::from_secs(10);
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The third octet (and the fourth IPv6 group) numbers the backend, so at most this many.
 const MAX_BACKENDS: usize = 250;
@@ -39,24 +46,23 @@ pub struct Backend {
 pub struct Topology {
     node: String,
     backends: Vec<Backend>,
-    /// Namespaces created so far, so a failure half-way still cleans up.
-    created: Vec<String>,
+    namespaces: Namespaces,
 }
 
 impl Topology {
     pub fn new(backends: usize) -> Result<Self> {
         ensure!(backends <= MAX_BACKENDS, "at most {MAX_BACKENDS} backends");
-        crate::stale::sweep_once();
+        crate::env::stale::sweep_once();
         let node = names::unique('n');
         let mut topology = Self {
             node: node.clone(),
             backends: Vec::with_capacity(backends),
-            created: Vec::new(),
+            namespaces: Namespaces::default(),
         };
-        topology.add_namespace(&node)?;
+        topology.namespaces.add(&node)?;
         for index in 0..backends {
             let backend = backend_addresses(index, format!("{node}b{index}"));
-            topology.add_namespace(&backend.namespace)?;
+            topology.namespaces.add(&backend.namespace)?;
             wire(&node, &backend)?;
             topology.backends.push(backend);
         }
@@ -80,19 +86,44 @@ impl Topology {
             "peer index {index} collides with a backend or exceeds {MAX_BACKENDS}"
         );
         let peer = backend_addresses(index, format!("{}p{index}", self.node));
-        self.add_namespace(&peer.namespace)?;
+        self.namespaces.add(&peer.namespace)?;
         wire(&self.node, &peer)?;
         Ok(peer)
     }
+}
 
-    fn add_namespace(&mut self, name: &str) -> Result<()> {
+/// Network namespaces created so far; dropping it deletes them in reverse order (which
+/// deletes their links), also when the test panics half-way through building its world.
+/// Names come from [`names::unique`], so the stale sweep finds them if the process dies.
+#[derive(Debug, Default)]
+pub struct Namespaces {
+    created: Vec<String>,
+}
+
+impl Namespaces {
+    /// Creates namespace `name` with its loopback up.
+    pub fn add(&mut self, name: &str) -> Result<()> {
         run_checked(Command::new("ip").args(["netns", "add", name]), IP_TIMEOUT)?;
         self.created.push(name.to_owned());
         ip_in(name, &["link", "set", "lo", "up"])
     }
+
+    /// Deletes one namespace now (e.g. a pod that went away), if it is one of these.
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        if let Some(position) = self.created.iter().position(|n| n == name) {
+            self.created.remove(position);
+            delete_namespace(name)?;
+        }
+        Ok(())
+    }
+
+    /// Every namespace still held, in creation order.
+    pub fn all(&self) -> &[String] {
+        &self.created
+    }
 }
 
-impl Drop for Topology {
+impl Drop for Namespaces {
     fn drop(&mut self) {
         for namespace in self.created.iter().rev() {
             if let Err(e) = delete_namespace(namespace) {
@@ -104,6 +135,33 @@ impl Drop for Topology {
 
 pub fn delete_namespace(name: &str) -> Result<()> {
     run_checked(Command::new("ip").args(["netns", "del", name]), IP_TIMEOUT).map(drop)
+}
+
+/// The calling thread moved into a network namespace (setns affects only that thread);
+/// dropping it moves the thread back. Keep it on the thread that made it.
+#[derive(Debug)]
+pub struct ThreadNetns {
+    previous: File,
+}
+
+impl ThreadNetns {
+    pub fn enter(netns: &str) -> Result<Self> {
+        let previous =
+            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+        let path = format!("{NETNS_DIR}/{netns}");
+        let target = File::open(&path).with_context(|| format!("opening {path}"))?;
+        setns(&target, CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {netns}"))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for ThreadNetns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.previous, CloneFlags::CLONE_NEWNET) {
+            eprintln!("warning: returning to the previous network namespace: {e}");
+        }
+    }
 }
 
 fn backend_addresses(index: usize, namespace: String) -> Backend {
@@ -119,73 +177,76 @@ fn backend_addresses(index: usize, namespace: String) -> Backend {
     }
 }
 
-/// Links the node to `backend`: the veth is created inside the node namespace and its peer is
-/// moved directly into the backend namespace, so neither end ever exists in the root namespace.
-/// Interface names only need to be unique inside their own namespace.
+/// Links the node to `backend` (interface `b<index>` in the node, `eth0` in the backend).
 fn wire(node: &str, backend: &Backend) -> Result<()> {
-    let node_end = format!("b{}", backend.index);
-    let backend_end = "eth0";
+    veth(
+        &VethEnd {
+            netns: node,
+            device: &format!("b{}", backend.index),
+            v4: (backend.node_ipv4, 24),
+            v6: (backend.node_ipv6, 64),
+        },
+        &VethEnd {
+            netns: &backend.namespace,
+            device: "eth0",
+            v4: (backend.ipv4, 24),
+            v6: (backend.ipv6, 64),
+        },
+    )
+}
+
+/// One end of a veth pair: its namespace, interface name and addresses with prefix lengths.
+#[derive(Debug, Clone, Copy)]
+pub struct VethEnd<'a> {
+    pub netns: &'a str,
+    pub device: &'a str,
+    pub v4: (Ipv4Addr, u8),
+    pub v6: (Ipv6Addr, u8),
+}
+
+/// A veth pair created inside `a`'s namespace with its peer moved straight into `b`'s, so
+/// neither end ever exists in the root namespace (interface names only need to be unique
+/// inside their own namespace); both ends addressed (IPv6 without duplicate address
+/// detection), up, and operational when this returns.
+pub fn veth(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<()> {
     ip_in(
-        node,
+        a.netns,
         &[
-            "link",
-            "add",
-            &node_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            backend_end,
-            "netns",
-            &backend.namespace,
+            "link", "add", a.device, "type", "veth", "peer", "name", b.device, "netns", b.netns,
         ],
     )?;
-    for (namespace, device, v4, v6) in [
-        (
-            node,
-            node_end.as_str(),
-            backend.node_ipv4,
-            backend.node_ipv6,
-        ),
-        (
-            backend.namespace.as_str(),
-            backend_end,
-            backend.ipv4,
-            backend.ipv6,
-        ),
-    ] {
+    for end in [a, b] {
+        let (v4, prefix4) = end.v4;
+        let (v6, prefix6) = end.v6;
         ip_in(
-            namespace,
-            &["addr", "add", &format!("{v4}/24"), "dev", device],
+            end.netns,
+            &["addr", "add", &format!("{v4}/{prefix4}"), "dev", end.device],
         )?;
         // Without nodad the address stays tentative for a while and binds/connects fail.
         ip_in(
-            namespace,
+            end.netns,
             &[
                 "-6",
                 "addr",
                 "add",
-                &format!("{v6}/64"),
+                &format!("{v6}/{prefix6}"),
                 "dev",
-                device,
+                end.device,
                 "nodad",
             ],
         )?;
-        ip_in(namespace, &["link", "set", device, "up"])?;
+        ip_in(end.netns, &["link", "set", end.device, "up"])?;
     }
     // The kernel activates a link's queue asynchronously after "up"; packets sent before that
     // are dropped, which costs the first IPv6 neighbour solicitation a 1 s retransmit.
-    for (namespace, device) in [
-        (node, node_end.as_str()),
-        (backend.namespace.as_str(), backend_end),
-    ] {
-        wait_until_operational(namespace, device)?;
+    for end in [a, b] {
+        wait_until_operational(end.netns, end.device)?;
     }
     Ok(())
 }
 
 /// Waits until `device` in `namespace` is operationally up.
-pub(crate) fn wait_until_operational(namespace: &str, device: &str) -> Result<()> {
+pub fn wait_until_operational(namespace: &str, device: &str) -> Result<()> {
     let is_up = || {
         let output = run_checked(
             Command::new("ip").args(["-n", namespace, "-o", "link", "show", "dev", device]),
@@ -200,9 +261,21 @@ pub(crate) fn wait_until_operational(namespace: &str, device: &str) -> Result<()
         .with_context(|| format!("{device} in {namespace} did not come up"))
 }
 
-fn ip_in(namespace: &str, args: &[&str]) -> Result<()> {
+/// `ip -n NETNS ARGS...`.
+pub fn ip_in(namespace: &str, args: &[&str]) -> Result<()> {
     run_checked(
         Command::new("ip").args(["-n", namespace]).args(args),
+        IP_TIMEOUT,
+    )
+    .map(drop)
+}
+
+/// `sysctl -w` of each `key=value` inside `netns`.
+pub fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
+    run_checked(
+        Command::new("ip")
+            .args(["netns", "exec", netns, "sysctl", "-q", "-w"])
+            .args(settings),
         IP_TIMEOUT,
     )
     .map(drop)

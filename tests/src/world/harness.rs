@@ -1,36 +1,27 @@
-//! One test's whole world: topology, backend servers, cgroup, bpffs, manifests and agent, torn
-//! down in a safe order. Its methods panic on infrastructure errors so that a failing test
-//! unwinds through the agent's Drop, which prints the agent log.
+//! The single-node world: one node namespace wired to N backend namespaces, each serving its
+//! name, and the node's [`AgentHost`], torn down in a safe order. Its methods panic on
+//! infrastructure errors so that a failing test unwinds through the agent's Drop, which prints
+//! the agent log.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use crate::agent::Agent;
-use crate::bpffs::PrivateBpffs;
-use crate::cgroup::TestCgroup;
-use crate::manifests::Manifests;
-use crate::netns::{Backend, Topology};
-use crate::process::wait_until;
-use crate::report::Attempt;
-use crate::tempdir::TempDir;
-use crate::testkit::{ClientProto, ClientRequest, RunningClient, Server, Testkit};
+use crate::client::report::Attempt;
+use crate::client::testkit::{ClientProto, ClientRequest, RunningClient, Server, Testkit};
+use crate::env::netns::{Backend, Topology};
+use crate::world::agent_host::AgentHost;
 
 /// The port every backend server listens on (TCP and UDP).
-pub const BACKEND_PORT: u16 = 8080;
-/// How long the agent may take to translate traffic after it starts.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
-const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+pub use crate::client::testkit::BACKEND_PORT;
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// Fields drop in declaration order: the agent stops first, the cgroup (and any client left in
-/// it) goes before the bpffs holding the pins, and the namespaces go last.
+/// Fields drop in declaration order: the agent (with its cgroup, bpffs and files) goes
+/// first, then the servers, and the namespaces go last. The harness dereferences to its
+/// [`AgentHost`] for the agent, the cgroup, the bpffs and the manifests file.
 pub struct Harness {
-    agent: Option<Agent>,
+    host: AgentHost,
     _servers: Vec<Server>,
-    manifests_dir: TempDir,
-    cgroup: TestCgroup,
-    bpffs: PrivateBpffs,
     topology: Topology,
     testkit: Testkit,
 }
@@ -39,9 +30,8 @@ impl Harness {
     /// Builds the topology with `backends` backends, each serving its name on [`BACKEND_PORT`].
     pub fn new(testkit: Testkit, backends: usize) -> Self {
         let topology = Topology::new(backends).expect("creating the test topology");
-        let bpffs = PrivateBpffs::new().expect("mounting a private bpffs");
-        let cgroup = TestCgroup::new().expect("creating the test cgroup");
-        let manifests_dir = TempDir::new().expect("creating the manifests directory");
+        let host = AgentHost::new(topology.node_namespace())
+            .expect("preparing cgroup, bpffs and files for the agent");
         let servers = topology
             .backends()
             .iter()
@@ -56,11 +46,8 @@ impl Harness {
             })
             .collect();
         Self {
-            agent: None,
+            host,
             _servers: servers,
-            manifests_dir,
-            cgroup,
-            bpffs,
             topology,
             testkit,
         }
@@ -90,74 +77,26 @@ impl Harness {
             .collect()
     }
 
-    pub fn manifests_path(&self) -> PathBuf {
-        self.manifests_dir.path().join("manifests.yaml")
-    }
-
-    pub fn write_manifests(&self, manifests: &Manifests) {
-        manifests
-            .write_atomic(&self.manifests_path())
-            .expect("writing the manifests file");
-    }
-
-    /// Starts the agent on the manifests file (write it first).
-    pub fn start_agent(&mut self, extra_args: &[&str]) {
-        let agent = Agent::start(
-            &self.topology,
-            &self.cgroup,
-            &self.bpffs,
-            &self.manifests_path(),
-            extra_args,
-        )
-        .expect("starting the agent");
-        self.agent = Some(agent);
-    }
-
-    /// Starts the agent following the API server described by `kubeconfig`.
-    pub fn start_agent_with_kubeconfig(&mut self, kubeconfig: &Path, extra_args: &[&str]) {
-        let agent = Agent::start_with_source(
-            &self.topology,
-            &self.cgroup,
-            &self.bpffs,
-            "--kubeconfig",
-            kubeconfig,
-            extra_args,
-        )
-        .expect("starting the agent");
-        self.agent = Some(agent);
-    }
-
-    pub fn agent(&mut self) -> &mut Agent {
-        self.agent.as_mut().expect("the agent was started")
-    }
-
-    pub fn bpffs(&self) -> &PrivateBpffs {
-        &self.bpffs
-    }
-
-    /// The cgroup the test's clients join (and the agent's hooks attach to).
-    pub fn cgroup(&self) -> &TestCgroup {
-        &self.cgroup
-    }
-
     /// Runs a client in the hooked cgroup inside the node namespace, to completion.
     pub fn client(&self, request: &ClientRequest) -> Vec<Attempt> {
-        self.testkit
-            .client(self.topology.node_namespace(), self.cgroup.path(), request)
-            .unwrap_or_else(|e| panic!("running client {request:?}: {e:#}"))
+        self.client_in(self.topology.node_namespace(), request)
     }
 
     /// Runs a client in the hooked cgroup inside another test namespace (a "pod": its own
     /// network namespace, not the node's), to completion.
     pub fn client_in(&self, netns: &str, request: &ClientRequest) -> Vec<Attempt> {
         self.testkit
-            .client(netns, self.cgroup.path(), request)
+            .client(netns, self.cgroup().path(), request)
             .unwrap_or_else(|e| panic!("running client {request:?} in {netns}: {e:#}"))
     }
 
     pub fn spawn_client(&self, request: &ClientRequest) -> RunningClient {
         self.testkit
-            .spawn_client(self.topology.node_namespace(), self.cgroup.path(), request)
+            .spawn_client(
+                self.topology.node_namespace(),
+                self.cgroup().path(),
+                request,
+            )
             .unwrap_or_else(|e| panic!("starting client {request:?}: {e:#}"))
     }
 
@@ -165,7 +104,7 @@ impl Harness {
         self.testkit
             .hold(
                 self.topology.node_namespace(),
-                self.cgroup.path(),
+                self.cgroup().path(),
                 target,
                 duration,
                 every,
@@ -183,7 +122,7 @@ impl Harness {
         self.testkit
             .hold_udp(
                 self.topology.node_namespace(),
-                self.cgroup.path(),
+                self.cgroup().path(),
                 target,
                 duration,
                 every,
@@ -217,23 +156,36 @@ impl Harness {
         accept: impl Fn(&Attempt) -> bool,
     ) -> Attempt {
         let request = ClientRequest::new(proto, target).timeout(PROBE_TIMEOUT);
-        let mut last = None;
-        let found = wait_until(READY_TIMEOUT, PROBE_INTERVAL, || {
-            if let Some(agent) = self.agent.as_mut() {
-                agent
-                    .ensure_running()
-                    .unwrap_or_else(|e| panic!("waiting for {what} from {target}: {e:#}"));
-            }
-            let attempt = self.client(&request).pop()?;
-            let done = accept(&attempt);
-            last = Some(attempt.clone());
-            done.then_some(attempt)
-        });
-        found.unwrap_or_else(|| {
-            panic!(
-                "no {what} from {target} ({proto:?}) within {READY_TIMEOUT:?}; last attempt: {last:?}"
-            )
-        })
+        let Self {
+            host,
+            topology,
+            testkit,
+            ..
+        } = self;
+        host.wait_for(
+            &format!("{what} from {target} ({proto:?})"),
+            |host| {
+                testkit
+                    .client(topology.node_namespace(), host.cgroup().path(), &request)
+                    .unwrap_or_else(|e| panic!("running client {request:?}: {e:#}"))
+                    .pop()
+            },
+            accept,
+        )
+    }
+}
+
+impl Deref for Harness {
+    type Target = AgentHost;
+
+    fn deref(&self) -> &AgentHost {
+        &self.host
+    }
+}
+
+impl DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut AgentHost {
+        &mut self.host
     }
 }
 

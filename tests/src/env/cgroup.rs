@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::names;
-use crate::process::wait_until;
+use crate::env::names;
+use crate::env::process::wait_until;
 
 const EMPTY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -22,8 +22,8 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Result<Self> {
-        crate::stale::sweep_once();
-        let path = crate::mounts::cgroup2_root()?.join(names::unique('c'));
+        crate::env::stale::sweep_once();
+        let path = crate::env::mounts::cgroup2_root()?.join(names::unique('c'));
         std::fs::create_dir(&path)
             .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::network::{node_balancer_address, steer};
-use crate::netns::NETNS_DIR;
-use crate::process::wait_until;
+use crate::env::netns::NETNS_DIR;
+use crate::env::process::wait_until;
 
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a node's probes must fail in a row before the balancer stops using it.

@@ -7,12 +7,13 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::harness::BACKEND_PORT;
+use crate::client::testkit::BACKEND_PORT;
 
-fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+/// Object metadata: `name` in `namespace` (`None` for cluster-scoped objects) with `labels`.
+pub fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_owned()),
-        namespace: Some(namespace.to_owned()),
+        namespace: namespace.map(str::to_owned),
         labels: (!labels.is_empty()).then(|| {
             labels
                 .iter()
@@ -26,7 +27,7 @@ fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
 /// A ClusterIP Service at `vip` with one TCP port named `http`.
 pub fn cluster_ip_service(namespace: &str, name: &str, vip: SocketAddr) -> Service {
     Service {
-        metadata: meta(namespace, name, &[]),
+        metadata: meta(Some(namespace), name, &[]),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             cluster_ip: Some(vip.ip().to_string()),
@@ -48,7 +49,7 @@ pub fn cluster_ip_service(namespace: &str, name: &str, vip: SocketAddr) -> Servi
 pub fn endpoint_slice(namespace: &str, service: &str, backends: &[IpAddr]) -> EndpointSlice {
     EndpointSlice {
         metadata: meta(
-            namespace,
+            Some(namespace),
             &format!("{service}-abc"),
             &[("kubernetes.io/service-name", service)],
         ),
@@ -72,8 +73,7 @@ pub fn endpoint_slice(namespace: &str, service: &str, backends: &[IpAddr]) -> En
 /// The Node `name` in `zone` (its `topology.kubernetes.io/zone` label) with these taint keys
 /// (effect NoSchedule, as the cluster autoscaler sets `ToBeDeletedByClusterAutoscaler`).
 pub fn node(name: &str, zone: Option<&str>, taints: &[&str]) -> Node {
-    let mut metadata = meta("", name, &[]);
-    metadata.namespace = None;
+    let mut metadata = meta(None, name, &[]);
     if let Some(zone) = zone {
         metadata.labels = Some(BTreeMap::from([(
             "topology.kubernetes.io/zone".to_owned(),
@@ -101,10 +101,8 @@ pub fn node(name: &str, zone: Option<&str>, taints: &[&str]) -> Node {
 
 /// The ServiceCIDR `name` holding `cidrs` (at most one per family, as the API allows).
 pub fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
-    let mut metadata = meta("", name, &[]);
-    metadata.namespace = None;
     ServiceCIDR {
-        metadata,
+        metadata: meta(None, name, &[]),
         spec: Some(ServiceCIDRSpec {
             cidrs: Some(cidrs.iter().map(|cidr| (*cidr).to_owned()).collect()),
         }),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
-use crate::tempdir::TempDir;
+use crate::env::tempdir::TempDir;
 
 /// A fresh bpffs mounted on a new temp directory in the root mount namespace. `ip netns exec`
 /// only remounts /sys, so children started that way still see it. Dropping it unmounts it (lazily,
@@ -77,7 +77,7 @@ pub fn pinned_objects(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Whether anything is mounted on `dir` or below it.
 pub fn holds_mount(dir: &Path) -> bool {
-    crate::mounts::current().map_or(true, |mounts| {
+    crate::env::mounts::current().map_or(true, |mounts| {
         mounts.iter().any(|m| m.mount_point.starts_with(dir))
     })
 }

@@ -1,20 +1,16 @@
 //! The cluster's network namespaces, links and routes (see the module documentation of
-//! [`crate::cluster`] for the picture and the addresses).
+//! [`crate::world::cluster`] for the picture and the addresses).
 //!
 //! Every veth is created inside a test namespace with its peer moved straight into another, never
 //! in the root namespace, and no namespace has a default route except pods (via their node, which
 //! has none): nothing can leave the machine.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Result, ensure};
 
-use crate::netns::{delete_namespace, wait_until_operational};
-use crate::process::run_checked;
-
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::env::netns::ip_in;
+use crate::env::netns::{Namespaces, VethEnd, sysctl, veth, wait_until_operational};
 
 /// At most this many nodes (a node's index is an octet of its addresses).
 pub const MAX_NODES: usize = 50;
@@ -146,54 +142,23 @@ impl PodAddresses {
     }
 }
 
-/// Namespaces created so far, deleted in reverse order on drop (which deletes their links).
-#[derive(Debug, Default)]
-pub struct Namespaces {
-    created: Vec<String>,
-}
-
-impl Namespaces {
-    pub fn add(&mut self, name: &str) -> Result<()> {
-        run_checked(Command::new("ip").args(["netns", "add", name]), IP_TIMEOUT)?;
-        self.created.push(name.to_owned());
-        ip_in(name, &["link", "set", "lo", "up"])?;
-        sysctl(
-            name,
-            &[
-                // Asymmetric paths (the load balancer's traffic returns through the router)
-                // must not be dropped.
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-                // Link-local addresses (the pods' IPv6 gateway) usable at once; global ones
-                // are added with nodad.
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        )
-    }
-
-    /// Deletes one namespace now (a pod that went away), if it is ours.
-    pub fn remove(&mut self, name: &str) -> Result<()> {
-        if let Some(position) = self.created.iter().position(|n| n == name) {
-            self.created.remove(position);
-            delete_namespace(name)?;
-        }
-        Ok(())
-    }
-
-    pub fn all(&self) -> &[String] {
-        &self.created
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for namespace in self.created.iter().rev() {
-            if let Err(e) = delete_namespace(namespace) {
-                eprintln!("warning: {e:#}");
-            }
-        }
-    }
+/// Creates namespace `name` among `namespaces`, with the settings every cluster namespace
+/// shares.
+pub fn add_namespace(namespaces: &mut Namespaces, name: &str) -> Result<()> {
+    namespaces.add(name)?;
+    sysctl(
+        name,
+        &[
+            // Asymmetric paths (the load balancer's traffic returns through the router)
+            // must not be dropped.
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            // Link-local addresses (the pods' IPv6 gateway) usable at once; global ones
+            // are added with nodad.
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )
 }
 
 /// The fixed part of the world: router, external client, load balancer, and the nodes' links
@@ -475,56 +440,22 @@ fn forwarding(netns: &str) -> Result<()> {
     )
 }
 
-/// A veth pair between two namespaces, created in the first with its peer moved into the
-/// second, each end with a /24 and a /64 (without duplicate address detection).
+/// A veth pair between two namespaces (see [`veth`]), each end with a /24 and a /64.
 fn link(a: (&str, &str, Ipv4Addr, Ipv6Addr), b: (&str, &str, Ipv4Addr, Ipv6Addr)) -> Result<()> {
-    ip_in(
-        a.0,
-        &[
-            "link", "add", a.1, "type", "veth", "peer", "name", b.1, "netns", b.0,
-        ],
-    )?;
-    for (netns, device, address, address6) in [a, b] {
-        ip_in(
-            netns,
-            &["addr", "add", &format!("{address}/24"), "dev", device],
-        )?;
-        ip_in(
-            netns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{address6}/64"),
-                "dev",
-                device,
-                "nodad",
-            ],
-        )?;
-        ip_in(netns, &["link", "set", device, "up"])?;
-    }
-    for (netns, device, _, _) in [a, b] {
-        wait_until_operational(netns, device)?;
-    }
-    Ok(())
-}
-
-fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
-    run_checked(
-        Command::new("ip")
-            .args(["netns", "exec", netns, "sysctl", "-q", "-w"])
-            .args(settings),
-        IP_TIMEOUT,
+    veth(
+        &VethEnd {
+            netns: a.0,
+            device: a.1,
+            v4: (a.2, 24),
+            v6: (a.3, 64),
+        },
+        &VethEnd {
+            netns: b.0,
+            device: b.1,
+            v4: (b.2, 24),
+            v6: (b.3, 64),
+        },
     )
-    .map(drop)
-}
-
-pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
-    run_checked(
-        Command::new("ip").args(["-n", netns]).args(args),
-        IP_TIMEOUT,
-    )
-    .map(drop)
 }
 
 #[cfg(test)]

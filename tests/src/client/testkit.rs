@@ -9,8 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 
-use crate::process::{ChildGuard, LineCollector};
-use crate::report::{Attempt, parse_attempts};
+use crate::client::report::{Attempt, parse_attempts};
+use crate::env::process::{ChildGuard, LineCollector};
+
+/// The port the test backends' servers listen on (TCP and UDP) in every world.
+pub const BACKEND_PORT: u16 = 8080;
 
 /// The line `serve` prints once all its sockets are bound.
 pub const READY_LINE: &str = "ready";
@@ -24,7 +27,7 @@ const CLIENT_SLACK: Duration = Duration::from_secs(5);
 #[macro_export]
 macro_rules! testkit {
     () => {
-        $crate::testkit::Testkit::new(env!("CARGO_BIN_EXE_sy-testkit"))
+        $crate::client::testkit::Testkit::new(env!("CARGO_BIN_EXE_sy-testkit"))
     };
 }
 
@@ -276,7 +279,7 @@ impl Testkit {
         if segment.vary_source {
             command.arg("--vary-source");
         }
-        let output = crate::process::run_checked(&mut command, segment.max + CLIENT_SLACK)?;
+        let output = crate::env::process::run_checked(&mut command, segment.max + CLIENT_SLACK)?;
         let text = String::from_utf8_lossy(&output.stdout);
         text.trim()
             .parse()
@@ -312,7 +315,7 @@ impl Testkit {
         for ip in source_ips {
             command.args(["--source-ip", &ip.to_string()]);
         }
-        let output = crate::process::run_checked(&mut command, max + CLIENT_SLACK)?;
+        let output = crate::env::process::run_checked(&mut command, max + CLIENT_SLACK)?;
         let text = String::from_utf8_lossy(&output.stdout);
         text.trim()
             .parse()
@@ -434,7 +437,7 @@ impl RunningClient {
 
     /// Waits until at least `n` attempts were reported, at most `timeout`.
     pub fn wait_for_attempts(&self, n: usize, timeout: Duration) -> Result<Vec<Attempt>> {
-        crate::process::wait_until(timeout, Duration::from_millis(5), || {
+        crate::env::process::wait_until(timeout, Duration::from_millis(5), || {
             let attempts = self.attempts_so_far();
             (attempts.len() >= n).then_some(attempts)
         })

@@ -1,14 +1,14 @@
 //! Removal of resources left behind by test processes that died without unwinding.
 //!
 //! Only resources whose name carries the pid of a process that no longer exists are touched
-//! (see [`crate::names`]), so concurrent test runs never interfere with each other.
+//! (see [`crate::env::names`]), so concurrent test runs never interfere with each other.
 
 use std::path::Path;
 use std::sync::Once;
 
 use nix::mount::{MntFlags, umount2};
 
-use crate::names;
+use crate::env::names;
 
 /// Sweeps once per process, before the first resource is created.
 pub fn sweep_once() {
@@ -19,7 +19,7 @@ pub fn sweep_once() {
 fn sweep() {
     let temp = std::env::temp_dir();
     // Unmount first so the directory sweep below never deletes pins through a live mount.
-    if let Ok(mounts) = crate::mounts::current() {
+    if let Ok(mounts) = crate::env::mounts::current() {
         for mount in mounts {
             let ours = mount.mount_point.parent() == Some(temp.as_path())
                 && is_stale_path(&mount.mount_point);
@@ -29,18 +29,18 @@ fn sweep() {
         }
     }
     for dir in stale_entries(&temp) {
-        if !crate::bpffs::holds_mount(&dir) {
+        if !crate::env::bpffs::holds_mount(&dir) {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
-    if let Ok(root) = crate::mounts::cgroup2_root() {
+    if let Ok(root) = crate::env::mounts::cgroup2_root() {
         for cgroup in stale_entries(&root) {
-            let _ = crate::cgroup::remove(&cgroup);
+            let _ = crate::env::cgroup::remove(&cgroup);
         }
     }
-    for handle in stale_entries(Path::new(crate::netns::NETNS_DIR)) {
+    for handle in stale_entries(Path::new(crate::env::netns::NETNS_DIR)) {
         if let Some(name) = handle.file_name() {
-            let _ = crate::netns::delete_namespace(&name.to_string_lossy());
+            let _ = crate::env::netns::delete_namespace(&name.to_string_lossy());
         }
     }
 }
