@@ -26,6 +26,8 @@ pub trait WireAddr: sealed::Sealed + Copy + Default + Eq + Ord + Hash + Debug + 
 
     fn from_ip(ip: Self::Ip) -> Self;
     fn to_ip(self) -> Self::Ip;
+    /// `ip` if it is of this family.
+    fn from_ip_addr(ip: IpAddr) -> Option<Self>;
 
     /// The socket address of this address and a port in network byte order.
     fn socket(self, port_be: u16) -> SocketAddr {
@@ -51,6 +53,13 @@ impl WireAddr for Addr4 {
     fn to_ip(self) -> Ipv4Addr {
         Ipv4Addr::from(self.to_ne_bytes())
     }
+
+    fn from_ip_addr(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(ip) => Some(Self::from_ip(ip)),
+            IpAddr::V6(_) => None,
+        }
+    }
 }
 
 impl WireAddr for Addr6 {
@@ -71,6 +80,13 @@ impl WireAddr for Addr6 {
             chunk.copy_from_slice(&word.to_ne_bytes());
         }
         Ipv6Addr::from(octets)
+    }
+
+    fn from_ip_addr(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(ip) => Some(Self::from_ip(ip)),
+            IpAddr::V4(_) => None,
+        }
     }
 }
 

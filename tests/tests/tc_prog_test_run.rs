@@ -10,8 +10,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proxy_common::{
-    DatapathConfig, config_flags, ct_flags, ct_lifetime, guard_flags, protocol, reason, scope,
-    service_flags,
+    DatapathConfig, WireAddr, config_flags, ct_flags, ct_lifetime, guard_flags, protocol, reason,
+    scope, service_flags,
 };
 use switchyard_tests::datapath::packet::{
     self, L4, Mac, Packet, icmp, tcp_flags, verify_checksums,
@@ -3379,16 +3379,16 @@ fn flow_hash(tuple: &Tuple, seed: u32) -> u32 {
     match (tuple.src.ip(), tuple.dst.ip()) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => proxy_common::maglev::flow_hash4(
             seed,
-            switchyard_tests::datapath::tc_fixture::v4_word(src),
-            switchyard_tests::datapath::tc_fixture::v4_word(dst),
+            proxy_common::Addr4::from_ip(src),
+            proxy_common::Addr4::from_ip(dst),
             sport,
             dport,
             tuple.protocol,
         ),
         (IpAddr::V6(src), IpAddr::V6(dst)) => proxy_common::maglev::flow_hash6(
             seed,
-            &switchyard_tests::datapath::tc_fixture::v6_words(src),
-            &switchyard_tests::datapath::tc_fixture::v6_words(dst),
+            &proxy_common::Addr6::from_ip(src),
+            &proxy_common::Addr6::from_ip(dst),
             sport,
             dport,
             tuple.protocol,

@@ -33,10 +33,10 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader, Pod};
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
-    Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig, Dsr4Entry, Dsr6Entry,
-    RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6, ServiceValue,
-    SourceRange4, SourceRange6, backend_state, config_flags, maglev::MaglevConfig, map_names,
-    reason,
+    Addr4, Addr6, Backend4, Backend6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, DatapathConfig,
+    Dsr4Entry, Dsr6Entry, RevNat4, RevNat6, Service4Key, Service6Key, ServiceGuard4, ServiceGuard6,
+    ServiceValue, SourceRange4, SourceRange6, WireAddr, backend_state, config_flags,
+    maglev::MaglevConfig, map_names, reason,
 };
 
 use crate::datapath::packet::Packet;
@@ -49,8 +49,8 @@ mod wire;
 
 pub use self::counters::{Counters, FAILURE_REASONS, reason_name};
 use self::net::build_namespace;
-pub use self::wire::{CtValue, Tuple, v4_from_word, v4_word, v6_from_words, v6_words};
-use self::wire::{ct4_entry, ct4_key, ct4_value, ct6_entry, ct6_key, ct6_value, tuple4, tuple6};
+pub use self::wire::{CtValue, Tuple};
+use self::wire::{ct_entry, ct_key, ct_value, tuple_of};
 
 /// The program under test.
 pub const PROGRAM: &str = "sy_tc_ingress";
@@ -355,7 +355,7 @@ impl TcFixture {
                 self.add_backends4(frontend)?;
                 let port_be = frontend.addr.port().to_be();
                 let rev_nat = RevNat4 {
-                    address: v4_word(ip),
+                    address: Addr4::from_ip(ip),
                     port_be,
                     pad: 0,
                 };
@@ -365,7 +365,7 @@ impl TcFixture {
                     0,
                 )?;
                 let key = |slot| Service4Key {
-                    address: v4_word(ip),
+                    address: Addr4::from_ip(ip),
                     port_be,
                     backend_slot: slot,
                     protocol: frontend.protocol,
@@ -379,7 +379,7 @@ impl TcFixture {
                 self.add_backends6(frontend)?;
                 let port_be = frontend.addr.port().to_be();
                 let rev_nat = RevNat6 {
-                    address: v6_words(ip),
+                    address: Addr6::from_ip(ip),
                     port_be,
                     pad: 0,
                 };
@@ -389,7 +389,7 @@ impl TcFixture {
                     0,
                 )?;
                 let key = |slot| Service6Key {
-                    address: v6_words(ip),
+                    address: Addr6::from_ip(ip),
                     port_be,
                     backend_slot: slot,
                     protocol: frontend.protocol,
@@ -409,7 +409,7 @@ impl TcFixture {
                 bail!("IPv6 backend {} of an IPv4 frontend", backend.addr);
             };
             let value = Backend4 {
-                address: v4_word(address),
+                address: Addr4::from_ip(address),
                 port_be: backend.addr.port().to_be(),
                 protocol: frontend.protocol,
                 state: backend_state::ACTIVE,
@@ -426,7 +426,7 @@ impl TcFixture {
                 bail!("IPv4 backend {} of an IPv6 frontend", backend.addr);
             };
             let value = Backend6 {
-                address: v6_words(address),
+                address: Addr6::from_ip(address),
                 port_be: backend.addr.port().to_be(),
                 protocol: frontend.protocol,
                 state: backend_state::ACTIVE,
@@ -478,7 +478,7 @@ impl TcFixture {
                 let mut trie: LpmTrie<&mut MapData, SourceRange4, u32> = LpmTrie::try_from(map)?;
                 let data = SourceRange4 {
                     rev_nat_id_be: rev_nat_id.to_be(),
-                    address: v4_word(address),
+                    address: Addr4::from_ip(address),
                 };
                 trie.insert(&LpmKey::new(prefix_len, data), 1, 0)?;
             }
@@ -491,7 +491,7 @@ impl TcFixture {
                 let mut trie: LpmTrie<&mut MapData, SourceRange6, u32> = LpmTrie::try_from(map)?;
                 let data = SourceRange6 {
                     rev_nat_id_be: rev_nat_id.to_be(),
-                    address: v6_words(address),
+                    address: Addr6::from_ip(address),
                 };
                 trie.insert(&LpmKey::new(prefix_len, data), 1, 0)?;
             }
@@ -511,7 +511,7 @@ impl TcFixture {
                     .context("no SVC_GUARD4 map")?;
                 let mut trie: LpmTrie<&mut MapData, ServiceGuard4, u32> = LpmTrie::try_from(map)?;
                 let data = ServiceGuard4 {
-                    address: v4_word(address),
+                    address: Addr4::from_ip(address),
                 };
                 trie.insert(&LpmKey::new(prefix_len, data), flags, 0)?;
             }
@@ -523,7 +523,7 @@ impl TcFixture {
                     .context("no SVC_GUARD6 map")?;
                 let mut trie: LpmTrie<&mut MapData, ServiceGuard6, u32> = LpmTrie::try_from(map)?;
                 let data = ServiceGuard6 {
-                    address: v6_words(address),
+                    address: Addr6::from_ip(address),
                 };
                 trie.insert(&LpmKey::new(prefix_len, data), flags, 0)?;
             }
@@ -560,11 +560,11 @@ impl TcFixture {
             let found = match (key.src.ip(), key.dst.ip()) {
                 (IpAddr::V4(_), IpAddr::V4(_)) => {
                     let map = self.hash::<Ct4Key, Ct4Entry>(name4)?;
-                    optional(map.get(&ct4_key(key), 0))?.map(ct4_value)
+                    optional(map.get(&ct_key::<Addr4>(key)?, 0))?.map(ct_value)
                 }
                 (IpAddr::V6(_), IpAddr::V6(_)) => {
                     let map = self.hash::<Ct6Key, Ct6Entry>(name6)?;
-                    optional(map.get(&ct6_key(key), 0))?.map(ct6_value)
+                    optional(map.get(&ct_key::<Addr6>(key)?, 0))?.map(ct_value)
                 }
                 _ => bail!("mixed-family tuple {key}"),
             };
@@ -581,8 +581,8 @@ impl TcFixture {
         Ok(match (key.src.ip(), key.dst.ip()) {
             (IpAddr::V4(_), IpAddr::V4(_)) => {
                 let map = self.hash::<Ct4Key, Dsr4Entry>(map_names::DSR_REV4)?;
-                optional(map.get(&ct4_key(key), 0))?.map(|entry| {
-                    let addr = IpAddr::V4(v4_from_word(entry.address));
+                optional(map.get(&ct_key::<Addr4>(key)?, 0))?.map(|entry| {
+                    let addr = IpAddr::V4(entry.address.to_ip());
                     (
                         SocketAddr::new(addr, u16::from_be(entry.port_be)),
                         entry.expires_ns,
@@ -591,8 +591,8 @@ impl TcFixture {
             }
             (IpAddr::V6(_), IpAddr::V6(_)) => {
                 let map = self.hash::<Ct6Key, Dsr6Entry>(map_names::DSR_REV6)?;
-                optional(map.get(&ct6_key(key), 0))?.map(|entry| {
-                    let addr = IpAddr::V6(v6_from_words(entry.address));
+                optional(map.get(&ct_key::<Addr6>(key)?, 0))?.map(|entry| {
+                    let addr = IpAddr::V6(entry.address.to_ip());
                     (
                         SocketAddr::new(addr, u16::from_be(entry.port_be)),
                         entry.expires_ns,
@@ -632,7 +632,7 @@ impl TcFixture {
                         key.pad == [0; 3],
                         "{name6} key with non-zero padding: {key:?}"
                     );
-                    entries.insert(tuple6(&key), ct6_value(value));
+                    entries.insert(tuple_of(&key), ct_value(value));
                 }
             } else {
                 for item in &self.hash::<Ct4Key, Ct4Entry>(name4)? {
@@ -641,7 +641,7 @@ impl TcFixture {
                         key.pad == [0; 3],
                         "{name4} key with non-zero padding: {key:?}"
                     );
-                    entries.insert(tuple4(&key), ct4_value(value));
+                    entries.insert(tuple_of(&key), ct_value(value));
                 }
             }
         }
@@ -658,11 +658,17 @@ impl TcFixture {
             (map_names::CT4, map_names::CT6)
         };
         if key.src.is_ipv4() {
-            self.hash_mut::<Ct4Key, Ct4Entry>(name4)?
-                .insert(ct4_key(key), ct4_entry(value)?, 0)?;
+            self.hash_mut::<Ct4Key, Ct4Entry>(name4)?.insert(
+                ct_key::<Addr4>(key)?,
+                ct_entry(value)?,
+                0,
+            )?;
         } else {
-            self.hash_mut::<Ct6Key, Ct6Entry>(name6)?
-                .insert(ct6_key(key), ct6_entry(value)?, 0)?;
+            self.hash_mut::<Ct6Key, Ct6Entry>(name6)?.insert(
+                ct_key::<Addr6>(key)?,
+                ct_entry(value)?,
+                0,
+            )?;
         }
         Ok(())
     }
@@ -675,13 +681,13 @@ impl TcFixture {
         ] {
             if key.src.is_ipv4() {
                 let mut map = self.hash_mut::<Ct4Key, Ct4Entry>(name4)?;
-                if optional(map.get(&ct4_key(key), 0))?.is_some() {
-                    map.remove(&ct4_key(key))?;
+                if optional(map.get(&ct_key::<Addr4>(key)?, 0))?.is_some() {
+                    map.remove(&ct_key::<Addr4>(key)?)?;
                 }
             } else {
                 let mut map = self.hash_mut::<Ct6Key, Ct6Entry>(name6)?;
-                if optional(map.get(&ct6_key(key), 0))?.is_some() {
-                    map.remove(&ct6_key(key))?;
+                if optional(map.get(&ct_key::<Addr6>(key)?, 0))?.is_some() {
+                    map.remove(&ct_key::<Addr6>(key)?)?;
                 }
             }
         }
@@ -722,8 +728,8 @@ fn optional<T>(result: Result<T, aya::maps::MapError>) -> Result<Option<T>> {
 /// `snat_ports`.
 pub fn cluster_config(extra_flags: u8, snat_ports: (u16, u16)) -> DatapathConfig {
     DatapathConfig {
-        cluster_cidr4: v4_word(net::CLUSTER_CIDR4.0),
-        cluster_cidr6: v6_words(net::CLUSTER_CIDR6.0),
+        cluster_cidr4: Addr4::from_ip(net::CLUSTER_CIDR4.0),
+        cluster_cidr6: Addr6::from_ip(net::CLUSTER_CIDR6.0),
         cluster_prefix4: net::CLUSTER_CIDR4.1,
         cluster_prefix6: net::CLUSTER_CIDR6.1,
         flags: config_flags::CLUSTER_CIDR4 | config_flags::CLUSTER_CIDR6 | extra_flags,
