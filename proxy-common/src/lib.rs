@@ -289,11 +289,20 @@ pub mod reason {
     /// TC: a new flow of a Maglev frontend went to a random backend: the agent had not (yet)
     /// given the datapath the table's settings, or the table slot was empty.
     pub const TC_MAGLEV_UNAVAILABLE: u32 = 49;
+    /// XDP: a client packet of a flow TC had set up was translated towards its backend and
+    /// sent on (XDP_TX or XDP_REDIRECT) without reaching TC or the stack.
+    pub const XDP_FORWARDED: u32 = 50;
+    /// XDP: a backend's reply of a flow TC had set up was translated back and sent on.
+    pub const XDP_REPLIED: u32 = 51;
+    /// XDP: an IP packet was handed to TC and the stack (XDP_PASS): a new flow, a packet
+    /// that changes a flow's state (SYN, FIN, RST, the first reply), or anything the XDP
+    /// fast path does not translate (see the README's XDP section).
+    pub const XDP_PASSED: u32 = 52;
     /// Number of reason slots (size of the metrics array).
     pub const COUNT: u32 = 64;
 
     /// Human names, indexed by reason code.
-    pub const NAMES: [&str; 50] = [
+    pub const NAMES: [&str; 53] = [
         "translated",
         "no_backend",
         "backend_lookup_failed",
@@ -344,6 +353,9 @@ pub mod reason {
         "tc_dsr_refused",
         "tc_maglev_picked",
         "tc_maglev_unavailable",
+        "xdp_forwarded",
+        "xdp_replied",
+        "xdp_passed",
     ];
 }
 
