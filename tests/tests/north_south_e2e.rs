@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use switchyard_tests::north_south::{
@@ -16,6 +17,7 @@ use switchyard_tests::north_south::{
     NODE_EXT4, NODE_EXT6, NODE_POD_GW4, NorthSouth, Offloads, REMOTE_BACKEND, REMOTE_NODE_NAME,
     REMOTE_POD4, REMOTE_POD6, SERVICE_NAMESPACE, ServiceType, manifests,
 };
+use switchyard_tests::process::run_checked;
 use switchyard_tests::report::{Attempt, backend_counts};
 use switchyard_tests::testkit::{ClientProto, ClientRequest, RunningClient};
 use switchyard_tests::{require_root, testkit};
@@ -298,6 +300,58 @@ fn counter(ns: &NorthSouth, name: &str) -> u64 {
     ns.datapath_counters().get(name).copied().unwrap_or(0)
 }
 
+/// Which north-south datapath a test runs on: TC alone, or TC with the XDP fast path
+/// (`--xdp-mode native`), where the same checks must hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Datapath {
+    Tc,
+    Xdp,
+}
+
+impl Datapath {
+    /// Prepares the topology and starts the agent on `services` (see [`start`]).
+    fn start(self, ns: &mut NorthSouth, services: &[&ExternalService]) {
+        match self {
+            Self::Tc => start(ns, services, &[]),
+            Self::Xdp => {
+                // XDP_REDIRECT into a veth queues the frame on its peer's NAPI ring: the peer
+                // must run XDP or have GRO on (the kernel's veth XDP notes). The node's own
+                // ends get XDP from the agent; the peers outside the node get GRO. They also
+                // send full checksums, as frames from a wire have them (XDP passes frames
+                // whose checksum offload is pending to TC: see `xdp::checksum_pending`).
+                let node = ns.node_namespace().to_owned();
+                for (netns, device) in ns.links().to_vec() {
+                    if netns != node {
+                        run_checked(
+                            Command::new("ip").args([
+                                "netns", "exec", &netns, "ethtool", "-K", &device, "gro", "on",
+                                "tx", "off",
+                            ]),
+                            Duration::from_secs(10),
+                        )
+                        .unwrap_or_else(|e| panic!("GRO on {netns}/{device}: {e:#}"));
+                    }
+                }
+                start(ns, services, &["--xdp-mode", "native"]);
+            }
+        }
+    }
+
+    /// With XDP, the traffic of the test went through it: flows' packets both ways were
+    /// forwarded by XDP (the counters TC and XDP share), not only by TC.
+    fn assert_used(self, ns: &NorthSouth) {
+        if self == Self::Xdp {
+            let counters = ns.datapath_counters();
+            for name in ["xdp_forwarded", "xdp_replied", "tc_new_flow"] {
+                assert!(
+                    counters.get(name).copied().unwrap_or(0) > 0,
+                    "with --xdp-mode native, {name} must have counted packets: {counters:?}"
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -409,9 +463,19 @@ fn topology_self_test_routes_plainly_and_nothing_leaves() {
 #[test]
 fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades() {
     require_root!();
+    etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_on(Datapath::Tc);
+}
+
+#[test]
+fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_with_xdp() {
+    require_root!();
+    etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_on(Datapath::Xdp);
+}
+
+fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let web = web();
-    start(&mut ns, &[&web], &[]);
+    datapath.start(&mut ns, &[&web]);
 
     let mut targets = frontends(&web, false);
     // The NodePort is open on every node address, not only the client-facing one.
@@ -426,6 +490,7 @@ fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades() {
         "new flows through TC are counted: {counters:?}"
     );
     check_inspect_lists_masqueraded_flows(&ns, &targets);
+    datapath.assert_used(&ns);
 }
 
 /// `inspect conntrack` lists the flows just made (still within their closing lifetime): the
@@ -471,9 +536,19 @@ fn check_inspect_lists_masqueraded_flows(ns: &NorthSouth, targets: &[(String, So
 #[test]
 fn ipv6_frontends_balance_and_masquerade() {
     require_root!();
+    ipv6_frontends_balance_and_masquerade_on(Datapath::Tc);
+}
+
+#[test]
+fn ipv6_frontends_balance_and_masquerade_with_xdp() {
+    require_root!();
+    ipv6_frontends_balance_and_masquerade_on(Datapath::Xdp);
+}
+
+fn ipv6_frontends_balance_and_masquerade_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let dual = web_dual();
-    start(&mut ns, &[&dual], &[]);
+    datapath.start(&mut ns, &[&dual]);
 
     check_masqueraded_balance(
         &ns,
@@ -488,14 +563,25 @@ fn ipv6_frontends_balance_and_masquerade() {
         BALANCE_COUNT,
         &DEFAULT_SNAT_PORTS,
     );
+    datapath.assert_used(&ns);
 }
 
 #[test]
 fn etp_local_keeps_the_client_address_then_drops_then_rejects() {
     require_root!();
+    etp_local_keeps_the_client_address_then_drops_then_rejects_on(Datapath::Tc);
+}
+
+#[test]
+fn etp_local_keeps_the_client_address_then_drops_then_rejects_with_xdp() {
+    require_root!();
+    etp_local_keeps_the_client_address_then_drops_then_rejects_on(Datapath::Xdp);
+}
+
+fn etp_local_keeps_the_client_address_then_drops_then_rejects_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let service = web_local();
-    start(&mut ns, &[&service], &[]);
+    datapath.start(&mut ns, &[&service]);
     let targets = frontends(&service, false);
 
     // Endpoints here and on node-b: only the local one answers, and it sees the client.
@@ -541,11 +627,22 @@ fn etp_local_keeps_the_client_address_then_drops_then_rejects() {
         |a| a.ok,
     );
     check_local_preserves_client(&ns, &targets, 4);
+    datapath.assert_used(&ns);
 }
 
 #[test]
 fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
     require_root!();
+    load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_on(Datapath::Tc);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_with_xdp() {
+    require_root!();
+    load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_on(Datapath::Xdp);
+}
+
+fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let lb = |name: &str, last: u8, node_port: u16| {
         ExternalService::new(
@@ -568,7 +665,7 @@ fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
         .external_ip(ip("198.51.100.33"));
     // Ranges are whitespace-trimmed (kube-proxy).
     let trimmed = lb("lb-trimmed", 32, 30032).source_range(" 203.0.113.0/28");
-    start(&mut ns, &[&allowed, &denied, &trimmed], &[]);
+    datapath.start(&mut ns, &[&allowed, &denied, &trimmed]);
 
     let lb_ip = |service: &ExternalService| {
         (
@@ -600,6 +697,7 @@ fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
         BALANCE_COUNT,
         &DEFAULT_SNAT_PORTS,
     );
+    datapath.assert_used(&ns);
 }
 
 #[test]
@@ -648,6 +746,16 @@ fn stale_conntrack_of_an_etp_local_node_port_never_rewrites_a_direct_connection(
 #[test]
 fn checksums_stay_correct_with_veth_offloads_off() {
     require_root!();
+    checksums_stay_correct_with_veth_offloads_off_on(Datapath::Tc);
+}
+
+#[test]
+fn checksums_stay_correct_with_veth_offloads_off_with_xdp() {
+    require_root!();
+    checksums_stay_correct_with_veth_offloads_off_on(Datapath::Xdp);
+}
+
+fn checksums_stay_correct_with_veth_offloads_off_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::Off);
     let (cluster, local, dual) = (web(), web_local(), web_dual());
     // Answers the datapath makes up (REJECT: TCP RST, ICMP port unreachable) and errors from
@@ -670,7 +778,7 @@ fn checksums_stay_correct_with_veth_offloads_off() {
     .backend_port(CLOSED_PORT)
     .local_endpoints()
     .remote_endpoints();
-    start(&mut ns, &[&cluster, &local, &dual, &empty, &closed], &[]);
+    datapath.start(&mut ns, &[&cluster, &local, &dual, &empty, &closed]);
     let watched = [
         ns.client_namespace().to_owned(),
         ns.local_backend_namespace().to_owned(),
@@ -716,14 +824,27 @@ fn checksums_stay_correct_with_veth_offloads_off() {
             "checksum errors in {netns}: {errors:?}"
         );
     }
+    datapath.assert_used(&ns);
 }
 
 #[test]
 fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection() {
     require_root!();
+    agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_on(Datapath::Tc);
+}
+
+#[test]
+fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_with_xdp() {
+    require_root!();
+    agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_on(Datapath::Xdp);
+}
+
+fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_on(
+    datapath: Datapath,
+) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let (cluster, local) = (web(), web_local());
-    start(&mut ns, &[&cluster, &local], &[]);
+    datapath.start(&mut ns, &[&cluster, &local]);
     let nodeport = sa(NODE_EXT4, 30080);
     let lb_ip = sa(ip("198.51.100.10"), SERVICE_PORT);
     let local_lb_ip = sa(ip("198.51.100.11"), SERVICE_PORT);
@@ -794,6 +915,7 @@ fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection()
         BALANCE_COUNT,
         &DEFAULT_SNAT_PORTS,
     );
+    datapath.assert_used(&ns);
 }
 
 #[test]

@@ -197,6 +197,25 @@ fn xdp_passed(fx: &TcFixture, family: Family, packet: Packet, what: &str) {
     );
 }
 
+/// Writes into a frame's UDP checksum what a sender with checksum offload leaves there (its
+/// pseudo-header's folded sum, CHECKSUM_PARTIAL), for the kernel to complete later.
+fn with_pending_checksum(frame: &mut [u8], family: Family) {
+    let (l4, addrs) = match family {
+        Family::V4 => (14 + 20, 14 + 12..14 + 20),
+        Family::V6 => (14 + 40, 14 + 8..14 + 40),
+    };
+    let len = frame.len() - l4;
+    let mut sum: u32 = frame[addrs]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    sum += u32::from(UDP) + u32::try_from(len).unwrap();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[l4 + 6..l4 + 8].copy_from_slice(&u16::try_from(sum).unwrap().to_be_bytes());
+}
+
 /// A masqueraded NodePort TCP connection set up by TC (SYN, SYN-ACK, ACK): its data both
 /// ways then goes through XDP, translated as TC would, keeping the flow's lifetime and the
 /// sequence ends TC judges RSTs by; FIN and RST stay with TC.
@@ -406,6 +425,21 @@ fn untracked_traffic_passes_untouched() {
             Packet::udp(client, fe, b"ttl 1").with_ttl(1),
             &what("TTL 1"),
         );
+        // A datagram whose checksum a local sender's offload has yet to complete: TC's.
+        let (_, mut pending, ifindex) = frame(&fx, family, Packet::udp(client, fe, b"offload"));
+        with_pending_checksum(&mut pending, family);
+        let before = fx.counters().unwrap();
+        let out = fx.run_xdp_on(ifindex, &pending).expect("XDP test run");
+        let what_pending = what("checksum offload pending");
+        assert_eq!(out.code, XDP_PASS, "{what_pending}: XDP verdict");
+        assert!(
+            out.data == pending,
+            "{what_pending}: the frame was modified"
+        );
+        fx.counters()
+            .unwrap()
+            .since(&before)
+            .assert_moved(&[(reason::XDP_PASSED, 1)], &what_pending);
         assert_eq!(
             fx.counters().unwrap().get(reason::XDP_FORWARDED),
             0,

@@ -247,6 +247,9 @@ fn fast_path<I: XdpFamily>(frame: &Frame) -> Option<u32> {
     if packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }
+    if checksum_pending::<I>(frame, &packet)? {
+        return None;
+    }
     let entry = I::ct_get(&packet.tuple)?;
     if entry.flags & ct_flags::DSR != 0 {
         return None;
@@ -305,6 +308,26 @@ fn fast_path<I: XdpFamily>(frame: &Frame) -> Option<u32> {
     }
     // SAFETY: a helper call with plain integer arguments.
     Some(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
+}
+
+/// Whether the transport checksum is still to be completed by checksum offload: a packet
+/// sent through a veth by a local stack (a pod, a client namespace) carries only its
+/// pseudo-header's sum there (CHECKSUM_PARTIAL), which the kernel fills in later. XDP cannot
+/// see that state, and a frame it redirects loses it, so such packets go to TC, whose
+/// checksum helpers know it. A frame from a wire always has its full checksum; one that
+/// happens to equal its pseudo-header sum (1 in 65 536) only takes the TC path.
+#[inline(always)]
+fn checksum_pending<I: XdpFamily>(frame: &Frame, packet: &Packet<I::Addr>) -> Option<bool> {
+    let tuple = &packet.tuple;
+    let offset = packet.l4 + if tuple.proto == protocol::TCP { 16 } else { 6 };
+    let field: u16 = frame.load(offset)?;
+    let l4_len = I::frame_ip_len(frame, packet.l3)?.checked_sub((packet.l4 - packet.l3) as u16)?;
+    let mut sum = add_words(add_words(0, &tuple.saddr, false), &tuple.daddr, false);
+    sum += u32::from(u16::from_ne_bytes([0, tuple.proto]));
+    sum += u32::from(u16::from_ne_bytes(l4_len.to_be_bytes()));
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    Some(field == sum as u16)
 }
 
 /// Adds the 16-bit words of `value` (each inverted with `invert`) to `sum`: one side of an
