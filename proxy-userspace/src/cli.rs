@@ -483,6 +483,22 @@ mod tests {
     use crate::bpf::north_south::PortRange;
 
     #[test]
+    fn xdp_mode_takes_off_native_and_best_effort_and_refuses_the_rest() {
+        let parse = |value: &str| {
+            Cli::try_parse_from(["switchyard", "run", "--manifests", "m", "--xdp-mode", value]).map(
+                |cli| match cli.command {
+                    Command::Run(args) => args.north_south.xdp_mode,
+                    _ => panic!("expected run"),
+                },
+            )
+        };
+        assert_eq!(parse("off").unwrap(), XdpModeArg::Off);
+        assert_eq!(parse("native").unwrap(), XdpModeArg::Native);
+        assert_eq!(parse("best-effort").unwrap(), XdpModeArg::BestEffort);
+        assert!(parse("generic").is_err(), "skb-mode XDP is not offered");
+    }
+
+    #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }
