@@ -300,6 +300,27 @@ fn counter(ns: &NorthSouth, name: &str) -> u64 {
     ns.datapath_counters().get(name).copied().unwrap_or(0)
 }
 
+/// Readies the veth peers around the node for the XDP fast path.
+fn prepare_xdp_peers(ns: &NorthSouth) {
+    // XDP_REDIRECT into a veth queues the frame on its peer's NAPI ring: the peer
+    // must run XDP or have GRO on (the kernel's veth XDP notes). The node's own
+    // ends get XDP from the agent; the peers outside the node get GRO. They also
+    // send full checksums, as frames from a wire have them (XDP passes frames
+    // whose checksum offload is pending to TC: see `xdp::checksum_pending`).
+    let node = ns.node_namespace().to_owned();
+    for (netns, device) in ns.links().to_vec() {
+        if netns != node {
+            run_checked(
+                Command::new("ip").args([
+                    "netns", "exec", &netns, "ethtool", "-K", &device, "gro", "on", "tx", "off",
+                ]),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("GRO on {netns}/{device}: {e:#}"));
+        }
+    }
+}
+
 /// Which north-south datapath a test runs on: TC alone, or TC with the XDP fast path
 /// (`--xdp-mode native`), where the same checks must hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,24 +335,7 @@ impl Datapath {
         match self {
             Self::Tc => start(ns, services, &[]),
             Self::Xdp => {
-                // XDP_REDIRECT into a veth queues the frame on its peer's NAPI ring: the peer
-                // must run XDP or have GRO on (the kernel's veth XDP notes). The node's own
-                // ends get XDP from the agent; the peers outside the node get GRO. They also
-                // send full checksums, as frames from a wire have them (XDP passes frames
-                // whose checksum offload is pending to TC: see `xdp::checksum_pending`).
-                let node = ns.node_namespace().to_owned();
-                for (netns, device) in ns.links().to_vec() {
-                    if netns != node {
-                        run_checked(
-                            Command::new("ip").args([
-                                "netns", "exec", &netns, "ethtool", "-K", &device, "gro", "on",
-                                "tx", "off",
-                            ]),
-                            Duration::from_secs(10),
-                        )
-                        .unwrap_or_else(|e| panic!("GRO on {netns}/{device}: {e:#}"));
-                    }
-                }
+                prepare_xdp_peers(ns);
                 start(ns, services, &["--xdp-mode", "native"]);
             }
         }
@@ -1388,4 +1392,90 @@ fn udp_flows_of_departed_endpoints_are_removed_for_every_frontend_kind() {
         })
         .unwrap_or_else(|| panic!("no reconciler counter in\n{metrics}"));
     assert!(deleted >= 6, "two moves of three flows: {deleted}");
+}
+
+/// Link pins of any program on `device` (TC and XDP).
+fn link_pins(ns: &NorthSouth, device: &str) -> Vec<String> {
+    let mut pins = tc_link_pins(ns, device);
+    let prefix = format!("sy_xdp_ingress-{device}@");
+    let mut pending = vec![ns.bpffs().agent_dir()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                pending.push(path);
+            } else if name.starts_with(&prefix) {
+                pins.push(name);
+            }
+        }
+    }
+    pins
+}
+
+/// An interface whose driver has no native XDP (a bridge carrying a node address, inside the
+/// node namespace): `--xdp-mode native` refuses to start, naming it, and leaves no link
+/// behind; `best-effort` warns naming it, keeps it on TC alone and still accelerates the
+/// others.
+#[test]
+fn xdp_native_refuses_an_interface_without_driver_xdp_and_best_effort_leaves_it_on_tc() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let node = ns.node_namespace().to_owned();
+    for args in [
+        vec!["link", "add", "syxbr0", "type", "bridge"],
+        vec!["addr", "add", "192.0.2.99/32", "dev", "syxbr0"],
+        vec!["link", "set", "syxbr0", "up"],
+    ] {
+        run_checked(
+            Command::new("ip").args(["-n", &node]).args(&args),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+    let web = web();
+    ns.write_manifests(&manifests(&[&web]));
+    ns.start_agent(&["--xdp-mode", "native"]);
+    let status = ns
+        .agent()
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("--xdp-mode native must refuse to start");
+    assert!(!status.success(), "exit status {status}");
+    let log = ns.agent().log();
+    assert!(
+        log.contains("--xdp-mode native") && log.contains("syxbr0"),
+        "the error must name the mode and the interface: {log}"
+    );
+    for device in ["ext0", "syxbr0"] {
+        assert!(
+            link_pins(&ns, device).is_empty(),
+            "the failed start left links on {device}: {:?}",
+            link_pins(&ns, device)
+        );
+    }
+
+    prepare_xdp_peers(&ns);
+    ns.agent()
+        .restart_with(&["--xdp-mode", "best-effort"])
+        .expect("restarting with best-effort");
+    let (label, target) = frontends(&web, false)[0].clone();
+    ns.wait_outside(
+        &request(ClientProto::Tcp, target, 1),
+        &format!("answer through {label} with best-effort"),
+        |a| a.ok,
+    );
+    check_masqueraded_balance(&ns, &[(label, target)], BALANCE_COUNT, &DEFAULT_SNAT_PORTS);
+    let log = ns.agent().log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("best-effort") && line.contains("syxbr0")),
+        "best-effort must warn naming the interface: {log}"
+    );
+    assert!(
+        !link_pins(&ns, "syxbr0")
+            .iter()
+            .any(|pin| pin.starts_with("sy_xdp"))
+    );
+    assert_eq!(link_pins(&ns, "syxbr0").len(), 1, "TC stays on the bridge");
+    Datapath::Xdp.assert_used(&ns);
 }
