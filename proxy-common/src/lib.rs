@@ -172,6 +172,8 @@ pub mod program {
     pub const SOCK_RELEASE: &str = "sy_sock_release";
     /// TC ingress on the node's interfaces: the north-south load balancer.
     pub const TC_INGRESS: &str = "sy_tc_ingress";
+    /// XDP on the node's external interfaces: the fast path of tracked north-south flows.
+    pub const XDP_INGRESS: &str = "sy_xdp_ingress";
 
     /// The socket-address hooks.
     pub const SOCK_ADDR: [&str; 8] = [
@@ -347,6 +349,15 @@ pub mod reason {
         /// TC: a packet whose headers could not be read (cut short before the end of its IP
         /// or transport header) was passed to the stack untouched.
         TC_TRUNCATED_PASSED = 50 => "tc_truncated_passed",
+        /// XDP: a client packet of a flow TC had set up was translated towards its backend and
+        /// sent on (XDP_TX or XDP_REDIRECT) without reaching TC or the stack.
+        XDP_FORWARDED = 51 => "xdp_forwarded",
+        /// XDP: a backend's reply of a flow TC had set up was translated back and sent on.
+        XDP_REPLIED = 52 => "xdp_replied",
+        /// XDP: an IP packet was handed to TC and the stack (XDP_PASS): a new flow, a packet
+        /// that changes a flow's state (SYN, FIN, RST, the first reply), or anything the XDP
+        /// fast path does not translate (see the README's XDP section).
+        XDP_PASSED = 53 => "xdp_passed",
     }
 
     /// Number of reason slots (size of the metrics array).

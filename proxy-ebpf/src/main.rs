@@ -1,5 +1,5 @@
 //! Switchyard's eBPF programs: the east-west socket load balancer and the north-south TC
-//! load balancer (`tc`).
+//! load balancer (`tc`), with its XDP fast path (`tc::xdp`).
 //!
 //! cgroup sock_addr hooks translate a service address (VIP:port) to a backend once per
 //! connection (connect4/6) or per datagram (sendmsg4/6), and translate the backend back to the
@@ -21,8 +21,8 @@ mod sock_source;
 mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, SockContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb::{V4, V6};
 use proxy_common::{map_table::same_name, monitor_hook, program};
@@ -107,6 +107,13 @@ named_as!(sy_tc_ingress, program::TC_INGRESS);
 #[classifier]
 pub fn sy_tc_ingress(ctx: TcContext) -> i32 {
     tc::ingress(&ctx)
+}
+
+named_as!(sy_xdp_ingress, program::XDP_INGRESS);
+/// XDP on the same interfaces (`--xdp-mode`): the fast path for flows TC has set up.
+#[xdp]
+pub fn sy_xdp_ingress(ctx: XdpContext) -> u32 {
+    tc::xdp::ingress(&ctx)
 }
 
 #[cfg(not(test))]

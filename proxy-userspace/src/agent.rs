@@ -15,7 +15,7 @@ use crate::{
         bpf_log, link_events, loader,
         lock::PinRootLock,
         mount_scope, mounts,
-        north_south::{self, Dsr, InterfaceFollower, NorthSouth},
+        north_south::{self, Dsr, InterfaceFollower, NorthSouth, XdpMode},
         pins::PinLayout,
         versions,
     },
@@ -159,6 +159,19 @@ impl Dataplane {
             InterfaceFollower::new(ebpf, pins.clone(), generation.clone(), north_south);
         let tc_missing = follower.follow();
         info!(interfaces = ?follower.attached().keys().collect::<Vec<_>>(), "TC ingress attached");
+        let xdp_failures = follower.xdp_failures();
+        if !xdp_failures.is_empty() {
+            // Nothing half-applied: this generation's links go, the previous agent's stay.
+            loader::retire_generation(&pins, &generation);
+            let failures: Vec<String> = xdp_failures
+                .iter()
+                .map(|(interface, reason)| format!("{interface}: {reason}"))
+                .collect();
+            anyhow::bail!(
+                "--xdp-mode native: the XDP fast path cannot be attached in driver mode on {}",
+                failures.join("; ")
+            );
+        }
         migration.after_attach();
         let retired = loader::retire_links(&pins, Some(&generation));
         if retired > 0 {
@@ -434,6 +447,11 @@ fn north_south_settings(args: &RunArgs) -> NorthSouth {
             crate::cli::LbMode::Hybrid => Dsr::TcpOnly,
         },
         snat_ports: flags.snat_port_range,
+        xdp: match flags.xdp_mode {
+            crate::cli::XdpModeArg::Off => XdpMode::Off,
+            crate::cli::XdpModeArg::Native => XdpMode::Native,
+            crate::cli::XdpModeArg::BestEffort => XdpMode::BestEffort,
+        },
     }
 }
 

@@ -430,6 +430,23 @@ pub struct NorthSouthArgs {
     /// annotation overrides it. DSR needs Switchyard with DSR support on every node.
     #[arg(long, value_enum, default_value_t = LbMode::Snat)]
     pub lb_mode: LbMode,
+
+    /// The XDP fast path on the interfaces the TC program is attached to: `off` (TC only);
+    /// `native` attaches it in driver mode on each of them, or fails naming the interface and
+    /// the reason; `best-effort` attaches it where the driver has native XDP and leaves the
+    /// other interfaces on TC with a warning. XDP forwards the packets of flows TC has set
+    /// up and passes everything else to TC (see the README). Redirecting into a veth needs
+    /// its peer to run XDP or have GRO enabled.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Off)]
+    pub xdp_mode: XdpModeArg,
+}
+
+/// `--xdp-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeArg {
+    Off,
+    Native,
+    BestEffort,
 }
 
 /// `--lb-mode`.
@@ -464,6 +481,22 @@ mod tests {
 
     use super::*;
     use crate::bpf::north_south::PortRange;
+
+    #[test]
+    fn xdp_mode_takes_off_native_and_best_effort_and_refuses_the_rest() {
+        let parse = |value: &str| {
+            Cli::try_parse_from(["switchyard", "run", "--manifests", "m", "--xdp-mode", value]).map(
+                |cli| match cli.command {
+                    Command::Run(args) => args.north_south.xdp_mode,
+                    _ => panic!("expected run"),
+                },
+            )
+        };
+        assert_eq!(parse("off").unwrap(), XdpModeArg::Off);
+        assert_eq!(parse("native").unwrap(), XdpModeArg::Native);
+        assert_eq!(parse("best-effort").unwrap(), XdpModeArg::BestEffort);
+        assert!(parse("generic").is_err(), "skb-mode XDP is not offered");
+    }
 
     #[test]
     fn cli_is_consistent() {
@@ -509,6 +542,7 @@ mod tests {
         assert!(args.north_south.cluster_cidr.is_empty());
         assert!(!args.north_south.masquerade_all);
         assert_eq!(args.north_south.lb_mode, LbMode::Snat);
+        assert_eq!(args.north_south.xdp_mode, XdpModeArg::Off);
         assert_eq!(
             args.north_south.snat_port_range,
             PortRange {

@@ -9,10 +9,12 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use switchyard_tests::client::report::{Attempt, backend_counts};
 use switchyard_tests::client::testkit::{ClientProto, ClientRequest, RunningClient};
+use switchyard_tests::env::process::run_checked;
 use switchyard_tests::k8s::external_service::{
     ExternalService, SERVICE_NAMESPACE, ServiceType, manifests,
 };
@@ -300,6 +302,62 @@ fn counter(ns: &NorthSouth, name: &str) -> u64 {
     ns.datapath_counters().get(name).copied().unwrap_or(0)
 }
 
+/// Readies the veth peers around the node for the XDP fast path.
+fn prepare_xdp_peers(ns: &NorthSouth) {
+    // XDP_REDIRECT into a veth queues the frame on its peer's NAPI ring: the peer
+    // must run XDP or have GRO on (the kernel's veth XDP notes). The node's own
+    // ends get XDP from the agent; the peers outside the node get GRO. They also
+    // send full checksums, as frames from a wire have them (XDP passes frames
+    // whose checksum offload is pending to TC: see `xdp::checksum_pending`).
+    let node = ns.node_namespace().to_owned();
+    for (netns, device) in ns.links().to_vec() {
+        if netns != node {
+            run_checked(
+                Command::new("ip").args([
+                    "netns", "exec", &netns, "ethtool", "-K", &device, "gro", "on", "tx", "off",
+                ]),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("GRO on {netns}/{device}: {e:#}"));
+        }
+    }
+}
+
+/// Which north-south datapath a test runs on: TC alone, or TC with the XDP fast path
+/// (`--xdp-mode native`), where the same checks must hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Datapath {
+    Tc,
+    Xdp,
+}
+
+impl Datapath {
+    /// Prepares the topology and starts the agent on `services` (see [`start`]).
+    fn start(self, ns: &mut NorthSouth, services: &[&ExternalService]) {
+        match self {
+            Self::Tc => start(ns, services, &[]),
+            Self::Xdp => {
+                prepare_xdp_peers(ns);
+                start(ns, services, &["--xdp-mode", "native"]);
+            }
+        }
+    }
+
+    /// With XDP, the traffic of the test went through it: flows' packets both ways were
+    /// forwarded by XDP (the counters TC and XDP share), not only by TC.
+    fn assert_used(self, ns: &NorthSouth) {
+        if self == Self::Xdp {
+            let counters = ns.datapath_counters();
+            for name in ["xdp_forwarded", "xdp_replied", "tc_new_flow"] {
+                assert!(
+                    counters.get(name).copied().unwrap_or(0) > 0,
+                    "with --xdp-mode native, {name} must have counted packets: {counters:?}"
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -411,9 +469,19 @@ fn topology_self_test_routes_plainly_and_nothing_leaves() {
 #[test]
 fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades() {
     require_root!();
+    etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_on(Datapath::Tc);
+}
+
+#[test]
+fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_with_xdp() {
+    require_root!();
+    etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_on(Datapath::Xdp);
+}
+
+fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let web = web();
-    start(&mut ns, &[&web], &[]);
+    datapath.start(&mut ns, &[&web]);
 
     let mut targets = frontends(&web, false);
     // The NodePort is open on every node address, not only the client-facing one.
@@ -428,6 +496,7 @@ fn etp_cluster_balances_node_port_external_ip_and_lb_ip_and_masquerades() {
         "new flows through TC are counted: {counters:?}"
     );
     check_inspect_lists_masqueraded_flows(&ns, &targets);
+    datapath.assert_used(&ns);
 }
 
 /// `inspect conntrack` lists the flows just made (still within their closing lifetime): the
@@ -473,9 +542,19 @@ fn check_inspect_lists_masqueraded_flows(ns: &NorthSouth, targets: &[(String, So
 #[test]
 fn ipv6_frontends_balance_and_masquerade() {
     require_root!();
+    ipv6_frontends_balance_and_masquerade_on(Datapath::Tc);
+}
+
+#[test]
+fn ipv6_frontends_balance_and_masquerade_with_xdp() {
+    require_root!();
+    ipv6_frontends_balance_and_masquerade_on(Datapath::Xdp);
+}
+
+fn ipv6_frontends_balance_and_masquerade_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let dual = web_dual();
-    start(&mut ns, &[&dual], &[]);
+    datapath.start(&mut ns, &[&dual]);
 
     check_masqueraded_balance(
         &ns,
@@ -490,14 +569,25 @@ fn ipv6_frontends_balance_and_masquerade() {
         BALANCE_COUNT,
         &DEFAULT_SNAT_PORTS,
     );
+    datapath.assert_used(&ns);
 }
 
 #[test]
 fn etp_local_keeps_the_client_address_then_drops_then_rejects() {
     require_root!();
+    etp_local_keeps_the_client_address_then_drops_then_rejects_on(Datapath::Tc);
+}
+
+#[test]
+fn etp_local_keeps_the_client_address_then_drops_then_rejects_with_xdp() {
+    require_root!();
+    etp_local_keeps_the_client_address_then_drops_then_rejects_on(Datapath::Xdp);
+}
+
+fn etp_local_keeps_the_client_address_then_drops_then_rejects_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let service = web_local();
-    start(&mut ns, &[&service], &[]);
+    datapath.start(&mut ns, &[&service]);
     let targets = frontends(&service, false);
 
     // Endpoints here and on node-b: only the local one answers, and it sees the client.
@@ -543,11 +633,22 @@ fn etp_local_keeps_the_client_address_then_drops_then_rejects() {
         |a| a.ok,
     );
     check_local_preserves_client(&ns, &targets, 4);
+    datapath.assert_used(&ns);
 }
 
 #[test]
 fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
     require_root!();
+    load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_on(Datapath::Tc);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_with_xdp() {
+    require_root!();
+    load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_on(Datapath::Xdp);
+}
+
+fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let lb = |name: &str, last: u8, node_port: u16| {
         ExternalService::new(
@@ -570,7 +671,7 @@ fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
         .external_ip(ip("198.51.100.33"));
     // Ranges are whitespace-trimmed (kube-proxy).
     let trimmed = lb("lb-trimmed", 32, 30032).source_range(" 203.0.113.0/28");
-    start(&mut ns, &[&allowed, &denied, &trimmed], &[]);
+    datapath.start(&mut ns, &[&allowed, &denied, &trimmed]);
 
     let lb_ip = |service: &ExternalService| {
         (
@@ -602,6 +703,7 @@ fn load_balancer_source_ranges_drop_outside_sources_on_lb_ips_only() {
         BALANCE_COUNT,
         &DEFAULT_SNAT_PORTS,
     );
+    datapath.assert_used(&ns);
 }
 
 #[test]
@@ -650,6 +752,16 @@ fn stale_conntrack_of_an_etp_local_node_port_never_rewrites_a_direct_connection(
 #[test]
 fn checksums_stay_correct_with_veth_offloads_off() {
     require_root!();
+    checksums_stay_correct_with_veth_offloads_off_on(Datapath::Tc);
+}
+
+#[test]
+fn checksums_stay_correct_with_veth_offloads_off_with_xdp() {
+    require_root!();
+    checksums_stay_correct_with_veth_offloads_off_on(Datapath::Xdp);
+}
+
+fn checksums_stay_correct_with_veth_offloads_off_on(datapath: Datapath) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::Off);
     let (cluster, local, dual) = (web(), web_local(), web_dual());
     // Answers the datapath makes up (REJECT: TCP RST, ICMP port unreachable) and errors from
@@ -672,7 +784,7 @@ fn checksums_stay_correct_with_veth_offloads_off() {
     .backend_port(CLOSED_PORT)
     .local_endpoints()
     .remote_endpoints();
-    start(&mut ns, &[&cluster, &local, &dual, &empty, &closed], &[]);
+    datapath.start(&mut ns, &[&cluster, &local, &dual, &empty, &closed]);
     let watched = [
         ns.client_namespace().to_owned(),
         ns.local_backend_namespace().to_owned(),
@@ -718,14 +830,27 @@ fn checksums_stay_correct_with_veth_offloads_off() {
             "checksum errors in {netns}: {errors:?}"
         );
     }
+    datapath.assert_used(&ns);
 }
 
 #[test]
 fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection() {
     require_root!();
+    agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_on(Datapath::Tc);
+}
+
+#[test]
+fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_with_xdp() {
+    require_root!();
+    agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_on(Datapath::Xdp);
+}
+
+fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection_on(
+    datapath: Datapath,
+) {
     let mut ns = NorthSouth::new(testkit!(), Offloads::On);
     let (cluster, local) = (web(), web_local());
-    start(&mut ns, &[&cluster, &local], &[]);
+    datapath.start(&mut ns, &[&cluster, &local]);
     let nodeport = sa(NODE_EXT4, 30080);
     let lb_ip = sa(ip("198.51.100.10"), SERVICE_PORT);
     let local_lb_ip = sa(ip("198.51.100.11"), SERVICE_PORT);
@@ -796,6 +921,7 @@ fn agent_sigkill_and_restart_keep_established_flows_and_fail_no_new_connection()
         BALANCE_COUNT,
         &DEFAULT_SNAT_PORTS,
     );
+    datapath.assert_used(&ns);
 }
 
 #[test]
@@ -1268,4 +1394,90 @@ fn udp_flows_of_departed_endpoints_are_removed_for_every_frontend_kind() {
         })
         .unwrap_or_else(|| panic!("no reconciler counter in\n{metrics}"));
     assert!(deleted >= 6, "two moves of three flows: {deleted}");
+}
+
+/// Link pins of any program on `device` (TC and XDP).
+fn link_pins(ns: &NorthSouth, device: &str) -> Vec<String> {
+    let mut pins = tc_link_pins(ns, device);
+    let prefix = format!("sy_xdp_ingress-{device}@");
+    let mut pending = vec![ns.bpffs().agent_dir()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                pending.push(path);
+            } else if name.starts_with(&prefix) {
+                pins.push(name);
+            }
+        }
+    }
+    pins
+}
+
+/// An interface whose driver has no native XDP (a bridge carrying a node address, inside the
+/// node namespace): `--xdp-mode native` refuses to start, naming it, and leaves no link
+/// behind; `best-effort` warns naming it, keeps it on TC alone and still accelerates the
+/// others.
+#[test]
+fn xdp_native_refuses_an_interface_without_driver_xdp_and_best_effort_leaves_it_on_tc() {
+    require_root!();
+    let mut ns = NorthSouth::new(testkit!(), Offloads::On);
+    let node = ns.node_namespace().to_owned();
+    for args in [
+        vec!["link", "add", "syxbr0", "type", "bridge"],
+        vec!["addr", "add", "192.0.2.99/32", "dev", "syxbr0"],
+        vec!["link", "set", "syxbr0", "up"],
+    ] {
+        run_checked(
+            Command::new("ip").args(["-n", &node]).args(&args),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+    let web = web();
+    ns.write_manifests(&manifests(&[&web]));
+    ns.start_agent(&["--xdp-mode", "native"]);
+    let status = ns
+        .agent()
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("--xdp-mode native must refuse to start");
+    assert!(!status.success(), "exit status {status}");
+    let log = ns.agent().log();
+    assert!(
+        log.contains("--xdp-mode native") && log.contains("syxbr0"),
+        "the error must name the mode and the interface: {log}"
+    );
+    for device in ["ext0", "syxbr0"] {
+        assert!(
+            link_pins(&ns, device).is_empty(),
+            "the failed start left links on {device}: {:?}",
+            link_pins(&ns, device)
+        );
+    }
+
+    prepare_xdp_peers(&ns);
+    ns.agent()
+        .restart_with(&["--xdp-mode", "best-effort"])
+        .expect("restarting with best-effort");
+    let (label, target) = frontends(&web, false)[0].clone();
+    ns.wait_outside(
+        &request(ClientProto::Tcp, target, 1),
+        &format!("answer through {label} with best-effort"),
+        |a| a.ok,
+    );
+    check_masqueraded_balance(&ns, &[(label, target)], BALANCE_COUNT, &DEFAULT_SNAT_PORTS);
+    let log = ns.agent().log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("best-effort") && line.contains("syxbr0")),
+        "best-effort must warn naming the interface: {log}"
+    );
+    assert!(
+        !link_pins(&ns, "syxbr0")
+            .iter()
+            .any(|pin| pin.starts_with("sy_xdp"))
+    );
+    assert_eq!(link_pins(&ns, "syxbr0").len(), 1, "TC stays on the bridge");
+    Datapath::Xdp.assert_used(&ns);
 }

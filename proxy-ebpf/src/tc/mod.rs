@@ -22,6 +22,7 @@ mod rewrite;
 mod seq;
 mod v4;
 mod v6;
+pub mod xdp;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},

@@ -57,6 +57,19 @@ pub fn follow<I: Inet>(
     owner: &Tuple<I::Addr>,
     side: Side,
 ) -> bool {
+    follow_with::<I>(packet, reply_key, owner, side, || numbers::<I>(ctx, packet))
+}
+
+/// [`follow`] for any packet access: `numbers` reads the segment's sequence numbers (as
+/// `numbers` does for TC), only when the flow's reply entry has something to judge by.
+#[inline(always)]
+pub fn follow_with<I: Inet>(
+    packet: &Packet<I::Addr>,
+    reply_key: &Tuple<I::Addr>,
+    owner: &Tuple<I::Addr>,
+    side: Side,
+    numbers: impl FnOnce() -> Option<(u32, u32, u32)>,
+) -> bool {
     if packet.tuple.proto != protocol::TCP {
         return true;
     }
@@ -65,7 +78,7 @@ pub fn follow<I: Inet>(
         // created): the packet is not judged.
         return true;
     };
-    let Some((seq, ack, end)) = numbers::<I>(ctx, packet) else {
+    let Some((seq, ack, end)) = numbers() else {
         return packet.tcp_flags & TCP_RST == 0;
     };
     let (forward_end, reply_end) = ct_seq::split(word);

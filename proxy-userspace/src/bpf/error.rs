@@ -25,14 +25,14 @@ pub enum LoadError {
     Object(#[source] aya::EbpfError),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
-    #[error("program {name}: {action} failed: {source}")]
+    #[error("program {name}: {action} failed: {}", chain(source.as_ref()))]
     Program {
         name: &'static str,
         action: &'static str,
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("program {name} on interface {interface}: {action} failed: {source}")]
+    #[error("program {name} on interface {interface}: {action} failed: {}", chain(source.as_ref()))]
     OnInterface {
         name: &'static str,
         interface: String,
@@ -80,6 +80,19 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An error with its sources: aya's attach errors keep the kernel's reason in a source,
+/// which the one-line message must not lose.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Why copying a pinned map into its migrated successor failed.

@@ -161,7 +161,7 @@ pub fn attach_all(
             .map_err(|source: aya::programs::links::LinkError| LoadError::Link { name, source })?;
         pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
         north_south::write_config(ebpf, north_south)?;
-        north_south::load(ebpf)
+        north_south::load(ebpf, north_south.xdp)
     })();
     match result {
         Ok(()) => {}
@@ -202,4 +202,22 @@ pub fn retire_links(pins: &PinLayout, keep: Option<&str>) -> usize {
         }
     }
     retired
+}
+
+/// Detaches the links of one generation (a start that failed after attaching).
+pub fn retire_generation(pins: &PinLayout, generation: &str) {
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return;
+    };
+    for path in entries.filter_map(Result::ok).map(|entry| entry.path()) {
+        if !PinLayout::is_generation(&path, generation) {
+            continue;
+        }
+        let outcome = PinnedLink::from_pin(&path)
+            .map_err(|error| error.to_string())
+            .and_then(|link| link.unpin().map(drop).map_err(|error| error.to_string()));
+        if let Err(error) = outcome {
+            warn!(path = %path.display(), "cannot retire link: {error}");
+        }
+    }
 }

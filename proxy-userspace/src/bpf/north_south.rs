@@ -1,7 +1,8 @@
 //! The north-south datapath's userspace side: which interfaces get the TC ingress program,
 //! attaching it (TCX links, pinned like the socket hooks' links) at start and to interfaces
 //! that appear or are re-created later, and the settings it reads from the `CONFIG_V1` map
-//! (pod CIDRs, masquerade-all, masquerade ports).
+//! (pod CIDRs, masquerade-all, masquerade ports). With `--xdp-mode`, the XDP fast path goes
+//! onto the same interfaces, after TC (which keeps handling whatever XDP passes).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -11,7 +12,9 @@ use std::{
 use aya::{
     Ebpf,
     maps::Array,
-    programs::{SchedClassifier, TcAttachType, links::FdLink, links::PinnedLink},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AttachMode, links::FdLink, links::PinnedLink,
+    },
 };
 use proxy_common::{DatapathConfig, config_flags, map_names};
 use tracing::{info, warn};
@@ -25,6 +28,8 @@ use crate::model::Cidr;
 
 /// The TC ingress program, by name.
 pub const TC_INGRESS_PROGRAM: &str = proxy_common::program::TC_INGRESS;
+/// The XDP fast path, by name.
+pub const XDP_INGRESS_PROGRAM: &str = proxy_common::program::XDP_INGRESS;
 
 /// An inclusive range of ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +55,21 @@ pub struct NorthSouth {
     pub snat_ports: PortRange,
     /// Which external flows to remote endpoints use Direct Server Return (`--lb-mode`).
     pub dsr: Dsr,
+    /// Whether the XDP fast path goes onto the interfaces too (`--xdp-mode`).
+    pub xdp: XdpMode,
+}
+
+/// `--xdp-mode off | native | best-effort`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XdpMode {
+    /// TC only.
+    #[default]
+    Off,
+    /// XDP in driver mode on every interface TC is on; an interface where that fails is
+    /// reported missing (and fails the agent's start).
+    Native,
+    /// XDP in driver mode where the driver has it; elsewhere a warning and TC alone.
+    BestEffort,
 }
 
 /// Direct Server Return by protocol (`--lb-mode snat | dsr | hybrid`).
@@ -155,11 +175,23 @@ fn require_tcx() -> Result<(), LoadError> {
 /// Loads the TC ingress program; the first pass of the [`InterfaceFollower`] attaches it.
 /// Nothing here depends on an interface existing: an `--interfaces` entry that does not
 /// exist yet is attached when it appears.
-pub fn load(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+pub fn load(ebpf: &mut Ebpf, xdp: XdpMode) -> Result<(), LoadError> {
     require_tcx()?;
     loaded_program(ebpf)?
         .load()
-        .map_err(program_error("loading"))
+        .map_err(program_error("loading"))?;
+    if xdp != XdpMode::Off {
+        loaded_xdp(ebpf)?.load().map_err(xdp_error("loading"))?;
+    }
+    Ok(())
+}
+
+fn loaded_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    let name = XDP_INGRESS_PROGRAM;
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(xdp_error("type check"))
 }
 
 /// What one pass over the node's interfaces should do, given what is attached.
@@ -211,6 +243,10 @@ pub struct InterfaceFollower {
     skipped: BTreeSet<String>,
     /// Whether the first pass (at start) is done: later attachments are new interfaces.
     started: bool,
+    /// Interfaces (name → index) the XDP fast path is attached to.
+    xdp_attached: TcAttachments,
+    /// XDP attach failures by interface index (reported once).
+    xdp_failed: BTreeMap<u32, String>,
 }
 
 /// Interfaces a needed attachment is missing on, with the reason.
@@ -227,6 +263,8 @@ impl InterfaceFollower {
             failed: BTreeMap::new(),
             skipped: BTreeSet::new(),
             started: false,
+            xdp_attached: TcAttachments::new(),
+            xdp_failed: BTreeMap::new(),
         }
     }
 
@@ -255,12 +293,19 @@ impl InterfaceFollower {
         let changes = interface_changes(&wanted, &self.attached, interface_index);
         for name in changes.forget {
             self.attached.remove(&name);
-            let pin = self.pins.link(&pin_name(&name), &self.generation);
-            match std::fs::remove_file(&pin) {
-                Ok(()) => info!(interface = %name, "interface gone: its TC link was removed"),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    warn!(pin = %pin.display(), "cannot remove a defunct TC link: {error}");
+            self.xdp_attached.remove(&name);
+            for pin in [
+                self.pins.link(&pin_name(&name), &self.generation),
+                self.pins.link(&xdp_pin_name(&name), &self.generation),
+            ] {
+                match std::fs::remove_file(&pin) {
+                    Ok(()) => {
+                        info!(interface = %name, pin = %pin.display(), "interface gone: its link was removed");
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        warn!(pin = %pin.display(), "cannot remove a defunct link: {error}");
+                    }
                 }
             }
         }
@@ -304,8 +349,81 @@ impl InterfaceFollower {
         }
         self.failed
             .retain(|index, _| wanted.values().any(|i| i == index));
+        self.follow_xdp(&wanted, &mut missing);
         self.started = true;
         missing
+    }
+
+    /// Puts the XDP fast path on the interfaces TC is attached to (TC first: it handles
+    /// whatever XDP passes, so XDP never runs without it).
+    fn follow_xdp(&mut self, wanted: &TcAttachments, missing: &mut MissingAttachments) {
+        let mode = self.north_south.xdp;
+        if mode == XdpMode::Off {
+            return;
+        }
+        self.xdp_attached
+            .retain(|name, index| self.attached.get(name) == Some(index));
+        let todo: Vec<(String, u32)> = self
+            .attached
+            .iter()
+            .filter(|(name, index)| self.xdp_attached.get(*name) != Some(*index))
+            .map(|(name, index)| (name.clone(), *index))
+            .collect();
+        for (name, index) in todo {
+            let attached = loaded_xdp(&mut self.ebpf)
+                .and_then(|program| attach_xdp(program, &self.pins, &self.generation, &name));
+            match attached {
+                Ok(_pinned) => {
+                    info!(interface = %name, "XDP fast path attached (driver mode)");
+                    self.xdp_failed.remove(&index);
+                    self.xdp_attached.insert(name, index);
+                }
+                Err(error) => {
+                    let error = error.to_string();
+                    let first = self.xdp_failed.insert(index, error.clone()).is_none();
+                    match mode {
+                        XdpMode::Native if first => {
+                            warn!(interface = %name, "--xdp-mode native: XDP cannot be attached in driver mode: {error}");
+                        }
+                        XdpMode::BestEffort if first => {
+                            warn!(interface = %name, "--xdp-mode best-effort: no XDP in driver mode here, this interface stays on TC alone: {error}");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.xdp_failed
+            .retain(|index, _| wanted.values().any(|i| i == index));
+        if mode == XdpMode::Native {
+            for (name, index) in wanted {
+                if let Some(reason) = self.xdp_failed.get(index) {
+                    missing
+                        .entry(name.clone())
+                        .or_insert_with(|| format!("XDP (--xdp-mode native): {reason}"));
+                }
+            }
+        }
+    }
+
+    /// The XDP attach failures of `--xdp-mode native` (interface → reason).
+    pub fn xdp_failures(&self) -> MissingAttachments {
+        if self.north_south.xdp != XdpMode::Native {
+            return MissingAttachments::new();
+        }
+        self.attached
+            .iter()
+            .filter_map(|(name, index)| {
+                self.xdp_failed
+                    .get(index)
+                    .map(|reason| (name.clone(), reason.clone()))
+            })
+            .collect()
+    }
+
+    /// The interfaces the XDP fast path is attached to now.
+    pub fn xdp_attached(&self) -> &TcAttachments {
+        &self.xdp_attached
     }
 
     /// The interfaces the program is attached to now.
@@ -317,6 +435,79 @@ impl InterfaceFollower {
 /// The link pin of `interface` (collision-free, no dots: see [`interfaces::pin_name`]).
 fn pin_name(interface: &str) -> String {
     interfaces::pin_name(TC_INGRESS_PROGRAM, interface)
+}
+
+/// The XDP link pin of `interface`.
+fn xdp_pin_name(interface: &str) -> String {
+    interfaces::pin_name(XDP_INGRESS_PROGRAM, interface)
+}
+
+/// Attaches the XDP fast path to `interface` in driver mode and pins its link. An interface
+/// holds one XDP link: an earlier agent's is removed first (TC, already attached, carries
+/// the traffic meanwhile).
+fn attach_xdp(
+    program: &mut Xdp,
+    pins: &PinLayout,
+    generation: &str,
+    interface: &str,
+) -> Result<PinnedLink, LoadError> {
+    let action_error = |action: &'static str| {
+        move |source| LoadError::OnInterface {
+            name: XDP_INGRESS_PROGRAM,
+            interface: interface.to_owned(),
+            action,
+            source: Box::new(source),
+        }
+    };
+    retire_other_xdp_links(pins, generation, interface);
+    let id = program
+        .attach(interface, AttachMode::Driver)
+        .map_err(action_error("attaching in driver mode"))?;
+    let link: FdLink = program
+        .take_link(id)
+        .map_err(action_error("taking its link"))?
+        .try_into()
+        .map_err(|source| LoadError::Link {
+            name: XDP_INGRESS_PROGRAM,
+            source,
+        })?;
+    let path = pins.link(&xdp_pin_name(interface), generation);
+    link.pin(&path).map_err(|source| LoadError::LinkPin {
+        name: XDP_INGRESS_PROGRAM,
+        path,
+        source,
+    })
+}
+
+/// Removes the XDP link pins of `interface` that belong to other generations.
+fn retire_other_xdp_links(pins: &PinLayout, generation: &str, interface: &str) {
+    let prefix = format!("{}@", xdp_pin_name(interface));
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return;
+    };
+    for path in entries.filter_map(Result::ok).map(|entry| entry.path()) {
+        let ours = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(&prefix));
+        if !ours || PinLayout::is_generation(&path, generation) {
+            continue;
+        }
+        let outcome = PinnedLink::from_pin(&path)
+            .map_err(|error| error.to_string())
+            .and_then(|link| link.unpin().map(drop).map_err(|error| error.to_string()));
+        if let Err(error) = outcome {
+            warn!(path = %path.display(), "cannot retire an earlier XDP link: {error}");
+        }
+    }
+}
+
+fn xdp_error(action: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program {
+        name: XDP_INGRESS_PROGRAM,
+        action,
+        source: Box::new(source),
+    }
 }
 
 fn attach_one(
@@ -400,6 +591,7 @@ mod tests {
                 max: 65535,
             },
             dsr,
+            xdp: XdpMode::Off,
         };
         let both = config_flags::DSR_TCP | config_flags::DSR_UDP;
         assert_eq!(settings(Dsr::Off).datapath_config().flags & both, 0);

@@ -79,9 +79,45 @@ impl Lane {
         self.client.node_ipv4
     }
 
+    /// Readies the namespaces around the node for the XDP fast path: XDP_REDIRECT into a veth
+    /// queues the frame on its peer's NAPI ring, which needs GRO on that peer (or an XDP
+    /// program; the kernel's veth XDP notes); and the peers send full checksums, as frames
+    /// from a wire have them (XDP leaves frames with checksum offload pending to TC).
+    pub fn prepare_for_xdp(&self) -> Result<()> {
+        let namespaces = std::iter::once(self.client.namespace.as_str()).chain(
+            self.topology
+                .backends()
+                .iter()
+                .map(|backend| backend.namespace.as_str()),
+        );
+        for namespace in namespaces {
+            let listed = run_checked(
+                Command::new("ip").args(["-n", namespace, "-o", "link", "show", "type", "veth"]),
+                COMMAND_TIMEOUT,
+            )?;
+            let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+            for device in text.lines().filter_map(veth_name) {
+                run_checked(
+                    Command::new("ip").args([
+                        "netns", "exec", namespace, "ethtool", "-K", device, "gro", "on", "tx",
+                        "off",
+                    ]),
+                    COMMAND_TIMEOUT,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn backend_ips(&self) -> Vec<Ipv4Addr> {
         self.topology.backends().iter().map(|b| b.ipv4).collect()
     }
+}
+
+/// The device name of an `ip -o link show` line (`3: name@if2: <...>`).
+fn veth_name(line: &str) -> Option<&str> {
+    let name = line.split(": ").nth(1)?;
+    Some(name.split('@').next().unwrap_or(name))
 }
 
 pub fn sysctl(namespace: &str, settings: &[&str]) -> Result<()> {

@@ -752,6 +752,12 @@ fn set_twin_ratio(record: &mut Record, ratios: &[f64]) {
     }
 }
 
+/// The switchyard-xdp mode, for the method section.
+const XDP_MODE_NOTE: &str = "switchyard-xdp = switchyard-tc with `--xdp-mode native`: TC sets \
+     each flow up (SYN, SYN-ACK, the handshake's ACK), the XDP fast path forwards its later \
+     packets both ways. In its lane the veth ends around the node have GRO on (so XDP_REDIRECT \
+     into them works) and transmit checksum offload off (full checksums, as from a wire).";
+
 /// How the numbers were obtained, for report.md.
 fn method(plan: &Plan) -> Vec<String> {
     let mut lines = vec![
@@ -770,6 +776,7 @@ fn method(plan: &Plan) -> Vec<String> {
          NodePort on the node's address and the agent's TC program on the node's interfaces \
          does conntrack, DNAT and masquerade (externalTrafficPolicy Cluster)."
             .to_owned(),
+        XDP_MODE_NOTE.to_owned(),
         "The measured service is always the last one: the worst-placed in KUBE-SERVICES for the \
          iptables modes (nftables and Switchyard look services up in hash maps, where the \
          position does not matter)."

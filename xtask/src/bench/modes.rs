@@ -44,6 +44,9 @@ pub enum Mode {
     /// NodePort (externalTrafficPolicy Cluster) from a client outside the node, through
     /// Switchyard's TC program on the node's interfaces: conntrack, DNAT and masquerade.
     SwitchyardTc,
+    /// switchyard-tc with the XDP fast path (`--xdp-mode native`) on the node's interfaces:
+    /// TC sets each flow up, XDP forwards its later packets both ways.
+    SwitchyardXdp,
     /// switchyard-tc's masquerading over two nodes: an external client through node 0's
     /// NodePort to endpoints on node 1 (`two_node`), replies back through node 0.
     SwitchyardTc2Node,
@@ -56,26 +59,28 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Direct,
         Self::IptablesNft,
         Self::IptablesLegacy,
         Self::Nftables,
         Self::SwitchyardSocket,
         Self::SwitchyardTc,
+        Self::SwitchyardXdp,
         Self::SwitchyardTc2Node,
         Self::SwitchyardDsr,
         Self::SwitchyardApi,
     ];
 
     /// The modes measured in lanes at the data-plane scale points.
-    pub const LANES: [Self; 6] = [
+    pub const LANES: [Self; 7] = [
         Self::Direct,
         Self::IptablesNft,
         Self::IptablesLegacy,
         Self::Nftables,
         Self::SwitchyardSocket,
         Self::SwitchyardTc,
+        Self::SwitchyardXdp,
     ];
 
     /// The modes measured in the two-node cluster, at the first data-plane scale point only.
@@ -89,6 +94,7 @@ impl Mode {
             Self::Nftables => "nftables",
             Self::SwitchyardSocket => "switchyard-socket",
             Self::SwitchyardTc => "switchyard-tc",
+            Self::SwitchyardXdp => "switchyard-xdp",
             Self::SwitchyardTc2Node => "switchyard-tc-2node",
             Self::SwitchyardDsr => "switchyard-dsr",
             Self::SwitchyardApi => "switchyard-api",
@@ -125,7 +131,9 @@ impl Mode {
                 "the agent follows the test API server (`--kubeconfig`, kube-rs list/watch over \
                  the node namespace's loopback), see the control-plane method",
             ),
-            Self::Direct | Self::SwitchyardTc2Node | Self::SwitchyardDsr => None,
+            Self::Direct | Self::SwitchyardXdp | Self::SwitchyardTc2Node | Self::SwitchyardDsr => {
+                None
+            }
         }
     }
 
@@ -134,6 +142,7 @@ impl Mode {
             self,
             Self::SwitchyardSocket
                 | Self::SwitchyardTc
+                | Self::SwitchyardXdp
                 | Self::SwitchyardTc2Node
                 | Self::SwitchyardDsr
                 | Self::SwitchyardApi
@@ -167,6 +176,12 @@ impl Mode {
             Self::SwitchyardTc => Box::new(Switchyard::new(Frontend::NodePort(
                 lane.node_address_for_client(),
             ))?),
+            Self::SwitchyardXdp => {
+                lane.prepare_for_xdp()?;
+                Box::new(Switchyard::new(Frontend::NodePortXdp(
+                    lane.node_address_for_client(),
+                ))?)
+            }
         })
     }
 }
@@ -386,6 +401,8 @@ enum Frontend {
     /// runs without `--cluster-cidr`, so the client counts as external and the flow is
     /// masqueraded to the node address (externalTrafficPolicy Cluster).
     NodePort(Ipv4Addr),
+    /// [`Frontend::NodePort`] with the XDP fast path (`--xdp-mode native`).
+    NodePortXdp(Ipv4Addr),
 }
 
 /// The Switchyard agent in the node namespace, its socket hooks on a bench-owned cgroup and
@@ -428,7 +445,8 @@ impl Switchyard {
                 set.endpoints.clone()
             };
             let mut port = ServicePort::new(PORT_NAME, Protocol::Tcp, SERVICE_PORT, PORT_NAME);
-            if let (Frontend::NodePort(_), Some(node_port)) = (self.frontend, set.node_port(index))
+            if let (Frontend::NodePort(_) | Frontend::NodePortXdp(_), Some(node_port)) =
+                (self.frontend, set.node_port(index))
             {
                 port = port.node_port(node_port);
             }
@@ -460,6 +478,12 @@ impl Switchyard {
             Frontend::NodePort(address) => {
                 vec!["--nodeport-addresses".to_owned(), format!("{address}/32")]
             }
+            Frontend::NodePortXdp(address) => vec![
+                "--nodeport-addresses".to_owned(),
+                format!("{address}/32"),
+                "--xdp-mode".to_owned(),
+                "native".to_owned(),
+            ],
         }
     }
 }
@@ -534,7 +558,7 @@ impl Dataplane for Switchyard {
     fn targets(&self, set: &ServiceSet) -> Vec<SocketAddr> {
         match self.frontend {
             Frontend::HookedClusterIp => vec![set.measured_target()],
-            Frontend::NodePort(address) => {
+            Frontend::NodePort(address) | Frontend::NodePortXdp(address) => {
                 let node_port = set
                     .node_port(set.measured())
                     .expect("the measured service always has a nodePort");
@@ -546,7 +570,7 @@ impl Dataplane for Switchyard {
     fn cgroup(&self) -> Option<&Path> {
         match self.frontend {
             Frontend::HookedClusterIp => Some(self.cgroup.path()),
-            Frontend::NodePort(_) => None,
+            Frontend::NodePort(_) | Frontend::NodePortXdp(_) => None,
         }
     }
 

@@ -133,6 +133,7 @@ fn color(mode: Mode) -> RGBColor {
         Mode::Nftables => RGBColor(148, 103, 189),
         Mode::SwitchyardSocket => RGBColor(31, 119, 180),
         Mode::SwitchyardTc => RGBColor(44, 160, 44),
+        Mode::SwitchyardXdp => RGBColor(188, 189, 34),
         Mode::SwitchyardTc2Node => RGBColor(140, 86, 75),
         Mode::SwitchyardDsr => RGBColor(227, 119, 194),
         Mode::SwitchyardApi => RGBColor(23, 190, 207),

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader, Pod};
 use nix::time::{ClockId, clock_gettime};
 use proxy_common::{
@@ -61,6 +61,12 @@ pub const OBJECT_ENV: &str = "SWITCHYARD_EBPF_OBJECT";
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+/// The XDP fast path, run against the same maps by [`TcFixture::run_xdp_on`].
+pub const XDP_PROGRAM: &str = "sy_xdp_ingress";
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// `sizeof(struct __sk_buff)` (include/uapi/linux/bpf.h, unchanged up to 6.18).
 const SK_BUFF_SIZE: usize = 192;
@@ -257,6 +263,52 @@ impl TcFixture {
                 ..TestRunOptions::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
+        let size = usize::try_from(result.data_size_out).expect("u32 fits usize");
+        ensure!(size <= DATA_OUT, "output of {size} bytes overflowed");
+        out.truncate(size);
+        Ok(Outcome {
+            code: result.return_value,
+            data: out,
+        })
+    }
+
+    /// Loads the XDP fast path (it shares this object's maps) for [`Self::run_xdp_on`].
+    pub fn load_xdp(&mut self) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .with_context(|| format!("the object has no program {XDP_PROGRAM}"))?
+            .try_into()?;
+        program.load().map_err(|e| {
+            anyhow!(
+                "loading {XDP_PROGRAM} into the kernel: {}",
+                last_lines(&e.to_string(), VERIFIER_LOG_LINES)
+            )
+        })
+    }
+
+    /// Runs a frame through the XDP fast path as received on the link `ifindex`.
+    pub fn run_xdp_on(&self, ifindex: u32, frame: &[u8]) -> Result<Outcome> {
+        let program: &Xdp = self
+            .ebpf
+            .program(XDP_PROGRAM)
+            .context("program vanished")?
+            .try_into()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let len = u32::try_from(frame.len()).context("frame length")?;
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; DATA_OUT];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN (XDP)")?;
         let size = usize::try_from(result.data_size_out).expect("u32 fits usize");
         ensure!(size <= DATA_OUT, "output of {size} bytes overflowed");
         out.truncate(size);
