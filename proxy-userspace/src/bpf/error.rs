@@ -82,6 +82,35 @@ pub enum LoadError {
     },
 }
 
+impl LoadError {
+    /// For `map_err`: `action` on program `name` failed.
+    pub fn program(
+        name: &'static str,
+        action: &'static str,
+    ) -> impl FnOnce(aya::programs::ProgramError) -> Self {
+        move |source| Self::Program {
+            name,
+            action,
+            source: Box::new(source),
+        }
+    }
+
+    /// For `map_err`: `action` on program `name` failed on `interface`.
+    pub fn on_interface(
+        name: &'static str,
+        interface: &str,
+        action: &'static str,
+    ) -> impl FnOnce(aya::programs::ProgramError) -> Self {
+        let interface = interface.to_owned();
+        move |source| Self::OnInterface {
+            name,
+            interface,
+            action,
+            source: Box::new(source),
+        }
+    }
+}
+
 /// An error with its sources: aya's attach errors keep the kernel's reason in a source,
 /// which the one-line message must not lose.
 fn chain(error: &dyn std::error::Error) -> String {

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink, links::PinnedLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::PinnedLink},
 };
 use proxy_common::{map_table, program};
 use tracing::{info, warn};
@@ -23,7 +23,7 @@ use super::{
     error::LoadError,
     migrate::{self, Migration},
     north_south::{self, NorthSouth},
-    pins::PinLayout,
+    pins::{PinLayout, pin_link},
     sizing::Capacities,
 };
 
@@ -80,25 +80,6 @@ pub fn load_object(
     Ok((ebpf, migration))
 }
 
-fn program_error(
-    name: &'static str,
-    action: &'static str,
-) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
-    move |source| LoadError::Program {
-        name,
-        action,
-        source: Box::new(source),
-    }
-}
-
-fn pin_link(link: FdLink, name: &'static str, path: &Path) -> Result<PinnedLink, LoadError> {
-    link.pin(path).map_err(|source| LoadError::LinkPin {
-        name,
-        path: path.to_owned(),
-        source,
-    })
-}
-
 /// A new, unique generation name for this agent's links.
 fn new_generation() -> String {
     let nanos = SystemTime::now()
@@ -129,37 +110,34 @@ pub fn attach_all(
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram { name })?
                 .try_into()
-                .map_err(program_error(name, "type check"))?;
-            program.load().map_err(program_error(name, "loading"))?;
+                .map_err(LoadError::program(name, "type check"))?;
+            program
+                .load()
+                .map_err(LoadError::program(name, "loading"))?;
             let id = program
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(program_error(name, "attaching"))?;
-            let link: FdLink = program
+                .map_err(LoadError::program(name, "attaching"))?;
+            let link = program
                 .take_link(id)
-                .map_err(program_error(name, "taking its link"))?
-                .try_into()
-                .map_err(|source: aya::programs::links::LinkError| LoadError::Link {
-                    name,
-                    source,
-                })?;
-            pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
+                .map_err(LoadError::program(name, "taking its link"))?;
+            pinned.push(pin_link(name, link, pins.link(name, &generation))?);
         }
         let name = program::SOCK_RELEASE;
         let program: &mut CgroupSock = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram { name })?
             .try_into()
-            .map_err(program_error(name, "type check"))?;
-        program.load().map_err(program_error(name, "loading"))?;
+            .map_err(LoadError::program(name, "type check"))?;
+        program
+            .load()
+            .map_err(LoadError::program(name, "loading"))?;
         let id = program
             .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(program_error(name, "attaching"))?;
-        let link: FdLink = program
+            .map_err(LoadError::program(name, "attaching"))?;
+        let link = program
             .take_link(id)
-            .map_err(program_error(name, "taking its link"))?
-            .try_into()
-            .map_err(|source: aya::programs::links::LinkError| LoadError::Link { name, source })?;
-        pinned.push(pin_link(link, name, &pins.link(name, &generation))?);
+            .map_err(LoadError::program(name, "taking its link"))?;
+        pinned.push(pin_link(name, link, pins.link(name, &generation))?);
         north_south::write_config(ebpf, north_south)?;
         north_south::load(ebpf, north_south.xdp)
     })();

@@ -12,9 +12,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::Array,
-    programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode as AttachMode, links::FdLink, links::PinnedLink,
-    },
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode as AttachMode, links::PinnedLink},
 };
 use proxy_common::{DatapathConfig, config_flags, map_names};
 use tracing::{info, warn};
@@ -22,7 +20,7 @@ use tracing::{info, warn};
 use super::{
     error::LoadError,
     interfaces::{self, Choice, Pattern},
-    pins::PinLayout,
+    pins::{PinLayout, pin_link},
 };
 use crate::model::Cidr;
 
@@ -155,7 +153,7 @@ fn loaded_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
     ebpf.program_mut(name)
         .ok_or(LoadError::MissingProgram { name })?
         .try_into()
-        .map_err(program_error("type check"))
+        .map_err(LoadError::program(TC_INGRESS_PROGRAM, "type check"))
 }
 
 /// Refuses kernels without TCX links (before Linux 6.6): aya would attach there through
@@ -179,9 +177,11 @@ pub fn load(ebpf: &mut Ebpf, xdp: XdpMode) -> Result<(), LoadError> {
     require_tcx()?;
     loaded_program(ebpf)?
         .load()
-        .map_err(program_error("loading"))?;
+        .map_err(LoadError::program(TC_INGRESS_PROGRAM, "loading"))?;
     if xdp != XdpMode::Off {
-        loaded_xdp(ebpf)?.load().map_err(xdp_error("loading"))?;
+        loaded_xdp(ebpf)?
+            .load()
+            .map_err(LoadError::program(XDP_INGRESS_PROGRAM, "loading"))?;
     }
     Ok(())
 }
@@ -191,7 +191,7 @@ fn loaded_xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     ebpf.program_mut(name)
         .ok_or(LoadError::MissingProgram { name })?
         .try_into()
-        .map_err(xdp_error("type check"))
+        .map_err(LoadError::program(XDP_INGRESS_PROGRAM, "type check"))
 }
 
 /// What one pass over the node's interfaces should do, given what is attached.
@@ -451,32 +451,17 @@ fn attach_xdp(
     generation: &str,
     interface: &str,
 ) -> Result<PinnedLink, LoadError> {
-    let action_error = |action: &'static str| {
-        move |source| LoadError::OnInterface {
-            name: XDP_INGRESS_PROGRAM,
-            interface: interface.to_owned(),
-            action,
-            source: Box::new(source),
-        }
-    };
+    let failed = |action| LoadError::on_interface(XDP_INGRESS_PROGRAM, interface, action);
     retire_other_xdp_links(pins, generation, interface);
     let id = program
         .attach(interface, AttachMode::Driver)
-        .map_err(action_error("attaching in driver mode"))?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(action_error("taking its link"))?
-        .try_into()
-        .map_err(|source| LoadError::Link {
-            name: XDP_INGRESS_PROGRAM,
-            source,
-        })?;
-    let path = pins.link(&xdp_pin_name(interface), generation);
-    link.pin(&path).map_err(|source| LoadError::LinkPin {
-        name: XDP_INGRESS_PROGRAM,
-        path,
-        source,
-    })
+        .map_err(failed("attaching in driver mode"))?;
+    let link = program.take_link(id).map_err(failed("taking its link"))?;
+    pin_link(
+        XDP_INGRESS_PROGRAM,
+        link,
+        pins.link(&xdp_pin_name(interface), generation),
+    )
 }
 
 /// Removes the XDP link pins of `interface` that belong to other generations.
@@ -502,53 +487,22 @@ fn retire_other_xdp_links(pins: &PinLayout, generation: &str, interface: &str) {
     }
 }
 
-fn xdp_error(action: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
-    move |source| LoadError::Program {
-        name: XDP_INGRESS_PROGRAM,
-        action,
-        source: Box::new(source),
-    }
-}
-
 fn attach_one(
     program: &mut SchedClassifier,
     pins: &PinLayout,
     generation: &str,
     interface: &str,
 ) -> Result<PinnedLink, LoadError> {
-    let action_error = |action: &'static str| {
-        move |source| LoadError::OnInterface {
-            name: TC_INGRESS_PROGRAM,
-            interface: interface.to_owned(),
-            action,
-            source: Box::new(source),
-        }
-    };
+    let failed = |action| LoadError::on_interface(TC_INGRESS_PROGRAM, interface, action);
     let id = program
         .attach(interface, TcAttachType::Ingress)
-        .map_err(action_error("attaching"))?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(action_error("taking its link"))?
-        .try_into()
-        .map_err(|source| LoadError::Link {
-            name: TC_INGRESS_PROGRAM,
-            source,
-        })?;
-    let path = pins.link(&pin_name(interface), generation);
-    link.pin(&path).map_err(|source| LoadError::LinkPin {
-        name: TC_INGRESS_PROGRAM,
-        path,
-        source,
-    })
-}
-
-fn program_error(action: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
-    move |source| LoadError::Program {
-        name: TC_INGRESS_PROGRAM,
-        action,
-        source: Box::new(source),
-    }
+        .map_err(failed("attaching"))?;
+    let link = program.take_link(id).map_err(failed("taking its link"))?;
+    pin_link(
+        TC_INGRESS_PROGRAM,
+        link,
+        pins.link(&pin_name(interface), generation),
+    )
 }
 
 /// Warns about node settings that would make the TC path fail quietly.

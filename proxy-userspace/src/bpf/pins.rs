@@ -4,8 +4,13 @@
 //! and taken over (see `versions`).
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, MapError};
+use aya::{
+    maps::{MapData, MapError},
+    programs::links::{FdLink, LinkError, PinnedLink},
+};
 use proxy_common::MAP_LAYOUT_VERSION;
+
+use super::error::LoadError;
 
 /// A pinned map that could not be opened, by name.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +116,20 @@ pub fn base_name(name: &str) -> &str {
         }
         _ => name,
     }
+}
+
+/// Makes program `name`'s link an fd link and pins it at `path`, so that the attachment
+/// outlives the agent.
+pub fn pin_link(
+    name: &'static str,
+    link: impl TryInto<FdLink, Error = LinkError>,
+    path: PathBuf,
+) -> Result<PinnedLink, LoadError> {
+    let link = link
+        .try_into()
+        .map_err(|source| LoadError::Link { name, source })?;
+    link.pin(&path)
+        .map_err(|source| LoadError::LinkPin { name, path, source })
 }
 
 #[cfg(test)]
