@@ -107,13 +107,19 @@ pub enum CapacitySetting {
     /// Slots of every Maglev table together (`--bpf-maglev-tables-max` times
     /// `--maglev-table-size`).
     Maglev,
+    /// Direct Server Return flows served by this node's endpoints (`--bpf-dsr-rev-map-max`).
+    DsrReverse,
 }
+
+/// The DSR reply maps' default capacity when `--lb-mode` is `dsr` or `hybrid`: one entry per
+/// flow, as many flows as the default conntrack capacity holds (two entries each).
+pub const DSR_FLOWS_WHEN_DEFAULT: u32 = 65_536;
 
 /// The number of Maglev tables the default capacity holds.
 pub const DEFAULT_MAGLEV_TABLES: u32 = 64;
 
 impl CapacitySetting {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::LoadBalancer,
         Self::Conntrack,
         Self::ConntrackUnreplied,
@@ -121,6 +127,7 @@ impl CapacitySetting {
         Self::Affinity,
         Self::SourceRanges,
         Self::Maglev,
+        Self::DsrReverse,
     ];
 
     /// The default capacity of every map this setting sizes.
@@ -147,6 +154,10 @@ impl CapacitySetting {
             Self::SourceRanges => 65_536,
             // 64 tables of the default size: 4 MiB, preallocated.
             Self::Maglev => DEFAULT_MAGLEV_TABLES * crate::maglev::DEFAULT_TABLE_SIZE,
+            // One per DSR flow whose endpoint is on this node. With `--lb-mode snat` only
+            // Services annotated for DSR use it, so the object's default is small; the agent
+            // raises it to [`DSR_FLOWS_WHEN_DEFAULT`] when DSR is the node's mode.
+            Self::DsrReverse => 16_384,
         }
     }
 }
@@ -374,11 +385,11 @@ pub const CT6_UNREPLIED: MapDef<Ct6Key, Ct6Entry> = MapDef::new(
 /// Direct Server Return on an endpoint's node: the tuple a pod replies with (pod → client) →
 /// the frontend the reply leaves with. Written by the TC path when a packet carrying the
 /// frontend option arrives (so it survives the agent), one entry per DSR flow served here;
-/// sized like the conntrack map (`--bpf-ct-global-max`).
+/// sized by `--bpf-dsr-rev-map-max` (preallocated, so small unless DSR is the node's mode).
 pub const DSR_REV4: MapDef<Ct4Key, Dsr4Entry> = MapDef::new(
     map_names::DSR_REV4,
     MapKind::LruHash,
-    Sizing::Setting(CapacitySetting::Conntrack),
+    Sizing::Setting(CapacitySetting::DsrReverse),
     0,
     Writer::Datapath,
 );
@@ -386,7 +397,7 @@ pub const DSR_REV4: MapDef<Ct4Key, Dsr4Entry> = MapDef::new(
 pub const DSR_REV6: MapDef<Ct6Key, Dsr6Entry> = MapDef::new(
     map_names::DSR_REV6,
     MapKind::LruHash,
-    Sizing::Setting(CapacitySetting::Conntrack),
+    Sizing::Setting(CapacitySetting::DsrReverse),
     0,
     Writer::Datapath,
 );
@@ -823,7 +834,11 @@ mod tests {
         assert_eq!(DSR_REV6.spec.key_size, CT6.spec.key_size);
         assert_eq!(DSR_REV4.spec.value_size, 16);
         assert_eq!(DSR_REV6.spec.value_size, 32);
-        assert_eq!(DSR_REV6.spec.sizing, CT6.spec.sizing);
+        assert_eq!(
+            DSR_REV6.spec.sizing,
+            Sizing::Setting(CapacitySetting::DsrReverse)
+        );
+        assert_eq!(DSR_REV4.spec.sizing, DSR_REV6.spec.sizing);
         assert_eq!(DSR_REV4.spec.writer, Writer::Datapath);
         assert!(DSR_REV4.spec.pinned && DSR_REV4.spec.preallocated());
     }

@@ -263,10 +263,20 @@ pub struct RunArgs {
 impl RunArgs {
     /// The capacity of every group of maps, the Maglev tables' included.
     pub fn capacities(&self) -> Capacities {
-        self.map_sizes.capacities().with(
-            CapacitySetting::Maglev,
-            self.maglev.bpf_maglev_tables_max * self.maglev.maglev_table_size,
-        )
+        let dsr_flows =
+            self.map_sizes
+                .bpf_dsr_rev_map_max
+                .unwrap_or(match self.north_south.lb_mode {
+                    LbMode::Snat => CapacitySetting::DsrReverse.default_capacity(),
+                    LbMode::Dsr | LbMode::Hybrid => proxy_common::map_table::DSR_FLOWS_WHEN_DEFAULT,
+                });
+        self.map_sizes
+            .capacities()
+            .with(
+                CapacitySetting::Maglev,
+                self.maglev.bpf_maglev_tables_max * self.maglev.maglev_table_size,
+            )
+            .with(CapacitySetting::DsrReverse, dsr_flows)
     }
 }
 
@@ -370,6 +380,12 @@ pub struct MapSizeArgs {
     #[arg(long, value_parser = capacity(), value_name = "ENTRIES",
           default_value_t = CapacitySetting::SourceRanges.default_capacity())]
     pub bpf_lb_source_range_map_max: u32,
+
+    /// Entries of each family's Direct Server Return reply map: one per DSR flow whose
+    /// endpoint is on this node. Preallocated LRU. Default: 16384 with `--lb-mode snat` (only
+    /// Services annotated for DSR use it), 65536 with `dsr` or `hybrid`.
+    #[arg(long, value_parser = capacity(), value_name = "ENTRIES")]
+    pub bpf_dsr_rev_map_max: Option<u32>,
 }
 
 impl MapSizeArgs {
@@ -597,6 +613,25 @@ mod tests {
                 "--bpf-lb-map-max {bad} must be refused"
             );
         }
+    }
+
+    #[test]
+    fn dsr_reply_maps_are_small_unless_dsr_is_the_nodes_mode() {
+        let dsr_flows = |extra: &[&str]| {
+            run_args(extra)
+                .expect("parses")
+                .capacities()
+                .setting(CapacitySetting::DsrReverse)
+        };
+        assert_eq!(dsr_flows(&[]), 16_384);
+        assert_eq!(dsr_flows(&["--lb-mode", "dsr"]), 65_536);
+        assert_eq!(dsr_flows(&["--lb-mode", "hybrid"]), 65_536);
+        assert_eq!(dsr_flows(&["--bpf-dsr-rev-map-max", "1000"]), 1000);
+        assert_eq!(
+            dsr_flows(&["--lb-mode", "dsr", "--bpf-dsr-rev-map-max", "1000"]),
+            1000
+        );
+        assert!(run_args(&["--bpf-dsr-rev-map-max", "0"]).is_err());
     }
 
     #[test]

@@ -105,39 +105,31 @@ pub fn attach_all(
     let result = (|| {
         // Before the hooks run: they must know the host from their first call.
         super::sock_config::write(ebpf)?;
-        for name in program::SOCK_ADDR {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram { name })?
-                .try_into()
-                .map_err(LoadError::program(name, "type check"))?;
-            program
-                .load()
-                .map_err(LoadError::program(name, "loading"))?;
-            let id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(LoadError::program(name, "attaching"))?;
-            let link = program
-                .take_link(id)
-                .map_err(LoadError::program(name, "taking its link"))?;
-            pinned.push(pin_link(name, link, pins.link(name, &generation))?);
+        // The two hook types have no common attach trait in aya: one body for both.
+        macro_rules! attach_to_cgroup {
+            ($kind:ty, $name:expr) => {{
+                let name = $name;
+                let program: &mut $kind = ebpf
+                    .program_mut(name)
+                    .ok_or(LoadError::MissingProgram { name })?
+                    .try_into()
+                    .map_err(LoadError::program(name, "type check"))?;
+                program
+                    .load()
+                    .map_err(LoadError::program(name, "loading"))?;
+                let id = program
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .map_err(LoadError::program(name, "attaching"))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(LoadError::program(name, "taking its link"))?;
+                pinned.push(pin_link(name, link, pins.link(name, &generation))?);
+            }};
         }
-        let name = program::SOCK_RELEASE;
-        let program: &mut CgroupSock = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(LoadError::program(name, "type check"))?;
-        program
-            .load()
-            .map_err(LoadError::program(name, "loading"))?;
-        let id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(LoadError::program(name, "attaching"))?;
-        let link = program
-            .take_link(id)
-            .map_err(LoadError::program(name, "taking its link"))?;
-        pinned.push(pin_link(name, link, pins.link(name, &generation))?);
+        for name in program::SOCK_ADDR {
+            attach_to_cgroup!(CgroupSockAddr, name);
+        }
+        attach_to_cgroup!(CgroupSock, program::SOCK_RELEASE);
         north_south::write_config(ebpf, north_south)?;
         north_south::load(ebpf, north_south.xdp)
     })();

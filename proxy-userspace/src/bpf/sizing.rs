@@ -64,6 +64,7 @@ pub fn flag(setting: CapacitySetting) -> &'static str {
         CapacitySetting::Affinity => "--bpf-affinity-map-max",
         CapacitySetting::SourceRanges => "--bpf-lb-source-range-map-max",
         CapacitySetting::Maglev => "--bpf-maglev-tables-max",
+        CapacitySetting::DsrReverse => "--bpf-dsr-rev-map-max",
     }
 }
 

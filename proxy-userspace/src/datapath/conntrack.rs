@@ -10,8 +10,7 @@ use aya::{
     maps::{HashMap, MapData},
 };
 use proxy_common::{
-    Addr4, Addr6, Ct4Key, Ct6Key, CtEntry, CtKey, Dsr4Entry, Dsr6Entry, WireAddr, ct_flags,
-    map_names, protocol,
+    Addr4, Addr6, CtEntry, CtKey, DsrEntry, WireAddr, ct_flags, map_names, protocol,
 };
 
 use crate::bpf::pins::{OpenPinError, PinLayout};
@@ -234,37 +233,31 @@ pub struct DsrReply {
 /// The live Direct Server Return reply entries of both families (none when the maps are not
 /// pinned, as under an agent without DSR support).
 pub fn dsr_replies(pins: &PinLayout, now_ns: u64) -> Vec<DsrReply> {
-    let mut replies = Vec::new();
-    if let Ok(map) = open::<Ct4Key, Dsr4Entry>(pins, map_names::DSR_REV4) {
-        for (key, entry) in map.iter().flatten() {
-            if entry.expires_ns > now_ns {
-                let (pod, client) = key.ends();
-                replies.push(DsrReply {
-                    protocol: key.protocol,
-                    client,
-                    pod,
-                    frontend: entry.address.socket(entry.port_be),
-                    expires_in_ns: entry.expires_ns - now_ns,
-                });
-            }
-        }
-    }
-    if let Ok(map) = open::<Ct6Key, Dsr6Entry>(pins, map_names::DSR_REV6) {
-        for (key, entry) in map.iter().flatten() {
-            if entry.expires_ns > now_ns {
-                let (pod, client) = key.ends();
-                replies.push(DsrReply {
-                    protocol: key.protocol,
-                    client,
-                    pod,
-                    frontend: entry.address.socket(entry.port_be),
-                    expires_in_ns: entry.expires_ns - now_ns,
-                });
-            }
-        }
-    }
+    let mut replies = dsr_replies_of::<Addr4>(pins, map_names::DSR_REV4, now_ns);
+    replies.extend(dsr_replies_of::<Addr6>(pins, map_names::DSR_REV6, now_ns));
     replies.sort();
     replies
+}
+
+/// The live entries of one family's DSR reply map (none when it is not pinned).
+fn dsr_replies_of<A: WireAddr>(pins: &PinLayout, name: &'static str, now_ns: u64) -> Vec<DsrReply> {
+    let Ok(map) = open::<CtKey<A>, DsrEntry<A>>(pins, name) else {
+        return Vec::new();
+    };
+    map.iter()
+        .flatten()
+        .filter(|(_, entry)| entry.expires_ns > now_ns)
+        .map(|(key, entry)| {
+            let (pod, client) = key.ends();
+            DsrReply {
+                protocol: key.protocol,
+                client,
+                pod,
+                frontend: entry.address.socket(entry.port_be),
+                expires_in_ns: entry.expires_ns - now_ns,
+            }
+        })
+        .collect()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -485,7 +478,7 @@ fn collect<A: WireAddr>(tables: &mut Tables<A>, now_ns: u64) -> FamilyGc {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use proxy_common::Ct4Entry;
+    use proxy_common::{Ct4Entry, Ct4Key};
 
     use super::*;
 

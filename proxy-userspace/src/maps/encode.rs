@@ -735,15 +735,7 @@ mod tests {
                 },
             },
         ];
-        let mut image = MapImage::default();
-        let mut mirror = Programmed::default();
-        for op in &ops {
-            image.apply(encode(op));
-            mirror.apply(op);
-        }
-        let (restored, unreadable) = programmed_from_image(&image);
-        assert!(unreadable.0.is_empty());
-        assert_eq!(restored, mirror);
+        let restored = restored_after(&ops);
         assert_eq!(restored.backend_id(&backend), Some(7));
     }
 
@@ -827,15 +819,7 @@ mod tests {
                 },
             },
         ];
-        let mut image = MapImage::default();
-        let mut mirror = Programmed::default();
-        for op in &ops {
-            image.apply(encode(op));
-            mirror.apply(op);
-        }
-        let (restored, unreadable) = programmed_from_image(&image);
-        assert!(unreadable.0.is_empty(), "{unreadable:?}");
-        assert_eq!(restored, mirror);
+        let restored = restored_after(&ops);
         assert_eq!(restored.source_ranges.len(), 3);
     }
 
@@ -850,5 +834,20 @@ mod tests {
         let (restored, unreadable) = programmed_from_image(&image);
         assert!(restored.source_ranges.is_empty());
         assert_eq!(unreadable.0.len(), 1);
+    }
+
+    /// Writes `ops` into an image and reads it back: what the agent restores from the pins,
+    /// checked to equal what the mirror recorded.
+    fn restored_after(ops: &[Op]) -> Programmed {
+        let mut image = MapImage::default();
+        let mut mirror = Programmed::default();
+        for op in ops {
+            image.apply(encode(op));
+            mirror.apply(op);
+        }
+        let (restored, unreadable) = programmed_from_image(&image);
+        assert!(unreadable.0.is_empty(), "{unreadable:?}");
+        assert_eq!(restored, mirror);
+        restored
     }
 }
