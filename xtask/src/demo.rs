@@ -186,45 +186,14 @@ impl DemoEnv {
             "netns",
             OUTSIDE_NS,
         ])?;
-        ip(&[
-            "-n",
-            NODE_NS,
-            "addr",
-            "add",
-            "192.0.2.1/24",
-            "dev",
-            EXTERNAL_LINK,
-        ])?;
-        ip(&[
-            "-n",
-            OUTSIDE_NS,
-            "addr",
-            "add",
-            "192.0.2.2/24",
-            "dev",
-            "eth0",
-        ])?;
         // Also the node's IPv6 address: its side of every pod veth has only a link-local one.
-        ip(&[
-            "-n",
-            NODE_NS,
-            "addr",
-            "add",
-            "2001:db8:d::1/64",
-            "dev",
-            EXTERNAL_LINK,
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            OUTSIDE_NS,
-            "addr",
-            "add",
-            "2001:db8:d::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        for (ns, dev, v4, v6) in [
+            (NODE_NS, EXTERNAL_LINK, "192.0.2.1/24", "2001:db8:d::1/64"),
+            (OUTSIDE_NS, "eth0", "192.0.2.2/24", "2001:db8:d::2/64"),
+        ] {
+            ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+            ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+        }
         ip(&["-n", NODE_NS, "link", "set", EXTERNAL_LINK, "up"])?;
         ip(&["-n", OUTSIDE_NS, "link", "set", "eth0", "up"])?;
         Ok(())
